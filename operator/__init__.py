@@ -1,0 +1,1 @@
+"""trilemma's Kubernetes operator: Kopf handlers that call the optimizer and the API."""

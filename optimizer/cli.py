@@ -1,0 +1,219 @@
+"""The `trilemma` command line: estimate, validate, calibrate, bench.
+
+Thin: parse arguments, call the optimizer's modules, print. Bad input exits 2 with the field,
+the value and why; the library never prints or exits on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from trilemma.optimizer import validation
+from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.perf import estimate as est
+
+EXIT_BAD_INPUT = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="bundled model id (e.g. meta-llama/Llama-3.1-70B) or a config.json path")
+    p.add_argument("--gpu", required=True, help="GPU key, e.g. h100_sxm, b200_sxm, mi300x")
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor parallel size")
+    p.add_argument("--pp", type=_positive_int, default=1, help="pipeline parallel size")
+    p.add_argument("--dp", type=_positive_int, default=1,
+                   help="attention data parallel size (MoE models)")
+    p.add_argument("--ep", action="store_true", help="expert parallel MoE layers")
+    p.add_argument("--quant", default=None,
+                   help="bf16 | fp8 | int8 | int4 | nvfp4 | mxfp4 (default: the checkpoint's)")
+    p.add_argument("--kv-dtype", default="bf16", help="bf16 | fp8")
+    p.add_argument("--spec", default="none",
+                   help="speculation: none | ngram:K | eagle:K | eagle3:K | mtp:K | draft:ID:K")
+    p.add_argument("--engine", default="vllm", help="vllm | sglang")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
+    p.add_argument("--max-num-seqs", type=_positive_int, default=None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trilemma", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("estimate", help="predict latency, throughput and memory of one config")
+    _config_args(p)
+    p.add_argument("--phase", choices=["serve", "decode", "prefill"], default="serve",
+                   help="serve: closed-loop benchmark at --concurrency; decode/prefill: one step")
+    p.add_argument("--concurrency", type=_positive_int, default=1)
+    p.add_argument("--isl", type=_positive_int, default=1024, help="prompt tokens")
+    p.add_argument("--osl", type=_positive_int, default=1024, help="output tokens")
+    p.add_argument("--cached", type=int, default=0, help="prompt tokens served from prefix cache")
+    p.add_argument("--predictability", type=float, default=0.5,
+                   help="0 (creative) .. 1 (rewriting): drives speculation acceptance")
+    p.add_argument("--batch", type=_positive_int, default=1, help="--phase decode/prefill batch")
+    p.add_argument("--kv-len", type=_positive_int, default=1024, help="--phase decode KV length")
+    p.add_argument("--prompt", type=_positive_int, default=1024, help="--phase prefill length")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = sub.add_parser("validate", help="score predictions against measured serving runs")
+    p.add_argument("csv", type=Path, help="rows in the AIConfigurator silicon-sample schema")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = sub.add_parser("calibrate", help="refit the kernel calibration from measured profiles")
+    p.add_argument("--aic", type=Path, default=Path("../shared/data/aic"),
+                   help="root of the AIConfigurator data (systems/, profiles/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output file (default: the packaged calibration.json)")
+
+    p = sub.add_parser("bench", help="time the vectorized model on a batch of candidates")
+    p.add_argument("--candidates", type=_positive_int, default=100_000)
+    p.add_argument("--repeat", type=_positive_int, default=3)
+    return parser
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1024**3:8.2f} GiB"
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    cfg = est.resolve(model=args.model, gpu=args.gpu, tp=args.tp, pp=args.pp, dp=args.dp,
+                      ep=args.ep, quant=args.quant, kv_dtype=args.kv_dtype, spec=args.spec,
+                      engine=args.engine, max_num_batched_tokens=args.max_num_batched_tokens,
+                      max_num_seqs=args.max_num_seqs)
+    head = {"model": cfg.arch.id, "gpu": cfg.gpu.key, "layout": cfg.par.summary(),
+            "gpus": cfg.par.gpus, "quant": cfg.quant.value, "kv_dtype": cfg.kv.value,
+            "spec": f"{cfg.spec.method.value}:{cfg.spec.k}" if cfg.spec.k else "none",
+            "engine": cfg.engine.value}
+    prov = est.provenance(cfg)
+    if args.phase in ("decode", "prefill"):
+        if args.phase == "decode":
+            ms = est.decode_step_ms(cfg, batch=args.batch, kv_len=args.kv_len)
+            what = {"phase": "decode", "batch": args.batch, "kv_len": args.kv_len}
+        else:
+            ms = est.prefill_ms(cfg, batch=args.batch, prompt=args.prompt)
+            what = {"phase": "prefill", "batch": args.batch, "prompt": args.prompt}
+        doc = {**head, **what, "step_ms": round(ms, 4), "provenance": prov}
+        if args.json:
+            print(json.dumps(doc, indent=2, sort_keys=True))
+        else:
+            print(f"{cfg.arch.id} on {cfg.par.gpus}x {cfg.gpu.key} ({cfg.par.summary()}, "
+                  f"{cfg.quant.value}): one {args.phase} step = {ms:.3f} ms")
+            _print_provenance(prov)
+        return 0
+    e = est.closed_loop(cfg, concurrency=args.concurrency, isl=args.isl, osl=args.osl,
+                        cached=args.cached, predictability=args.predictability)
+    doc = {**head, "concurrency": args.concurrency, "isl": args.isl, "osl": args.osl,
+           "cached": args.cached, "fits": e.fits,
+           "ttft_ms": round(e.ttft_ms, 3), "tpot_ms": round(e.tpot_ms, 3),
+           "e2e_ms": round(e.e2e_ms, 3), "requests_per_s": round(e.requests_per_s, 4),
+           "output_tokens_per_s": round(e.output_tokens_per_s, 2),
+           "output_tokens_per_s_per_gpu": round(e.output_tokens_per_s_per_gpu, 2),
+           "decode_step_ms": round(e.decode_step_ms, 3),
+           "mixed_step_ms": round(e.mixed_step_ms, 3),
+           "tokens_per_step": round(e.tokens_per_step, 3),
+           "memory_bytes_per_gpu": {k: round(v) for k, v in e.memory.items()},
+           "max_seqs": e.max_seqs, "kv_tokens": e.kv_tokens, "provenance": prov}
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    print(f"{cfg.arch.id} on {cfg.par.gpus}x {cfg.gpu.key} ({cfg.par.summary()}, "
+          f"{cfg.quant.value}, KV {cfg.kv.value}, spec {head['spec']}, {cfg.engine.value})")
+    print(f"workload: concurrency {args.concurrency}, ISL {args.isl}, OSL {args.osl}, "
+          f"cached {args.cached}")
+    if not e.fits:
+        print("DOES NOT FIT: the weights, activations and runtime leave no room for one "
+              "sequence's KV cache")
+    print(f"  TTFT              {e.ttft_ms:10.1f} ms")
+    print(f"  TPOT              {e.tpot_ms:10.2f} ms")
+    print(f"  end-to-end        {e.e2e_ms:10.1f} ms")
+    print(f"  throughput        {e.output_tokens_per_s:10.1f} output tok/s "
+          f"({e.output_tokens_per_s_per_gpu:.1f} per GPU, {e.requests_per_s:.3f} req/s)")
+    if cfg.spec.k:
+        print(f"  accepted/step     {e.tokens_per_step:10.2f} tokens")
+    print("memory per GPU:")
+    for k, v in e.memory.items():
+        print(f"  {k:<16}{_fmt_bytes(v)}")
+    print(f"  KV capacity       {e.kv_tokens:>10d} tokens = {e.max_seqs} sequences of "
+          f"{args.isl + args.osl} tokens")
+    _print_provenance(prov)
+    return 0
+
+
+def _print_provenance(prov: dict[str, str]) -> None:
+    print("calibration: " + ", ".join(f"{k} {v}" for k, v in sorted(prov.items())))
+
+
+def _validate(args: argparse.Namespace) -> int:
+    rows = validation.read_rows(args.csv)
+    results = validation.predict_rows(rows)
+    summary = validation.summarize(results)
+    if args.json:
+        print(json.dumps({"rows": [r.as_json() for r in results], "summary": summary},
+                         indent=1, sort_keys=True))
+        return 0
+    print(f"{summary['rows']} rows: {summary['modelled']} modelled, "
+          f"{summary['skipped']} skipped")
+    ov = summary["overall"]
+    print(f"overall  TTFT median APE {ov['ttft']['median_ape']}%  p90 {ov['ttft']['p90_ape']}%"
+          f"   TPOT median APE {ov['tpot']['median_ape']}%  p90 {ov['tpot']['p90_ape']}%")
+    for name, block in summary["by_backend"].items():
+        print(f"{name:<8} n={block['ttft']['n']:<4} TTFT median {block['ttft']['median_ape']}% "
+              f"p90 {block['ttft']['p90_ape']}%   TPOT median {block['tpot']['median_ape']}% "
+              f"p90 {block['tpot']['p90_ape']}%")
+    print(f"\n{'system':<10}{'backend':<8}{'model':<30}{'n':>5}"
+          f"{'TTFT med':>10}{'p90':>8}{'TPOT med':>10}{'p90':>8}")
+    for g in summary["groups"]:
+        print(f"{g['system']:<10}{g['backend']:<8}{g['model']:<30}{g['ttft']['n']:>5}"
+              f"{g['ttft']['median_ape']:>9}%{g['ttft']['p90_ape']:>7}%"
+              f"{g['tpot']['median_ape']:>9}%{g['tpot']['p90_ape']:>7}%")
+    if summary["skip_reasons"]:
+        print("\nskipped rows, by reason:")
+        for reason, n in summary["skip_reasons"].items():
+            print(f"  {n:5d}  {reason}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from trilemma.optimizer.perf import fitting  # needs the [calibrate] extra
+
+    out = args.out or fitting.default_output()
+    fitting.write_calibration(args.aic, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from trilemma.optimizer.perf import benchmark
+
+    report = benchmark.run(candidates=args.candidates, repeat=args.repeat)
+    print(report)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handlers = {"estimate": _estimate, "validate": _validate, "calibrate": _calibrate,
+                "bench": _bench}
+    try:
+        return handlers[args.command](args)
+    except InputError as exc:
+        print(f"trilemma {args.command}: error: {exc.field}={exc.value!r}: {exc.why}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Performance model: kernel costs -> step times -> memory fit -> closed-loop TTFT/TPOT."""

@@ -1,0 +1,98 @@
+"""Serving-engine facts (vLLM, SGLang): defaults, memory reserves and per-step overheads.
+
+Loaded from data/engine.yaml, where every figure carries its source; the figures marked
+`fitted` are refit by `trilemma calibrate-engine` against measured end-to-end runs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import numpy as np
+import yaml
+
+from trilemma.optimizer.catalog.gpus import Gpu
+
+GIB = 1024**3
+
+
+class Engine(enum.Enum):
+    VLLM = "vllm"
+    SGLANG = "sglang"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineFacts:
+    """One engine's constants; units in the names."""
+
+    engine: Engine
+    gpu_memory_utilization: float
+    block_size: int
+    batched_tokens_large: int
+    batched_tokens_small: int
+    seqs_large: int
+    seqs_small: int
+    large_gpu_min_memory_gib: float
+    runtime_memory_bytes: float
+    nccl_memory_bytes: Mapping[int, float]
+    kernel_launch_us: float
+    elementwise_kernels_per_layer: int
+    step_overhead_ms: float
+    request_overhead_ms: float
+    benchmark_requests_per_concurrency: float
+
+    def _is_large(self, gpu: Gpu) -> bool:
+        # vLLM keys its larger defaults on >= 70 GiB of memory, except on A100 (PR #17885).
+        return gpu.memory_bytes >= self.large_gpu_min_memory_gib * GIB and "a100" not in gpu.key
+
+    def default_max_num_batched_tokens(self, gpu: Gpu) -> int:
+        return self.batched_tokens_large if self._is_large(gpu) else self.batched_tokens_small
+
+    def default_max_num_seqs(self, gpu: Gpu) -> int:
+        return self.seqs_large if self._is_large(gpu) else self.seqs_small
+
+    def nccl_bytes(self, group_size: np.ndarray) -> np.ndarray:
+        """NCCL buffer bytes per GPU for communicators of `group_size` GPUs (1: none)."""
+        group = np.asarray(group_size)
+        sizes = sorted(self.nccl_memory_bytes, reverse=True)
+        # Sizes beyond the table take its largest entry; each smaller table entry then
+        # overwrites the groups it covers.
+        out = np.full(group.shape, self.nccl_memory_bytes[sizes[0]], dtype=np.float64)
+        for size in sizes:
+            out = np.where(group <= size, self.nccl_memory_bytes[size], out)
+        return np.where(group <= 1, 0.0, out)
+
+
+def _value(entry: object) -> object:
+    return entry["value"] if isinstance(entry, dict) else entry
+
+
+@cache
+def engine_facts(engine: Engine = Engine.VLLM) -> EngineFacts:
+    """The shipped facts for `engine`; SGLang reuses vLLM's where it has none of its own."""
+    text = resources.files("trilemma.optimizer.perf").joinpath("data/engine.yaml").read_text()
+    doc = yaml.safe_load(text)
+    raw = {**doc["vllm"], **doc.get(engine.value, {})}
+    nccl = {int(k): float(v) for k, v in raw["nccl_memory_bytes"].items() if k != "source"}
+    return EngineFacts(
+        engine=engine,
+        gpu_memory_utilization=float(_value(raw["gpu_memory_utilization"])),
+        block_size=int(_value(raw["block_size"])),
+        batched_tokens_large=int(raw["max_num_batched_tokens"]["large_gpu"]),
+        batched_tokens_small=int(raw["max_num_batched_tokens"]["small_gpu"]),
+        seqs_large=int(raw["max_num_seqs"]["large_gpu"]),
+        seqs_small=int(raw["max_num_seqs"]["small_gpu"]),
+        large_gpu_min_memory_gib=float(raw["max_num_batched_tokens"]["large_gpu_min_memory_gib"]),
+        runtime_memory_bytes=float(_value(raw["runtime_memory_bytes"])),
+        nccl_memory_bytes=nccl,
+        kernel_launch_us=float(_value(raw["kernel_launch_us"])),
+        elementwise_kernels_per_layer=int(_value(raw["elementwise_kernels_per_layer"])),
+        step_overhead_ms=float(_value(raw["step_overhead_ms"])),
+        request_overhead_ms=float(_value(raw["request_overhead_ms"])),
+        benchmark_requests_per_concurrency=float(
+            _value(raw["benchmark_requests_per_concurrency"])),
+    )

@@ -1,0 +1,173 @@
+"""Steady-state TTFT, TPOT and throughput of a closed-loop benchmark at concurrency C.
+
+This is how genai-perf / aiperf / `vllm bench serve --max-concurrency` measure: C clients each
+send a request, wait for its last token, and send the next. The engine (vLLM V1) runs
+continuous batching with chunked prefill: every step schedules the running decodes first
+(`q` tokens each: 1, or k+1 when verifying speculative drafts) and fills the rest of the
+`max_num_batched_tokens` budget with prefill chunks.
+
+Model, per attention replica (DP rank), vectorized over candidates:
+  * a fixed point for the number of sequences decoding, n_d: Little's law splits the C
+    in-flight requests between prefill (rate x TTFT) and decode (rate x decode time);
+  * the average step mixes pure-decode steps and steps that carry a prefill chunk, in the
+    proportion the prefill work per completed request demands;
+  * TTFT = request overhead + half a step of alignment + the chunks of its own prefill +
+    M/D/1 queueing behind other prefills + waiting for a free slot when C exceeds the
+    sequences that fit;
+  * the benchmark's first wave (all C requests at once) queues its prefills; it is one in
+    `benchmark_requests_per_concurrency` of the requests and enters the means with that weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from trilemma.optimizer.catalog import speculation
+from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
+from trilemma.optimizer.perf import memory
+from trilemma.optimizer.perf.steps import StepModel
+
+_FIXED_POINT_ITERATIONS = 12
+# Above this prefill utilisation the M/D/1 queue formula diverges; the closed loop itself
+# keeps the real system below it by moving requests out of decode.
+_MAX_PREFILL_UTILISATION = 0.95
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClosedLoopResult:
+    """Arrays over candidates. Times in ms, rates per second."""
+
+    ttft_ms: np.ndarray
+    tpot_ms: np.ndarray
+    e2e_ms: np.ndarray
+    requests_per_s: np.ndarray        # whole replica
+    output_tokens_per_s: np.ndarray   # whole replica
+    output_tokens_per_s_per_gpu: np.ndarray
+    decode_step_ms: np.ndarray        # a pure decode step at the steady batch
+    mixed_step_ms: np.ndarray         # a step that carries a prefill chunk
+    running: np.ndarray               # sequences decoding, per DP rank
+    tokens_per_step: np.ndarray       # accepted tokens per sequence per step (speculation)
+    memory: memory.MemoryBreakdown
+
+    @property
+    def fits(self) -> np.ndarray:
+        return self.memory.fits
+
+
+def closed_loop(sm: StepModel, *, tp: np.ndarray, pp: np.ndarray, dp: np.ndarray,
+                ep: np.ndarray, concurrency: np.ndarray, isl: np.ndarray, osl: np.ndarray,
+                cached: np.ndarray | float = 0.0, max_batched_tokens: np.ndarray | None = None,
+                max_num_seqs: np.ndarray | None = None, spec: SpecConfig | None = None,
+                predictability: float = 0.5, draft: StepModel | None = None,
+                first_wave_weight: float | None = None) -> ClosedLoopResult:
+    facts = sm.facts
+    f64 = np.float64
+    if max_batched_tokens is None:
+        max_batched_tokens = facts.default_max_num_batched_tokens(sm.gpu)
+    if max_num_seqs is None:
+        max_num_seqs = facts.default_max_num_seqs(sm.gpu)
+    tp, pp, dp, ep, conc, isl, osl, cached, budget, seqs_cap = np.broadcast_arrays(
+        np.asarray(tp, f64), np.asarray(pp, f64), np.asarray(dp, f64), np.asarray(ep, bool),
+        np.asarray(concurrency, f64), np.asarray(isl, f64), np.asarray(osl, f64),
+        np.asarray(cached, f64), np.asarray(max_batched_tokens, f64),
+        np.asarray(max_num_seqs, f64))
+    spec = spec or SpecConfig(method=SpecMethod.NONE, k=0)
+    k = float(spec.k)
+    q = 1.0 + k
+    if spec.method is SpecMethod.NONE:
+        per_step = np.ones_like(conc)
+    else:
+        a = speculation.acceptance_rate(spec.method, predictability)
+        per_step = np.broadcast_to(speculation.expected_tokens_per_step(a, spec.k), conc.shape)
+
+    mem = memory.breakdown(sm.arch, sm.gpu, sm.recipe, sm.kv, facts, tp=tp, pp=pp, dp=dp,
+                           seq_len=isl + osl + k, max_batched_tokens=budget,
+                           max_num_seqs=seqs_cap)
+    per_rank = np.maximum(conc / dp, 1.0)
+    slots = np.maximum(np.minimum(seqs_cap, mem.max_seqs), 1.0)
+    running = np.minimum(per_rank, slots)
+    prefill = np.maximum(isl - cached, 1.0)
+    decode_steps = np.maximum(osl - 1.0, 0.0) / per_step
+    ctx = isl + 0.5 * osl
+    overhead = facts.request_overhead_ms
+    mb = np.maximum(pp, 1.0)  # PP keeps one micro-batch per stage in flight
+
+    def step(dec: np.ndarray, pf_tokens: np.ndarray | float = 0.0,
+             pf_seqs: np.ndarray | float = 0.0, pf_kv: np.ndarray | float = 0.0) -> np.ndarray:
+        return sm.step(tp=tp, dp=dp, ep=ep, pp=pp, dec_seqs=dec, dec_kv=ctx, q=q,
+                       pf_tokens=pf_tokens, pf_seqs=pf_seqs, pf_kv=pf_kv).total
+
+    def draft_ms(dec: np.ndarray) -> np.ndarray:
+        return _draft_ms(sm, draft, spec, tp=tp, dp=dp, ep=ep, pp=pp, dec=dec, ctx=ctx)
+
+    n_dec = running.copy()
+    for _ in range(_FIXED_POINT_ITERATIONS):
+        dec_mb = np.maximum(n_dec / mb, 0.0)
+        room = np.maximum(budget - dec_mb * q, 1.0)
+        need = np.where(decode_steps > 0, n_dec * prefill / np.maximum(decode_steps, 1e-9),
+                        room)
+        chunk = np.minimum(room, np.maximum(np.minimum(prefill, room), need))
+        share = np.clip(need / chunk, 0.0, 1.0)
+        pf_seqs = np.maximum(chunk / prefill, 1.0)
+        t_dec = step(dec_mb) + draft_ms(dec_mb)
+        t_mix = step(dec_mb, chunk, pf_seqs, cached + 0.5 * (prefill + chunk)) + draft_ms(dec_mb)
+        tau = share * t_mix + (1.0 - share) * t_dec
+        chunks = np.ceil(prefill / room)
+        rho = np.minimum(share, _MAX_PREFILL_UTILISATION)
+        service = chunks * t_mix
+        in_slot = overhead + 0.5 * tau + service + rho / (2.0 * (1.0 - rho)) * service
+        decode_ms = decode_steps * tau
+        rate = running / (in_slot + decode_ms)
+        # Requests beyond the slots that fit wait in the queue for one to free (Little).
+        ttft = in_slot + np.maximum(per_rank - running, 0.0) / np.maximum(rate, 1e-12)
+        target = running * decode_ms / np.maximum(decode_ms + in_slot, 1e-9)
+        n_dec = 0.5 * n_dec + 0.5 * np.clip(target, 0.0, running)
+
+    tpot = tau / per_step
+    # First wave: all requests of a rank arrive together and their prefills queue.
+    weight = (1.0 / facts.benchmark_requests_per_concurrency
+              if first_wave_weight is None else first_wave_weight)
+    wave_tokens = running * prefill
+    wave_chunk = np.minimum(wave_tokens, budget)
+    wave_steps = np.ceil(wave_tokens / budget)
+    t_wave = step(0.5 * running / mb, wave_chunk, np.maximum(wave_chunk / prefill, 1.0),
+                  cached + 0.5 * prefill)
+    ttft_wave = overhead + t_wave * (wave_steps + 1.0) / 2.0
+    tpot_wave_extra = (np.maximum(wave_steps - 1.0, 0.0) / 2.0 * np.maximum(t_wave - t_dec, 0.0)
+                       / np.maximum(osl - 1.0, 1.0))
+    ttft_mean = (1.0 - weight) * ttft + weight * np.maximum(ttft_wave, ttft)
+    tpot_mean = tpot + weight * tpot_wave_extra
+
+    requests = rate * dp
+    out_tps = requests * osl
+    return ClosedLoopResult(
+        ttft_ms=ttft_mean, tpot_ms=tpot_mean,
+        e2e_ms=ttft_mean + np.maximum(osl - 1.0, 0.0) * tpot_mean,
+        requests_per_s=requests * 1e3, output_tokens_per_s=out_tps * 1e3,
+        output_tokens_per_s_per_gpu=out_tps * 1e3 / (tp * pp * dp),
+        decode_step_ms=t_dec, mixed_step_ms=t_mix, running=n_dec, tokens_per_step=per_step,
+        memory=mem)
+
+
+def _draft_ms(sm: StepModel, draft: StepModel | None, spec: SpecConfig, *, tp: np.ndarray,
+              dp: np.ndarray, ep: np.ndarray, pp: np.ndarray, dec: np.ndarray,
+              ctx: np.ndarray) -> np.ndarray:
+    """Time to propose k draft tokens for `dec` sequences, per step."""
+    cost = speculation.draft_cost(spec.method) if spec.method is not SpecMethod.NONE else None
+    if cost is None or cost.kind == "none" or spec.k == 0:
+        return np.zeros(np.broadcast(tp, dec).shape)
+    if cost.kind == "model":
+        if draft is None:
+            raise ValueError("a draft-model speculation needs the draft model's StepModel")
+        one = draft.step(tp=tp, dp=dp, ep=ep, pp=np.ones_like(pp), dec_seqs=dec, dec_kv=ctx)
+        return spec.k * one.total
+    # Layer-based drafters (EAGLE, MTP) run `layers` decoder layers of the target's shape and
+    # the lm_head per proposed token, inside the same CUDA graph as the step.
+    full = sm.step(tp=tp, dp=dp, ep=ep, pp=pp, dec_seqs=dec, dec_kv=ctx)
+    lm_head = sm.km.gemm_ms("bf16", np.maximum(dec, 1.0), sm.arch.vocab_size / tp,
+                            sm.arch.hidden_size)
+    per_layer = (full.total - full.other - lm_head) / sm.arch.num_layers
+    launch = sm.facts.step_overhead_ms * 0.25
+    return spec.k * (cost.layers * per_layer + lm_head + launch)

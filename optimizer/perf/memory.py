@@ -1,0 +1,161 @@
+"""GPU memory of one replica: weights, activations, runtime reserves, and what is left for KV.
+
+Everything is per GPU, vectorized over layouts and engine limits. "Does not fit" is a result
+(`MemoryBreakdown.fits` False with a reason), never an exception: the search prunes on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from trilemma.optimizer.catalog.gpus import Gpu
+from trilemma.optimizer.catalog.models import ModelArch
+from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
+from trilemma.optimizer.perf.engine import EngineFacts
+
+BF16_BYTES = 2.0
+# Sampling upcasts the logits of every scheduled sequence to float32.
+LOGIT_BYTES = 4.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryBreakdown:
+    """Bytes per GPU (arrays broadcast over the candidates)."""
+
+    capacity: np.ndarray          # HBM x gpu_memory_utilization
+    weights: np.ndarray
+    activations: np.ndarray
+    runtime: np.ndarray           # CUDA context, graphs, NCCL buffers
+    kv_cache: np.ndarray          # what remains for KV blocks (may be negative)
+    kv_bytes_per_token: np.ndarray  # per GPU, full-attention layers of one stage
+    max_seqs: np.ndarray          # sequences of the given length that fit in the KV cache
+    kv_tokens: np.ndarray         # KV capacity in tokens at that length
+
+    @property
+    def fits(self) -> np.ndarray:
+        return self.max_seqs >= 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightBytes:
+    """Bytes per parameter by component: quantization leaves some parts in bf16."""
+
+    attention: float
+    mlp: float
+    shared: float
+    experts: float
+
+
+def weight_bytes(arch: ModelArch, recipe: QuantRecipe) -> WeightBytes:
+    """A checkpoint in its own format keeps the parts its quantization config excludes in bf16
+    (gpt-oss: everything but the experts); a recipe applied on the fly covers every linear."""
+    w = recipe.weight_bytes
+    if arch.checkpoint_quant != recipe.value:
+        return WeightBytes(attention=w, mlp=w, shared=w, experts=w)
+    kept = arch.unquantized_parts
+
+    def part(name: str) -> float:
+        return BF16_BYTES if name in kept else w
+
+    return WeightBytes(attention=part("attention"), mlp=part("dense_mlp"),
+                       shared=part("shared_experts"), experts=part("routed_experts"))
+
+
+def weights_per_gpu(arch: ModelArch, recipe: QuantRecipe, tp: np.ndarray, pp: np.ndarray,
+                    dp: np.ndarray) -> np.ndarray:
+    """Weight bytes on the most loaded GPU of a replica.
+
+    Attention and dense MLP are sliced over tp and replicated over dp; routed experts are spread
+    over all tp*dp GPUs of a stage (tensor- or expert-parallel alike); embeddings and lm_head are
+    vocab-parallel over tp and live on the first and last pipeline stage.
+    """
+    b = arch.param_breakdown()
+    wb = weight_bytes(arch, recipe)
+    tp = np.asarray(tp, dtype=np.float64)
+    pp = np.asarray(pp, dtype=np.float64)
+    dp = np.asarray(dp, dtype=np.float64)
+    layers = (b.attention * wb.attention + b.dense_mlp * wb.mlp
+              + b.shared_experts * wb.shared) / tp
+    layers = layers + b.routed_experts * wb.experts / (tp * dp)
+    layers = layers + (b.router + b.norms) * BF16_BYTES
+    vocab = np.where(pp > 1, max(b.embedding, b.lm_head), b.embedding + b.lm_head)
+    return layers / pp + vocab * BF16_BYTES / tp
+
+
+def kv_bytes_per_token_per_gpu(arch: ModelArch, kv: KvDtype, tp: np.ndarray,
+                               pp: np.ndarray) -> np.ndarray:
+    """KV bytes one token costs on one GPU, summed over the full-attention layers of a stage."""
+    return per_layer_kv_bytes(arch, kv, tp) * (arch.num_layers - arch.sliding_layers) / pp
+
+
+def per_layer_kv_bytes(arch: ModelArch, kv: KvDtype, tp: np.ndarray) -> np.ndarray:
+    tp = np.asarray(tp, dtype=np.float64)
+    if arch.mla is not None:
+        # The MLA latent has no heads to slice: every TP rank keeps the whole of it.
+        return np.full(tp.shape, (arch.mla.kv_lora_rank + arch.mla.qk_rope_head_dim) * kv.bytes)
+    kv_heads = np.maximum(arch.num_kv_heads / tp, 1.0)
+    return 2.0 * kv_heads * arch.head_dim * kv.bytes
+
+
+def kv_bytes_per_seq(arch: ModelArch, kv: KvDtype, tp: np.ndarray, pp: np.ndarray,
+                     seq_len: np.ndarray, block: int) -> np.ndarray:
+    """Bytes one sequence of `seq_len` tokens holds on one GPU; sliding layers keep a window."""
+    seq_len = np.asarray(seq_len, dtype=np.float64)
+    blocks = np.ceil(seq_len / block) * block
+    per_layer = per_layer_kv_bytes(arch, kv, tp)
+    full = (arch.num_layers - arch.sliding_layers) * blocks
+    window = arch.sliding_window or 0
+    sliding = arch.sliding_layers * np.minimum(blocks, window + block)
+    return per_layer * (full + sliding) / np.asarray(pp, dtype=np.float64)
+
+
+def activations_per_gpu(arch: ModelArch, tp: np.ndarray, dp: np.ndarray,
+                        max_batched_tokens: np.ndarray, max_seqs: np.ndarray) -> np.ndarray:
+    """Peak activation bytes of vLLM's profiling run (a forward pass at the token budget).
+
+    The largest live tensors: the residual stream and its normed copy, the QKV output, the MLP
+    (or fused-MoE) intermediate, and float32 logits for max_num_seqs sequences in the sampler.
+    """
+    tp = np.asarray(tp, dtype=np.float64)
+    tokens = np.asarray(max_batched_tokens, dtype=np.float64)
+    h = arch.hidden_size
+    qkv = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim / tp
+    mlp = 3.0 * arch.intermediate_size / tp
+    if arch.moe is not None:
+        moe = arch.moe
+        # Fused MoE keeps gate/up outputs for every (token, chosen expert) pair of its shard.
+        routed = moe.experts_per_token * 3.0 * moe.expert_intermediate_size / (tp * dp)
+        mlp = np.maximum(mlp, np.maximum(routed, 2.0 * h * moe.experts_per_token / (tp * dp)))
+    per_token = (4.0 * h + qkv + mlp) * BF16_BYTES
+    logits = np.asarray(max_seqs, dtype=np.float64) * arch.vocab_size / tp * LOGIT_BYTES
+    return tokens * per_token + logits
+
+
+def breakdown(arch: ModelArch, gpu: Gpu, recipe: QuantRecipe, kv: KvDtype, facts: EngineFacts,
+              *, tp: np.ndarray, pp: np.ndarray, dp: np.ndarray, seq_len: np.ndarray,
+              max_batched_tokens: np.ndarray, max_num_seqs: np.ndarray,
+              gpu_memory_utilization: float | None = None) -> MemoryBreakdown:
+    util = facts.gpu_memory_utilization if gpu_memory_utilization is None \
+        else gpu_memory_utilization
+    tp, pp, dp, seq_len, max_batched_tokens, max_num_seqs = np.broadcast_arrays(
+        *(np.asarray(x, dtype=np.float64)
+          for x in (tp, pp, dp, seq_len, max_batched_tokens, max_num_seqs)))
+    capacity = np.full(tp.shape, gpu.memory_bytes * util)
+    weights = weights_per_gpu(arch, recipe, tp, pp, dp)
+    acts = activations_per_gpu(arch, tp, dp, max_batched_tokens, max_num_seqs)
+    runtime = facts.runtime_memory_bytes + facts.nccl_bytes(tp * dp)
+    kv_cache = capacity - weights - acts - runtime
+    per_seq = kv_bytes_per_seq(arch, kv, tp, pp, seq_len, facts.block_size)
+    max_seqs = np.floor(np.maximum(kv_cache, 0.0) / per_seq)
+    return MemoryBreakdown(
+        capacity=capacity,
+        weights=weights,
+        activations=acts,
+        runtime=runtime,
+        kv_cache=kv_cache,
+        kv_bytes_per_token=kv_bytes_per_token_per_gpu(arch, kv, tp, pp),
+        max_seqs=max_seqs,
+        kv_tokens=max_seqs * seq_len,
+    )

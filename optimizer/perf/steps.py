@@ -1,0 +1,259 @@
+"""Time of one engine step (one forward pass over a batch), built from per-layer operations.
+
+A step carries `dec_seqs` decoding sequences (each verifying `q` tokens: 1 without
+speculation, k+1 with it) at KV length `dec_kv`, plus a prefill chunk of `pf_tokens` tokens
+over `pf_seqs` sequences whose context reaches `pf_kv` tokens. All counts are per attention
+replica (per DP rank) and may be numpy arrays; times are milliseconds, summed over every layer
+of the model (one pass through all pipeline stages).
+
+Per layer: QKV and output GEMMs, attention (prefill: causal over the new tokens, the cached
+prefix read not recomputed; decode: the KV bytes read), the MLP GEMMs or the fused MoE with
+its router and shared experts, two TP all-reduces, the DP all-gather/reduce-scatter around
+MoE layers, and the small element-wise kernels. Per step: lm_head, PP send/recv, and the
+engine's fixed overhead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from trilemma.optimizer.catalog.gpus import Gpu
+from trilemma.optimizer.catalog.models import ModelArch
+from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
+from trilemma.optimizer.perf import kernels
+from trilemma.optimizer.perf.engine import EngineFacts
+
+ACT_BYTES = 2.0  # activations travel in bf16
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepTime:
+    """Milliseconds per step by operation family (arrays)."""
+
+    gemm: np.ndarray
+    attention: np.ndarray
+    moe: np.ndarray
+    comm: np.ndarray
+    other: np.ndarray
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.gemm + self.attention + self.moe + self.comm + self.other
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerCounts:
+    """How many layers of each kind the model has: the step sums per-kind costs."""
+
+    dense: int
+    moe: int
+    full_attention: int
+    sliding_attention: int
+
+
+def layer_counts(arch: ModelArch) -> LayerCounts:
+    if arch.moe is None:
+        moe_layers = 0
+    else:
+        interval = max(arch.moe.moe_layer_interval, 1)
+        moe_layers = (arch.num_layers - arch.moe.first_dense_layers) // interval
+    return LayerCounts(dense=arch.num_layers - moe_layers, moe=moe_layers,
+                       full_attention=arch.num_layers - arch.sliding_layers,
+                       sliding_attention=arch.sliding_layers)
+
+
+def gemm_kernel(arch: ModelArch, recipe: QuantRecipe, gpu: Gpu, part: str = "") -> str:
+    """Calibration key of the GEMM kernel vLLM runs for `part` of the model.
+
+    A checkpoint served in its own format leaves the parts its quantization config excludes
+    in bf16 (gpt-oss attention, Kimi-K2.5 everything but the experts).
+    """
+    if arch.checkpoint_quant == recipe.value and part in arch.unquantized_parts:
+        return "bf16"
+    key = recipe.gemm_kernel_key(gpu)
+    # Block-scaled fp8 checkpoints (DeepSeek, Qwen3-FP8, MiniMax) run vLLM's block-scaled
+    # kernels; fp8 quantized on the fly from bf16 uses per-tensor scales.
+    if key == "fp8" and arch.checkpoint_quant == "fp8":
+        return "fp8_block"
+    return key
+
+
+class StepModel:
+    """Step times for one (model, GPU, quantization, KV dtype) under one engine.
+
+    Construct once per group of candidates; `step` is vectorized over everything else.
+    """
+
+    def __init__(self, arch: ModelArch, gpu: Gpu, recipe: QuantRecipe, kv: KvDtype,
+                 facts: EngineFacts) -> None:
+        self.arch = arch
+        self.gpu = gpu
+        self.recipe = recipe
+        self.kv = kv
+        self.facts = facts
+        self.km = kernels.kernel_model(gpu.key, datasheet=kernels_datasheet(gpu))
+        self.layers = layer_counts(arch)
+        self.attn_kernel = gemm_kernel(arch, recipe, gpu, "attention")
+        self.mlp_kernel = gemm_kernel(arch, recipe, gpu, "dense_mlp")
+        self.shared_kernel = gemm_kernel(arch, recipe, gpu, "shared_experts")
+        self.moe_kernel = gemm_kernel(arch, recipe, gpu, "routed_experts")
+
+    # The public entry point of the hot path.
+    def step(self, *, tp: np.ndarray, dp: np.ndarray, ep: np.ndarray, pp: np.ndarray,
+             dec_seqs: np.ndarray, dec_kv: np.ndarray, q: np.ndarray | float = 1.0,
+             pf_tokens: np.ndarray | float = 0.0, pf_seqs: np.ndarray | float = 0.0,
+             pf_kv: np.ndarray | float = 0.0) -> StepTime:
+        a = self.arch
+        L = self.layers
+        f64 = np.float64
+        tp = np.asarray(tp, dtype=f64)
+        dp = np.asarray(dp, dtype=f64)
+        pp = np.asarray(pp, dtype=f64)
+        ep = np.asarray(ep, dtype=bool)
+        dec_seqs = np.asarray(dec_seqs, dtype=f64)
+        dec_kv = np.asarray(dec_kv, dtype=f64)
+        q = np.asarray(q, dtype=f64)
+        pf_tokens = np.asarray(pf_tokens, dtype=f64)
+        pf_seqs = np.asarray(pf_seqs, dtype=f64)
+        pf_kv = np.asarray(pf_kv, dtype=f64)
+        tokens = np.maximum(dec_seqs * q + pf_tokens, 1.0)
+        h = a.hidden_size
+
+        gemm = self._attention_gemms(tokens, tp)
+        attn = self._attention_core(tp, dec_seqs, dec_kv, q, pf_tokens, pf_seqs, pf_kv)
+        mlp_dense = self._dense_mlp(tokens, tp, a.intermediate_size, self.mlp_kernel)
+        gemm = gemm * a.num_layers + mlp_dense * L.dense
+        moe = self._moe_layer(tokens, tp, dp, ep) * L.moe
+
+        # Two all-reduces per layer over the TP group (after attention, after the MLP).
+        msg = tokens * h * ACT_BYTES
+        comm = np.where(tp > 1, 2.0 * a.num_layers * self.km.allreduce_ms(tp, msg), 0.0)
+        if L.moe:
+            # Attention DP: each MoE layer gathers every rank's tokens and scatters them back.
+            group = tp * dp
+            dp_msg = msg * dp
+            dp_comm = self.km.allgather_ms(group, dp_msg) + self.km.reduce_scatter_ms(group,
+                                                                                     dp_msg)
+            comm = comm + np.where(dp > 1, L.moe * dp_comm, 0.0)
+        # Pipeline: each stage boundary sends the hidden states of the micro-batch.
+        inter_node = tp * dp * pp > self.gpu.gpus_per_node
+        comm = comm + np.where(pp > 1, (pp - 1) * self.km.p2p_ms(msg, inter_node), 0.0)
+
+        logits_rows = dec_seqs * q + pf_seqs
+        lm_head = self.km.gemm_ms("bf16", np.maximum(logits_rows, 1.0), a.vocab_size / tp, h)
+        gemm = gemm + lm_head
+
+        other = self._elementwise(tokens, tp) * a.num_layers + self.facts.step_overhead_ms
+        return StepTime(gemm=gemm, attention=attn, moe=moe, comm=comm, other=other)
+
+    def _attention_gemms(self, tokens: np.ndarray, tp: np.ndarray) -> np.ndarray:
+        a = self.arch
+        k = self.attn_kernel
+        if a.mla is not None:
+            return self._mla_gemms(tokens, tp)
+        heads = a.num_heads / tp
+        kv_heads = np.maximum(a.num_kv_heads / tp, 1.0)
+        qkv = self.km.gemm_ms(k, tokens, (heads + 2.0 * kv_heads) * a.head_dim, a.hidden_size)
+        out = self.km.gemm_ms(k, tokens, a.hidden_size, heads * a.head_dim)
+        return qkv + out
+
+    def _mla_gemms(self, tokens: np.ndarray, tp: np.ndarray) -> np.ndarray:
+        """DeepSeek MLA projections: q down/up (or plain q), kv down, kv up, output."""
+        a = self.arch
+        m = a.mla
+        assert m is not None
+        k = self.attn_kernel
+        heads = a.num_heads / tp
+        qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
+        if m.q_lora_rank:
+            q = self.km.gemm_ms(k, tokens, m.q_lora_rank, a.hidden_size) + self.km.gemm_ms(
+                k, tokens, heads * qk_dim, m.q_lora_rank)
+        else:
+            q = self.km.gemm_ms(k, tokens, heads * qk_dim, a.hidden_size)
+        kv_down = self.km.gemm_ms(k, tokens, m.kv_lora_rank + m.qk_rope_head_dim, a.hidden_size)
+        kv_up = self.km.gemm_ms(k, tokens, heads * (m.qk_nope_head_dim + m.v_head_dim),
+                                m.kv_lora_rank)
+        out = self.km.gemm_ms(k, tokens, a.hidden_size, heads * m.v_head_dim)
+        return q + kv_down + kv_up + out
+
+    def _attention_core(self, tp: np.ndarray, dec_seqs: np.ndarray, dec_kv: np.ndarray,
+                        q: np.ndarray, pf_tokens: np.ndarray, pf_seqs: np.ndarray,
+                        pf_kv: np.ndarray) -> np.ndarray:
+        a = self.arch
+        L = self.layers
+        kv = self.kv.value
+        if a.mla is not None:
+            heads = a.num_heads / tp
+            m = a.mla
+            kv_heads = np.ones_like(heads)
+            head_dim = m.kv_lora_rank + m.qk_rope_head_dim
+        else:
+            heads = a.num_heads / tp
+            kv_heads = np.maximum(a.num_kv_heads / tp, 1.0)
+            head_dim = a.head_dim
+        has_pf = pf_seqs > 0
+        pf_b = np.maximum(pf_seqs, 1.0)
+        pf_q = np.maximum(pf_tokens / pf_b, 1.0)
+        pf_ctx = np.maximum(pf_kv, pf_q)
+        has_dec = dec_seqs > 0
+        dec_b = np.maximum(dec_seqs, 1.0)
+        # Speculative verification reads each sequence's KV once for its q tokens; the extra
+        # query rows cost compute that is small next to the KV read at decode batch sizes.
+        dec_scale = 1.0 + 0.1 * (q - 1.0)
+        total = np.zeros(np.broadcast(tp, dec_seqs, pf_tokens).shape)
+        for layers, window in ((L.full_attention, 0), (L.sliding_attention,
+                                                       a.sliding_window or 0)):
+            if not layers:
+                continue
+            ctx = self.km.context_attention_ms(pf_b, pf_q, pf_ctx, heads, kv_heads, head_dim,
+                                               kv, window)
+            dec = self.km.decode_attention_ms(dec_b, dec_kv, heads, kv_heads, head_dim, kv,
+                                              window) * dec_scale
+            total = total + layers * (np.where(has_pf, ctx, 0.0) + np.where(has_dec, dec, 0.0))
+        return total
+
+    def _dense_mlp(self, tokens: np.ndarray, tp: np.ndarray, width: float,
+                   kernel: str) -> np.ndarray:
+        if width <= 0:
+            return np.zeros_like(tokens)
+        a = self.arch
+        up = (2.0 if a.gated_mlp else 1.0) * width / tp
+        return self.km.gemm_ms(kernel, tokens, up, a.hidden_size) + self.km.gemm_ms(
+            kernel, tokens, a.hidden_size, width / tp)
+
+    def _moe_layer(self, tokens: np.ndarray, tp: np.ndarray, dp: np.ndarray,
+                   ep: np.ndarray) -> np.ndarray:
+        a = self.arch
+        moe = a.moe
+        if moe is None:
+            return np.zeros_like(tokens)
+        group = tp * dp
+        moe_tp = np.where(ep, 1.0, group)
+        moe_ep = np.where(ep, group, 1.0)
+        # Every rank's tokens meet in the MoE layer under attention DP.
+        experts = self.km.moe_ms(self.moe_kernel, tokens * dp, a.hidden_size,
+                                 moe.expert_intermediate_size, moe.experts_per_token,
+                                 moe.num_experts, moe_tp, moe_ep)
+        router = self.km.gemm_ms("bf16", tokens, moe.num_experts, a.hidden_size)
+        shared = np.zeros_like(tokens)
+        if moe.shared_experts:
+            shared = self._dense_mlp(tokens, tp,
+                                     moe.shared_experts * moe.shared_expert_intermediate_size,
+                                     self.shared_kernel)
+        return experts + router + shared
+
+    def _elementwise(self, tokens: np.ndarray, tp: np.ndarray) -> np.ndarray:
+        """Norms, rotary, activation and quantization kernels: launch floor + bytes moved."""
+        a = self.arch
+        width = a.intermediate_size or (a.moe.expert_intermediate_size if a.moe else 0)
+        moved = tokens * ACT_BYTES * (8.0 * a.hidden_size + 3.0 * width / tp)
+        launch = self.facts.elementwise_kernels_per_layer * self.facts.kernel_launch_us / 1e3
+        return launch + moved / (self.gpu.memory_bw * 0.7) * 1e3
+
+
+def kernels_datasheet(gpu: Gpu) -> kernels.DatasheetRates:
+    return kernels.DatasheetRates(dense_flops=gpu.dense_flops, memory_bw=gpu.memory_bw,
+                                  intra_node_bw=gpu.intra_node_bw,
+                                  inter_node_bw=gpu.inter_node_bw)

@@ -1,0 +1,210 @@
+"""Score the performance model against measured serving runs (`trilemma validate`).
+
+Reads rows in the schema of NVIDIA AIConfigurator's silicon samples (model_path, system,
+backend, precision, gemm_quant_mode, isl, osl, batch_size = concurrency, tp/pp/attention-dp/
+moe-tp/moe-ep sizes, mode, silicon_ttft_ms, silicon_tpot_ms), predicts TTFT and TPOT for every
+aggregated row it can model, and summarises the absolute percentage errors. Rows it cannot
+model are kept with the reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trilemma.optimizer.catalog import gpus, models
+from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
+from trilemma.optimizer.errors import InputError, TrilemmaError
+from trilemma.optimizer.perf import estimate, latency
+from trilemma.optimizer.perf.engine import Engine
+
+REQUIRED = ("model_path", "system", "backend", "precision", "gemm_quant_mode", "isl", "osl",
+            "batch_size", "tp_size", "pp_size", "attention_dp_size", "moe_tp_size",
+            "moe_ep_size", "mode", "silicon_ttft_ms", "silicon_tpot_ms")
+_ENGINES = {"vllm": Engine.VLLM, "sglang": Engine.SGLANG}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowResult:
+    id: str
+    group: tuple[str, str, str]          # (system, backend, model)
+    measured_ttft_ms: float | None
+    measured_tpot_ms: float | None
+    pred_ttft_ms: float | None
+    pred_tpot_ms: float | None
+    skipped: str | None
+
+    def as_json(self) -> dict[str, object]:
+        return {"id": self.id, "pred_ttft_ms": _round(self.pred_ttft_ms),
+                "pred_tpot_ms": _round(self.pred_tpot_ms), "skipped": self.skipped}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError("csv", str(path), f"missing columns: {', '.join(missing)}")
+            return list(reader)
+    except OSError as exc:
+        raise InputError("csv", str(path), f"cannot be read: {exc.strerror}") from None
+
+
+def recipe_for(row: Mapping[str, str], arch: models.ModelArch) -> QuantRecipe:
+    """Map the table's precision columns to the recipe vLLM actually ran."""
+    precision = row["precision"].strip().lower()
+    mode = (row.get("gemm_quant_mode") or "").strip().lower()
+    ckpt = arch.checkpoint_quant or ""
+    if precision == "fp4" or mode in ("nvfp4", "mxfp4"):
+        # gpt-oss ships MXFP4 experts; the table calls every 4-bit float "fp4/nvfp4".
+        return QuantRecipe.MXFP4 if ckpt.startswith("mxfp4") else QuantRecipe.NVFP4
+    if precision == "int4" or mode.startswith("int4"):
+        return QuantRecipe.INT4
+    if precision == "fp8" or mode.startswith("fp8"):
+        return QuantRecipe.FP8
+    if precision in ("int8", "w8a8"):
+        return QuantRecipe.INT8
+    if precision in ("bf16", "fp16", "float16", "bfloat16"):
+        return QuantRecipe.BF16
+    raise InputError("precision", row["precision"], "no matching quantization recipe")
+
+
+def _int(row: Mapping[str, str], key: str, default: int = 1) -> int:
+    text = (row.get(key) or "").strip()
+    if not text:
+        return default
+    value = float(text)
+    return int(value) if value >= 1 else default
+
+
+def _float(row: Mapping[str, str], key: str) -> float | None:
+    text = (row.get(key) or "").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def predict_rows(rows: Iterable[Mapping[str, str]]) -> list[RowResult]:
+    """Predict each row; rows sharing a configuration are evaluated in one vectorized call."""
+    results: dict[int, RowResult] = {}
+    batches: dict[tuple, list[tuple[int, Mapping[str, str]]]] = defaultdict(list)
+    rows = list(rows)
+    for i, row in enumerate(rows):
+        rid = row.get("id") or f"row{i + 1}"
+        group = (row.get("system", ""), row.get("backend", ""), row.get("model_path", ""))
+        ttft_m, tpot_m = _float(row, "silicon_ttft_ms"), _float(row, "silicon_tpot_ms")
+
+        def skip(reason: str, rid: str = rid, group: tuple = group, ttft_m: float | None = ttft_m,
+                 tpot_m: float | None = tpot_m) -> RowResult:
+            return RowResult(id=rid, group=group, measured_ttft_ms=ttft_m,
+                             measured_tpot_ms=tpot_m, pred_ttft_ms=None, pred_tpot_ms=None,
+                             skipped=reason)
+
+        if (row.get("mode") or "").strip() != "agg":
+            results[i] = skip("disaggregated run: validate models aggregated serving only")
+            continue
+        engine = _ENGINES.get((row.get("backend") or "").strip().lower())
+        if engine is None:
+            results[i] = skip(f"backend {row.get('backend')!r} is not modelled "
+                              "(trilemma deploys vLLM and SGLang)")
+            continue
+        try:
+            arch = models.load_model(row["model_path"])
+            gpu = gpus.get_gpu(row["system"])
+            recipe = recipe_for(row, arch)
+            tp, pp = _int(row, "tp_size"), _int(row, "pp_size")
+            dp = _int(row, "attention_dp_size")
+            ep = _int(row, "moe_ep_size") > 1
+            cfg = estimate.resolve(model=row["model_path"], gpu=gpu.key, tp=tp, pp=pp, dp=dp,
+                                   ep=ep, quant=recipe.value, kv_dtype=KvDtype.BF16.value,
+                                   engine=engine.value)
+            conc, isl, osl = _int(row, "batch_size"), _int(row, "isl"), _int(row, "osl")
+        except (TrilemmaError, ValueError, KeyError) as exc:
+            results[i] = skip(str(exc))
+            continue
+        batches[(cfg.arch.id, cfg.gpu.key, cfg.quant, cfg.engine, tp, pp, dp, ep)].append(
+            (i, {**row, "_conc": conc, "_isl": isl, "_osl": osl, "_rid": rid, "_cfg": cfg}))
+
+    for members in batches.values():
+        cfg = members[0][1]["_cfg"]
+        conc = np.array([m["_conc"] for _, m in members], dtype=np.float64)
+        isl = np.array([m["_isl"] for _, m in members], dtype=np.float64)
+        osl = np.array([m["_osl"] for _, m in members], dtype=np.float64)
+        r = latency.closed_loop(estimate.step_model(cfg), tp=cfg.par.tp, pp=cfg.par.pp,
+                                dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc, isl=isl,
+                                osl=osl)
+        for j, (i, m) in enumerate(members):
+            group = (m.get("system", ""), m.get("backend", ""), m.get("model_path", ""))
+            ttft_m, tpot_m = _float(m, "silicon_ttft_ms"), _float(m, "silicon_tpot_ms")
+            if not bool(r.fits[j]):
+                reason = "does not fit in GPU memory under the model's memory budget"
+                results[i] = RowResult(id=m["_rid"], group=group, measured_ttft_ms=ttft_m,
+                                       measured_tpot_ms=tpot_m, pred_ttft_ms=None,
+                                       pred_tpot_ms=None, skipped=reason)
+                continue
+            results[i] = RowResult(id=m["_rid"], group=group, measured_ttft_ms=ttft_m,
+                                   measured_tpot_ms=tpot_m, pred_ttft_ms=float(r.ttft_ms[j]),
+                                   pred_tpot_ms=float(r.tpot_ms[j]), skipped=None)
+    return [results[i] for i in range(len(rows))]
+
+
+def _ape(pred: float | None, meas: float | None) -> float | None:
+    if pred is None or meas is None:
+        return None
+    return abs(pred - meas) / meas * 100.0
+
+
+def _stats(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, "median_ape": None, "p90_ape": None}
+    arr = np.asarray(values)
+    return {"n": len(values), "median_ape": round(float(np.median(arr)), 2),
+            "p90_ape": round(float(np.percentile(arr, 90)), 2)}
+
+
+def summarize(results: list[RowResult]) -> dict[str, object]:
+    """Median and p90 APE overall and by (system, backend, model), plus the skipped rows."""
+    groups: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(
+        lambda: {"ttft": [], "tpot": []})
+    backends: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"ttft": [], "tpot": []})
+    overall: dict[str, list[float]] = {"ttft": [], "tpot": []}
+    reasons: dict[str, int] = defaultdict(int)
+    for r in results:
+        if r.skipped:
+            reasons[r.skipped] += 1
+            continue
+        for metric, pred, meas in (("ttft", r.pred_ttft_ms, r.measured_ttft_ms),
+                                   ("tpot", r.pred_tpot_ms, r.measured_tpot_ms)):
+            err = _ape(pred, meas)
+            if err is not None:
+                groups[r.group][metric].append(err)
+                backends[r.group[1]][metric].append(err)
+                overall[metric].append(err)
+    modelled = sum(1 for r in results if not r.skipped)
+    return {
+        "rows": len(results),
+        "modelled": modelled,
+        "skipped": len(results) - modelled,
+        "skip_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "overall": {"ttft": _stats(overall["ttft"]), "tpot": _stats(overall["tpot"])},
+        "by_backend": {b: {"ttft": _stats(v["ttft"]), "tpot": _stats(v["tpot"])}
+                       for b, v in sorted(backends.items())},
+        "groups": [
+            {"system": g[0], "backend": g[1], "model": g[2],
+             "ttft": _stats(v["ttft"]), "tpot": _stats(v["tpot"])}
+            for g, v in sorted(groups.items())
+        ],
+    }
