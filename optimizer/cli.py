@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="output file (default: the packaged calibration.json)")
 
+    p = sub.add_parser("calibrate-engine",
+                       help="refit the engine constants to measured end-to-end runs")
+    p.add_argument("csv", type=Path, nargs="?",
+                   default=Path("../shared/data/validation/aic_silicon_sample_dev.csv"),
+                   help="rows in the AIConfigurator silicon-sample schema")
+    p.add_argument("--engine", default="vllm", help="vllm | sglang")
+    p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
+
     p = sub.add_parser("bench", help="time the vectorized model on a batch of candidates")
     p.add_argument("--candidates", type=_positive_int, default=100_000)
     p.add_argument("--repeat", type=_positive_int, default=3)
@@ -194,6 +202,22 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_engine(args: argparse.Namespace) -> int:
+    from trilemma.optimizer import engine_fit
+    from trilemma.optimizer.perf.engine import Engine
+
+    try:
+        engine = Engine(args.engine)
+    except ValueError:
+        raise InputError("engine", args.engine, "must be vllm or sglang") from None
+    fitted = engine_fit.main(args.csv, engine)
+    values = ", ".join(f"{k}={v}" for k, v in fitted.values.items())
+    print(f"{engine.value}: {values} (mean |log error| {fitted.loss} over {fitted.rows} rows)")
+    if not args.dry_run:
+        print(f"wrote {engine_fit.write(fitted)}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from trilemma.optimizer.perf import benchmark
 
@@ -206,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     handlers = {"estimate": _estimate, "validate": _validate, "calibrate": _calibrate,
-                "bench": _bench}
+                "calibrate-engine": _calibrate_engine, "bench": _bench}
     try:
         return handlers[args.command](args)
     except InputError as exc:

@@ -22,7 +22,8 @@ from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.errors import InputError, TrilemmaError
 from trilemma.optimizer.perf import estimate, latency
-from trilemma.optimizer.perf.engine import Engine
+from trilemma.optimizer.perf.engine import Engine, EngineFacts
+from trilemma.optimizer.perf.steps import StepModel
 
 REQUIRED = ("model_path", "system", "backend", "precision", "gemm_quant_mode", "isl", "osl",
             "batch_size", "tp_size", "pp_size", "attention_dp_size", "moe_tp_size",
@@ -63,9 +64,12 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def recipe_for(row: Mapping[str, str], arch: models.ModelArch) -> QuantRecipe:
     """Map the table's precision columns to the recipe vLLM actually ran."""
-    precision = row["precision"].strip().lower()
+    precision = (row.get("precision") or "").strip().lower()
     mode = (row.get("gemm_quant_mode") or "").strip().lower()
     ckpt = arch.checkpoint_quant or ""
+    if not precision and not mode:
+        # No precision recorded: the checkpoint ran in its own format.
+        return estimate.default_recipe(arch)
     if precision == "fp4" or mode in ("nvfp4", "mxfp4"):
         # gpt-oss ships MXFP4 experts; the table calls every 4-bit float "fp4/nvfp4".
         return QuantRecipe.MXFP4 if ckpt.startswith("mxfp4") else QuantRecipe.NVFP4
@@ -97,8 +101,12 @@ def _float(row: Mapping[str, str], key: str) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-def predict_rows(rows: Iterable[Mapping[str, str]]) -> list[RowResult]:
-    """Predict each row; rows sharing a configuration are evaluated in one vectorized call."""
+def predict_rows(rows: Iterable[Mapping[str, str]],
+                 facts: Mapping[Engine, EngineFacts] | None = None) -> list[RowResult]:
+    """Predict each row; rows sharing a configuration are evaluated in one vectorized call.
+
+    `facts` overrides the shipped engine constants (the engine calibration varies them).
+    """
     results: dict[int, RowResult] = {}
     batches: dict[tuple, list[tuple[int, Mapping[str, str]]]] = defaultdict(list)
     rows = list(rows)
@@ -143,7 +151,10 @@ def predict_rows(rows: Iterable[Mapping[str, str]]) -> list[RowResult]:
         conc = np.array([m["_conc"] for _, m in members], dtype=np.float64)
         isl = np.array([m["_isl"] for _, m in members], dtype=np.float64)
         osl = np.array([m["_osl"] for _, m in members], dtype=np.float64)
-        r = latency.closed_loop(estimate.step_model(cfg), tp=cfg.par.tp, pp=cfg.par.pp,
+        sm = estimate.step_model(cfg)
+        if facts and cfg.engine in facts:
+            sm = StepModel(cfg.arch, cfg.gpu, cfg.quant, cfg.kv, facts[cfg.engine])
+        r = latency.closed_loop(sm, tp=cfg.par.tp, pp=cfg.par.pp,
                                 dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc, isl=isl,
                                 osl=osl)
         for j, (i, m) in enumerate(members):

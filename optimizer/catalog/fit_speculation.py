@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+
 from trilemma.optimizer.catalog import speculation
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

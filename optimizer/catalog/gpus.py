@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
+
 from trilemma.optimizer.errors import InputError
 
 DATA_FILE = "gpus.yaml"

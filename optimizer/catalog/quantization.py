@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+
 from trilemma.optimizer.catalog.gpus import Arch, Gpu
 from trilemma.optimizer.errors import InputError
 

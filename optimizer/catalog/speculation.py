@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import yaml
+
 from trilemma.optimizer.errors import InputError
 
 DATA_FILE = "speculation.yaml"

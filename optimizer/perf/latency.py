@@ -29,7 +29,7 @@ from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
 from trilemma.optimizer.perf import memory
 from trilemma.optimizer.perf.steps import StepModel
 
-_FIXED_POINT_ITERATIONS = 12
+_FIXED_POINT_ITERATIONS = 4
 # Above this prefill utilisation the M/D/1 queue formula diverges; the closed loop itself
 # keeps the real system below it by moving requests out of decode.
 _MAX_PREFILL_UTILISATION = 0.95
@@ -114,9 +114,14 @@ def closed_loop(sm: StepModel, *, tp: np.ndarray, pp: np.ndarray, dp: np.ndarray
         t_dec = step(dec_mb) + draft_ms(dec_mb)
         t_mix = step(dec_mb, chunk, pf_seqs, cached + 0.5 * (prefill + chunk)) + draft_ms(dec_mb)
         tau = share * t_mix + (1.0 - share) * t_dec
-        chunks = np.ceil(prefill / room)
+        # A request's own prefill: one step when it fits beside the decodes (possibly
+        # shared with other prefills), else full chunks at the room left, then the rest,
+        # whose extra cost over a decode step scales with its size. chunk == room then.
+        full_chunks = np.floor(prefill / room)
+        rest = prefill - full_chunks * room
+        service = np.where(prefill <= room, t_mix, full_chunks * t_mix + np.where(
+            rest > 0, t_dec + (t_mix - t_dec) * rest / room, 0.0))
         rho = np.minimum(share, _MAX_PREFILL_UTILISATION)
-        service = chunks * t_mix
         in_slot = overhead + 0.5 * tau + service + rho / (2.0 * (1.0 - rho)) * service
         decode_ms = decode_steps * tau
         rate = running / (in_slot + decode_ms)

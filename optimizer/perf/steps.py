@@ -72,6 +72,10 @@ def gemm_kernel(arch: ModelArch, recipe: QuantRecipe, gpu: Gpu, part: str = "") 
     """
     if arch.checkpoint_quant == recipe.value and part in arch.unquantized_parts:
         return "bf16"
+    if recipe is QuantRecipe.MXFP4 and part == "routed_experts" and not gpu.supports("fp4"):
+        # Without fp4 tensor cores vLLM runs MXFP4 experts as W4A16 (Triton / Marlin), which
+        # AIConfigurator measured as w4a16_mxfp4; Blackwell runs them natively.
+        return "mxfp4"
     key = recipe.gemm_kernel_key(gpu)
     # Block-scaled fp8 checkpoints (DeepSeek, Qwen3-FP8, MiniMax) run vLLM's block-scaled
     # kernels; fp8 quantized on the fly from bf16 uses per-tensor scales.
@@ -93,12 +97,17 @@ class StepModel:
         self.recipe = recipe
         self.kv = kv
         self.facts = facts
-        self.km = kernels.kernel_model(gpu.key, datasheet=kernels_datasheet(gpu))
+        # vLLM captures its forward passes in CUDA graphs, so no eager CPU floors apply.
+        self.km = kernels.kernel_model(gpu.key, datasheet=kernels_datasheet(gpu),
+                                       cuda_graphs=True)
         self.layers = layer_counts(arch)
         self.attn_kernel = gemm_kernel(arch, recipe, gpu, "attention")
         self.mlp_kernel = gemm_kernel(arch, recipe, gpu, "dense_mlp")
         self.shared_kernel = gemm_kernel(arch, recipe, gpu, "shared_experts")
         self.moe_kernel = gemm_kernel(arch, recipe, gpu, "routed_experts")
+        # The measured MLA modules (projections + attention) have DeepSeek-V3's geometry;
+        # other MLA models are priced from generic GEMMs and attention.
+        self.mla_module = arch.mla is not None and _has_dsv3_geometry(arch)
 
     # The public entry point of the hot path.
     def step(self, *, tp: np.ndarray, dp: np.ndarray, ep: np.ndarray, pp: np.ndarray,
@@ -121,8 +130,12 @@ class StepModel:
         tokens = np.maximum(dec_seqs * q + pf_tokens, 1.0)
         h = a.hidden_size
 
-        gemm = self._attention_gemms(tokens, tp)
-        attn = self._attention_core(tp, dec_seqs, dec_kv, q, pf_tokens, pf_seqs, pf_kv)
+        if self.mla_module:
+            gemm = np.zeros_like(tokens)
+            attn = self._mla_module(tp, dec_seqs, dec_kv, q, pf_tokens, pf_seqs, pf_kv)
+        else:
+            gemm = self._attention_gemms(tokens, tp)
+            attn = self._attention_core(tp, dec_seqs, dec_kv, q, pf_tokens, pf_seqs, pf_kv)
         mlp_dense = self._dense_mlp(tokens, tp, a.intermediate_size, self.mlp_kernel)
         gemm = gemm * a.num_layers + mlp_dense * L.dense
         moe = self._moe_layer(tokens, tp, dp, ep) * L.moe
@@ -214,6 +227,30 @@ class StepModel:
             total = total + layers * (np.where(has_pf, ctx, 0.0) + np.where(has_dec, dec, 0.0))
         return total
 
+    def _mla_module(self, tp: np.ndarray, dec_seqs: np.ndarray, dec_kv: np.ndarray,
+                    q: np.ndarray, pf_tokens: np.ndarray, pf_seqs: np.ndarray,
+                    pf_kv: np.ndarray) -> np.ndarray:
+        """Whole MLA attention modules per layer, from the measured DeepSeek-V3 tables."""
+        a = self.arch
+        m = a.mla
+        assert m is not None
+        kv = self.kv.value
+        heads = a.num_heads / tp
+        pf_b = np.maximum(pf_seqs, 1.0)
+        pf_q = np.maximum(pf_tokens / pf_b, 1.0)
+        pf_ctx = np.maximum(pf_kv, pf_q)
+        ctx = self.km.mla_context_ms(self.attn_kernel, pf_b, pf_q, heads, kv)
+        # The module tables have no cached prefix: add the attention over it, priced by the
+        # generic kernel on the decompressed heads.
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        prefix = (self.km.context_attention_ms(pf_b, pf_q, pf_ctx, heads, heads, qk, kv)
+                  - self.km.context_attention_ms(pf_b, pf_q, pf_q, heads, heads, qk, kv))
+        ctx = ctx + np.maximum(prefix, 0.0)
+        dec = self.km.mla_decode_ms(self.attn_kernel, np.maximum(dec_seqs, 1.0), dec_kv, heads,
+                                    kv) * (1.0 + 0.1 * (q - 1.0))
+        per_layer = np.where(pf_seqs > 0, ctx, 0.0) + np.where(dec_seqs > 0, dec, 0.0)
+        return per_layer * a.num_layers
+
     def _dense_mlp(self, tokens: np.ndarray, tp: np.ndarray, width: float,
                    kernel: str) -> np.ndarray:
         if width <= 0:
@@ -251,6 +288,15 @@ class StepModel:
         moved = tokens * ACT_BYTES * (8.0 * a.hidden_size + 3.0 * width / tp)
         launch = self.facts.elementwise_kernels_per_layer * self.facts.kernel_launch_us / 1e3
         return launch + moved / (self.gpu.memory_bw * 0.7) * 1e3
+
+
+def _has_dsv3_geometry(arch: ModelArch) -> bool:
+    m = arch.mla
+    g = kernels.kf.DSV3_MLA
+    return m is not None and (arch.hidden_size, m.q_lora_rank, m.kv_lora_rank,
+                              m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) == (
+        g["hidden"], g["q_lora_rank"], g["kv_lora_rank"], g["qk_nope_head_dim"],
+        g["qk_rope_head_dim"], g["v_head_dim"])
 
 
 def kernels_datasheet(gpu: Gpu) -> kernels.DatasheetRates:

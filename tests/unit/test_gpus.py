@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from trilemma.optimizer.catalog import gpus
 from trilemma.optimizer.catalog.gpus import Arch
 from trilemma.optimizer.errors import InputError

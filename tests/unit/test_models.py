@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from trilemma.optimizer.catalog import models
 from trilemma.optimizer.catalog.models import AttentionKind, Phase
 from trilemma.optimizer.errors import InputError, UnknownModelError

@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+
 from trilemma.optimizer.catalog import build_quant_quality, gpus, quantization
 from trilemma.optimizer.catalog.gpus import Arch
 from trilemma.optimizer.catalog.quantization import KvDtype, Precision, QuantRecipe

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from trilemma.optimizer.catalog import fit_speculation, speculation
 from trilemma.optimizer.catalog.speculation import DraftKind, SpecConfig, SpecMethod
 from trilemma.optimizer.errors import InputError

@@ -1,0 +1,541 @@
+"""Kernel costs in milliseconds: the calibrated forms evaluated for one GPU, vectorized.
+
+Bottom of perf/: `steps.py` prices a model's layers with these functions for arrays of
+candidates at once. Parameters come from data/calibration.json (fitted by `fitting.py` to
+NVIDIA AIConfigurator's measured vLLM kernel tables); the forms are `kernel_forms.py`, the
+same code the fit used. Depends on numpy, the standard library and that JSON only.
+
+Provenance of a (family, kernel) on a GPU:
+- "fitted": a fit to that GPU's measured table for that kernel.
+- "extrapolated": a measured family of the same GPU with a principled change — another
+  operand width (w4a16 = the bf16 fit reading 4-bit weights; fp8 on A100 = Marlin W8A16),
+  a compute rate scaled by the datasheet peak ratio (int8 from fp8 or bf16), fp8 KV from
+  the bf16-KV fit with half the KV bytes, MLA on A100 = measured attention kernel + GEMMs,
+  intra-node p2p from the 2-GPU all-gather.
+- "datasheet": a GPU without calibration; every form runs with the median efficiencies of
+  the calibrated GPUs (`datasheet_defaults` in the JSON) times the caller's datasheet rates.
+  Inter-node p2p is "datasheet" everywhere: no inter-node table was measured.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.perf import kernel_forms as kf
+
+GEMM_KERNELS = ("bf16", "fp8", "fp8_block", "int8", "w4a16", "fp4", "mxfp4")
+MOE_KERNELS = GEMM_KERNELS
+KV_DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp8": "fp8"}
+# AIConfigurator's default node: 8 GPUs, 10 us per inter-node hop (systems/*.yaml).
+GPUS_PER_NODE = 8
+P2P_LATENCY_MS = 0.01
+MAX_GPUS = 4096  # collective groups beyond this are priced as this many GPUs
+_COLLECTIVES = ("allreduce", "allgather", "reduce_scatter", "alltoall")
+# Bytes each GPU sends over its slowest link per message byte in a ring (NCCL's busbw factor,
+# the limit n -> inf of 2(n-1)/n and (n-1)/n).
+_RING_FACTOR = {"allreduce": 2.0, "allgather": 1.0, "reduce_scatter": 1.0, "alltoall": 1.0}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasheetRates:
+    """Peak rates of a GPU without calibration (the GPU catalog supplies them).
+
+    dense_flops: FLOP/s per precision key ("bf16", "fp8", "int8", "fp4"); a key that is
+    absent is not native and its kernels fall back to weight-only bf16 GEMMs.
+    memory_bw, intra_node_bw, inter_node_bw: bytes/s (per GPU, one direction for links).
+    """
+
+    dense_flops: Mapping[str, float]
+    memory_bw: float
+    intra_node_bw: float
+    inter_node_bw: float
+
+    def as_sheet(self) -> dict[str, Any]:
+        return {"dense_flops": dict(self.dense_flops), "memory_bw": self.memory_bw,
+                "intra_node_bw": self.intra_node_bw, "inter_node_bw": self.inter_node_bw,
+                "gpus_per_node": GPUS_PER_NODE, "p2p_latency_ms": P2P_LATENCY_MS}
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """A form's parameters (in *_PARAMS order) and constants, ready for the hot path."""
+
+    params: tuple[float, ...]
+    constants: Mapping[str, Any]
+    provenance: str
+
+    def replace(self, provenance: str, params: tuple[float, ...] | None = None,
+                **constants: Any) -> _Fit:
+        return _Fit(self.params if params is None else params,
+                    {**self.constants, **constants}, provenance)
+
+
+def _f64(x: Any) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _out(x: Any) -> np.ndarray:
+    """Results are float64 arrays, 0-d for all-scalar arguments."""
+    return np.asarray(x, dtype=np.float64)
+
+
+def _count(x: Any) -> np.ndarray:
+    """Counts (tokens, sequences, heads) below 1 are priced as 1: no zero divides."""
+    return np.maximum(np.asarray(x, dtype=np.float64), 1.0)
+
+
+class KernelModel:
+    """Kernel times (ms) on one GPU; every numeric argument may be an array (broadcast)."""
+
+    def __init__(self, gpu: str, *, calibrated: bool, fits: Mapping[str, _Fit],
+                 sheet: Mapping[str, Any]) -> None:
+        self.gpu = gpu
+        self.calibrated = calibrated
+        self._fits = dict(fits)
+        self._sheet = sheet
+        self._resolved: dict[tuple[str, str], _Fit | None] = {}
+        self._comm: dict[str, tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    # --- resolution: which fit serves a (family, kernel), and how it was obtained -----------
+
+    def _resolve(self, family: str, kernel: str) -> _Fit | None:
+        key = (family, kernel)
+        if key not in self._resolved:
+            rule = _RULES.get(family)
+            self._resolved[key] = rule(self, kernel) if rule else None
+        return self._resolved[key]
+
+    def _fit(self, key: str, derived: bool = False) -> _Fit | None:
+        fit = self._fits.get(key)
+        if fit is None or not derived:
+            return fit
+        return fit.replace("extrapolated" if self.calibrated else "datasheet")
+
+    def _peak(self, precision: str) -> float | None:
+        value = self._sheet["dense_flops"].get(precision)
+        return float(value) if value else None
+
+    def _scaled(self, fit: _Fit, form_params: tuple[str, ...], name: str, ratio: float,
+                **constants: Any) -> _Fit:
+        params = list(fit.params)
+        params[form_params.index(name)] *= ratio
+        return fit.replace("extrapolated" if self.calibrated else "datasheet",
+                           tuple(params), **constants)
+
+    def provenance(self, family: str, kernel: str) -> str:
+        """How a family's times for `kernel` (or kv dtype) were obtained: fitted, extrapolated,
+        or datasheet (see the module docstring).
+
+        Families: gemm, moe, context_attention, decode_attention, attention (both),
+        mla_context, mla_decode, mla (both; kernel "gemm/kv" or a kv dtype), allreduce,
+        allgather, reduce_scatter, alltoall, comm (kernel = one of those), p2p ("intra" or
+        "inter").
+        """
+        if family == "attention":
+            return _weakest(self.provenance("context_attention", kernel),
+                            self.provenance("decode_attention", kernel))
+        if family == "mla":
+            return _weakest(self.provenance("mla_context", kernel),
+                            self.provenance("mla_decode", kernel))
+        if family == "comm":
+            return self.provenance(kernel, "")
+        if family == "p2p":
+            if kernel == "inter":
+                return "datasheet"
+            return "extrapolated" if self.calibrated else "datasheet"
+        if family in _COLLECTIVES:
+            return "fitted" if self.calibrated else "datasheet"
+        fit = self._resolve(family, _normalize(family, kernel))
+        if fit is None:
+            raise InputError("kernel", kernel, f"no {family} model for it on {self.gpu}")
+        return fit.provenance
+
+    def _need(self, family: str, kernel: str, allowed: tuple[str, ...]) -> _Fit:
+        fit = self._resolved.get((family, kernel))
+        if fit is None:
+            if kernel not in allowed:
+                raise InputError("kernel", kernel, f"{family} kernels are {', '.join(allowed)}")
+            fit = self._resolve(family, kernel)
+            if fit is None:
+                raise InputError("kernel", kernel, f"no {family} model for it on {self.gpu}")
+        return fit
+
+    # --- compute ------------------------------------------------------------------------------
+
+    def gemm_ms(self, kernel: str, m: Any, n: Any, k: Any) -> np.ndarray:
+        """Dense GEMM of m tokens through an n x k weight (vLLM's linear layer for `kernel`)."""
+        f = self._need("gemm", kernel, GEMM_KERNELS)
+        c = f.constants
+        m, n, k = _count(m), _f64(n), _f64(k)
+        t = kf.gemm_ms(f.params, m, n, k, a_bytes=c["a_bytes"], w_bytes=c["w_bytes"],
+                       m_switch=c["m_switch"])
+        grid = c.get("residual_log_ratio")
+        if grid is not None:
+            t = t * kf.gemm_residual_factor(grid, m, n, k)
+        return _out(t)
+
+    def context_attention_ms(self, batch: Any, q_len: Any, kv_len: Any, num_heads: Any,
+                             num_kv_heads: Any, head_dim: Any, kv_dtype: str,
+                             window: Any = 0) -> np.ndarray:
+        """Prefill attention: q_len new tokens per sequence attending to kv_len tokens in all
+        (kv_len - q_len cached). Measured only without a prefix; the prefix enters through the
+        causal pair count and the KV bytes read."""
+        f = self._need("context_attention", _kv(kv_dtype), ("bf16", "fp8"))
+        q = _count(q_len)
+        return _out(kf.context_attention_ms(
+            f.params, _count(batch), q, np.maximum(_f64(kv_len), q), _count(num_heads),
+            _count(num_kv_heads), _f64(head_dim), _f64(window), kv_bytes=f.constants["kv_bytes"]))
+
+    def decode_attention_ms(self, batch: Any, kv_len: Any, num_heads: Any, num_kv_heads: Any,
+                            head_dim: Any, kv_dtype: str, window: Any = 0) -> np.ndarray:
+        """One new token per sequence attending to kv_len tokens (itself included)."""
+        f = self._need("decode_attention", _kv(kv_dtype), ("bf16", "fp8"))
+        return _out(kf.decode_attention_ms(
+            f.params, _count(batch), _count(kv_len), _count(num_heads), _count(num_kv_heads),
+            _f64(head_dim), _f64(window), kv_bytes=f.constants["kv_bytes"]))
+
+    def mla_context_ms(self, gemm: str, batch: Any, seq_len: Any, num_heads: Any,
+                       kv_dtype: str) -> np.ndarray:
+        """A whole DeepSeek-V3 MLA attention module over a prompt (no cached prefix).
+
+        Includes what vLLM's DeepseekV2MLAAttention.forward runs: the fused q_a/kv_a down
+        projection, both latent norms, q_b, kv_b, rotary, the causal attention kernel and
+        o_proj, with `gemm` the projections' kernel key and num_heads the heads on this GPU
+        (128 / TP). Excludes the TP all-reduce after o_proj. DeepSeek-V3 geometry (hidden
+        7168, q_lora 1536, kv_lora 512, rope 64, nope 128, v 128; Kimi K2 shares it).
+        """
+        return self._mla("mla_context", gemm, _count(batch), _count(seq_len),
+                         _count(num_heads), kv_dtype)
+
+    def mla_decode_ms(self, gemm: str, batch: Any, kv_len: Any, num_heads: Any,
+                      kv_dtype: str) -> np.ndarray:
+        """The same module for one decode token per sequence over kv_len cached tokens
+        (kv_b absorbed into per-head BMMs against the latent cache, as vLLM runs it)."""
+        return self._mla("mla_decode", gemm, _count(batch), _count(kv_len),
+                         _count(num_heads), kv_dtype)
+
+    def _mla(self, family: str, gemm: str, batch: np.ndarray, length: np.ndarray,
+             heads: np.ndarray, kv_dtype: str) -> np.ndarray:
+        kernel = f"{gemm}/{_kv(kv_dtype)}"
+        if gemm not in GEMM_KERNELS:
+            raise InputError("kernel", gemm, f"MLA projection kernels are {GEMM_KERNELS}")
+        f = self._need(family, kernel, (kernel,))
+        c = f.constants
+        features = (kf.mla_context_features if family == "mla_context"
+                    else kf.mla_decode_features)
+        tokens, weights, flop, moved, tiles = features(batch, length, heads, c["kv_bytes"],
+                                                       kf.DSV3_MLA)
+        if c.get("core_only"):
+            core = kf.mla_module_ms(f.params, tokens, 0.0 * weights, flop, moved, tiles,
+                                    w_bytes=c["w_bytes"], hidden=kf.DSV3_MLA["hidden"])
+            return _out(core + self._mla_projections(gemm, tokens, heads))
+        return _out(kf.mla_module_ms(f.params, tokens, weights, flop, moved, tiles,
+                                     w_bytes=c["w_bytes"], hidden=kf.DSV3_MLA["hidden"]))
+
+    def _mla_projections(self, gemm: str, tokens: np.ndarray, heads: np.ndarray) -> np.ndarray:
+        g = kf.DSV3_MLA
+        qk = g["qk_nope_head_dim"] + g["qk_rope_head_dim"]
+        shapes = ((g["q_lora_rank"] + g["kv_lora_rank"] + g["qk_rope_head_dim"], g["hidden"]),
+                  (heads * qk, g["q_lora_rank"]),
+                  (heads * (g["qk_nope_head_dim"] + g["v_head_dim"]), g["kv_lora_rank"]),
+                  (g["hidden"], heads * g["v_head_dim"]))
+        return sum((self.gemm_ms(gemm, tokens, n, k) for n, k in shapes),
+                   start=np.zeros_like(tokens))
+
+    def moe_ms(self, kernel: str, num_tokens: Any, hidden: Any, inter: Any, topk: Any,
+               num_experts: Any, moe_tp: Any, moe_ep: Any,
+               imbalance: str = "power_law_1.01") -> np.ndarray:
+        """vLLM's fused MoE on the busiest EP rank. num_tokens counts every token entering
+        the layer (all DP ranks under attention DP); inter is the full expert width (split by
+        moe_tp); imbalance names AIConfigurator's routing distributions: "balanced",
+        "power_law_1.01" (heavy skew) or "power_law_1.2"."""
+        f = self._need("moe", kernel, MOE_KERNELS)
+        if imbalance not in kf.DISTRIBUTIONS:
+            raise InputError("imbalance", imbalance, f"one of {', '.join(kf.DISTRIBUTIONS)}")
+        return _out(kf.moe_ms(f.params, _count(num_tokens), _f64(hidden), _f64(inter),
+                              _count(topk), _count(num_experts), _count(moe_tp), _count(moe_ep),
+                              kf.moe_skew(f.params, imbalance), w_bytes=f.constants["w_bytes"]))
+
+    # --- communication ------------------------------------------------------------------------
+
+    def allreduce_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+        """What vLLM runs: its custom all-reduce under CUDA graphs (NCCL above the custom
+        buffer, by vLLM's own dispatch, inside the measurement); NCCL where vLLM has no
+        custom all-reduce (PCIe GPUs such as L40S). n_gpus is rounded to an integer; 1 or
+        fewer costs nothing; past GPUS_PER_NODE the inter-node links are added."""
+        return self._collective("allreduce", n_gpus, message_bytes)
+
+    def allgather_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+        """NCCL all-gather; message_bytes is the gathered buffer (nccl-tests' size)."""
+        return self._collective("allgather", n_gpus, message_bytes)
+
+    def reduce_scatter_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+        """NCCL reduce-scatter; message_bytes is the full input buffer."""
+        return self._collective("reduce_scatter", n_gpus, message_bytes)
+
+    def alltoall_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+        """NCCL all-to-all; message_bytes is each rank's whole send buffer."""
+        return self._collective("alltoall", n_gpus, message_bytes)
+
+    def p2p_ms(self, message_bytes: Any, inter_node: Any) -> np.ndarray:
+        """Send message_bytes to one peer: inside a node from the 2-GPU all-gather (which
+        moves half its buffer each way), across nodes at the datasheet inter-node rate."""
+        b = _f64(message_bytes)
+        intra = self._collective("allgather", 2.0, 2.0 * b)
+        inter = self._sheet["p2p_latency_ms"] + 1e3 * b / self._sheet["inter_node_bw"]
+        return _out(np.where(np.asarray(inter_node, dtype=bool), inter, intra))
+
+    def _collective(self, op: str, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+        params, offset, slope, alone = self._comm_table(op)
+        # GPU counts are integers: index per-count tables instead of interpolating per call.
+        idx = np.clip(np.rint(_f64(n_gpus)), 0, len(alone) - 1).astype(np.intp)
+        b = _f64(message_bytes)
+        t = kf.collective_ms([c[idx] for c in params], b) + offset[idx] + slope[idx] * b
+        return _out(np.where(alone[idx], 0.0, t))
+
+    def _comm_table(self, op: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray,
+                                            np.ndarray]:
+        """Per GPU count 0..MAX_GPUS: form parameters, inter-node offset and slope, and n <= 1.
+
+        Inside a node the parameters interpolate in log2(n) between the measured counts
+        (2, 4, 8). Past one node the ring also crosses the inter-node links: their bandwidth
+        term and one hop latency per doubling (datasheet figures; nothing multi-node was
+        measured).
+        """
+        table = self._comm.get(op)
+        if table is None:
+            names = ["custom_allreduce", "allreduce"] if op == "allreduce" else [op]
+            rows: list[tuple[int, _Fit]] = []
+            for name in names:
+                prefix = f"comm/{name}/"
+                rows = sorted((int(k[len(prefix):]), f) for k, f in self._fits.items()
+                              if k.startswith(prefix))
+                if rows:
+                    break
+            if not rows:
+                raise InputError("gpu", self.gpu, f"no {op} model")
+            grid = np.log2([float(n) for n, _ in rows])
+            gpn = float(self._sheet["gpus_per_node"])
+            n = np.arange(MAX_GPUS + 1, dtype=np.float64)
+            inside = np.log2(np.clip(n, 2.0 ** grid[0], min(2.0 ** grid[-1], gpn)))
+            params = [np.interp(inside, grid, [f.params[i] for _, f in rows])
+                      for i in range(len(kf.COMM_PARAMS))]
+            across = n > gpn
+            hops = np.log2(np.maximum(n / gpn, 1.0))
+            offset = np.where(across, self._sheet["p2p_latency_ms"] * hops, 0.0)
+            slope = np.where(across, 1e3 * _RING_FACTOR[op] / self._sheet["inter_node_bw"], 0.0)
+            table = (params, offset, slope, n <= 1.0)
+            self._comm[op] = table
+        return table
+
+
+def _weakest(a: str, b: str) -> str:
+    order = ("fitted", "extrapolated", "datasheet")
+    return order[max(order.index(a), order.index(b))]
+
+
+def _kv(kv_dtype: str) -> str:
+    kv = KV_DTYPES.get(kv_dtype)
+    if kv is None:
+        raise InputError("kv_dtype", kv_dtype, "one of bf16, fp8")
+    return kv
+
+
+def _normalize(family: str, kernel: str) -> str:
+    if family in ("context_attention", "decode_attention"):
+        return _kv(kernel)
+    if family in ("mla_context", "mla_decode"):
+        gemm, _, kv = kernel.rpartition("/")
+        gemm = gemm or "bf16"
+        if gemm not in GEMM_KERNELS:
+            raise InputError("kernel", gemm, f"MLA projection kernels are {GEMM_KERNELS}")
+        return f"{gemm}/{_kv(kv)}"
+    if family in ("gemm", "moe") and kernel not in GEMM_KERNELS:
+        raise InputError("kernel", kernel, f"{family} kernels are {', '.join(GEMM_KERNELS)}")
+    if family not in _RULES:
+        raise InputError("family", family, "not a kernel family")
+    return kernel
+
+
+# --- Resolution rules: a kernel with no fit of its own, from a measured sibling --------------
+
+def _gemm_rule(km: KernelModel, kernel: str) -> _Fit | None:
+    fit = km._fit(f"gemm/{kernel}")
+    if fit is not None:
+        return fit
+    bf16, fp8 = km._fits.get("gemm/bf16"), km._fits.get("gemm/fp8")
+    native = km._peak(kf.COMPUTE_PRECISION[kernel])
+    p = kf.GEMM_PARAMS
+    a, w = kf.ACT_BYTES[kernel], kf.WEIGHT_BYTES[kernel]
+    fp8_peak, bf16_peak = km._peak("fp8"), km._peak("bf16")
+    if native and kernel in ("int8", "fp4") and fp8 is not None and fp8_peak:
+        # Same quantize-then-GEMM structure as fp8, at this format's peak.
+        return km._scaled(fp8, p, "flops", native / fp8_peak, a_bytes=a, w_bytes=w)
+    label = "extrapolated" if km.calibrated else "datasheet"
+    if native and kernel == "fp8_block" and fp8 is not None:
+        return fp8.replace(label, a_bytes=a, w_bytes=w)
+    if native and kernel in ("int8", "fp8") and bf16 is not None and bf16_peak:
+        return km._scaled(bf16, p, "flops", native / bf16_peak, a_bytes=a, w_bytes=w)
+    if bf16 is None:
+        return None
+    # Weight-only: 4-bit (w4a16, mxfp4) everywhere, and fp8/fp4 weights on GPUs without those
+    # tensor cores, which vLLM runs as Marlin W8A16 / W4A16: bf16 math, narrow weight reads.
+    return bf16.replace(label, a_bytes=2.0, w_bytes=w)
+
+
+def _attention_rule(family: str) -> Callable[[KernelModel, str], _Fit | None]:
+    def rule(km: KernelModel, kv: str) -> _Fit | None:
+        fit = km._fit(f"{family}/{kv}")
+        if fit is not None:
+            return fit
+        other = km._fit(f"{family}/{'bf16' if kv == 'fp8' else 'fp8'}", derived=True)
+        # The same kernel reading KV elements of the other width.
+        return None if other is None else other.replace(other.provenance,
+                                                        kv_bytes=kf.KV_BYTES[kv])
+    return rule
+
+
+def _moe_rule(km: KernelModel, kernel: str) -> _Fit | None:
+    fit = km._fit(f"moe/{kernel}")
+    if fit is not None:
+        return fit
+    label = "extrapolated" if km.calibrated else "datasheet"
+    w = kf.WEIGHT_BYTES[kernel]
+    native = km._peak(kf.COMPUTE_PRECISION[kernel])
+    fp8 = km._fits.get("moe/fp8") or km._fits.get("moe/fp8_block")
+    fp8_peak = km._peak("fp8")
+    if native and kernel in ("int8", "fp4") and fp8 is not None and fp8_peak:
+        return km._scaled(fp8, kf.MOE_PARAMS, "flops", native / fp8_peak, w_bytes=w)
+    if native and kernel in ("fp8", "fp8_block") and fp8 is not None:
+        return fp8.replace(label, w_bytes=w)
+    # 4-bit experts (and fp8/fp4 without the tensor cores) run Marlin-style weight-only
+    # kernels: the measured w4a16/mxfp4 fit if there is one, else the bf16 fit.
+    for key in ("moe/w4a16", "moe/mxfp4", "moe/bf16"):
+        base = km._fits.get(key)
+        if base is not None and (kernel in ("w4a16", "mxfp4", "fp4") or key == "moe/bf16"):
+            return base.replace(label, w_bytes=w)
+    return None
+
+
+def _mla_rule(family: str) -> Callable[[KernelModel, str], _Fit | None]:
+    def rule(km: KernelModel, kernel: str) -> _Fit | None:
+        fit = km._fit(f"{family}/{kernel}")
+        if fit is not None:
+            return fit
+        gemm, _, kv = kernel.partition("/")
+        label = "extrapolated" if km.calibrated else "datasheet"
+        other_kv = "bf16" if kv == "fp8" else "fp8"
+        const = {"w_bytes": kf.WEIGHT_BYTES[gemm], "kv_bytes": kf.KV_BYTES[kv]}
+        # Another measured module: same KV first, then the projections' width changed.
+        for key in (f"{family}/bf16/{kv}", f"{family}/{gemm}/{other_kv}",
+                    f"{family}/bf16/{other_kv}"):
+            base = km._fits.get(key)
+            if base is not None:
+                return base.replace(label, **const)
+        # A100: only the attention kernel was measured; kernels.py adds the projections.
+        for key in (f"{family}_core/{kv}", f"{family}_core/{other_kv}"):
+            base = km._fits.get(key)
+            if base is not None:
+                return base.replace(label, core_only=True, **const)
+        return None
+    return rule
+
+
+_RULES: dict[str, Callable[[KernelModel, str], _Fit | None]] = {
+    "gemm": _gemm_rule, "moe": _moe_rule,
+    "context_attention": _attention_rule("context_attention"),
+    "decode_attention": _attention_rule("decode_attention"),
+    "mla_context": _mla_rule("mla_context"), "mla_decode": _mla_rule("mla_decode"),
+}
+
+
+# --- Loading -----------------------------------------------------------------------------------
+
+@functools.cache
+def calibration() -> dict[str, Any]:
+    """The shipped calibration document (parsed once)."""
+    data = importlib.resources.files("trilemma.optimizer.perf") / "data" / "calibration.json"
+    doc: dict[str, Any] = json.loads(data.read_text(encoding="utf-8"))
+    return doc
+
+
+def calibrated_gpus() -> tuple[str, ...]:
+    return tuple(sorted(calibration()["gpus"]))
+
+
+# CPU-side floors the profiles measured in eager mode; a CUDA-graph replay does not pay them.
+_HOST_PARAMS = ("host_ms", "host_large_ms")
+
+
+def _to_fit(entry: Mapping[str, Any], provenance: str,
+            params: Mapping[str, float] | None = None, *, cuda_graphs: bool = False) -> _Fit:
+    names = kf.FORM_PARAMS[entry["form"]]
+    values = dict(entry["params"] if params is None else params)
+    if cuda_graphs:
+        values.update({n: 0.0 for n in _HOST_PARAMS if n in values})
+    constants = dict(entry["constants"])
+    if "m_switch" in constants and constants["m_switch"] is None:
+        constants["m_switch"] = math.inf
+    return _Fit(tuple(float(values[n]) for n in names), constants, provenance)
+
+
+def _datasheet_fits(sheet: dict[str, Any], cuda_graphs: bool) -> dict[str, _Fit]:
+    """Median calibrated efficiencies times this GPU's datasheet rates, per fit key."""
+    fits: dict[str, _Fit] = {}
+    for key, entry in calibration()["datasheet_defaults"].items():
+        params = dict(entry["params"])
+        for name in entry["relative"]:
+            ref = kf.rate_reference(name, key, sheet)
+            if ref is None:
+                break  # a precision this GPU lacks: the resolution rules fall back
+            params[name] = params[name] * ref
+        else:
+            fits[key] = _to_fit(entry, "datasheet", params, cuda_graphs=cuda_graphs)
+    return fits
+
+
+_MODELS: dict[tuple[Any, ...], KernelModel] = {}
+
+
+def kernel_model(gpu_key: str, *, datasheet: DatasheetRates | None = None,
+                 cuda_graphs: bool = False) -> KernelModel:
+    """The kernel model of a GPU: calibrated when the JSON has it (then `datasheet` is not
+    needed and not used), else datasheet rooflines from `datasheet`. Cached per key.
+
+    `cuda_graphs=True` prices kernels as a CUDA-graph replay, as vLLM runs its steps: the
+    CPU-side floors the profiles measured in eager mode (60-200 us for block-fp8 GEMMs and
+    MLA modules) vanish, and only device time remains.
+    """
+    gpus = calibration()["gpus"]
+    calibrated = gpu_key in gpus
+    sheet_key: tuple[Any, ...] = ()
+    if not calibrated:
+        if datasheet is None:
+            raise InputError("gpu", gpu_key, "no calibration for it and no datasheet rates; "
+                             f"calibrated GPUs: {', '.join(sorted(gpus))}")
+        sheet_key = (tuple(sorted(datasheet.dense_flops.items())), datasheet.memory_bw,
+                     datasheet.intra_node_bw, datasheet.inter_node_bw)
+    cache_key = (gpu_key, cuda_graphs, *sheet_key)
+    model = _MODELS.get(cache_key)
+    if model is None:
+        if calibrated:
+            entry = gpus[gpu_key]
+            fits = {k: _to_fit(f, "fitted", cuda_graphs=cuda_graphs)
+                    for k, f in entry["fits"].items()}
+            model = KernelModel(gpu_key, calibrated=True, fits=fits, sheet=entry["datasheet"])
+        else:
+            assert datasheet is not None
+            sheet = datasheet.as_sheet()
+            model = KernelModel(gpu_key, calibrated=False,
+                                fits=_datasheet_fits(sheet, cuda_graphs), sheet=sheet)
+        _MODELS[cache_key] = model
+    return model

@@ -1,0 +1,71 @@
+"""Discrete-event serving simulator: replicas running vLLM-style continuous batching.
+
+Data flow: a `Workload` (requests.py) and a `Cluster` (cluster.py) go into `simulate`
+(simulate.py), which runs one engine per attention DP rank (engine.py; reference.py is the
+plain specification it is checked against), prices every step with the perf layer's step
+model (steptable.py), and returns a `SimResult` (results.py).
+
+    wl = serving.sample_workload(rng, requests=2000, prompt=serving.Lognormal(mean=1000,
+                                 p90=1800), output=serving.Fixed(tokens=200),
+                                 arrivals=serving.Poisson(rate_per_s=4.0))
+    res = serving.simulate(serving.Cluster(pool=serving.Pool(engine=cfg)), wl, step_model, rng)
+    res.summary().ttft_ms.p99
+"""
+
+from trilemma.optimizer.serving.cluster import (
+    Balancer,
+    Cluster,
+    EngineConfig,
+    KvTransfer,
+    Pool,
+    Speculation,
+    engine_config,
+    kv_transfer,
+)
+from trilemma.optimizer.serving.requests import (
+    ClosedLoop,
+    Fixed,
+    Gamma,
+    Histogram,
+    LoadMode,
+    Lognormal,
+    Offline,
+    Poisson,
+    PrefixReuse,
+    Timestamps,
+    Workload,
+    sample_workload,
+)
+from trilemma.optimizer.serving.results import SimResult, Stats, Summary
+from trilemma.optimizer.serving.simulate import Method, simulate
+from trilemma.optimizer.serving.steptable import StepCost, StepTable
+
+__all__ = [
+    "Balancer",
+    "ClosedLoop",
+    "Cluster",
+    "EngineConfig",
+    "Fixed",
+    "Gamma",
+    "Histogram",
+    "KvTransfer",
+    "LoadMode",
+    "Lognormal",
+    "Method",
+    "Offline",
+    "Poisson",
+    "Pool",
+    "PrefixReuse",
+    "SimResult",
+    "Speculation",
+    "Stats",
+    "StepCost",
+    "StepTable",
+    "Summary",
+    "Timestamps",
+    "Workload",
+    "engine_config",
+    "kv_transfer",
+    "sample_workload",
+    "simulate",
+]

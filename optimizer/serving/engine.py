@@ -1,0 +1,395 @@
+"""The fast engine: the reference scheduler's decisions at O(1) cost per step.
+
+`reference.ReferenceEngine` is the specification; this class must take the same decision at
+every step (the unit tests compare whole runs timestamp for timestamp). What makes it fast is
+that a decoding request needs no attention between the step it starts decoding and the step
+it finishes, except for a KV block every `block_size` tokens. So when a request starts
+decoding, its whole decode is planned at once:
+
+* without speculation every step yields one token: the finishing step is known, and the
+  steps at which it needs a new block are those where (prompt + generated - 1) is a multiple
+  of the block size; requests are counted by that residue, so one lookup gives the blocks all
+  decodes need at a step;
+* with speculation, the tokens of each verify step are drawn up front (as in the reference),
+  and the tokens and blocks per step are added into per-step arrays with numpy.
+
+Per step the engine then reads the block need of all decodes in one lookup, allocates it in
+one go, and moves the sum of KV lengths forward by the tokens of the step. Only when blocks
+run out does it fall back to the reference's request-by-request pass to pick the victims.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+
+import numpy as np
+
+from trilemma.optimizer.serving.cluster import EngineConfig
+from trilemma.optimizer.serving.kvcache import KvBlocks
+from trilemma.optimizer.serving.requests import Workload
+from trilemma.optimizer.serving.results import Trace
+from trilemma.optimizer.serving.steptable import Pricer
+
+
+class Role(enum.Enum):
+    """What an engine does with a request."""
+
+    COMBINED = "combined"  # prefill and decode on the same engine
+    PREFILL = "prefill"  # prefill only; hand the KV off to a decode engine
+    DECODE = "decode"  # receives requests whose KV a prefill engine computed
+
+
+class SeqState:
+    """Scheduler state per request, shared by all fast engines of a run (a request is on one
+    engine at a time; the prefill engine only frees its blocks after the hand-off)."""
+
+    def __init__(self, workload: Workload) -> None:
+        n = len(workload)
+        self.prompt: list[int] = workload.prompt_tokens.tolist()
+        self.output: list[int] = workload.output_tokens.tolist()
+        self.prefix_id: list[int] = workload.prefix_id.tolist()
+        self.prefix_tokens: list[int] = workload.prefix_tokens.tolist()
+        self.generated = [0] * n
+        self.computed = [0] * n  # tokens whose KV the current engine holds
+        self.target = [0] * n  # tokens to prefill before the next token is sampled
+        self.own = [0] * n  # blocks owned (lazily updated while decoding)
+        self.borrowed = [0] * n  # blocks of a cached prefix the request starts from
+        self.kv_ready = [False] * n
+        self.decoding = [False] * n
+        # The decode plan, set when a request starts decoding.
+        self.t0 = [0] * n  # the engine step of its first decode
+        self.g0 = [0] * n  # tokens generated before it
+        self.residue = [0] * n
+        self.finish_step = [0] * n
+        self.plan_tokens: list[np.ndarray | None] = [None] * n
+        self.plan_blocks: list[np.ndarray | None] = [None] * n
+
+
+class FastEngine:
+    def __init__(self, cfg: EngineConfig, *, role: Role, index: int, state: SeqState,
+                 trace: Trace, price: Pricer, rng: np.random.Generator) -> None:
+        self.cfg = cfg
+        self.role = role
+        self.index = index
+        self.st = state
+        self.trace = trace
+        self.price = price
+        self.rng = rng
+        self.spec = cfg.speculation
+        self.q = cfg.tokens_per_decode
+        self.block = cfg.block_size
+        self.seats = cfg.seats
+        self.kv = KvBlocks(cfg.kv_blocks)
+        self.running: dict[int, None] = {}  # insertion order = scheduling priority
+        self.waiting: deque[int] = deque()
+        self.prefilling: list[int] = []  # running requests still prefilling, oldest first
+        self.chunks: list[tuple[int, int]] = []  # this step's (request, prefill tokens)
+        self.tick = 0  # index of the current step
+        self.n_dec = 0  # requests decoding
+        self.ctx_sum = 0  # their KV lengths (prompt + generated), summed
+        self.residues = [0] * self.block
+        self.finishing: dict[int, list[int]] = {}
+        self.plan_tokens = np.zeros(0, dtype=np.int64)
+        self.plan_blocks = np.zeros(0, dtype=np.int64)
+        self.busy = False
+        self.kick_pending = False
+        self.steps = 0
+        self.busy_ms = 0.0
+
+    # ---- requests in and out -----------------------------------------------------------------
+
+    def submit(self, i: int) -> None:
+        st = self.st
+        st.generated[i] = st.computed[i] = 0
+        st.target[i] = st.prompt[i]
+        st.kv_ready[i] = False
+        self.waiting.append(i)
+
+    def submit_transferred(self, i: int) -> None:
+        st = self.st
+        st.generated[i] = 0
+        st.target[i] = st.prompt[i]
+        st.kv_ready[i] = True
+        self.waiting.append(i)
+
+    def release(self, i: int) -> None:
+        self._free(i)
+
+    def _free(self, i: int) -> None:
+        st = self.st
+        self.kv.release(st.own[i])
+        if st.borrowed[i]:
+            self.kv.give_back(st.prefix_id[i])
+        st.own[i] = st.borrowed[i] = 0
+
+    def _finish(self, i: int, now: float) -> None:
+        del self.running[i]
+        self._free(i)
+        self.trace.finish[i] = now
+        self.trace.engine[i] = self.index
+
+    def _preempt(self, i: int) -> None:
+        st = self.st
+        if st.decoding[i]:
+            self.finishing[st.finish_step[i]].remove(i)
+            self._drop_decoder(i, self.tick - st.t0[i])
+        else:
+            self.prefilling.remove(i)
+        del self.running[i]
+        self._free(i)
+        st.computed[i] = 0
+        st.target[i] = st.prompt[i] + st.generated[i]
+        st.kv_ready[i] = False
+        self.waiting.appendleft(i)
+        self.trace.preemptions[i] += 1
+
+    # ---- the decode plan ---------------------------------------------------------------------
+
+    def _add_decoder(self, i: int, t0: int) -> None:
+        st = self.st
+        prompt, g0 = st.prompt[i], st.generated[i]
+        left = st.output[i] - g0
+        st.decoding[i] = True
+        st.t0[i] = t0
+        st.g0[i] = g0
+        self.n_dec += 1
+        self.ctx_sum += prompt + g0
+        if self.spec is None:
+            # Needs a block at step t iff (prompt + g0 + (t - t0) - 1) % block == 0.
+            r = (prompt + g0 - 1 - t0) % self.block
+            st.residue[i] = r
+            self.residues[r] += 1
+            last = t0 + left - 1
+        else:
+            tokens = self.spec.step_tokens(self.rng.random(left))
+            cum = np.cumsum(tokens)
+            m = int(np.searchsorted(cum, left)) + 1
+            tokens = tokens[:m]
+            tokens[-1] -= int(cum[m - 1]) - left
+            before = g0 + np.concatenate(([0], cum[:m - 1]))
+            slots = prompt + before - 1 + self.q
+            blocks = -(-slots // self.block) - st.borrowed[i]
+            need = np.diff(blocks, prepend=st.own[i])
+            if t0 + m > len(self.plan_tokens):
+                self._grow_plan(t0 + m)
+            self.plan_tokens[t0:t0 + m] += tokens
+            self.plan_blocks[t0:t0 + m] += need
+            st.plan_tokens[i] = tokens
+            st.plan_blocks[i] = need
+            last = t0 + m - 1
+        st.finish_step[i] = last
+        waiting = self.finishing.get(last)
+        if waiting is None:
+            self.finishing[last] = [i]
+        else:
+            waiting.append(i)
+
+    def _grow_plan(self, size: int) -> None:
+        size = max(2 * len(self.plan_tokens), size + 1024)
+        for name in ("plan_tokens", "plan_blocks"):
+            old = getattr(self, name)
+            grown = np.zeros(size, dtype=np.int64)
+            grown[:len(old)] = old
+            setattr(self, name, grown)
+
+    def _drop_decoder(self, i: int, done: int) -> None:
+        """Take request i out of the plan after `done` decode steps; settle its tokens and
+        blocks."""
+        st = self.st
+        prompt = st.prompt[i]
+        st.decoding[i] = False
+        self.n_dec -= 1
+        if self.spec is None:
+            g = st.g0[i] + done
+            self.residues[st.residue[i]] -= 1
+            st.own[i] = -(-(prompt + g - 1) // self.block) - st.borrowed[i]
+        else:
+            tokens, need = st.plan_tokens[i], st.plan_blocks[i]
+            assert tokens is not None and need is not None
+            g = st.g0[i] + int(tokens[:done].sum())
+            st.own[i] += int(need[:done].sum())
+            if done < len(tokens):
+                t0 = st.t0[i]
+                self.plan_tokens[t0 + done:t0 + len(tokens)] -= tokens[done:]
+                self.plan_blocks[t0 + done:t0 + len(tokens)] -= need[done:]
+            st.plan_tokens[i] = st.plan_blocks[i] = None
+        st.generated[i] = g
+        self.ctx_sum -= prompt + g
+
+    def _decoder_need(self, i: int, tick: int) -> int:
+        st = self.st
+        if self.spec is None:
+            return 1 if (st.residue[i] + tick) % self.block == 0 else 0
+        need = st.plan_blocks[i]
+        j = tick - st.t0[i]
+        return int(need[j]) if need is not None and 0 <= j < len(need) else 0
+
+    def _decoders_one_by_one(self) -> bool:
+        """The reference pass over running decodes, for when their blocks do not all fit."""
+        preempted = False
+        for i in list(self.running):
+            if i not in self.running or not self.st.decoding[i]:
+                continue
+            need = self._decoder_need(i, self.tick)
+            while not self.kv.allocate(need):
+                victim = next(reversed(self.running))
+                self._preempt(victim)
+                preempted = True
+                if victim == i:
+                    break
+            if i not in self.running:
+                break
+        return preempted
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def start_step(self, now: float) -> float | None:
+        st = self.st
+        kv = self.kv
+        block = self.block
+        tick = self.tick
+        budget = self.cfg.max_num_batched_tokens
+        preempted = False
+        if self.n_dec:
+            if self.spec is None:
+                need = self.residues[-tick % block]
+            else:
+                need = int(self.plan_blocks[tick]) if tick < len(self.plan_blocks) else 0
+            if need and not kv.allocate(need):
+                preempted = self._decoders_one_by_one()
+            budget -= self.n_dec * self.q
+
+        chunks: list[tuple[int, int]] = []
+        for i in list(self.prefilling):
+            if i not in self.running:
+                continue
+            new = min(st.target[i] - st.computed[i], budget)
+            if new == 0:
+                continue
+            need = -(-(st.computed[i] + new) // block) - st.borrowed[i] - st.own[i]
+            while not kv.allocate(need):
+                victim = next(reversed(self.running))
+                self._preempt(victim)
+                preempted = True
+                if victim == i:
+                    break
+            if i not in self.running:
+                break
+            st.own[i] += need
+            budget -= new
+            chunks.append((i, new))
+
+        first_decodes = 0
+        first_ctx = 0
+        running = self.running
+        waiting = self.waiting
+        while not preempted and waiting and budget > 0 and len(running) < self.seats:
+            i = waiting[0]
+            prompt = st.prompt[i]
+            if st.kv_ready[i]:
+                # Its first step recomputes the last prompt token and samples the first one.
+                new = self.q
+                if budget < new:
+                    break
+                need = -(-(prompt - 1 + new) // block)
+                if not kv.allocate(need):
+                    break
+                st.computed[i] = st.target[i] = prompt - 1
+                first_decodes += 1
+                first_ctx += prompt
+            else:
+                pid = st.prefix_id[i]
+                hit = kv.cached(pid) if pid >= 0 else 0
+                if hit:
+                    kv.borrow(pid)
+                start = hit * block
+                new = min(st.target[i] - start, budget)
+                need = -(-(start + new) // block) - hit
+                if not kv.allocate(need):
+                    if hit:
+                        kv.give_back(pid, used=False)
+                    break
+                if hit:
+                    kv.touch(pid)
+                st.borrowed[i] = hit
+                st.computed[i] = start
+                self.trace.cached_tokens[i] += start
+                self.prefilling.append(i)
+            waiting.popleft()
+            running[i] = None
+            st.own[i] = need
+            if math.isnan(self.trace.first_scheduled[i]):
+                self.trace.first_scheduled[i] = now
+            budget -= new
+            chunks.append((i, new))
+
+        d = self.n_dec + first_decodes
+        p = s = ctx = 0
+        for i, new in chunks:
+            if not st.kv_ready[i]:
+                p += new
+                s += 1
+                ctx += st.computed[i] + new
+        if d == 0 and s == 0:
+            return None
+        self.chunks = chunks
+        duration = self.price(d, (self.ctx_sum + first_ctx) / d if d else 0.0, p, s,
+                              ctx / s if s else 0.0)
+        self.steps += 1
+        self.busy_ms += duration
+        return duration
+
+    def finish_step(self, now: float) -> tuple[list[int], list[int]]:
+        st = self.st
+        tick = self.tick
+        finished: list[int] = []
+        handed: list[int] = []
+        if self.n_dec:
+            if self.spec is None:
+                self.ctx_sum += self.n_dec
+            else:
+                self.ctx_sum += int(self.plan_tokens[tick])
+            done = self.finishing.pop(tick, None)
+            if done:
+                for i in done:
+                    self._drop_decoder(i, tick + 1 - st.t0[i])
+                    self._finish(i, now)
+                    finished.append(i)
+        for i, new in self.chunks:
+            if st.kv_ready[i]:
+                st.kv_ready[i] = False
+                st.generated[i] = 1
+                self.trace.first_token[i] = now
+            else:
+                st.computed[i] += new
+                if st.computed[i] < st.target[i]:
+                    continue
+                self.prefilling.remove(i)
+                self._register_prefix(i)
+                if self.role is Role.PREFILL:
+                    del self.running[i]
+                    handed.append(i)
+                    continue
+                st.generated[i] += 1
+                if st.generated[i] == 1:
+                    self.trace.first_token[i] = now
+            if st.generated[i] >= st.output[i]:
+                self._finish(i, now)
+                finished.append(i)
+            else:
+                self._add_decoder(i, tick + 1)
+        self.chunks = []
+        self.tick = tick + 1
+        return finished, handed
+
+    def _register_prefix(self, i: int) -> None:
+        st = self.st
+        pid = st.prefix_id[i]
+        blocks = st.prefix_tokens[i] // self.block
+        if pid < 0 or st.borrowed[i] or not blocks:
+            return
+        if self.kv.register(pid, blocks):
+            st.own[i] -= blocks
+            st.borrowed[i] = blocks

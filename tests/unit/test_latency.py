@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
+from trilemma.optimizer.perf import estimate as est
+from trilemma.optimizer.perf import latency
+
+LLAMA70 = "meta-llama/Llama-3.1-70B"
+
+
+def _loop(conc, isl=1024, osl=256, tp=4, cached=0.0, **kw):
+    cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=tp, quant="fp8")
+    return latency.closed_loop(est.step_model(cfg), tp=tp, pp=1, dp=1, ep=False,
+                               concurrency=np.asarray(conc, dtype=float), isl=isl, osl=osl,
+                               cached=cached, **kw)
+
+
+def test_at_concurrency_one_ttft_is_the_prefill_plus_fixed_overheads():
+    cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=4, quant="fp8")
+    r = _loop(1)
+    prefill = est.prefill_ms(cfg, batch=1, prompt=1024)
+    overhead = est.step_model(cfg).facts.request_overhead_ms
+    assert prefill + overhead < float(r.ttft_ms) < prefill + overhead + float(r.tpot_ms) * 2
+
+
+def test_more_concurrency_raises_throughput_and_latency_together():
+    r = _loop([1, 4, 16, 64, 256])
+    assert np.all(np.diff(r.output_tokens_per_s) > 0)
+    assert np.all(np.diff(r.tpot_ms) > 0)
+    assert np.all(np.diff(r.ttft_ms) > 0)
+
+
+def test_throughput_saturates_once_the_batch_is_full():
+    r = _loop([256, 4096], max_num_seqs=256)
+    # Extra clients only queue: the same tokens per second, a much longer TTFT.
+    assert float(r.output_tokens_per_s[1]) == pytest.approx(float(r.output_tokens_per_s[0]),
+                                                            rel=0.02)
+    assert float(r.ttft_ms[1]) > 5 * float(r.ttft_ms[0])
+
+
+def test_a_cached_prefix_cuts_ttft():
+    cold = _loop(8, isl=8192)
+    warm = _loop(8, isl=8192, cached=7168)
+    assert float(warm.ttft_ms) < 0.5 * float(cold.ttft_ms)
+
+
+def test_littles_law_ties_rate_latency_and_concurrency():
+    r = _loop(np.array([8.0, 64.0]))
+    in_flight = r.requests_per_s * (r.e2e_ms / 1e3)
+    np.testing.assert_allclose(in_flight, [8.0, 64.0], rtol=0.1)
+
+
+def test_speculation_shortens_tpot_at_low_concurrency_for_predictable_output():
+    plain = _loop(1, osl=512)
+    spec = _loop(1, osl=512, spec=SpecConfig(method=SpecMethod.EAGLE3, k=3), predictability=0.9)
+    assert float(spec.tokens_per_step) > 2.0
+    assert float(spec.tpot_ms) < 0.7 * float(plain.tpot_ms)
+
+
+def test_speculation_gains_shrink_at_high_concurrency():
+    def gain(conc):
+        plain = _loop(conc, osl=512)
+        spec = _loop(conc, osl=512, spec=SpecConfig(method=SpecMethod.EAGLE3, k=3))
+        return float(plain.tpot_ms / spec.tpot_ms)
+
+    assert gain(256) < gain(1)
+
+
+def test_a_config_that_does_not_fit_is_reported_not_raised():
+    r = _loop(4, tp=1, isl=131072, osl=1024)
+    assert not bool(r.fits)
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_pipeline_parallel_layouts_predict_finite_positive_latencies(pp):
+    cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=2, pp=pp, quant="fp8")
+    e = est.closed_loop(cfg, concurrency=32, isl=2048, osl=256)
+    assert e.fits and 0 < e.tpot_ms < 1000 and 0 < e.ttft_ms < 1e5
