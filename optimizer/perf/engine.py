@@ -6,7 +6,6 @@ Loaded from data/engine.yaml, where every figure carries its source; the figures
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -15,14 +14,10 @@ from importlib import resources
 import numpy as np
 import yaml
 
+from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.catalog.gpus import Gpu
 
 GIB = 1024**3
-
-
-class Engine(enum.Enum):
-    VLLM = "vllm"
-    SGLANG = "sglang"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,7 @@
 """Discrete-event serving simulator: replicas running vLLM-style continuous batching.
 
 Data flow: a `Workload` (requests.py) and a `Cluster` (cluster.py) go into `simulate`
-(simulate.py), which runs one engine per attention DP rank (engine.py; reference.py is the
+(simulating.py), which runs one engine per attention DP rank (engine.py; reference.py is the
 plain specification it is checked against), prices every step with the perf layer's step
 model (steptable.py), and returns a `SimResult` (results.py).
 
@@ -37,7 +37,7 @@ from trilemma.optimizer.serving.requests import (
     sample_workload,
 )
 from trilemma.optimizer.serving.results import SimResult, Stats, Summary
-from trilemma.optimizer.serving.simulate import Method, simulate
+from trilemma.optimizer.serving.simulating import Method, simulate
 from trilemma.optimizer.serving.steptable import StepCost, StepTable
 
 __all__ = [

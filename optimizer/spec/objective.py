@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, field_validator
 
 from trilemma.optimizer.catalog import gpus
+from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe, parse_recipe
 from trilemma.optimizer.catalog.speculation import SpecMethod
 from trilemma.optimizer.errors import InputError
@@ -25,13 +26,6 @@ class Objective(enum.StrEnum):
     MAX_THROUGHPUT = "max_throughput"  # most requests/s within the pool (and budget)
     MIN_LATENCY = "min_latency"  # lowest latency percentiles within the pool (and budget)
     BALANCED = "balanced"  # the Pareto knee between cost and latency
-
-
-class Engine(enum.Enum):
-    """Serving engine. Mirrors perf.engine.Engine, which this layer may not import."""
-
-    VLLM = "vllm"
-    SGLANG = "sglang"
 
 
 def _recipe(value: Any) -> Any:

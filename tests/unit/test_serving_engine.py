@@ -85,7 +85,7 @@ def test_the_scenarios_exercise_what_they_are_named_for():
     assert run("speculation with preemption").preemptions.sum() > 0
     assert run("disaggregated, decode side preempts").preemptions.sum() > 0
     assert run("prefix cache under eviction").summary().prefix_hit_share > 0.3
-    w, c = SCENARIOS["chunked prefill"]
+    w, _ = SCENARIOS["chunked prefill"]
     whole = serving.Cluster(pool=serving.Pool(engine=serving.EngineConfig(
         kv_blocks=4000, max_num_seqs=8, max_num_batched_tokens=8192)))
     chunked = run("chunked prefill")

@@ -136,7 +136,7 @@ def simulate(cluster: Cluster, workload: Workload, perf_model: StepCost,
             eng = engines[a]
             eng.busy = False
             finished, handed = eng.finish_step(now)
-            for i in finished:
+            for _ in finished:
                 main_lb.done(a)
                 in_system -= 1
                 if closed and next_row < n:
