@@ -30,9 +30,9 @@ def _positive_int(text: str) -> int:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", default="meta-llama/Llama-3.1-8B",
                    help="bundled model id (e.g. meta-llama/Llama-3.1-70B) or a config.json path")
-    p.add_argument("--gpu", required=True, help="GPU key, e.g. h100_sxm, b200_sxm, mi300x")
+    p.add_argument("--gpu", default="h100_sxm", help="GPU key, e.g. h100_sxm, b200_sxm, mi300x")
     p.add_argument("--tp", type=_positive_int, default=1, help="tensor parallel size")
     p.add_argument("--pp", type=_positive_int, default=1, help="pipeline parallel size")
     p.add_argument("--dp", type=_positive_int, default=1,
@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--phase", choices=["serve", "decode", "prefill"], default="serve",
                    help="serve: closed-loop benchmark at --concurrency; decode/prefill: one step")
-    p.add_argument("--concurrency", type=_positive_int, default=1)
+    p.add_argument("--concurrency", type=_positive_int, default=16,
+                   help="clients of the closed-loop benchmark")
     p.add_argument("--isl", type=_positive_int, default=1024, help="prompt tokens")
     p.add_argument("--osl", type=_positive_int, default=1024, help="output tokens")
     p.add_argument("--cached", type=int, default=0, help="prompt tokens served from prefix cache")
@@ -84,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="rows in the AIConfigurator silicon-sample schema")
     p.add_argument("--engine", default="vllm", help="vllm | sglang")
     p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
+    p.add_argument("--holdout-system", default=None,
+                   help="fit without this system's rows and score them (writes nothing)")
 
     p = sub.add_parser("bench", help="time the vectorized model on a batch of candidates")
     p.add_argument("--candidates", type=_positive_int, default=100_000)
@@ -210,6 +213,15 @@ def _calibrate_engine(args: argparse.Namespace) -> int:
         engine = Engine(args.engine)
     except ValueError:
         raise InputError("engine", args.engine, "must be vllm or sglang") from None
+    if args.holdout_system:
+        fitted, summary = engine_fit.holdout(args.csv, engine, args.holdout_system)
+        ov = summary["overall"]
+        print(f"fitted without {args.holdout_system}: "
+              + ", ".join(f"{k}={v}" for k, v in fitted.values.items()))
+        print(f"held-out {args.holdout_system}: {ov['ttft']['n']} rows, TTFT median APE "
+              f"{ov['ttft']['median_ape']}% (p90 {ov['ttft']['p90_ape']}%), TPOT median APE "
+              f"{ov['tpot']['median_ape']}% (p90 {ov['tpot']['p90_ape']}%)")
+        return 0
     fitted = engine_fit.main(args.csv, engine)
     values = ", ".join(f"{k}={v}" for k, v in fitted.values.items())
     print(f"{engine.value}: {values} (mean |log error| {fitted.loss} over {fitted.rows} rows)")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from trilemma.optimizer import validation
+from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf.engine import Engine, EngineFacts, engine_facts
 
 FITTED = ("step_overhead_ms", "request_overhead_ms", "benchmark_requests_per_concurrency")
@@ -59,10 +60,15 @@ def _loss(rows: Sequence[Mapping[str, str]], facts: EngineFacts) -> float:
     return float(np.mean(errs)) if errs else math.inf
 
 
+def engine_rows(rows: Sequence[Mapping[str, str]], engine: Engine) -> list[Mapping[str, str]]:
+    """The aggregated rows measured on `engine`: what its constants are fitted to."""
+    return [r for r in rows if (r.get("backend") or "").strip().lower() == engine.value
+            and (r.get("mode") or "").strip() == "agg"]
+
+
 def fit(rows: Sequence[Mapping[str, str]], engine: Engine = Engine.VLLM) -> EngineFit:
     """Fit FITTED on the aggregated rows of `engine`."""
-    chosen = [r for r in rows if (r.get("backend") or "").strip().lower() == engine.value
-              and (r.get("mode") or "").strip() == "agg"]
+    chosen = engine_rows(rows, engine)
     base = engine_facts(engine)
 
     def facts_for(values: Mapping[str, float]) -> EngineFacts:
@@ -124,3 +130,20 @@ def default_engine_yaml() -> Path:
 
 def main(csv_path: Path, engine: Engine = Engine.VLLM) -> EngineFit:
     return fit(validation.read_rows(csv_path), engine)
+
+
+def holdout(csv_path: Path, engine: Engine, system: str) -> tuple[EngineFit, dict[str, object]]:
+    """Fit on every system but `system`, then score `system`'s rows with those constants.
+
+    The shipped constants are fitted on all rows, so `trilemma validate` on the same file is
+    in-sample for these three figures; this gives the out-of-sample view.
+    """
+    rows = engine_rows(validation.read_rows(csv_path), engine)
+    train = [r for r in rows if r.get("system") != system]
+    test = [r for r in rows if r.get("system") == system]
+    if not train or not test:
+        raise InputError("holdout_system", system, "needs rows both on and off that system")
+    fitted = fit(train, engine)
+    facts = dataclasses.replace(engine_facts(engine), **fitted.values)
+    summary = validation.summarize(validation.predict_rows(test, facts={engine: facts}))
+    return fitted, summary

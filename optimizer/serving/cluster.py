@@ -48,6 +48,9 @@ class Speculation:
             raise InputError("speculation", "none", "leave speculation out instead")
         if not 0.0 <= self.acceptance <= 1.0:
             raise InputError("acceptance", self.acceptance, "must be between 0 and 1")
+        if (self.config.method is SpecMethod.DRAFT) != (self.draft is not None):
+            raise InputError("draft", self.draft,
+                             "the draft method, and only it, needs the draft model's step model")
 
     @classmethod
     def for_workload(cls, config: SpecConfig, predictability: float,

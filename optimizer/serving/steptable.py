@@ -69,7 +69,7 @@ def _drafting_ms(perf_model: StepCost, engine: EngineConfig, d: np.ndarray,
     if spec is None or speculation.draft_cost(spec.config.method).kind is DraftKind.NONE:
         return np.zeros(np.shape(d))
     # The perf layer's own drafting cost, so that simulator and analytic model price the same
-    # drafter; it is private there and should become public (see the module's review note).
+    # drafter. It is private to perf.latency; perf should export it.
     ms = latency._draft_ms(perf_model, spec.draft, spec.config, tp=np.float64(engine.tp),
                            dp=np.float64(engine.dp), ep=np.bool_(engine.ep),
                            pp=np.float64(engine.pp), dec=d,

@@ -51,11 +51,15 @@ def test_speculation_caps_the_batch_at_what_the_token_budget_can_verify():
     assert serving.EngineConfig(kv_blocks=100, max_num_seqs=256).seats == 256
 
 
-@pytest.mark.parametrize("spec,acceptance", [(SpecConfig(method=SpecMethod.NONE, k=0), 0.5),
-                                             (SpecConfig(method=SpecMethod.NGRAM, k=2), 1.5)])
-def test_speculation_rejects_no_method_or_an_acceptance_outside_0_1(spec, acceptance):
+@pytest.mark.parametrize("spec,acceptance,draft", [
+    (SpecConfig(method=SpecMethod.NONE, k=0), 0.5, None),
+    (SpecConfig(method=SpecMethod.NGRAM, k=2), 1.5, None),
+    (SpecConfig(method=SpecMethod.DRAFT, k=2, draft_model="meta-llama/Llama-3.2-1B"), 0.5, None),
+    (SpecConfig(method=SpecMethod.EAGLE, k=2), 0.5, ROOFLINE),
+])
+def test_speculation_rejects_inconsistent_settings(spec, acceptance, draft):
     with pytest.raises(InputError):
-        serving.Speculation(config=spec, acceptance=acceptance)
+        serving.Speculation(config=spec, acceptance=acceptance, draft=draft)
 
 
 def test_speculation_takes_its_acceptance_from_the_catalog_fit():

@@ -134,3 +134,20 @@ def test_fast_runs_agree_with_direct_calls_on_the_calibrated_step_model():
         for q in ("p50", "p90", "p99"):
             got, want = getattr(getattr(fast, metric), q), getattr(getattr(exact, metric), q)
             assert got == pytest.approx(want, rel=0.03), (metric, q)
+
+
+def test_drafting_is_priced_by_the_perf_layer_and_only_in_steps_that_decode():
+    model = _real_step_model()
+    eagle = serving.Speculation(config=SpecConfig(method=SpecMethod.EAGLE3, k=3),
+                                acceptance=0.7)
+    plain = serving.EngineConfig(kv_blocks=10_000, max_num_seqs=64)
+    spec = serving.EngineConfig(kv_blocks=10_000, max_num_seqs=64, speculation=eagle)
+    verify = float(model.step(tp=1, dp=1, ep=False, pp=1, dec_seqs=8.0, dec_kv=2000.0,
+                              q=4.0).total)
+    with_drafts = float(steptable.step_ms(model, spec, 8, 2000.0, 0, 0, 0.0))
+    assert with_drafts > verify > float(steptable.step_ms(model, plain, 8, 2000.0, 0, 0, 0.0))
+    prefill_only = (spec, 0, 0.0, 1024, 1, 1024.0)
+    assert float(steptable.step_ms(model, *prefill_only)) == pytest.approx(
+        float(steptable.step_ms(model, plain, 0, 0.0, 1024, 1, 1024.0)))
+    err = _table_errors(model, spec, n=400)
+    assert np.percentile(err, 99) < 0.02
