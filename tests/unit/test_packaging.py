@@ -15,21 +15,35 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_every_package_folder_is_listed_for_installation():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
-    found = set()
-    for top, name in (("optimizer", "trilemma.optimizer"), ("operator", "trilemma.operator")):
-        for init in (ROOT / top).rglob("__init__.py"):
-            rel = init.parent.relative_to(ROOT / top).parts
-            found.add(".".join((name, *rel)))
+    # operator/ is a namespace package on purpose (see operator/naming.py); the rest are
+    # regular packages wherever an __init__.py is.
+    found = {"trilemma.operator"}
+    for init in (ROOT / "optimizer").rglob("__init__.py"):
+        rel = init.parent.relative_to(ROOT / "optimizer").parts
+        found.add(".".join(("trilemma.optimizer", *rel)))
     assert listed == found
+
+
+def test_the_operator_folder_is_not_a_regular_package():
+    assert not (ROOT / "operator" / "__init__.py").exists()
 
 
 @pytest.mark.parametrize("cwd", [ROOT, Path("/")])
 def test_plain_import_operator_is_the_standard_library(cwd):
-    code = "import operator, sys; print(operator.__file__); import trilemma.operator"
-    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                         check=True).stdout
-    assert "trilemma" not in out
+    # -S skips site, which on some interpreters imports `operator` early and would hide the
+    # problem; '' first on sys.path is what `python -m` and `python -c` do in the repo root.
+    code = ("import sys; sys.path.insert(0, ''); import operator; print(operator.__file__); "
+            "assert hasattr(operator, 'itemgetter')")
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, capture_output=True,
+                         text=True, check=True).stdout
     assert Path(out.strip()).name == "operator.py"
+    assert "trilemma" not in out and str(ROOT) not in out
+
+
+def test_the_operator_namespace_installs_as_trilemma_operator():
+    from trilemma.operator import naming
+
+    assert naming.API_VERSION == "trilemma.dev/v1alpha1"
 
 
 def test_the_console_script_runs():

@@ -1,1 +1,0 @@
-"""trilemma's Kubernetes operator: Kopf handlers that call the optimizer and the API."""
