@@ -121,8 +121,14 @@ def closed_loop(sm: StepModel, *, tp: np.ndarray, pp: np.ndarray, dp: np.ndarray
         rest = prefill - full_chunks * room
         service = np.where(prefill <= room, t_mix, full_chunks * t_mix + np.where(
             rest > 0, t_dec + (t_mix - t_dec) * rest / room, 0.0))
+        # Share of steps busy with prefill, as the utilisation of an M/D/1 prefill queue.
+        # (need/room would credit several prompts sharing one step; the serving simulator
+        # agrees better with this more conservative figure.)
         rho = np.minimum(share, _MAX_PREFILL_UTILISATION)
-        in_slot = overhead + 0.5 * tau + service + rho / (2.0 * (1.0 - rho)) * service
+        # An arrival lands in a step in proportion to its length, so the residual wait is
+        # E[step^2] / (2 E[step]), not half a mean step.
+        residual = (share * t_mix**2 + (1.0 - share) * t_dec**2) / (2.0 * tau)
+        in_slot = overhead + residual + service + rho / (2.0 * (1.0 - rho)) * service
         decode_ms = decode_steps * tau
         rate = running / (in_slot + decode_ms)
         # Requests beyond the slots that fit wait in the queue for one to free (Little).
