@@ -1,0 +1,1 @@
+"""Render: a plan -> exact engine arguments and Kubernetes manifests (pure functions)."""

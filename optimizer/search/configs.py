@@ -1,0 +1,149 @@
+"""What a plan deploys: serving configurations, their predictions, and the plan itself.
+
+The search produces these; the renderer turns them into engine arguments and manifests; the
+operator stores them in status. Plain frozen data with a canonical JSON form, so that the same
+plan always serialises, hashes and renders byte-identically (GitOps).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class Mode(enum.Enum):
+    AGGREGATED = "aggregated"        # every replica prefills and decodes
+    DISAGGREGATED = "disaggregated"  # prefill workers hand KV to decode workers
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """One engine instance: what `vllm serve` / `sglang.launch_server` is started with."""
+
+    gpu: str                          # catalog key, e.g. "h100_sxm"
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1                       # attention data parallel ranks (MoE models)
+    ep: bool = False                  # expert parallel MoE layers
+    quant: str = "bf16"               # QuantRecipe value
+    kv_dtype: str = "bf16"            # KvDtype value
+    spec_method: str = "none"         # SpecMethod value
+    spec_k: int = 0                   # draft tokens per step
+    draft_model: str | None = None    # for spec_method == "draft"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def summary(self) -> str:
+        """Short human form, e.g. "fp8 TP2 eagle3x3"."""
+        parts = [self.quant, f"TP{self.tp}"]
+        if self.pp > 1:
+            parts.append(f"PP{self.pp}")
+        if self.dp > 1:
+            parts.append(f"DP{self.dp}")
+        if self.ep:
+            parts.append("EP")
+        if self.kv_dtype != "bf16":
+            parts.append(f"kv-{self.kv_dtype}")
+        if self.spec_method != "none":
+            parts.append(f"{self.spec_method}x{self.spec_k}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingConfig:
+    """A whole deployment of one model: replicas of a worker, or prefill + decode pools."""
+
+    model: str                        # catalog id or config.json path
+    engine: str = "vllm"              # Engine value
+    mode: Mode = Mode.AGGREGATED
+    worker: WorkerConfig              # aggregated replica, or the decode worker
+    replicas: int = 1                 # of `worker`
+    prefill: WorkerConfig | None = None
+    prefill_replicas: int = 0
+
+    @property
+    def gpus(self) -> int:
+        extra = self.prefill.gpus * self.prefill_replicas if self.prefill else 0
+        return self.worker.gpus * self.replicas + extra
+
+    def summary(self) -> str:
+        if self.mode is Mode.DISAGGREGATED and self.prefill is not None:
+            return (f"{self.prefill_replicas}x prefill[{self.prefill.summary()}] + "
+                    f"{self.replicas}x decode[{self.worker.summary()}] on {self.worker.gpu}")
+        return f"{self.replicas}x [{self.worker.summary()}] on {self.worker.gpu}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServingConfig:
+        d = dict(data)
+        d["mode"] = Mode(d.get("mode", Mode.AGGREGATED.value))
+        d["worker"] = WorkerConfig(**d["worker"])
+        if d.get("prefill") is not None:
+            d["prefill"] = WorkerConfig(**d["prefill"])
+        return cls(**d)
+
+    def config_hash(self) -> str:
+        """First 8 hex digits of the SHA-256 of the canonical JSON: names Deployments."""
+        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    """What a configuration is predicted to do under the plan's workload."""
+
+    ttft_p50_ms: float
+    ttft_p90_ms: float
+    tpot_p50_ms: float
+    tpot_p90_ms: float
+    e2e_p99_ms: float
+    capacity_rps: float               # requests/s the whole deployment sustains within the SLO
+    cost_per_hour: float              # $ for all its GPUs
+    cost_per_mtok: float              # $ per million output tokens at the design rate
+    quality: float | None             # benchmark score after the quantization delta
+    simulated: bool = False           # confirmed by the discrete-event simulator
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice:
+    config: ServingConfig
+    prediction: Prediction
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "prediction": self.prediction.to_dict(),
+                "summary": self.config.summary(), "hash": self.config.config_hash()}
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclasses and enums -> JSON-ready dicts, field order kept."""
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if hasattr(obj, "__dataclass_fields__"):
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float):
+        return round(obj, 6)
+    return obj
+
+
+def canonical_json(data: Any) -> str:
+    """Sorted keys, no whitespace variance: the same input always gives the same bytes."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
