@@ -70,6 +70,8 @@ def gemm_ms(x: Params, m: Array, n: Array, k: Array, *, a_bytes: float, w_bytes:
     moved = a_bytes * m * k + w_bytes * n * k + 2.0 * m * n
     t_compute = f * (m + m_half) / (flops * m)
     device = launch + 1e3 * (smooth_max(t_compute, moved / bw, p) + prep * m * k / bw)
+    if host == 0 and host_large == 0:
+        return device  # CUDA-graph replay: no host floor, and no pow to pay for it
     floor = np.where(m > m_switch, host_large, host) if m_switch < np.inf else host
     return smooth_max(floor, device, p)
 
@@ -133,7 +135,7 @@ def context_attention_ms(x: Params, batch: Array, q_len: Array, kv_len: Array, h
                      * kv_len)
     tiles = batch * kv_heads * np.ceil(q_len / ATTN_TILE)
     device = launch + 1e3 * (smooth_max(t_compute, moved / bw, p) + tile_s * tiles)
-    return smooth_max(host, device, p)
+    return device if host == 0 else smooth_max(host, device, p)
 
 
 DECODE_PARAMS = ("host_ms", "launch_ms", "flops", "mem_bw", "sharpness", "seq_s", "rows_half")
@@ -154,7 +156,7 @@ def decode_attention_ms(x: Params, batch: Array, kv_len: Array, heads: Array, kv
     t_compute = 4.0 * batch * heads * head_dim * span / flops
     t_memory = moved * (rows + rows_half) / (bw * rows)
     device = launch + 1e3 * (smooth_max(t_compute, t_memory, p) + seq_s * batch * kv_heads)
-    return smooth_max(host, device, p)
+    return device if host == 0 else smooth_max(host, device, p)
 
 
 # --- MLA (DeepSeek multi-head latent attention) ------------------------------------------------
@@ -229,7 +231,7 @@ def mla_module_ms(x: Params, tokens: Array, weights: Array, attn_flop: Array,
     g_moved = weights * w_bytes + np.where(weights > 0, 8.0 * tokens * hidden, 0.0)
     attn = smooth_max(attn_flop / a_flops, attn_bytes / bw, p) + tile_s * attn_tiles
     device = launch + 1e3 * (smooth_max(g_time, g_moved / bw, p) + attn)
-    return smooth_max(host, device, p)
+    return device if host == 0 else smooth_max(host, device, p)
 
 
 # --- MoE ----------------------------------------------------------------------------------------

@@ -141,18 +141,23 @@ class StepModel:
         moe = self._moe_layer(tokens, tp, dp, ep) * L.moe
 
         # Two all-reduces per layer over the TP group (after attention, after the MLP).
+        # Collectives are priced only where a layout has them: the hot path skips the rest.
         msg = tokens * h * ACT_BYTES
-        comm = np.where(tp > 1, 2.0 * a.num_layers * self.km.allreduce_ms(tp, msg), 0.0)
-        if L.moe:
+        comm = np.zeros(np.broadcast(tp, tokens).shape)
+        if np.any(tp > 1):
+            comm = comm + np.where(tp > 1,
+                                   2.0 * a.num_layers * self.km.allreduce_ms(tp, msg), 0.0)
+        if L.moe and np.any(dp > 1):
             # Attention DP: each MoE layer gathers every rank's tokens and scatters them back.
             group = tp * dp
             dp_msg = msg * dp
             dp_comm = self.km.allgather_ms(group, dp_msg) + self.km.reduce_scatter_ms(group,
                                                                                      dp_msg)
             comm = comm + np.where(dp > 1, L.moe * dp_comm, 0.0)
-        # Pipeline: each stage boundary sends the hidden states of the micro-batch.
-        inter_node = tp * dp * pp > self.gpu.gpus_per_node
-        comm = comm + np.where(pp > 1, (pp - 1) * self.km.p2p_ms(msg, inter_node), 0.0)
+        if np.any(pp > 1):
+            # Pipeline: each stage boundary sends the hidden states of the micro-batch.
+            inter_node = tp * dp * pp > self.gpu.gpus_per_node
+            comm = comm + np.where(pp > 1, (pp - 1) * self.km.p2p_ms(msg, inter_node), 0.0)
 
         logits_rows = dec_seqs * q + pf_seqs
         lm_head = self.km.gemm_ms("bf16", np.maximum(logits_rows, 1.0), a.vocab_size / tp, h)
