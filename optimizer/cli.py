@@ -88,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-system", default=None,
                    help="fit without this system's rows and score them (writes nothing)")
 
+    p = sub.add_parser("render", help="engine arguments and Kubernetes manifests of a plan")
+    p.add_argument("plan", type=Path, help="plan JSON (trilemma optimize --json) or a config")
+    p.add_argument("--engine", choices=["vllm", "sglang"], default=None,
+                   help="default: the plan's engine")
+    p.add_argument("--name", default="llm", help="endpoint name (Service and label)")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--image", default=None, help="engine container image")
+
     p = sub.add_parser("bench", help="time the vectorized model on a batch of candidates")
     p.add_argument("--candidates", type=_positive_int, default=100_000)
     p.add_argument("--repeat", type=_positive_int, default=3)
@@ -230,6 +238,14 @@ def _calibrate_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render(args: argparse.Namespace) -> int:
+    from trilemma.optimizer.render import command
+
+    engine = args.engine or command.load_config(args.plan).engine
+    return command.render_command(args.plan, engine, name=args.name, namespace=args.namespace,
+                                  image=args.image, out=sys.stdout)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from trilemma.optimizer.perf import benchmark
 
@@ -242,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     handlers = {"estimate": _estimate, "validate": _validate, "calibrate": _calibrate,
-                "calibrate-engine": _calibrate_engine, "bench": _bench}
+                "calibrate-engine": _calibrate_engine, "render": _render,
+                "bench": _bench}
     try:
         return handlers[args.command](args)
     except InputError as exc:

@@ -1,1 +1,82 @@
-"""Render: a plan -> exact engine arguments and Kubernetes manifests (pure functions)."""
+"""Render: a plan -> exact engine arguments and Kubernetes manifests (pure functions).
+
+Top of the optimizer's data flow after search: planning.plan resolves a ServingConfig into a
+RenderPlan (ir.py), recording where each value came from; the engine command line and the
+manifests are pure functions of that IR. The names below are the supported API;
+tests/unit/test_render_api.py pins the list.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trilemma.optimizer.render import text, workloads
+from trilemma.optimizer.render.choices import RenderOptions
+from trilemma.optimizer.render.ir import Arg, RenderedWorker, RenderPlan, Role, Source
+from trilemma.optimizer.render.planning import DEFAULT_IMAGES, parse_engine, plan
+from trilemma.optimizer.search.configs import ServingConfig
+
+
+def bootstrap_port(engine: str) -> int:
+    """The extra port prefill servers expose to the router (SGLang's bootstrap server)."""
+    from trilemma.optimizer.render import sglang_flags
+
+    return sglang_flags.BOOTSTRAP_PORT if parse_engine(engine).value == "sglang" else 0
+
+
+def engine_args(config: ServingConfig, engine: str, *,
+                options: RenderOptions | None = None) -> list[str]:
+    """argv after the command of the (decode or aggregated) worker's leader process."""
+    rendered = plan(config, engine, name="render", options=options)
+    aggregated = len(rendered.workers) == 1
+    return rendered.worker(Role.SERVER if aggregated else Role.DECODE).argv()
+
+
+def manifests(config: ServingConfig, *, name: str, engine: str | None = None,
+              namespace: str = "default", image: str | None = None,
+              options: RenderOptions | None = None, hf_token_secret: str | None = None,
+              model_cache_pvc: str | None = None) -> list[dict[str, Any]]:
+    """The Kubernetes objects deploying `config`, in apply order."""
+    eng = engine or config.engine
+    rendered = plan(config, eng, name=name, namespace=namespace, image=image, options=options,
+                    hf_token_secret=hf_token_secret, model_cache_pvc=model_cache_pvc)
+    return workloads.build(rendered, bootstrap_port=bootstrap_port(eng))
+
+
+def render_yaml(config: ServingConfig, *, name: str, engine: str | None = None,
+                namespace: str = "default", image: str | None = None,
+                options: RenderOptions | None = None, hf_token_secret: str | None = None,
+                model_cache_pvc: str | None = None) -> str:
+    """manifests(...) as one YAML stream, byte-identical for the same input."""
+    return text.yaml_stream(manifests(
+        config, name=name, engine=engine, namespace=namespace, image=image, options=options,
+        hf_token_secret=hf_token_secret, model_cache_pvc=model_cache_pvc))
+
+
+def render_text(config: ServingConfig, engine: str | None = None, *,
+                options: RenderOptions | None = None) -> str:
+    """The shell-quoted command line of every process kind, one per line."""
+    rendered = plan(config, engine or config.engine, name="render", options=options)
+    lines = []
+    for worker in rendered.workers:
+        lines.append(text.command_line(worker))
+        if worker.nodes > 1:
+            lines.append(text.command_line(worker, follower=True))
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "DEFAULT_IMAGES",
+    "Arg",
+    "RenderOptions",
+    "RenderPlan",
+    "RenderedWorker",
+    "Role",
+    "Source",
+    "bootstrap_port",
+    "engine_args",
+    "manifests",
+    "plan",
+    "render_text",
+    "render_yaml",
+]

@@ -167,3 +167,34 @@ def test_validate_meets_the_accuracy_bar_on_the_vllm_dev_rows(capsys, tmp_path):
     with DEV_CSV.open() as fh:
         total = sum(1 for r in csv.DictReader(fh) if r["backend"] == "vllm" and r["mode"] == "agg")
     assert vllm["ttft"]["n"] >= 0.9 * total
+
+
+def _config_file(tmp_path, **worker):
+    doc = {"model": "meta-llama/Llama-3.1-70B", "engine": "vllm", "mode": "aggregated",
+           "replicas": 2, "worker": {"gpu": "h100_sxm", "tp": 4, "quant": "fp8", **worker}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"recommended": {"config": doc}}))
+    return path
+
+
+def test_render_prints_the_engine_command_and_manifests_byte_identically(capsys, tmp_path):
+    path = _config_file(tmp_path, kv_dtype="fp8")
+    code, first, _ = run(capsys, "render", str(path), "--name", "chat")
+    _, second, _ = run(capsys, "render", str(path), "--name", "chat")
+    assert code == 0 and first == second
+    assert "# vllm serve meta-llama/Llama-3.1-70B --tensor-parallel-size 4" in first
+    assert "--kv-cache-dtype fp8" in first
+    assert "kind: Deployment" in first and "kind: Service" in first
+
+
+def test_render_for_sglang_uses_its_own_flags(capsys, tmp_path):
+    code, out, _ = run(capsys, "render", str(_config_file(tmp_path)), "--engine", "sglang")
+    assert code == 0
+    assert "sglang.launch_server" in out and "--tp-size 4" in out
+
+
+def test_render_of_a_malformed_plan_exits_2(capsys, tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text("{\"recommended\": 3}")
+    code, _, err = run(capsys, "render", str(path))
+    assert code == 2 and "recommended.config" in err

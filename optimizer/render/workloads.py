@@ -1,0 +1,182 @@
+"""RenderPlan -> Kubernetes objects as plain dicts (never templated YAML text).
+
+Last step of rendering. One Deployment per single-node pod kind (a LeaderWorkerSet when a
+replica spans nodes), named <name>-<role>-<hash8>, and Services named after the endpoint that
+select the active config hash, so a new plan rolls out as new objects beside the old ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trilemma.optimizer.render.ir import RenderedWorker, RenderPlan, Role
+
+STARTUP_BUDGET_S = 600     # weights download and CUDA graph capture: 10 minutes to first /health
+STARTUP_PERIOD_S = 10
+PRESTOP_SLEEP_S = 15       # let the Service drop the pod before the engine stops accepting
+LWS_API = "leaderworkerset.x-k8s.io/v1"
+CACHE_MOUNT = "/root/.cache/huggingface"
+
+Obj = dict[str, Any]
+
+
+def labels(plan: RenderPlan, role: Role, *, part: str | None = None) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": plan.engine,
+        "app.kubernetes.io/instance": f"{plan.name}-{plan.config_hash}",
+        "app.kubernetes.io/component": part or role.value,
+        "app.kubernetes.io/managed-by": "trilemma",
+        "trilemma.dev/endpoint": plan.name,
+        "trilemma.dev/config-hash": plan.config_hash,
+    }
+
+
+def selector(plan: RenderPlan, component: str) -> dict[str, str]:
+    return {"trilemma.dev/endpoint": plan.name, "trilemma.dev/config-hash": plan.config_hash,
+            "app.kubernetes.io/component": component}
+
+
+def object_name(plan: RenderPlan, role: Role) -> str:
+    middle = "" if role is Role.SERVER else f"-{role.value}"
+    return f"{plan.name}{middle}-{plan.config_hash}"
+
+
+def _probe(path: str, period: int, failures: int) -> Obj:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period,
+            "timeoutSeconds": 5, "failureThreshold": failures}
+
+
+def _probes(worker: RenderedWorker) -> Obj:
+    if not worker.serves_http:
+        return {}
+    return {"startupProbe": _probe("/health", STARTUP_PERIOD_S,
+                                   STARTUP_BUDGET_S // STARTUP_PERIOD_S),
+            "readinessProbe": _probe("/health", 5, 3),
+            "livenessProbe": _probe("/health", 10, 3)}
+
+
+def _env(plan: RenderPlan, worker: RenderedWorker) -> list[Obj]:
+    env: list[Obj] = [{"name": k, "value": v} for k, v in worker.env]
+    if plan.hf_token_secret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": plan.hf_token_secret, "key": "token", "optional": True}}})
+    return env
+
+
+def _container(plan: RenderPlan, worker: RenderedWorker, *, follower: bool = False) -> Obj:
+    gpus = {plan.gpu_resource: str(worker.gpus_per_pod)} if worker.gpus_per_pod else {}
+    serves = worker.serves_http and not follower
+    container: Obj = {
+        "name": "engine" if worker.role is not Role.ROUTER else "router",
+        "image": plan.image,
+        "command": list(worker.command),
+        "args": worker.argv(follower=follower),
+        "resources": {"limits": dict(gpus), "requests": dict(gpus)} if gpus else {},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+    }
+    if serves:
+        container["ports"] = [{"name": "http", "containerPort": plan.port}]
+        container.update(_probes(worker))
+    env = _env(plan, worker)
+    if env:
+        container["env"] = env
+    if plan.model_cache_pvc and worker.role is not Role.ROUTER:
+        container["volumeMounts"].append({"name": "model-cache", "mountPath": CACHE_MOUNT})
+    return container
+
+
+def _volumes(plan: RenderPlan, worker: RenderedWorker) -> list[Obj]:
+    # NCCL and the engines' IPC use /dev/shm; the container default of 64 MiB is too small.
+    volumes: list[Obj] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    if plan.model_cache_pvc and worker.role is not Role.ROUTER:
+        volumes.append({"name": "model-cache",
+                        "persistentVolumeClaim": {"claimName": plan.model_cache_pvc}})
+    return volumes
+
+
+def pod_template(plan: RenderPlan, worker: RenderedWorker, *, part: str | None = None,
+                 follower: bool = False) -> Obj:
+    spec: Obj = {
+        "containers": [_container(plan, worker, follower=follower)],
+        "volumes": _volumes(plan, worker),
+        "terminationGracePeriodSeconds": PRESTOP_SLEEP_S + 30,
+    }
+    if worker.gpus_per_pod:
+        if plan.node_selector:
+            spec["nodeSelector"] = dict(plan.node_selector)
+        if plan.tolerations:
+            spec["tolerations"] = [dict(t) for t in plan.tolerations]
+    return {"metadata": {"labels": labels(plan, worker.role, part=part)}, "spec": spec}
+
+
+def deployment(plan: RenderPlan, worker: RenderedWorker) -> Obj:
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": object_name(plan, worker.role), "namespace": plan.namespace,
+                     "labels": labels(plan, worker.role)},
+        "spec": {"replicas": worker.replicas,
+                 "selector": {"matchLabels": selector(plan, worker.role.value)},
+                 "template": pod_template(plan, worker)},
+    }
+
+
+def leader_worker_set(plan: RenderPlan, worker: RenderedWorker) -> Obj:
+    """One replica = a group of `nodes` pods; the leader serves HTTP, the others join it."""
+    leader = f"{worker.role.value}-leader"
+    follower = f"{worker.role.value}-worker"
+    return {
+        "apiVersion": LWS_API, "kind": "LeaderWorkerSet",
+        "metadata": {"name": object_name(plan, worker.role), "namespace": plan.namespace,
+                     "labels": labels(plan, worker.role)},
+        "spec": {
+            "replicas": worker.replicas,
+            "leaderWorkerTemplate": {
+                "size": worker.nodes,
+                # A lost node breaks the replica's collectives: restart the whole group.
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": pod_template(plan, worker, part=leader),
+                "workerTemplate": pod_template(plan, worker, part=follower, follower=True),
+            },
+        },
+    }
+
+
+def service(plan: RenderPlan, name: str, component: str, *, extra_ports: int = 0) -> Obj:
+    ports: list[Obj] = [{"name": "http", "port": plan.port, "targetPort": "http",
+                         "protocol": "TCP"}]
+    if extra_ports:
+        ports.append({"name": "bootstrap", "port": extra_ports, "targetPort": extra_ports,
+                      "protocol": "TCP"})
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": plan.namespace,
+                     "labels": labels(plan, Role.SERVER, part="service")},
+        "spec": {"selector": selector(plan, component), "ports": ports},
+    }
+
+
+def _serving_component(worker: RenderedWorker) -> str:
+    return f"{worker.role.value}-leader" if worker.nodes > 1 else worker.role.value
+
+
+def workload(plan: RenderPlan, worker: RenderedWorker) -> Obj:
+    return leader_worker_set(plan, worker) if worker.nodes > 1 else deployment(plan, worker)
+
+
+def build(plan: RenderPlan, *, bootstrap_port: int = 0) -> list[Obj]:
+    """Every object, in apply order: workloads first, then the Services that front them.
+
+    Disaggregated: the endpoint Service fronts the router; <name>-prefill and <name>-decode
+    Services give the router stable addresses for the two pools.
+    """
+    objects = [workload(plan, w) for w in plan.workers]
+    if len(plan.workers) == 1:
+        front = plan.workers[0]
+        return [*objects, service(plan, plan.name, _serving_component(front))]
+    prefill, decode = plan.worker(Role.PREFILL), plan.worker(Role.DECODE)
+    return [*objects,
+            service(plan, plan.name, Role.ROUTER.value),
+            service(plan, f"{plan.name}-prefill", _serving_component(prefill),
+                    extra_ports=bootstrap_port),
+            service(plan, f"{plan.name}-decode", _serving_component(decode))]
