@@ -172,6 +172,9 @@ def _estimate(args: argparse.Namespace) -> int:
 
 def _print_provenance(prov: dict[str, str]) -> None:
     print("calibration: " + ", ".join(f"{k} {v}" for k, v in sorted(prov.items())))
+    if "datasheet" in prov.values():
+        print("UNCALIBRATED: no measured kernel profiles for this GPU; datasheet rooflines at "
+              "the calibrated GPUs' median efficiencies")
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -198,3 +198,8 @@ def test_render_of_a_malformed_plan_exits_2(capsys, tmp_path):
     path.write_text("{\"recommended\": 3}")
     code, _, err = run(capsys, "render", str(path))
     assert code == 2 and "recommended.config" in err
+
+
+def test_an_uncalibrated_gpu_is_labelled_as_such(capsys):
+    code, out, _ = run(capsys, "estimate", "--gpu", "mi325x")
+    assert code == 0 and "UNCALIBRATED" in out and "datasheet" in out
