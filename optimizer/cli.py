@@ -178,6 +178,8 @@ def _print_provenance(prov: dict[str, str]) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    if _is_latency_table(args.csv):
+        return _validate_tables(args)
     rows = validation.read_rows(args.csv)
     results = validation.predict_rows(rows)
     summary = validation.summarize(results)
@@ -200,6 +202,45 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"{g['system']:<10}{g['backend']:<8}{g['model']:<30}{g['ttft']['n']:>5}"
               f"{g['ttft']['median_ape']:>9}%{g['ttft']['p90_ape']:>7}%"
               f"{g['tpot']['median_ape']:>9}%{g['tpot']['p90_ape']:>7}%")
+    if summary["skip_reasons"]:
+        print("\nskipped rows, by reason:")
+        for reason, n in summary["skip_reasons"].items():
+            print(f"  {n:5d}  {reason}")
+    return 0
+
+
+def _is_latency_table(path: Path) -> bool:
+    """Latency-vs-load tables (TTFT/ITL against concurrency) have their own schema."""
+    import csv
+
+    from trilemma.optimizer import validation_tables
+
+    try:
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+    except OSError:
+        return False  # validation.read_rows reports the unreadable file
+    return validation_tables.matches_columns(header)
+
+
+def _validate_tables(args: argparse.Namespace) -> int:
+    from trilemma.optimizer import validation_tables
+
+    results = validation_tables.predict_table_rows(validation_tables.read_table(args.csv))
+    summary = validation_tables.summarize(results)
+    if args.json:
+        print(json.dumps({"rows": [r.as_json() for r in results], "summary": summary},
+                         indent=1, sort_keys=True))
+        return 0
+    ov = summary["overall"]
+    print(f"{summary['rows']} rows: {summary['modelled']} modelled, "
+          f"{summary['skipped']} skipped (latency-vs-load table)")
+    print(f"overall  TTFT median APE {ov['ttft']['median_ape']}%  p90 {ov['ttft']['p90_ape']}%"
+          f"   ITL median APE {ov['itl']['median_ape']}%  p90 {ov['itl']['p90_ape']}%")
+    for g in summary["groups"]:
+        label = " / ".join(str(g[k]) for k in ("engine", "model", "gpu") if k in g)
+        print(f"  {label:<70} n={g['ttft']['n']:<4} TTFT {g['ttft']['median_ape']}%  "
+              f"ITL {g['itl']['median_ape']}%")
     if summary["skip_reasons"]:
         print("\nskipped rows, by reason:")
         for reason, n in summary["skip_reasons"].items():

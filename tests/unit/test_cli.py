@@ -203,3 +203,13 @@ def test_render_of_a_malformed_plan_exits_2(capsys, tmp_path):
 def test_an_uncalibrated_gpu_is_labelled_as_such(capsys):
     code, out, _ = run(capsys, "estimate", "--gpu", "mi325x")
     assert code == 0 and "UNCALIBRATED" in out and "datasheet" in out
+
+
+@pytest.mark.skipif(not (SHARED / "latency_tables.csv").exists(),
+                    reason="needs ../shared/data/validation")
+def test_validate_recognises_latency_vs_load_tables(capsys):
+    code, out, _ = run(capsys, "validate", str(SHARED / "latency_tables.csv"), "--json")
+    doc = json.loads(out)
+    assert code == 0
+    assert doc["summary"]["modelled"] > 700
+    assert doc["summary"]["overall"]["itl"]["median_ape"] is not None
