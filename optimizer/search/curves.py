@@ -1,0 +1,59 @@
+"""Rate-vs-latency curves of whole deployments: what `trilemma optimize --plot` draws.
+
+A closed-loop sweep over concurrency traces each replica's (request rate, TTFT, TPOT) curve;
+replicas multiply the rate. Percentiles come from the screen's mean-to-percentile factors, so
+the curves and the search rank configurations the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from trilemma.optimizer.catalog.speculation import parse_spec
+from trilemma.optimizer.perf import estimate, latency
+from trilemma.optimizer.search import screening
+from trilemma.optimizer.search.configs import ServingConfig
+from trilemma.optimizer.spec.plan_request import PlanRequest
+
+_CONCURRENCY = np.unique(np.round(np.geomspace(1, 1024, 24)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatencyCurve:
+    """Points of one deployment, ascending in rate (requests/s over all replicas)."""
+
+    rates_rps: np.ndarray
+    ttft_p90_ms: np.ndarray
+    tpot_p90_ms: np.ndarray
+
+
+def latency_curve(request: PlanRequest, config: ServingConfig) -> LatencyCurve:
+    """Predicted p90 TTFT and TPOT against request rate for an aggregated deployment.
+
+    Disaggregated deployments are drawn through their decode pool (TTFT then excludes the
+    prefill pool's queueing): a simplification the plot's legend does not hide.
+    """
+    w = config.worker
+    spec_text = "none" if w.spec_method == "none" else f"{w.spec_method}:{w.spec_k}"
+    if w.spec_method == "draft" and w.draft_model:
+        spec_text = f"draft:{w.draft_model}:{w.spec_k}"
+    cfg = estimate.resolve(model=config.model, gpu=w.gpu, tp=w.tp, pp=w.pp, dp=w.dp, ep=w.ep,
+                           quant=w.quant, kv_dtype=w.kv_dtype, spec=spec_text,
+                           engine=config.engine, max_num_batched_tokens=w.max_num_batched_tokens,
+                           max_num_seqs=w.max_num_seqs)
+    wl = screening.Workload.of(request)
+    cached = min(wl.cached, wl.isl - 1.0) if w.prefix_caching else 0.0
+    r = latency.closed_loop(estimate.step_model(cfg), tp=w.tp, pp=w.pp, dp=w.dp, ep=w.ep,
+                            concurrency=_CONCURRENCY, isl=wl.isl, osl=wl.osl, cached=cached,
+                            max_batched_tokens=w.max_num_batched_tokens,
+                            max_num_seqs=w.max_num_seqs, spec=parse_spec(spec_text),
+                            predictability=wl.predictability,
+                            draft=estimate.draft_step_model(cfg), first_wave_weight=0.0)
+    ttft = screening.percentile("ttft", "p90", r.ttft_ms, r.tpot_ms, wl)
+    tpot = screening.percentile("tpot", "p90", r.ttft_ms, r.tpot_ms, wl)
+    rates = r.requests_per_s * config.replicas
+    # Past saturation more clients add latency but no rate: keep the rising branch.
+    keep = np.concatenate(([True], np.diff(rates) > 1e-9 * rates[1:]))
+    return LatencyCurve(rates_rps=rates[keep], ttft_p90_ms=ttft[keep], tpot_p90_ms=tpot[keep])
