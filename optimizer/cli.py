@@ -1,4 +1,4 @@
-"""The `trilemma` command line: estimate, validate, calibrate, bench.
+"""The `trilemma` command line: optimize, simulate, render, estimate, validate, calibrate.
 
 Thin: parse arguments, call the optimizer's modules, print. Bad input exits 2 with the field,
 the value and why; the library never prints or exits on its own.
@@ -87,6 +87,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
     p.add_argument("--holdout-system", default=None,
                    help="fit without this system's rows and score them (writes nothing)")
+
+    p = sub.add_parser("optimize", help="search the configuration space of a spec file")
+    p.add_argument("spec", type=Path, help="workload, SLO, pool and objective (YAML or JSON)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the plan as JSON")
+    fmt.add_argument("--yaml", action="store_true", help="print the plan as YAML")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="write rate-vs-latency curves here and the Pareto scatter beside it")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="a configuration file to draw as the baseline (see examples/)")
+    p.add_argument("--baseline-key", default=None,
+                   help="which entry of a multi-baseline file (e.g. chatbot)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the confirming simulations")
+
+    p = sub.add_parser("simulate", help="simulate one configuration under a spec's workload")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--config", type=Path, required=True,
+                   help="a configuration or a plan (JSON/YAML; a plan's recommendation)")
+    p.add_argument("--mode", choices=["open", "closed", "offline"], default="open",
+                   help="open: the spec's arrivals; closed: --concurrency clients; "
+                        "offline: every request queued at once")
+    p.add_argument("--requests", type=_positive_int, default=2000)
+    p.add_argument("--concurrency", type=_positive_int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("render", help="engine arguments and Kubernetes manifests of a plan")
     p.add_argument("plan", type=Path, help="plan JSON (trilemma optimize --json) or a config")
@@ -282,6 +307,22 @@ def _calibrate_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optimize(args: argparse.Namespace) -> int:
+    from trilemma.optimizer import commands
+
+    fmt = "json" if args.json else "yaml" if args.yaml else "table"
+    return commands.optimize(args.spec, fmt=fmt, plot=args.plot, baseline=args.baseline,
+                             baseline_key=args.baseline_key, seed=args.seed, out=sys.stdout)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from trilemma.optimizer import commands
+
+    return commands.simulate(args.spec, args.config, mode=args.mode, requests=args.requests,
+                             concurrency=args.concurrency, seed=args.seed, as_json=args.json,
+                             out=sys.stdout)
+
+
 def _render(args: argparse.Namespace) -> int:
     from trilemma.optimizer.render import command
 
@@ -302,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     handlers = {"estimate": _estimate, "validate": _validate, "calibrate": _calibrate,
-                "calibrate-engine": _calibrate_engine, "render": _render,
+                "calibrate-engine": _calibrate_engine, "optimize": _optimize,
+                "simulate": _simulate, "render": _render,
                 "bench": _bench}
     try:
         return handlers[args.command](args)

@@ -1,0 +1,202 @@
+"""Handlers of `trilemma optimize` and `trilemma simulate`: spec files in, reports out.
+
+Thin glue between the CLI and the search/serving layers: load and check files, call the
+library, format tables and pictures. The library itself never prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from trilemma.optimizer import spec
+from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.search import confirming, curves, planning
+from trilemma.optimizer.search.configs import Choice, ServingConfig
+from trilemma.optimizer.serving.requests import LoadMode
+
+
+def load_config(path: Path, key: str | None = None) -> ServingConfig:
+    """A ServingConfig from JSON/YAML: a bare config, {"config": ...}, a plan's
+    {"recommended": {"config": ...}}, or `key` selecting one entry of a mapping of those."""
+    try:
+        data: Any = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise InputError("config", str(path), f"cannot be read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InputError("config", str(path), f"not YAML or JSON: {exc}") from None
+    if key is not None:
+        if not isinstance(data, dict) or key not in data:
+            raise InputError("config", f"{path}:{key}", "no such entry in the file")
+        data = data[key]
+    if isinstance(data, dict) and isinstance(data.get("recommended"), dict):
+        data = data["recommended"]
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise InputError("config", str(path), "expected a serving configuration mapping")
+    try:
+        return ServingConfig.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError("config", str(path), f"not a serving configuration: {exc}") from None
+
+
+def _progress(stream: TextIO) -> planning.Progress:
+    width = 30
+
+    def report(phase: str, fraction: float) -> None:
+        filled = round(width * max(0.0, min(1.0, fraction)))
+        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {phase:<12}")
+        if phase == "done":
+            stream.write("\n")
+        stream.flush()
+
+    return report
+
+
+def _row(c: Choice, mark: str) -> str:
+    p = c.prediction
+    quality = "-" if p.quality is None else f"{p.quality:.1f}"
+    return (f"{mark}{c.config.summary():<58} {c.config.gpus:>5} {p.cost_per_hour:>9.2f} "
+            f"{p.cost_per_mtok:>8.3f} {p.ttft_p90_ms:>9.0f} {p.tpot_p90_ms:>8.1f} "
+            f"{p.capacity_rps:>8.2f} {quality:>6} {'sim' if p.simulated else 'model':>5}")
+
+
+def print_plan(p: planning.Plan, out: TextIO) -> None:
+    c = p.counts
+    out.write(f"searched {c.enumerated:,} candidate configurations: {c.screened:,} screened, "
+              f"{c.feasible:,} meet the SLO, {c.simulated} simulated\n\n")
+    out.write(f"  {'configuration':<58} {'GPUs':>5} {'$/hour':>9} {'$/Mtok':>8} "
+              f"{'TTFT p90':>9} {'TPOT p90':>8} {'req/s':>8} {'qual':>6} {'src':>5}\n")
+    rec = p.recommended.config.config_hash()
+    for choice in p.front:
+        out.write(_row(choice, "* " if choice.config.config_hash() == rec else "  ") + "\n")
+    if rec not in {ch.config.config_hash() for ch in p.front}:
+        out.write(_row(p.recommended, "* ") + "\n")
+    out.write(f"\nrecommended ({p.objective.value}): {p.recommended.config.summary()}\n")
+    for line in _explanation_lines(p.explanation.to_dict()):
+        out.write(f"  {line}\n")
+
+
+def _explanation_lines(doc: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, value in doc.items():
+        if isinstance(value, list):
+            lines.append(f"{key.replace('_', ' ')}:")
+            lines += [f"  - {_short(v)}" for v in value]
+        else:
+            lines.append(f"{key.replace('_', ' ')}: {_short(value)}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {v}" for k, v in value.items() if v not in (None, ""))
+    return str(value)
+
+
+def optimize(spec_path: Path, *, fmt: str, plot: Path | None, baseline: Path | None,
+             baseline_key: str | None, seed: int, out: TextIO) -> int:
+    request = spec.load_spec(spec_path)
+    base = load_config(baseline, baseline_key) if baseline else None
+    try:
+        result = planning.plan(request, seed=seed,
+                               progress=_progress(sys.stderr) if fmt == "table" else None)
+    except InputError:
+        if fmt == "table":
+            sys.stderr.write("\n")  # end the progress bar before the error line
+        raise
+    if fmt == "json":
+        out.write(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    elif fmt == "yaml":
+        out.write(yaml.safe_dump(result.to_dict(), sort_keys=True))
+    else:
+        print_plan(result, out)
+    if plot is not None:
+        _plots(request, result, base, plot)
+        if fmt == "table":
+            out.write(f"\nwrote {plot} and {_pareto_path(plot)}\n")
+    return 0
+
+
+def _pareto_path(plot: Path) -> Path:
+    return plot.with_name(f"{plot.stem}-pareto{plot.suffix or '.png'}")
+
+
+def _plots(request: spec.PlanRequest, result: planning.Plan, base: ServingConfig | None,
+           plot: Path) -> None:
+    from trilemma.optimizer import plotting
+
+    rec = result.recommended.config.config_hash()
+    top = [result.recommended, *[c for c in result.front if c.config.config_hash() != rec][:3]]
+    lines = []
+    for choice in top:
+        curve = curves.latency_curve(request, choice.config)
+        lines.append(plotting.Curve(label=choice.config.summary(), rates_rps=curve.rates_rps,
+                                    ttft_p90_ms=curve.ttft_p90_ms,
+                                    tpot_p90_ms=curve.tpot_p90_ms, baseline=False))
+    points = [plotting.ParetoPoint(cost_per_hour=c.prediction.cost_per_hour,
+                                   latency_ms=c.prediction.ttft_p90_ms, label=c.config.summary(),
+                                   on_front=True,
+                                   recommended=c.config.config_hash()
+                                   == result.recommended.config.config_hash(), baseline=False)
+              for c in result.front]
+    if base is not None:
+        curve = curves.latency_curve(request, base)
+        lines.append(plotting.Curve(label=f"baseline: {base.summary()}",
+                                    rates_rps=curve.rates_rps, ttft_p90_ms=curve.ttft_p90_ms,
+                                    tpot_p90_ms=curve.tpot_p90_ms, baseline=True))
+    slo = request.slo
+    title = f"{result.request.get('models', '')}"
+    plotting.rate_latency_plot(lines, plot, title=f"rate vs p90 latency {title}",
+                               ttft_slo_ms=getattr(slo.ttft_ms, "p90", None),
+                               tpot_slo_ms=getattr(slo.tpot_ms, "p90", None))
+    plotting.pareto_plot(points, _pareto_path(plot), title=f"cost vs TTFT p90 {title}")
+
+
+def simulate(spec_path: Path, config_path: Path, *, mode: str, requests: int,
+             concurrency: int, seed: int, as_json: bool, out: TextIO) -> int:
+    request = spec.load_spec(spec_path)
+    config = load_config(config_path)
+    if requests < 1:
+        raise InputError("requests", requests, "must be at least 1")
+    sample = confirming.workload(request, requests, seed)
+    if mode == "closed":
+        if concurrency < 1:
+            raise InputError("concurrency", concurrency, "a closed loop needs >= 1 client")
+        sample = dataclasses.replace(sample, mode=LoadMode.CLOSED, concurrency=concurrency,
+                                     arrival_ms=[0.0] * len(sample))
+    elif mode == "offline":
+        sample = dataclasses.replace(sample, mode=LoadMode.OFFLINE,
+                                     arrival_ms=[0.0] * len(sample))
+    result = confirming.simulate(config, sample, request.workload.output_predictability, seed)
+    s = result.summary()
+    doc = {"config": config.summary(), "mode": mode, "requests": requests,
+           "requests_per_s": round(s.requests_per_s, 4),
+           "output_tokens_per_s": round(s.output_tokens_per_s, 2),
+           "preempted_share": round(s.preempted_share, 4),
+           "prefix_hit_share": round(s.prefix_hit_share, 4)}
+    for name in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms"):
+        st = getattr(s, name)
+        doc[name] = {k: round(getattr(st, k), 3) for k in ("mean", "p50", "p90", "p99")}
+    if as_json:
+        out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return 0
+    out.write(f"{config.summary()} under {spec_path.name}: {requests} requests, {mode} loop\n")
+    out.write(f"  throughput   {s.requests_per_s:.3f} req/s, {s.output_tokens_per_s:.1f} "
+              "output tok/s\n")
+    for name, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "end-to-end"),
+                        ("queue_ms", "queueing")):
+        st = doc[name]
+        out.write(f"  {label:<12} mean {st['mean']:.1f}  p50 {st['p50']:.1f}  "
+                  f"p90 {st['p90']:.1f}  p99 {st['p99']:.1f} ms\n")
+    out.write(f"  preempted {s.preempted_share:.1%}, prefix-cache hits {s.prefix_hit_share:.1%}\n")
+    return 0
+
