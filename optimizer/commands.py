@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import yaml
 
 from trilemma.optimizer import spec
+from trilemma.optimizer.catalog import gpus
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import confirming, curves, planning
 from trilemma.optimizer.search.configs import Choice, ServingConfig
@@ -119,11 +120,33 @@ def optimize(spec_path: Path, *, fmt: str, plot: Path | None, baseline: Path | N
         out.write(yaml.safe_dump(result.to_dict(), sort_keys=True))
     else:
         print_plan(result, out)
+    if base is not None and fmt == "table":
+        _compare(request, result, base, out)
     if plot is not None:
         _plots(request, result, base, plot)
         if fmt == "table":
             out.write(f"\nwrote {plot} and {_pareto_path(plot)}\n")
     return 0
+
+
+def _compare(request: spec.PlanRequest, result: planning.Plan, base: ServingConfig,
+             out: TextIO) -> None:
+    """Requests/s at the SLO and $ per million output tokens at that load, both deployments."""
+    slo = request.slo
+    targets = {"ttft_p90_ms": getattr(slo.ttft_ms, "p90", None),
+               "tpot_p90_ms": getattr(slo.tpot_ms, "p90", None)}
+    osl = request.workload.output_distribution().mean_tokens()
+    prices = {g.gpu: g.effective_price_per_gpu_hour for g in request.hardware.gpus}
+    out.write("\nagainst the baseline (p90 SLO, model curves):\n")
+    for label, config in (("recommended", result.recommended.config), ("baseline", base)):
+        rate = curves.capacity_at_slo(curves.latency_curve(request, config), **targets)
+        price = prices.get(config.worker.gpu)
+        if price is None:  # a baseline on GPUs outside the pool: the catalog's list price
+            price = gpus.get_gpu(config.worker.gpu).price_per_hour
+        per_hour = config.gpus * price
+        mtok = per_hour / (rate * osl * 3600 / 1e6) if rate > 0 else float("inf")
+        out.write(f"  {label:<12} {config.summary():<50} {rate:8.2f} req/s at the SLO, "
+                  f"${per_hour:.2f}/h, ${mtok:.3f} per M output tokens at that rate\n")
 
 
 def _pareto_path(plot: Path) -> Path:

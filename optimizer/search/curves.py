@@ -57,3 +57,17 @@ def latency_curve(request: PlanRequest, config: ServingConfig) -> LatencyCurve:
     # Past saturation more clients add latency but no rate: keep the rising branch.
     keep = np.concatenate(([True], np.diff(rates) > 1e-9 * rates[1:]))
     return LatencyCurve(rates_rps=rates[keep], ttft_p90_ms=ttft[keep], tpot_p90_ms=tpot[keep])
+
+
+def capacity_at_slo(curve: LatencyCurve, *, ttft_p90_ms: float | None,
+                    tpot_p90_ms: float | None) -> float:
+    """The highest rate on the curve whose p90 latencies stay within the targets (0 if none)."""
+    ok = np.ones(curve.rates_rps.shape, dtype=bool)
+    if ttft_p90_ms is not None:
+        ok &= curve.ttft_p90_ms <= ttft_p90_ms
+    if tpot_p90_ms is not None:
+        ok &= curve.tpot_p90_ms <= tpot_p90_ms
+    if not ok.any():
+        return 0.0
+    # Latency rises with rate on the kept branch: the last passing point bounds capacity.
+    return float(curve.rates_rps[np.flatnonzero(ok)[-1]])

@@ -79,3 +79,10 @@ def test_simulate_with_a_bad_config_file_exits_2(capsys, tmp_path):
     bad.write_text("[1, 2]")
     code, _, err = run(capsys, "simulate", SMALL, "--config", bad)
     assert code == 2 and "config=" in err
+
+
+def test_optimize_compares_the_recommendation_with_a_baseline(capsys, tmp_path):
+    code, out, _ = run(capsys, "optimize", SMALL, "--baseline", _config(tmp_path))
+    assert code == 0
+    lines = [ln for ln in out.splitlines() if "req/s at the SLO" in ln]
+    assert len(lines) == 2 and lines[0].strip().startswith("recommended")
