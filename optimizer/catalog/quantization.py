@@ -306,3 +306,19 @@ def load_quality_raw() -> dict[str, Any]:
 @functools.cache
 def _quality_table() -> dict[str, Any]:
     return load_quality_raw()
+
+
+def checkpoint_reason(checkpoint: str | None, recipe: QuantRecipe) -> str | None:
+    """Why `recipe` cannot be served from a checkpoint stored as `checkpoint`; None if it can.
+
+    vLLM and SGLang read a pre-quantized checkpoint's format from its config and quantize on
+    the fly only to fp8: every other recipe needs a checkpoint already in that format (the
+    catalog bundles such variants as their own model ids, e.g. nvidia/DeepSeek-R1-NVFP4).
+    """
+    if checkpoint == recipe.value:
+        return None
+    if checkpoint is None and recipe in (QuantRecipe.BF16, QuantRecipe.FP8):
+        return None
+    have = checkpoint or "bf16"
+    return (f"a {have} checkpoint; {recipe.value} needs a checkpoint already quantized to "
+            f"{recipe.value} (only fp8 is quantized on the fly)")

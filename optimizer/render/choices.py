@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from trilemma.optimizer import catalog
-from trilemma.optimizer.catalog import QuantRecipe, SpecMethod
+from trilemma.optimizer.catalog import QuantRecipe, SpecMethod, quantization
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.render import drafts
 from trilemma.optimizer.search.configs import WorkerConfig
@@ -38,18 +38,12 @@ def quant_flag(model: catalog.ModelArch, worker: WorkerConfig) -> str | None:
     redundant; only fp8 can be produced on the fly from a bf16 checkpoint by both engines.
     """
     recipe = catalog.parse_recipe(worker.quant)
-    stored = model.checkpoint_quant
-    if stored == recipe.value:
-        return None
-    if stored is None and recipe is QuantRecipe.BF16:
-        return None
-    if stored is None and recipe is QuantRecipe.FP8:
+    why = quantization.checkpoint_reason(model.checkpoint_quant, recipe)
+    if why:
+        raise InputError("quant", worker.quant, f"{model.id} is {why}: point model at one")
+    if model.checkpoint_quant is None and recipe is QuantRecipe.FP8:
         return "fp8"
-    have = stored or "bf16"
-    raise InputError(
-        "quant", worker.quant,
-        f"{model.id} is a {have} checkpoint; {recipe.value} needs a checkpoint already "
-        f"quantized to {recipe.value} (only fp8 is quantized on the fly): point model at one")
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,7 +11,9 @@ transfer added to TTFT) and a decode pool (the closed loop with a one-token pref
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -326,37 +328,49 @@ def _layout_keys(rows: Rows) -> np.ndarray:
     return (rows.tp * 1_000_000 + rows.pp * 10_000 + rows.dp * 100 + rows.ep).astype(np.int64)
 
 
-def screen_space(space: Space, request: PlanRequest,
-                 settings: SearchSettings) -> tuple[list[RowScreen], int, int]:
+Mapper = Callable[[Callable[[int], Any], list[int]], list[Any]]
+
+
+def _serial(fn: Callable[[int], Any], items: list[int]) -> list[Any]:
+    return [fn(i) for i in items]
+
+
+def coarse_scores(rows: Rows, request: PlanRequest, wl: Workload,
+                  terms: list[Term]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One representative row per layout, 4-point ladder: (layout keys, $ per request/s,
+    light-load e2e ms). Infinite where the layout meets no SLO."""
+    keys = _layout_keys(rows)
+    # The row closest to vLLM's defaults stands for its layout.
+    dist = (np.abs(np.log2(rows.max_num_seqs / _REPRESENTATIVE[0]))
+            + np.abs(np.log2(rows.max_num_batched_tokens / _REPRESENTATIVE[1])))
+    order = np.lexsort((dist, keys))
+    first = order[np.r_[True, keys[order][1:] != keys[order][:-1]]]
+    rep = subset(rows, first)
+    rs = screen_rows(rep, request, wl, terms, False, coarse=True)
+    gpus = rep.tp * rep.pp * rep.dp * rows.group.price_per_gpu_hour
+    eff = np.where(rs.agg.capacity > 0, gpus / np.maximum(rs.agg.capacity, 1e-12), np.inf)
+    light = rs.agg.ttft[:, 0] + wl.osl * rs.agg.tpot[:, 0]
+    return keys[first], eff, np.where(rs.agg.capacity > 0, light, np.inf)
+
+
+def screen_space(space: Space, request: PlanRequest, settings: SearchSettings,
+                 mapper: Mapper = _serial) -> tuple[list[RowScreen], int, int]:
     """Coarse-screen every layout, fully screen the promising ones.
 
     Returns the full screens, the candidates dropped by the coarse pass and the layouts
-    priced by it.
+    priced by it. `mapper(fn, group indices)` runs fn over groups (in order, results in
+    order): serial here, across processes in `parallel`.
     """
     terms = slo_terms(request)
     wl = Workload.of(request)
     disagg = request.bounds.allow_disaggregation
-    reps: list[tuple[int, Rows, np.ndarray]] = []
-    effs, fast = [], []
-    for i, rows in enumerate(space.rows):
-        keys = _layout_keys(rows)
-        # The row closest to vLLM's defaults stands for its layout.
-        dist = (np.abs(np.log2(rows.max_num_seqs / _REPRESENTATIVE[0]))
-                + np.abs(np.log2(rows.max_num_batched_tokens / _REPRESENTATIVE[1])))
-        order = np.lexsort((dist, keys))
-        first = order[np.r_[True, keys[order][1:] != keys[order][:-1]]]
-        rep = subset(rows, first)
-        rs = screen_rows(rep, request, wl, terms, False, coarse=True)
-        gpus = rep.tp * rep.pp * rep.dp * rows.group.price_per_gpu_hour
-        eff = np.where(rs.agg.capacity > 0, gpus / np.maximum(rs.agg.capacity, 1e-12), np.inf)
-        light = rs.agg.ttft[:, 0] + wl.osl * rs.agg.tpot[:, 0]
-        reps.append((i, rows, keys[first]))
-        effs.append(eff)
-        fast.append(np.where(rs.agg.capacity > 0, light, np.inf))
-    if not reps:
+    if not space.rows:
         return [], 0, 0
+    scored = mapper(lambda i: coarse_scores(space.rows[i], request, wl, terms),
+                    list(range(len(space.rows))))
+    effs = [e for _, e, _ in scored]
     all_eff = np.concatenate(effs)
-    all_fast = np.concatenate(fast)
+    all_fast = np.concatenate([f for _, _, f in scored])
     best = all_eff.min()
     chosen = all_eff <= best * COARSE_KEEP_FACTOR
     if chosen.sum() > COARSE_KEEP_MAX:
@@ -368,15 +382,24 @@ def screen_space(space: Space, request: PlanRequest,
     # Keep something to explain an infeasible SLO: the layouts nearest to meeting it.
     if not chosen.any():
         chosen[:] = True
-    out: list[RowScreen] = []
+    keeps: dict[int, np.ndarray] = {}
     dropped = 0
     per_row = space.modes * space.replica_options
     start = 0
-    for (_, rows, keys), eff in zip(reps, effs, strict=True):
+    for i, (keys, eff, _) in enumerate(scored):
         mask = chosen[start:start + len(eff)]
         start += len(eff)
-        keep = np.isin(_layout_keys(rows), keys[mask])
+        keep = np.isin(_layout_keys(space.rows[i]), keys[mask])
         dropped += int((~keep).sum()) * per_row
         if keep.any():
-            out.append(screen_rows(subset(rows, keep), request, wl, terms, disagg))
+            keeps[i] = keep
+    def full(i: int) -> dict[str, Any]:
+        # Everything but the rows, which hold catalog objects that do not pickle; the
+        # caller has them already.
+        rs = screen_rows(subset(space.rows[i], keeps[i]), request, wl, terms, disagg)
+        return {f.name: getattr(rs, f.name) for f in fields(rs) if f.name != "rows"}
+
+    idx = sorted(keeps)
+    out = [RowScreen(rows=subset(space.rows[i], keeps[i]), **d)
+           for i, d in zip(idx, mapper(full, idx), strict=True)]
     return out, dropped, len(all_eff)

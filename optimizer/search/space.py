@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trilemma.optimizer.catalog import gpus, models
+from trilemma.optimizer.catalog import gpus, models, quantization
 from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.catalog.gpus import Gpu
 from trilemma.optimizer.catalog.models import ModelArch
@@ -38,7 +38,9 @@ class SearchSettings:
     pp: tuple[int, ...] = (1, 2, 4)               # PP is how a replica spans nodes
     dp: tuple[int, ...] = (1, 2, 4, 8)            # attention DP (MoE models only)
     ep: tuple[bool, ...] = (False, True)
-    spec_k: tuple[int, ...] = (2, 3, 4, 5)        # beyond 5 drafts acceptance^k is small
+    # Beyond 5 drafts acceptance^k is small; 2 and 4 bracket the optimum for chat-like and
+    # edit-like outputs, and each extra k costs a whole group of step-model calls.
+    spec_k: tuple[int, ...] = (2, 4)
     max_num_seqs: tuple[int, ...] = (64, 128, 256, 512, 1024)
     max_num_batched_tokens: tuple[int, ...] = (2048, 4096, 8192, 16384)
     # (prefill, decode) workers per unit of a disaggregated deployment.
@@ -48,14 +50,21 @@ class SearchSettings:
     replica_factors: tuple[float, ...] = (1.0, 1.5, 2.0, 0.0)
     max_nodes_per_replica: int = 2                # a replica beyond 2 nodes is rarely run
     memory_percentile: float = 99.0               # a replica must hold this long a request
-    simulate_top_k: int = 12                      # best by the objective, confirmed
-    simulate_front: int = 12                      # more from the analytic front, confirmed
-    simulate_requests: int = 1500                 # requests per confirming simulation
+    # Confirming costs ~0.2 ms per simulated request on one core: 10 runs x 1,000 requests
+    # keep it near 2 s, a p90 from 1,000 requests is within a few percent.
+    simulate_top_k: int = 4                       # best by the objective, confirmed
+    simulate_front: int = 6                       # more from the analytic front, confirmed
+    simulate_requests: int = 1000                 # requests per confirming simulation
     front_size: int = 24                          # choices returned on the front
+    # False keeps rows the space would prune as dominated (max_num_seqs above the KV cache's
+    # capacity, prefix caching off): exhaustive reference searches in tests.
+    prune_dominated: bool = True
+    workers: int = 2                              # screening processes; 1 = serial
+    explain_sensitivity: bool = True              # re-screen the front's groups at 2x rate/prompt
 
 
-PRUNE_REASONS = ("dtype", "quality", "parallelism", "nodes", "pool", "limits", "memory",
-                 "prefix_caching", "dominated", "slo", "budget", "duplicate")
+PRUNE_REASONS = ("dtype", "checkpoint", "quality", "parallelism", "nodes", "pool", "limits",
+                 "memory", "prefix_caching", "dominated", "slo", "budget", "duplicate", "coarse")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +82,8 @@ class Group:
     price_per_gpu_hour: float
     pool_gpus: int
     gpus_per_node: int
+    max_tp: int | None = None          # bounds.maxTensorParallel
+    max_pp: int | None = None          # bounds.maxPipelineParallel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +175,10 @@ def enumerate_space(request: PlanRequest, settings: SearchSettings) -> Space:
                 if not (quant.supported_on(gpu) and kv.supported_on(gpu)):
                     pruned["dtype"] += grid * per_row
                     continue
+                if quantization.checkpoint_reason(arch.checkpoint_quant, quant):
+                    # Not deployable from this checkpoint: the renderer would refuse it.
+                    pruned["checkpoint"] += grid * per_row
+                    continue
                 q = _quality(choice, quant)
                 if floor is not None and (q is None or q < floor):
                     pruned["quality"] += grid * per_row
@@ -171,7 +186,9 @@ def enumerate_space(request: PlanRequest, settings: SearchSettings) -> Space:
                 group = Group(choice=choice, arch=arch, gpu=gpu, engine=eng, quant=quant,
                               kv=kv, spec=spec, quality=q,
                               price_per_gpu_hour=pool.effective_price_per_gpu_hour,
-                              pool_gpus=pool.count, gpus_per_node=pool.effective_gpus_per_node)
+                              pool_gpus=pool.count, gpus_per_node=pool.effective_gpus_per_node,
+                              max_tp=request.bounds.max_tensor_parallel,
+                              max_pp=request.bounds.max_pipeline_parallel)
                 r = _rows(group, layouts, limits, seq_len, mean_len, prefix_reuse, settings, pruned,
                           per_row)
                 if r is not None:
@@ -194,6 +211,11 @@ def _rows(group: Group, layouts: np.ndarray, limits: np.ndarray, seq_len: float,
     tp, pp, dp, ep = (layouts[:, i] for i in range(4))
     n_lim = len(limits)
     alive = parallelism.feasible(group.arch, tp, pp, dp, ep.astype(bool))
+    # The spec's bounds on the layout are rules the user set: prune as "parallelism".
+    if group.max_tp is not None:
+        alive &= tp <= group.max_tp
+    if group.max_pp is not None:
+        alive &= pp <= group.max_pp
     pruned["parallelism"] += int((~alive).sum()) * n_lim * per_row
     g = tp * pp * dp
     # TP and DP communicate every layer: keep them inside one NVLink domain; PP may cross.
@@ -218,8 +240,9 @@ def _rows(group: Group, layouts: np.ndarray, limits: np.ndarray, seq_len: float,
     # Without a shared prefix, caching on and off run identically; with one, off only adds
     # prefill work at the same memory: either way "off" is dominated by "on".
     off = ok & ~pc
-    pruned["prefix_caching" if not prefix_reuse else "dominated"] += int(off.sum()) * per_row
-    ok &= pc
+    if settings.prune_dominated:
+        pruned["prefix_caching" if not prefix_reuse else "dominated"] += int(off.sum()) * per_row
+        ok &= pc
     facts = perf_engine.engine_facts(group.engine)
     mem = memory.breakdown(group.arch, group.gpu, group.quant, group.kv, facts, tp=tp[L],
                            pp=pp[L], dp=dp[L], seq_len=seq_len + group.spec.k,
@@ -234,7 +257,7 @@ def _rows(group: Group, layouts: np.ndarray, limits: np.ndarray, seq_len: float,
     smaller = np.asarray(sorted(settings.max_num_seqs))
     below = smaller[None, :] < seqs[:, None]
     prev = np.where(below, smaller[None, :], 0).max(1)
-    redundant = fits & (prev >= np.maximum(at_mean.max_seqs, 1))
+    redundant = fits & (prev >= np.maximum(at_mean.max_seqs, 1)) & settings.prune_dominated
     pruned["dominated"] += int(redundant.sum()) * per_row
     fits &= ~redundant
     if not fits.any():

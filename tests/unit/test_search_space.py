@@ -28,11 +28,22 @@ def test_every_enumerated_candidate_is_pruned_or_kept() -> None:
     assert kept + sum(sp.pruned.values()) == sp.enumerated
 
 
-def test_nvfp4_is_pruned_on_gpus_without_fp4_and_kept_on_blackwell() -> None:
-    sp = _space("chatbot.yaml")
+def test_nvfp4_is_pruned_on_gpus_without_fp4_and_kept_on_blackwell(tmp_path: Path) -> None:
+    text = (CASES / "chatbot.yaml").read_text().replace("deepseek-ai/DeepSeek-V3",
+                                                         "nvidia/DeepSeek-R1-NVFP4")
+    path = tmp_path / "nvfp4.yaml"
+    path.write_text(text)
+    sp = space.enumerate_space(load_spec(path), space.SearchSettings())
     keys = {r.group.gpu.key for r in sp.rows if r.group.quant is QuantRecipe.NVFP4}
     assert keys == {"b200_sxm"}
     assert sp.pruned["dtype"] > 0
+
+
+def test_only_recipes_the_checkpoint_can_be_served_in_survive() -> None:
+    # DeepSeek-V3 ships fp8: no engine re-quantizes it to nvfp4/int4 or back to bf16.
+    sp = _space("chatbot.yaml")
+    assert {r.group.quant for r in sp.rows} == {QuantRecipe.FP8}
+    assert sp.pruned["checkpoint"] > 0
 
 
 def test_dense_model_never_gets_attention_dp_or_expert_parallelism() -> None:

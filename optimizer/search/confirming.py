@@ -1,0 +1,175 @@
+"""Confirming: run the best candidates through the discrete-event simulator.
+
+Fifth stage of the search (ranking -> confirming -> explaining). The screen's percentiles are
+means times hand-set factors; the simulator queues real arrivals through continuous batching,
+so its p90s replace the screen's for the few configurations a person will look at: the best
+by the objective and points spread along the front. Every configuration sees the same sampled
+workload (one seed), which keeps the comparison fair and the plan reproducible. Work is
+bounded by counts (configurations x requests), never by wall time, so that a slower machine
+returns the same plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from trilemma.optimizer import serving
+from trilemma.optimizer.catalog import gpus, models
+from trilemma.optimizer.catalog.engines import Engine
+from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
+from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
+from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.perf import engine as perf_engine
+from trilemma.optimizer.perf import steps
+from trilemma.optimizer.search import screening
+from trilemma.optimizer.search.configs import Choice, Mode, ServingConfig, WorkerConfig
+from trilemma.optimizer.search.screening import RowScreen, Term
+from trilemma.optimizer.search.sizing import Candidates
+from trilemma.optimizer.search.space import SearchSettings
+from trilemma.optimizer.spec.plan_request import PlanRequest
+
+_WARMUP = 0.1     # share of requests that see an empty system first: left out of percentiles
+_COOLDOWN = 0.05  # and the last arrivals, which see it drain
+
+
+@dataclass(frozen=True, kw_only=True)
+class Confirmed:
+    choices: list[Choice]            # passed in simulation, or could not be simulated
+    failed: list[tuple[Choice, str]]  # missed the SLO in simulation: which term, by how much
+    simulated: int
+
+
+def pick(ranked: np.ndarray, front: np.ndarray, c: Candidates, screens: list[RowScreen],
+         settings: SearchSettings) -> list[int]:
+    """Candidates to simulate: the best `simulate_top_k` by the objective, then up to
+    `simulate_front` points spread along the front. Order: best first."""
+    out: list[int] = [int(i) for i in ranked[:settings.simulate_top_k]]
+    rest = [int(i) for i in front if int(i) not in set(out)]
+    if len(rest) > settings.simulate_front:
+        at = np.linspace(0, len(rest) - 1, settings.simulate_front).round().astype(int)
+        rest = [rest[j] for j in np.unique(at)]
+    return out + rest
+
+
+def confirm(request: PlanRequest, choices: list[Choice], settings: SearchSettings, *,
+            seed: int, progress: Callable[[float], None] | None = None) -> Confirmed:
+    if not choices or settings.simulate_requests <= 0:
+        return Confirmed(choices=list(choices), failed=[], simulated=0)
+    wl = screening.Workload.of(request)
+    terms = screening.slo_terms(request)
+    sample = workload(request, settings.simulate_requests, seed)
+    ok: list[Choice] = []
+    failed: list[tuple[Choice, str]] = []
+    simulated = 0
+    for n, ch in enumerate(choices):
+        try:
+            res = simulate(ch.config, sample, wl.predictability, seed)
+        except InputError as err:
+            # The simulator refuses configurations it cannot hold (a request longer than the
+            # KV cache); the screen's answer stands, marked as unconfirmed.
+            prov = {**ch.prediction.provenance, "simulation": f"not run: {err.why}"}
+            ok.append(dataclasses.replace(
+                ch, prediction=dataclasses.replace(ch.prediction, provenance=prov)))
+            continue
+        simulated += 1
+        summ = res.summary(res.steady(warmup=_WARMUP, cooldown=_COOLDOWN))
+        miss = worst_miss(terms, summ, wl)
+        pred = dataclasses.replace(
+            ch.prediction, ttft_p50_ms=summ.ttft_ms.p50, ttft_p90_ms=summ.ttft_ms.p90,
+            tpot_p50_ms=summ.tpot_ms.p50, tpot_p90_ms=summ.tpot_ms.p90,
+            e2e_p99_ms=summ.e2e_ms.p99, simulated=True,
+            provenance={**ch.prediction.provenance,
+                        "latency": f"simulated: {len(sample)} requests at "
+                                   f"{wl.rate:g} req/s, seed {seed}, method fast"})
+        confirmed = dataclasses.replace(ch, prediction=pred)
+        if miss is None:
+            ok.append(confirmed)
+        else:
+            failed.append((confirmed, miss))
+        if progress is not None:
+            progress((n + 1) / len(choices))
+    return Confirmed(choices=ok, failed=failed, simulated=simulated)
+
+
+def worst_miss(terms: list[Term], s: serving.Summary, wl: screening.Workload) -> str | None:
+    """The SLO term the simulation misses by most, as a sentence; None when all pass."""
+    worst: tuple[float, str] | None = None
+    for t in terms:
+        stats = {"ttft": s.ttft_ms, "tpot": s.tpot_ms, "e2e": s.e2e_ms}[t.metric]
+        value = float(getattr(stats, t.pct))
+        if not np.isfinite(value):
+            continue
+        r = value / t.target_ms
+        # A small tolerance: the sampled percentile of ~1,000 requests is itself noisy.
+        if r > 1.02 and (worst is None or r > worst[0]):
+            worst = (r, f"{t.name}: simulated {value:.1f} ms ({(r - 1) * 100:.0f}% over)")
+    return None if worst is None else worst[1]
+
+
+def workload(request: PlanRequest, n: int, seed: int) -> serving.Workload:
+    """`n` requests of the spec's workload arriving at the design rate (Poisson gaps scaled
+    from the spec's process, so bursty arrivals stay bursty)."""
+    rng = np.random.default_rng(seed)
+    wl = request.workload
+    s = wl.sample(n, rng)
+    gaps = wl.arrivals.sample_gaps(n, rng) / wl.peak_factor
+    arrival = np.concatenate([[0.0], np.cumsum(gaps[1:])]) * 1e3
+    cached = np.minimum(s.cached_tokens, s.prompt_tokens - 1)
+    ids = np.where(cached > 0, 0, -1)
+    return serving.Workload(prompt_tokens=s.prompt_tokens, output_tokens=s.output_tokens,
+                            prefix_id=ids, prefix_tokens=np.where(ids >= 0, cached, 0),
+                            arrival_ms=arrival)
+
+
+_MODELS: dict[tuple[str, str, str, str, str], steps.StepModel] = {}
+
+
+def step_model(cfg: ServingConfig, w: WorkerConfig) -> steps.StepModel:
+    key = (cfg.model, w.gpu, w.quant, w.kv_dtype, cfg.engine)
+    sm = _MODELS.get(key)
+    if sm is None:
+        sm = steps.StepModel(models.load_model(cfg.model), gpus.get_gpu(w.gpu),
+                             QuantRecipe(w.quant), KvDtype(w.kv_dtype),
+                             perf_engine.engine_facts(Engine(cfg.engine)))
+        _MODELS[key] = sm
+    return sm
+
+
+def _engine(sm: steps.StepModel, w: WorkerConfig,
+            predictability: float) -> serving.EngineConfig:
+    spec = None
+    if w.spec_method != SpecMethod.NONE.value:
+        spec = serving.Speculation.for_workload(
+            SpecConfig(method=SpecMethod(w.spec_method), k=w.spec_k), predictability)
+    return serving.engine_config(sm, tp=w.tp, pp=w.pp, dp=w.dp, ep=w.ep,
+                                 max_num_seqs=w.max_num_seqs,
+                                 max_num_batched_tokens=w.max_num_batched_tokens,
+                                 speculation=spec,
+                                 gpu_memory_utilization=w.gpu_memory_utilization)
+
+
+def simulate(cfg: ServingConfig, sample: serving.Workload, predictability: float,
+             seed: int) -> serving.SimResult:
+    w = cfg.worker
+    sm = step_model(cfg, w)
+    if not w.prefix_caching:
+        sample = serving.Workload(
+            prompt_tokens=sample.prompt_tokens, output_tokens=sample.output_tokens,
+            prefix_id=np.full(len(sample), -1), prefix_tokens=np.zeros(len(sample), np.int64),
+            arrival_ms=sample.arrival_ms)
+    pool = serving.Pool(engine=_engine(sm, w, predictability), replicas=cfg.replicas)
+    prefill = transfer = None
+    if cfg.mode is Mode.DISAGGREGATED and cfg.prefill is not None:
+        prefill = serving.Pool(engine=_engine(sm, cfg.prefill, predictability),
+                               replicas=cfg.prefill_replicas)
+        # Pools sit on different nodes, as the screen assumes.
+        transfer = serving.kv_transfer(sm, tp=cfg.prefill.tp, pp=cfg.prefill.pp,
+                                       inter_node=True)
+    cluster = serving.Cluster(pool=pool, prefill=prefill, transfer=transfer,
+                              request_overhead_ms=sm.facts.request_overhead_ms)
+    return serving.simulate(cluster, sample, sm, np.random.default_rng(seed),
+                            method=serving.Method.FAST)

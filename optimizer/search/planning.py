@@ -1,0 +1,263 @@
+"""The search facade: `plan(request) -> Plan`.
+
+Runs the stages in order (space -> screening -> sizing -> ranking -> confirming ->
+explaining) and returns one typed, canonical result: the recommendation for the request's
+objective, the cost/latency front around it, why it was chosen, and how many candidates each
+stage enumerated, pruned, screened and simulated. Timings are kept apart from the canonical
+form: the same spec and seed must serialise to the same bytes on any machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trilemma.optimizer.catalog.engines import Engine
+from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
+from trilemma.optimizer.catalog.speculation import SpecMethod
+from trilemma.optimizer.search import (
+    confirming,
+    explaining,
+    parallel,
+    ranking,
+    screening,
+    sizing,
+    space,
+)
+from trilemma.optimizer.search.configs import Choice, WorkerConfig, _plain
+from trilemma.optimizer.search.explaining import Explanation
+from trilemma.optimizer.search.space import SearchSettings
+from trilemma.optimizer.spec.objective import Objective
+from trilemma.optimizer.spec.plan_request import PlanRequest
+
+Progress = Callable[[str, float], None]
+_KEEP_TOP = 8  # analytic best by the objective kept beside the front
+
+
+@dataclass(frozen=True, kw_only=True)
+class Counts:
+    """How many candidates each stage saw. `pruned` adds "coarse" (layouts the coarse screen
+    left out) to the space's and sizing's reasons."""
+
+    enumerated: int
+    pruned: dict[str, int]
+    coarse_layouts: int       # layouts priced once by the coarse screen
+    screened: int             # candidates (rows x modes x replica options) fully screened
+    feasible: int             # candidates meeting every SLO, pool and budget limit
+    simulated: int            # configurations confirmed by the simulator
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    request: dict[str, Any]   # digest: models, workload summary, design rate, SLO, pool
+    objective: Objective
+    recommended: Choice
+    front: list[Choice]       # cost/latency Pareto front, cheapest first
+    explanation: Explanation
+    counts: Counts
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase; not canonical
+
+    def to_dict(self, *, timings: bool = False) -> dict[str, Any]:
+        """JSON-ready and deterministic; `timings=True` adds the (machine-dependent) timings."""
+        out = {"request": self.request, "objective": self.objective.value,
+               "recommended": self.recommended.to_dict(),
+               "front": [c.to_dict() for c in self.front],
+               "explanation": self.explanation.to_dict(), "counts": _plain(self.counts)}
+        if timings:
+            out["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
+        return out
+
+
+def digest(request: PlanRequest) -> dict[str, Any]:
+    wl = screening.Workload.of(request)
+    return _plain({
+        "models": [c.id for c in request.candidates],
+        "workload": {"prompt_tokens_mean": wl.isl, "output_tokens_mean": wl.osl,
+                     "cached_tokens_mean": wl.cached, "predictability": wl.predictability},
+        "design_rate_rps": wl.rate,
+        "slo": request.slo.model_dump(mode="json", exclude_none=True),
+        "pool": {k: request.hardware.group(k).count for k in request.allowed_gpus()},
+        "allow_disaggregation": request.bounds.allow_disaggregation,
+    })
+
+
+@dataclass(frozen=True, kw_only=True)
+class Search:
+    """What the analytic stages leave for confirming and explaining."""
+
+    screens: list[screening.RowScreen]
+    candidates: sizing.Candidates
+    metrics: ranking.Metrics
+    ranked: np.ndarray
+    front: np.ndarray
+    counts: Counts
+
+
+def search(request: PlanRequest, settings: SearchSettings,
+           report: Progress, timings: dict[str, float]) -> Search:
+    """The analytic part: enumerate, screen, size, rank. Raises InfeasibleSLO."""
+    t0 = time.perf_counter()
+    sp = space.enumerate_space(request, settings)
+    t1 = time.perf_counter()
+    timings["enumerate"] = t1 - t0
+    report("enumerate", 1.0)
+    screens, dropped, coarse = parallel.screen_space(sp, request, settings)
+    t2 = time.perf_counter()
+    timings["screen"] = t2 - t1
+    report("screen", 1.0)
+    pruned: Counter[str] = Counter(sp.pruned)
+    pruned["coarse"] += dropped
+    wl = screening.Workload.of(request)
+    terms = screening.slo_terms(request)
+    cands, nearest = sizing.size_all(screens, request, settings, wl, terms, pruned)
+    if len(cands) == 0:
+        raise explaining.infeasible(request, screens, nearest, terms, pruned)
+    m = ranking.metrics(cands, wl)
+    ranked = ranking.order(request.objective, m)
+    fr = ranking.front(m, settings.front_size)
+    timings["size_rank"] = time.perf_counter() - t2
+    report("rank", 1.0)
+    counts = Counts(enumerated=sp.enumerated,
+                    pruned={k: int(v) for k, v in sorted(pruned.items()) if v},
+                    coarse_layouts=coarse,
+                    screened=sum(len(rs.rows) for rs in screens) * sp.modes * sp.replica_options,
+                    feasible=len(cands), simulated=0)
+    return Search(screens=screens, candidates=cands, metrics=m, ranked=ranked, front=fr,
+                  counts=counts)
+
+
+def plan(request: PlanRequest, *, settings: SearchSettings | None = None,
+         progress: Progress | None = None, seed: int = 0) -> Plan:
+    """Plan a deployment of `request`: the recommendation for its objective and the front.
+
+    `seed` drives the confirming simulations (sampled workload, speculative acceptances);
+    `progress(phase, fraction)` is called as phases finish.
+    """
+    settings = settings or SearchSettings()
+    report: Progress = progress or (lambda _phase, _fraction: None)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    s = search(request, settings, report, timings)
+    wl = screening.Workload.of(request)
+    t = time.perf_counter()
+    picked = confirming.pick(s.ranked, s.front, s.candidates, s.screens, settings)
+    # The best few by the objective stay in the running even unsimulated: the objective's
+    # winner need not sit on the cost/latency front (max_throughput rarely does).
+    keep = list(dict.fromkeys([*picked, *(int(i) for i in s.ranked[:_KEEP_TOP]),
+                               *(int(i) for i in s.front)]))
+    analytic = {i: ranking.choice(s.candidates, i, s.screens, settings, wl) for i in keep}
+    confirmed = confirming.confirm(request, [analytic[i] for i in picked], settings, seed=seed,
+                                   progress=lambda f: report("simulate", f))
+    timings["simulate"] = time.perf_counter() - t
+    done = {c.config.config_hash(): c for c in confirmed.choices}
+    failed = {c.config.config_hash() for c, _ in confirmed.failed}
+    pool = [done.get(c.config.config_hash(), c) for c in analytic.values()
+            if c.config.config_hash() not in failed]
+    if not pool:
+        # Everything simulated missed the SLO and nothing else was kept: the screen was too
+        # optimistic here, and saying so beats recommending a configuration known to fail.
+        raise explaining.failed_in_simulation(confirmed.failed)
+    sim_ok = [c for c in pool if c.prediction.simulated]
+    recommended, front = select(request.objective, sim_ok or pool, pool, wl,
+                                settings.front_size)
+    t = time.perf_counter()
+    # Runners-up: the next distinct configurations by the objective, simulated or not.
+    ranked = [pool[int(i)] for i in ranking.order(request.objective, choice_metrics(pool, wl))]
+    seen = {recommended.config.summary()}
+    others = []
+    for c in ranked:
+        if c.config.summary() not in seen:
+            seen.add(c.config.summary())
+            others.append(c)
+    replan = (restricted_replan(request, settings, front)
+              if settings.explain_sensitivity else None)
+    explanation = explaining.explain(request, recommended, others,
+                                     screening.slo_terms(request), wl, replan)
+    timings["explain"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+    report("done", 1.0)
+    counts = Counts(**{**_plain(s.counts), "simulated": confirmed.simulated})
+    return Plan(request=digest(request), objective=request.objective, recommended=recommended,
+                front=front, explanation=explanation, counts=counts, timings=timings)
+
+
+def choice_metrics(choices: list[Choice], wl: screening.Workload) -> ranking.Metrics:
+    p = [c.prediction for c in choices]
+    return ranking.Metrics(
+        cost=np.array([x.cost_per_hour for x in p], dtype=np.float64),
+        latency=np.array([ranking.e2e_ms(x.ttft_p90_ms, x.tpot_p90_ms, wl) for x in p],
+                         dtype=np.float64),
+        capacity=np.array([x.capacity_rps for x in p], dtype=np.float64))
+
+
+def select(objective: Objective, eligible: list[Choice], pool: list[Choice],
+           wl: screening.Workload, size: int) -> tuple[Choice, list[Choice]]:
+    """The recommendation among `eligible` (simulated survivors when there are any) and the
+    front over `pool`, the recommendation always on it."""
+    m = choice_metrics(eligible, wl)
+    best = eligible[int(ranking.order(objective, m)[0])]
+    everything = _unique([best, *pool])
+    fm = choice_metrics(everything, wl)
+    idx = [int(i) for i in ranking.front(fm, size)]
+    chosen = [everything[i] for i in idx]
+    if best not in chosen:
+        chosen = [*chosen[:size - 1], best] if len(chosen) >= size else [*chosen, best]
+    chosen.sort(key=lambda c: (c.prediction.cost_per_hour,
+                               ranking.e2e_ms(c.prediction.ttft_p90_ms,
+                                              c.prediction.tpot_p90_ms, wl),
+                               c.config.config_hash()))
+    return best, chosen
+
+
+def _unique(choices: list[Choice]) -> list[Choice]:
+    seen: set[str] = set()
+    out = []
+    for c in choices:
+        h = c.config.config_hash()
+        if h not in seen:
+            seen.add(h)
+            out.append(c)
+    return out
+
+
+def _group_key(w: WorkerConfig, model: str, engine: str) -> tuple[str, ...]:
+    return (model, w.gpu, engine, w.quant, w.kv_dtype, w.spec_method, str(w.spec_k))
+
+
+def restricted_replan(request: PlanRequest, settings: SearchSettings,
+                      front: list[Choice]) -> explaining.Replan:
+    """Re-screen a changed request over the front's groups only: every row of those groups,
+    no coarse pass. Cheap (a handful of groups) and answers "what would we pick then"."""
+    keys = {_group_key(c.config.worker, c.config.model, c.config.engine) for c in front}
+    ks = tuple(sorted({c.config.worker.spec_k for c in front} - {0}))
+    bounds = request.bounds.model_copy(update={
+        "gpu_types": sorted({k[1] for k in keys}),
+        "quantizations": sorted({QuantRecipe(k[3]) for k in keys}, key=lambda q: q.value),
+        "kv_dtypes": sorted({KvDtype(k[4]) for k in keys}, key=lambda q: q.value),
+        "speculation": sorted({SpecMethod(k[5]) for k in keys}, key=lambda q: q.value),
+        "engines": sorted({Engine(k[2]) for k in keys}, key=lambda q: q.value)})
+    narrow = dataclasses.replace(settings, spec_k=ks or settings.spec_k)
+
+    def replan(req: PlanRequest) -> Choice | None:
+        req = req.model_copy(update={"bounds": bounds})
+        sp = space.enumerate_space(req, narrow)
+        rows = [r for r in sp.rows
+                if _group_key(ranking.worker_of_group(r.group), r.group.choice.id,
+                              r.group.engine.value) in keys]
+        wl = screening.Workload.of(req)
+        terms = screening.slo_terms(req)
+        screens = [screening.screen_rows(r, req, wl, terms, req.bounds.allow_disaggregation)
+                   for r in rows]
+        cands, _ = sizing.size_all(screens, req, narrow, wl, terms, Counter())
+        if len(cands) == 0:
+            return None
+        best = int(ranking.order(req.objective, ranking.metrics(cands, wl))[0])
+        return ranking.choice(cands, best, screens, narrow, wl)
+
+    return replan
