@@ -276,3 +276,23 @@ def _fits() -> dict[SpecMethod, AcceptanceFit]:
             source=str(entry["source"]),
         )
     return out
+
+
+@functools.cache
+def _draft_heads() -> dict[str, dict[str, dict[str, str]]]:
+    text = importlib.resources.files("trilemma.optimizer.catalog").joinpath(
+        "data/draft_heads.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def draft_heads(method: str) -> dict[str, str]:
+    """Target model id -> published head checkpoint, for `method` ("eagle" or "eagle3").
+
+    From data/draft_heads.yaml, one citation per entry. EAGLE-style speculation needs a head
+    trained for the exact target, so a target missing here cannot use it.
+    """
+    return {target: row["model"] for target, row in _draft_heads().get(method, {}).items()}
+
+
+def draft_head(method: str, target: str) -> str | None:
+    return draft_heads(method).get(target)

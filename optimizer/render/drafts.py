@@ -1,33 +1,19 @@
 """Which draft head an eagle/eagle3 plan loads: cited data, never a guess.
 
 The search picks a speculation method; the engine needs the checkpoint of the head trained
-for the target model. data/draft_heads.yaml lists the published ones; a target without one is
-an InputError naming `draft_model`, so the caller passes the head explicitly.
+for the target model. The catalog's data/draft_heads.yaml lists the published ones; a target
+without one is an InputError naming `draft_model`, so the caller passes the head explicitly.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.resources
-from typing import Any
-
-import yaml
-
+from trilemma.optimizer.catalog import speculation
 from trilemma.optimizer.errors import InputError
-
-DATA_FILE = "draft_heads.yaml"
-
-
-@functools.cache
-def _table() -> dict[str, dict[str, dict[str, str]]]:
-    text = importlib.resources.files(__package__).joinpath("data", DATA_FILE).read_text()
-    data: dict[str, Any] = yaml.safe_load(text)
-    return data
 
 
 def known_heads(method: str) -> dict[str, str]:
     """Target model id -> head checkpoint id, for `method` ("eagle" or "eagle3")."""
-    return {target: row["model"] for target, row in _table().get(method, {}).items()}
+    return speculation.draft_heads(method)
 
 
 def draft_head(method: str, target: str) -> str:

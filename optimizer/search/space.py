@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trilemma.optimizer.catalog import gpus, models, quantization
+from trilemma.optimizer.catalog import gpus, models, quantization, speculation
 from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.catalog.gpus import Gpu
 from trilemma.optimizer.catalog.models import ModelArch
@@ -116,9 +116,9 @@ def spec_configs(request: PlanRequest, arch: ModelArch,
                  settings: SearchSettings) -> tuple[list[SpecConfig], int]:
     """Speculation settings to try, and how many were enumerated (skipped ones included).
 
-    A draft model needs a draft the spec cannot name yet, and MTP needs the model's own
-    nextn layers: those are counted as enumerated but not returned (pruned as "dtype":
-    a format the deployment cannot run).
+    A draft model needs a draft the spec cannot name yet, MTP needs the model's own nextn
+    layers, and EAGLE needs a published head for the target: those are counted as enumerated
+    but not returned (pruned as "dtype": a format the deployment cannot run).
     """
     methods = request.bounds.speculation or list(SpecMethod)
     out: list[SpecConfig] = []
@@ -131,6 +131,11 @@ def spec_configs(request: PlanRequest, arch: ModelArch,
         counted += len(settings.spec_k)
         if m is SpecMethod.DRAFT or (m is SpecMethod.MTP and arch.nextn_layers == 0):
             continue
+        if m in (SpecMethod.EAGLE, SpecMethod.EAGLE3) and not speculation.draft_head(m.value,
+                                                                                     arch.id):
+            continue  # no published head for this target: nothing to deploy
+
+
         out.extend(SpecConfig(method=m, k=k) for k in settings.spec_k)
     return out, counted
 
