@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import yaml
 
 from trilemma.optimizer import spec
@@ -136,17 +138,22 @@ def _compare(request: spec.PlanRequest, result: planning.Plan, base: ServingConf
     targets = {"ttft_p90_ms": getattr(slo.ttft_ms, "p90", None),
                "tpot_p90_ms": getattr(slo.tpot_ms, "p90", None)}
     osl = request.workload.output_distribution().mean_tokens()
-    prices = {g.gpu: g.effective_price_per_gpu_hour for g in request.hardware.gpus}
     out.write("\nagainst the baseline (p90 SLO, model curves):\n")
     for label, config in (("recommended", result.recommended.config), ("baseline", base)):
         rate = curves.capacity_at_slo(curves.latency_curve(request, config), **targets)
-        price = prices.get(config.worker.gpu)
-        if price is None:  # a baseline on GPUs outside the pool: the catalog's list price
-            price = gpus.get_gpu(config.worker.gpu).price_per_hour
-        per_hour = config.gpus * price
+        per_hour = config.gpus * _price(request, config.worker.gpu)
         mtok = per_hour / (rate * osl * 3600 / 1e6) if rate > 0 else float("inf")
         out.write(f"  {label:<12} {config.summary():<50} {rate:8.2f} req/s at the SLO, "
                   f"${per_hour:.2f}/h, ${mtok:.3f} per M output tokens at that rate\n")
+
+
+def _price(request: spec.PlanRequest, gpu: str) -> float:
+    """The pool's $/GPU-hour for `gpu`, else the catalog's list price (a baseline may sit
+    on GPUs outside the pool)."""
+    for group in request.hardware.gpus:
+        if group.gpu == gpu:
+            return group.effective_price_per_gpu_hour
+    return gpus.get_gpu(gpu).price_per_hour
 
 
 def _pareto_path(plot: Path) -> Path:
@@ -176,6 +183,19 @@ def _plots(request: spec.PlanRequest, result: planning.Plan, base: ServingConfig
         lines.append(plotting.Curve(label=f"baseline: {base.summary()}",
                                     rates_rps=curve.rates_rps, ttft_p90_ms=curve.ttft_p90_ms,
                                     tpot_p90_ms=curve.tpot_p90_ms, baseline=True))
+        # On the cost axis the baseline is scaled out to carry the design rate, like every
+        # searched deployment; its latency is read off its curve at its per-replica share.
+        rate = request.workload.design_rate()
+        capacity = curves.capacity_at_slo(
+            curve, ttft_p90_ms=getattr(request.slo.ttft_ms, "p90", None),
+            tpot_p90_ms=getattr(request.slo.tpot_ms, "p90", None)) or curve.rates_rps[-1]
+        copies = max(1, math.ceil(rate / capacity))
+        price = _price(request, base.worker.gpu)
+        points.append(plotting.ParetoPoint(
+            cost_per_hour=copies * base.gpus * price,
+            latency_ms=float(np.interp(rate / copies, curve.rates_rps, curve.ttft_p90_ms)),
+            label=f"{copies} copies of {base.summary()}", on_front=False, recommended=False,
+            baseline=True))
     slo = request.slo
     title = f"{result.request.get('models', '')}"
     plotting.rate_latency_plot(lines, plot, title=f"rate vs p90 latency {title}",

@@ -106,6 +106,7 @@ def _size(i: int, rs: RowScreen, request: PlanRequest, settings: SearchSettings,
     R = len(settings.replica_factors)
     gpus_row = (rows.tp * rows.pp * rows.dp).astype(np.float64)
     budget = request.slo.max_cost_per_hour
+    max_replicas = request.bounds.max_replicas
     quality = np.nan if g.quality is None else g.quality
     out: list[Candidates] = []
     near: list[Nearest] = []
@@ -161,7 +162,10 @@ def _size(i: int, rs: RowScreen, request: PlanRequest, settings: SearchSettings,
         over_budget = valid & ~late & ~over_pool & (budget is not None) & (
             cost > (budget if budget is not None else np.inf))
         pruned["budget"] += int(over_budget.sum())
-        keep = valid & ~late & ~over_pool & ~over_budget
+        over_replicas = valid & ~late & ~over_pool & ~over_budget & (
+            reps + preps > (max_replicas if max_replicas is not None else np.inf))
+        pruned["replicas"] += int(over_replicas.sum())
+        keep = valid & ~late & ~over_pool & ~over_budget & ~over_replicas
         # "Fill the pool" below what the rate needs: the pool (or budget) is too small.
         pruned["pool"] += int(((units == 0) & ok_m[:, None]).sum())
         r_idx, o_idx = np.nonzero(keep)

@@ -64,7 +64,8 @@ class SearchSettings:
 
 
 PRUNE_REASONS = ("dtype", "checkpoint", "quality", "parallelism", "nodes", "pool", "limits",
-                 "memory", "prefix_caching", "dominated", "slo", "budget", "duplicate", "coarse")
+                 "memory", "prefix_caching", "dominated", "slo", "budget", "replicas",
+                 "duplicate", "coarse")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -184,3 +184,19 @@ def test_public_names_are_pinned() -> None:
         "Choice", "Counts", "Explanation", "InfeasibleSLO", "Limit", "Mode", "Plan",
         "Prediction", "Scenario", "SearchSettings", "Sense", "ServingConfig", "WorkerConfig",
         "canonical_json", "pareto_front", "plan"]
+
+
+def test_max_replicas_bounds_every_returned_deployment(tmp_path):
+    from pathlib import Path as _P
+
+    from trilemma.optimizer import search as _search
+    from trilemma.optimizer.spec import load_spec as _load
+
+    src = _P(__file__).parent / "fixtures" / "cli" / "small.yaml"
+    path = tmp_path / "capped.yaml"
+    path.write_text(src.read_text().replace("allowDisaggregation: false",
+                                            "allowDisaggregation: false\n  maxReplicas: 1"))
+    result = _search.plan(_load(path))
+    for choice in [result.recommended, *result.front]:
+        assert choice.config.replicas + choice.config.prefill_replicas <= 1
+    assert result.counts.pruned["replicas"] > 0
