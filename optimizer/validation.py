@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trilemma.optimizer import errorstats
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.errors import InputError, TrilemmaError
@@ -42,12 +43,9 @@ class RowResult:
     skipped: str | None
 
     def as_json(self) -> dict[str, object]:
-        return {"id": self.id, "pred_ttft_ms": _round(self.pred_ttft_ms),
-                "pred_tpot_ms": _round(self.pred_tpot_ms), "skipped": self.skipped}
+        return {"id": self.id, "pred_ttft_ms": errorstats.rounded(self.pred_ttft_ms),
+                "pred_tpot_ms": errorstats.rounded(self.pred_tpot_ms), "skipped": self.skipped}
 
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -172,18 +170,6 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
     return [results[i] for i in range(len(rows))]
 
 
-def _ape(pred: float | None, meas: float | None) -> float | None:
-    if pred is None or meas is None:
-        return None
-    return abs(pred - meas) / meas * 100.0
-
-
-def _stats(values: list[float]) -> dict[str, float | int | None]:
-    if not values:
-        return {"n": 0, "median_ape": None, "p90_ape": None}
-    arr = np.asarray(values)
-    return {"n": len(values), "median_ape": round(float(np.median(arr)), 2),
-            "p90_ape": round(float(np.percentile(arr, 90)), 2)}
 
 
 def summarize(results: list[RowResult]) -> dict[str, object]:
@@ -199,7 +185,7 @@ def summarize(results: list[RowResult]) -> dict[str, object]:
             continue
         for metric, pred, meas in (("ttft", r.pred_ttft_ms, r.measured_ttft_ms),
                                    ("tpot", r.pred_tpot_ms, r.measured_tpot_ms)):
-            err = _ape(pred, meas)
+            err = errorstats.ape(pred, meas)
             if err is not None:
                 groups[r.group][metric].append(err)
                 backends[r.group[1]][metric].append(err)
@@ -210,12 +196,14 @@ def summarize(results: list[RowResult]) -> dict[str, object]:
         "modelled": modelled,
         "skipped": len(results) - modelled,
         "skip_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "overall": {"ttft": _stats(overall["ttft"]), "tpot": _stats(overall["tpot"])},
-        "by_backend": {b: {"ttft": _stats(v["ttft"]), "tpot": _stats(v["tpot"])}
+        "overall": {"ttft": errorstats.stats(overall["ttft"]),
+                    "tpot": errorstats.stats(overall["tpot"])},
+        "by_backend": {b: {"ttft": errorstats.stats(v["ttft"]),
+                           "tpot": errorstats.stats(v["tpot"])}
                        for b, v in sorted(backends.items())},
         "groups": [
             {"system": g[0], "backend": g[1], "model": g[2],
-             "ttft": _stats(v["ttft"]), "tpot": _stats(v["tpot"])}
+             "ttft": errorstats.stats(v["ttft"]), "tpot": errorstats.stats(v["tpot"])}
             for g, v in sorted(groups.items())
         ],
     }

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trilemma.optimizer import errorstats
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.quantization import KvDtype
 from trilemma.optimizer.errors import InputError, TrilemmaError
@@ -101,13 +102,10 @@ class TableRowResult:
     skipped: str | None
 
     def as_json(self) -> dict[str, object]:
-        return {"id": self.id, "concurrency": _round(self.concurrency),
-                "pred_ttft_ms": _round(self.pred_ttft_ms),
-                "pred_itl_ms": _round(self.pred_itl_ms), "skipped": self.skipped}
+        return {"id": self.id, "concurrency": errorstats.rounded(self.concurrency),
+                "pred_ttft_ms": errorstats.rounded(self.pred_ttft_ms),
+                "pred_itl_ms": errorstats.rounded(self.pred_itl_ms), "skipped": self.skipped}
 
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
 
 
 def matches_columns(fieldnames: Iterable[str]) -> bool:
@@ -347,18 +345,6 @@ def _group(row: Mapping[str, str]) -> Group:
             row.get("gpu", ""))
 
 
-def _ape(pred: float | None, meas: float | None) -> float | None:
-    if pred is None or meas is None:
-        return None
-    return abs(pred - meas) / meas * 100.0
-
-
-def _stats(values: Sequence[float]) -> dict[str, float | int | None]:
-    if not values:
-        return {"n": 0, "median_ape": None, "p90_ape": None}
-    arr = np.asarray(values)
-    return {"n": len(values), "median_ape": round(float(np.median(arr)), 2),
-            "p90_ape": round(float(np.percentile(arr, 90)), 2)}
 
 
 def summarize(results: Sequence[TableRowResult]) -> dict[str, object]:
@@ -375,7 +361,7 @@ def summarize(results: Sequence[TableRowResult]) -> dict[str, object]:
             continue
         for metric, pred, meas in (("ttft", r.pred_ttft_ms, r.measured_ttft_ms),
                                    ("itl", r.pred_itl_ms, r.measured_itl_ms)):
-            err = _ape(pred, meas)
+            err = errorstats.ape(pred, meas)
             if err is not None:
                 groups[r.group][metric].append(err)
                 overall[metric].append(err)
@@ -386,10 +372,11 @@ def summarize(results: Sequence[TableRowResult]) -> dict[str, object]:
         "skipped": len(results) - modelled,
         "skip_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "skipped_rows": [{"id": r.id, "reason": r.skipped} for r in results if r.skipped],
-        "overall": {"ttft": _stats(overall["ttft"]), "itl": _stats(overall["itl"])},
+        "overall": {"ttft": errorstats.stats(overall["ttft"]),
+                    "itl": errorstats.stats(overall["itl"])},
         "groups": [
             {"source": g[0], "engine": g[1], "model": g[2], "gpu": g[3],
-             "ttft": _stats(v["ttft"]), "itl": _stats(v["itl"])}
+             "ttft": errorstats.stats(v["ttft"]), "itl": errorstats.stats(v["itl"])}
             for g, v in sorted(groups.items())
         ],
     }
