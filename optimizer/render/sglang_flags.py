@@ -72,7 +72,10 @@ def scheduler_args(worker: WorkerConfig, options: choices.RenderOptions) -> list
         Arg(flag="--disable-radix-cache", source=Source.PLAN if not worker.prefix_caching
             else Source.ENGINE_DEFAULT, emit=not worker.prefix_caching),
     ]
-    if options.max_model_len is not None:
+    if options.max_model_len is None and worker.max_model_len is not None:
+        args.append(Arg(flag="--context-length", value=str(worker.max_model_len),
+                        source=Source.PLAN))
+    elif options.max_model_len is not None:
         args.append(Arg(flag="--context-length", value=str(options.max_model_len),
                         source=Source.USER_OVERRIDE))
     else:

@@ -72,7 +72,10 @@ def scheduler_args(worker: WorkerConfig, options: choices.RenderOptions) -> list
         Arg(flag="--enable-prefix-caching" if worker.prefix_caching
             else "--no-enable-prefix-caching", source=Source.PLAN),
     ]
-    if options.max_model_len is not None:
+    if options.max_model_len is None and worker.max_model_len is not None:
+        args.append(Arg(flag="--max-model-len", value=str(worker.max_model_len),
+                        source=Source.PLAN))
+    elif options.max_model_len is not None:
         args.append(Arg(flag="--max-model-len", value=str(options.max_model_len),
                         source=Source.USER_OVERRIDE))
     else:

@@ -37,6 +37,7 @@ class WorkerConfig:
     max_num_batched_tokens: int = 8192
     prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None  # context limit to deploy with; None: the model's own
 
     @property
     def gpus(self) -> int:

@@ -85,6 +85,7 @@ class Group:
     gpus_per_node: int
     max_tp: int | None = None          # bounds.maxTensorParallel
     max_pp: int | None = None          # bounds.maxPipelineParallel
+    max_model_len: int | None = None   # the longest request the memory check sized for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +142,14 @@ def spec_configs(request: PlanRequest, arch: ModelArch,
     return out, counted
 
 
+def model_len(arch: ModelArch, tokens: float) -> int:
+    """The context limit to deploy with: the request length the memory check sized for,
+    rounded up to 256 tokens, within the model's own limit. Engines otherwise size for the
+    model's full context and refuse to start where that sequence's KV cache does not fit."""
+    want = int(math.ceil(tokens / 256.0) * 256)
+    return min(want, arch.max_position_embeddings) if arch.max_position_embeddings else want
+
+
 def enumerate_space(request: PlanRequest, settings: SearchSettings) -> Space:
     """Every group and its feasible rows, with counts of what was enumerated and pruned."""
     wl = request.workload
@@ -194,7 +203,8 @@ def enumerate_space(request: PlanRequest, settings: SearchSettings) -> Space:
                               price_per_gpu_hour=pool.effective_price_per_gpu_hour,
                               pool_gpus=pool.count, gpus_per_node=pool.effective_gpus_per_node,
                               max_tp=request.bounds.max_tensor_parallel,
-                              max_pp=request.bounds.max_pipeline_parallel)
+                              max_pp=request.bounds.max_pipeline_parallel,
+                              max_model_len=model_len(arch, seq_len + spec.k))
                 r = _rows(group, layouts, limits, seq_len, mean_len, prefix_reuse, settings, pruned,
                           per_row)
                 if r is not None:

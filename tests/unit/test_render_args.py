@@ -152,3 +152,16 @@ def test_render_text_is_shell_quoted_and_repeatable():
     assert first == render.render_text(cfg, "vllm")
     assert first.startswith("vllm serve Qwen/Qwen3-8B ")
     assert "'{\"method\":\"eagle3\"" in first
+
+
+def test_the_plans_context_limit_is_rendered_for_both_engines():
+    import dataclasses
+
+    cfg = ServingConfig(model="meta-llama/Llama-3.1-8B",
+                        worker=WorkerConfig(gpu="l40s", max_model_len=4352))
+    assert "--max-model-len" in render.engine_args(cfg, "vllm")
+    assert "4352" in render.engine_args(cfg, "vllm")
+    sgl = render.engine_args(dataclasses.replace(cfg, engine="sglang"), "sglang")
+    assert sgl[sgl.index("--context-length") + 1] == "4352"
+    bare = ServingConfig(model="meta-llama/Llama-3.1-8B", worker=WorkerConfig(gpu="l40s"))
+    assert "--max-model-len" not in render.engine_args(bare, "vllm")
