@@ -232,7 +232,9 @@ def simulate(spec_path: Path, config_path: Path, *, mode: str, requests: int,
     if as_json:
         out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         return 0
-    out.write(f"{config.summary()} under {spec_path.name}: {requests} requests, {mode} loop\n")
+    how = {"open": "open loop at the spec's arrivals", "closed": f"closed loop, {concurrency} "
+           "clients", "offline": "offline, all queued at once"}[mode]
+    out.write(f"{config.summary()} under {spec_path.name}: {requests} requests, {how}\n")
     out.write(f"  throughput   {s.requests_per_s:.3f} req/s, {s.output_tokens_per_s:.1f} "
               "output tok/s\n")
     for name, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "end-to-end"),
