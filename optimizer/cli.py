@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="llm", help="endpoint name (Service and label)")
     p.add_argument("--namespace", default="default")
     p.add_argument("--image", default=None, help="engine container image")
+    p.add_argument("--router-command", default=None,
+                   help="disaggregated vLLM plans: the request router's command line "
+                        "(vLLM ships no production prefill/decode router)")
 
     p = sub.add_parser("bench", help="time the vectorized model on a batch of candidates")
     p.add_argument("--candidates", type=_positive_int, default=100_000)
@@ -328,8 +332,9 @@ def _render(args: argparse.Namespace) -> int:
     from trilemma.optimizer.render import command
 
     engine = args.engine or command.load_config(args.plan).engine
+    router = tuple(shlex.split(args.router_command)) if args.router_command else None
     return command.render_command(args.plan, engine, name=args.name, namespace=args.namespace,
-                                  image=args.image, out=sys.stdout)
+                                  image=args.image, out=sys.stdout, router_command=router)
 
 
 def _bench(args: argparse.Namespace) -> int:

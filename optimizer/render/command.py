@@ -39,11 +39,13 @@ def load_config(plan_path: Path) -> ServingConfig:
 
 
 def render_command(plan_path: Path, engine: str, *, name: str, namespace: str,
-                   image: str | None, out: TextIO) -> int:
+                   image: str | None, out: TextIO,
+                   router_command: tuple[str, ...] | None = None) -> int:
     """Print the engine command lines as YAML comments, then the manifests. Returns 0."""
     config = load_config(plan_path)
-    for line in render.render_text(config, engine).splitlines():
+    options = render.RenderOptions(router_command=router_command)
+    for line in render.render_text(config, engine, options=options).splitlines():
         out.write(f"# {line}\n")
     out.write(render.render_yaml(config, name=name, engine=engine, namespace=namespace,
-                                 image=image))
+                                 image=image, options=options))
     return 0

@@ -28,6 +28,12 @@ def parse_engine(engine: str) -> Engine:
 
 
 def _model(config: ServingConfig) -> catalog.ModelArch:
+    if config.model.endswith(".json"):
+        # A config.json is enough to plan with, not to serve: engines load a checkpoint (a Hub
+        # id or a directory in the pod), and this path lives on the planning machine.
+        raise InputError("model", config.model,
+                         "a config.json path cannot be deployed; set the model to the "
+                         "checkpoint's Hugging Face id or its directory inside the pod")
     return catalog.load_model(config.model)
 
 
@@ -63,7 +69,8 @@ def _router(name: str, engine: Engine, options: choices.RenderOptions) -> Render
     if engine is not Engine.SGLANG:
         raise InputError("router", None,
                          "vLLM has no production prefill/decode router to default to; pass "
-                         "router_command (e.g. the llm-d inference scheduler)")
+                         "one (trilemma render --router-command '...', e.g. the llm-d "
+                         "inference scheduler) or render with --engine sglang")
     port = options.port
     command = sglang_flags.router_command(f"http://{name}-prefill:{port}",
                                           f"http://{name}-decode:{port}", port)

@@ -30,10 +30,10 @@ _SPEC_METHODS = {
     SpecMethod.MTP: "mtp",
 }
 
-# Disaggregated serving through NixlConnector (docs/features/nixl_connector_usage.md): the
-# prefill pool produces KV, the decode pool consumes it; a router in front sends each request
-# to both in turn.
-_KV_ROLES = {Role.PREFILL: "kv_producer", Role.DECODE: "kv_consumer"}
+# Disaggregated serving through NixlConnector (docs/features/nixl_connector_usage.md): both
+# pools run the connector as kv_both (NIXL treats the role as a placeholder); the router in
+# front decides which pool prefills and which decodes each request.
+_KV_ROLES = {Role.PREFILL: "kv_both", Role.DECODE: "kv_both"}
 
 
 def _json(data: dict[str, Any]) -> str:

@@ -57,6 +57,10 @@ def _probes(worker: RenderedWorker) -> Obj:
 
 def _env(plan: RenderPlan, worker: RenderedWorker) -> list[Obj]:
     env: list[Obj] = [{"name": k, "value": v} for k, v in worker.env]
+    if any("NixlConnector" in a for a in worker.argv()):
+        # NIXL's side channel must advertise the pod's own address to its peer pool.
+        env.append({"name": "VLLM_NIXL_SIDE_CHANNEL_HOST",
+                    "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     if plan.hf_token_secret:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": plan.hf_token_secret, "key": "token", "optional": True}}})

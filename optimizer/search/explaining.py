@@ -203,14 +203,16 @@ def infeasible(request: PlanRequest, screens: list[RowScreen], nearest: list[Nea
             t = terms[n.term]
             g = rs.rows.group
             w = ranking.worker(rs, n.row)
-            lines.append(f"{g.choice.id} {w.summary()} on {g.gpu.key}: {t.name.split(' <=')[0]}"
-                         f" {n.ratio * t.target_ms:.1f} ms vs {t.target_ms:g} ms target at the "
-                         "lightest load")
+            line = (f"{g.choice.id} {w.summary()} on {g.gpu.key}: {t.name.split(' <=')[0]}"
+                    f" {n.ratio * t.target_ms:.1f} ms vs {t.target_ms:g} ms target at the "
+                    "lightest load")
+            if line not in lines:  # rows that differ only in engine limits read the same
+                lines.append(line)
         votes = Counter(terms[n.term].name for n in nearest)
         binding = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
         best = nearest[0]
         why = (f"no configuration meets the SLO; the binding constraint is {binding}: the "
-               f"nearest configurations miss it by {(best.ratio - 1) * 100:.0f}% or more even "
+               f"nearest configurations miss it by {(best.ratio - 1) * 100:.1f}% or more even "
                f"unloaded. Nearest: " + "; ".join(lines))
         return InfeasibleSLO(binding, lines, why)
     parts = [f"{k}: {pruned[k]}" for k in ("slo", "pool", "budget") if pruned.get(k)]

@@ -141,7 +141,9 @@ def _size(i: int, rs: RowScreen, request: PlanRequest, settings: SearchSettings,
             unit_gpus = (p + d) * gpus_row
             u = _units(need_u, unit_gpus, g.price_per_gpu_hour, g.pool_gpus, budget,
                        settings.replica_factors)
-            uu = np.maximum(u, 1.0)
+            # Rows that cannot run this mode have no finite unit count: price them at one unit
+            # (their `units` is zeroed below, so they are never kept) instead of inf * 0.
+            uu = np.where(np.isfinite(u), np.maximum(u, 1.0), 1.0)
             rho = wl.rate / (p * uu * rs.prefill_rate[:, None])
             _, tpot_d = dec.at(wl.rate / (d * uu))
             ttft_d = screening.prefill_ttft(rs, rho) + tpot_d

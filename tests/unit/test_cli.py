@@ -213,3 +213,30 @@ def test_validate_recognises_latency_vs_load_tables(capsys):
     assert code == 0
     assert doc["summary"]["modelled"] > 700
     assert doc["summary"]["overall"]["itl"]["median_ape"] is not None
+
+
+def _disagg_file(tmp_path):
+    worker = {"gpu": "h100_sxm", "tp": 2, "quant": "fp8"}
+    doc = {"model": "meta-llama/Llama-3.1-70B", "engine": "vllm", "mode": "disaggregated",
+           "replicas": 2, "worker": worker, "prefill": worker, "prefill_replicas": 1}
+    path = tmp_path / "disagg.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_a_disaggregated_vllm_plan_needs_a_router_and_renders_with_one(capsys, tmp_path):
+    path = _disagg_file(tmp_path)
+    code, _, err = run(capsys, "render", str(path))
+    assert code == 2 and "--router-command" in err
+    code, out, _ = run(capsys, "render", str(path), "--router-command", "my-router --port 8000")
+    assert code == 0
+    assert '"kv_role":"kv_both"' in out and "VLLM_NIXL_SIDE_CHANNEL_HOST" in out
+    assert "my-router" in out
+
+
+def test_render_refuses_a_config_json_path_as_the_served_model(capsys, tmp_path):
+    doc = {"model": str(tmp_path / "config.json"), "worker": {"gpu": "h100_sxm"}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(doc))
+    code, _, err = run(capsys, "render", str(path))
+    assert code == 2 and "model=" in err and "cannot be deployed" in err

@@ -125,8 +125,8 @@ def test_disaggregated_vllm_uses_nixl_producer_and_consumer_roles():
     roles = {w.role.value: w for w in plan.workers}
     kv = {r: json.loads(value(roles[r].argv(), "--kv-transfer-config"))
           for r in ("prefill", "decode")}
-    assert kv["prefill"] == {"kv_connector": "NixlConnector", "kv_role": "kv_producer"}
-    assert kv["decode"]["kv_role"] == "kv_consumer"
+    assert kv["prefill"] == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    assert kv["decode"]["kv_role"] == "kv_both"
     with pytest.raises(InputError) as err:
         render.plan(cfg, "vllm", name="x")
     assert err.value.field == "router"
