@@ -145,8 +145,8 @@ def _estimate(args: argparse.Namespace) -> int:
             "gpus": cfg.par.gpus, "quant": cfg.quant.value, "kv_dtype": cfg.kv.value,
             "spec": f"{cfg.spec.method.value}:{cfg.spec.k}" if cfg.spec.k else "none",
             "engine": cfg.engine.value}
-    prov = est.provenance(cfg)
     if args.phase in ("decode", "prefill"):
+        prov = est.provenance(cfg)
         if args.phase == "decode":
             ms = est.decode_step_ms(cfg, batch=args.batch, kv_len=args.kv_len)
             what = {"phase": "decode", "batch": args.batch, "kv_len": args.kv_len}
@@ -163,6 +163,7 @@ def _estimate(args: argparse.Namespace) -> int:
         return 0
     e = est.closed_loop(cfg, concurrency=args.concurrency, isl=args.isl, osl=args.osl,
                         cached=args.cached, predictability=args.predictability)
+    prov = e.provenance
     doc = {**head, "concurrency": args.concurrency, "isl": args.isl, "osl": args.osl,
            "cached": args.cached, "fits": e.fits,
            "ttft_ms": round(e.ttft_ms, 3), "tpot_ms": round(e.tpot_ms, 3),
@@ -232,11 +233,15 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"{g['system']:<10}{g['backend']:<8}{g['model']:<30}{g['ttft']['n']:>5}"
               f"{g['ttft']['median_ape']:>9}%{g['ttft']['p90_ape']:>7}%"
               f"{g['tpot']['median_ape']:>9}%{g['tpot']['p90_ape']:>7}%")
+    _print_skips(summary)
+    return 0
+
+
+def _print_skips(summary: dict) -> None:
     if summary["skip_reasons"]:
         print("\nskipped rows, by reason:")
         for reason, n in summary["skip_reasons"].items():
             print(f"  {n:5d}  {reason}")
-    return 0
 
 
 def _is_latency_table(path: Path) -> bool:
@@ -271,10 +276,7 @@ def _validate_tables(args: argparse.Namespace) -> int:
         label = " / ".join(str(g[k]) for k in ("engine", "model", "gpu") if k in g)
         print(f"  {label:<70} n={g['ttft']['n']:<4} TTFT {g['ttft']['median_ape']}%  "
               f"ITL {g['itl']['median_ape']}%")
-    if summary["skip_reasons"]:
-        print("\nskipped rows, by reason:")
-        for reason, n in summary["skip_reasons"].items():
-            print(f"  {n:5d}  {reason}")
+    _print_skips(summary)
     return 0
 
 

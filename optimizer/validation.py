@@ -149,9 +149,8 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
         conc = np.array([m["_conc"] for _, m in members], dtype=np.float64)
         isl = np.array([m["_isl"] for _, m in members], dtype=np.float64)
         osl = np.array([m["_osl"] for _, m in members], dtype=np.float64)
-        sm = estimate.step_model(cfg)
-        if facts and cfg.engine in facts:
-            sm = StepModel(cfg.arch, cfg.gpu, cfg.quant, cfg.kv, facts[cfg.engine])
+        sm = (StepModel(cfg.arch, cfg.gpu, cfg.quant, cfg.kv, facts[cfg.engine])
+              if facts and cfg.engine in facts else estimate.step_model(cfg))
         r = latency.closed_loop(sm, tp=cfg.par.tp, pp=cfg.par.pp,
                                 dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc, isl=isl,
                                 osl=osl)

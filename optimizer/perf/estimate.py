@@ -117,9 +117,9 @@ class Estimate:
     provenance: dict[str, str]
 
 
-def provenance(cfg: Config) -> dict[str, str]:
+def provenance(cfg: Config, sm: StepModel | None = None) -> dict[str, str]:
     """Which parts of the prediction rest on measured kernels, extrapolation, or datasheets."""
-    sm = step_model(cfg)
+    sm = sm or step_model(cfg)
     km = sm.km
     out = {
         "gemm": km.provenance("gemm", sm.attn_kernel),
@@ -140,8 +140,9 @@ def closed_loop(cfg: Config, *, concurrency: int, isl: int, osl: int, cached: in
         raise InputError("cached", cached, "cached prefix tokens must be in [0, isl)")
     if not 0.0 <= predictability <= 1.0:
         raise InputError("predictability", predictability, "must be between 0 and 1")
+    sm = step_model(cfg)
     r = latency.closed_loop(
-        step_model(cfg), tp=cfg.par.tp, pp=cfg.par.pp, dp=cfg.par.dp, ep=cfg.par.ep,
+        sm, tp=cfg.par.tp, pp=cfg.par.pp, dp=cfg.par.dp, ep=cfg.par.ep,
         concurrency=concurrency, isl=isl, osl=osl, cached=cached,
         max_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
         spec=cfg.spec, predictability=predictability, draft=draft_step_model(cfg))
@@ -156,7 +157,7 @@ def closed_loop(cfg: Config, *, concurrency: int, isl: int, osl: int, cached: in
         memory={"capacity": float(m.capacity), "weights": float(m.weights),
                 "activations": float(m.activations), "runtime": float(m.runtime),
                 "kv_cache": float(m.kv_cache)},
-        max_seqs=int(m.max_seqs), kv_tokens=int(m.kv_tokens), provenance=provenance(cfg))
+        max_seqs=int(m.max_seqs), kv_tokens=int(m.kv_tokens), provenance=provenance(cfg, sm))
 
 
 def decode_step_ms(cfg: Config, *, batch: int, kv_len: int) -> float:

@@ -14,6 +14,7 @@ from trilemma.optimizer import catalog
 from trilemma.optimizer.catalog import QuantRecipe, SpecMethod, quantization
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.render import drafts
+from trilemma.optimizer.render.ir import Arg, Source
 from trilemma.optimizer.search.configs import WorkerConfig
 from trilemma.optimizer.spec.hardware import GpuGroup
 
@@ -44,6 +45,16 @@ def quant_flag(model: catalog.ModelArch, worker: WorkerConfig) -> str | None:
     if model.checkpoint_quant is None and recipe is QuantRecipe.FP8:
         return "fp8"
     return None
+
+
+def quantization_arg(model: catalog.ModelArch, worker: WorkerConfig) -> Arg:
+    """`--quantization` (same flag and values in vLLM and SGLang), or a recorded no-op when the
+    engine reads the format from the checkpoint's config."""
+    quant = quant_flag(model, worker)
+    if quant:
+        return Arg(flag="--quantization", value=quant, source=Source.PLAN)
+    return Arg(flag="--quantization", source=Source.CATALOG, emit=False,
+               note=f"checkpoint format {model.checkpoint_quant or 'bf16'} read from its config")
 
 
 @dataclass(frozen=True, kw_only=True)

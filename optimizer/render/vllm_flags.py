@@ -52,10 +52,7 @@ def parallel_args(worker: WorkerConfig) -> list[Arg]:
 
 
 def memory_args(model: catalog.ModelArch, worker: WorkerConfig) -> list[Arg]:
-    quant = choices.quant_flag(model, worker)
-    args = [Arg(flag="--quantization", value=quant, source=Source.PLAN) if quant else
-            Arg(flag="--quantization", source=Source.CATALOG, emit=False,
-                note=f"checkpoint format {model.checkpoint_quant or 'bf16'} read from its config")]
+    args = [choices.quantization_arg(model, worker)]
     fp8_kv = worker.kv_dtype == catalog.KvDtype.FP8.value
     args.append(Arg(flag="--kv-cache-dtype", value="fp8", source=Source.PLAN) if fp8_kv else
                 Arg(flag="--kv-cache-dtype", source=Source.ENGINE_DEFAULT, emit=False))
