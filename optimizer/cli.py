@@ -11,7 +11,8 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from trilemma.optimizer import validation
@@ -19,6 +20,19 @@ from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import estimate as est
 
 EXIT_BAD_INPUT = 2
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A command another package adds to `trilemma` (the operator's `crds`, `operator`...).
+
+    The optimizer cannot import those packages; they hand their commands in through `main`.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
 def _positive_int(text: str) -> int:
@@ -50,7 +64,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=_positive_int, default=None)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(extra: Sequence[Subcommand] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trilemma", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -129,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time the vectorized model on a batch of candidates")
     p.add_argument("--candidates", type=_positive_int, default=100_000)
     p.add_argument("--repeat", type=_positive_int, default=3)
+    for command in extra:
+        command.add_arguments(sub.add_parser(command.name, help=command.help))
     return parser
 
 
@@ -347,13 +363,14 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+def main(argv: Sequence[str] | None = None, *, extra: Sequence[Subcommand] = ()) -> int:
+    """Run one command; `extra` adds commands of the packages built on the optimizer."""
+    parser = _parser(extra)
     args = parser.parse_args(argv)
-    handlers = {"estimate": _estimate, "validate": _validate, "calibrate": _calibrate,
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {"estimate": _estimate, "validate": _validate, "calibrate": _calibrate,
                 "calibrate-engine": _calibrate_engine, "optimize": _optimize,
                 "simulate": _simulate, "render": _render,
-                "bench": _bench}
+                "bench": _bench, **{c.name: c.run for c in extra}}
     try:
         return handlers[args.command](args)
     except InputError as exc:

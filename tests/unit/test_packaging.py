@@ -18,9 +18,10 @@ def test_every_package_folder_is_listed_for_installation():
     # operator/ is a namespace package on purpose (see operator/naming.py); the rest are
     # regular packages wherever an __init__.py is.
     found = {"trilemma.operator"}
-    for init in (ROOT / "optimizer").rglob("__init__.py"):
-        rel = init.parent.relative_to(ROOT / "optimizer").parts
-        found.add(".".join(("trilemma.optimizer", *rel)))
+    for folder in ("optimizer", "simfleet"):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((f"trilemma.{folder}", *rel)))
     assert listed == found
 
 

@@ -1,0 +1,352 @@
+"""The custom resources' specs and status: `OptimizedEndpoint` and `HardwarePool`.
+
+One source of truth: these pydantic models validate what the operator reads, and `trilemma
+crds` generates the CRD schemas from them (crdgen.py). They reuse the optimizer's spec models
+for everything the search reads (workload, SLO, objective, bounds, GPU groups) and add only
+what is Kubernetes' business: where the model's config lives, images, serving extras, rollout,
+retune and Prometheus settings.
+
+Checks that need the cluster (does the ConfigMap exist, is the pool there) or the catalogs
+(is the model known) happen in the reconciler, which reports them in status; these models
+check shape and the rules one document can decide.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+
+from trilemma.optimizer.catalog.engines import Engine
+from trilemma.optimizer.spec import HardwarePool, Objective, SearchBounds, Slo, Workload
+from trilemma.optimizer.spec.base import SpecModel, rule_error
+from trilemma.optimizer.spec.models import QualityScore
+
+# RFC 1123 names: what Kubernetes accepts for ConfigMaps, Secrets, PVCs and pools.
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+# "25%" or a count; Kubernetes' IntOrString for maxSurge / maxUnavailable.
+_PERCENT = re.compile(r"^(100|[1-9]?[0-9])%$")
+
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_NAME.pattern)]
+IntOrPercent = Annotated[
+    int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+
+
+def _int_or_percent(value: int | str, field: str) -> int | str:
+    if isinstance(value, int):
+        if value < 0:
+            raise rule_error("must be 0 or more", field=field, value=value)
+        return value
+    if not _PERCENT.match(value):
+        raise rule_error("a count or a percentage such as 25%", field=field, value=value)
+    return value
+
+
+class ConfigMapModel(SpecModel):
+    """A model architecture given as a Hugging Face config.json held in a ConfigMap."""
+
+    name: ObjectName = Field(description="ConfigMap in the endpoint's namespace.")
+    key: str = Field(default="config.json", min_length=1, max_length=253,
+                     description="Key of the ConfigMap holding the config.json text.")
+
+
+class ModelRef(SpecModel):
+    """One model: a bundled id, or a config.json in a ConfigMap plus the checkpoint to serve."""
+
+    id: str | None = Field(
+        default=None, min_length=1, max_length=253,
+        description="Bundled model id, e.g. meta-llama/Llama-3.1-8B-Instruct.")
+    config_map: ConfigMapModel | None = Field(
+        default=None, description="A config.json in a ConfigMap, for models not bundled.")
+    served_model: str | None = Field(
+        default=None, min_length=1, max_length=1024,
+        description="What the engine loads: a Hugging Face id or a path in the pod. Required "
+                    "with configMap; default: id.")
+    quality: QualityScore | None = Field(
+        default=None, description="Published benchmark score; default: the bundled table's.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelRef:
+        if (self.id is None) == (self.config_map is None):
+            raise rule_error("give id (a bundled model) or configMap, exactly one", field="id",
+                             value=self.id)
+        if self.config_map is not None and self.served_model is None:
+            raise rule_error("a configMap model needs servedModel: the checkpoint the engine "
+                             "loads (Hugging Face id or path in the pod)", field="servedModel")
+        if self.id is not None and ("/" in self.id and self.id.endswith(".json")):
+            raise rule_error("a file path cannot be read by the operator; put the config.json "
+                             "in a ConfigMap and use configMap", field="id", value=self.id)
+        return self
+
+    @property
+    def checkpoint(self) -> str:
+        """The model the engine serves."""
+        return self.served_model or str(self.id)
+
+
+class HardwarePoolRef(SpecModel):
+    name: ObjectName = Field(description="Name of a cluster-scoped HardwarePool.")
+
+
+class EngineSpec(SpecModel):
+    """Which serving engine to run, and the images to run it from."""
+
+    name: Engine | None = Field(
+        default=None, description="vllm or sglang; empty lets the search choose.")
+    vllm_image: str | None = Field(
+        default=None, min_length=1, description="Image for vLLM; default vllm/vllm-openai.")
+    sglang_image: str | None = Field(
+        default=None, min_length=1, description="Image for SGLang; default lmsysorg/sglang.")
+    router_command: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Command of the prefill/decode router (vLLM disaggregated plans need one; "
+                    "SGLang ships sglang_router).")
+
+    def image(self, engine: Engine) -> str | None:
+        return self.vllm_image if engine is Engine.VLLM else self.sglang_image
+
+
+class EnvVar(SpecModel):
+    name: str = Field(min_length=1, max_length=256, pattern=_ENV_NAME.pattern)
+    value: str = Field(default="", max_length=32768)
+
+
+class ModelCache(SpecModel):
+    """Where downloaded weights persist across restarts: a PVC or a directory on the node."""
+
+    claim_name: ObjectName | None = Field(
+        default=None, description="PersistentVolumeClaim mounted at the Hugging Face cache.")
+    host_path: str | None = Field(
+        default=None, pattern=r"^/", max_length=4096,
+        description="Node directory mounted at the Hugging Face cache (absolute path).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelCache:
+        if (self.claim_name is None) == (self.host_path is None):
+            raise rule_error("give claimName or hostPath, exactly one", field="claimName",
+                             value=self.claim_name)
+        return self
+
+
+class ServingExtras(SpecModel):
+    """What the operator adds to the plan's engine command and pods, verbatim."""
+
+    extra_args: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="Appended to the engine's arguments; may not repeat a flag the plan sets.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=64,
+                              description="Environment variables of the engine container.")
+    model_cache: ModelCache | None = Field(
+        default=None, description="Persistent model cache; default: none (download each start).")
+    hf_token_secret: ObjectName | None = Field(
+        default=None, description="Secret whose key `token` holds a Hugging Face token.")
+
+    @field_validator("env")
+    @classmethod
+    def _unique_env(cls, env: list[EnvVar]) -> list[EnvVar]:
+        names = [e.name for e in env]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise rule_error(f"{name} is set twice", field=f"{i}.name", value=name)
+        return env
+
+
+class Rollout(SpecModel):
+    auto_apply: bool = Field(
+        default=True, description="false: recommend only (plan in status and ConfigMap).")
+    max_surge: IntOrPercent = Field(default="25%",
+                                    description="Deployment maxSurge: a count or a percentage.")
+    max_unavailable: IntOrPercent = Field(
+        default=0, description="Deployment maxUnavailable: a count or a percentage.")
+    progress_deadline_seconds: int = Field(
+        default=1800, ge=60, le=86400,
+        description="How long a new configuration may take to become Ready.")
+
+    @field_validator("max_surge", "max_unavailable")
+    @classmethod
+    def _int_or_percent(cls, value: int | str) -> int | str:
+        return _int_or_percent(value, "")
+
+
+class DriftThresholds(SpecModel):
+    """Relative changes of the observed workload that trigger a re-plan."""
+
+    rate: float = Field(default=0.3, gt=0, le=10, description="Request rate, relative.")
+    prompt_tokens: float = Field(default=0.3, gt=0, le=10,
+                                 description="Mean prompt length, relative.")
+    output_tokens: float = Field(default=0.3, gt=0, le=10,
+                                 description="Mean output length, relative.")
+    prefix_share: float = Field(default=0.15, gt=0, le=1,
+                                description="Prefix-cache hit share, absolute.")
+
+
+class Retune(SpecModel):
+    enabled: bool = Field(default=False, description="Re-plan from observed traffic.")
+    interval_seconds: int = Field(default=300, ge=10, le=86400,
+                                  description="How often to compare traffic with the plan.")
+    window_seconds: int = Field(default=900, ge=30, le=604800,
+                                description="Query window of the traffic estimate.")
+    drift: DriftThresholds = Field(default_factory=DriftThresholds,
+                                   description="Changes that trigger a re-plan.")
+    cooldown_seconds: int = Field(default=1800, ge=0, le=604800,
+                                  description="Least time between two rollouts.")
+    min_improvement: float = Field(
+        default=0.1, ge=0, le=1,
+        description="A new plan rolls out only if it beats the current one on the objective "
+                    "by this share (or the current one violates the SLO).")
+
+
+class SecretKeyRef(SpecModel):
+    name: ObjectName = Field(description="Secret in the endpoint's namespace.")
+    key: str = Field(default="token", min_length=1, max_length=253,
+                     description="Key holding a bearer token.")
+
+
+class PrometheusSpec(SpecModel):
+    url: str | None = Field(
+        default=None, pattern=r"^https?://", max_length=2048,
+        description="Prometheus base URL; default: the operator's --prometheus-url.")
+    auth_secret: SecretKeyRef | None = Field(default=None,
+                                             description="Bearer token for Prometheus.")
+    label_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra PromQL label matchers scoping the endpoint's series.")
+
+
+class OptimizedEndpointSpec(SpecModel):
+    """An inference endpoint described by what it must do; the operator picks how."""
+
+    model: ModelRef | None = Field(default=None,
+                                   description="The model to serve; or give models.")
+    models: list[ModelRef] | None = Field(
+        default=None, min_length=1, max_length=16,
+        description="Candidate models; the search may pick any. Exclusive with model.")
+    workload: Workload = Field(description="The traffic to serve.")
+    slo: Slo = Field(default_factory=Slo, description="Targets every plan must meet.")
+    objective: Objective = Field(default=Objective.BALANCED,
+                                 description="min_cost, max_throughput, min_latency, balanced.")
+    bounds: SearchBounds = Field(default_factory=SearchBounds,
+                                 description="Limits on the configurations to try.")
+    hardware_pool_ref: HardwarePoolRef = Field(description="The HardwarePool to draw GPUs from.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="Engine and images.")
+    serving: ServingExtras = Field(default_factory=ServingExtras,
+                                   description="Extra engine arguments, env, caches, secrets.")
+    rollout: Rollout = Field(default_factory=Rollout, description="How plans are applied.")
+    retune: Retune = Field(default_factory=Retune, description="Re-planning from traffic.")
+    prometheus: PrometheusSpec = Field(default_factory=PrometheusSpec,
+                                       description="Where the endpoint's metrics are.")
+
+    @model_validator(mode="after")
+    def _one_model_field(self) -> OptimizedEndpointSpec:
+        if (self.model is None) == (self.models is None):
+            raise rule_error("give model (one) or models (candidates), exactly one",
+                             field="model")
+        if self.workload.arrivals.kind == "trace":
+            raise rule_error("trace arrivals read a file the operator cannot see; describe "
+                             "the traffic with poisson or gamma arrivals",
+                             field="workload.arrivals.kind", value="trace")
+        return self
+
+    @property
+    def candidates(self) -> tuple[ModelRef, ...]:
+        return (self.model,) if self.model is not None else tuple(self.models or ())
+
+
+class HardwarePoolSpec(HardwarePool):
+    """The GPUs a platform team offers to endpoints, per type (cluster-scoped)."""
+
+
+# ---- status -------------------------------------------------------------------------------
+
+
+class Phase(enum.StrEnum):
+    PENDING = "Pending"
+    OPTIMIZING = "Optimizing"
+    DEPLOYING = "Deploying"
+    READY = "Ready"
+    INFEASIBLE = "Infeasible"
+    FAILED = "Failed"
+
+
+class ConditionType(enum.StrEnum):
+    VALIDATED = "Validated"
+    OPTIMIZED = "Optimized"
+    DEPLOYED = "Deployed"
+    READY = "Ready"
+    METRICS_AVAILABLE = "MetricsAvailable"
+
+
+class Condition(SpecModel):
+    type: ConditionType
+    status: str = Field(pattern=r"^(True|False|Unknown)$")
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
+    message: str = Field(default="", max_length=32768)
+    last_transition_time: str = Field(description="RFC 3339 time of the last status change.")
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class Predictions(SpecModel):
+    ttft_p90_ms: float
+    tpot_p90_ms: float
+    capacity_rps: float = Field(description="Requests/s the deployment sustains in the SLO.")
+    cost_per_hour: float
+    cost_per_million_tokens: float
+    quality: float | None = None
+    simulated: bool = False
+
+
+class FrontPoint(SpecModel):
+    hash: str
+    summary: str
+    ttft_p90_ms: float
+    tpot_p90_ms: float
+    capacity_rps: float
+    cost_per_hour: float
+    recommended: bool = False
+
+
+class ActiveConfiguration(SpecModel):
+    hash: str = Field(description="Hash of the configuration (names its Deployment).")
+    summary: str = Field(description='Short form, e.g. "2x [fp8 TP2 eagle3x3] on h100_sxm".')
+    short: str = Field(description='Printer column form, e.g. "fp8 TP2 eagle3x3".')
+    model: str
+    engine: str
+    gpu: str
+    gpus: int = Field(ge=0, description="GPUs the configuration holds in the pool.")
+    replicas: int = Field(ge=0)
+    engine_args: list[str] = Field(default_factory=list)
+    applied: bool = Field(description="false: recommended only (autoApply false).")
+
+
+class Optimization(SpecModel):
+    time: str = Field(description="RFC 3339 time the plan was made.")
+    duration_seconds: float = Field(ge=0)
+    candidates: int = Field(ge=0, description="Configurations enumerated.")
+    request_digest: str = Field(description="Hash of the planning input (spec + pool).")
+    reused: bool = Field(default=False,
+                         description="true: an earlier plan for the same input was reused.")
+
+
+class OptimizedEndpointStatus(SpecModel):
+    phase: Phase = Phase.PENDING
+    message: str = ""
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    active_configuration: ActiveConfiguration | None = None
+    predictions: Predictions | None = None
+    pareto_front: list[FrontPoint] = Field(default_factory=list, max_length=8)
+    last_optimization: Optimization | None = None
+    cost_per_hour: float | None = Field(default=None, description="Of the active plan, $/hour.")
+
+
+def status_field_names() -> list[str]:
+    """The status keys the operator owns (camelCase), so that patches can clear stale ones."""
+    return [f.alias or name for name, f in OptimizedEndpointStatus.model_fields.items()]
+
+
+def to_wire(model: SpecModel) -> dict[str, Any]:
+    """A model as the API server stores it: camelCase, enums as values, no unset optionals."""
+    return model.model_dump(by_alias=True, mode="json", exclude_none=True)
