@@ -13,6 +13,9 @@ from trilemma.optimizer import cli as optimizer_cli
 
 # Modules that add a command; each defines SUBCOMMAND: optimizer_cli.Subcommand.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "trilemma.operator.crdgen",
+    "trilemma.simfleet.cli_server",
+    "trilemma.simfleet.cli_loadgen",
 )
 
 

@@ -13,3 +13,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 LABEL_ENDPOINT = f"{GROUP}/endpoint"
 LABEL_CONFIG_HASH = f"{GROUP}/config-hash"
+
+# On the plan ConfigMap: the digest of the planning input, so a restart reuses the plan.
+ANNOTATION_REQUEST_DIGEST = f"{GROUP}/request-digest"
+MANAGED_BY = "trilemma"

@@ -330,6 +330,23 @@ class Optimization(SpecModel):
                          description="true: an earlier plan for the same input was reused.")
 
 
+class RolloutState(enum.StrEnum):
+    PROGRESSING = "Progressing"
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+
+
+class RolloutStatus(SpecModel):
+    """The move of the Service from one configuration hash to another."""
+
+    from_hash: str | None = Field(default=None, description="Hash serving before.")
+    to_hash: str = Field(description="Hash being rolled out.")
+    state: RolloutState
+    started: str = Field(description="RFC 3339 time the new configuration was created.")
+    deadline: str = Field(description="RFC 3339 time after which it counts as failed.")
+    message: str = ""
+
+
 class OptimizedEndpointStatus(SpecModel):
     phase: Phase = Phase.PENDING
     message: str = ""
@@ -340,6 +357,12 @@ class OptimizedEndpointStatus(SpecModel):
     pareto_front: list[FrontPoint] = Field(default_factory=list, max_length=8)
     last_optimization: Optimization | None = None
     cost_per_hour: float | None = Field(default=None, description="Of the active plan, $/hour.")
+    serving_hash: str | None = Field(
+        default=None, description="Configuration hash the Service sends traffic to.")
+    rollout: RolloutStatus | None = None
+    allocated_gpus: dict[str, int] = Field(
+        default_factory=dict,
+        description="GPUs this endpoint's children hold, by type (both sides during a rollout).")
 
 
 def status_field_names() -> list[str]:

@@ -367,9 +367,10 @@ def main(argv: Sequence[str] | None = None, *, extra: Sequence[Subcommand] = ())
     """Run one command; `extra` adds commands of the packages built on the optimizer."""
     parser = _parser(extra)
     args = parser.parse_args(argv)
-    handlers: dict[str, Callable[[argparse.Namespace], int]] = {"estimate": _estimate, "validate": _validate, "calibrate": _calibrate,
-                "calibrate-engine": _calibrate_engine, "optimize": _optimize,
-                "simulate": _simulate, "render": _render,
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "estimate": _estimate, "validate": _validate, "calibrate": _calibrate,
+        "calibrate-engine": _calibrate_engine, "optimize": _optimize, "simulate": _simulate,
+        "render": _render,
                 "bench": _bench, **{c.name: c.run for c in extra}}
     try:
         return handlers[args.command](args)

@@ -30,6 +30,9 @@ class RenderOptions:
     draft_model: str | None = None     # eagle/eagle3 head, overriding data/draft_heads.yaml
     pool_group: GpuGroup | None = None  # node size, resource name, scheduling constraints
     router_command: tuple[str, ...] | None = None  # disaggregated: the request router
+    # What the engine loads when it is not the planned model id: a checkpoint path in the pod,
+    # or the Hub id of a model planned from its config.json alone.
+    served_model: str | None = None
 
 
 def quant_flag(model: catalog.ModelArch, worker: WorkerConfig) -> str | None:

@@ -6,6 +6,8 @@ the manifests (text.py, workloads.py) are pure functions of the RenderPlan it re
 
 from __future__ import annotations
 
+import dataclasses
+
 from trilemma.optimizer import catalog
 from trilemma.optimizer.catalog import Engine
 from trilemma.optimizer.errors import InputError
@@ -27,8 +29,8 @@ def parse_engine(engine: str) -> Engine:
         raise InputError("engine", engine, f"unknown engine; one of {valid}") from None
 
 
-def _model(config: ServingConfig) -> catalog.ModelArch:
-    if config.model.endswith(".json"):
+def _model(config: ServingConfig, options: choices.RenderOptions) -> catalog.ModelArch:
+    if config.model.endswith(".json") and options.served_model is None:
         # A config.json is enough to plan with, not to serve: engines load a checkpoint (a Hub
         # id or a directory in the pod), and this path lives on the planning machine.
         raise InputError("model", config.model,
@@ -40,8 +42,8 @@ def _model(config: ServingConfig) -> catalog.ModelArch:
 def _worker(config: ServingConfig, engine: Engine, worker: WorkerConfig, role: Role,
             replicas: int, options: choices.RenderOptions) -> RenderedWorker:
     flags = _FLAGS[engine]
-    model = _model(config)
-    args = flags.worker_args(config.model, model, worker, role, options)
+    model = _model(config, options)
+    args = flags.worker_args(options.served_model or config.model, model, worker, role, options)
     nodes = choices.nodes_per_replica(worker, options)
     leader: tuple[Arg, ...] = ()
     follower: tuple[Arg, ...] = ()
@@ -109,6 +111,14 @@ def _scheduling(config: ServingConfig, options: choices.RenderOptions) -> dict[s
             "tolerations": tolerations}
 
 
+def served(config: ServingConfig, options: choices.RenderOptions) -> ServingConfig:
+    """The configuration as deployed: the served model in place of the planned one, so the
+    hash that names the Deployments follows what runs, not where the plan read its config."""
+    if options.served_model is None:
+        return config
+    return dataclasses.replace(config, model=options.served_model)
+
+
 def plan(config: ServingConfig, engine: str, *, name: str, namespace: str = "default",
          image: str | None = None, options: choices.RenderOptions | None = None,
          hf_token_secret: str | None = None, model_cache_pvc: str | None = None) -> RenderPlan:
@@ -119,7 +129,8 @@ def plan(config: ServingConfig, engine: str, *, name: str, namespace: str = "def
         config=config, engine=eng.value, name=name, namespace=namespace,
         image=image or DEFAULT_IMAGES[eng],
         image_source=Source.USER_OVERRIDE if image else Source.RENDERER,
-        config_hash=config.config_hash(), workers=_workers(config, eng, name, options),
+        config_hash=served(config, options).config_hash(),
+        workers=_workers(config, eng, name, options),
         port=options.port, hf_token_secret=hf_token_secret, model_cache_pvc=model_cache_pvc,
         **_scheduling(config, options),  # type: ignore[arg-type]
     )

@@ -302,6 +302,9 @@ class FastEngine:
             else:
                 pid = st.prefix_id[i]
                 hit = kv.cached(pid) if pid >= 0 else 0
+                # A fully cached prompt still computes its last token (as vLLM does): the
+                # first output token needs that token's logits.
+                hit = min(hit, (st.target[i] - 1) // block)
                 if hit:
                     kv.borrow(pid)
                 start = hit * block

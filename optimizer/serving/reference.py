@@ -169,6 +169,8 @@ class ReferenceEngine:
                 seq.computed = seq.target = seq.prompt - 1
             else:
                 hit = self.kv.cached(seq.prefix_id) if seq.prefix_id >= 0 else 0
+                # A fully cached prompt still computes its last token (as vLLM does).
+                hit = min(hit, (seq.target - 1) // self.cfg.block_size)
                 if hit:
                     self.kv.borrow(seq.prefix_id)
                 seq.borrowed = hit

@@ -1,0 +1,102 @@
+"""Create-or-patch of rendered children, idempotent against server-side defaults.
+
+Each child carries the hash of the object the operator last applied (an annotation). Same
+hash: nothing is sent, however the API server filled in defaults. Different hash: one merge
+patch carries the whole desired state, so a Deployment never holds half a change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import Enum
+from typing import Any
+
+from trilemma.operator import naming
+from trilemma.operator.kube import Kube, Ref
+from trilemma.optimizer.search import canonical_json
+
+Obj = dict[str, Any]
+ANNOTATION_APPLIED = f"{naming.GROUP}/applied-hash"
+# Maps the operator owns outright: keys it dropped must go from the live object too (a merge
+# patch would otherwise keep them). Everything else is merged, leaving other writers' keys.
+_OWNED_MAPS = (("spec", "template", "spec", "nodeSelector"), ("spec", "selector"), ("data",))
+
+
+class Applied(Enum):
+    CREATED = "created"
+    PATCHED = "patched"
+    UNCHANGED = "unchanged"
+
+
+def applied_hash(obj: Obj) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
+
+
+def with_hash(obj: Obj) -> Obj:
+    """`obj` annotated with the hash of itself (computed before the annotation is added)."""
+    digest = applied_hash(obj)
+    meta = dict(obj["metadata"])
+    meta["annotations"] = {**meta.get("annotations", {}), ANNOTATION_APPLIED: digest}
+    return {**obj, "metadata": meta}
+
+
+def _dig(obj: Obj, path: tuple[str, ...]) -> Any:
+    for part in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(part)  # type: ignore[assignment]
+    return obj
+
+
+def _set(obj: Obj, path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        obj = obj.setdefault(part, {})
+    obj[path[-1]] = value
+
+
+def update_patch(current: Obj, desired: Obj) -> Obj:
+    """The merge patch taking `current` to `desired`: desired's metadata and body, plus nulls
+    for keys of the owned maps that desired no longer has."""
+    patch: Obj = {"metadata": {k: desired["metadata"][k]
+                               for k in ("labels", "annotations", "ownerReferences")
+                               if k in desired["metadata"]}}
+    for key, value in desired.items():
+        if key not in ("apiVersion", "kind", "metadata", "status"):
+            patch[key] = value
+    for path in _OWNED_MAPS:
+        live, wanted = _dig(current, path), _dig(desired, path)
+        if isinstance(live, dict):
+            gone = {k: None for k in live if not isinstance(wanted, dict) or k not in wanted}
+            if gone:
+                _set(patch, path, {**(wanted or {}), **gone})
+    return patch
+
+
+async def apply(kube: Kube, desired: Obj) -> Applied:
+    """Make the live object match `desired` (rendered, without the hash annotation)."""
+    obj = with_hash(desired)
+    ref = Ref.of(obj)
+    current = await kube.get(ref)
+    if current is None:
+        await kube.create(obj)
+        return Applied.CREATED
+    live = (current.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_APPLIED)
+    if live == obj["metadata"]["annotations"][ANNOTATION_APPLIED]:
+        return Applied.UNCHANGED
+    await kube.patch(ref, update_patch(current, obj))
+    return Applied.PATCHED
+
+
+def is_available(workload: Obj) -> bool:
+    """All replicas of a Deployment available, or all groups of a LeaderWorkerSet ready."""
+    want = int(workload.get("spec", {}).get("replicas", 1) or 0)
+    status = workload.get("status") or {}
+    if workload.get("kind") == "LeaderWorkerSet":
+        have = int(status.get("readyReplicas") or 0)
+    else:
+        have = int(status.get("availableReplicas") or 0)
+    return want > 0 and have >= want
+
+
+def config_hash_of(obj: Obj) -> str | None:
+    return (obj.get("metadata", {}).get("labels") or {}).get(naming.LABEL_CONFIG_HASH)

@@ -1,0 +1,186 @@
+"""An endpoint's children as plain dicts: a pure function of the plan and the resource's spec.
+
+The optimizer's renderer (trilemma.optimizer.render) decides the engine command, the pods and
+the Services. This module adds only what the custom resource owns: the user's extra
+arguments and environment, the model cache, the rollout strategy, owner references, the plan
+ConfigMap and the PodMonitor. Same inputs, same bytes: the children are what GitOps diffs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from trilemma.operator import naming
+from trilemma.operator.resources import OptimizedEndpointSpec
+from trilemma.optimizer import render
+from trilemma.optimizer.catalog import Engine
+from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.render.workloads import CACHE_MOUNT
+from trilemma.optimizer.search import ServingConfig, canonical_json
+from trilemma.optimizer.spec import GpuGroup
+
+Obj = dict[str, Any]
+PODMONITOR_API = "monitoring.coreos.com/v1"
+# Longest endpoint name whose children stay valid: "<name>-prefill-<hash8>" must fit a
+# 63-character label value (app.kubernetes.io/instance) and DNS label (Service names).
+MAX_NAME = 45
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The custom resource the children belong to (for ownerReferences)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> Obj:
+        return {"apiVersion": naming.API_VERSION, "kind": "OptimizedEndpoint",
+                "name": self.name, "uid": self.uid, "controller": True,
+                "blockOwnerDeletion": True}
+
+
+@dataclass(frozen=True)
+class Children:
+    """Everything one configuration deploys, by role in the rollout."""
+
+    workloads: list[Obj]   # Deployments / LeaderWorkerSets named <name>[-role]-<hash8>
+    services: list[Obj]    # stable names; their selectors pick the active hash
+    config_hash: str
+
+    def all(self) -> list[Obj]:
+        return [*self.workloads, *self.services]
+
+
+def _flag(arg: str) -> str | None:
+    return arg.split("=", 1)[0] if arg.startswith("--") else None
+
+
+def _extra_args(container: Obj, extra: list[str]) -> None:
+    # A user flag that repeats one the plan sets would silently override the configuration
+    # the predictions were made for: refuse it and say which.
+    planned = {f for f in (_flag(a) for a in container.get("args", [])) if f}
+    for i, arg in enumerate(extra):
+        flag = _flag(arg)
+        if flag in planned:
+            raise InputError(f"serving.extraArgs.{i}", arg,
+                             f"{flag} is set by the plan; change the spec (bounds, SLO) "
+                             "instead of overriding it")
+    container["args"] = [*container.get("args", []), *extra]
+
+
+def _env(container: Obj, spec: OptimizedEndpointSpec) -> None:
+    extra = [{"name": e.name, "value": e.value} for e in spec.serving.env]
+    if not extra:
+        return
+    taken = {e["name"] for e in container.get("env", [])}
+    for i, e in enumerate(extra):
+        if e["name"] in taken:
+            raise InputError(f"serving.env.{i}.name", e["name"],
+                             "set by the operator for this configuration")
+    container["env"] = [*container.get("env", []), *extra]
+
+
+def _host_path_cache(pod_spec: Obj, container: Obj, host_path: str) -> None:
+    pod_spec["volumes"].append({"name": "model-cache",
+                                "hostPath": {"path": host_path, "type": "DirectoryOrCreate"}})
+    container["volumeMounts"].append({"name": "model-cache", "mountPath": CACHE_MOUNT})
+
+
+def _pod_specs(workload: Obj) -> list[Obj]:
+    spec = workload["spec"]
+    if workload["kind"] == "Deployment":
+        return [spec["template"]["spec"]]
+    lws = spec["leaderWorkerTemplate"]
+    return [lws["leaderTemplate"]["spec"], lws["workerTemplate"]["spec"]]
+
+
+def _customize(workload: Obj, spec: OptimizedEndpointSpec, owner: Owner) -> Obj:
+    out = copy.deepcopy(workload)
+    out["metadata"]["ownerReferences"] = [owner.reference()]
+    leader = True
+    for pod_spec in _pod_specs(out):
+        for container in pod_spec["containers"]:
+            if container["name"] != "engine":
+                continue  # the router runs its own command, untouched
+            if leader:
+                _extra_args(container, list(spec.serving.extra_args))
+            _env(container, spec)
+            cache = spec.serving.model_cache
+            if cache is not None and cache.host_path is not None:
+                _host_path_cache(pod_spec, container, cache.host_path)
+        leader = False
+    if out["kind"] == "Deployment":
+        out["spec"]["strategy"] = {"type": "RollingUpdate", "rollingUpdate": {
+            "maxSurge": spec.rollout.max_surge,
+            "maxUnavailable": spec.rollout.max_unavailable}}
+        out["spec"]["progressDeadlineSeconds"] = spec.rollout.progress_deadline_seconds
+    return out
+
+
+def build(config: ServingConfig, spec: OptimizedEndpointSpec, owner: Owner,
+          pool_group: GpuGroup, *, served_model: str | None = None) -> Children:
+    """The workloads and Services deploying `config`; `served_model` is what the engine
+    loads when it differs from the planned model id (a ConfigMap model's checkpoint).
+
+    Raises InputError when the configuration cannot be deployed as specified (a vLLM
+    disaggregated plan without a router command, an extra argument overriding the plan).
+    """
+    engine = Engine(config.engine)
+    cache = spec.serving.model_cache
+    options = render.RenderOptions(
+        pool_group=pool_group,
+        router_command=tuple(spec.engine.router_command) if spec.engine.router_command
+        else None,
+        served_model=served_model if served_model != config.model else None)
+    objects = render.manifests(
+        config, name=owner.name, engine=engine.value, namespace=owner.namespace,
+        image=spec.engine.image(engine), options=options,
+        hf_token_secret=spec.serving.hf_token_secret,
+        model_cache_pvc=cache.claim_name if cache is not None else None)
+    workloads = [_customize(o, spec, owner) for o in objects if o["kind"] != "Service"]
+    services = [copy.deepcopy(o) for o in objects if o["kind"] == "Service"]
+    for svc in services:
+        svc["metadata"]["ownerReferences"] = [owner.reference()]
+    hashes = {w["metadata"]["labels"][naming.LABEL_CONFIG_HASH] for w in workloads}
+    return Children(workloads=workloads, services=services, config_hash=hashes.pop())
+
+
+def plan_config_map(owner: Owner, plan: Obj, *, request_digest: str, config_hash: str) -> Obj:
+    """ConfigMap <name>-plan: the whole plan as canonical JSON, and what it was made from."""
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {
+            "name": f"{owner.name}-plan", "namespace": owner.namespace,
+            "labels": {"app.kubernetes.io/managed-by": "trilemma",
+                       "app.kubernetes.io/component": "plan",
+                       naming.LABEL_ENDPOINT: owner.name,
+                       naming.LABEL_CONFIG_HASH: config_hash},
+            "annotations": {naming.ANNOTATION_REQUEST_DIGEST: request_digest},
+            "ownerReferences": [owner.reference()],
+        },
+        "data": {"plan.json": canonical_json(plan)},
+    }
+
+
+def pod_monitor(owner: Owner) -> Obj:
+    """Scrapes every engine pod of the endpoint, whichever configuration hash it runs."""
+    return {
+        "apiVersion": PODMONITOR_API, "kind": "PodMonitor",
+        "metadata": {"name": owner.name, "namespace": owner.namespace,
+                     "labels": {"app.kubernetes.io/managed-by": "trilemma",
+                                naming.LABEL_ENDPOINT: owner.name},
+                     "ownerReferences": [owner.reference()]},
+        "spec": {
+            "selector": {"matchLabels": {naming.LABEL_ENDPOINT: owner.name,
+                                         "app.kubernetes.io/managed-by": "trilemma"}},
+            "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
+        },
+    }
+
+
+def service_hash(service: Obj) -> str | None:
+    """The configuration hash a Service currently sends traffic to."""
+    return (service.get("spec", {}).get("selector") or {}).get(naming.LABEL_CONFIG_HASH)

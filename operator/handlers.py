@@ -1,0 +1,199 @@
+"""Kopf handlers: the thin shell between Kubernetes events and the reconciler.
+
+Run with `kopf run --module trilemma.operator.handlers` (the image's command). Importing this
+module registers the handlers in Kopf's default registry; `register(registry)` does the same
+for another registry (tests run several operators in one process).
+
+Environment: TRILEMMA_PROMETHEUS_URL, TRILEMMA_MAX_CONCURRENT_OPTIMIZATIONS (2),
+TRILEMMA_CACHE_DIR (/tmp/trilemma), TRILEMMA_METRICS_PORT (9090; 0 turns the server off),
+TRILEMMA_RESYNC_SECONDS (15: how often rollouts and readiness are re-checked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import random
+from typing import Any
+
+import kopf
+from kubernetes_asyncio.config import kube_config
+
+from trilemma.operator import naming, reconcile
+from trilemma.operator.kube import Kube, KubeError
+from trilemma.operator.metrics import OperatorMetrics
+from trilemma.operator.optimize import Optimizer, Planner, default_planner
+from trilemma.operator.reconcile import OperatorConfig, Runtime
+
+ENDPOINTS = (naming.GROUP, naming.VERSION, "optimizedendpoints")
+POOLS = (naming.GROUP, naming.VERSION, "hardwarepools")
+MANAGED = {"app.kubernetes.io/managed-by": naming.MANAGED_BY}
+
+
+def config_from_env() -> OperatorConfig:
+    return OperatorConfig(
+        prometheus_url=os.environ.get("TRILEMMA_PROMETHEUS_URL") or None,
+        max_concurrent_optimizations=int(
+            os.environ.get("TRILEMMA_MAX_CONCURRENT_OPTIMIZATIONS", "2")),
+        cache_dir=os.environ.get("TRILEMMA_CACHE_DIR", "/tmp/trilemma"))
+
+
+def resync_seconds() -> float:
+    return float(os.environ.get("TRILEMMA_RESYNC_SECONDS", "15"))
+
+
+def _post_event(body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    # Event messages are capped at 1 KiB by convention; the full text is in status.
+    kopf.event(body, type=kind, reason=reason, message=message[:1024])
+
+
+def build_runtime(config: OperatorConfig, *, planner: Planner | None = None,
+                  metrics: OperatorMetrics | None = None) -> Runtime:
+    return Runtime(kube=Kube(), optimizer=Optimizer(planner or default_planner,
+                                                    config.max_concurrent_optimizations),
+                   config=config, metrics=metrics or OperatorMetrics(), events=_post_event)
+
+
+def _runtime(memo: Any) -> Runtime:
+    rt = getattr(memo, "runtime", None)
+    if rt is None:
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    return rt
+
+
+async def _guarded(coro: Any, what: str) -> None:
+    """Transient API trouble -> Kopf retries soon; anything else -> retried later, logged,
+    never a crash of the operator."""
+    try:
+        await coro
+    except KubeError as err:
+        if reconcile.is_transient(err):
+            raise kopf.TemporaryError(f"{what}: {err}", delay=5) from err
+        raise kopf.TemporaryError(f"{what}: {err}", delay=60) from err
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Register every handler of the operator into `registry`."""
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo,
+                      logger: logging.Logger, **_: Any) -> None:
+        # Kopf's own bookkeeping under our group, not kopf.zalando.org.
+        settings.persistence.finalizer = f"{naming.GROUP}/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+            prefix=naming.GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=naming.GROUP, key="last-handled-configuration")
+        settings.posting.level = logging.INFO
+        # Timers only re-read state and are idempotent: stop them at once on shutdown.
+        settings.background.instant_exit_timeout = 0.1
+        if not settings.peering.priority:
+            # Replicas of one Deployment share their arguments; a random priority per process
+            # makes exactly one active and the others standby (equal priorities all pause).
+            settings.peering.priority = random.randint(1, 32767)
+        if getattr(memo, "runtime", None) is None:
+            memo.runtime = build_runtime(config_from_env())
+            port = int(os.environ.get("TRILEMMA_METRICS_PORT", "9090"))
+            if port:
+                memo.runtime.metrics.serve(port)
+        logger.info("trilemma operator ready: %d concurrent optimizations",
+                    memo.runtime.config.max_concurrent_optimizations)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        rt = getattr(memo, "runtime", None)
+        if rt is not None:
+            rt.optimizer.shutdown()
+            await rt.kube.close()
+
+    @kopf.on.login(registry=registry)
+    async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # The async client's own config loading (in-cluster, then kubeconfig) also configures
+        # the client the reconciler uses: one login for Kopf and for our calls. The client
+        # reads $KUBECONFIG when it is imported; read it again now, where it may have changed.
+        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = os.environ.get("KUBECONFIG",
+                                                                  "~/.kube/config")
+        return await kopf.login_via_async_client(**kwargs)
+
+    @kopf.on.probe(id="optimizations_in_flight", registry=registry)
+    async def in_flight(memo: kopf.Memo, **_: Any) -> int:
+        rt = getattr(memo, "runtime", None)
+        return rt.optimizer.in_flight if rt is not None else 0
+
+    async def _reconcile(body: kopf.Body, memo: kopf.Memo) -> None:
+        await _guarded(reconcile.reconcile(_runtime(memo), copy.deepcopy(dict(body))),
+                       "reconcile")
+
+    @kopf.on.create(*ENDPOINTS, registry=registry)
+    async def endpoint_created(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await _reconcile(body, memo)
+
+    @kopf.on.update(*ENDPOINTS, field="spec", registry=registry)
+    async def endpoint_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await _reconcile(body, memo)
+
+    @kopf.on.resume(*ENDPOINTS, registry=registry)
+    async def endpoint_resumed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await _reconcile(body, memo)
+
+    @kopf.on.delete(*ENDPOINTS, registry=registry)
+    async def endpoint_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        rt = _runtime(memo)
+        await _guarded(reconcile.delete_children(rt, copy.deepcopy(dict(body))), "delete")
+        pool = (body.get("spec", {}).get("hardwarePoolRef") or {}).get("name")
+        if pool:
+            _retry_waiting(rt, pool)
+
+    @kopf.timer(*ENDPOINTS, interval=resync_seconds(), initial_delay=resync_seconds(),
+                registry=registry)
+    async def endpoint_resync(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+        await _guarded(reconcile.advance(_runtime(memo), namespace, name), "resync")
+
+    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    async def deployment_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        endpoint = (body.get("metadata", {}).get("labels") or {}).get(naming.LABEL_ENDPOINT)
+        namespace = body.get("metadata", {}).get("namespace")
+        rt = getattr(memo, "runtime", None)
+        if endpoint and namespace and rt is not None:
+            try:
+                await reconcile.advance(rt, namespace, endpoint)
+            except KubeError as err:
+                # Events are not retried by Kopf; the periodic resync will catch up.
+                logging.getLogger(__name__).warning("advance %s/%s: %s", namespace,
+                                                    endpoint, err)
+
+    @kopf.on.create(*POOLS, registry=registry)
+    @kopf.on.update(*POOLS, field="spec", registry=registry)
+    async def pool_changed(name: str, memo: kopf.Memo, **_: Any) -> None:
+        _retry_waiting(_runtime(memo), name)
+
+
+def _retry_waiting(rt: Runtime, pool_name: str) -> None:
+    """Endpoints that failed for want of this pool (or its GPUs) try again in the
+    background: the pool appeared, grew, or an endpoint released GPUs."""
+    async def retry() -> None:
+        endpoints = await rt.kube.list(naming.API_VERSION, "OptimizedEndpoint")
+        for ep in endpoints:
+            spec = ep.get("spec") or {}
+            phase = (ep.get("status") or {}).get("phase")
+            if (spec.get("hardwarePoolRef") or {}).get("name") != pool_name:
+                continue
+            if phase not in ("Infeasible", "Failed"):
+                continue
+            reasons = {c.get("reason") for c in (ep.get("status") or {}).get("conditions", [])
+                       if c.get("status") == "False"}
+            if reasons & {"PoolExhausted", "PoolTooSmall", "PoolContention",
+                          "HardwarePoolNotFound", "InvalidHardwarePool", "SLOUnreachable"}:
+                await reconcile.reconcile(rt, ep)
+
+    task = asyncio.get_running_loop().create_task(retry())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+# Strong references to fire-and-forget tasks (the loop keeps only weak ones).
+_background: set[asyncio.Task[None]] = set()
+
+register(kopf.get_default_registry())

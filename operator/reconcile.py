@@ -1,0 +1,656 @@
+"""The reconciler: one OptimizedEndpoint from spec to running children and written status.
+
+validate -> resolve the pool (minus GPUs other endpoints hold) -> plan (in a worker thread,
+or reuse the stored plan for the same input) -> render -> apply the children -> status.
+Rollouts: a new configuration gets its own hashed Deployment; the Service moves to it only
+when it is available, then the old one goes (`advance`). Bad input ends in phase Failed or
+Infeasible with the cause in status and an Event, never in an exception loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+
+from trilemma.operator import apply as applying
+from trilemma.operator import children, naming, pool, status
+from trilemma.operator.kube import Kube, KubeError, Ref
+from trilemma.operator.metrics import OperatorMetrics
+from trilemma.operator.optimize import (
+    Models,
+    Optimizer,
+    model_choice,
+    plan_request,
+    request_digest,
+)
+from trilemma.operator.resources import (
+    ConditionType,
+    HardwarePoolSpec,
+    OptimizedEndpointSpec,
+    Phase,
+    RolloutState,
+    RolloutStatus,
+    status_field_names,
+    to_wire,
+)
+from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.search import InfeasibleSLO, ServingConfig
+from trilemma.optimizer.spec import HardwarePool
+from trilemma.optimizer.spec.loading import spec_error_to_input_error
+
+Obj = dict[str, Any]
+# (body, type, reason, message): posts a Kubernetes Event about the endpoint.
+EventSink = Callable[[Obj, str, str, str], None]
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+PLAN_ATTEMPTS = 3  # re-plans when another endpoint took the GPUs while this one searched
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    prometheus_url: str | None = None
+    max_concurrent_optimizations: int = 2
+    cache_dir: str = "/tmp/trilemma"
+
+
+@dataclass
+class Runtime:
+    """Everything the handlers share: clients, the plan pool, the GPU ledger, metrics."""
+
+    kube: Kube
+    optimizer: Optimizer
+    config: OperatorConfig
+    metrics: OperatorMetrics
+    events: EventSink
+    ledger: pool.Ledger = field(default_factory=pool.Ledger)
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, key: str) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+
+class Outcome(Exception):
+    """Ends a reconcile early in phase Failed or Infeasible: the cause goes to status."""
+
+    def __init__(self, phase: Phase, condition: ConditionType, reason: str,
+                 message: str) -> None:
+        self.phase = phase
+        self.condition = condition
+        self.reason = reason
+        self.message = message
+        super().__init__(f"{reason}: {message}")
+
+
+def _failed(reason: str, message: str, condition: ConditionType = ConditionType.VALIDATED
+            ) -> Outcome:
+    return Outcome(Phase.FAILED, condition, reason, message)
+
+
+def _input_message(err: InputError) -> str:
+    return str(err) if getattr(err, "problems", None) else f"{err.field}={err.value!r}: {err.why}"
+
+
+@dataclass
+class Endpoint:
+    """The custom resource as read at the start of a reconcile, and the status being built."""
+
+    body: Obj
+    status: Obj  # desired status (operator-owned keys), edited in place
+    written: Obj  # what the API server holds, to patch only differences
+
+    @classmethod
+    def of(cls, body: Obj) -> Endpoint:
+        live = {k: v for k, v in (body.get("status") or {}).items()
+                if k in status_field_names()}
+        return cls(body=body, status=json.loads(json.dumps(live)),
+                   written=json.loads(json.dumps(live)))
+
+    @property
+    def name(self) -> str:
+        return str(self.body["metadata"]["name"])
+
+    @property
+    def namespace(self) -> str:
+        return str(self.body["metadata"].get("namespace") or "default")
+
+    @property
+    def key(self) -> str:
+        return pool.key(self.namespace, self.name)
+
+    @property
+    def generation(self) -> int | None:
+        gen = self.body["metadata"].get("generation")
+        return int(gen) if gen is not None else None
+
+    @property
+    def ref(self) -> Ref:
+        return Ref(naming.API_VERSION, "OptimizedEndpoint", self.namespace, self.name)
+
+    @property
+    def owner(self) -> children.Owner:
+        return children.Owner(self.name, self.namespace,
+                              str(self.body["metadata"].get("uid") or ""))
+
+    def condition(self, kind: ConditionType, ok: bool | None, reason: str,
+                  message: str = "") -> None:
+        self.status["conditions"] = status.set_condition(
+            self.status.get("conditions", []), kind, ok, reason, message,
+            generation=self.generation, now=status.now_rfc3339())
+
+    def phase(self, phase: Phase, message: str = "") -> None:
+        self.status["phase"] = phase.value
+        self.status["message"] = message
+
+    async def commit(self, kube: Kube) -> bool:
+        """Write what changed in status; False when nothing did (no request is sent)."""
+        patch = status.patch_for(self.written, self.status, status_field_names())
+        if not patch:
+            return False
+        await kube.patch(self.ref, {"status": patch}, subresource="status")
+        self.written = json.loads(json.dumps(self.status))
+        return True
+
+
+# ---- reconcile -----------------------------------------------------------------------------
+
+
+async def reconcile(rt: Runtime, body: Obj) -> None:
+    """Bring one endpoint to its spec. Raises only for transient API errors (Kopf retries)."""
+    ep = Endpoint.of(body)
+    async with rt.lock(ep.key):
+        # The event's body may predate this operator's own status writes (made by another
+        # handler while this one waited for the lock): work from the object as it is now.
+        fresh = await rt.kube.get(ep.ref)
+        if fresh is None or fresh.get("metadata", {}).get("deletionTimestamp"):
+            return
+        ep = Endpoint.of(fresh)
+        try:
+            await _reconcile(rt, ep)
+            rt.metrics.reconciled("ok")
+        except Outcome as out:
+            ep.phase(out.phase, out.message)
+            ep.condition(out.condition, False, out.reason, out.message)
+            ep.status["observedGeneration"] = ep.generation
+            rt.ledger.release(_pool_name(body), ep.key)
+            await ep.commit(rt.kube)
+            rt.events(body, "Warning", out.reason, out.message)
+            rt.metrics.reconciled(out.phase.value.lower())
+            rt.metrics.error(out.reason)
+        finally:
+            rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
+            cost = ep.status.get("costPerHour")
+            rt.metrics.endpoint_cost(ep.key, cost if isinstance(cost, float | int) else None)
+
+
+def _pool_name(body: Obj) -> str:
+    return str(((body.get("spec") or {}).get("hardwarePoolRef") or {}).get("name", ""))
+
+
+async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
+    spec = _validate_spec(ep)
+    full_pool = await _read_pool(rt.kube, spec.hardware_pool_ref.name)
+    models = await _resolve_models(rt, ep, spec)
+    # Rules that only the whole document can check (bounds vs pool) first against the whole
+    # pool: breaking them is the spec's fault, not the other endpoints'.
+    try:
+        plan_request(spec, models, full_pool)
+    except InputError as err:
+        raise _failed("InvalidSpec", _input_message(err)) from None
+    ep.condition(ConditionType.VALIDATED, True, "Valid", "spec, pool and models check out")
+
+    plan, digest, optimization = await _plan(rt, ep, spec, models, full_pool)
+    choice = plan["recommended"]
+    config = ServingConfig.from_dict(choice["config"])
+    served = models.checkpoints.get(config.model, config.model)
+    group = full_pool.group(config.worker.gpu)
+    try:
+        kids = children.build(config, spec, ep.owner, group, served_model=served)
+    except InputError as err:
+        raise _failed("RenderFailed", _input_message(err), ConditionType.OPTIMIZED) from None
+    target = kids.config_hash
+    engine_args = next(c["args"] for w in kids.workloads for c in _containers(w)
+                       if c["name"] == "engine")
+    await applying.apply(rt.kube, children.plan_config_map(
+        ep.owner, plan, request_digest=digest, config_hash=target))
+
+    ep.status["lastOptimization"] = optimization
+    ep.status["predictions"] = status.predictions(choice, plan["request"]["design_rate_rps"])
+    ep.status["paretoFront"] = status.pareto_front(plan)
+    ep.status["observedGeneration"] = ep.generation
+    ep.condition(ConditionType.OPTIMIZED, True,
+                 "PlanReused" if optimization.get("reused") else "Planned",
+                 f"{choice['summary']}: {optimization['candidates']} configurations "
+                 f"searched")
+    applied = spec.rollout.auto_apply
+    ep.status["activeConfiguration"] = status.active_configuration(
+        choice, config_hash=target, served_model=served, engine_args=list(engine_args),
+        applied=applied)
+    ep.status["costPerHour"] = round(float(choice["prediction"]["cost_per_hour"]), 4)
+    gpus = status.config_gpus(choice["config"])
+
+    if not applied:
+        ep.phase(Phase.PENDING, f"recommend-only (autoApply false): {choice['summary']}; the "
+                                f"plan is in ConfigMap {ep.name}-plan")
+        ep.condition(ConditionType.DEPLOYED, False, "RecommendOnly",
+                     "autoApply is false: nothing was deployed or changed")
+        await _finish(rt, ep, spec)
+        return
+
+    rollout = ep.status.get("rollout") or {}
+    if (rollout.get("state") == RolloutState.FAILED.value and rollout.get("toHash") == target
+            and (ep.written.get("lastOptimization") or {}).get("requestDigest") == digest):
+        # This exact plan already failed to become ready; retrying it would fail the same way.
+        ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed", rollout.get("message", ""))
+        await _finish(rt, ep, spec)
+        return
+
+    await _deploy(rt, ep, spec, kids, gpus)
+    await _finish(rt, ep, spec)
+
+
+async def _finish(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec) -> None:
+    await ep.commit(rt.kube)
+    # The status now records what this endpoint holds; the reservation has done its job.
+    rt.ledger.release(spec.hardware_pool_ref.name, ep.key)
+
+
+def _containers(workload: Obj) -> list[Obj]:
+    spec = workload["spec"]
+    if workload["kind"] == "Deployment":
+        return list(spec["template"]["spec"]["containers"])
+    return list(spec["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"])
+
+
+def _validate_spec(ep: Endpoint) -> OptimizedEndpointSpec:
+    if len(ep.name) > children.MAX_NAME or not _DNS_LABEL.match(ep.name):
+        raise _failed("InvalidName", f"metadata.name={ep.name!r}: must be a DNS label of at "
+                                     f"most {children.MAX_NAME} characters, because the "
+                                     "children's names and labels append to it")
+    raw = ep.body.get("spec") or {}
+    try:
+        return OptimizedEndpointSpec.model_validate(raw)
+    except pydantic.ValidationError as err:
+        raise _failed("InvalidSpec", str(spec_error_to_input_error(err, raw))) from None
+
+
+async def _read_pool(kube: Kube, name: str) -> HardwarePool:
+    found = await kube.get(Ref(naming.API_VERSION, "HardwarePool", None, name))
+    if found is None:
+        pools = await kube.list(naming.API_VERSION, "HardwarePool")
+        known = ", ".join(sorted(p["metadata"]["name"] for p in pools)) or "none"
+        raise _failed("HardwarePoolNotFound",
+                      f"hardwarePoolRef.name={name!r}: no HardwarePool of that name "
+                      f"(existing: {known})")
+    raw = found.get("spec") or {}
+    try:
+        return HardwarePoolSpec.model_validate(raw)
+    except pydantic.ValidationError as err:
+        problems = spec_error_to_input_error(err, raw)
+        raise _failed("InvalidHardwarePool", f"HardwarePool {name}: {problems}") from None
+
+
+async def _resolve_models(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec) -> Models:
+    choices, checkpoints = [], {}
+    indexed = spec.model is not None
+    for i, ref in enumerate(spec.candidates):
+        text = None
+        where = "model" if indexed else f"models.{i}"
+        if ref.config_map is not None:
+            cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, ref.config_map.name))
+            if cm is None:
+                raise _failed("ModelConfigMapNotFound",
+                              f"{where}.configMap.name={ref.config_map.name!r}: no such "
+                              f"ConfigMap in namespace {ep.namespace}")
+            text = (cm.get("data") or {}).get(ref.config_map.key)
+            if text is None:
+                raise _failed("ModelConfigMapNotFound",
+                              f"{where}.configMap.key={ref.config_map.key!r}: ConfigMap "
+                              f"{ref.config_map.name} has no such key")
+        try:
+            choice, served = model_choice(ref, None if indexed else i, text,
+                                          _cache_dir(rt))
+        except InputError as err:
+            raise _failed("UnknownModel", _input_message(err)) from None
+        choices.append(choice)
+        checkpoints[choice.id] = served
+    return Models(choices=choices, checkpoints=checkpoints)
+
+
+def _cache_dir(rt: Runtime) -> Any:
+    from pathlib import Path
+
+    return Path(rt.config.cache_dir)
+
+
+async def _availability(rt: Runtime, ep: Endpoint, pool_name: str,
+                        full_pool: HardwarePool) -> pool.Availability:
+    endpoints = await rt.kube.list(naming.API_VERSION, "OptimizedEndpoint")
+    held = pool.held_by_others(endpoints, pool_name, ep.key,
+                               rt.ledger.reserved.get(pool_name, {}))
+    return pool.available(full_pool, held)
+
+
+async def _plan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, models: Models,
+                full_pool: HardwarePool) -> tuple[Obj, str, Obj]:
+    """The plan for the endpoint, its request digest and the lastOptimization status.
+
+    Plans against what the pool has left, then reserves the plan's GPUs; if another endpoint
+    reserved them meanwhile, plans again (a few times) with what is left then.
+    """
+    pool_name = spec.hardware_pool_ref.name
+    for _ in range(PLAN_ATTEMPTS):
+        async with rt.ledger.lock:
+            avail = await _availability(rt, ep, pool_name, full_pool)
+        if avail.pool is None:
+            raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolExhausted",
+                          avail.exhausted_message())
+        try:
+            request = plan_request(spec, models, avail.pool)
+        except InputError as err:
+            raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolExhausted",
+                          f"{_input_message(err)} (other endpoints hold the rest of the pool: "
+                          f"{', '.join(sorted(avail.held)) or 'none'})") from None
+        digest = request_digest(request, models)
+        plan, optimization = await _stored_plan(rt, ep, digest)
+        if plan is None:
+            plan, optimization = await _search(rt, ep, request, digest, avail)
+        gpus = status.config_gpus(plan["recommended"]["config"])
+        async with rt.ledger.lock:
+            now = await _availability(rt, ep, pool_name, full_pool)
+            if pool.fits(gpus, now):
+                rt.ledger.reserve(pool_name, ep.key, gpus)
+                return plan, digest, optimization
+    raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolContention",
+                  f"other endpoints took the planned GPUs {PLAN_ATTEMPTS} times in a row; "
+                  "will retry on the next change")
+
+
+async def _stored_plan(rt: Runtime, ep: Endpoint, digest: str) -> tuple[Obj | None, Obj]:
+    cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan"))
+    if cm is None:
+        return None, {}
+    notes = cm.get("metadata", {}).get("annotations") or {}
+    if notes.get(naming.ANNOTATION_REQUEST_DIGEST) != digest:
+        return None, {}
+    try:
+        plan = json.loads((cm.get("data") or {})["plan.json"])
+    except (KeyError, ValueError):
+        return None, {}
+    previous = ep.written.get("lastOptimization") or {}
+    if previous.get("requestDigest") == digest:
+        return plan, previous
+    return plan, {"time": status.now_rfc3339(), "durationSeconds": 0.0,
+                  "candidates": int(plan.get("counts", {}).get("enumerated", 0)),
+                  "requestDigest": digest, "reused": True}
+
+
+async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
+                  avail: pool.Availability) -> tuple[Obj, Obj]:
+    ep.phase(Phase.OPTIMIZING, "searching the configuration space")
+    ep.condition(ConditionType.OPTIMIZED, None, "Optimizing", "search running")
+    await ep.commit(rt.kube)
+    rt.events(ep.body, "Normal", "Optimizing", "searching the configuration space")
+    try:
+        run = await rt.optimizer.run(request)
+    except InfeasibleSLO as err:
+        rt.metrics.optimization_failed()
+        others = ", ".join(sorted(avail.held))
+        held = f" Other endpoints hold part of the pool: {others}." if others else ""
+        raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED,
+                      "PoolTooSmall" if err.binding in ("pool", "budget") else "SLOUnreachable",
+                      err.why + held) from None
+    except InputError as err:
+        rt.metrics.optimization_failed()
+        raise _failed("OptimizationFailed", _input_message(err),
+                      ConditionType.OPTIMIZED) from None
+    rt.metrics.optimized(run.seconds)
+    plan = run.plan
+    rec = plan["recommended"]
+    rt.events(ep.body, "Normal", "Planned",
+              f"{rec['summary']}: ${rec['prediction']['cost_per_hour']:.2f}/h, TTFT p90 "
+              f"{rec['prediction']['ttft_p90_ms']:.0f} ms, TPOT p90 "
+              f"{rec['prediction']['tpot_p90_ms']:.1f} ms ({run.seconds:.1f} s search)")
+    return plan, {"time": status.now_rfc3339(), "durationSeconds": round(run.seconds, 3),
+                  "candidates": int(plan.get("counts", {}).get("enumerated", 0)),
+                  "requestDigest": digest, "reused": False}
+
+
+# ---- deploy and roll out -------------------------------------------------------------------
+
+
+async def _workloads(kube: Kube, ep: Endpoint, config_hash: str | None = None) -> list[Obj]:
+    labels = {naming.LABEL_ENDPOINT: ep.name, "app.kubernetes.io/managed-by": naming.MANAGED_BY}
+    if config_hash is not None:
+        labels[naming.LABEL_CONFIG_HASH] = config_hash
+    found = await kube.list("apps/v1", "Deployment", ep.namespace, labels=labels)
+    if await kube.crd_exists("leaderworkersets.leaderworkerset.x-k8s.io"):
+        found += await kube.list("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet",
+                                 ep.namespace, labels=labels)
+    # Only the ones this endpoint owns: a same-named endpoint's leftovers are not ours.
+    return [w for w in found if _owned_by(w, ep)]
+
+
+def _owned_by(obj: Obj, ep: Endpoint) -> bool:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    uid = ep.owner.uid
+    return not uid or any(r.get("uid") == uid for r in refs)
+
+
+async def _available(kube: Kube, ep: Endpoint, config_hash: str) -> bool:
+    live = await _workloads(kube, ep, config_hash)
+    return bool(live) and all(applying.is_available(w) for w in live)
+
+
+async def _delete_all(kube: Kube, objects: list[Obj]) -> None:
+    for obj in objects:
+        await kube.delete(Ref.of(obj))
+
+
+async def _deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
+                  kids: children.Children, gpus: dict[str, int]) -> None:
+    kube = rt.kube
+    target = kids.config_hash
+    for workload in kids.workloads:
+        await applying.apply(kube, workload)
+    front = kids.services[0]
+    live_front = await kube.get(Ref.of(front))
+    serving = children.service_hash(live_front) if live_front else None
+    rollout = ep.status.get("rollout") or {}
+    from_gpus = _from_gpus(ep, serving)
+
+    if serving is not None and serving != target:
+        old = await _workloads(kube, ep, serving)
+        if old and all(applying.is_available(w) for w in old):
+            # Keep serving from the old configuration until the new one is available.
+            if rollout.get("toHash") != target or rollout.get("state") != "Progressing":
+                _start_rollout(ep, spec, serving, target)
+                rt.events(ep.body, "Normal", "RolloutStarted",
+                          f"configuration {target} created beside {serving}; the Service "
+                          "moves when it is available")
+            ep.status["rollout"]["fromGpus"] = from_gpus
+            ep.status["allocatedGpus"] = dict(Counter(gpus) + Counter(from_gpus))
+            await _drop_others(kube, ep, keep={target, serving})
+            ep.phase(Phase.DEPLOYING, f"rolling out {target}; {serving} serves meanwhile")
+            ep.condition(ConditionType.DEPLOYED, True, "RollingOut",
+                         f"new configuration {target} created")
+            await _refresh_ready(rt, ep, serving)
+            return
+    for service in kids.services:
+        await applying.apply(kube, service)
+    await _pod_monitor(rt, ep)
+    await _drop_others(kube, ep, keep={target})
+    ep.status["servingHash"] = target
+    ep.status["allocatedGpus"] = dict(gpus)
+    in_flight = (rollout.get("toHash") == target
+                 and rollout.get("state") == RolloutState.PROGRESSING.value)
+    if not in_flight and not await _available(kube, ep, target):
+        # Nothing else serves: the Service points here already; track the deadline.
+        _start_rollout(ep, spec, None, target)
+        ep.status["rollout"]["fromGpus"] = {}
+    elif in_flight and await _available(kube, ep, target):
+        ep.status["rollout"] = {**rollout, "state": RolloutState.COMPLETE.value,
+                                "message": "available"}
+    await _refresh_ready(rt, ep, target)
+    if serving != target:
+        rt.events(ep.body, "Normal", "Deployed",
+                  f"{ep.status['activeConfiguration']['summary']} as {target}")
+    ep.condition(ConditionType.DEPLOYED, True, "Applied", f"configuration {target} applied")
+
+
+def _from_gpus(ep: Endpoint, serving: str | None) -> dict[str, int]:
+    rollout = ep.written.get("rollout") or {}
+    if rollout.get("state") == "Progressing" and rollout.get("fromHash") == serving:
+        return dict(rollout.get("fromGpus") or {})
+    if ep.written.get("servingHash") == serving:
+        return dict(ep.written.get("allocatedGpus") or {})
+    return {}
+
+
+def _start_rollout(ep: Endpoint, spec: OptimizedEndpointSpec, from_hash: str | None,
+                   to_hash: str) -> None:
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    deadline = now + datetime.timedelta(seconds=spec.rollout.progress_deadline_seconds)
+    ep.status["rollout"] = to_wire(RolloutStatus(
+        from_hash=from_hash, to_hash=to_hash, state=RolloutState.PROGRESSING,
+        started=now.isoformat().replace("+00:00", "Z"),
+        deadline=deadline.isoformat().replace("+00:00", "Z")))
+
+
+async def _drop_others(kube: Kube, ep: Endpoint, keep: set[str]) -> None:
+    stale = [w for w in await _workloads(kube, ep) if applying.config_hash_of(w) not in keep]
+    await _delete_all(kube, stale)
+
+
+async def _pod_monitor(rt: Runtime, ep: Endpoint) -> None:
+    if await rt.kube.crd_exists("podmonitors.monitoring.coreos.com"):
+        await applying.apply(rt.kube, children.pod_monitor(ep.owner))
+
+
+async def _refresh_ready(rt: Runtime, ep: Endpoint, serving: str) -> bool:
+    """Sets phase and the Ready condition from the serving configuration's workloads."""
+    ready = await _available(rt.kube, ep, serving)
+    rolling = (ep.status.get("rollout") or {}).get("state") == "Progressing"
+    if ready:
+        ep.condition(ConditionType.READY, True, "Available",
+                     f"configuration {serving} is serving")
+        if not rolling:
+            ep.phase(Phase.READY, ep.status["activeConfiguration"]["summary"]
+                     if ep.status.get("activeConfiguration") else "")
+    else:
+        ep.condition(ConditionType.READY, False, "Unavailable",
+                     f"configuration {serving} has no available replicas yet")
+        if not rolling or ep.status.get("phase") != Phase.DEPLOYING.value:
+            ep.phase(Phase.DEPLOYING, f"waiting for {serving} to become available")
+    return ready
+
+
+async def advance(rt: Runtime, namespace: str, name: str) -> None:
+    """Move an endpoint's rollout on: switch the Service once the new configuration is
+    available, roll back once its deadline passes; refresh phase and Ready otherwise."""
+    body = await rt.kube.get(Ref(naming.API_VERSION, "OptimizedEndpoint", namespace, name))
+    if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+        return
+    ep = Endpoint.of(body)
+    async with rt.lock(ep.key):
+        # Re-read under the lock: a reconcile may have finished while this waited.
+        fresh = await rt.kube.get(ep.ref)
+        if fresh is None:
+            return
+        ep = Endpoint.of(fresh)
+        if ep.status.get("phase") in (Phase.FAILED.value, Phase.INFEASIBLE.value,
+                                      Phase.OPTIMIZING.value, None):
+            return
+        rollout = ep.status.get("rollout") or {}
+        if rollout.get("state") == RolloutState.PROGRESSING.value:
+            await _progress(rt, ep, rollout)
+        elif ep.status.get("servingHash"):
+            await _refresh_ready(rt, ep, ep.status["servingHash"])
+        await ep.commit(rt.kube)
+        rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
+
+
+async def _progress(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
+    target, old = rollout["toHash"], rollout.get("fromHash")
+    new = await _workloads(rt.kube, ep, target)
+    if await _available(rt.kube, ep, target):
+        if old is not None:
+            await _switch_services(rt, ep, target)
+            await _delete_all(rt.kube, await _workloads(rt.kube, ep, old))
+            rt.events(ep.body, "Normal", "RolledOut",
+                      f"the Service moved from {old} to {target}; {old} removed")
+        ep.status["rollout"] = {**rollout, "state": RolloutState.COMPLETE.value,
+                                "message": "available"}
+        ep.status["servingHash"] = target
+        gpus = status.config_gpus_from_active(ep.status.get("activeConfiguration"))
+        ep.status["allocatedGpus"] = gpus
+        await _refresh_ready(rt, ep, target)
+        return
+    deadline = status.parse_time(rollout["deadline"])
+    if datetime.datetime.now(datetime.UTC) < deadline:
+        return
+    why = _unavailable_reason(new)
+    message = (f"configuration {target} did not become available within "
+               f"{rollout['deadline']}: {why}")
+    ep.status["rollout"] = {**rollout, "state": RolloutState.FAILED.value, "message": message}
+    if old is not None:
+        # Roll back: the old configuration never stopped serving; drop the new one.
+        await _delete_all(rt.kube, new)
+        ep.status["allocatedGpus"] = dict(rollout.get("fromGpus") or {})
+        ep.status["servingHash"] = old
+        ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed", message)
+        await _refresh_ready(rt, ep, old)
+        ep.status["message"] = f"rolled back to {old}: {message}"
+    else:
+        ep.phase(Phase.FAILED, message)
+        ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed", message)
+    rt.events(ep.body, "Warning", "RolloutFailed", message)
+    rt.metrics.error("RolloutFailed")
+
+
+def _unavailable_reason(workloads: list[Obj]) -> str:
+    for w in workloads:
+        for cond in (w.get("status") or {}).get("conditions") or []:
+            if cond.get("status") == "False" and cond.get("message"):
+                return str(cond["message"])
+    return "no replica became available"
+
+
+async def _switch_services(rt: Runtime, ep: Endpoint, target: str) -> None:
+    for svc in await rt.kube.list("v1", "Service", ep.namespace,
+                                  labels={naming.LABEL_ENDPOINT: ep.name}):
+        if not _owned_by(svc, ep):
+            continue
+        selector = dict(svc.get("spec", {}).get("selector") or {})
+        selector[naming.LABEL_CONFIG_HASH] = target
+        await rt.kube.patch(Ref.of(svc), {"spec": {"selector": selector}})
+
+
+async def delete_children(rt: Runtime, body: Obj) -> None:
+    """Remove everything the endpoint created (owner references make the API server's
+    garbage collector do the same; this makes it immediate and works without it)."""
+    ep = Endpoint.of(body)
+    async with rt.lock(ep.key):
+        kube = rt.kube
+        await _delete_all(kube, await _workloads(kube, ep))
+        for svc in await kube.list("v1", "Service", ep.namespace,
+                                   labels={naming.LABEL_ENDPOINT: ep.name}):
+            if _owned_by(svc, ep):
+                await kube.delete(Ref.of(svc))
+        await kube.delete(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan"))
+        if await kube.crd_exists("podmonitors.monitoring.coreos.com"):
+            await kube.delete(Ref(children.PODMONITOR_API, "PodMonitor", ep.namespace,
+                                  ep.name))
+        rt.ledger.release(_pool_name(body), ep.key)
+        rt.metrics.forget(ep.key)
+
+
+def is_transient(err: Exception) -> bool:
+    """API errors worth retrying: the server or the network, not our request."""
+    return isinstance(err, KubeError) and (err.status >= 500 or err.status in (0, 409, 429))

@@ -1,0 +1,133 @@
+"""Status of an OptimizedEndpoint as plain dicts: conditions, the active plan, the front.
+
+Pure functions of the plan and the previous status, so that a reconcile that changes nothing
+writes nothing (a condition keeps its lastTransitionTime while its status holds).
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from trilemma.operator.resources import (
+    ActiveConfiguration,
+    Condition,
+    ConditionType,
+    FrontPoint,
+    Predictions,
+    to_wire,
+)
+
+Obj = dict[str, Any]
+FRONT_POINTS = 8
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace(
+        "+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def set_condition(conditions: list[Obj], kind: ConditionType, ok: bool | None, reason: str,
+                  message: str, *, generation: int | None, now: str) -> list[Obj]:
+    """`conditions` with `kind` set; lastTransitionTime changes only when the status does."""
+    status = "Unknown" if ok is None else ("True" if ok else "False")
+    previous = next((c for c in conditions if c.get("type") == kind.value), None)
+    since = previous["lastTransitionTime"] if previous and previous.get(
+        "status") == status else now
+    new = to_wire(Condition(type=kind, status=status, reason=reason, message=message,
+                            last_transition_time=since, observed_generation=generation))
+    out = [c for c in conditions if c.get("type") != kind.value] + [new]
+    order = [t.value for t in ConditionType]
+    return sorted(out, key=lambda c: order.index(c["type"]) if c["type"] in order else 99)
+
+
+def short_summary(config: Obj) -> str:
+    """The printer column's form of a configuration: "fp8 TP2 eagle3x3"."""
+    w = config["worker"]
+    parts = [w["quant"], f"TP{w['tp']}"]
+    if w.get("pp", 1) > 1:
+        parts.append(f"PP{w['pp']}")
+    if w.get("dp", 1) > 1:
+        parts.append(f"DP{w['dp']}")
+    if w.get("ep"):
+        parts.append("EP")
+    if w.get("kv_dtype", "bf16") != "bf16":
+        parts.append(f"kv-{w['kv_dtype']}")
+    if w.get("spec_method", "none") != "none":
+        parts.append(f"{w['spec_method']}×{w['spec_k']}")
+    if config.get("mode") == "disaggregated":
+        parts.append("disagg")
+    return " ".join(parts)
+
+
+def config_gpus(config: Obj) -> dict[str, int]:
+    """GPUs a configuration holds, by type (a plan's config dict)."""
+    w = config["worker"]
+    total = w["tp"] * w.get("pp", 1) * w.get("dp", 1) * config.get("replicas", 1)
+    prefill = config.get("prefill")
+    if prefill:
+        total += (prefill["tp"] * prefill.get("pp", 1) * prefill.get("dp", 1)
+                  * config.get("prefill_replicas", 0))
+    return {w["gpu"]: total}
+
+
+def config_gpus_from_active(active: Obj | None) -> dict[str, int]:
+    """GPUs the status's active configuration holds, by type."""
+    if not active:
+        return {}
+    return {active["gpu"]: int(active["gpus"])}
+
+
+def active_configuration(choice: Obj, *, config_hash: str, served_model: str,
+                         engine_args: list[str], applied: bool) -> Obj:
+    config = choice["config"]
+    return to_wire(ActiveConfiguration(
+        hash=config_hash, summary=choice["summary"], short=short_summary(config),
+        model=served_model, engine=config["engine"], gpu=config["worker"]["gpu"],
+        gpus=sum(config_gpus(config).values()), replicas=config["replicas"],
+        engine_args=engine_args, applied=applied))
+
+
+def predictions(choice: Obj, design_rate_rps: float) -> Obj:
+    p = choice["prediction"]
+    return to_wire(Predictions(
+        ttft_p90_ms=round(p["ttft_p90_ms"], 3), tpot_p90_ms=round(p["tpot_p90_ms"], 3),
+        capacity_rps=round(p["capacity_rps"], 3), cost_per_hour=round(p["cost_per_hour"], 4),
+        cost_per_million_tokens=round(p["cost_per_mtok"], 4),
+        quality=None if p.get("quality") is None else round(p["quality"], 2),
+        simulated=bool(p.get("simulated"))))
+
+
+def pareto_front(plan: Obj) -> list[Obj]:
+    """At most 8 points of the plan's front, cheapest first, the recommendation kept."""
+    front = plan["front"]
+    best = plan["recommended"]["hash"]
+    if len(front) > FRONT_POINTS:
+        # Keep the ends and spread the rest evenly; never drop the recommendation.
+        step = (len(front) - 1) / (FRONT_POINTS - 1)
+        picked = sorted({round(i * step) for i in range(FRONT_POINTS)})
+        chosen = [front[i] for i in picked]
+        if not any(c["hash"] == best for c in chosen):
+            chosen[len(chosen) // 2] = next(c for c in front if c["hash"] == best)
+        front = sorted(chosen, key=lambda c: c["prediction"]["cost_per_hour"])
+    return [to_wire(FrontPoint(
+        hash=c["hash"], summary=c["summary"],
+        ttft_p90_ms=round(c["prediction"]["ttft_p90_ms"], 3),
+        tpot_p90_ms=round(c["prediction"]["tpot_p90_ms"], 3),
+        capacity_rps=round(c["prediction"]["capacity_rps"], 3),
+        cost_per_hour=round(c["prediction"]["cost_per_hour"], 4),
+        recommended=c["hash"] == best)) for c in front]
+
+
+def patch_for(current: Obj, desired: Obj, owned: list[str]) -> Obj:
+    """A merge patch taking the operator-owned status keys from `current` to `desired`:
+    changed keys set, vanished keys nulled; empty when nothing changes."""
+    patch: Obj = {}
+    for k in owned:
+        if current.get(k) != desired.get(k):
+            patch[k] = desired.get(k)
+    return patch
