@@ -122,21 +122,23 @@ def register(registry: kopf.OperatorRegistry) -> None:
         rt = getattr(memo, "runtime", None)
         return rt.optimizer.in_flight if rt is not None else 0
 
-    async def _reconcile(body: kopf.Body, memo: kopf.Memo) -> None:
-        await _guarded(reconcile.reconcile(_runtime(memo), copy.deepcopy(dict(body))),
-                       "reconcile")
+    async def _reconcile(body: kopf.Body, memo: kopf.Memo, *, force: bool) -> None:
+        await _guarded(reconcile.reconcile(_runtime(memo), copy.deepcopy(dict(body)),
+                                           force=force), "reconcile")
 
     @kopf.on.create(*ENDPOINTS, registry=registry)
     async def endpoint_created(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await _reconcile(body, memo)
+        await _reconcile(body, memo, force=False)
 
     @kopf.on.update(*ENDPOINTS, field="spec", registry=registry)
     async def endpoint_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await _reconcile(body, memo)
+        await _reconcile(body, memo, force=False)
 
     @kopf.on.resume(*ENDPOINTS, registry=registry)
     async def endpoint_resumed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await _reconcile(body, memo)
+        # After a restart the children may have changed behind the operator's back: check
+        # everything (the stored plan spares the search).
+        await _reconcile(body, memo, force=True)
 
     @kopf.on.delete(*ENDPOINTS, registry=registry)
     async def endpoint_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -186,7 +188,14 @@ def _retry_waiting(rt: Runtime, pool_name: str) -> None:
                        if c.get("status") == "False"}
             if reasons & {"PoolExhausted", "PoolTooSmall", "PoolContention",
                           "HardwarePoolNotFound", "InvalidHardwarePool", "SLOUnreachable"}:
-                await reconcile.reconcile(rt, ep)
+                try:
+                    await reconcile.reconcile(rt, ep)
+                except KubeError as err:
+                    # E.g. an endpoint in a namespace this operator does not serve (403):
+                    # its own operator, or its next change, will handle it.
+                    logging.getLogger(__name__).warning(
+                        "retrying %s/%s: %s", ep["metadata"].get("namespace"),
+                        ep["metadata"].get("name"), err)
 
     task = asyncio.get_running_loop().create_task(retry())
     _background.add(task)

@@ -9,6 +9,8 @@ what a rendered, hashed child wants, and what every API server (and KMock) agree
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,10 +77,13 @@ def object_path(ref: Ref, subresource: str | None = None) -> str:
 class Kube:
     """Async CRUD over any resource; 404 reads as None/False, other errors raise KubeError."""
 
-    def __init__(self, api: ApiClient | None = None) -> None:
+    def __init__(self, api: ApiClient | None = None, *, crd_ttl_s: float = 60.0) -> None:
         # Created on first use: Kopf's login (which configures the client) runs after the
         # operator's startup handlers, where this object is built.
         self._api = api
+        self._crd_ttl_s = crd_ttl_s
+        self._crds: dict[str, tuple[float, bool]] = {}
+        self._crd_lock = asyncio.Lock()
 
     def _client(self) -> ApiClient:
         if self._api is None:
@@ -150,6 +155,14 @@ class Kube:
 
     async def crd_exists(self, name: str) -> bool:
         """Whether a CustomResourceDefinition (e.g. podmonitors.monitoring.coreos.com) is
-        installed: optional children are created only where their API exists."""
-        ref = Ref("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, name)
-        return await self.get(ref) is not None
+        installed: optional children are created only where their API exists. Remembered
+        for a minute: every reconcile asks, and CRDs come and go rarely."""
+        async with self._crd_lock:  # one request for a burst of reconciles, not one each
+            now = time.monotonic()
+            cached = self._crds.get(name)
+            if cached is not None and now - cached[0] < self._crd_ttl_s:
+                return cached[1]
+            ref = Ref("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, name)
+            exists = await self.get(ref) is not None
+            self._crds[name] = (now, exists)
+            return exists

@@ -1,9 +1,9 @@
 """GPU accounting: what a HardwarePool still offers an endpoint, and reservations in flight.
 
 The cluster is the record: every endpoint writes the GPUs its children hold into
-`status.allocatedGpus`. Between an endpoint's plan and that status write, a reservation in
-this process's ledger stops a second endpoint planning with the same GPUs (Kopf peering keeps
-one active operator, so an in-process ledger is enough).
+`status.allocatedGpus`, and the ledger mirrors those writes. Between an endpoint's plan and
+that status write, a reservation in the ledger stops a second endpoint planning with the same
+GPUs (Kopf peering keeps one active operator, so an in-process ledger is enough).
 """
 
 from __future__ import annotations
@@ -44,10 +44,35 @@ class Availability:
 
 @dataclass
 class Ledger:
-    """Reservations made by plans whose status is not written yet, by pool and endpoint."""
+    """Who holds which GPUs of which pool, as this operator wrote it into status, plus the
+    reservations of plans whose status is not written yet.
+
+    Seeded once from the cluster (endpoints from before a restart), then kept by the
+    operator's own status writes: no listing of every endpoint on every reconcile.
+    """
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reserved: dict[str, dict[str, Counter[str]]] = field(default_factory=dict)
+    held: dict[str, dict[str, Counter[str]]] = field(default_factory=dict)
+    seeded: bool = False
+
+    def seed(self, endpoints: list[Obj]) -> None:
+        for ep in endpoints:
+            meta = ep.get("metadata", {})
+            if meta.get("deletionTimestamp"):
+                continue
+            pool = (ep.get("spec", {}).get("hardwarePoolRef") or {}).get("name", "")
+            allocated = (ep.get("status") or {}).get("allocatedGpus") or {}
+            self.record(pool, key(meta.get("namespace", ""), meta.get("name", "")), allocated)
+        self.seeded = True
+
+    def record(self, pool: str, endpoint: str, gpus: dict[str, Any]) -> None:
+        """What `endpoint` holds now (its status.allocatedGpus); it holds nothing elsewhere."""
+        for holders in self.held.values():
+            holders.pop(endpoint, None)
+        counts = Counter({str(g): int(n) for g, n in gpus.items() if int(n) > 0})
+        if counts:
+            self.held.setdefault(pool, {})[endpoint] = counts
 
     def reserve(self, pool: str, endpoint: str, gpus: dict[str, int]) -> None:
         self.reserved.setdefault(pool, {})[endpoint] = Counter(gpus)
@@ -55,26 +80,20 @@ class Ledger:
     def release(self, pool: str, endpoint: str) -> None:
         self.reserved.get(pool, {}).pop(endpoint, None)
 
+    def forget(self, endpoint: str) -> None:
+        """The endpoint is gone: it holds and reserves nothing."""
+        self.record("", endpoint, {})
+        for holders in self.reserved.values():
+            holders.pop(endpoint, None)
 
-def held_by_others(endpoints: list[Obj], pool_name: str, me: str,
-                   reserved: dict[str, Counter[str]]) -> dict[str, Counter[str]]:
-    """GPUs held in `pool_name` by every endpoint except `me`: status plus reservations."""
-    held: dict[str, Counter[str]] = {}
-    for ep in endpoints:
-        meta = ep.get("metadata", {})
-        who = key(meta.get("namespace", ""), meta.get("name", ""))
-        if who == me or meta.get("deletionTimestamp"):
-            continue
-        if (ep.get("spec", {}).get("hardwarePoolRef") or {}).get("name") != pool_name:
-            continue
-        allocated = (ep.get("status") or {}).get("allocatedGpus") or {}
-        counts = Counter({str(g): int(n) for g, n in allocated.items() if int(n) > 0})
-        if counts:
-            held[who] = counts
-    for who, counts in reserved.items():
-        if who != me:
-            held[who] = held.get(who, Counter()) | counts
-    return held
+    def others(self, pool: str, me: str) -> dict[str, Counter[str]]:
+        """GPUs of `pool` held or reserved by every endpoint except `me`."""
+        out: dict[str, Counter[str]] = {}
+        for source in (self.held.get(pool, {}), self.reserved.get(pool, {})):
+            for who, counts in source.items():
+                if who != me:
+                    out[who] = out.get(who, Counter()) | counts
+        return out
 
 
 def available(pool: HardwarePool, held: dict[str, Counter[str]]) -> Availability:

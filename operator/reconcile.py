@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import json
 import re
 from collections import Counter
@@ -42,7 +43,7 @@ from trilemma.operator.resources import (
     to_wire,
 )
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.search import InfeasibleSLO, ServingConfig
+from trilemma.optimizer.search import InfeasibleSLO, ServingConfig, canonical_json
 from trilemma.optimizer.spec import HardwarePool
 from trilemma.optimizer.spec.loading import spec_error_to_input_error
 
@@ -148,6 +149,10 @@ class Endpoint:
         self.status["phase"] = phase.value
         self.status["message"] = message
 
+    @property
+    def pool_name(self) -> str:
+        return _pool_name(self.body)
+
     async def commit(self, kube: Kube) -> bool:
         """Write what changed in status; False when nothing did (no request is sent)."""
         patch = status.patch_for(self.written, self.status, status_field_names())
@@ -158,11 +163,25 @@ class Endpoint:
         return True
 
 
+async def _commit(rt: Runtime, ep: Endpoint) -> None:
+    """Write the status, and mirror what the endpoint now holds into the GPU ledger."""
+    await ep.commit(rt.kube)
+    rt.ledger.record(ep.pool_name, ep.key, ep.written.get("allocatedGpus") or {})
+
+
 # ---- reconcile -----------------------------------------------------------------------------
 
 
-async def reconcile(rt: Runtime, body: Obj) -> None:
-    """Bring one endpoint to its spec. Raises only for transient API errors (Kopf retries)."""
+def spec_digest(body: Obj) -> str:
+    return hashlib.sha256(canonical_json(body.get("spec") or {}).encode()).hexdigest()[:16]
+
+
+async def reconcile(rt: Runtime, body: Obj, *, force: bool = True) -> None:
+    """Bring one endpoint to its spec. Raises only for transient API errors (Kopf retries).
+
+    `force=False` (create and update events) returns at once when the status already
+    describes this exact spec: an event replayed after the work is done changes nothing.
+    """
     ep = Endpoint.of(body)
     async with rt.lock(ep.key):
         # The event's body may predate this operator's own status writes (made by another
@@ -171,6 +190,10 @@ async def reconcile(rt: Runtime, body: Obj) -> None:
         if fresh is None or fresh.get("metadata", {}).get("deletionTimestamp"):
             return
         ep = Endpoint.of(fresh)
+        digest = spec_digest(fresh)
+        if not force and ep.written.get("specDigest") == digest:
+            return
+        ep.status["specDigest"] = digest
         try:
             await _reconcile(rt, ep)
             rt.metrics.reconciled("ok")
@@ -178,8 +201,8 @@ async def reconcile(rt: Runtime, body: Obj) -> None:
             ep.phase(out.phase, out.message)
             ep.condition(out.condition, False, out.reason, out.message)
             ep.status["observedGeneration"] = ep.generation
-            rt.ledger.release(_pool_name(body), ep.key)
-            await ep.commit(rt.kube)
+            rt.ledger.release(ep.pool_name, ep.key)
+            await _commit(rt, ep)
             rt.events(body, "Warning", out.reason, out.message)
             rt.metrics.reconciled(out.phase.value.lower())
             rt.metrics.error(out.reason)
@@ -256,7 +279,7 @@ async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
 
 
 async def _finish(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec) -> None:
-    await ep.commit(rt.kube)
+    await _commit(rt, ep)
     # The status now records what this endpoint holds; the reservation has done its job.
     rt.ledger.release(spec.hardware_pool_ref.name, ep.key)
 
@@ -331,10 +354,10 @@ def _cache_dir(rt: Runtime) -> Any:
 
 async def _availability(rt: Runtime, ep: Endpoint, pool_name: str,
                         full_pool: HardwarePool) -> pool.Availability:
-    endpoints = await rt.kube.list(naming.API_VERSION, "OptimizedEndpoint")
-    held = pool.held_by_others(endpoints, pool_name, ep.key,
-                               rt.ledger.reserved.get(pool_name, {}))
-    return pool.available(full_pool, held)
+    """Called under the ledger's lock."""
+    if not rt.ledger.seeded:
+        rt.ledger.seed(await rt.kube.list(naming.API_VERSION, "OptimizedEndpoint"))
+    return pool.available(full_pool, rt.ledger.others(pool_name, ep.key))
 
 
 async def _plan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, models: Models,
@@ -395,7 +418,11 @@ async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
                   avail: pool.Availability) -> tuple[Obj, Obj]:
     ep.phase(Phase.OPTIMIZING, "searching the configuration space")
     ep.condition(ConditionType.OPTIMIZED, None, "Optimizing", "search running")
+    # Not the spec digest yet: it marks a finished reconcile.
+    done_marker = ep.status.pop("specDigest", None)
     await ep.commit(rt.kube)
+    if done_marker is not None:
+        ep.status["specDigest"] = done_marker
     rt.events(ep.body, "Normal", "Optimizing", "searching the configuration space")
     try:
         run = await rt.optimizer.run(request)
@@ -425,14 +452,30 @@ async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
 # ---- deploy and roll out -------------------------------------------------------------------
 
 
+LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
+LWS_API = "leaderworkerset.x-k8s.io/v1"
+
+
 async def _workloads(kube: Kube, ep: Endpoint, config_hash: str | None = None) -> list[Obj]:
-    labels = {naming.LABEL_ENDPOINT: ep.name, "app.kubernetes.io/managed-by": naming.MANAGED_BY}
+    """The endpoint's Deployments and LeaderWorkerSets: of one configuration hash (read by
+    name: the renderer names them <name>[-role]-<hash>), or all of them (listed)."""
+    lws = await kube.crd_exists(LWS_CRD)
+    kinds = [("apps/v1", "Deployment")] + ([(LWS_API, "LeaderWorkerSet")] if lws else [])
     if config_hash is not None:
-        labels[naming.LABEL_CONFIG_HASH] = config_hash
-    found = await kube.list("apps/v1", "Deployment", ep.namespace, labels=labels)
-    if await kube.crd_exists("leaderworkersets.leaderworkerset.x-k8s.io"):
-        found += await kube.list("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet",
-                                 ep.namespace, labels=labels)
+        found = []
+        for middle in ("", "-prefill", "-decode", "-router"):
+            for api_version, kind in kinds:
+                obj = await kube.get(Ref(api_version, kind, ep.namespace,
+                                         f"{ep.name}{middle}-{config_hash}"))
+                if obj is not None:
+                    found.append(obj)
+            if found and not middle:
+                break  # aggregated: one workload, no roles to look for
+        return [w for w in found if _owned_by(w, ep)]
+    labels = {naming.LABEL_ENDPOINT: ep.name, "app.kubernetes.io/managed-by": naming.MANAGED_BY}
+    found = []
+    for api_version, kind in kinds:
+        found += await kube.list(api_version, kind, ep.namespace, labels=labels)
     # Only the ones this endpoint owns: a same-named endpoint's leftovers are not ours.
     return [w for w in found if _owned_by(w, ep)]
 
@@ -457,8 +500,9 @@ async def _deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
                   kids: children.Children, gpus: dict[str, int]) -> None:
     kube = rt.kube
     target = kids.config_hash
-    for workload in kids.workloads:
-        await applying.apply(kube, workload)
+    results = [await applying.apply(kube, workload) for workload in kids.workloads]
+    # Just created: certainly not available yet; spares reading them back.
+    fresh = any(r is applying.Applied.CREATED for r in results)
     front = kids.services[0]
     live_front = await kube.get(Ref.of(front))
     serving = children.service_hash(live_front) if live_front else None
@@ -485,19 +529,23 @@ async def _deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     for service in kids.services:
         await applying.apply(kube, service)
     await _pod_monitor(rt, ep)
-    await _drop_others(kube, ep, keep={target})
+    known = {ep.written.get("servingHash"), (ep.written.get("rollout") or {}).get("toHash"),
+             (ep.written.get("activeConfiguration") or {}).get("hash")} - {None}
+    if known - {target} or serving not in (None, target):
+        await _drop_others(kube, ep, keep={target})
     ep.status["servingHash"] = target
     ep.status["allocatedGpus"] = dict(gpus)
     in_flight = (rollout.get("toHash") == target
                  and rollout.get("state") == RolloutState.PROGRESSING.value)
-    if not in_flight and not await _available(kube, ep, target):
+    available = False if fresh else await _available(kube, ep, target)
+    if not in_flight and not available:
         # Nothing else serves: the Service points here already; track the deadline.
         _start_rollout(ep, spec, None, target)
         ep.status["rollout"]["fromGpus"] = {}
-    elif in_flight and await _available(kube, ep, target):
+    elif in_flight and available:
         ep.status["rollout"] = {**rollout, "state": RolloutState.COMPLETE.value,
                                 "message": "available"}
-    await _refresh_ready(rt, ep, target)
+    await _refresh_ready(rt, ep, target, ready=available)
     if serving != target:
         rt.events(ep.body, "Normal", "Deployed",
                   f"{ep.status['activeConfiguration']['summary']} as {target}")
@@ -533,9 +581,12 @@ async def _pod_monitor(rt: Runtime, ep: Endpoint) -> None:
         await applying.apply(rt.kube, children.pod_monitor(ep.owner))
 
 
-async def _refresh_ready(rt: Runtime, ep: Endpoint, serving: str) -> bool:
-    """Sets phase and the Ready condition from the serving configuration's workloads."""
-    ready = await _available(rt.kube, ep, serving)
+async def _refresh_ready(rt: Runtime, ep: Endpoint, serving: str, *,
+                         ready: bool | None = None) -> bool:
+    """Sets phase and the Ready condition from the serving configuration's workloads
+    (`ready`: already known, not read again)."""
+    if ready is None:
+        ready = await _available(rt.kube, ep, serving)
     rolling = (ep.status.get("rollout") or {}).get("state") == "Progressing"
     if ready:
         ep.condition(ConditionType.READY, True, "Available",
@@ -572,7 +623,7 @@ async def advance(rt: Runtime, namespace: str, name: str) -> None:
             await _progress(rt, ep, rollout)
         elif ep.status.get("servingHash"):
             await _refresh_ready(rt, ep, ep.status["servingHash"])
-        await ep.commit(rt.kube)
+        await _commit(rt, ep)
         rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
 
 
@@ -647,7 +698,7 @@ async def delete_children(rt: Runtime, body: Obj) -> None:
         if await kube.crd_exists("podmonitors.monitoring.coreos.com"):
             await kube.delete(Ref(children.PODMONITOR_API, "PodMonitor", ep.namespace,
                                   ep.name))
-        rt.ledger.release(_pool_name(body), ep.key)
+        rt.ledger.forget(ep.key)
         rt.metrics.forget(ep.key)
 
 

@@ -363,6 +363,8 @@ class OptimizedEndpointStatus(SpecModel):
     allocated_gpus: dict[str, int] = Field(
         default_factory=dict,
         description="GPUs this endpoint's children hold, by type (both sides during a rollout).")
+    spec_digest: str | None = Field(
+        default=None, description="Digest of the spec the status describes (written last).")
 
 
 def status_field_names() -> list[str]:

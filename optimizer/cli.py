@@ -370,8 +370,7 @@ def main(argv: Sequence[str] | None = None, *, extra: Sequence[Subcommand] = ())
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "estimate": _estimate, "validate": _validate, "calibrate": _calibrate,
         "calibrate-engine": _calibrate_engine, "optimize": _optimize, "simulate": _simulate,
-        "render": _render,
-                "bench": _bench, **{c.name: c.run for c in extra}}
+        "render": _render, "bench": _bench, **{c.name: c.run for c in extra}}
     try:
         return handlers[args.command](args)
     except InputError as exc:

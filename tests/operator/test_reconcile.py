@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from tests.operator.conftest import Api
+from tests.support.kube import Api
 
 NS = "team-a"
 POOL = {"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",

@@ -1,0 +1,496 @@
+"""The closed loop's decisions: drift against the plan, SLO violations, the re-tune policy
+(persistence, hysteresis, cooldown, holds, failed workloads), acceptance of a new plan, the
+running configuration re-predicted at a new workload, and the status forms."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from trilemma.operator import retune
+from trilemma.operator.estimator import (
+    Availability,
+    LatencyStats,
+    LengthStats,
+    MetricsReason,
+    ObservedWorkload,
+)
+from trilemma.operator.resources import DriftThresholds, Retune
+from trilemma.operator.retune import Action, RetuneState, Why, WorkloadSummary
+from trilemma.optimizer.catalog.engines import Engine
+from trilemma.optimizer.search import planning, space
+from trilemma.optimizer.search.configs import Mode, ServingConfig
+from trilemma.optimizer.spec import Slo, parse_spec
+
+NOW = 1_700_000_000.0
+THRESHOLDS = DriftThresholds()
+SPEC = Retune(enabled=True, interval_seconds=300, window_seconds=900, cooldown_seconds=1800,
+              min_improvement=0.1)
+# The plan was made for 10 req/s mean at a peak factor of 2: a design rate of 20.
+PLAN = {"request": {"workload": {"prompt_tokens_mean": 1000.0, "output_tokens_mean": 200.0,
+                                 "cached_tokens_mean": 300.0, "predictability": 0.5},
+                    "design_rate_rps": 20.0}}
+PLANNED = WorkloadSummary.of_plan(PLAN, peak_factor=2.0)
+
+
+def observed(*, rate: float = 10.0, prompt: float = 1000.0, output: float = 200.0,
+             prefix: float | None = 0.3, samples: float = 9000.0, at: float = NOW,
+             window: int = 900, ttft: LatencyStats | None = None,
+             itl: LatencyStats | None = None,
+             reason: MetricsReason = MetricsReason.AVAILABLE) -> ObservedWorkload:
+    return ObservedWorkload(
+        engine=Engine.VLLM, window_s=window, observed_at=at,
+        availability=Availability(reason=reason, message=f"{reason.value} (test)"),
+        rate_rps=rate, prompt_tokens=LengthStats(mean=prompt),
+        output_tokens=LengthStats(mean=output), prefix_hit_share=prefix,
+        ttft_ms=ttft or LatencyStats(), itl_ms=itl or LatencyStats(), samples=samples)
+
+
+def check(state: RetuneState, obs: ObservedWorkload, *, violations: list[str] | None = None,
+          rolling_out: bool = False, basis: str = "", spec: Retune = SPEC,
+          planned: WorkloadSummary = PLANNED) -> retune.Decision:
+    d = retune.drift(planned, obs, spec.drift)
+    return retune.decide(state, obs.observed_at, obs, obs.availability.reason, d,
+                         violations or [], spec, rolling_out=rolling_out, basis=basis)
+
+
+# ---- summaries and drift --------------------------------------------------------------------
+
+
+def test_plan_summary_compares_mean_rates_by_dividing_out_the_peak_factor() -> None:
+    assert PLANNED.rate_rps == pytest.approx(10.0)
+    assert PLANNED.prefix_share == pytest.approx(0.3)
+    # The plan's headroom for peaks is not drift: the mean it was sized from is observed.
+    assert not retune.drift(PLANNED, observed(rate=10.0), THRESHOLDS).exceeded
+
+
+def test_drift_reason_names_the_figure_its_change_and_the_threshold() -> None:
+    d = retune.drift(PLANNED, observed(prompt=4120.0), THRESHOLDS)
+    assert d.exceeded == (retune.Dimension.PROMPT,)
+    assert d.reason == "prompt length +312% (1000 -> 4120 tokens) exceeds 30%"
+    assert d.figures()["promptTokensChange"] == pytest.approx(3.12)
+
+
+def test_drift_reason_lists_every_exceeded_figure_largest_first() -> None:
+    d = retune.drift(PLANNED, observed(rate=25.0, output=100.0, prefix=0.05), THRESHOLDS)
+    assert set(d.exceeded) == {retune.Dimension.RATE, retune.Dimension.OUTPUT,
+                               retune.Dimension.PREFIX}
+    parts = d.reason.split("; ")
+    assert parts[0].startswith("request rate +150% (10 -> 25 req/s)")
+    assert "prefix hit share -25 points (30% -> 5%) exceeds 15 points" in parts
+
+
+@pytest.mark.parametrize(("changes", "exceeded"), [
+    ({"rate": 12.9}, ()),
+    ({"rate": 13.1}, (retune.Dimension.RATE,)),
+    ({"rate": 6.9}, (retune.Dimension.RATE,)),      # drops count as much as rises
+    ({"output": 259.0}, ()),
+    ({"output": 261.0}, (retune.Dimension.OUTPUT,)),
+    ({"prefix": 0.44}, ()),                          # prefix share: absolute points
+    ({"prefix": 0.46}, (retune.Dimension.PREFIX,)),
+    ({"prefix": None}, ()),                          # not exported: unknown, never drift
+])
+def test_each_figure_drifts_exactly_past_its_threshold(changes: dict, exceeded: tuple) -> None:
+    assert retune.drift(PLANNED, observed(**changes), THRESHOLDS).exceeded == exceeded
+
+
+def test_thresholds_come_from_the_spec() -> None:
+    loose = DriftThresholds(rate=1.0)
+    assert not retune.drift(PLANNED, observed(rate=19.0), loose).exceeded
+    assert retune.drift(PLANNED, observed(rate=21.0), loose).exceeded
+
+
+def test_workload_digest_is_stable_under_noise_and_changes_with_drift() -> None:
+    a = WorkloadSummary(rate_rps=10.0, prompt_tokens=1000.0, output_tokens=200.0,
+                        prefix_share=0.3)
+    b = dataclasses.replace(a, rate_rps=10.2, prompt_tokens=1010.0)
+    c = dataclasses.replace(a, prompt_tokens=4000.0)
+    assert a.digest(THRESHOLDS) == b.digest(THRESHOLDS) != c.digest(THRESHOLDS)
+
+
+# ---- SLO violations ---------------------------------------------------------------------------
+
+
+SLO = Slo.model_validate({"ttftMs": {"p90": 1500}, "tpotMs": {"p50": 40, "p90": 60},
+                          "minTokensPerSecondPerUser": 20})
+
+
+def test_observed_ttft_and_itl_over_their_targets_are_violations() -> None:
+    obs = observed(ttft=LatencyStats(p90=2140.0), itl=LatencyStats(p50=30.0, p90=75.0))
+    v = retune.slo_violations(obs, SLO)
+    assert v == ["TTFT p90 2140 ms exceeds the p90 target 1500 ms (+43%)",
+                 "ITL p90 75 ms exceeds the TPOT p90 target 60 ms (+25%)"]
+
+
+def test_per_user_speed_is_a_median_itl_bound() -> None:
+    obs = observed(itl=LatencyStats(p50=55.0, p90=58.0))  # 20 tokens/s needs 50 ms
+    v = retune.slo_violations(obs, SLO)
+    assert len(v) == 2 and all("ITL p50 55 ms" in x for x in v)
+
+
+def test_latencies_within_target_or_its_bucket_tolerance_are_not_violations() -> None:
+    obs = observed(ttft=LatencyStats(p90=1550.0), itl=LatencyStats(p50=20.0, p90=61.0))
+    assert retune.slo_violations(obs, SLO) == []
+
+
+def test_too_few_requests_prove_no_violation() -> None:
+    obs = observed(samples=10, ttft=LatencyStats(p90=9000.0))
+    assert retune.slo_violations(obs, SLO) == []
+    assert retune.slo_violations(obs, SLO, min_samples=5) != []
+
+
+# ---- the policy ---------------------------------------------------------------------------
+
+
+def run(observations: list[ObservedWorkload], state: RetuneState | None = None,
+        **kw: object) -> list[retune.Decision]:
+    state = state or RetuneState()
+    out = []
+    for obs in observations:
+        d = check(state, obs, **kw)  # type: ignore[arg-type]
+        state = d.state
+        out.append(d)
+    return out
+
+
+def every(n: int, **kw: object) -> list[ObservedWorkload]:
+    return [observed(at=NOW + 300 * i, **kw) for i in range(n)]  # type: ignore[arg-type]
+
+
+def test_drift_replans_only_on_the_second_consecutive_check() -> None:
+    first, second = run(every(2, prompt=4120.0))
+    assert (first.action, first.why) == (Action.NO_CHANGE, Why.PENDING)
+    assert "(1 of 2 checks)" in first.message
+    assert (second.action, second.why) == (Action.REPLAN, Why.DRIFT)
+    assert second.message.startswith("prompt length +312%")
+    assert second.workload is not None and second.workload.prompt_tokens == 4120.0
+    # A re-plan starts a new episode and remembers the workload it was for.
+    assert second.state.drift_checks == 0
+    assert second.state.last_replan == NOW + 300
+    assert second.state.last_replan_workload == second.workload.digest(THRESHOLDS)
+
+
+def test_noisy_steady_traffic_within_thresholds_never_replans() -> None:
+    rng = np.random.default_rng(7)
+    obs = [observed(at=NOW + 300 * i, rate=10.0 * (1 + rng.uniform(-0.1, 0.1)),
+                    prompt=1000.0 * (1 + rng.uniform(-0.1, 0.1)),
+                    output=200.0 * (1 + rng.uniform(-0.1, 0.1)),
+                    prefix=0.3 + rng.uniform(-0.05, 0.05)) for i in range(50)]
+    decisions = run(obs)
+    assert {d.action for d in decisions} == {Action.NO_CHANGE}
+    assert {d.why for d in decisions} == {Why.WITHIN_THRESHOLDS}
+    assert all(d.state.drift_checks == 0 for d in decisions)
+
+
+def test_isolated_spikes_separated_by_calm_checks_never_replan() -> None:
+    obs = [observed(at=NOW + 300 * i, rate=20.0 if i % 2 else 10.5) for i in range(50)]
+    assert Action.REPLAN not in {d.action for d in run(obs)}
+
+
+def test_a_drift_hovering_at_its_threshold_is_one_episode() -> None:
+    # Over (+40%), back inside but above the exit band (+20% = 0.67 of 30%), over again: the
+    # count held in between, so the second excursion re-plans.
+    decisions = run([observed(at=NOW, rate=14.0), observed(at=NOW + 300, rate=12.0),
+                     observed(at=NOW + 600, rate=14.0)])
+    assert [d.state.drift_checks for d in decisions[:2]] == [1, 1]
+    assert decisions[2].action is Action.REPLAN
+
+
+def test_a_drift_that_calms_below_the_exit_band_ends_its_episode() -> None:
+    decisions = run([observed(at=NOW, rate=14.0), observed(at=NOW + 300, rate=11.0),
+                     observed(at=NOW + 600, rate=14.0)])
+    assert decisions[1].state.drift_checks == 0
+    assert decisions[2].action is Action.NO_CHANGE and decisions[2].why is Why.PENDING
+
+
+def test_an_slo_violation_replans_without_any_drift() -> None:
+    first, second = run(every(2), violations=["TTFT p90 2140 ms exceeds ..."])
+    assert first.why is Why.PENDING
+    assert (second.action, second.why) == (Action.REPLAN, Why.SLO_VIOLATION)
+    assert "TTFT p90 2140 ms" in second.message
+
+
+def test_violations_from_a_window_that_began_before_the_last_rollout_are_ignored() -> None:
+    # Rolled out 5 minutes before the first check: the 15-minute windows of the first two
+    # checks saw the old configuration; from the third on they see only the new one.
+    no_cooldown = Retune(enabled=True, interval_seconds=300, cooldown_seconds=0)
+    state = RetuneState(last_rollout=NOW - 300)
+    decisions = run(every(4), state, violations=["TTFT p90 too high"], spec=no_cooldown)
+    assert [d.state.violation_checks for d in decisions[:3]] == [0, 0, 1]
+    assert "latencies not judged" in decisions[0].message
+    assert [d.action for d in decisions] == [Action.NO_CHANGE] * 3 + [Action.REPLAN]
+
+
+def test_cooldown_holds_a_due_replan_until_it_has_passed() -> None:
+    state = RetuneState(last_rollout=NOW - 600)
+    decisions = run([observed(at=NOW + 300 * i, prompt=4120.0) for i in range(6)], state)
+    assert decisions[1].action is Action.HOLD and decisions[1].why is Why.COOLDOWN
+    assert "cooldown" in decisions[1].message
+    # The cooldown ends 1800 s after the rollout (NOW + 1200): the drift, still counted,
+    # re-plans at the first check after it.
+    assert [d.action for d in decisions] == [Action.NO_CHANGE, Action.HOLD, Action.HOLD,
+                                             Action.HOLD, Action.REPLAN, Action.NO_CHANGE]
+
+
+def test_a_rollout_in_flight_holds_and_leaves_the_counts_alone() -> None:
+    state = RetuneState(drift_checks=1)
+    d = check(state, observed(prompt=4120.0), rolling_out=True)
+    assert (d.action, d.why) == (Action.HOLD, Why.ROLLOUT_IN_FLIGHT)
+    assert d.state.drift_checks == 1 and d.state.last_check == NOW
+
+
+@pytest.mark.parametrize(("reason", "why"), [
+    (MetricsReason.MISSING, Why.METRICS_MISSING),
+    (MetricsReason.STALE, Why.METRICS_STALE),
+    (MetricsReason.PROMETHEUS_ERROR, Why.PROMETHEUS_ERROR),
+])
+def test_unavailable_metrics_hold_with_the_conditions_reason(reason: MetricsReason,
+                                                             why: Why) -> None:
+    state = RetuneState(drift_checks=1)
+    d = check(state, observed(prompt=4120.0, reason=reason))
+    assert (d.action, d.why) == (Action.HOLD, why)
+    assert d.message == f"{reason.value} (test)"
+    assert d.state.drift_checks == 1
+
+
+def test_no_observation_at_all_holds_with_the_given_availability() -> None:
+    d = retune.decide(RetuneState(), NOW, None, "PrometheusError", None, [], SPEC,
+                      rolling_out=False)
+    assert (d.action, d.why) == (Action.HOLD, Why.PROMETHEUS_ERROR)
+
+
+def test_too_few_requests_hold() -> None:
+    d = check(RetuneState(drift_checks=1), observed(prompt=4120.0, samples=20))
+    assert (d.action, d.why) == (Action.HOLD, Why.NOT_ENOUGH_SAMPLES)
+    assert d.state.drift_checks == 1
+
+
+def test_checks_before_the_interval_or_with_retune_disabled_change_nothing() -> None:
+    state = RetuneState(last_check=NOW - 100, drift_checks=1)
+    d = check(state, observed(prompt=4120.0))
+    assert (d.action, d.why, d.state) == (Action.HOLD, Why.NOT_DUE, state)
+    off = check(RetuneState(), observed(prompt=4120.0), spec=Retune(enabled=False))
+    assert (off.action, off.why, off.state) == (Action.HOLD, Why.DISABLED, RetuneState())
+    # A timer firing a few seconds early is still on time.
+    assert retune.due(RetuneState(last_check=NOW - 295), NOW, SPEC)
+
+
+def test_a_workload_that_failed_is_not_replanned_again() -> None:
+    drifted = observed(prompt=4120.0)
+    workload = WorkloadSummary.of_observed(drifted)
+    state = retune.record_failure(RetuneState(drift_checks=1), NOW - 600, workload,
+                                  "no configuration beats the running one by 10%",
+                                  thresholds=THRESHOLDS, basis="gen3")
+    # The same workload, a little noisier: held.
+    d = check(state, observed(prompt=4300.0, rate=10.5), basis="gen3")
+    assert (d.action, d.why) == (Action.HOLD, Why.ALREADY_FAILED)
+    assert "no configuration beats" in d.message
+    # A new basis (spec generation, calibration) may decide differently: re-planned.
+    assert check(state, drifted, basis="gen4").action is Action.REPLAN
+    # So is a workload that moved on, and the same one once the record expires.
+    assert check(state, observed(prompt=8000.0), basis="gen3").action is Action.REPLAN
+    later = observed(prompt=4120.0, at=NOW + retune.POLICY.failed_ttl_s)
+    assert check(state, later, basis="gen3").action is Action.REPLAN
+
+
+def test_failure_records_replace_their_own_workload_and_stay_few() -> None:
+    state = RetuneState()
+    for i in range(8):
+        w = WorkloadSummary(rate_rps=10.0 * 2 ** i, prompt_tokens=1000.0, output_tokens=200.0)
+        state = retune.record_failure(state, NOW + i, w, f"fail {i}", thresholds=THRESHOLDS)
+    state = retune.record_failure(state, NOW + 9, w, "again", thresholds=THRESHOLDS)
+    assert len(state.failed) == retune.POLICY.max_failed
+    assert [f.reason for f in state.failed][-2:] == ["fail 6", "again"]
+
+
+def test_rolled_out_starts_the_cooldown() -> None:
+    state = retune.rolled_out(RetuneState(drift_checks=2, violation_checks=1), NOW)
+    assert (state.last_rollout, state.drift_checks, state.violation_checks) == (NOW, 0, 0)
+
+
+def test_state_survives_its_status_form() -> None:
+    w = WorkloadSummary(rate_rps=12.5, prompt_tokens=4120.0, output_tokens=200.0,
+                        prefix_share=None)
+    state = RetuneState(last_check=NOW, drift_checks=1, violation_checks=2,
+                        last_replan=NOW - 900, last_replan_workload="abc",
+                        last_rollout=NOW - 1800,
+                        failed=(retune.Failure(workload=w, digest=w.digest(THRESHOLDS),
+                                               time=NOW - 60, reason="why", basis="b"),))
+    wire = state.to_status()
+    assert wire["lastCheckTime"] == "2023-11-14T22:13:20Z"
+    assert wire["failed"][0]["figures"] == {"rateRps": 12.5, "promptTokens": 4120.0,
+                                            "outputTokens": 200.0}
+    assert RetuneState.from_status(wire) == state
+    assert RetuneState.from_status(None) == RetuneState()
+
+
+# ---- acceptance -------------------------------------------------------------------------------
+
+
+def choice(hash_: str, *, cost: float, ttft: float = 150.0, tpot: float = 25.0,
+           capacity: float = 6.0, miss: str | None = None) -> dict:
+    return {"hash": hash_, "summary": f"config {hash_}", "slo_miss": miss,
+            "prediction": {"cost_per_hour": cost, "ttft_p90_ms": ttft, "tpot_p90_ms": tpot,
+                           "capacity_rps": capacity}}
+
+
+def plan_of(rec: dict) -> dict:
+    return {"request": {"workload": {"output_tokens_mean": 201.0}}, "recommended": rec}
+
+
+@pytest.mark.parametrize(("cost", "roll_out"), [(8.9, True), (9.0, True), (9.5, False)])
+def test_min_cost_rolls_out_only_for_the_minimum_improvement(cost: float,
+                                                             roll_out: bool) -> None:
+    acc = retune.accept(choice("aaaa", cost=10.0), plan_of(choice("bbbb", cost=cost)),
+                        "min_cost", 0.1, False)
+    assert acc.roll_out is roll_out
+    assert acc.improvement == pytest.approx(1 - cost / 10.0)
+    assert acc.reason.startswith("config bbbb improves cost per hour by")
+    assert (acc.current_hash, acc.candidate_hash) == ("aaaa", "bbbb")
+
+
+def test_a_current_configuration_violating_the_slo_is_replaced_even_at_a_higher_cost() -> None:
+    cur, new = choice("aaaa", cost=10.0), plan_of(choice("bbbb", cost=30.0))
+    observed_miss = retune.accept(cur, new, "min_cost", 0.1, True)
+    assert observed_miss.roll_out and "violates the SLO as observed" in observed_miss.reason
+    predicted_miss = retune.accept(choice("aaaa", cost=10.0, miss="ttft p90 <= 2000 ms"), new,
+                                   "min_cost", 0.1, False)
+    assert predicted_miss.roll_out and "would miss ttft p90" in predicted_miss.reason
+    assert not retune.accept(cur, new, "min_cost", 0.1, False).roll_out
+
+
+def test_the_same_configuration_is_never_rolled_out_again() -> None:
+    acc = retune.accept(choice("aaaa", cost=10.0), plan_of(choice("aaaa", cost=10.0)),
+                        "min_cost", 0.0, True)
+    assert not acc.roll_out and "recommends the running configuration" in acc.reason
+
+
+@pytest.mark.parametrize(("objective", "new", "improvement", "roll_out"), [
+    ("max_throughput", {"capacity": 7.0}, 1 / 6, True),
+    ("max_throughput", {"capacity": 6.3, "cost": 5.0}, 0.05, False),  # cheaper is not the aim
+    # Latency axis: 150 + 25 x 200 = 5150 ms against 150 + 20 x 200 = 4150 ms.
+    ("min_latency", {"tpot": 20.0}, 1 - 4150 / 5150, True),
+    # Balanced: same latency at 81% of the cost, a geometric-mean gain of 10%...
+    ("balanced", {"cost": 8.1}, 0.1, True),
+    # ... and half the cost bought with twice the latency gains nothing.
+    ("balanced", {"cost": 5.0, "ttft": 300.0, "tpot": 50.0}, 0.0, False),
+])
+def test_other_objectives_compare_their_own_axis(objective: str, new: dict, improvement: float,
+                                                 roll_out: bool) -> None:
+    candidate = choice("bbbb", **{"cost": 10.0, **new})
+    acc = retune.accept(choice("aaaa", cost=10.0), plan_of(candidate), objective, 0.1, False)
+    assert acc.improvement == pytest.approx(improvement, abs=1e-12)
+    assert acc.roll_out is roll_out
+
+
+# ---- history ----------------------------------------------------------------------------------
+
+
+def test_history_keeps_the_newest_entries_and_folds_repeated_holds() -> None:
+    history: list[dict] = []
+    for i in range(12):
+        event = retune.RetuneEvent(time=NOW + i, action=retune.Step.REPLAN,
+                                   reason=f"drift {i}", cause="WorkloadDrift",
+                                   from_hash="aaaa")
+        history = retune.history_append(history, event)
+    assert len(history) == 10 and history[-1]["reason"] == "drift 11"
+    assert history[0]["time"] == "2023-11-14T22:13:22Z"
+    hold = check(RetuneState(last_rollout=NOW - 600, drift_checks=1), observed(prompt=4120.0))
+    for t in (NOW, NOW + 300):
+        history = retune.history_append(history, retune.RetuneEvent.of_decision(hold, t))
+    assert len(history) == 10
+    assert history[-1]["action"] == "Hold" and history[-1]["cause"] == "Cooldown"
+    assert history[-2]["reason"] == "drift 11"
+    assert history[-1]["figures"]["promptTokensChange"] == pytest.approx(3.12)
+
+
+def test_an_acceptance_becomes_a_history_entry_with_its_figures() -> None:
+    acc = retune.accept(choice("aaaa", cost=10.0), plan_of(choice("bbbb", cost=5.0)),
+                        "min_cost", 0.1, False)
+    entry = retune.RetuneEvent.of_acceptance(acc, NOW).to_status()
+    assert entry["action"] == "RollOut" and (entry["fromHash"], entry["toHash"]) == (
+        "aaaa", "bbbb")
+    assert entry["figures"]["improvement"] == 0.5
+
+
+# ---- re-prediction with the real optimizer ----------------------------------------------------
+
+SMALL = Path(__file__).parent / "fixtures" / "cli" / "small.yaml"
+SETTINGS = space.SearchSettings(tp=(1, 2), pp=(1,), dp=(1,), ep=(False,), spec_k=(2,),
+                                max_num_seqs=(64, 256), max_num_batched_tokens=(4096, 8192),
+                                pd_ratios=((1, 1),), simulate_top_k=1, simulate_front=0,
+                                simulate_requests=300, front_size=8,
+                                explain_sensitivity=False, workers=1)
+
+
+def small_request(rate: float = 4.0, **workload: object):
+    raw = copy.deepcopy(yaml.safe_load(SMALL.read_text()))
+    raw["workload"]["arrivals"]["requestsPerSecond"] = rate
+    raw["workload"].update(workload)
+    return parse_spec(raw)
+
+
+@pytest.fixture(scope="module")
+def small_plan() -> dict:
+    return planning.plan(small_request(), settings=SETTINGS).to_dict()
+
+
+def test_repredict_reproduces_the_plans_own_prediction(small_plan: dict) -> None:
+    rec = small_plan["recommended"]
+    again = retune.repredict(ServingConfig.from_dict(rec["config"]), small_request(),
+                             requests=300)
+    assert again["hash"] == rec["hash"] and again["slo_miss"] is None
+    for key in ("ttft_p90_ms", "tpot_p90_ms", "capacity_rps", "cost_per_hour"):
+        assert again["prediction"][key] == pytest.approx(rec["prediction"][key], rel=1e-9)
+
+
+def test_a_configuration_overloaded_by_new_traffic_misses_and_is_replaced(
+        small_plan: dict) -> None:
+    heavier = small_request(rate=16.0)
+    current = retune.repredict(ServingConfig.from_dict(small_plan["recommended"]["config"]),
+                               heavier, requests=300)
+    assert current["slo_miss"] is not None
+    assert current["prediction"]["cost_per_hour"] == small_plan["recommended"]["prediction"][
+        "cost_per_hour"]
+    candidate = planning.plan(heavier, settings=SETTINGS).to_dict()
+    acc = retune.accept(current, candidate, "min_cost", 0.1, False)
+    assert acc.roll_out and "would miss" in acc.reason
+
+
+def test_repredict_prices_a_disaggregated_configuration() -> None:
+    request = small_request()
+    cfg = ServingConfig.from_dict({
+        "model": "meta-llama/Llama-3.1-8B", "engine": "vllm", "mode": "disaggregated",
+        "worker": {"gpu": "l40s", "tp": 1, "quant": "fp8", "max_num_seqs": 64,
+                   "max_num_batched_tokens": 4096},
+        "replicas": 2,
+        "prefill": {"gpu": "l40s", "tp": 1, "quant": "fp8", "max_num_seqs": 64,
+                    "max_num_batched_tokens": 4096},
+        "prefill_replicas": 1})
+    assert cfg.mode is Mode.DISAGGREGATED
+    out = retune.repredict(cfg, request, requests=300)
+    p = out["prediction"]
+    assert p["cost_per_hour"] == pytest.approx(3 * 1.9512)
+    assert 0 < p["capacity_rps"] < 1e6 and p["ttft_p90_ms"] > 0
+
+
+def test_observed_request_plans_for_the_observed_workload() -> None:
+    request = small_request(peakFactor=2.0)
+    obs = observed(rate=6.0, prompt=2048.0, output=128.0, prefix=None)
+    at_peak = retune.observed_request(request, obs)
+    assert at_peak.workload.design_rate() == pytest.approx(12.0)
+    assert at_peak.workload.prompt_distribution().mean_tokens() == pytest.approx(2048.0)
+    assert at_peak.slo == request.slo and at_peak.hardware == request.hardware
+    at_rate = retune.observed_request(request, obs, at_peak=False)
+    assert at_rate.workload.design_rate() == pytest.approx(6.0)
+
+
+def test_the_plans_own_summary_shows_no_drift_from_its_workload(small_plan: dict) -> None:
+    planned = WorkloadSummary.of_plan(small_plan, peak_factor=1.0)
+    same = observed(rate=4.0, prompt=1024.0, output=256.0, prefix=0.0)
+    assert retune.drift(planned, same, THRESHOLDS).level == pytest.approx(0.0)
