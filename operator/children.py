@@ -176,6 +176,9 @@ def pod_monitor(owner: Owner) -> Obj:
         "spec": {
             "selector": {"matchLabels": {naming.LABEL_ENDPOINT: owner.name,
                                          "app.kubernetes.io/managed-by": "trilemma"}},
+            # Become the series labels trilemma_dev_endpoint / _config_hash, which the
+            # closed loop's queries select on.
+            "podTargetLabels": [naming.LABEL_ENDPOINT, naming.LABEL_CONFIG_HASH],
             "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
         },
     }

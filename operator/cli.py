@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "trilemma.operator.crdgen",
     "trilemma.simfleet.cli_server",
     "trilemma.simfleet.cli_loadgen",
+    "trilemma.operator.demo",
 )
 
 

@@ -215,6 +215,10 @@ def structural_schema(node: Schema, path: str = "") -> Schema:
     for key, value in node.items():
         if key in _DROPPED or (key == "additionalProperties" and value is False):
             continue
+        if key == "additionalProperties" and value is True:
+            # A free-form map (dict[str, Any]): Kubernetes says so with preserve-unknown.
+            out[PRESERVE_UNKNOWN] = True
+            continue
         if key == "properties":
             value = {k: structural_schema(v, f"{path}.{k}") for k, v in value.items()}
         elif key == "items" or (key == "additionalProperties" and isinstance(value, dict)):
@@ -318,9 +322,9 @@ def _nested_models(annotation: Any, node: Schema
             for branch in kept:
                 (value,) = get_args(branch.model_fields[tag].annotation)
                 yield branch, node, f"self.{tag} != '{value}'"
-    elif origin is list:
+    elif origin is list and "items" in node:
         yield from _nested_models(args[0], node["items"])
-    elif origin is dict:
+    elif origin is dict and isinstance(node.get("additionalProperties"), dict):
         yield from _nested_models(args[1], node["additionalProperties"])
     elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
         yield annotation, node, None

@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 from kubernetes_asyncio.config import kube_config
 
-from trilemma.operator import naming, reconcile
+from trilemma.operator import closed_loop, naming, reconcile
 from trilemma.operator.kube import Kube, KubeError
 from trilemma.operator.metrics import OperatorMetrics
 from trilemma.operator.optimize import Optimizer, Planner, default_planner
@@ -151,7 +151,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.timer(*ENDPOINTS, interval=resync_seconds(), initial_delay=resync_seconds(),
                 registry=registry)
     async def endpoint_resync(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-        await _guarded(reconcile.advance(_runtime(memo), namespace, name), "resync")
+        rt = _runtime(memo)
+        await _guarded(reconcile.advance(rt, namespace, name), "resync")
+        # The traffic check is due every retune.intervalSeconds; the policy says when.
+        await _guarded(closed_loop.check(rt, namespace, name), "retune")
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
     async def deployment_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

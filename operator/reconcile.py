@@ -22,7 +22,7 @@ from typing import Any
 import pydantic
 
 from trilemma.operator import apply as applying
-from trilemma.operator import children, naming, pool, status
+from trilemma.operator import calibration, children, naming, pool, status
 from trilemma.operator.kube import Kube, KubeError, Ref
 from trilemma.operator.metrics import OperatorMetrics
 from trilemma.operator.optimize import (
@@ -44,7 +44,7 @@ from trilemma.operator.resources import (
 )
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import InfeasibleSLO, ServingConfig, canonical_json
-from trilemma.optimizer.spec import HardwarePool
+from trilemma.optimizer.spec import HardwarePool, Workload
 from trilemma.optimizer.spec.loading import spec_error_to_input_error
 
 Obj = dict[str, Any]
@@ -163,7 +163,7 @@ class Endpoint:
         return True
 
 
-async def _commit(rt: Runtime, ep: Endpoint) -> None:
+async def commit(rt: Runtime, ep: Endpoint) -> None:
     """Write the status, and mirror what the endpoint now holds into the GPU ledger."""
     await ep.commit(rt.kube)
     rt.ledger.record(ep.pool_name, ep.key, ep.written.get("allocatedGpus") or {})
@@ -184,42 +184,71 @@ async def reconcile(rt: Runtime, body: Obj, *, force: bool = True) -> None:
     """
     ep = Endpoint.of(body)
     async with rt.lock(ep.key):
-        # The event's body may predate this operator's own status writes (made by another
-        # handler while this one waited for the lock): work from the object as it is now.
-        fresh = await rt.kube.get(ep.ref)
-        if fresh is None or fresh.get("metadata", {}).get("deletionTimestamp"):
-            return
-        ep = Endpoint.of(fresh)
-        digest = spec_digest(fresh)
-        if not force and ep.written.get("specDigest") == digest:
-            return
-        ep.status["specDigest"] = digest
-        try:
-            await _reconcile(rt, ep)
-            rt.metrics.reconciled("ok")
-        except Outcome as out:
-            ep.phase(out.phase, out.message)
-            ep.condition(out.condition, False, out.reason, out.message)
-            ep.status["observedGeneration"] = ep.generation
-            rt.ledger.release(ep.pool_name, ep.key)
-            await _commit(rt, ep)
-            rt.events(body, "Warning", out.reason, out.message)
-            rt.metrics.reconciled(out.phase.value.lower())
-            rt.metrics.error(out.reason)
-        finally:
-            rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
-            cost = ep.status.get("costPerHour")
-            rt.metrics.endpoint_cost(ep.key, cost if isinstance(cost, float | int) else None)
+        await reconcile_locked(rt, ep.ref, force=force)
+
+
+async def reconcile_locked(rt: Runtime, ref: Ref, *, force: bool = True) -> None:
+    """`reconcile`, for a caller that holds the endpoint's lock already."""
+    # The event's body may predate this operator's own status writes (made by another
+    # handler while this one waited for the lock): work from the object as it is now.
+    fresh = await rt.kube.get(ref)
+    if fresh is None or fresh.get("metadata", {}).get("deletionTimestamp"):
+        return
+    ep = Endpoint.of(fresh)
+    digest = spec_digest(fresh)
+    if not force and ep.written.get("specDigest") == digest:
+        return
+    ep.status["specDigest"] = digest
+    try:
+        await _reconcile(rt, ep)
+        rt.metrics.reconciled("ok")
+    except Outcome as out:
+        ep.phase(out.phase, out.message)
+        ep.condition(out.condition, False, out.reason, out.message)
+        ep.status["observedGeneration"] = ep.generation
+        rt.ledger.release(ep.pool_name, ep.key)
+        await commit(rt, ep)
+        rt.events(ep.body, "Warning", out.reason, out.message)
+        rt.metrics.reconciled(out.phase.value.lower())
+        rt.metrics.error(out.reason)
+    finally:
+        rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
+        cost = ep.status.get("costPerHour")
+        rt.metrics.endpoint_cost(ep.key, cost if isinstance(cost, float | int) else None)
 
 
 def _pool_name(body: Obj) -> str:
     return str(((body.get("spec") or {}).get("hardwarePoolRef") or {}).get("name", ""))
 
 
+def tuned(ep: Endpoint, spec: OptimizedEndpointSpec) -> OptimizedEndpointSpec:
+    """The spec with the workload the closed loop re-planned for, while the spec it was
+    observed under stands (a spec change drops it: the user's word is newer)."""
+    found = ep.written.get("tunedWorkload") or {}
+    if found.get("specDigest") != ep.status.get("specDigest") or not found.get("workload"):
+        ep.status.pop("tunedWorkload", None)
+        return spec
+    return spec.model_copy(update={"workload": Workload.model_validate(found["workload"])})
+
+
+def calibrated(ep: Endpoint, spec: OptimizedEndpointSpec) -> OptimizedEndpointSpec:
+    """The spec with its latency targets divided by the fitted correction factors: planning
+    against them with the model's predictions is planning against corrected predictions."""
+    cal = calibration.Calibration.from_status(ep.written.get("calibration"))
+    return spec.model_copy(update={"slo": calibration.apply(spec.slo, cal)})
+
+
+async def store_plan(rt: Runtime, ep: Endpoint, plan: Obj, digest: str) -> None:
+    """The plan ConfigMap for `plan`, made for the request named by `digest`."""
+    await applying.apply(rt.kube, children.plan_config_map(
+        ep.owner, plan, request_digest=digest, config_hash=plan["recommended"]["hash"]))
+
+
 async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
     spec = _validate_spec(ep)
-    full_pool = await _read_pool(rt.kube, spec.hardware_pool_ref.name)
-    models = await _resolve_models(rt, ep, spec)
+    spec = calibrated(ep, tuned(ep, spec))
+    full_pool = await read_pool(rt.kube, spec.hardware_pool_ref.name)
+    models = await resolve_models(rt, ep, spec)
     # Rules that only the whole document can check (bounds vs pool) first against the whole
     # pool: breaking them is the spec's fault, not the other endpoints'.
     try:
@@ -279,7 +308,7 @@ async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
 
 
 async def _finish(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec) -> None:
-    await _commit(rt, ep)
+    await commit(rt, ep)
     # The status now records what this endpoint holds; the reservation has done its job.
     rt.ledger.release(spec.hardware_pool_ref.name, ep.key)
 
@@ -303,7 +332,7 @@ def _validate_spec(ep: Endpoint) -> OptimizedEndpointSpec:
         raise _failed("InvalidSpec", str(spec_error_to_input_error(err, raw))) from None
 
 
-async def _read_pool(kube: Kube, name: str) -> HardwarePool:
+async def read_pool(kube: Kube, name: str) -> HardwarePool:
     found = await kube.get(Ref(naming.API_VERSION, "HardwarePool", None, name))
     if found is None:
         pools = await kube.list(naming.API_VERSION, "HardwarePool")
@@ -319,7 +348,7 @@ async def _read_pool(kube: Kube, name: str) -> HardwarePool:
         raise _failed("InvalidHardwarePool", f"HardwarePool {name}: {problems}") from None
 
 
-async def _resolve_models(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec) -> Models:
+async def resolve_models(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec) -> Models:
     choices, checkpoints = [], {}
     indexed = spec.model is not None
     for i, ref in enumerate(spec.candidates):
@@ -352,7 +381,7 @@ def _cache_dir(rt: Runtime) -> Any:
     return Path(rt.config.cache_dir)
 
 
-async def _availability(rt: Runtime, ep: Endpoint, pool_name: str,
+async def availability(rt: Runtime, ep: Endpoint, pool_name: str,
                         full_pool: HardwarePool) -> pool.Availability:
     """Called under the ledger's lock."""
     if not rt.ledger.seeded:
@@ -370,7 +399,7 @@ async def _plan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, models: 
     pool_name = spec.hardware_pool_ref.name
     for _ in range(PLAN_ATTEMPTS):
         async with rt.ledger.lock:
-            avail = await _availability(rt, ep, pool_name, full_pool)
+            avail = await availability(rt, ep, pool_name, full_pool)
         if avail.pool is None:
             raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolExhausted",
                           avail.exhausted_message())
@@ -386,7 +415,7 @@ async def _plan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, models: 
             plan, optimization = await _search(rt, ep, request, digest, avail)
         gpus = status.config_gpus(plan["recommended"]["config"])
         async with rt.ledger.lock:
-            now = await _availability(rt, ep, pool_name, full_pool)
+            now = await availability(rt, ep, pool_name, full_pool)
             if pool.fits(gpus, now):
                 rt.ledger.reserve(pool_name, ep.key, gpus)
                 return plan, digest, optimization
@@ -623,7 +652,7 @@ async def advance(rt: Runtime, namespace: str, name: str) -> None:
             await _progress(rt, ep, rollout)
         elif ep.status.get("servingHash"):
             await _refresh_ready(rt, ep, ep.status["servingHash"])
-        await _commit(rt, ep)
+        await commit(rt, ep)
         rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
 
 

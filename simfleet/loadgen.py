@@ -207,6 +207,7 @@ class _Run:
         self.t0 = self.loop.time()
         self.records: list[RequestRecord] = []
         self.tasks: set[asyncio.Task[None]] = set()
+        self.stopped = False  # set by run_load's `stop`: closed-loop users send no more
 
     def _target(self) -> int:
         if self.balance is Balance.RANDOM:
@@ -285,7 +286,7 @@ class _Run:
 
         async def user(u: int) -> None:
             think = np.random.default_rng([self.seed, index, 3, u])
-            while self.loop.time() < end:
+            while self.loop.time() < end and not self.stopped:
                 await self.send(index, contents.next())
                 if phase.think_s > 0:
                     await asyncio.sleep(float(think.exponential(phase.think_s)))
@@ -295,6 +296,32 @@ class _Run:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         await _sleep_until(self.loop, end)
+
+    async def phase(self, phase: Phase, index: int, start: float,
+                    stop: asyncio.Event | None) -> float:
+        """Send one phase until its end, or until `stop` is set; returns how long it ran."""
+        async def whole() -> None:
+            if phase.closed:
+                await self.closed_loop(phase, index, start)
+            else:
+                await self.open_loop(phase, index, start)
+            await _sleep_until(self.loop, start + phase.duration_s)
+
+        if stop is None:
+            await whole()
+            return phase.duration_s
+        sending = self.loop.create_task(whole())
+        stopping = self.loop.create_task(stop.wait())
+        try:
+            await asyncio.wait({sending, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sending, stopping):
+                task.cancel()
+            await asyncio.gather(sending, stopping, return_exceptions=True)
+        if stop.is_set():
+            # Requests already sent run on (and are drained); closed-loop users stop sending.
+            self.stopped = True
+        return min(phase.duration_s, self.loop.time() - start)
 
     async def drain(self, timeout_s: float) -> None:
         if self.tasks:
@@ -327,12 +354,15 @@ async def served_model(session: aiohttp.ClientSession, url: str) -> str:
 
 async def run_load(url: str | Sequence[str], phases: Sequence[Phase], *, seed: int = 0,
                    model: str | None = None, balance: Balance = Balance.ROUND_ROBIN,
-                   drain_s: float = 120.0) -> LoadReport:
+                   drain_s: float = 120.0, stop: asyncio.Event | None = None) -> LoadReport:
     """Send `phases` one after another to `url` (several: spread by `balance`).
 
     Phases start on schedule whether or not earlier requests are done; after the last one
     the run waits up to `drain_s` for requests in flight, then cancels them (failed).
     model: the name to send; None asks the first server's /v1/models.
+    stop: once set, the running phase ends there and later ones are skipped (the report gives
+        each phase the time it actually ran, 0 for skipped ones), then the run drains as
+        usual. For a caller that ends the traffic when something it watches has happened.
     """
     urls = [url] if isinstance(url, str) else list(url)
     if not urls or not phases:
@@ -344,21 +374,20 @@ async def run_load(url: str | Sequence[str], phases: Sequence[Phase], *, seed: i
         name = model or await served_model(session, urls[0])
         run = _Run(session, urls, name, seed, balance)
         start = run.t0
+        # How long each phase ran: its duration, less when `stop` cut it, 0 when never begun.
+        ran = [0.0] * len(phases)
         for index, phase in enumerate(phases):
-            if phase.closed:
-                await run.closed_loop(phase, index, start)
-            else:
-                await run.open_loop(phase, index, start)
+            ran[index] = await run.phase(phase, index, start, stop)
+            if run.stopped:
+                break
             start += phase.duration_s
-            await _sleep_until(run.loop, start)
         await run.drain(drain_s)
     reports = tuple(
         PhaseReport.build([r for r in run.records if r.phase == i], name=p.label(i), index=i,
-                          duration_s=p.duration_s, parameters=p.to_dict())
+                          duration_s=ran[i], parameters=p.to_dict())
         for i, p in enumerate(phases))
     overall = PhaseReport.build(run.records, name="overall", index=None,
-                                duration_s=sum(p.duration_s for p in phases),
-                                parameters={"phases": len(phases)})
+                                duration_s=sum(ran), parameters={"phases": len(phases)})
     return LoadReport(urls=tuple(urls), model=name, seed=seed, phases=reports,
                       overall=overall, requests=tuple(run.records))
 

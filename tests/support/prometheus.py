@@ -1,10 +1,10 @@
-"""A real Prometheus server on a loopback port, and an exporter for it to scrape.
+"""The Prometheus launcher for tests, and an exporter for it to scrape.
 
-`PrometheusServer` runs the `prometheus` binary (install it with .ci/install-prometheus) with
-a fresh TSDB in a temporary folder, a 1 s scrape and evaluation interval and the given scrape
-jobs, waits for /-/ready, and stops it on exit. The binary is found by tests/tools.py: where it
-is missing the calling test is skipped, or failed when TRILEMMA_REQUIRE_TOOLS=1 (CI, where a
-skip would hide the gap).
+`PrometheusServer`, `ScrapeJob` and `free_port` are the package's own
+(trilemma.simfleet.prometheus_server, which the demo uses too); here the server finds its
+binary the way tests find tools (tests/tools.py): where `prometheus` is missing the calling
+test is skipped, or failed when TRILEMMA_REQUIRE_TOOLS=1 (CI, where a skip would hide the gap).
+Install it with .ci/install-prometheus.
 
 `MetricsExporter` serves `EngineMetrics.exposition()` over HTTP from a background thread, the
 way the simulated server's /metrics does, so tests can feed metrics while Prometheus scrapes.
@@ -15,26 +15,22 @@ Import as `from tests.support.prometheus import ...` (pytest's importlib mode re
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
 import threading
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import yaml
-
 from tests.tools import require_tool
+from trilemma.simfleet import prometheus_server
+from trilemma.simfleet.prometheus_server import ScrapeJob, free_port
 from trilemma.simfleet.vllm_metrics import EngineMetrics
+
+__all__ = ["MetricsExporter", "PrometheusServer", "ScrapeJob", "free_port",
+           "prometheus_binary", "promtool_binary"]
 
 
 def prometheus_binary() -> str:
@@ -50,19 +46,14 @@ def promtool_binary() -> str:
     return require_tool("promtool")
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on right now (closed again before returning)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class PrometheusServer(prometheus_server.PrometheusServer):
+    """The package's launcher; without a binary given, it takes the tests' (skip or fail)."""
 
-
-@dataclass(frozen=True)
-class ScrapeJob:
-    name: str
-    address: str  # host:port
-    metrics_path: str = "/metrics"
-
+    def start(self, timeout_s: float = 30.0) -> PrometheusServer:
+        if self.binary is None:
+            self.binary = prometheus_binary()
+        super().start(timeout_s)
+        return self
 
 class MetricsExporter:
     """Serves each EngineMetrics' exposition at its path on 127.0.0.1 (an ephemeral port)."""
@@ -118,94 +109,3 @@ class MetricsExporter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-
-class PrometheusServer:
-    """A Prometheus process scraping `jobs` every `interval_s` seconds, its data in `workdir`."""
-
-    def __init__(self, workdir: Path, jobs: Sequence[ScrapeJob], *, interval_s: int = 1) -> None:
-        self.workdir = workdir
-        self.jobs = tuple(jobs)
-        self.interval_s = interval_s
-        self.port = 0
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def config(self) -> dict[str, Any]:
-        every = f"{self.interval_s}s"
-        return {
-            "global": {"scrape_interval": every, "scrape_timeout": every,
-                       "evaluation_interval": every},
-            "scrape_configs": [
-                {"job_name": job.name, "metrics_path": job.metrics_path,
-                 "static_configs": [{"targets": [job.address]}]} for job in self.jobs],
-        }
-
-    def start(self, timeout_s: float = 30.0) -> PrometheusServer:
-        binary = prometheus_binary()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "prometheus.yml"
-        config.write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        self.port = free_port()
-        self._log = self.workdir / "prometheus.log"
-        with self._log.open("wb") as log:
-            self._process = subprocess.Popen(
-                [binary, f"--config.file={config}",
-                 f"--storage.tsdb.path={self.workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT)
-        self._wait(lambda: self._get("/-/ready") is not None, timeout_s, "become ready")
-        return self
-
-    def wait_for_targets(self, timeout_s: float = 15.0) -> None:
-        """Until every job has been scraped successfully once (so counters start at zero)."""
-        def all_up() -> bool:
-            result = self.query("up")
-            up = {s["metric"]["job"] for s in result if s["value"][1] == "1"}
-            return up >= {job.name for job in self.jobs}
-        self._wait(all_up, timeout_s, "scrape every target")
-
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        """An instant query's vector result, for the test's own checks."""
-        body = self._get("/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
-        if body is None:
-            raise RuntimeError(f"query failed: {promql}")
-        return json.loads(body)["data"]["result"]
-
-    def stop(self) -> None:
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
-
-    def __enter__(self) -> PrometheusServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    def _get(self, path: str) -> bytes | None:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=2) as response:
-                return response.read() if response.status == 200 else None
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return None
-
-    def _wait(self, done: Any, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not done():
-            assert self._process is not None
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                tail = self._log.read_text(errors="replace")[-2000:]
-                self.stop()
-                raise RuntimeError(f"prometheus did not {what} within {timeout_s:g}s:\n{tail}")
-            time.sleep(0.1)

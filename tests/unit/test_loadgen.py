@@ -3,6 +3,7 @@ reports against what the sim-servers counted."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import aiohttp
@@ -191,6 +192,21 @@ async def test_fleet_serves_several_urls_round_robin():
     assert sum(counts) == report.overall.completed == report.overall.sent
     assert abs(counts[0] - counts[1]) <= 1
     assert [r.target for r in report.requests] == [i % 2 for i in range(report.overall.sent)]
+
+
+async def test_stop_ends_the_running_phase_and_skips_the_rest():
+    phases = [Phase(duration_s=30, rate=20, prompt_mean=100, output_mean=3),
+              Phase(duration_s=30, rate=20, prompt_mean=100, output_mean=3, concurrency=2)]
+    stop = asyncio.Event()
+    async with SimFleet(LLAMA, served_model_name="sim", time_scale=FAST) as fleet:
+        asyncio.get_running_loop().call_later(0.5, stop.set)
+        report = await loadgen.run_load(fleet.urls, phases, seed=2, stop=stop)
+    first, second = report.phases
+    assert first.duration_s == pytest.approx(0.5, abs=0.2)
+    assert first.sent > 0 and first.completed == first.sent
+    assert first.rate_per_s == pytest.approx(first.sent / first.duration_s)
+    assert second.sent == 0 and second.duration_s == 0
+    assert report.overall.duration_s == first.duration_s
 
 
 async def test_unreachable_server_counts_as_failed_requests():

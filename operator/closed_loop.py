@@ -1,0 +1,243 @@
+"""The closed loop: observe an endpoint's traffic in Prometheus, decide, re-plan, roll out.
+
+Runs from the endpoint's periodic timer. The decisions are retune.py's (drift with
+hysteresis, SLO violations, cooldown, minimum improvement) and the latency corrections
+calibration.py's; this module only gathers their inputs (the estimator's queries, the stored
+plan, a re-plan in the worker pool) and writes the outcome: `status.observedWorkload`, the
+MetricsAvailable condition, `status.retune`, `status.retuneHistory`, Events. A rollout reuses
+the reconciler's path: the accepted plan is stored for the tuned workload, then reconciled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import time
+from typing import Any
+
+import pydantic
+
+from trilemma.operator import calibration, naming, reconcile, retune
+from trilemma.operator.estimator import (
+    MetricsReason,
+    ObservedWorkload,
+    estimate_workload,
+    to_workload_spec,
+)
+from trilemma.operator.kube import Ref
+from trilemma.operator.optimize import plan_request, request_digest
+from trilemma.operator.prometheus import PrometheusClient
+from trilemma.operator.reconcile import Endpoint, Runtime
+from trilemma.operator.resources import ConditionType, OptimizedEndpointSpec
+from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.search import InfeasibleSLO, ServingConfig
+
+Obj = dict[str, Any]
+PROMETHEUS_TIMEOUT_S = 5.0
+CALIBRATION_REQUESTS = 300
+
+
+def selector(ep: Endpoint, spec: OptimizedEndpointSpec) -> dict[str, str]:
+    """The endpoint's series: the PodMonitor copies the pods' endpoint label onto them
+    (podTargetLabels), and Prometheus adds the namespace; the spec may add matchers."""
+    return {"namespace": ep.namespace, "trilemma_dev_endpoint": ep.name,
+            **spec.prometheus.label_selector}
+
+
+async def _token(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec) -> str | None:
+    ref = spec.prometheus.auth_secret
+    if ref is None:
+        return None
+    secret = await rt.kube.get(Ref("v1", "Secret", ep.namespace, ref.name))
+    data = (secret or {}).get("data") or {}
+    if ref.key not in data:
+        raise InputError("prometheus.authSecret", f"{ref.name}/{ref.key}",
+                         "no such Secret key in the endpoint's namespace")
+    return base64.b64decode(data[ref.key]).decode().strip()
+
+
+async def observe(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
+                  engine: str) -> ObservedWorkload | None:
+    """The traffic over the retune window, or None (and the condition says why) when there
+    is no Prometheus to ask."""
+    url = spec.prometheus.url or rt.config.prometheus_url
+    if not url:
+        ep.condition(ConditionType.METRICS_AVAILABLE, False, MetricsReason.MISSING.value,
+                     "no Prometheus URL: set spec.prometheus.url or the operator's "
+                     "TRILEMMA_PROMETHEUS_URL")
+        return None
+    try:
+        token = await _token(rt, ep, spec)
+    except InputError as err:
+        ep.condition(ConditionType.METRICS_AVAILABLE, False,
+                     MetricsReason.PROMETHEUS_ERROR.value, f"{err.field}={err.value!r}: {err.why}")
+        return None
+    async with PrometheusClient(url, token=token, timeout_s=PROMETHEUS_TIMEOUT_S) as client:
+        observed = await estimate_workload(client, engine=engine, selector=selector(ep, spec),
+                                           window_s=spec.retune.window_seconds)
+    ep.status["observedWorkload"] = observed.to_status()
+    ep.condition(ConditionType.METRICS_AVAILABLE, observed.availability.ok,
+                 observed.availability.reason.value, observed.availability.message)
+    return observed
+
+
+async def check(rt: Runtime, namespace: str, name: str, *, now: float | None = None) -> None:
+    """One periodic look at an endpoint's traffic; re-plans and rolls out when retune.py
+    says so. Quiet (no write) when the check is not due."""
+    ref = Ref(naming.API_VERSION, "OptimizedEndpoint", namespace, name)
+    async with rt.lock(f"{namespace}/{name}"):
+        body = await rt.kube.get(ref)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        ep = Endpoint.of(body)
+        try:
+            spec = OptimizedEndpointSpec.model_validate(body.get("spec") or {})
+        except pydantic.ValidationError:
+            return  # the reconciler reports it
+        active = ep.written.get("activeConfiguration")
+        if not spec.retune.enabled or not active or not active.get("applied"):
+            return
+        now = time.time() if now is None else now
+        state = retune.RetuneState.from_status(ep.written.get("retune"))
+        if not retune.due(state, now, spec.retune):
+            return
+        observed = await observe(rt, ep, spec, active["engine"])
+        if observed is None:
+            ep.status["retune"] = retune.dataclasses.replace(state, last_check=now).to_status()
+            await reconcile.commit(rt, ep)
+            return
+        await _decide(rt, ep, spec, state, observed, now)
+
+
+async def _decide(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
+                  state: retune.RetuneState, observed: ObservedWorkload, now: float) -> None:
+    plan = await _stored_plan(rt, ep)
+    if plan is None:
+        return
+    ok = observed.availability.ok
+    if ok:
+        await _calibrate(rt, ep, spec, plan, observed)
+    planned = retune.WorkloadSummary.of_plan(plan, peak_factor=spec.workload.peak_factor)
+    drift = retune.drift(planned, observed, spec.retune.drift) if ok else None
+    violations = retune.slo_violations(observed, spec.slo) if ok else []
+    rolling = (ep.written.get("rollout") or {}).get("state") == "Progressing"
+    basis = str(ep.written.get("specDigest") or "")
+    decision = retune.decide(state, now, observed, observed.availability.reason, drift,
+                             violations, spec.retune, rolling_out=rolling, basis=basis)
+    serving = ep.written.get("servingHash")
+    history = retune.history_append(ep.written.get("retuneHistory"),
+                                    retune.RetuneEvent.of_decision(decision, now, serving))
+    ep.status["retuneHistory"] = history
+    state = decision.state
+    kind = "Normal" if decision.action is not retune.Action.HOLD or decision.why in (
+        retune.Why.NOT_DUE, retune.Why.COOLDOWN) else "Warning"
+    rt.events(ep.body, kind, f"Retune{decision.action.value}", decision.message)
+    if decision.action is retune.Action.REPLAN and decision.workload is not None:
+        state = await _replan(rt, ep, spec, plan, observed, decision, violations, state, now)
+    ep.status["retune"] = state.to_status()
+    await reconcile.commit(rt, ep)
+
+
+async def _stored_plan(rt: Runtime, ep: Endpoint) -> Obj | None:
+    cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan"))
+    try:
+        return json.loads(((cm or {}).get("data") or {})["plan.json"])
+    except (KeyError, ValueError):
+        return None
+
+
+async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored: Obj,
+                  observed: ObservedWorkload, decision: retune.Decision, violations: list[str],
+                  state: retune.RetuneState, now: float) -> retune.RetuneState:
+    """Plan for the observed workload; roll out if retune.accept says the plan is worth it."""
+    assert decision.workload is not None
+    basis = str(ep.written.get("specDigest") or "")
+    thresholds = spec.retune.drift
+
+    def failed(reason: str) -> retune.RetuneState:
+        rt.events(ep.body, "Warning", "RetuneFailed", reason)
+        ep.status["retuneHistory"] = retune.history_append(
+            ep.status.get("retuneHistory"), retune.RetuneEvent(
+                time=now, action=retune.Step.KEEP, reason=reason))
+        return retune.record_failure(state, now, decision.workload, reason,  # type: ignore[arg-type]
+                                     thresholds=thresholds, basis=basis)
+
+    try:
+        tuned = spec.model_copy(update={
+            "workload": to_workload_spec(observed, base=spec.workload)})
+        models = await reconcile.resolve_models(rt, ep, tuned)
+        full_pool = await reconcile.read_pool(rt.kube, tuned.hardware_pool_ref.name)
+        async with rt.ledger.lock:
+            avail = await reconcile.availability(rt, ep, tuned.hardware_pool_ref.name,
+                                                 full_pool)
+        if avail.pool is None:
+            return failed(avail.exhausted_message())
+        request = plan_request(reconcile.calibrated(ep, tuned), models, avail.pool)
+        run = await rt.optimizer.run(request)
+    except InfeasibleSLO as err:
+        return failed(f"no configuration serves the observed workload: {err.why}")
+    except (InputError, reconcile.Outcome) as err:
+        return failed(str(err))
+    # The running configuration, re-predicted at the observed workload: the old plan's figures
+    # were for the old one, and a fair comparison puts both at the same traffic.
+    current_config = ServingConfig.from_dict(stored["recommended"]["config"])
+    loop = asyncio.get_running_loop()
+    current = await loop.run_in_executor(None, retune.repredict, current_config, request)
+    acceptance = retune.accept(current, run.plan, spec.objective, spec.retune.min_improvement,
+                               bool(violations))
+    ep.status["retuneHistory"] = retune.history_append(
+        ep.status.get("retuneHistory"), retune.RetuneEvent.of_acceptance(acceptance, now))
+    if not acceptance.roll_out or not spec.rollout.auto_apply:
+        why = acceptance.reason if acceptance.roll_out is False else (
+            "autoApply is false: the better plan is only recommended")
+        rt.events(ep.body, "Normal", "RetuneKept", why)
+        return retune.record_failure(state, now, decision.workload, why,
+                                     thresholds=thresholds, basis=basis)
+    # Store the accepted plan under the tuned request's digest, so that the reconcile below
+    # finds it instead of searching again, and record the workload it was made for.
+    digest = request_digest(request, models)
+    rt.events(ep.body, "Normal", "RetuneRollout", acceptance.reason)
+    ep.status["tunedWorkload"] = {
+        "specDigest": basis,
+        "workload": tuned.workload.model_dump(by_alias=True, mode="json", exclude_none=True)}
+    ep.status["lastOptimization"] = {
+        "time": reconcile.status.now_rfc3339(), "durationSeconds": round(run.seconds, 3),
+        "candidates": int(run.plan.get("counts", {}).get("enumerated", 0)),
+        "requestDigest": digest, "reused": False}
+    await reconcile.store_plan(rt, ep, run.plan, digest)
+    state = retune.rolled_out(state, now)
+    ep.status["retune"] = state.to_status()
+    await reconcile.commit(rt, ep)
+    await reconcile.reconcile_locked(rt, ep.ref)
+    return state
+
+
+async def _calibrate(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored: Obj,
+                     observed: ObservedWorkload) -> None:
+    """Fold one (predicted, observed) latency pair of the serving configuration into
+    status.calibration: its prediction at the observed workload and rate (not the plan's
+    design-rate figures) against the p90s Prometheus saw."""
+    cal = calibration.Calibration.from_status(ep.written.get("calibration"))
+    if observed.samples < calibration.SETTINGS.min_samples:
+        return
+    try:
+        models = await reconcile.resolve_models(rt, ep, spec)
+        full_pool = await reconcile.read_pool(rt.kube, spec.hardware_pool_ref.name)
+        request = retune.observed_request(plan_request(spec, models, full_pool), observed,
+                                          at_peak=False)
+    except (InputError, reconcile.Outcome, pydantic.ValidationError):
+        return  # the reconciler reports spec and pool problems
+    config = ServingConfig.from_dict(stored["recommended"]["config"])
+    loop = asyncio.get_running_loop()
+    # A few hundred simulated requests pin a p90 well enough for a smoothed factor, at a
+    # fraction of the CPU the re-plan's comparison spends.
+    predicted = await loop.run_in_executor(None, functools.partial(
+        retune.repredict, config, request, requests=CALIBRATION_REQUESTS))
+    rollout = ep.written.get("rollout") or {}
+    since = (reconcile.status.parse_time(rollout["started"]).timestamp()
+             if rollout.get("started") else None)
+    cal = calibration.update(cal, predicted=predicted["prediction"], observed=observed,
+                             config_hash=ep.written.get("servingHash"), serving_since=since)
+    ep.status["calibration"] = cal.to_status()

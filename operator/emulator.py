@@ -1,0 +1,273 @@
+"""An emulated Kubernetes API (KMock) and the real Kopf operator in one event loop.
+
+What `trilemma demo`, tests/operator and the operator benchmark share. KMock (by Kopf's
+author) keeps objects in memory and serves list/watch/get/create/patch/delete over HTTP. Its
+gaps shape the helpers: no controllers (a caller marks a Deployment available by patching its
+status), no garbage collector, no label selectors (the operator filters again client-side), no
+resourceVersion (given a fixed one at create), no generateName (Events are read from the
+request log).
+
+    async with ForgetfulEmulator() as server, kmock.Server(server):
+        declare_resources(server)
+        write_kubeconfig(path, str(server.url))  # and point $KUBECONFIG at it
+        operator = Operator()
+        await operator.start()
+        api = Api(server)
+        await api.create({...})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import kmock
+import kopf
+import yaml
+
+from trilemma.operator import handlers, naming
+from trilemma.operator.metrics import OperatorMetrics
+from trilemma.operator.optimize import Planner
+from trilemma.operator.reconcile import OperatorConfig
+
+Obj = dict[str, Any]
+OE = f"{naming.GROUP}/{naming.VERSION}/optimizedendpoints"
+POOLS = f"{naming.GROUP}/{naming.VERSION}/hardwarepools"
+DEPLOYMENTS = "apps/v1/deployments"
+PLURALS = {"OptimizedEndpoint": "optimizedendpoints", "HardwarePool": "hardwarepools",
+           "Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps",
+           "Event": "events", "CustomResourceDefinition": "customresourcedefinitions",
+           "PodMonitor": "podmonitors"}
+# Where planning caches configMap models' config.json files (content-addressed, so shared).
+CACHE_DIR = "/tmp/trilemma-tests"
+
+
+class ForgetfulEmulator(kmock.KubernetesEmulator):
+    """KMock's emulator without the full request log, for long runs (benchmark, demo).
+
+    KMock keeps every request and, to route each new one, re-filters that whole log: O(n)
+    per request, quadratic over a long run, until the emulator rather than the operator is
+    what gets measured. This keeps the newest requests only (those still being answered must
+    find themselves there). Tests that assert on requests use the plain emulator.
+    """
+
+    keep: int = 8
+    # Requests by method and resource, for the benchmark report (one emulator per process).
+    served: ClassVar[Counter[str]] = Counter()
+
+    async def _handle(self, request: Any) -> Any:
+        kind = request.resource.plural if request.resource is not None else "other"
+        suffix = "/status" if str(request.url).endswith("/status") else ""
+        self.served[f"{request.method} {kind}{suffix}"] += 1
+        log = self._requests
+        if len(log) > 2 * self.keep:
+            del log[:-self.keep]
+        response = await super()._handle(request)
+        self._mark(request)
+        return response
+
+    # When each object was created, and when each status phase was first written, as the
+    # server saw it: a benchmark's own polling would share (and be starved by) this loop.
+    marks: ClassVar[dict[str, float]] = {}
+
+    def _mark(self, request: Any) -> None:
+        data = request.data if isinstance(request.data, dict) else {}
+        kind = request.resource.plural if request.resource is not None else None
+        now = time.perf_counter()
+        if request.action == kmock.action.CREATE and kind is not None:
+            name = (data.get("metadata") or {}).get("name")
+            self.marks.setdefault(f"{kind}/{name}", now)
+        elif request.action == kmock.action.UPDATE and kind == "optimizedendpoints":
+            phase = (data.get("status") or {}).get("phase")
+            if phase:
+                self.marks.setdefault(f"phase/{request.name}/{phase}", now)
+
+
+def declare_resources(server: kmock.KubernetesEmulator) -> None:
+    """The resources the operator reads and writes, so that KMock serves and lists them."""
+    info = kmock.ResourceInfo
+    server.resources[OE] = info(kind="OptimizedEndpoint", namespaced=True,
+                                shortnames={"oe"}, subresources={"status"},
+                                verbs={"get", "list", "watch", "patch", "create", "delete"})
+    server.resources[POOLS] = info(kind="HardwarePool", namespaced=False,
+                                   subresources={"status"},
+                                   verbs={"get", "list", "watch", "patch", "create"})
+    verbs = {"get", "list", "watch", "create", "patch", "delete"}
+    for res, kind in ((DEPLOYMENTS, "Deployment"), ("v1/services", "Service"),
+                      ("v1/configmaps", "ConfigMap"), ("v1/events", "Event")):
+        server.resources[res] = info(kind=kind, namespaced=True, verbs=verbs)
+    # Kopf's backbone waits for these two to be discoverable before it watches anything.
+    server.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=verbs)
+    server.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(
+        kind="CustomResourceDefinition", namespaced=False, verbs=verbs)
+
+
+def write_kubeconfig(path: Path, url: str) -> None:
+    """A kubeconfig whose only context is the emulator at `url` (no credentials)."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": url.rstrip("/")}}],
+        "users": [{"name": "kmock", "user": {}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+
+
+class Operator:
+    """One operator running in this event loop: start/stop it (restarts included) and inspect
+    its runtime.
+
+    Its handlers go into a fresh registry each start, so several can run in one process.
+    $KUBECONFIG must name the emulator before `start` (Kopf logs in from it), and
+    $TRILEMMA_RESYNC_SECONDS, read as the handlers are registered, sets the timer's period.
+    planner: None runs the real search; tests pass a fake one.
+    config: None: `concurrency` plans at once, no operator-wide Prometheus URL.
+    """
+
+    def __init__(self, planner: Planner | None = None, concurrency: int = 2, *,
+                 config: OperatorConfig | None = None) -> None:
+        self.planner = planner
+        self.concurrency = concurrency
+        self.config = config or OperatorConfig(max_concurrent_optimizations=concurrency,
+                                               cache_dir=CACHE_DIR)
+        self.metrics = OperatorMetrics()
+        self.runtime: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+
+    async def start(self, timeout_s: float = 10.0) -> None:
+        registry = kopf.OperatorRegistry()
+        handlers.register(registry)
+        self.runtime = handlers.build_runtime(self.config, planner=self.planner,
+                                              metrics=self.metrics)
+        self._stop, ready = asyncio.Event(), asyncio.Event()
+        self._task = asyncio.create_task(kopf.operator(
+            registry=registry, clusterwide=True, standalone=True,
+            memo=kopf.Memo(runtime=self.runtime), stop_flag=self._stop, ready_flag=ready))
+        await asyncio.wait_for(ready.wait(), timeout_s)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        assert self._stop is not None
+        self._stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self._task, 15)
+        await self.runtime.kube.close()
+        self._task = None
+
+
+class Api:
+    """What a user (kubectl) does against the emulated API server, over plain HTTP.
+
+    Reads (`get`, `list`) look into KMock's memory directly. A request the server refuses
+    raises AssertionError with the status and body, and `wait` raises it on timeout: the
+    callers are tests (which want an assertion's report) and the demo (which stops there).
+    """
+
+    def __init__(self, server: kmock.KubernetesEmulator) -> None:
+        self.server = server
+        self.base = str(server.url).rstrip("/")
+
+    @staticmethod
+    def _path(api_version: str, plural: str, namespace: str | None, name: str = "") -> str:
+        prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        scope = f"/namespaces/{namespace}" if namespace else ""
+        return f"{prefix}{scope}/{plural}" + (f"/{name}" if name else "")
+
+    async def _send(self, method: str, path: str, body: Any = None,
+                    content_type: str = "application/json") -> Any:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.request(
+                method, self.base + path, json=body,
+                headers={"Content-Type": content_type}) as resp:
+            data = await resp.json()
+            if resp.status >= 400:
+                raise AssertionError(f"{method} {path}: {resp.status} {data}")
+            return data
+
+    async def create(self, obj: Obj) -> Any:
+        # KMock keeps no resourceVersion, but Kopf's JSON patches test for one (when it adds
+        # its finalizer): give each object a fixed one, as a real server would give one.
+        obj = {**obj, "metadata": {"resourceVersion": "1", **obj["metadata"]}}
+        api_version, kind = obj["apiVersion"], obj["kind"]
+        plural = PLURALS[kind]
+        return await self._send("POST", self._path(api_version, plural,
+                                                   obj["metadata"].get("namespace")), obj)
+
+    async def patch(self, api_version: str, kind: str, namespace: str | None, name: str,
+                    patch: Obj) -> Any:
+        return await self._send("PATCH", self._path(api_version, PLURALS[kind], namespace,
+                                                    name), patch,
+                                "application/merge-patch+json")
+
+    async def delete(self, api_version: str, kind: str, namespace: str | None,
+                     name: str) -> Any:
+        return await self._send("DELETE", self._path(api_version, PLURALS[kind], namespace,
+                                                     name))
+
+    def get(self, api_version: str, kind: str, namespace: str | None,
+            name: str) -> Obj | None:
+        """The stored object (KMock's memory, no HTTP), or None."""
+        key = (self._resource(api_version, kind), namespace, name)
+        if key not in self.server.objects:
+            return None
+        obj = self.server.objects[key]
+        return None if obj.deleted else _plain(obj.raw)
+
+    def list(self, api_version: str, kind: str, namespace: str | None = None) -> list[Obj]:
+        res = self._resource(api_version, kind)
+        out = []
+        for (r, ns, _name), obj in self.server.objects.items():
+            if r == res and (namespace is None or ns == namespace) and not obj.deleted:
+                out.append(_plain(obj.raw))
+        return sorted(out, key=lambda o: o["metadata"].get("name") or "")
+
+    def events(self, namespace: str | None = None) -> list[Obj]:
+        """Every Event posted, from KMock's request log: Kopf names Events with generateName,
+        which KMock does not expand, so only the first would be kept as an object. (The
+        ForgetfulEmulator keeps the newest requests only.)"""
+        found = []
+        for request in self.server[kmock.resource("v1/events")]:
+            data = request.data
+            if request.method.upper() == "POST" and isinstance(data, dict) and (
+                    namespace is None or data.get("metadata", {}).get("namespace")
+                    in (namespace, None)):
+                found.append(data)
+        return found
+
+    @staticmethod
+    def _resource(api_version: str, kind: str) -> Any:
+        return kmock.resource(f"{api_version}/{PLURALS[kind]}")
+
+    def last_status(self) -> str:
+        """Phases and messages of every endpoint: what a failed wait reports."""
+        return "; ".join(f"{o['metadata']['name']}: {(o.get('status') or {}).get('phase')} "
+                         f"{(o.get('status') or {}).get('message', '')[:300]}"
+                         for o in self.list(naming.API_VERSION, "OptimizedEndpoint"))
+
+    def requests(self, method: str) -> int:
+        return len(self.server[method.lower()])
+
+    async def wait(self, check: Callable[[], Any], timeout: float = 30,
+                   what: str = "condition") -> Any:
+        """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            found = check()
+            if found:
+                return found
+            if loop.time() > end:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}; "
+                                     f"last seen: {self.last_status()}")
+            await asyncio.sleep(0.05)
+
+
+def _plain(raw: Any) -> Any:
+    return json.loads(json.dumps(raw))
