@@ -230,10 +230,10 @@ class Estimate:
 
 
 def errors(e: Estimate) -> Obj:
-    """Relative errors of rate and lengths; the prefix share's in points (a share near 0
+    """Relative errors of rate, lengths and TTFT p90; the prefix share's in points (a share near 0
     makes a relative error meaningless)."""
     out: Obj = {}
-    for key in ("rate", "prompt", "output"):
+    for key in ("rate", "prompt", "output", "ttft_p90_ms"):
         seen, true = e.observed.get(key), e.truth.get(key)
         if seen is not None and true:
             out[key] = round(seen / true - 1.0, 4)
@@ -587,7 +587,8 @@ class _Demo:
                 observed={"rate": observed.get("rateRps"),
                           "prompt": (observed.get("promptTokens") or {}).get("mean"),
                           "output": (observed.get("outputTokens") or {}).get("mean"),
-                          "prefix": observed.get("prefixHitShare")},
+                          "prefix": observed.get("prefixHitShare"),
+                          "ttft_p90_ms": (observed.get("ttftMs") or {}).get("p90")},
                 truth=truth, requests=count))
         return out
 
@@ -601,10 +602,14 @@ def _truth(report: Any, load_start: float, since: float, until: float) -> tuple[
     prompt = sum(r.prompt_tokens for r in done)
     cached = sum(r.usage_cached or 0 for r in done)
     served = sum(r.usage_prompt or r.prompt_tokens for r in done)
+    ttft = sorted(r.ttft_s for r in done if r.ttft_s is not None)
     return {"rate": round(len(done) / (until - since), 4),
             "prompt": round(prompt / len(done), 1),
             "output": round(sum(r.output_tokens for r in done) / len(done), 1),
-            "prefix": round(cached / served, 4) if served else None}, len(done)
+            "prefix": round(cached / served, 4) if served else None,
+            # Measured by the client: includes the HTTP hop the server's histogram does not.
+            "ttft_p90_ms": round(ttft[int(0.9 * (len(ttft) - 1))] * 1000, 1) if ttft else None,
+            }, len(done)
 
 
 def _plan_summary(st: Obj) -> Obj:
@@ -860,7 +865,8 @@ def summary_lines(result: DemoResult) -> list[str]:
             f"{e.phase + ('' if e.full_window else ' (part)'):>28}"
             for e in result.estimates))
         for key, label in (("rate", "rate req/s"), ("prompt", "prompt tokens mean"),
-                           ("output", "output tokens mean"), ("prefix", "prefix hit share")):
+                           ("output", "output tokens mean"), ("prefix", "prefix hit share"),
+                           ("ttft_p90_ms", "TTFT p90 ms")):
             cells = []
             for e in result.estimates:
                 seen, true = e.observed.get(key), e.truth.get(key)
@@ -874,6 +880,8 @@ def summary_lines(result: DemoResult) -> list[str]:
                     cells.append(f"{seen:.{digits}f} vs {true:.{digits}f} "
                                  f"({err[key]:+.1%})")
             lines.append(f"    {label:18}" + "".join(f"{c:>28}" for c in cells))
+        lines.append("    (TTFT: the server's histogram, whose buckets jump from 100 to 250 ms, "
+                     "against the client's own clock)")
     for name, figures in result.load.items():
         if figures["sent"]:
             refused = sum(figures["errors"].values())

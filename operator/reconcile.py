@@ -44,7 +44,7 @@ from trilemma.operator.resources import (
 )
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import InfeasibleSLO, ServingConfig, canonical_json
-from trilemma.optimizer.spec import HardwarePool, Workload
+from trilemma.optimizer.spec import HardwarePool, Objective, Workload
 from trilemma.optimizer.spec.loading import spec_error_to_input_error
 
 Obj = dict[str, Any]
@@ -459,9 +459,10 @@ async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
         rt.metrics.optimization_failed()
         others = ", ".join(sorted(avail.held))
         held = f" Other endpoints hold part of the pool: {others}." if others else ""
+        nearest = await _nearest_with_more_gpus(rt, request) if err.binding == "pool" else ""
         raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED,
                       "PoolTooSmall" if err.binding in ("pool", "budget") else "SLOUnreachable",
-                      err.why + held) from None
+                      err.why + held + nearest) from None
     except InputError as err:
         rt.metrics.optimization_failed()
         raise _failed("OptimizationFailed", _input_message(err),
@@ -476,6 +477,29 @@ async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
     return plan, {"time": status.now_rfc3339(), "durationSeconds": round(run.seconds, 3),
                   "candidates": int(plan.get("counts", {}).get("enumerated", 0)),
                   "requestDigest": digest, "reused": False}
+
+
+# How much larger than the available pool the "nearest feasible" search may look.
+NEAREST_POOL_FACTOR = 8
+
+
+async def _nearest_with_more_gpus(rt: Runtime, request: Any) -> str:
+    """For a pool too small: the cheapest configuration that would meet the SLO with more
+    GPUs of the same types, and how many it needs (one more search), as a sentence."""
+    bigger = request.hardware.model_copy(update={"gpus": [
+        g.model_copy(update={"count": g.count * NEAREST_POOL_FACTOR})
+        for g in request.hardware.gpus]})
+    try:
+        run = await rt.optimizer.run(request.model_copy(update={
+            "hardware": bigger, "objective": Objective.MIN_COST}))
+    except InputError:
+        return (f" Even {NEAREST_POOL_FACTOR}x the available GPUs would not meet it.")
+    rec = run.plan["recommended"]
+    needed = status.config_gpus(rec["config"])
+    (gpu, count), = needed.items()
+    offered = next((g.count for g in request.hardware.gpus if g.gpu == gpu), 0)
+    return (f" Nearest feasible: {rec['summary']} (${rec['prediction']['cost_per_hour']:.2f}/h)"
+            f" needs {count} {gpu}; {offered} available.")
 
 
 # ---- deploy and roll out -------------------------------------------------------------------

@@ -129,7 +129,7 @@ def plan(config: ServingConfig, engine: str, *, name: str, namespace: str = "def
         config=config, engine=eng.value, name=name, namespace=namespace,
         image=image or DEFAULT_IMAGES[eng],
         image_source=Source.USER_OVERRIDE if image else Source.RENDERER,
-        config_hash=served(config, options).config_hash(),
+        config_hash=served(config, options).layout_hash(),
         workers=_workers(config, eng, name, options),
         port=options.port, hf_token_secret=hf_token_secret, model_cache_pvc=model_cache_pvc,
         **_scheduling(config, options),  # type: ignore[arg-type]

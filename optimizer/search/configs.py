@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -95,8 +96,15 @@ class ServingConfig:
         return cls(**d)
 
     def config_hash(self) -> str:
-        """First 8 hex digits of the SHA-256 of the canonical JSON: names Deployments."""
+        """First 8 hex digits of the SHA-256 of the canonical JSON: names a configuration."""
         return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:8]
+
+    def layout_hash(self) -> str:
+        """config_hash of everything but the replica counts: names Deployments, so that a
+        replica-only change scales the running Deployment instead of rolling out a new one."""
+        one = dataclasses.replace(self, replicas=1,
+                                  prefill_replicas=min(self.prefill_replicas, 1))
+        return one.config_hash()
 
 
 @dataclass(frozen=True, kw_only=True)

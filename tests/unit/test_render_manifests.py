@@ -45,7 +45,7 @@ def test_deployment_carries_name_labels_gpus_probes_and_scheduling():
     dep, svc = render.manifests(AGGREGATED, name="chat", engine="vllm",
                                 options=render.RenderOptions(pool_group=POOL),
                                 hf_token_secret="hf", model_cache_pvc="models")
-    digest = AGGREGATED.config_hash()
+    digest = AGGREGATED.layout_hash()
     assert dep["metadata"]["name"] == f"chat-{digest}"
     assert dep["spec"]["replicas"] == 2
     pod = dep["spec"]["template"]["spec"]
@@ -104,12 +104,28 @@ def test_a_replica_that_does_not_fill_whole_nodes_is_refused():
         render.manifests(cfg, name="ds")
 
 
+def test_a_replica_only_change_keeps_the_deployment_name_and_scales_it():
+    import dataclasses
+
+    more = dataclasses.replace(AGGREGATED, replicas=AGGREGATED.replicas + 3)
+    assert more.config_hash() != AGGREGATED.config_hash()
+    before, _ = render.manifests(AGGREGATED, name="chat", engine="vllm")
+    after, _ = render.manifests(more, name="chat", engine="vllm")
+    assert after["metadata"]["name"] == before["metadata"]["name"]
+    assert after["spec"]["template"] == before["spec"]["template"]
+    assert after["spec"]["replicas"] == before["spec"]["replicas"] + 3
+    wider = dataclasses.replace(AGGREGATED, worker=dataclasses.replace(
+        AGGREGATED.worker, tp=AGGREGATED.worker.tp * 2))
+    assert render.manifests(wider, name="chat", engine="vllm")[0]["metadata"]["name"] != (
+        before["metadata"]["name"])
+
+
 def test_disaggregated_sglang_renders_pools_router_and_services():
     cfg = ServingConfig(model="Qwen/Qwen3-8B", engine="sglang", mode=Mode.DISAGGREGATED,
                         worker=WorkerConfig(gpu="h100_sxm"), replicas=2,
                         prefill=WorkerConfig(gpu="h100_sxm", tp=2), prefill_replicas=1)
     objects = render.manifests(cfg, name="chat")
-    digest = cfg.config_hash()
+    digest = cfg.layout_hash()
     assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
         ("Deployment", f"chat-prefill-{digest}"), ("Deployment", f"chat-decode-{digest}"),
         ("Deployment", f"chat-router-{digest}"), ("Service", "chat"),
