@@ -124,8 +124,11 @@ async def _decide(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     violations = retune.slo_violations(observed, spec.slo) if ok else []
     rolling = (ep.written.get("rollout") or {}).get("state") == "Progressing"
     basis = str(ep.written.get("specDigest") or "")
+    started = (ep.written.get("rollout") or {}).get("started")
+    since = reconcile.status.parse_time(started).timestamp() if started else None
     decision = retune.decide(state, now, observed, observed.availability.reason, drift,
-                             violations, spec.retune, rolling_out=rolling, basis=basis)
+                             violations, spec.retune, rolling_out=rolling, basis=basis,
+                             serving_since=since)
     serving = ep.written.get("servingHash")
     history = retune.history_append(ep.written.get("retuneHistory"),
                                     retune.RetuneEvent.of_decision(decision, now, serving))

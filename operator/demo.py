@@ -377,13 +377,14 @@ class _Demo:
         self.service_hash: str | None = None
         self.rollouts: set[str] = set()  # toHash of each rollout seen
         self.first_hash: str | None = None
+        self.first_key: tuple[Any, Any] | None = None
         self.serving_hash: str | None = None
         self.load_start: float | None = None  # unix
         self.shift_start: float | None = None  # unix
         self.load_end = float("inf")  # unix, once the traffic is told to stop
         self.shift_announced = False
         self.new_plan_announced = False
-        self.kept_at: float | None = None
+        self.kept: list[float] = []  # when each re-plan was not rolled out
 
     # -- watching ------------------------------------------------------------------------------
 
@@ -466,7 +467,7 @@ class _Demo:
             elif action == "Keep":
                 if self.result.accepted is None:
                     self.result.accepted = False
-                self.kept_at = self.kept_at or when
+                self.kept.append(when)
                 self.timeline.add("kept", f"{reason}{_figures(entry)}", entry=entry)
             else:
                 self.timeline.add("check", f"{action} ({cause}): {reason}", entry=entry)
@@ -475,16 +476,24 @@ class _Demo:
         active = st.get("activeConfiguration") or {}
         if not active.get("hash") or (st.get("phase") == "Optimizing"):
             return
+        # A new plan may keep the Deployment (a replica-only change scales it in place), so
+        # the replica count counts as much as the hash.
+        key = (active["hash"], active.get("replicas"))
         if self.first_hash is None:
             self.first_hash = active["hash"]
+            self.first_key = key
             self.result.plan = _plan_summary(st)
             self.timeline.add("plan", _plan_line(st), plan=self.result.plan)
-        elif active["hash"] != self.first_hash and not self.new_plan_announced:
+        elif key != self.first_key and not self.new_plan_announced:
             self.new_plan_announced = True
             self.result.new_plan = _plan_summary(st)
             self.timeline.add("new plan", _plan_line(st), plan=self.result.new_plan)
 
     async def _watch_deployments(self) -> None:
+        if self.first_hash is None:
+            # The reconciler applies the children before it writes the status: tell the plan
+            # first, then what it deployed.
+            return
         live = {d["metadata"]["name"]: d
                 for d in self.api.list("apps/v1", "Deployment", NAMESPACE)}
         for name in sorted(set(live) - self.deployments):
@@ -495,10 +504,12 @@ class _Demo:
             self.deployments.discard(name)
             self.timeline.add("removed", f"Deployment {name} deleted by the operator")
         for name, dep in sorted(live.items()):
-            if name in self.marked:
-                continue
-            self.marked.add(name)
             replicas = dep["spec"].get("replicas", 1)
+            have = (dep.get("status") or {}).get("availableReplicas")
+            if have == replicas:
+                continue
+            # New, or scaled in place: either way no controller will bring it up here.
+            scaled = f" at {replicas} replica(s)" if have else ""
             await self.api.patch("apps/v1", "Deployment", NAMESPACE, name, {"status": {
                 "replicas": replicas, "readyReplicas": replicas,
                 "availableReplicas": replicas}})
@@ -506,7 +517,7 @@ class _Demo:
                    " (KMock runs no controllers and no pods: the demo stands in for the "
                    "Deployment controller and the kubelet)")
             self.explained_marking = True
-            self.timeline.add("kubelet", f"Deployment {name} marked available{why}")
+            self.timeline.add("kubelet", f"Deployment {name} marked available{scaled}{why}")
 
     def _watch_rollout(self, st: Obj) -> None:
         rollout = st.get("rollout") or {}
@@ -525,9 +536,16 @@ class _Demo:
         if serving != self.serving_hash:
             if self.serving_hash is not None and state == "Complete":
                 self.timeline.add("rollout", f"complete: {serving} serves", rollout=rollout)
-                if self.shift_start is not None and time.time() >= self.shift_start:
-                    self.result.rolled_out = True
             self.serving_hash = serving
+        # Rolled out: the new plan is Ready and alone (a new Deployment the Service moved to,
+        # the old one deleted; or the old one scaled in place).
+        active = st.get("activeConfiguration") or {}
+        if (self.new_plan_announced and not self.result.rolled_out
+                and self.shift_start is not None and time.time() >= self.shift_start
+                and st.get("phase") == "Ready" and state != "Progressing"
+                and len(self.deployments) == 1):
+            self.result.rolled_out = True
+            self.timeline.add("done", f"the new plan serves: {active.get('summary')}")
 
     def _watch_service(self) -> None:
         svc = self.api.get("v1", "Service", NAMESPACE, NAME)
@@ -563,9 +581,10 @@ class _Demo:
         observed over a whole window."""
         if self.shift_start is None or not self.has_shift_window():
             return False
-        done = self.result.rolled_out and not any(
-            n.endswith(f"-{self.first_hash}") for n in self.deployments)
-        return done or self.kept_at is not None
+        # A re-plan kept on a window that still mixed in the old traffic does not end the
+        # story: the next checks may decide otherwise.
+        kept = any(t - WINDOW_S >= self.shift_start + WINDOW_MARGIN_S for t in self.kept)
+        return self.result.rolled_out or kept
 
     def estimates(self, report: Any) -> list[Estimate]:
         """For each phase, its latest observation (a whole window inside the phase if there

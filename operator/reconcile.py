@@ -228,13 +228,20 @@ def tuned(ep: Endpoint, spec: OptimizedEndpointSpec) -> OptimizedEndpointSpec:
     if found.get("specDigest") != ep.status.get("specDigest") or not found.get("workload"):
         ep.status.pop("tunedWorkload", None)
         return spec
-    return spec.model_copy(update={"workload": Workload.model_validate(found["workload"])})
+    try:
+        workload = Workload.model_validate(found["workload"])
+    except pydantic.ValidationError:
+        ep.status.pop("tunedWorkload", None)  # unreadable: plan for the spec's own workload
+        return spec
+    return spec.model_copy(update={"workload": workload})
 
 
 def calibrated(ep: Endpoint, spec: OptimizedEndpointSpec) -> OptimizedEndpointSpec:
     """The spec with its latency targets divided by the fitted correction factors: planning
     against them with the model's predictions is planning against corrected predictions."""
-    cal = calibration.Calibration.from_status(ep.written.get("calibration"))
+    # The status being built: the closed loop may have just updated the factors, and the
+    # re-plan it judged must be the plan this reconcile finds.
+    cal = calibration.Calibration.from_status(ep.status.get("calibration"))
     return spec.model_copy(update={"slo": calibration.apply(spec.slo, cal)})
 
 

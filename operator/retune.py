@@ -431,7 +431,7 @@ class Decision:
 def decide(state: RetuneState, now: float, observed: ObservedWorkload | None,
            availability: MetricsReason | str, drift: Drift | None, violations: Sequence[str],
            spec: Retune, *, rolling_out: bool, basis: str = "",
-           policy: Policy = POLICY) -> Decision:
+           serving_since: float | None = None, policy: Policy = POLICY) -> Decision:
     """The periodic check: re-plan, hold (and why), or nothing to do.
 
     Holds first: retune disabled, not due, a rollout in flight (its window mixes two
@@ -471,20 +471,23 @@ def decide(state: RetuneState, now: float, observed: ObservedWorkload | None,
                     f"{observed.samples:.0f} requests in the window; drift and SLO checks "
                     f"need {policy.min_samples}")
 
+    # A window that began before the serving configuration took the traffic (the last
+    # rollout, or the first deployment: `serving_since`) mixes in another configuration's
+    # requests, or none at all: it judges neither latencies nor drift.
+    starts = [t for t in (state.last_rollout, serving_since) if t is not None]
+    stale = bool(starts) and observed.observed_at - observed.window_s < max(starts)
     drift_checks = state.drift_checks
-    if drift is not None:
+    if drift is not None and not stale:
         if drift.exceeded:
             drift_checks += 1
         elif drift.level < policy.exit_band:
             drift_checks = 0
-    stale = (state.last_rollout is not None
-             and observed.observed_at - observed.window_s < state.last_rollout)
     live = [] if stale else list(violations)
     counted = dataclasses.replace(checked, drift_checks=drift_checks,
                                   violation_checks=state.violation_checks + 1 if live else 0)
-    by_drift = drift is not None and bool(drift.exceeded) and drift_checks >= policy.persist_checks
+    drifting = drift is not None and bool(drift.exceeded) and not stale
+    by_drift = drifting and drift_checks >= policy.persist_checks
     by_slo = counted.violation_checks >= policy.persist_checks
-    drifting = drift is not None and bool(drift.exceeded)
     parts = [*live, *([drift.reason] if drifting and drift is not None else [])]
     figures = drift.figures() if drift is not None else {}
 
@@ -498,8 +501,8 @@ def decide(state: RetuneState, now: float, observed: ObservedWorkload | None,
             return Decision(action=Action.NO_CHANGE, why=Why.NO_PLAN,
                             message="no active plan to compare with", state=counted)
         message = drift.reason + ("; no SLO violation observed" if not stale else
-                                  "; latencies not judged: the window began before the "
-                                  "last rollout")
+                                  "; not judged: the window began before the serving "
+                                  "configuration took the traffic")
         return Decision(action=Action.NO_CHANGE, why=Why.WITHIN_THRESHOLDS, message=message,
                         state=counted, figures=figures)
 

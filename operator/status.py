@@ -125,9 +125,23 @@ def pareto_front(plan: Obj) -> list[Obj]:
 
 def patch_for(current: Obj, desired: Obj, owned: list[str]) -> Obj:
     """A merge patch taking the operator-owned status keys from `current` to `desired`:
-    changed keys set, vanished keys nulled; empty when nothing changes."""
+    changed keys set, vanished keys nulled, at every depth (a JSON merge patch merges nested
+    objects, so a key dropped inside one must be sent as null or it stays); empty when
+    nothing changes."""
+    return _diff({k: current.get(k) for k in owned if k in current},
+                 {k: desired.get(k) for k in owned if k in desired})
+
+
+def _diff(current: Obj, desired: Obj) -> Obj:
     patch: Obj = {}
-    for k in owned:
-        if current.get(k) != desired.get(k):
-            patch[k] = desired.get(k)
+    for key in current.keys() - desired.keys():
+        patch[key] = None
+    for key, want in desired.items():
+        have = current.get(key)
+        if have == want:
+            continue
+        if isinstance(have, dict) and isinstance(want, dict):
+            patch[key] = _diff(have, want)
+        else:
+            patch[key] = want
     return patch

@@ -7,10 +7,10 @@ plan always serialises, hashes and renders byte-identically (GitOps).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
-import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 

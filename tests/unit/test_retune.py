@@ -53,10 +53,12 @@ def observed(*, rate: float = 10.0, prompt: float = 1000.0, output: float = 200.
 
 def check(state: RetuneState, obs: ObservedWorkload, *, violations: list[str] | None = None,
           rolling_out: bool = False, basis: str = "", spec: Retune = SPEC,
-          planned: WorkloadSummary = PLANNED) -> retune.Decision:
+          planned: WorkloadSummary = PLANNED,
+          serving_since: float | None = None) -> retune.Decision:
     d = retune.drift(planned, obs, spec.drift)
     return retune.decide(state, obs.observed_at, obs, obs.availability.reason, d,
-                         violations or [], spec, rolling_out=rolling_out, basis=basis)
+                         violations or [], spec, rolling_out=rolling_out, basis=basis,
+                         serving_since=serving_since)
 
 
 # ---- summaries and drift --------------------------------------------------------------------
@@ -222,19 +224,28 @@ def test_violations_from_a_window_that_began_before_the_last_rollout_are_ignored
     state = RetuneState(last_rollout=NOW - 300)
     decisions = run(every(4), state, violations=["TTFT p90 too high"], spec=no_cooldown)
     assert [d.state.violation_checks for d in decisions[:3]] == [0, 0, 1]
-    assert "latencies not judged" in decisions[0].message
+    assert "not judged" in decisions[0].message
     assert [d.action for d in decisions] == [Action.NO_CHANGE] * 3 + [Action.REPLAN]
 
 
 def test_cooldown_holds_a_due_replan_until_it_has_passed() -> None:
     state = RetuneState(last_rollout=NOW - 600)
     decisions = run([observed(at=NOW + 300 * i, prompt=4120.0) for i in range(6)], state)
-    assert decisions[1].action is Action.HOLD and decisions[1].why is Why.COOLDOWN
-    assert "cooldown" in decisions[1].message
+    # The first window (900 s) began before the rollout: not judged. The next two count the
+    # drift; the second would re-plan but the cooldown holds it.
+    assert decisions[2].action is Action.HOLD and decisions[2].why is Why.COOLDOWN
+    assert "cooldown" in decisions[2].message
     # The cooldown ends 1800 s after the rollout (NOW + 1200): the drift, still counted,
     # re-plans at the first check after it.
-    assert [d.action for d in decisions] == [Action.NO_CHANGE, Action.HOLD, Action.HOLD,
+    assert [d.action for d in decisions] == [Action.NO_CHANGE, Action.NO_CHANGE, Action.HOLD,
                                              Action.HOLD, Action.REPLAN, Action.NO_CHANGE]
+
+
+def test_drift_in_a_window_that_began_before_the_first_deployment_is_not_counted() -> None:
+    # The endpoint started serving 100 s ago; the 900 s window mostly shows no traffic.
+    d = check(RetuneState(), observed(prompt=4120.0), serving_since=NOW - 100)
+    assert d.action is Action.NO_CHANGE and d.state.drift_checks == 0
+    assert "not judged" in d.message
 
 
 def test_a_rollout_in_flight_holds_and_leaves_the_counts_alone() -> None:
@@ -400,7 +411,7 @@ def test_history_keeps_the_newest_entries_and_folds_repeated_holds() -> None:
         history = retune.history_append(history, event)
     assert len(history) == 10 and history[-1]["reason"] == "drift 11"
     assert history[0]["time"] == "2023-11-14T22:13:22Z"
-    hold = check(RetuneState(last_rollout=NOW - 600, drift_checks=1), observed(prompt=4120.0))
+    hold = check(RetuneState(last_rollout=NOW - 1200, drift_checks=1), observed(prompt=4120.0))
     for t in (NOW, NOW + 300):
         history = retune.history_append(history, retune.RetuneEvent.of_decision(hold, t))
     assert len(history) == 10

@@ -1,0 +1,35 @@
+"""Status patches: only what changed, and keys that vanished (at any depth) sent as null."""
+
+from trilemma.operator import status
+
+
+def test_a_patch_nulls_keys_that_vanished_inside_nested_objects():
+    # A merge patch merges nested objects: without the null, the gamma `cv` would stay on
+    # the server under a poisson workload and make the stored workload unreadable.
+    current = {"tunedWorkload": {"workload": {"arrivals": {
+        "kind": "gamma", "requestsPerSecond": 4, "cv": 0.8}}}, "phase": "Ready"}
+    desired = {"tunedWorkload": {"workload": {"arrivals": {
+        "kind": "poisson", "requestsPerSecond": 4}}}, "phase": "Ready"}
+    patch = status.patch_for(current, desired, ["tunedWorkload", "phase"])
+    assert patch == {"tunedWorkload": {"workload": {"arrivals": {"kind": "poisson",
+                                                                 "cv": None}}}}
+
+
+def test_a_patch_is_empty_when_nothing_changed_and_nulls_dropped_top_level_keys():
+    same = {"phase": "Ready", "rollout": {"state": "Complete"}}
+    assert status.patch_for(same, dict(same), ["phase", "rollout"]) == {}
+    assert status.patch_for(same, {"phase": "Ready"}, ["phase", "rollout"]) == {
+        "rollout": None}
+    # Keys the operator does not own are never touched.
+    assert status.patch_for({"kopf": {"x": 1}}, {}, ["phase"]) == {}
+
+
+def test_a_condition_keeps_its_transition_time_while_its_status_holds():
+    first = status.set_condition([], status.ConditionType.READY, False, "Unavailable", "",
+                                 generation=1, now="2026-01-01T00:00:00Z")
+    again = status.set_condition(first, status.ConditionType.READY, False, "Unavailable",
+                                 "still", generation=1, now="2026-01-01T00:05:00Z")
+    flipped = status.set_condition(again, status.ConditionType.READY, True, "Available", "",
+                                   generation=1, now="2026-01-01T00:09:00Z")
+    assert again[0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert flipped[0]["lastTransitionTime"] == "2026-01-01T00:09:00Z"
