@@ -72,11 +72,17 @@ def update_patch(current: Obj, desired: Obj) -> Obj:
     return patch
 
 
-async def apply(kube: Kube, desired: Obj) -> Applied:
-    """Make the live object match `desired` (rendered, without the hash annotation)."""
+# `current` not given: read the live object first.
+_UNKNOWN: Any = object()
+
+
+async def apply(kube: Kube, desired: Obj, *, current: Obj | None = _UNKNOWN) -> Applied:
+    """Make the live object match `desired` (rendered, without the hash annotation).
+    `current`: the live object (None: absent) when the caller has just read it."""
     obj = with_hash(desired)
     ref = Ref.of(obj)
-    current = await kube.get(ref)
+    if current is _UNKNOWN:
+        current = await kube.get(ref)
     if current is None:
         await kube.create(obj)
         return Applied.CREATED

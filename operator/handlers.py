@@ -22,6 +22,7 @@ import kopf
 from kubernetes_asyncio.config import kube_config
 
 from trilemma.operator import closed_loop, naming, reconcile
+from trilemma.operator.apply import is_available
 from trilemma.operator.kube import Kube, KubeError
 from trilemma.operator.metrics import OperatorMetrics
 from trilemma.operator.optimize import Optimizer, Planner, default_planner
@@ -161,6 +162,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
         endpoint = (body.get("metadata", {}).get("labels") or {}).get(naming.LABEL_ENDPOINT)
         namespace = body.get("metadata", {}).get("namespace")
         rt = getattr(memo, "runtime", None)
+        if not is_available(dict(body)):
+            # Only availability moves a rollout on here; losing it is caught by the resync
+            # timer, and a just-created Deployment has nothing to say yet.
+            return
         if endpoint and namespace and rt is not None:
             try:
                 await reconcile.advance(rt, namespace, endpoint)

@@ -52,6 +52,7 @@ Obj = dict[str, Any]
 EventSink = Callable[[Obj, str, str, str], None]
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 PLAN_ATTEMPTS = 3  # re-plans when another endpoint took the GPUs while this one searched
+OPTIMIZING_NOTICE_S = 0.5  # a search still running after this is reported in status
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class Endpoint:
     body: Obj
     status: Obj  # desired status (operator-owned keys), edited in place
     written: Obj  # what the API server holds, to patch only differences
+    # Children read during this reconcile, by "Kind/name" (None: absent): not read twice.
+    seen: dict[str, Obj | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, body: Obj) -> Endpoint:
@@ -276,8 +279,13 @@ async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
     target = kids.config_hash
     engine_args = next(c["args"] for w in kids.workloads for c in _containers(w)
                        if c["name"] == "engine")
-    await applying.apply(rt.kube, children.plan_config_map(
-        ep.owner, plan, request_digest=digest, config_hash=target))
+    plan_map = children.plan_config_map(ep.owner, plan, request_digest=digest,
+                                        config_hash=target)
+    key = f"ConfigMap/{plan_map['metadata']['name']}"
+    if key in ep.seen:
+        await applying.apply(rt.kube, plan_map, current=ep.seen[key])
+    else:
+        await applying.apply(rt.kube, plan_map)
 
     ep.status["lastOptimization"] = optimization
     ep.status["predictions"] = status.predictions(choice, plan["request"]["design_rate_rps"])
@@ -433,6 +441,7 @@ async def _plan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, models: 
 
 async def _stored_plan(rt: Runtime, ep: Endpoint, digest: str) -> tuple[Obj | None, Obj]:
     cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan"))
+    ep.seen[f"ConfigMap/{ep.name}-plan"] = cm
     if cm is None:
         return None, {}
     notes = cm.get("metadata", {}).get("annotations") or {}
@@ -452,16 +461,20 @@ async def _stored_plan(rt: Runtime, ep: Endpoint, digest: str) -> tuple[Obj | No
 
 async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
                   avail: pool.Availability) -> tuple[Obj, Obj]:
-    ep.phase(Phase.OPTIMIZING, "searching the configuration space")
-    ep.condition(ConditionType.OPTIMIZED, None, "Optimizing", "search running")
-    # Not the spec digest yet: it marks a finished reconcile.
-    done_marker = ep.status.pop("specDigest", None)
-    await ep.commit(rt.kube)
-    if done_marker is not None:
-        ep.status["specDigest"] = done_marker
-    rt.events(ep.body, "Normal", "Optimizing", "searching the configuration space")
+    search = asyncio.ensure_future(rt.optimizer.run(request))
+    # Say "Optimizing" only when the search takes long enough to be seen doing so: a quick
+    # one (a small space, a warm cache) goes straight to its result, one write instead of two.
+    done, _ = await asyncio.wait({search}, timeout=OPTIMIZING_NOTICE_S)
+    if not done:
+        ep.phase(Phase.OPTIMIZING, "searching the configuration space")
+        ep.condition(ConditionType.OPTIMIZED, None, "Optimizing", "search running")
+        # Not the spec digest yet: it marks a finished reconcile.
+        done_marker = ep.status.pop("specDigest", None)
+        await ep.commit(rt.kube)
+        if done_marker is not None:
+            ep.status["specDigest"] = done_marker
     try:
-        run = await rt.optimizer.run(request)
+        run = await search
     except InfeasibleSLO as err:
         rt.metrics.optimization_failed()
         others = ", ".join(sorted(avail.held))
@@ -587,7 +600,10 @@ async def _deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
             await _refresh_ready(rt, ep, serving)
             return
     for service in kids.services:
-        await applying.apply(kube, service)
+        if service is front:
+            await applying.apply(kube, service, current=live_front)
+        else:
+            await applying.apply(kube, service)
     await _pod_monitor(rt, ep)
     known = {ep.written.get("servingHash"), (ep.written.get("rollout") or {}).get("toHash"),
              (ep.written.get("activeConfiguration") or {}).get("hash")} - {None}

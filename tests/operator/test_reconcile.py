@@ -106,7 +106,7 @@ async def test_create_deploys_children_and_reports_status(api, operator_factory)
 
     await make_available(api, dep)
     await api.wait(lambda: status(api).get("phase") == "Ready", what="phase Ready")
-    await api.wait(lambda: {"Optimizing", "Planned", "Deployed"} <= {
+    await api.wait(lambda: {"Planned", "Deployed"} <= {
         e.get("reason") for e in api.events(NS)}, what="the Events")
 
 
