@@ -871,9 +871,15 @@ def summary_lines(result: DemoResult) -> list[str]:
     else:
         lines.append("  no re-plan after the shift")
     delay = result.detection_delay_s
+    from trilemma.operator import retune  # heavy (the optimizer): only when summarising
+    from trilemma.operator.resources import Retune
+
+    needed = retune.drift_checks_needed(Retune(enabled=True, interval_seconds=INTERVAL_S,
+                                               window_seconds=WINDOW_S))
     lines.append("  detection delay: " + (f"{delay:.0f} s after the shift (checks every "
                                            f"{INTERVAL_S} s over a {WINDOW_S} s window; a "
-                                           f"drift must show in 2 checks in a row)"
+                                           f"drift must show in {needed} checks in a row, "
+                                           "an SLO miss in 2)"
                                            if delay is not None else "not detected"))
     lines.append(f"  during steady traffic: {result.steady_replans} re-plan(s), "
                  f"{result.steady_rollouts} rollout(s) (expected: 0)")

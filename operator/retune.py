@@ -362,6 +362,15 @@ class RetuneState:
                    failed=tuple(Failure.from_status(f) for f in d.get("failed") or ()))
 
 
+def drift_checks_needed(spec: Retune, policy: Policy = POLICY) -> int:
+    """Consecutive drifted checks before a re-plan: `persist_checks`, and at least enough
+    that the drift has lasted a whole query window. A window that still mixes the old and the
+    new traffic would re-plan for a workload that exists in neither (and, the next window
+    showing the rest of the shift, re-plan again)."""
+    return max(policy.persist_checks,
+               math.ceil(spec.window_seconds / spec.interval_seconds) + 1)
+
+
 def due(state: RetuneState, now: float, spec: Retune, policy: Policy = POLICY) -> bool:
     """Whether `interval_seconds` have passed since the last check."""
     return (state.last_check is None
@@ -486,15 +495,19 @@ def decide(state: RetuneState, now: float, observed: ObservedWorkload | None,
     counted = dataclasses.replace(checked, drift_checks=drift_checks,
                                   violation_checks=state.violation_checks + 1 if live else 0)
     drifting = drift is not None and bool(drift.exceeded) and not stale
-    by_drift = drifting and drift_checks >= policy.persist_checks
+    needed = drift_checks_needed(spec, policy)
+    by_drift = drifting and drift_checks >= needed
     by_slo = counted.violation_checks >= policy.persist_checks
     parts = [*live, *([drift.reason] if drifting and drift is not None else [])]
     figures = drift.figures() if drift is not None else {}
 
     if not (by_drift or by_slo):
         if drifting or live:
-            n = max(counted.drift_checks if drifting else 0, counted.violation_checks)
-            message = f"{'; '.join(parts)} ({n} of {policy.persist_checks} checks)"
+            if drifting:
+                n, of = counted.drift_checks, needed
+            else:
+                n, of = counted.violation_checks, policy.persist_checks
+            message = f"{'; '.join(parts)} ({n} of {of} checks)"
             return Decision(action=Action.NO_CHANGE, why=Why.PENDING, message=message,
                             state=counted, figures=figures)
         if drift is None:

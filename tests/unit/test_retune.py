@@ -29,7 +29,9 @@ from trilemma.optimizer.spec import Slo, parse_spec
 
 NOW = 1_700_000_000.0
 THRESHOLDS = DriftThresholds()
-SPEC = Retune(enabled=True, interval_seconds=300, window_seconds=900, cooldown_seconds=1800,
+# A window as long as the check interval: two drifted checks re-plan (see
+# test_a_long_window_needs_the_drift_to_last_a_whole_window for the general rule).
+SPEC = Retune(enabled=True, interval_seconds=300, window_seconds=300, cooldown_seconds=1800,
               min_improvement=0.1)
 # The plan was made for 10 req/s mean at a peak factor of 2: a design rate of 20.
 PLAN = {"request": {"workload": {"prompt_tokens_mean": 1000.0, "output_tokens_mean": 200.0,
@@ -505,3 +507,16 @@ def test_the_plans_own_summary_shows_no_drift_from_its_workload(small_plan: dict
     planned = WorkloadSummary.of_plan(small_plan, peak_factor=1.0)
     same = observed(rate=4.0, prompt=1024.0, output=256.0, prefix=0.0)
     assert retune.drift(planned, same, THRESHOLDS).level == pytest.approx(0.0)
+
+
+def test_a_long_window_needs_the_drift_to_last_a_whole_window() -> None:
+    # 30 s windows read every 10 s: a shift shows in the window gradually; re-planning on the
+    # second check would plan for a mix of the old and the new traffic.
+    spec = Retune(enabled=True, interval_seconds=10, window_seconds=30, cooldown_seconds=0)
+    assert retune.drift_checks_needed(spec) == 4
+    assert retune.drift_checks_needed(SPEC) == 2
+    decisions = run([observed(at=NOW + 10 * i, prompt=4120.0) for i in range(5)],
+                    RetuneState(), spec=spec)
+    assert [d.action for d in decisions] == [Action.NO_CHANGE] * 3 + [Action.REPLAN,
+                                                                      Action.NO_CHANGE]
+    assert "(3 of 4 checks)" in decisions[2].message
