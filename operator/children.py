@@ -50,9 +50,6 @@ class Children:
     services: list[Obj]    # stable names; their selectors pick the active hash
     config_hash: str
 
-    def all(self) -> list[Obj]:
-        return [*self.workloads, *self.services]
-
 
 def _flag(arg: str) -> str | None:
     return arg.split("=", 1)[0] if arg.startswith("--") else None

@@ -17,6 +17,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -382,18 +383,12 @@ async def resolve_models(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec)
                               f"{ref.config_map.name} has no such key")
         try:
             choice, served = model_choice(ref, None if indexed else i, text,
-                                          _cache_dir(rt))
+                                          Path(rt.config.cache_dir))
         except InputError as err:
             raise _failed("UnknownModel", _input_message(err)) from None
         choices.append(choice)
         checkpoints[choice.id] = served
     return Models(choices=choices, checkpoints=checkpoints)
-
-
-def _cache_dir(rt: Runtime) -> Any:
-    from pathlib import Path
-
-    return Path(rt.config.cache_dir)
 
 
 async def availability(rt: Runtime, ep: Endpoint, pool_name: str,

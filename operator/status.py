@@ -17,6 +17,7 @@ from trilemma.operator.resources import (
     Predictions,
     to_wire,
 )
+from trilemma.optimizer.search import Mode, ServingConfig
 
 Obj = dict[str, Any]
 FRONT_POINTS = 8
@@ -46,33 +47,17 @@ def set_condition(conditions: list[Obj], kind: ConditionType, ok: bool | None, r
 
 
 def short_summary(config: Obj) -> str:
-    """The printer column's form of a configuration: "fp8 TP2 eagle3x3"."""
-    w = config["worker"]
-    parts = [w["quant"], f"TP{w['tp']}"]
-    if w.get("pp", 1) > 1:
-        parts.append(f"PP{w['pp']}")
-    if w.get("dp", 1) > 1:
-        parts.append(f"DP{w['dp']}")
-    if w.get("ep"):
-        parts.append("EP")
-    if w.get("kv_dtype", "bf16") != "bf16":
-        parts.append(f"kv-{w['kv_dtype']}")
-    if w.get("spec_method", "none") != "none":
-        parts.append(f"{w['spec_method']}×{w['spec_k']}")
-    if config.get("mode") == "disaggregated":
-        parts.append("disagg")
-    return " ".join(parts)
+    """The printer column's form of a configuration: the (decode) worker's own summary,
+    e.g. "fp8 TP2 eagle3x3", marked "disagg" for prefill/decode plans."""
+    served = ServingConfig.from_dict(config)
+    disagg = " disagg" if served.mode is Mode.DISAGGREGATED else ""
+    return served.worker.summary() + disagg
 
 
 def config_gpus(config: Obj) -> dict[str, int]:
     """GPUs a configuration holds, by type (a plan's config dict)."""
-    w = config["worker"]
-    total = w["tp"] * w.get("pp", 1) * w.get("dp", 1) * config.get("replicas", 1)
-    prefill = config.get("prefill")
-    if prefill:
-        total += (prefill["tp"] * prefill.get("pp", 1) * prefill.get("dp", 1)
-                  * config.get("prefill_replicas", 0))
-    return {w["gpu"]: total}
+    served = ServingConfig.from_dict(config)
+    return {served.worker.gpu: served.gpus}
 
 
 def config_gpus_from_active(active: Obj | None) -> dict[str, int]:
