@@ -305,10 +305,6 @@ class _Problems(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if message.startswith("Failed to post an event") and "Code: 409" in message:
-            # KMock does not expand generateName, so every Event after the first one collides;
-            # a real API server names each one. Not the operator's problem.
-            return
         first = message.splitlines()[0] if message else ""
         self.records.append(f"{record.name}: {first}"[:300])
 
@@ -576,6 +572,24 @@ class _Demo:
         return any(t - WINDOW_S >= self.shift_start + WINDOW_MARGIN_S
                    for t, _ in self.observations)
 
+    def pending(self) -> str:
+        """The first step of the story after the shift that has not happened yet: what a run
+        that ran out of time names, instead of a bare timeout."""
+        if self.shift_start is None or time.time() < self.shift_start:
+            return "the shift (still in the steady phase)"
+        if not self.result.replanned:
+            return ("a re-plan after the shift (no Replan entry in status.retuneHistory: "
+                    "the drift was not detected)")
+        if self.result.accepted is None:
+            return "a verdict on the re-plan (RollOut or Keep in status.retuneHistory)"
+        if self.result.accepted and not self.result.rolled_out:
+            return ("the rollout to finish (the new Deployment alone and the endpoint Ready "
+                    "again)")
+        if not self.has_shift_window():
+            return (f"a whole {WINDOW_S} s window of shifted traffic in "
+                    "status.observedWorkload")
+        return "a re-plan kept on a window of shifted traffic only"
+
     def settled(self) -> bool:
         """The story is told: the re-plan was rolled out (or kept) and the shifted traffic was
         observed over a whole window."""
@@ -826,8 +840,14 @@ async def _traffic(demo: _Demo, urls: list[str], model: str) -> None:
     try:
         timeline.add("traffic", f"steady phase for {options.steady_s:g} s: "
                                 f"{describe_phase(steady)} (the spec's workload)")
-        await demo.poll_until(lambda: demo.settled() or load.done(),
-                              options.steady_s + options.shift_s + 30.0, "the loop to settle")
+        settled = await demo.poll_until(lambda: demo.settled() or load.done(),
+                                        options.steady_s + options.shift_s + 30.0,
+                                        "the loop to settle")
+        if not demo.settled():
+            why = "gave up" if not settled else "the shifted traffic ended"
+            demo.result.message = (f"{why} {time.time() - demo.shift_start:.0f} s after the "
+                                   f"shift, waiting for {demo.pending()}")
+            demo.timeline.add("stop", demo.result.message)
         stop.set()
         demo.load_end = time.time()
         report = await load

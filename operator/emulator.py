@@ -4,8 +4,9 @@ What `trilemma demo`, tests/operator and the operator benchmark share. KMock (by
 author) keeps objects in memory and serves list/watch/get/create/patch/delete over HTTP. Its
 gaps shape the helpers: no controllers (a caller marks a Deployment available by patching its
 status), no garbage collector, no label selectors (the operator filters again client-side), no
-resourceVersion (given a fixed one at create), no generateName (Events are read from the
-request log).
+resourceVersion (given a fixed one at create). KMock keeps `generateName` as it is, so every
+Event Kopf posts after the first collided with it (409); `Emulator` names them as an API
+server would.
 
     async with ForgetfulEmulator() as server, kmock.Server(server):
         declare_resources(server)
@@ -48,7 +49,27 @@ PLURALS = {"OptimizedEndpoint": "optimizedendpoints", "HardwarePool": "hardwarep
 CACHE_DIR = "/tmp/trilemma-tests"
 
 
-class ForgetfulEmulator(kmock.KubernetesEmulator):
+class Emulator(kmock.KubernetesEmulator):
+    """KMock's emulator, naming objects created with `metadata.generateName` only.
+
+    KMock stores such an object under the name None, so every later one (Kopf posts each
+    Event that way) is refused with 409 Conflict and lost. An API server appends five random
+    characters; a counter does here, so runs stay reproducible.
+    """
+
+    _generated: int = 0
+
+    async def _handle(self, request: Any) -> Any:
+        data = request.data
+        if request.action == kmock.action.CREATE and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                type(self)._generated += 1
+                meta["name"] = f"{meta['generateName']}{type(self)._generated:05x}"
+        return await super()._handle(request)
+
+
+class ForgetfulEmulator(Emulator):
     """KMock's emulator without the full request log, for long runs (benchmark, demo).
 
     KMock keeps every request and, to route each new one, re-filters that whole log: O(n)

@@ -13,11 +13,18 @@ import pytest
 
 from tests.support.kube import (
     Api,
+    Emulator,
     Operator,
     declare_resources,
     write_kubeconfig,
 )
 from trilemma.operator.optimize import Planner
+
+
+@pytest.fixture
+def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
+    """KMock's pytest fixture, serving with our Emulator (it names generateName objects)."""
+    return {**kmock_options, "cls": Emulator}
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import kmock
+
 from tests.support.kube import Api
 
 NS = "team-a"
@@ -108,6 +110,12 @@ async def test_create_deploys_children_and_reports_status(api, operator_factory)
     await api.wait(lambda: status(api).get("phase") == "Ready", what="phase Ready")
     await api.wait(lambda: {"Planned", "Deployed"} <= {
         e.get("reason") for e in api.events(NS)}, what="the Events")
+    # Every Event was stored under a name of its own (Kopf posts them with generateName):
+    # none was refused with 409 Conflict.
+    posts = [r for r in api.server[kmock.resource("v1/events")] if r.method.upper() == "POST"]
+    stored = api.list("v1", "Event", NS)
+    assert len(posts) >= 2 and len(stored) == len(posts)
+    assert len({e["metadata"]["name"] for e in stored}) == len(stored)
 
 
 async def wait_phase(api: Api, phase: str, name: str = "chat", timeout: float = 60) -> dict:

@@ -3,7 +3,7 @@
 Shared by tests/operator and the operator benchmark; the harness itself lives in the package
 (trilemma.operator.emulator), where `trilemma demo` uses it too. KMock's gaps shape it: no
 controllers (a test marks a Deployment available by patching its status), no garbage
-collector, no label selectors, no resourceVersion, no generateName (see that module).
+collector, no label selectors, no resourceVersion (see that module).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from trilemma.operator.emulator import (
     PLURALS,
     POOLS,
     Api,
+    Emulator,
     ForgetfulEmulator,
     Operator,
     declare_resources,
     write_kubeconfig,
 )
 
-__all__ = ["DEPLOYMENTS", "OE", "PLURALS", "POOLS", "Api", "ForgetfulEmulator", "Operator",
-           "declare_resources", "write_kubeconfig"]
+__all__ = ["DEPLOYMENTS", "OE", "PLURALS", "POOLS", "Api", "Emulator", "ForgetfulEmulator",
+           "Operator", "declare_resources", "write_kubeconfig"]
