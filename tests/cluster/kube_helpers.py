@@ -1,0 +1,89 @@
+"""Small readers and waits over kubectl, shared by the cluster scenarios."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trilemma.simfleet.cluster import LocalCluster
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "operator"
+# The examples name an in-cluster Prometheus; tests send nothing off loopback, so they point
+# the endpoints at a loopback port where nothing listens (the retune check then reports
+# PrometheusError, as it would with Prometheus down).
+NO_PROMETHEUS = "http://127.0.0.1:9"
+
+
+def load_examples(*names: str) -> list[dict[str, Any]]:
+    docs = []
+    for name in names:
+        for doc in yaml.safe_load_all((EXAMPLES / name).read_text()):
+            if doc and doc["kind"] == "OptimizedEndpoint" and "prometheus" in doc["spec"]:
+                doc["spec"]["prometheus"]["url"] = NO_PROMETHEUS
+            if doc:
+                docs.append(doc)
+    return docs
+
+
+def endpoint(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any]:
+    done = cluster.kubectl("get", "optimizedendpoint", name, "-n", namespace, "-o", "json",
+                           check=False)
+    return json.loads(done.stdout) if done.returncode == 0 else {}
+
+
+def status(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any]:
+    return endpoint(cluster, namespace, name).get("status") or {}
+
+
+def items(cluster: LocalCluster, kind: str, namespace: str, *selector: str) -> list[Any]:
+    args = ["get", kind, "-n", namespace, "-o", "json"]
+    if selector:
+        args += ["-l", ",".join(selector)]
+    return json.loads(cluster.kubectl(*args).stdout)["items"]
+
+
+def wait_for(check: Callable[[], Any], what: str, *, timeout_s: float = 180.0,
+             explain: Callable[[], str] = lambda: "") -> Any:
+    """Poll `check` until truthy; fail naming `what` and what `explain` says was last seen."""
+    end = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; "
+                                 f"last seen: {explain()}")
+        time.sleep(0.5)
+
+
+def phase_is(cluster: LocalCluster, namespace: str, name: str, *phases: str,
+             timeout_s: float = 180.0) -> dict[str, Any]:
+    def explain() -> str:
+        st = status(cluster, namespace, name)
+        return f"phase {st.get('phase')}: {st.get('message', '')}"
+
+    return wait_for(lambda: (st := status(cluster, namespace, name)).get("phase") in phases
+                    and st, f"{namespace}/{name} in phase {'/'.join(phases)}",
+                    timeout_s=timeout_s, explain=explain)
+
+
+def deployments(cluster: LocalCluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    return items(cluster, "deployments", namespace, f"trilemma.dev/endpoint={name}")
+
+
+def endpoint_ips(cluster: LocalCluster, namespace: str, service: str) -> set[str]:
+    """The ready addresses the EndpointSlice controller lists behind a Service."""
+    slices = items(cluster, "endpointslices", namespace, f"kubernetes.io/service-name={service}")
+    return {a for s in slices for e in s.get("endpoints") or []
+            if (e.get("conditions") or {}).get("ready") for a in e["addresses"]}
+
+
+def pod_ips(cluster: LocalCluster, namespace: str, config_hash: str) -> set[str]:
+    pods = items(cluster, "pods", namespace, f"trilemma.dev/config-hash={config_hash}")
+    return {p["status"]["podIP"] for p in pods if (p.get("status") or {}).get("podIP")}
