@@ -345,6 +345,10 @@ class RolloutStatus(SpecModel):
     started: str = Field(description="RFC 3339 time the new configuration was created.")
     deadline: str = Field(description="RFC 3339 time after which it counts as failed.")
     message: str = ""
+    from_gpus: dict[str, int] = Field(
+        default_factory=dict,
+        description="GPUs the configuration serving before holds, by type, until it is gone "
+                    "(what a rollback keeps allocated).")
 
 
 class OptimizedEndpointStatus(SpecModel):

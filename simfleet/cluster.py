@@ -214,7 +214,11 @@ class LocalCluster:
             f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
             # kwok's default stages: nodes Ready with heartbeats; pods bound to a fake node
             # Running and Ready with an IP from the CIDR (so EndpointSlices list them).
-            f"--cidr={POD_CIDR}", "--node-ip=127.0.0.1", "--server-address="])
+            f"--cidr={POD_CIDR}", "--node-ip=127.0.0.1", "--server-address=",
+            # Heartbeats as a kubelet sends them, by renewing the node's Lease: without it
+            # kwok patches node status too rarely, the node lifecycle controller marks the
+            # nodes NotReady after its grace period, and takes every pod out of its Service.
+            "--node-lease-duration-seconds=40"])
         if self.nodes:
             self.apply([m for g in self.nodes for m in g.manifests()])
         self._wait_nodes_ready(deadline)

@@ -41,7 +41,7 @@ def operator_kubeconfig(cluster: LocalCluster) -> Path:
 @pytest.fixture(scope="session")
 def operator(cluster: LocalCluster, operator_kubeconfig: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    """The operator every scenario shares (tests that restart one start their own)."""
+    """The operator the scenarios share; a test may stop and start it again (a restart)."""
     proc = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator")).start()
     yield proc
     proc.stop()

@@ -1,0 +1,171 @@
+"""Hashed rollouts on a real control plane: the Deployment controller, the scheduler and the
+EndpointSlice controller do their own part, and the API server keeps what its schema declares.
+
+- a spec change rolls a new configuration out beside the old one; the Service's endpoints move
+  to the new pods; the old Deployment goes;
+- a configuration that never becomes Available (its pods cannot be scheduled) is rolled back
+  after the progress deadline while the old one keeps serving, even though the operator is
+  killed in the middle of that rollout and started again;
+- every status field the operator wrote reads back identical from the server (the audit log
+  holds each status patch with the object stored after it): an undeclared field would be
+  pruned silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.cluster.kube_helpers import (
+    NO_PROMETHEUS,
+    deployments,
+    endpoint_ips,
+    phase_is,
+    pod_ips,
+    status,
+    wait_for,
+)
+from tests.support.cluster import OPERATOR_NS, OperatorProcess
+from trilemma.simfleet.cluster import GPU_TAINT, LocalCluster
+
+# A pool whose GPUs no node has: its configurations schedule nowhere and never become Available.
+# (Another GPU type, so that the plan's configuration hash changes: the hash covers the serving
+# configuration, not the pool's node selector.)
+GHOST_POOL = {"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
+              "metadata": {"name": "ghost-pool"},
+              "spec": {"gpus": [{"gpu": "b200_sxm", "count": 8, "gpusPerNode": 8,
+                                 "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-B200"},
+                                 "tolerations": [{"key": GPU_TAINT["key"],
+                                                  "operator": "Exists",
+                                                  "effect": "NoSchedule"}]}]}}
+POOL = {"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
+        "metadata": {"name": "h100-pool"},
+        "spec": {"gpus": [{"gpu": "h100_sxm", "count": 16, "gpusPerNode": 8,
+                           "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                           "tolerations": [{"key": GPU_TAINT["key"], "operator": "Exists",
+                                            "effect": "NoSchedule"}]}]}}
+
+
+def chat(namespace: str) -> dict[str, Any]:
+    return {"apiVersion": "trilemma.dev/v1alpha1", "kind": "OptimizedEndpoint",
+            "metadata": {"name": "chat", "namespace": namespace},
+            "spec": {"model": {"id": "meta-llama/Llama-3.1-8B-Instruct"},
+                     "workload": {"promptTokens": {"kind": "lognormal", "mean": 1000,
+                                                   "p90": 2000},
+                                  "outputTokens": {"kind": "lognormal", "mean": 200,
+                                                   "p90": 400},
+                                  "arrivals": {"kind": "poisson", "requestsPerSecond": 2}},
+                     "slo": {"ttftMs": {"p90": 1000}, "tpotMs": {"p90": 50}},
+                     "objective": "min_cost", "hardwarePoolRef": {"name": "h100-pool"},
+                     "engine": {"name": "vllm"},
+                     "rollout": {"progressDeadlineSeconds": 60},
+                     "prometheus": {"url": NO_PROMETHEUS}}}
+
+
+def _explain(cluster: LocalCluster, ns: str) -> str:
+    st = status(cluster, ns, "chat")
+    return (f"phase {st.get('phase')}: {st.get('message')}; rollout {st.get('rollout')}; "
+            f"Deployments {[d['metadata']['name'] for d in deployments(cluster, ns, 'chat')]}")
+
+
+def _explain_service(cluster: LocalCluster, ns: str, config_hash: str) -> str:
+    svc = cluster.get("service", "chat", ns)
+    return (f"selector {svc['spec']['selector']}, endpoints {endpoint_ips(cluster, ns, 'chat')}"
+            f", pods of {config_hash}: {pod_ips(cluster, ns, config_hash)}; slices: "
+            f"{cluster.kubectl('get', 'endpointslices', '-n', ns, '-o', 'yaml').stdout}; pods: "
+            f"{cluster.kubectl('get', 'pods', '-n', ns, '-o', 'wide').stdout}")
+
+
+def _serving(cluster: LocalCluster, ns: str, config_hash: str) -> bool:
+    """The Service selects `config_hash`, and its ready endpoints are exactly those pods."""
+    svc = cluster.get("service", "chat", ns)
+    ips = pod_ips(cluster, ns, config_hash)
+    return (svc["spec"]["selector"].get("trilemma.dev/config-hash") == config_hash
+            and bool(ips) and endpoint_ips(cluster, ns, "chat") == ips)
+
+
+def test_rollout_moves_the_service_and_a_stuck_one_rolls_back_across_a_restart(
+        cluster: LocalCluster, operator: OperatorProcess, namespace: str) -> None:
+    ns = namespace
+    cluster.apply([POOL, GHOST_POOL])
+    cluster.apply([chat(ns)])
+    first = phase_is(cluster, ns, "chat", "Ready")["activeConfiguration"]["hash"]
+    wait_for(lambda: _serving(cluster, ns, first), "the Service's endpoints on the first pods",
+             timeout_s=60)
+
+    # Another model: a new configuration rolls out beside the old one.
+    cluster.kubectl("patch", "oe", "chat", "-n", ns, "--type=merge", "-p",
+                    '{"spec": {"model": {"id": "Qwen/Qwen3-8B"}}}')
+    second = wait_for(lambda: (h := status(cluster, ns, "chat").get("servingHash")) not in (
+        None, first) and h, "the second configuration serving", timeout_s=240,
+        explain=lambda: str(status(cluster, ns, "chat").get("rollout")))
+    wait_for(lambda: _serving(cluster, ns, second), "the Service's endpoints on the new pods",
+             timeout_s=60)
+    wait_for(lambda: [d["metadata"]["name"] for d in deployments(cluster, ns, "chat")]
+             == [f"chat-{second}"], "the old Deployment removed", timeout_s=60)
+    phase_is(cluster, ns, "chat", "Ready")
+
+    # A pool nobody's nodes match: the new pods stay Pending. The operator dies mid-rollout and
+    # comes back; the rollout still ends in a rollback at its deadline, and the second
+    # configuration serves throughout.
+    cluster.kubectl("patch", "oe", "chat", "-n", ns, "--type=merge", "-p",
+                    '{"spec": {"hardwarePoolRef": {"name": "ghost-pool"}}}')
+    stuck = wait_for(lambda: (r := status(cluster, ns, "chat").get("rollout") or {}).get(
+        "state") == "Progressing" and r["toHash"], "a rollout to the ghost pool",
+        explain=lambda: _explain(cluster, ns))
+    assert _serving(cluster, ns, second)
+    operator.stop(kill=True)
+    operator.start()
+    failed = wait_for(lambda: (r := status(cluster, ns, "chat").get("rollout") or {}).get(
+        "state") == "Failed" and r, "the rollback", timeout_s=240,
+        explain=lambda: str(status(cluster, ns, "chat").get("rollout")))
+    assert failed["toHash"] == stuck
+    st = status(cluster, ns, "chat")
+    assert st["servingHash"] == second
+    wait_for(lambda: _serving(cluster, ns, second), "the Service still on the second pods",
+             timeout_s=30, explain=lambda: _explain_service(cluster, ns, second))
+    names = [d["metadata"]["name"] for d in deployments(cluster, ns, "chat")]
+    assert names == [f"chat-{second}"], names
+    # The GPUs held are the configuration still serving, nothing more and nothing less.
+    assert st["allocatedGpus"] == {"h100_sxm": st["activeConfiguration"]["gpus"]}
+    assert operator.problems() == [], operator.problems()
+
+    _assert_status_writes_read_back(cluster)
+
+
+def _leaves(value: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(v, (*path, k))]
+    return [(path, value)]
+
+
+def _at(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return _MISSING
+        obj = obj[key]
+    return obj
+
+
+_MISSING = object()
+
+
+def _assert_status_writes_read_back(cluster: LocalCluster) -> None:
+    """Every leaf of every status merge-patch the operator sent is in the stored object the
+    server returned for that very request (null leaves delete, so they are skipped)."""
+    operator_user = f"system:serviceaccount:{OPERATOR_NS}:"
+    patches = [e for e in cluster.audit()
+               if e.get("verb") == "patch" and e["objectRef"].get("subresource") == "status"
+               and e["objectRef"].get("resource") == "optimizedendpoints"
+               and e["user"]["username"].startswith(operator_user)
+               and e.get("responseStatus", {}).get("code") == 200]
+    assert len(patches) >= 5, "the audit log holds the operator's status writes"
+    dropped = set()
+    for event in patches:
+        sent = (event.get("requestObject") or {}).get("status") or {}
+        stored = (event.get("responseObject") or {}).get("status") or {}
+        for path, value in _leaves(sent):
+            if value is None:
+                continue
+            if _at(stored, path) != value:
+                dropped.add(".".join(("status", *path)))
+    assert not dropped, f"written but not kept by the API server: {sorted(dropped)}"
