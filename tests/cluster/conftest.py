@@ -49,8 +49,9 @@ def operator(cluster: LocalCluster, operator_kubeconfig: Path,
 
 
 @pytest.fixture
-def namespace(cluster: LocalCluster) -> Iterator[str]:
-    """A fresh namespace whose pods must meet the Pod Security `baseline` level."""
+def namespace(cluster: LocalCluster, operator_kubeconfig: Path) -> Iterator[str]:
+    """A fresh namespace whose pods must meet the Pod Security `baseline` level (with the CRDs
+    and the operator's RBAC installed)."""
     name = f"t{next(_names)}-{os.getpid() % 10000}"
     cluster.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {
         "name": name, "labels": {"pod-security.kubernetes.io/enforce": "baseline"}}}])
