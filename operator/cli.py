@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "trilemma.simfleet.cli_server",
     "trilemma.simfleet.cli_loadgen",
     "trilemma.operator.demo",
+    "trilemma.operator.devcluster",
 )
 
 

@@ -18,6 +18,7 @@ Everything lives in one temporary folder; `stop` ends every process it started.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -131,7 +132,8 @@ class LocalCluster:
     """
 
     def __init__(self, bin_dir: Path | None = None, workdir: Path | None = None,
-                 nodes: Sequence[NodeGroup] = DEFAULT_NODES) -> None:
+                 nodes: Sequence[NodeGroup] = DEFAULT_NODES, *,
+                 die_with_parent: bool = True) -> None:
         found = bin_dir or find_kube_bin()
         if found is None:
             raise ClusterError(f"no Kubernetes binaries in {cache_root()}: {INSTALL_HINT}")
@@ -139,6 +141,9 @@ class LocalCluster:
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="trilemma-cluster-"))
         self.nodes = tuple(nodes)
+        # A test run killed outright (SIGKILL, a CI timeout) runs no teardown: the kernel then
+        # ends the control plane with it. `trilemma dev-cluster up --detach` turns this off.
+        self.die_with_parent = die_with_parent
         self.processes: list[_Process] = []
         self.etcd_port = free_port()
         self.api_port = free_port()
@@ -225,15 +230,18 @@ class LocalCluster:
         self._wait_default_service_account(deadline)
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
-            if proc.popen.poll() is None:
-                proc.popen.send_signal(signal.SIGTERM)
-        for proc in reversed(self.processes):
-            try:
-                proc.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
-                proc.popen.wait(5)
+        # Everything before etcd: an API server whose etcd is gone hangs in its shutdown.
+        for batch in ([p for p in self.processes if p.name != "etcd"],
+                      [p for p in self.processes if p.name == "etcd"]):
+            for proc in batch:
+                if proc.popen.poll() is None:
+                    proc.popen.send_signal(signal.SIGTERM)
+            for proc in batch:
+                try:
+                    proc.popen.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.popen.kill()
+                    proc.popen.wait(5)
         self.processes.clear()
         if self._own_workdir and os.environ.get("TRILEMMA_KEEP_CLUSTER") != "1":
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -322,7 +330,8 @@ class LocalCluster:
         handle = log.open("ab")
         popen = subprocess.Popen([str(self.bin / name), *args], stdout=handle,
                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True)
+                                 start_new_session=True,
+                                 preexec_fn=_die_with_parent if self.die_with_parent else None)
         handle.close()
         self.processes.append(_Process(name, popen, log))
 
@@ -369,6 +378,13 @@ class LocalCluster:
             return done.returncode == 0
 
         self._poll(deadline, "the default ServiceAccount", made)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it exits (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @contextlib.contextmanager
