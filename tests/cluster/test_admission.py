@@ -23,7 +23,7 @@ VALID: dict[str, Any] = {
                           "outputTokens": {"kind": "fixed", "value": 200},
                           "arrivals": {"kind": "poisson", "requestsPerSecond": 2}},
              "slo": {"ttftMs": {"p90": 1000}}, "objective": "min_cost",
-             "hardwarePoolRef": {"name": "gpu-pool"},
+             "hardwarePoolRef": {"name": "admission-pool"},
              "prometheus": {"url": NO_PROMETHEUS}}}
 
 
@@ -75,7 +75,7 @@ def test_what_admission_cannot_judge_ends_in_status(cluster: LocalCluster,
     body = _with("model.id", "nobody/no-such-model")
     body["metadata"] = {"name": "unknown-model", "namespace": namespace}
     cluster.apply([{"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
-                    "metadata": {"name": "gpu-pool"},
+                    "metadata": {"name": "admission-pool"},
                     "spec": {"gpus": [{"gpu": "h100_sxm", "count": 16, "gpusPerNode": 8}]}}])
     cluster.apply([body])
     st = phase_is(cluster, namespace, "unknown-model", "Failed", "Infeasible")
