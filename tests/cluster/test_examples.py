@@ -91,6 +91,21 @@ def test_samples_deploy_onto_fake_gpu_nodes_and_become_ready(cluster: LocalClust
     # Nothing refused the operator's ServiceAccount (RBAC) or its request bodies.
     assert operator.problems() == [], operator.problems()
 
+    # Pod Security: the engine pods were admitted under `baseline` (the namespace enforces it);
+    # `restricted` refuses them for what the vLLM/SGLang images need as rendered: root, and no
+    # explicit privilege-escalation, capability and seccomp settings (README, "Pod Security").
+    cluster.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": "restricted-probe",
+        "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}])
+    probe = {"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": "probe", "namespace": "restricted-probe"},
+             "spec": dep["spec"]["template"]["spec"]}
+    refused = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe),
+                              check=False)
+    assert refused.returncode != 0 and 'violates PodSecurity "restricted' in refused.stderr
+    for gap in ("allowPrivilegeEscalation", "capabilities", "runAsNonRoot", "seccompProfile"):
+        assert gap in refused.stderr, refused.stderr
+
     # Deleting an endpoint: the finalizer and the real garbage collector remove its children.
     cluster.kubectl("delete", "oe", "support-ft", "-n", "llm", "--wait=true", "--timeout=60s")
     wait_for(lambda: not deployments(cluster, "llm", "support-ft")

@@ -1,0 +1,261 @@
+"""Benchmark: N OptimizedEndpoints created at once on the real control plane
+(trilemma.simfleet.cluster: etcd, kube-apiserver, controllers, scheduler, kwok GPU nodes).
+
+    python -m tests.benchmarks.cluster_create --endpoints 100
+
+The operator runs in its own process as its ServiceAccount (the chart's RBAC), planning with
+one precomputed plan so the figures exclude the search (the real search's time for the spec is
+printed beside). A watch on each kind timestamps, per endpoint: create -> children present
+(Deployment, Service, plan ConfigMap), create -> status written (phase Deploying), create ->
+Ready (pods scheduled onto fake GPU nodes, Ready, the Deployment Available, the operator's
+status Ready). Also: the operator's API requests per endpoint (the API server's audit log),
+its CPU time and resident memory. Needs `bash .ci/install-kube` and helm (`.ci/fetch-helm`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client, config, watch
+
+from tests.benchmarks.operator_create import SPEC as KMOCK_SPEC
+from tests.benchmarks.operator_create import _cpu_s, _quantile, _rss_mib
+from tests.support.cluster import OPERATOR_NS, install_operator
+from tests.tools import find_tool
+from trilemma.optimizer.search import SearchSettings, ServingConfig, plan
+from trilemma.optimizer.spec import parse_spec
+from trilemma.simfleet.cluster import LocalCluster, NodeGroup
+from trilemma.simfleet.prometheus_server import free_port
+
+NS = "bench"
+GPUS_PER_NODE = 8
+GROUP, VERSION = "trilemma.dev", "v1alpha1"
+# The KMock benchmark's endpoint at its cheapest (one GPU each), so that every endpoint's pods
+# fit on the fake nodes and become Ready.
+SPEC: dict[str, Any] = {**KMOCK_SPEC, "objective": "min_cost"}
+
+
+def real_plan(gpus: int) -> tuple[dict[str, Any], float]:
+    request = parse_spec({k: v for k, v in SPEC.items() if k != "engine"} | {
+        "hardware": {"gpus": [{"gpu": "h100_sxm", "count": gpus}]},
+        "bounds": {"allowDisaggregation": False, "engines": ["vllm"]}})
+    start = time.perf_counter()
+    result = plan(request, settings=SearchSettings(workers=1)).to_dict()
+    return result, time.perf_counter() - start
+
+
+async def _wait_live(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the operator exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return
+        except OSError:
+            await asyncio.sleep(0.2)
+    raise RuntimeError("the operator did not become live")
+
+
+class Seen:
+    """First time each (kind, endpoint) milestone was seen by a watch."""
+
+    def __init__(self) -> None:
+        self.at: dict[tuple[str, str], float] = {}
+
+    def mark(self, what: str, endpoint: str | None) -> None:
+        if endpoint:
+            self.at.setdefault((what, endpoint), time.perf_counter())
+
+
+async def _watch(list_fn: Any, seen: Seen, judge: Any, stop: asyncio.Event,
+                 **kwargs: Any) -> None:
+    w = watch.Watch()
+    while not stop.is_set():
+        try:
+            async for event in w.stream(list_fn, timeout_seconds=30, **kwargs):
+                judge(seen, event["object"])
+                if stop.is_set():
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a dropped watch is restarted, as a controller does
+            await asyncio.sleep(0.2)
+
+
+def _label(obj: Any) -> str | None:
+    """The endpoint label of a typed object (Deployment, Service, ConfigMap)."""
+    return (obj.metadata.labels or {}).get("trilemma.dev/endpoint")
+
+
+def _judge_child(kind: str) -> Any:
+    def judge(seen: Seen, obj: Any) -> None:
+        seen.mark(kind, _label(obj))
+    return judge
+
+
+def _judge_endpoint(seen: Seen, obj: dict[str, Any]) -> None:
+    name = obj["metadata"]["name"]
+    phase = (obj.get("status") or {}).get("phase")
+    if phase in ("Deploying", "Ready"):
+        seen.mark("status", name)
+    if phase == "Ready":
+        seen.mark("ready", name)
+
+
+async def run(endpoints: int, timeout: float) -> dict[str, Any]:
+    helm = find_tool("helm")
+    if helm is None:
+        raise SystemExit("helm not found: run .ci/fetch-helm")
+    plan_dict, search_s = real_plan(GPUS_PER_NODE)
+    gpus = ServingConfig.from_dict(plan_dict["recommended"]["config"]).gpus
+    nodes = [NodeGroup("h100", -(-endpoints * gpus // GPUS_PER_NODE) + 1, GPUS_PER_NODE)]
+    with tempfile.TemporaryDirectory() as tmp, LocalCluster(nodes=nodes) as cluster:
+        plan_file = Path(tmp) / "plan.json"
+        plan_file.write_text(json.dumps(plan_dict))
+        kubeconfig = install_operator(cluster, helm)
+        cluster.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
+                       {"apiVersion": f"{GROUP}/{VERSION}", "kind": "HardwarePool",
+                        "metadata": {"name": "gpus"},
+                        "spec": {"gpus": [{"gpu": "h100_sxm", "count": GPUS_PER_NODE * len(
+                            cluster.get("nodes")["items"]), "gpusPerNode": GPUS_PER_NODE}]}}])
+        port = free_port()
+        log = (Path(tmp) / "operator.log").open("wb")
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TRILEMMA_METRICS_PORT": "0",
+               "TRILEMMA_RESYNC_SECONDS": "5"}
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.benchmarks.operator_process", "--plan",
+             str(plan_file), "--liveness-port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            await _wait_live(port, proc)
+            result = await _measure(cluster, endpoints, timeout, proc.pid)
+            if result["ready_done"] < endpoints:
+                print(cluster.kubectl("get", "oe", "-n", NS).stdout[-3000:], file=sys.stderr)
+                print((Path(tmp) / "operator.log").read_text()[-3000:], file=sys.stderr)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        user = f"system:serviceaccount:{OPERATOR_NS}:"
+        requests = {e["auditID"]: e for e in cluster.audit()
+                    if e["user"]["username"].startswith(user)}
+        result["operator_requests_per_endpoint"] = len(requests) / endpoints
+        result["search_s_excluded"] = search_s
+        return result
+
+
+async def _measure(cluster: LocalCluster, endpoints: int, timeout: float,
+                   pid: int) -> dict[str, Any]:
+    await config.load_kube_config(str(cluster.admin_kubeconfig))
+    async with client.ApiClient() as api:
+        apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+        custom = client.CustomObjectsApi(api)
+        seen, stop = Seen(), asyncio.Event()
+        watches = [
+            asyncio.create_task(_watch(apps.list_namespaced_deployment, seen,
+                                       _judge_child("deployment"), stop, namespace=NS)),
+            asyncio.create_task(_watch(core.list_namespaced_service, seen,
+                                       _judge_child("service"), stop, namespace=NS)),
+            asyncio.create_task(_watch(core.list_namespaced_config_map, seen,
+                                       _judge_child("configmap"), stop, namespace=NS)),
+            asyncio.create_task(_watch(custom.list_namespaced_custom_object, seen,
+                                       _judge_endpoint, stop, group=GROUP, version=VERSION,
+                                       namespace=NS, plural="optimizedendpoints")),
+        ]
+        await asyncio.sleep(1.0)  # the watches are open before the first create
+        rss_idle, cpu_before = _rss_mib(pid), _cpu_s(pid)
+        names = [f"ep-{i:03d}" for i in range(endpoints)]
+        created: dict[str, float] = {}
+
+        async def create(name: str) -> None:
+            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "OptimizedEndpoint",
+                    "metadata": {"name": name, "namespace": NS},
+                    "spec": {**SPEC, "hardwarePoolRef": {"name": "gpus"}}}
+            created[name] = time.perf_counter()
+            await custom.create_namespaced_custom_object(GROUP, VERSION, NS,
+                                                         "optimizedendpoints", body)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(create(n) for n in names))
+        while (sum(1 for n in names if ("ready", n) in seen.at) < endpoints
+               and time.perf_counter() - start < timeout):
+            await asyncio.sleep(0.2)
+        wall = time.perf_counter() - start
+        stop.set()
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+
+    def durations(*kinds: str) -> list[float]:
+        out = []
+        for n in names:
+            stamps = [seen.at.get((k, n)) for k in kinds]
+            if all(s is not None for s in stamps):
+                out.append(max(s for s in stamps if s is not None) - created[n])
+        return out
+
+    result: dict[str, Any] = {"endpoints": endpoints, "wall_s": wall,
+                              "rss_idle_mib": rss_idle, "rss_after_mib": _rss_mib(pid),
+                              "operator_cpu_ms_per_endpoint":
+                                  (_cpu_s(pid) - cpu_before) * 1000 / endpoints}
+    for key, kinds in (("children", ("deployment", "service", "configmap")),
+                       ("status", ("status",)), ("ready", ("ready",))):
+        values = durations(*kinds)
+        result[f"{key}_done"] = len(values)
+        result[f"{key}_p50_s"] = statistics.median(values) if values else None
+        result[f"{key}_p95_s"] = _quantile(values, 0.95) if values else None
+        result[f"{key}_max_s"] = max(values) if values else None
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    def s(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f} s"
+
+    lines = [f"{r['endpoints']} OptimizedEndpoints created at once on the real control plane "
+             f"(kube-apiserver + etcd + controllers + scheduler + kwok; operator in its own "
+             f"process as its ServiceAccount, plans precomputed)"]
+    for key, label in (("children", "create -> children present"),
+                       ("status", "create -> status written  "),
+                       ("ready", "create -> Ready           ")):
+        lines.append(f"  {label}: p50 {s(r[key + '_p50_s'])}  p95 {s(r[key + '_p95_s'])}  "
+                     f"max {s(r[key + '_max_s'])}  ({r[key + '_done']}/{r['endpoints']})")
+    lines += [
+        f"  all Ready in {r['wall_s']:.1f} s; operator RSS {r['rss_idle_mib']:.0f} MiB idle, "
+        f"{r['rss_after_mib']:.0f} MiB after; operator CPU "
+        f"{r['operator_cpu_ms_per_endpoint']:.0f} ms per endpoint",
+        f"  operator API requests per endpoint: {r['operator_requests_per_endpoint']:.1f} "
+        "(the API server's audit log; watches count once)",
+        f"  (excluded: one real search for this spec takes {r['search_s_excluded']:.1f} s)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--endpoints", type=int, default=100)
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    result = asyncio.run(run(args.endpoints, args.timeout))
+    print(json.dumps(result, indent=2) if args.json else report(result))
+    return 0 if result["ready_done"] == args.endpoints else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
