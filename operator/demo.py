@@ -89,6 +89,7 @@ READY_TIMEOUT_S = 60.0
 # one scrape interval, plus the time requests sent just before take to finish.
 WINDOW_MARGIN_S = 2.0
 SHIFTS = ("prompt", "rate")
+CONTROL_PLANES = ("auto", "real", "kmock")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ class DemoOptions:
     seed: int = 0
     prometheus: str | None = None  # the binary; None: $PROMETHEUS, then PATH
     verbose: bool = False  # the operator's log on stderr
+    # "auto": a real control plane (trilemma.simfleet.cluster) when its binaries are built,
+    # else KMock; "real" or "kmock" to insist on one.
+    control_plane: str = "auto"
 
 
 # ---- the spec and the traffic ----------------------------------------------------------------
@@ -107,7 +111,10 @@ class DemoOptions:
 def pool_manifest() -> Obj:
     return {"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
             "metadata": {"name": POOL},
-            "spec": {"gpus": [{"gpu": "h100_sxm", "count": 8}]}}
+            # Tolerates the taint GPU nodes carry (the real control plane's fake nodes do).
+            "spec": {"gpus": [{"gpu": "h100_sxm", "count": 8, "gpusPerNode": 8,
+                               "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                "effect": "NoSchedule"}]}]}}
 
 
 def endpoint_manifest(prometheus_url: str) -> Obj:
@@ -357,8 +364,13 @@ def _unix(stamp: str) -> float:
 class _Demo:
     """One run: the state the watcher keeps between polls, and the steps."""
 
-    def __init__(self, options: DemoOptions, timeline: Timeline, api: Any) -> None:
+    def __init__(self, options: DemoOptions, timeline: Timeline, api: Any, *,
+                 controllers: bool = False) -> None:
         self.options = options
+        # True on a real control plane: its Deployment controller and kwok bring Deployments
+        # up; the demo only reports it. False on KMock, where the demo plays that part.
+        self.controllers = controllers
+        self.available: set[str] = set()
         self.timeline = timeline
         self.api = api
         self.result = DemoResult(shift=options.shift)
@@ -502,6 +514,9 @@ class _Demo:
         for name, dep in sorted(live.items()):
             replicas = dep["spec"].get("replicas", 1)
             have = (dep.get("status") or {}).get("availableReplicas")
+            if self.controllers:
+                self._report_available(name, replicas, have)
+                continue
             if have == replicas:
                 continue
             # New, or scaled in place: either way no controller will bring it up here.
@@ -514,6 +529,21 @@ class _Demo:
                    "Deployment controller and the kubelet)")
             self.explained_marking = True
             self.timeline.add("kubelet", f"Deployment {name} marked available{scaled}{why}")
+
+    def _report_available(self, name: str, replicas: int, have: int | None) -> None:
+        if have != replicas:
+            self.available.discard(name)
+            return
+        if name in self.available:
+            return
+        self.available.add(name)
+        pods = self.api.list("v1", "Pod", NAMESPACE)
+        nodes = sorted({p["spec"].get("nodeName") or "?" for p in pods
+                        if p["metadata"]["name"].startswith(f"{name}-")})
+        self.timeline.add("kubelet", f"Deployment {name} available ({replicas} replica(s)): "
+                                     f"kube-scheduler placed its pods on {', '.join(nodes)}, "
+                                     f"kwok marked them Ready, the Deployment controller "
+                                     f"counted them")
 
     def _watch_rollout(self, st: Obj) -> None:
         rollout = st.get("rollout") or {}
@@ -569,8 +599,10 @@ class _Demo:
 
     def has_shift_window(self) -> bool:
         assert self.shift_start is not None
+        # Only observations with figures: a check whose query failed (a busy machine can time
+        # one out) writes an observedWorkload without a rate, which no estimate can use.
         return any(t - WINDOW_S >= self.shift_start + WINDOW_MARGIN_S
-                   for t, _ in self.observations)
+                   for t, o in self.observations if o.get("rateRps") is not None)
 
     def pending(self) -> str:
         """The first step of the story after the shift that has not happened yet: what a run
@@ -725,7 +757,20 @@ async def _run(options: DemoOptions, timeline: Timeline, binary: str | None,
         declare_resources,
         write_kubeconfig,
     )
+    from trilemma.simfleet.cluster import find_kube_bin
 
+    bin_dir = find_kube_bin() if options.control_plane != "kmock" else None
+    if bin_dir is not None:
+        from trilemma.operator.demo_cluster import run_on_cluster
+
+        return await run_on_cluster(options, timeline, binary, tmp, bin_dir)
+    if options.control_plane == "real":
+        from trilemma.simfleet.cluster import INSTALL_HINT as KUBE_HINT
+
+        result = DemoResult(shift=options.shift, exit_code=EXIT_NO_ROLLOUT,
+                            message=f"no Kubernetes control-plane binaries: {KUBE_HINT}")
+        timeline.add("stop", result.message)
+        return result
     timeline.say("trilemma demo: the closed loop on this machine - an emulated Kubernetes API "
                  "(KMock), the operator in-process, a simulated vLLM fleet and a real "
                  "Prometheus, all on loopback")
@@ -964,6 +1009,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the headroom: the loop re-plans and keeps it)")
     p.add_argument("--seed", type=int, default=DemoOptions.seed,
                    help="seed of the traffic and the simulated servers")
+    p.add_argument("--control-plane", choices=CONTROL_PLANES, default="auto",
+                   help="real: kube-apiserver, controllers, scheduler and kwok GPU nodes "
+                        "(bash .ci/install-kube builds them); kmock: the emulated API; auto "
+                        "(default): real when built")
     p.add_argument("--json", action="store_true",
                    help="print one JSON document (timeline, plans, figures) instead")
     p.add_argument("--verbose", action="store_true", help="the operator's log on stderr")
@@ -971,7 +1020,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = DemoOptions(steady_s=args.steady_s, shift_s=args.shift_s, shift=args.shift,
-                          seed=args.seed, verbose=args.verbose)
+                          seed=args.seed, verbose=args.verbose,
+                          control_plane=args.control_plane)
     out = None if args.json else sys.stdout
     try:
         result = asyncio.run(run_demo(options, out=out))

@@ -17,6 +17,7 @@ Everything lives in one temporary folder; `stop` ends every process it started.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -27,6 +28,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +45,10 @@ BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler
 INSTALL_HINT = "run `bash .ci/install-kube` (needs Go >= 1.24), or set TRILEMMA_KUBE_BIN"
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
+# Resource names of the kinds ClusterApi reads and writes.
+PLURALS = {"OptimizedEndpoint": "optimizedendpoints", "HardwarePool": "hardwarepools",
+           "Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps",
+           "Namespace": "namespaces", "Event": "events", "Pod": "pods"}
 # The annotation kwok selects the nodes it manages by (kwok's own convention).
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 
@@ -395,3 +401,52 @@ def _die_with_parent() -> None:
 def local_cluster(nodes: Sequence[NodeGroup] = DEFAULT_NODES) -> Iterator[LocalCluster]:
     with LocalCluster(nodes=nodes) as cluster:
         yield cluster
+
+
+class ClusterApi:
+    """A real cluster seen through the calls the demo makes of the emulator's `Api`: sync
+    reads (get, list) over HTTPS with the admin certificate, cheap enough to poll from the
+    event loop, and async writes (create, merge-patch) through kubectl in a thread."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self._context = cluster._ssl()
+
+    def _url(self, api_version: str, kind: str, namespace: str | None, name: str = "") -> str:
+        prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        scope = f"/namespaces/{namespace}" if namespace else ""
+        return (f"{self.cluster.server}{prefix}{scope}/{PLURALS[kind]}"
+                + (f"/{name}" if name else ""))
+
+    def _read(self, url: str) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(url, context=self._context, timeout=10) as resp:
+                return dict(json.loads(resp.read()))
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise
+
+    def get(self, api_version: str, kind: str, namespace: str | None,
+            name: str) -> dict[str, Any] | None:
+        return self._read(self._url(api_version, kind, namespace, name))
+
+    def list(self, api_version: str, kind: str,
+             namespace: str | None = None) -> list[dict[str, Any]]:
+        found = self._read(self._url(api_version, kind, namespace)) or {}
+        return sorted(found.get("items") or [], key=lambda o: o["metadata"]["name"])
+
+    async def create(self, obj: dict[str, Any]) -> None:
+        # The server assigns uid and generation; an emulator's caller may have set them.
+        meta = {k: v for k, v in obj["metadata"].items() if k not in ("uid", "generation")}
+        await asyncio.to_thread(self.cluster.kubectl, "create", "-f", "-",
+                                input=json.dumps({**obj, "metadata": meta}))
+
+    async def patch(self, api_version: str, kind: str, namespace: str | None, name: str,
+                    patch: dict[str, Any]) -> None:
+        args = ["patch", f"{PLURALS[kind]}.{api_version.split('/')[0]}"
+                if "/" in api_version else PLURALS[kind], name, "--type=merge",
+                "-p", json.dumps(patch)]
+        if namespace:
+            args += ["-n", namespace]
+        await asyncio.to_thread(self.cluster.kubectl, *args)

@@ -14,11 +14,20 @@ detection delay is a figure the demo prints, not a bound asserted here.
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 
 from tests.tools import require_tool
 from trilemma.operator import demo
+from trilemma.simfleet.cluster import INSTALL_HINT, find_kube_bin
+
+
+def require_kube() -> None:
+    message = f"no Kubernetes control-plane binaries: {INSTALL_HINT}"
+    if os.environ.get("TRILEMMA_REQUIRE_TOOLS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +36,16 @@ pytestmark = pytest.mark.slow
 SHIFT_DEADLINE_S = 300
 
 
-async def test_demo_follows_a_prompt_shift_and_leaves_steady_traffic_alone():
+@pytest.mark.parametrize("plane", ["real", "kmock"])
+async def test_demo_follows_a_prompt_shift_and_leaves_steady_traffic_alone(plane):
+    """On the real control plane (its controllers bring the Deployments up) and on KMock (the
+    demo plays the Deployment controller)."""
     binary = require_tool("prometheus")  # skip (or fail in CI) before planning anything
+    if plane == "real" and find_kube_bin() is None:
+        require_kube()
     out = io.StringIO()
     result = await demo.run_demo(demo.DemoOptions(steady_s=35, shift_s=SHIFT_DEADLINE_S,
-                                                  prometheus=binary),
+                                                  prometheus=binary, control_plane=plane),
                                  out=out)
     print(out.getvalue())
     print("\n".join(demo.summary_lines(result)))
@@ -61,7 +75,7 @@ async def test_demo_follows_a_prompt_shift_and_leaves_steady_traffic_alone():
 async def test_demo_without_prometheus_plans_then_says_how_to_install_it(monkeypatch):
     monkeypatch.setenv("PROMETHEUS", "/nonexistent/prometheus")
     out = io.StringIO()
-    result = await demo.run_demo(demo.DemoOptions(), out=out)
+    result = await demo.run_demo(demo.DemoOptions(control_plane="kmock"), out=out)
     assert result.exit_code == demo.EXIT_NO_PROMETHEUS
     assert result.plan["summary"] and result.plan["costPerHour"] > 0
     assert "apt-get install prometheus" in result.message
