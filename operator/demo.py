@@ -894,7 +894,9 @@ async def _traffic(demo: _Demo, urls: list[str], model: str) -> None:
                                    f"shift, waiting for {demo.pending()}")
             demo.timeline.add("stop", demo.result.message)
         stop.set()
-        demo.load_end = time.time()
+        # Observations seen so far belong to the traffic, even one whose whole-second stamp
+        # lies a fraction past this moment: settled() may have counted it.
+        demo.load_end = max([time.time()] + [t for t, _ in demo.observations])
         report = await load
     finally:
         if not load.done():

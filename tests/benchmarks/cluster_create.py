@@ -29,11 +29,10 @@ from typing import Any
 from kubernetes_asyncio import client, config, watch
 
 from tests.benchmarks.operator_create import SPEC as KMOCK_SPEC
-from tests.benchmarks.operator_create import _cpu_s, _quantile, _rss_mib
+from tests.benchmarks.operator_create import _cpu_s, _quantile, _rss_mib, _wait_live, real_plan
 from tests.support.cluster import OPERATOR_NS, install_operator
 from tests.tools import find_tool
-from trilemma.optimizer.search import SearchSettings, ServingConfig, plan
-from trilemma.optimizer.spec import parse_spec
+from trilemma.optimizer.search import ServingConfig
 from trilemma.simfleet.cluster import LocalCluster, NodeGroup
 from trilemma.simfleet.prometheus_server import free_port
 
@@ -43,30 +42,6 @@ GROUP, VERSION = "trilemma.dev", "v1alpha1"
 # The KMock benchmark's endpoint at its cheapest (one GPU each), so that every endpoint's pods
 # fit on the fake nodes and become Ready.
 SPEC: dict[str, Any] = {**KMOCK_SPEC, "objective": "min_cost"}
-
-
-def real_plan(gpus: int) -> tuple[dict[str, Any], float]:
-    request = parse_spec({k: v for k, v in SPEC.items() if k != "engine"} | {
-        "hardware": {"gpus": [{"gpu": "h100_sxm", "count": gpus}]},
-        "bounds": {"allowDisaggregation": False, "engines": ["vllm"]}})
-    start = time.perf_counter()
-    result = plan(request, settings=SearchSettings(workers=1)).to_dict()
-    return result, time.perf_counter() - start
-
-
-async def _wait_live(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    import urllib.request
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the operator exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                return
-        except OSError:
-            await asyncio.sleep(0.2)
-    raise RuntimeError("the operator did not become live")
 
 
 class Seen:
@@ -119,7 +94,7 @@ async def run(endpoints: int, timeout: float) -> dict[str, Any]:
     helm = find_tool("helm")
     if helm is None:
         raise SystemExit("helm not found: run .ci/fetch-helm")
-    plan_dict, search_s = real_plan(GPUS_PER_NODE)
+    plan_dict, search_s = real_plan(SPEC, GPUS_PER_NODE)
     gpus = ServingConfig.from_dict(plan_dict["recommended"]["config"]).gpus
     nodes = [NodeGroup("h100", -(-endpoints * gpus // GPUS_PER_NODE) + 1, GPUS_PER_NODE)]
     with tempfile.TemporaryDirectory() as tmp, LocalCluster(nodes=nodes) as cluster:

@@ -68,9 +68,11 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def real_plan() -> tuple[dict[str, Any], float]:
-    request = parse_spec({k: v for k, v in SPEC.items() if k != "engine"} | {
-        "hardware": {"gpus": [{"gpu": "h100_sxm", "count": GPUS}]},
+def real_plan(spec: dict[str, Any] | None = None,
+              gpus: int = GPUS) -> tuple[dict[str, Any], float]:
+    """The real search's plan for `spec` (SPEC) on `gpus` H100s, and how long it took."""
+    request = parse_spec({k: v for k, v in (spec or SPEC).items() if k != "engine"} | {
+        "hardware": {"gpus": [{"gpu": "h100_sxm", "count": gpus}]},
         "bounds": {"allowDisaggregation": False, "engines": ["vllm"]}})
     start = time.perf_counter()
     result = plan(request, settings=SearchSettings(workers=1)).to_dict()

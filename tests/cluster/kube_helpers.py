@@ -20,6 +20,19 @@ EXAMPLES = ROOT / "examples" / "operator"
 NO_PROMETHEUS = "http://127.0.0.1:9"
 
 
+def h100_pool(name: str, *, count: int = 16, product: str | None = "NVIDIA-H100-80GB-HBM3",
+              gpu: str = "h100_sxm") -> dict[str, Any]:
+    """A HardwarePool of `gpu`s on the fake nodes labelled `product` (None: any node), tolerating
+    the GPU nodes' taint."""
+    entry: dict[str, Any] = {"gpu": gpu, "count": count, "gpusPerNode": 8,
+                             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                              "effect": "NoSchedule"}]}
+    if product:
+        entry["nodeSelector"] = {"nvidia.com/gpu.product": product}
+    return {"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
+            "metadata": {"name": name}, "spec": {"gpus": [entry]}}
+
+
 def load_examples(*names: str) -> list[dict[str, Any]]:
     docs = []
     for name in names:

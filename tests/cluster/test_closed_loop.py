@@ -22,6 +22,7 @@ from tests.cluster.kube_helpers import (
     NO_PROMETHEUS,
     deployments,
     endpoint_ips,
+    h100_pool,
     phase_is,
     pod_ips,
     status,
@@ -30,7 +31,7 @@ from tests.cluster.kube_helpers import (
 from tests.support.cluster import OperatorProcess
 from tests.support.prometheus import PrometheusServer, ScrapeJob, prometheus_binary
 from trilemma.optimizer.search import ServingConfig
-from trilemma.simfleet.cluster import GPU_TAINT, LocalCluster
+from trilemma.simfleet.cluster import LocalCluster
 from trilemma.simfleet.fleet import SimFleet
 from trilemma.simfleet.loadgen import Phase, run_load
 
@@ -41,12 +42,7 @@ DEADLINE_S = 300  # each wait returns as soon as its step happens; this is only 
 MODEL = "meta-llama/Llama-3.1-70B"
 STEADY = dict(rate=2.0, prompt_mean=1000.0, prompt_p90=2000.0, output_mean=200.0,
               output_p90=400.0)
-POOL = {"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
-        "metadata": {"name": "loop-pool"},
-        "spec": {"gpus": [{"gpu": "h100_sxm", "count": 16, "gpusPerNode": 8,
-                           "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-                           "tolerations": [{"key": GPU_TAINT["key"], "operator": "Exists",
-                                            "effect": "NoSchedule"}]}]}}
+POOL = h100_pool("loop-pool")
 
 
 def _endpoint(ns: str) -> dict[str, Any]:

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.kube_helpers import NO_PROMETHEUS, deployments, endpoint, phase_is, wait_for
+from tests.cluster.kube_helpers import (
+    NO_PROMETHEUS,
+    deployments,
+    endpoint,
+    h100_pool,
+    phase_is,
+    wait_for,
+)
 from tests.support.cluster import OperatorProcess, render_chart
 from tests.tools import require_tool
 from trilemma.simfleet.cluster import LocalCluster
@@ -55,12 +62,7 @@ def _acted(proc: OperatorProcess, namespace: str) -> bool:
 def test_one_replica_acts_and_concurrent_writers_converge(
         cluster: LocalCluster, replicas: list[OperatorProcess], namespace: str) -> None:
     ns = namespace
-    cluster.apply([{"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
-                    "metadata": {"name": "replica-pool"},
-                    "spec": {"gpus": [{"gpu": "h100_sxm", "count": 16, "gpusPerNode": 8,
-                                       "tolerations": [{"key": "nvidia.com/gpu",
-                                                        "operator": "Exists",
-                                                        "effect": "NoSchedule"}]}]}}])
+    cluster.apply([h100_pool("replica-pool", product=None)])
     body = {"apiVersion": "trilemma.dev/v1alpha1", "kind": "OptimizedEndpoint",
             "metadata": {"name": "chat", "namespace": ns},
             "spec": {"model": {"id": "meta-llama/Llama-3.1-8B-Instruct"},

@@ -19,30 +19,20 @@ from tests.cluster.kube_helpers import (
     NO_PROMETHEUS,
     deployments,
     endpoint_ips,
+    h100_pool,
     phase_is,
     pod_ips,
     status,
     wait_for,
 )
 from tests.support.cluster import OPERATOR_NS, OperatorProcess
-from trilemma.simfleet.cluster import GPU_TAINT, LocalCluster
+from trilemma.simfleet.cluster import LocalCluster
 
 # A pool whose GPUs no node has: its configurations schedule nowhere and never become Available.
 # (Another GPU type, so that the plan's configuration hash changes: the hash covers the serving
 # configuration, not the pool's node selector.)
-GHOST_POOL = {"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
-              "metadata": {"name": "ghost-pool"},
-              "spec": {"gpus": [{"gpu": "b200_sxm", "count": 8, "gpusPerNode": 8,
-                                 "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-B200"},
-                                 "tolerations": [{"key": GPU_TAINT["key"],
-                                                  "operator": "Exists",
-                                                  "effect": "NoSchedule"}]}]}}
-POOL = {"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
-        "metadata": {"name": "h100-pool"},
-        "spec": {"gpus": [{"gpu": "h100_sxm", "count": 16, "gpusPerNode": 8,
-                           "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-                           "tolerations": [{"key": GPU_TAINT["key"], "operator": "Exists",
-                                            "effect": "NoSchedule"}]}]}}
+GHOST_POOL = h100_pool("ghost-pool", count=8, gpu="b200_sxm", product="NVIDIA-B200")
+POOL = h100_pool("h100-pool")
 
 
 def chat(namespace: str) -> dict[str, Any]:
