@@ -57,3 +57,12 @@ def namespace(cluster: LocalCluster, operator_kubeconfig: Path) -> Iterator[str]
         "name": name, "labels": {"pod-security.kubernetes.io/enforce": "baseline"}}}])
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every cluster test is a scenario test (seconds each, asynchronous work, deadlines): slow,
+    so `.ci/stress-slow` runs them under load too."""
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.slow)
