@@ -131,6 +131,13 @@ async def run(endpoints: int, timeout: float) -> dict[str, Any]:
         requests = {e["auditID"]: e for e in cluster.audit()
                     if e["user"]["username"].startswith(user)}
         result["operator_requests_per_endpoint"] = len(requests) / endpoints
+        kinds: dict[str, int] = {}
+        for e in requests.values():
+            ref = e.get("objectRef") or {}
+            key = f"{e['verb']} {ref.get('resource', '?')}" + (
+                f"/{ref['subresource']}" if ref.get("subresource") else "")
+            kinds[key] = kinds.get(key, 0) + 1
+        result["operator_requests"] = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
         result["search_s_excluded"] = search_s
         return result
 
@@ -216,7 +223,9 @@ def report(r: dict[str, Any]) -> str:
         f"{r['rss_after_mib']:.0f} MiB after; operator CPU "
         f"{r['operator_cpu_ms_per_endpoint']:.0f} ms per endpoint",
         f"  operator API requests per endpoint: {r['operator_requests_per_endpoint']:.1f} "
-        "(the API server's audit log; watches count once)",
+        "(the API server's audit log; watches count once): "
+        + ", ".join(f"{k} {v / r['endpoints']:.1f}" for k, v in r["operator_requests"].items()
+                    if v >= r["endpoints"] / 2),
         f"  (excluded: one real search for this spec takes {r['search_s_excluded']:.1f} s)"]
     return "\n".join(lines)
 

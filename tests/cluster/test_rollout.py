@@ -159,3 +159,26 @@ def _assert_status_writes_read_back(cluster: LocalCluster) -> None:
             if _at(stored, path) != value:
                 dropped.add(".".join(("status", *path)))
     assert not dropped, f"written but not kept by the API server: {sorted(dropped)}"
+
+
+def test_a_restart_in_the_middle_of_a_search_plans_once_and_deploys_once(
+        cluster: LocalCluster, operator: OperatorProcess, namespace: str) -> None:
+    """SIGKILL while the first search runs: the next operator searches again (nothing was
+    stored), deploys one configuration, and holds its GPUs once."""
+    ns = namespace
+    cluster.apply([POOL])
+    body = chat(ns)
+    body["spec"]["model"] = {"id": "meta-llama/Llama-3.1-70B"}  # a search of a few seconds
+    cluster.apply([body])
+    wait_for(lambda: endpoint_exists(cluster, ns), "the endpoint stored", timeout_s=30)
+    operator.stop(kill=True)
+    assert deployments(cluster, ns, "chat") == []  # killed before it deployed anything
+    operator.start()
+    st = phase_is(cluster, ns, "chat", "Ready", timeout_s=240)
+    deps = deployments(cluster, ns, "chat")
+    assert [d["metadata"]["name"] for d in deps] == [f"chat-{st['activeConfiguration']['hash']}"]
+    assert st["allocatedGpus"] == {"h100_sxm": st["activeConfiguration"]["gpus"]}
+
+
+def endpoint_exists(cluster: LocalCluster, ns: str) -> bool:
+    return cluster.kubectl("get", "oe", "chat", "-n", ns, check=False).returncode == 0
