@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,11 @@ from trilemma.simfleet.prometheus_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NS = "trilemma-system"
+# RBAC refusals: Kopf's own calls quote the server (`... is forbidden: User "..." cannot ...`),
+# the operator's client says `HTTP 403` (operator/kube.py); bodies the server rejects: 422.
+# (Not a bare "422": log lines carry milliseconds.)
+_REFUSED = re.compile(r"forbidden: User .* cannot |HTTP 403\b|HTTP 422\b|status=422\b|"
+                      r"'code': 422\b|Unprocessable")
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
@@ -122,12 +128,8 @@ class OperatorProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def problems(self) -> list[str]:
-        """Log lines that say RBAC refused a call (`... is forbidden: User "..." cannot ...`
-        from Kopf, `HTTP 403` from the operator's client) or the server rejected a body (422).
+        """Log lines that say RBAC refused a call or the server rejected a body (_REFUSED).
         Not Kopf's every 403: an Event posted into a namespace being deleted is refused with
         403 too, and that is the namespace's doing."""
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return [line for line in text.splitlines()
-                if ("forbidden: User" in line and "cannot" in line)  # Kopf's own calls
-                or "HTTP 403" in line  # the operator's (operator/kube.py KubeError)
-                or "422" in line or "Unprocessable" in line]
+        return [line for line in text.splitlines() if _REFUSED.search(line)]
