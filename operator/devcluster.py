@@ -32,8 +32,7 @@ def install_crds(cluster: LocalCluster) -> None:
     docs = crd_documents()
     cluster.apply(docs)
     for doc in docs:
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                        f"crd/{doc['metadata']['name']}", check=False)
+        cluster.wait_established(doc["metadata"]["name"])
 
 
 def _up(args: argparse.Namespace) -> int:

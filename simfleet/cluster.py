@@ -280,6 +280,16 @@ class LocalCluster:
             args[1:1] = ["-n", namespace]
         return json.loads(self.kubectl(*args).stdout)
 
+    def wait_established(self, crd: str, timeout_s: float = 60.0) -> None:
+        """Until the CRD is served. (`kubectl wait` fails outright while a new CRD has no
+        conditions yet, so this polls.)"""
+        def established() -> bool:
+            found = self.get("crd", crd)
+            return any(c["type"] == "Established" and c["status"] == "True"
+                       for c in found.get("status", {}).get("conditions") or [])
+
+        self._poll(time.monotonic() + timeout_s, f"CRD {crd} Established", established)
+
     def service_account_kubeconfig(self, namespace: str, name: str,
                                    duration: str = "24h") -> Path:
         """A kubeconfig that authenticates as ServiceAccount namespace/name (a bound token from

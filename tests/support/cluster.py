@@ -45,27 +45,13 @@ def install_operator(cluster: LocalCluster, helm: str) -> Path:
     """CRDs and the chart's RBAC; returns a kubeconfig with the operator's ServiceAccount."""
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
     for crd in ("optimizedendpoints.trilemma.dev", "hardwarepools.trilemma.dev"):
-        _wait_established(cluster, crd)
+        cluster.wait_established(crd)
     cluster.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}}])
     rbac = [d for d in render_chart(helm) if d["kind"] in RBAC_KINDS]
     assert {d["kind"] for d in rbac} >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
     cluster.apply(rbac)
     account = next(d for d in rbac if d["kind"] == "ServiceAccount")["metadata"]["name"]
     return cluster.service_account_kubeconfig(OPERATOR_NS, account)
-
-
-def _wait_established(cluster: LocalCluster, crd: str, timeout_s: float = 60.0) -> None:
-    """`kubectl wait` fails outright while a new CRD has no conditions yet: poll instead."""
-    end = time.monotonic() + timeout_s
-    while True:
-        found = cluster.get("crd", crd)
-        conditions = {c["type"]: c["status"] for c in found.get("status", {}).get(
-            "conditions") or []}
-        if conditions.get("Established") == "True":
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"CRD {crd} not Established: {conditions}")
-        time.sleep(0.2)
 
 
 class OperatorProcess:
