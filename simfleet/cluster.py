@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,12 +405,6 @@ def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-@contextlib.contextmanager
-def local_cluster(nodes: Sequence[NodeGroup] = DEFAULT_NODES) -> Iterator[LocalCluster]:
-    with LocalCluster(nodes=nodes) as cluster:
-        yield cluster
 
 
 class ClusterApi:
