@@ -2,7 +2,9 @@
 
 Each child carries the hash of the object the operator last applied (an annotation). Same
 hash: nothing is sent, however the API server filled in defaults. Different hash: one merge
-patch carries the whole desired state, so a Deployment never holds half a change.
+patch carries the whole desired state, so a Deployment never holds half a change. An object of
+the child's name that is not the endpoint's child (a user's Service, another endpoint's) is
+never patched or adopted: `apply` raises NotOwned and the reconciler reports the conflict.
 """
 
 from __future__ import annotations
@@ -20,6 +22,33 @@ ANNOTATION_APPLIED = f"{naming.GROUP}/applied-hash"
 # Maps the operator owns outright: keys it dropped must go from the live object too (a merge
 # patch would otherwise keep them). Everything else is merged, leaving other writers' keys.
 _OWNED_MAPS = (("spec", "template", "spec", "nodeSelector"), ("spec", "selector"), ("data",))
+
+
+class NotOwned(Exception):
+    """A live object has the child's name but is not this endpoint's child: a user's object
+    (or another endpoint's) that the operator must neither change nor adopt."""
+
+    def __init__(self, ref: Ref, why: str) -> None:
+        self.ref = ref
+        self.why = why
+        super().__init__(f"{ref} exists and {why}")
+
+
+def ownership_problem(live: Obj, desired: Obj) -> str | None:
+    """Why `live` is not the child `desired` describes (None: it is). A child carries the
+    operator's managed-by label and a controller reference to the endpoint's uid."""
+    meta = live.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get("app.kubernetes.io/managed-by") != naming.MANAGED_BY:
+        return "is not managed by trilemma (no app.kubernetes.io/managed-by: trilemma label)"
+    owner = next((r for r in desired["metadata"].get("ownerReferences") or []
+                  if r.get("controller")), None)
+    if owner is None:
+        return None
+    refs = meta.get("ownerReferences") or []
+    if not any(r.get("uid") == owner["uid"] and r.get("controller") for r in refs):
+        return f"is not owned by {owner['kind']} {owner['name']} (uid {owner['uid']})"
+    return None
 
 
 class Applied(Enum):
@@ -86,6 +115,9 @@ async def apply(kube: Kube, desired: Obj, *, current: Obj | None = _UNKNOWN) -> 
     if current is None:
         await kube.create(obj)
         return Applied.CREATED
+    problem = ownership_problem(current, obj)
+    if problem is not None:
+        raise NotOwned(ref, problem)
     live = (current.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_APPLIED)
     if live == obj["metadata"]["annotations"][ANNOTATION_APPLIED]:
         return Applied.UNCHANGED

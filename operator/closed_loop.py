@@ -14,6 +14,7 @@ import asyncio
 import base64
 import functools
 import json
+import re
 import time
 from typing import Any
 
@@ -41,38 +42,75 @@ CALIBRATION_REQUESTS = 300
 
 def selector(ep: Endpoint, spec: OptimizedEndpointSpec) -> dict[str, str]:
     """The endpoint's series: the PodMonitor copies the pods' endpoint label onto them
-    (podTargetLabels), and Prometheus adds the namespace; the spec may add matchers."""
-    return {"namespace": ep.namespace, "trilemma_dev_endpoint": ep.name,
-            **spec.prometheus.label_selector}
+    (podTargetLabels), and Prometheus adds the namespace. The spec's matchers narrow them
+    (ANDed), never replace them: the operator's own keys are written last, and the spec's
+    schema refuses those keys anyway."""
+    return {**spec.prometheus.label_selector, "namespace": ep.namespace,
+            "trilemma_dev_endpoint": ep.name}
+
+
+# A bearer token goes into an HTTP header: visible ASCII only (no CR/LF to inject headers),
+# and a bound on its size.
+_TOKEN = re.compile(r"^[\x21-\x7e]{1,8192}$")
 
 
 async def _token(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec) -> str | None:
+    """The bearer token the spec names, read only from a Secret of the endpoint's own namespace
+    whose name the operator's configuration (the chart, the platform team) allows."""
     ref = spec.prometheus.auth_secret
     if ref is None:
         return None
+    if ref.name not in rt.config.prometheus_secret_names:
+        allowed = ", ".join(rt.config.prometheus_secret_names) or "none"
+        raise InputError("prometheus.authSecret.name", ref.name,
+                         "the operator reads only the Secrets the platform team allows "
+                         f"(chart value prometheus.authSecretNames: {allowed})")
     secret = await rt.kube.get(Ref("v1", "Secret", ep.namespace, ref.name))
     data = (secret or {}).get("data") or {}
     if ref.key not in data:
         raise InputError("prometheus.authSecret", f"{ref.name}/{ref.key}",
                          "no such Secret key in the endpoint's namespace")
-    return base64.b64decode(data[ref.key]).decode().strip()
+    try:
+        token = base64.b64decode(data[ref.key], validate=True).decode("ascii").strip()
+    except (ValueError, UnicodeDecodeError):
+        token = ""
+    if not _TOKEN.match(token):
+        # Never the value itself: it is a credential.
+        raise InputError("prometheus.authSecret", f"{ref.name}/{ref.key}",
+                         "not a bearer token: 1-8192 visible ASCII characters, no spaces or "
+                         "line breaks")
+    return token
+
+
+def prometheus_url(rt: Runtime, spec: OptimizedEndpointSpec) -> str | None:
+    """Where to query: the operator's URL, or one the spec names from the platform team's
+    allow-list. InputError for any other: a spec must not send the operator (and a bearer
+    token) to an address of its choosing."""
+    if spec.prometheus.url is None:
+        return rt.config.prometheus_url
+    if not rt.config.allows_prometheus_url(spec.prometheus.url):
+        raise InputError("prometheus.url", spec.prometheus.url,
+                         "not a Prometheus the operator may query; the platform team allows "
+                         "URLs with the chart values prometheus.url and "
+                         "prometheus.allowedUrls")
+    return spec.prometheus.url
 
 
 async def observe(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
                   engine: str) -> ObservedWorkload | None:
     """The traffic over the retune window, or None (and the condition says why) when there
     is no Prometheus to ask."""
-    url = spec.prometheus.url or rt.config.prometheus_url
-    if not url:
-        ep.condition(ConditionType.METRICS_AVAILABLE, False, MetricsReason.MISSING.value,
-                     "no Prometheus URL: set spec.prometheus.url or the operator's "
-                     "TRILEMMA_PROMETHEUS_URL")
-        return None
     try:
-        token = await _token(rt, ep, spec)
+        url = prometheus_url(rt, spec)
+        token = await _token(rt, ep, spec) if url else None
     except InputError as err:
         ep.condition(ConditionType.METRICS_AVAILABLE, False,
                      MetricsReason.PROMETHEUS_ERROR.value, f"{err.field}={err.value!r}: {err.why}")
+        return None
+    if not url:
+        ep.condition(ConditionType.METRICS_AVAILABLE, False, MetricsReason.MISSING.value,
+                     "no Prometheus URL: the operator's TRILEMMA_PROMETHEUS_URL (chart value "
+                     "prometheus.url) is not set")
         return None
     async with PrometheusClient(url, token=token, timeout_s=PROMETHEUS_TIMEOUT_S) as client:
         observed = await estimate_workload(client, engine=engine, selector=selector(ep, spec),

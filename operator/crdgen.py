@@ -49,7 +49,7 @@ _INT_OR_STRING_ANY_OF = [{"type": "integer"}, {"type": "string"}]
 _KEY_ORDER = (
     "type", "description", INT_OR_STRING, "anyOf", "enum", "default",
     "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum",
-    "minLength", "maxLength", "pattern", "minItems", "maxItems",
+    "minLength", "maxLength", "pattern", "minItems", "maxItems", "maxProperties",
     "required", PRESERVE_UNKNOWN, VALIDATIONS, "items", "additionalProperties", "properties",
 )
 # pydantic noise in a CRD: class-name titles, and the discriminator flattening replaces.

@@ -4,7 +4,9 @@ Run with `kopf run --module trilemma.operator.handlers` (the image's command). I
 module registers the handlers in Kopf's default registry; `register(registry)` does the same
 for another registry (tests run several operators in one process).
 
-Environment: TRILEMMA_PROMETHEUS_URL, TRILEMMA_MAX_CONCURRENT_OPTIMIZATIONS (2),
+Environment: TRILEMMA_PROMETHEUS_URL, TRILEMMA_PROMETHEUS_ALLOWED_URLS and
+TRILEMMA_PROMETHEUS_SECRET_NAMES (comma-separated; what endpoint specs may name),
+TRILEMMA_MAX_CONCURRENT_OPTIMIZATIONS (2),
 TRILEMMA_CACHE_DIR (/tmp/trilemma), TRILEMMA_METRICS_PORT (9090; 0 turns the server off),
 TRILEMMA_RESYNC_SECONDS (15: how often rollouts and readiness are re-checked).
 """
@@ -33,12 +35,19 @@ POOLS = (naming.GROUP, naming.VERSION, "hardwarepools")
 MANAGED = {"app.kubernetes.io/managed-by": naming.MANAGED_BY}
 
 
+def _names(variable: str) -> tuple[str, ...]:
+    """A comma-separated environment variable as a tuple (empty entries dropped)."""
+    return tuple(n.strip() for n in os.environ.get(variable, "").split(",") if n.strip())
+
+
 def config_from_env() -> OperatorConfig:
     return OperatorConfig(
         prometheus_url=os.environ.get("TRILEMMA_PROMETHEUS_URL") or None,
         max_concurrent_optimizations=int(
             os.environ.get("TRILEMMA_MAX_CONCURRENT_OPTIMIZATIONS", "2")),
-        cache_dir=os.environ.get("TRILEMMA_CACHE_DIR", "/tmp/trilemma"))
+        cache_dir=os.environ.get("TRILEMMA_CACHE_DIR", "/tmp/trilemma"),
+        prometheus_urls=_names("TRILEMMA_PROMETHEUS_ALLOWED_URLS"),
+        prometheus_secret_names=_names("TRILEMMA_PROMETHEUS_SECRET_NAMES"))
 
 
 def resync_seconds() -> float:
@@ -64,15 +73,28 @@ def _runtime(memo: Any) -> Runtime:
     return rt
 
 
-async def _guarded(coro: Any, what: str) -> None:
-    """Transient API trouble -> Kopf retries soon; anything else -> retried later, logged,
-    never a crash of the operator."""
+# Backoff of a failure reported in status that may clear by itself (an API refusal, a
+# conflicting object): 30 s, doubling per retry, at most an hour.
+BACKOFF_FIRST_S = 30.0
+BACKOFF_MAX_S = 3600.0
+
+
+def backoff_s(retry: int) -> float:
+    return min(BACKOFF_FIRST_S * 2 ** min(retry, 16), BACKOFF_MAX_S)
+
+
+async def _guarded(coro: Any, what: str, retry: int = 0) -> None:
+    """Transient API trouble -> Kopf retries soon; a failure already reported in status ->
+    retried with exponential backoff; anything else -> retried later, logged, never a crash
+    of the operator."""
     try:
         await coro
+    except reconcile.RetryLater as err:
+        raise kopf.TemporaryError(f"{what}: {err}", delay=backoff_s(retry)) from err
     except KubeError as err:
         if reconcile.is_transient(err):
             raise kopf.TemporaryError(f"{what}: {err}", delay=5) from err
-        raise kopf.TemporaryError(f"{what}: {err}", delay=60) from err
+        raise kopf.TemporaryError(f"{what}: {err}", delay=backoff_s(retry)) from err
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
@@ -123,23 +145,27 @@ def register(registry: kopf.OperatorRegistry) -> None:
         rt = getattr(memo, "runtime", None)
         return rt.optimizer.in_flight if rt is not None else 0
 
-    async def _reconcile(body: kopf.Body, memo: kopf.Memo, *, force: bool) -> None:
+    async def _reconcile(body: kopf.Body, memo: kopf.Memo, *, force: bool,
+                         retry: int) -> None:
         await _guarded(reconcile.reconcile(_runtime(memo), copy.deepcopy(dict(body)),
-                                           force=force), "reconcile")
+                                           force=force), "reconcile", retry)
 
     @kopf.on.create(*ENDPOINTS, registry=registry)
-    async def endpoint_created(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await _reconcile(body, memo, force=False)
+    async def endpoint_created(body: kopf.Body, memo: kopf.Memo, retry: int,
+                               **_: Any) -> None:
+        await _reconcile(body, memo, force=False, retry=retry)
 
     @kopf.on.update(*ENDPOINTS, field="spec", registry=registry)
-    async def endpoint_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await _reconcile(body, memo, force=False)
+    async def endpoint_changed(body: kopf.Body, memo: kopf.Memo, retry: int,
+                               **_: Any) -> None:
+        await _reconcile(body, memo, force=False, retry=retry)
 
     @kopf.on.resume(*ENDPOINTS, registry=registry)
-    async def endpoint_resumed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async def endpoint_resumed(body: kopf.Body, memo: kopf.Memo, retry: int,
+                               **_: Any) -> None:
         # After a restart the children may have changed behind the operator's back: check
         # everything (the stored plan spares the search).
-        await _reconcile(body, memo, force=True)
+        await _reconcile(body, memo, force=True, retry=retry)
 
     @kopf.on.delete(*ENDPOINTS, registry=registry)
     async def endpoint_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -151,11 +177,15 @@ def register(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.timer(*ENDPOINTS, interval=resync_seconds(), initial_delay=resync_seconds(),
                 registry=registry)
-    async def endpoint_resync(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    async def endpoint_resync(name: str, namespace: str, memo: kopf.Memo,
+                              logger: logging.Logger, **_: Any) -> None:
         rt = _runtime(memo)
-        await _guarded(reconcile.advance(rt, namespace, name), "resync")
+        # Each step on its own: a failing traffic check must not stop rollouts from moving
+        # on, and nothing a spec holds may raise out of the timer (Kopf would back the whole
+        # timer off). Every failure is logged and reported in status; the next tick retries.
+        await _timer_step(rt, namespace, name, "resync", reconcile.advance, logger)
         # The traffic check is due every retune.intervalSeconds; the policy says when.
-        await _guarded(closed_loop.check(rt, namespace, name), "retune")
+        await _timer_step(rt, namespace, name, "retune", closed_loop.check, logger)
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
     async def deployment_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -178,6 +208,22 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.update(*POOLS, field="spec", registry=registry)
     async def pool_changed(name: str, memo: kopf.Memo, **_: Any) -> None:
         _retry_waiting(_runtime(memo), name)
+
+
+async def _timer_step(rt: Runtime, namespace: str, name: str, what: str, step: Any,
+                      logger: logging.Logger) -> None:
+    try:
+        await step(rt, namespace, name)
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:  # the timer carries on whatever one step raised
+        logger.warning("%s of %s/%s failed: %s: %s", what, namespace, name,
+                       type(err).__name__, err)
+        rt.metrics.error(f"{what.capitalize()}Failed")
+        try:
+            await reconcile.record_timer_failure(rt, namespace, name, what, err)
+        except Exception as report_err:  # e.g. the status write was refused too
+            logger.warning("could not report it in status: %s", report_err)
 
 
 def _retry_waiting(rt: Runtime, pool_name: str) -> None:

@@ -10,6 +10,7 @@ what a rendered, hashed child wants, and what every API server (and KMock) agree
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +37,28 @@ PLURALS = {
 
 
 class KubeError(Exception):
-    """An API call failed: carries the HTTP status and the server's reason."""
+    """An API call failed: carries the HTTP status, the server's reason and, when the answer
+    was a Kubernetes Status, its machine reason (Forbidden, Invalid...) and message."""
 
-    def __init__(self, status: int, reason: str, what: str) -> None:
+    def __init__(self, status: int, reason: str, what: str, *, api_reason: str = "",
+                 api_message: str = "") -> None:
         self.status = status
         self.reason = reason
-        super().__init__(f"{what}: HTTP {status} {reason}")
+        self.api_reason = api_reason
+        self.api_message = api_message
+        detail = f": {api_message}" if api_message else ""
+        super().__init__(f"{what}: HTTP {status} {reason}{detail}")
+
+
+def _status_of(body: Any) -> tuple[str, str]:
+    """(reason, message) of a Kubernetes Status body; empty strings for anything else."""
+    try:
+        status = json.loads(body) if isinstance(body, str | bytes) else None
+    except ValueError:
+        return "", ""
+    if not isinstance(status, dict) or status.get("kind") != "Status":
+        return "", ""
+    return str(status.get("reason") or "")[:64], str(status.get("message") or "")[:1024]
 
 
 @dataclass(frozen=True)
@@ -106,7 +123,9 @@ class Kube:
                 auth_settings=["BearerToken"], _return_http_data_only=True,
                 _preload_content=True)
         except ApiException as err:
-            raise KubeError(err.status or 0, str(err.reason), f"{method} {path}") from None
+            api_reason, api_message = _status_of(err.body)
+            raise KubeError(err.status or 0, str(err.reason), f"{method} {path}",
+                            api_reason=api_reason, api_message=api_message) from None
         return result if isinstance(result, dict) else {}
 
     async def get(self, ref: Ref) -> Obj | None:

@@ -20,6 +20,7 @@ from typing import Any
 import pydantic
 
 from trilemma.operator.resources import ModelRef, OptimizedEndpointSpec
+from trilemma.optimizer import catalog
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import SearchSettings, canonical_json
 from trilemma.optimizer.search import plan as search_plan
@@ -47,12 +48,34 @@ class Models:
     checkpoints: dict[str, str]  # planning id (catalog id or cached config.json) -> served
 
 
+# A config.json is a few KiB; a ConfigMap holds at most 1 MiB. Larger text is refused before
+# it is parsed (an emulated API server enforces no ConfigMap limit).
+MAX_CONFIG_JSON_BYTES = 1 << 20
+
+
 def model_choice(ref: ModelRef, index: int | None, config_json: str | None,
                  cache_dir: Path) -> tuple[ModelChoice, str]:
-    """One candidate; `config_json` is the ConfigMap's text for configMap models."""
+    """One candidate; `config_json` is the ConfigMap's text for configMap models.
+
+    An `id` must name a bundled model: the operator never opens a path a spec names (its own
+    files, devices, /proc), and the error does not depend on what such a path holds. Blocking
+    (it parses JSON): run it off the event loop.
+    """
     where = "model" if index is None else f"models.{index}"
     model_id = ref.id
-    if config_json is not None:
+    if config_json is None:
+        assert model_id is not None, "validated: id or configMap"
+        # The spelling stays (load_model resolves it through the catalog before any path).
+        if catalog.bundled_id(model_id) is None:
+            raise InputError(f"{where}.id", model_id,
+                             "not a bundled model id; the operator reads no files, so for "
+                             "another model put its config.json in a ConfigMap and use "
+                             "configMap (bundled: " + ", ".join(catalog.bundled_models()[:4])
+                             + f", ... {len(catalog.bundled_models())} in all)")
+    else:
+        if len(config_json.encode()) > MAX_CONFIG_JSON_BYTES:
+            raise InputError(f"{where}.configMap", ref.config_map.name if ref.config_map else "",
+                             f"the config.json is over {MAX_CONFIG_JSON_BYTES} bytes")
         # The catalog reads configs from files; a content-addressed path keeps the planning
         # input (and so the request digest) stable across restarts.
         digest = hashlib.sha256(config_json.encode()).hexdigest()[:16]
@@ -90,7 +113,9 @@ def plan_request(spec: OptimizedEndpointSpec, models: Models, pool: HardwarePool
     # Re-validated from plain data: the whole-document rules (bounds inside the pool, quality
     # floor reachable) must run against the pool as it is now.
     data: Obj = {"workload": _wire(spec.workload), "slo": _wire(spec.slo),
-                 "hardware": _wire(pool), "objective": spec.objective.value,
+                 # The GPUs only: a HardwarePoolSpec's Kubernetes fields are not the search's.
+                 "hardware": {"gpus": [_wire(g) for g in pool.gpus]},
+                 "objective": spec.objective.value,
                  "bounds": _wire(bounds)}
     if spec.model is not None:
         data["model"] = _wire(models.choices[0])

@@ -203,7 +203,9 @@ def _decode(text: str, status: int, url: str, promql: str) -> dict[str, Any]:
 
 def _error_for(status: int, body: Mapping[str, Any], text: str, url: str,
                promql: str) -> PrometheusError:
-    detail = str(body.get("error") or text[:200] or f"HTTP {status}")
+    # Only the API's own error field, bounded: the raw body of whatever answered is never
+    # copied (it lands in status, which the endpoint's owner reads).
+    detail = str(body.get("error") or "")[:200] or "not a Prometheus API error body"
     if body.get("errorType") in ("timeout", "canceled"):
         kind = ErrorKind.TIMEOUT
     elif 400 <= status < 500:

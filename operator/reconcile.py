@@ -58,9 +58,21 @@ OPTIMIZING_NOTICE_S = 0.5  # a search still running after this is reported in st
 
 @dataclass(frozen=True)
 class OperatorConfig:
+    """The platform team's settings (the chart's values): what no endpoint spec can change."""
+
     prometheus_url: str | None = None
     max_concurrent_optimizations: int = 2
     cache_dir: str = "/tmp/trilemma"
+    # Further Prometheus base URLs an endpoint's spec.prometheus.url may name.
+    prometheus_urls: tuple[str, ...] = ()
+    # Secret names (in an endpoint's own namespace) that spec.prometheus.authSecret may name.
+    prometheus_secret_names: tuple[str, ...] = ()
+
+    def allows_prometheus_url(self, url: str) -> bool:
+        # Exact match (bar a trailing slash): a prefix test would let "http://prom@evil" or
+        # "http://prom.evil" through.
+        allowed = {u.rstrip("/") for u in (self.prometheus_url, *self.prometheus_urls) if u}
+        return url.rstrip("/") in allowed
 
 
 @dataclass
@@ -80,15 +92,37 @@ class Runtime:
 
 
 class Outcome(Exception):
-    """Ends a reconcile early in phase Failed or Infeasible: the cause goes to status."""
+    """Ends a reconcile early in phase Failed or Infeasible: the cause goes to status.
+    `retry`: the cause may go away without a spec change (a refusal by the API server, a
+    conflicting object); the handler tries again with exponential backoff."""
 
     def __init__(self, phase: Phase, condition: ConditionType, reason: str,
-                 message: str) -> None:
+                 message: str, *, retry: bool = False) -> None:
         self.phase = phase
         self.condition = condition
         self.reason = reason
         self.message = message
+        self.retry = retry
         super().__init__(f"{reason}: {message}")
+
+
+class RetryLater(Exception):
+    """The reconcile reported a failure in status that may clear by itself: try again later
+    (the handler backs off exponentially). Carries the reported reason and message."""
+
+
+# A Kubernetes Status reason ("Forbidden", "Invalid") as a condition reason (CamelCase, no
+# spaces); the HTTP reason phrase when the answer was no Status.
+def _api_reason(err: KubeError) -> str:
+    words = re.findall(r"[A-Za-z0-9]+", err.api_reason or err.reason or f"HTTP{err.status}")
+    return "Api" + "".join(w[:1].upper() + w[1:] for w in words)[:60]
+
+
+def api_refusal(err: KubeError) -> Outcome:
+    """A permanent API error (403 RBAC or quota, 400, 422) as a Failed outcome that retries
+    with backoff: the operator's rights, a quota or an admission policy may change."""
+    return Outcome(Phase.FAILED, ConditionType.DEPLOYED, _api_reason(err),
+                   f"the API server refused a request: {err}", retry=True)
 
 
 def _failed(reason: str, message: str, condition: ConditionType = ConditionType.VALIDATED
@@ -204,17 +238,33 @@ async def reconcile_locked(rt: Runtime, ref: Ref, *, force: bool = True) -> None
         return
     ep.status["specDigest"] = digest
     try:
-        await _reconcile(rt, ep)
+        try:
+            await _reconcile(rt, ep)
+        except KubeError as err:
+            if is_transient(err):
+                raise
+            raise api_refusal(err) from None
+        except applying.NotOwned as err:
+            raise Outcome(Phase.FAILED, ConditionType.DEPLOYED, "Conflict",
+                          f"{err}: the operator neither changes nor adopts it; rename or "
+                          "remove it, or rename the endpoint", retry=True) from None
         rt.metrics.reconciled("ok")
     except Outcome as out:
         ep.phase(out.phase, out.message)
         ep.condition(out.condition, False, out.reason, out.message)
         ep.status["observedGeneration"] = ep.generation
+        if out.retry:
+            # Not "done for this spec": the retry (or a replayed event) must do the work.
+            ep.status.pop("specDigest", None)
+        # Whatever was reserved for this attempt is free again: a refused endpoint holds
+        # no GPUs that another one could use.
         rt.ledger.release(ep.pool_name, ep.key)
         await commit(rt, ep)
         rt.events(ep.body, "Warning", out.reason, out.message)
         rt.metrics.reconciled(out.phase.value.lower())
         rt.metrics.error(out.reason)
+        if out.retry:
+            raise RetryLater(f"{out.reason}: {out.message}") from None
     finally:
         rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
         cost = ep.status.get("costPerHour")
@@ -259,6 +309,7 @@ async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
     spec = _validate_spec(ep)
     spec = calibrated(ep, tuned(ep, spec))
     full_pool = await read_pool(rt.kube, spec.hardware_pool_ref.name)
+    _check_host_path(spec, full_pool)
     models = await resolve_models(rt, ep, spec)
     # Rules that only the whole document can check (bounds vs pool) first against the whole
     # pool: breaking them is the spec's fault, not the other endpoints'.
@@ -348,7 +399,20 @@ def _validate_spec(ep: Endpoint) -> OptimizedEndpointSpec:
         raise _failed("InvalidSpec", str(spec_error_to_input_error(err, raw))) from None
 
 
-async def read_pool(kube: Kube, name: str) -> HardwarePool:
+def _check_host_path(spec: OptimizedEndpointSpec, pool_spec: HardwarePoolSpec) -> None:
+    """A hostPath model cache mounts a node directory into a pod: only where the platform team
+    allows it, in the (cluster-scoped, admin-owned) pool the endpoint draws from."""
+    cache = spec.serving.model_cache
+    if cache is None or cache.host_path is None or pool_spec.allows_host_path(cache.host_path):
+        return
+    allowed = ", ".join(pool_spec.model_cache_host_paths) or "none"
+    raise _failed("HostPathNotAllowed",
+                  f"serving.modelCache.hostPath={cache.host_path!r}: not under a directory "
+                  f"HardwarePool {spec.hardware_pool_ref.name} allows in "
+                  f"modelCacheHostPaths (allowed: {allowed}); use claimName (a PVC) instead")
+
+
+async def read_pool(kube: Kube, name: str) -> HardwarePoolSpec:
     found = await kube.get(Ref(naming.API_VERSION, "HardwarePool", None, name))
     if found is None:
         pools = await kube.list(naming.API_VERSION, "HardwarePool")
@@ -382,8 +446,9 @@ async def resolve_models(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec)
                               f"{where}.configMap.key={ref.config_map.key!r}: ConfigMap "
                               f"{ref.config_map.name} has no such key")
         try:
-            choice, served = model_choice(ref, None if indexed else i, text,
-                                          Path(rt.config.cache_dir))
+            # Off the event loop: a config.json of up to 1 MiB is parsed and written.
+            choice, served = await asyncio.to_thread(model_choice, ref, None if indexed else i,
+                                                     text, Path(rt.config.cache_dir))
         except InputError as err:
             raise _failed("UnknownModel", _input_message(err)) from None
         choices.append(choice)
@@ -437,8 +502,8 @@ async def _plan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, models: 
 async def _stored_plan(rt: Runtime, ep: Endpoint, digest: str) -> tuple[Obj | None, Obj]:
     cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan"))
     ep.seen[f"ConfigMap/{ep.name}-plan"] = cm
-    if cm is None:
-        return None, {}
+    if cm is None or not (_owned_by(cm, ep) and _managed(cm)):
+        return None, {}  # not ours: never read (and applying the plan reports the conflict)
     notes = cm.get("metadata", {}).get("annotations") or {}
     if notes.get(naming.ANNOTATION_REQUEST_DIGEST) != digest:
         return None, {}
@@ -546,6 +611,11 @@ async def _workloads(kube: Kube, ep: Endpoint, config_hash: str | None = None) -
         found += await kube.list(api_version, kind, ep.namespace, labels=labels)
     # Only the ones this endpoint owns: a same-named endpoint's leftovers are not ours.
     return [w for w in found if _owned_by(w, ep)]
+
+
+def _managed(obj: Obj) -> bool:
+    labels = obj.get("metadata", {}).get("labels") or {}
+    return labels.get("app.kubernetes.io/managed-by") == naming.MANAGED_BY
 
 
 def _owned_by(obj: Obj, ep: Endpoint) -> bool:
@@ -686,16 +756,45 @@ async def advance(rt: Runtime, namespace: str, name: str) -> None:
         if fresh is None:
             return
         ep = Endpoint.of(fresh)
+        rollout = ep.status.get("rollout") or {}
+        if _late_rollout(ep, rollout):
+            # Failed only because it was slow: the configuration is still deployed, and
+            # becoming available after the deadline means it works.
+            if await _available(rt.kube, ep, rollout["toHash"]):
+                _recovered(rt, ep, rollout)
+                await commit(rt, ep)
+                rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
+            return
         if ep.status.get("phase") in (Phase.FAILED.value, Phase.INFEASIBLE.value,
                                       Phase.OPTIMIZING.value, None):
             return
-        rollout = ep.status.get("rollout") or {}
         if rollout.get("state") == RolloutState.PROGRESSING.value:
             await _progress(rt, ep, rollout)
         elif ep.status.get("servingHash"):
             await _refresh_ready(rt, ep, ep.status["servingHash"])
         await commit(rt, ep)
         rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
+
+
+def _late_rollout(ep: Endpoint, rollout: Obj) -> bool:
+    """Failed because a first configuration (nothing to roll back to) passed its deadline."""
+    return (ep.status.get("phase") == Phase.FAILED.value
+            and rollout.get("state") == RolloutState.FAILED.value
+            and rollout.get("fromHash") is None and bool(rollout.get("toHash"))
+            and ep.status.get("servingHash") == rollout.get("toHash"))
+
+
+def _recovered(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
+    target = rollout["toHash"]
+    ep.status["rollout"] = {**rollout, "state": RolloutState.COMPLETE.value,
+                            "message": "available after its deadline"}
+    ep.condition(ConditionType.DEPLOYED, True, "Recovered",
+                 f"configuration {target} became available after its deadline")
+    ep.condition(ConditionType.READY, True, "Available", f"configuration {target} is serving")
+    active = ep.status.get("activeConfiguration") or {}
+    ep.phase(Phase.READY, str(active.get("summary") or ""))
+    rt.events(ep.body, "Normal", "Recovered",
+              f"configuration {target} became available after its deadline")
 
 
 async def _progress(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
@@ -736,6 +835,26 @@ async def _progress(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
     rt.metrics.error("RolloutFailed")
 
 
+async def record_timer_failure(rt: Runtime, namespace: str, name: str, what: str,
+                               err: Exception) -> None:
+    """A periodic step (rollout advance, traffic check) raised: say so in status, on the
+    condition that step feeds (Ready for the rollout, MetricsAvailable for the traffic)."""
+    ref = Ref(naming.API_VERSION, "OptimizedEndpoint", namespace, name)
+    async with rt.lock(pool.key(namespace, name)):
+        body = await rt.kube.get(ref)
+        if body is None:
+            return
+        ep = Endpoint.of(body)
+        kind = (ConditionType.METRICS_AVAILABLE if what == "retune" else ConditionType.READY)
+        reason = "RetuneCheckFailed" if what == "retune" else "ResyncFailed"
+        # The exception's type and a bounded message; never more (status is tenant-readable,
+        # and the operator's own failures are for its log).
+        ep.condition(kind, False if what == "retune" else None, reason,
+                     f"{what} failed ({type(err).__name__}): {str(err)[:300]}; retried at the "
+                     "next resync")
+        await ep.commit(rt.kube)
+
+
 def _unavailable_reason(workloads: list[Obj]) -> str:
     for w in workloads:
         for cond in (w.get("status") or {}).get("conditions") or []:
@@ -765,10 +884,14 @@ async def delete_children(rt: Runtime, body: Obj) -> None:
                                    labels={naming.LABEL_ENDPOINT: ep.name}):
             if _owned_by(svc, ep):
                 await kube.delete(Ref.of(svc))
-        await kube.delete(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan"))
+        named = [Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan")]
         if await kube.crd_exists("podmonitors.monitoring.coreos.com"):
-            await kube.delete(Ref(children.PODMONITOR_API, "PodMonitor", ep.namespace,
-                                  ep.name))
+            named.append(Ref(children.PODMONITOR_API, "PodMonitor", ep.namespace, ep.name))
+        for ref in named:
+            # By name, so only if it is this endpoint's: a user's object of that name stays.
+            found = await kube.get(ref)
+            if found is not None and _owned_by(found, ep) and _managed(found):
+                await kube.delete(ref)
         rt.ledger.forget(ep.key)
         rt.metrics.forget(ep.key)
 

@@ -27,6 +27,17 @@ from trilemma.optimizer.spec.models import QualityScore
 # RFC 1123 names: what Kubernetes accepts for ConfigMaps, Secrets, PVCs and pools.
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+# A normalised absolute directory: no "." or ".." segments, no "//", no trailing "/", not
+# "/" itself, portable characters only. RE2 (the API server's regex engine) has no
+# lookahead, so a segment is spelled as: not starting with a dot, one dot then a non-dot, or
+# two dots then more.
+_SEGMENT = r"([A-Za-z0-9_-][A-Za-z0-9._-]*|\.[A-Za-z0-9_-][A-Za-z0-9._-]*|\.\.[A-Za-z0-9._-]+)"
+_HOST_DIR = re.compile(rf"^(/{_SEGMENT})+$")
+# Prometheus label names (the data model's rule); a label selector's keys must be one.
+_PROM_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# The matchers the operator always sets on an endpoint's series: a tenant may add to them,
+# never replace them (that would read another namespace's traffic).
+RESERVED_PROMETHEUS_LABELS = ("namespace", "trilemma_dev_endpoint")
 # "25%" or a count; Kubernetes' IntOrString for maxSurge / maxUnavailable.
 _PERCENT = re.compile(r"^(100|[1-9]?[0-9])%$")
 
@@ -120,8 +131,9 @@ class ModelCache(SpecModel):
     claim_name: ObjectName | None = Field(
         default=None, description="PersistentVolumeClaim mounted at the Hugging Face cache.")
     host_path: str | None = Field(
-        default=None, pattern=r"^/", max_length=4096,
-        description="Node directory mounted at the Hugging Face cache (absolute path).")
+        default=None, pattern=_HOST_DIR.pattern, max_length=4096,
+        description="Node directory mounted at the Hugging Face cache (absolute, normalised); "
+                    "only under a prefix the HardwarePool's modelCacheHostPaths allows.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> ModelCache:
@@ -212,8 +224,23 @@ class PrometheusSpec(SpecModel):
     auth_secret: SecretKeyRef | None = Field(default=None,
                                              description="Bearer token for Prometheus.")
     label_selector: dict[str, str] = Field(
-        default_factory=dict,
-        description="Extra PromQL label matchers scoping the endpoint's series.")
+        default_factory=dict, max_length=16,
+        description="Extra PromQL label matchers, ANDed with the operator's own (namespace "
+                    "and endpoint, which may not be given here).")
+
+    @field_validator("label_selector")
+    @classmethod
+    def _label_names(cls, selector: dict[str, str]) -> dict[str, str]:
+        for key, value in selector.items():
+            if not _PROM_LABEL.match(key):
+                raise rule_error("not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)",
+                                 field=key, value=key)
+            if key in RESERVED_PROMETHEUS_LABELS:
+                raise rule_error("set by the operator to the endpoint's own namespace and "
+                                 "name; a selector may only narrow them", field=key, value=key)
+            if len(value) > 1024:
+                raise rule_error("longer than 1024 characters", field=key, value=value[:40])
+        return selector
 
 
 class OptimizedEndpointSpec(SpecModel):
@@ -257,6 +284,21 @@ class OptimizedEndpointSpec(SpecModel):
 
 class HardwarePoolSpec(HardwarePool):
     """The GPUs a platform team offers to endpoints, per type (cluster-scoped)."""
+
+    model_cache_host_paths: list[Annotated[str, Field(
+        max_length=4096, pattern=_HOST_DIR.pattern)]] = Field(
+        default_factory=list, max_length=16,
+        description="Node directories under which endpoints drawing from this pool may put a "
+                    "hostPath model cache (serving.modelCache.hostPath). Empty: none may. "
+                    "Pools are cluster-scoped, so only the platform team sets this.")
+
+    def allows_host_path(self, path: str) -> bool:
+        return any(path == p or path.startswith(p.rstrip("/") + "/")
+                   for p in self.model_cache_host_paths)
+
+    def search_pool(self) -> HardwarePool:
+        """The pool as the optimizer takes it (without the Kubernetes-only fields)."""
+        return HardwarePool(gpus=self.gpus)
 
 
 # ---- status -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ The names below are the supported API; tests/unit/test_packaging.py pins the lis
 
 from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.catalog.gpus import Gpu, all_gpus, get_gpu
-from trilemma.optimizer.catalog.models import ModelArch, bundled_models, load_model
+from trilemma.optimizer.catalog.models import ModelArch, bundled_id, bundled_models, load_model
 from trilemma.optimizer.catalog.quantization import (
     KvDtype,
     QuantRecipe,
@@ -32,6 +32,7 @@ __all__ = [
     "SpecMethod",
     "acceptance_rate",
     "all_gpus",
+    "bundled_id",
     "bundled_models",
     "expected_tokens_per_step",
     "get_gpu",

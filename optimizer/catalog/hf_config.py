@@ -507,10 +507,16 @@ def _spellings() -> dict[str, str]:
     return table
 
 
+def bundled_id(spelling: str) -> str | None:
+    """The bundled id a spelling names (any case, an alias, `--` for `/`), or None; never
+    looks at the filesystem."""
+    return _spellings().get(spelling.strip().lower())
+
+
 def load_model(id_or_path: str | os.PathLike[str]) -> models.ModelArch:
     """See models.load_model. A bundled id wins over a same-named relative path ("./x" does not)."""
     text = os.fspath(id_or_path).strip()
-    model_id = _spellings().get(text.lower())
+    model_id = bundled_id(text)
     if model_id is not None:
         return _load_bundled(model_id)
     path = Path(text).expanduser()

@@ -522,6 +522,14 @@ def load_model(id_or_path: str | os.PathLike[str]) -> ModelArch:
     return hf_config.load_model(id_or_path)
 
 
+def bundled_id(spelling: str) -> str | None:
+    """The bundled id `spelling` names (any case, an alias), or None; reads no files, so it is
+    safe on untrusted input."""
+    from trilemma.optimizer.catalog import hf_config
+
+    return hf_config.bundled_id(spelling)
+
+
 def bundled_models() -> tuple[str, ...]:
     """Every id load_model knows without a path: bundled configs and their variants."""
     from trilemma.optimizer.catalog import hf_config

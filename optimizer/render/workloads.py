@@ -16,6 +16,11 @@ STARTUP_PERIOD_S = 10
 PRESTOP_SLEEP_S = 15       # let the Service drop the pod before the engine stops accepting
 LWS_API = "leaderworkerset.x-k8s.io/v1"
 CACHE_MOUNT = "/root/.cache/huggingface"
+# What every engine container can give up and still serve: no privilege escalation, no Linux
+# capabilities (NCCL over NVLink/PCIe and CUDA IPC need none; shared memory is the dshm
+# emptyDir). Not runAsNonRoot: the vLLM and SGLang images run as root and write /root/.cache,
+# so engine pods meet Pod Security "baseline", not "restricted" (README, threat model).
+CONTAINER_SECURITY: Obj = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 Obj = dict[str, Any]
 
@@ -78,6 +83,7 @@ def _container(plan: RenderPlan, worker: RenderedWorker, *, follower: bool = Fal
         "resources": {"limits": dict(gpus), "requests": dict(gpus)} if gpus else {},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+        "securityContext": dict(CONTAINER_SECURITY),
     }
     if serves:
         container["ports"] = [{"name": "http", "containerPort": plan.port}]
@@ -105,6 +111,9 @@ def pod_template(plan: RenderPlan, worker: RenderedWorker, *, part: str | None =
         "containers": [_container(plan, worker, follower=follower)],
         "volumes": _volumes(plan, worker),
         "terminationGracePeriodSeconds": PRESTOP_SLEEP_S + 30,
+        # The engines never call the Kubernetes API: no token for a compromised pod to use.
+        "automountServiceAccountToken": False,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
     }
     if worker.gpus_per_pod:
         if plan.node_selector:

@@ -79,6 +79,8 @@ class SimResult:
     engine: np.ndarray
     occupancy_ms: np.ndarray  # requests in the system: occupancy[j] from occupancy_ms[j] on
     occupancy: np.ndarray
+    # Per simulated engine: at most one per request (the rest of a large pool gets none;
+    # simulating.simulate), main pool first, then the prefill pool.
     engine_steps: np.ndarray
     engine_busy_ms: np.ndarray
     step_evaluations: int  # batch shapes the perf model priced

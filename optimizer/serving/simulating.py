@@ -92,12 +92,17 @@ def simulate(cluster: Cluster, workload: Workload, perf_model: StepCost,
 
     def build(pool: Pool, role: Role, first: int) -> list[FastEngine | ReferenceEngine]:
         price = pricer(pool.engine)
+        # Engines past the n-th never receive a request: round robin sends request j to
+        # engine j, and least-outstanding always finds one of the first n idle (at most n - 1
+        # are busy) and breaks ties by the lowest index. Simulating n of them gives the same
+        # result and keeps memory independent of the replica count (a pool may hold 100k).
+        count = min(pool.engines, max(n, 1))
         if method is Method.REFERENCE:
             return [ReferenceEngine(pool.engine, role=role, index=first + j, workload=workload,
                                     trace=trace, price=price, rng=rng)
-                    for j in range(pool.engines)]
+                    for j in range(count)]
         return [FastEngine(pool.engine, role=role, index=first + j, state=state, trace=trace,
-                           price=price, rng=rng) for j in range(pool.engines)]
+                           price=price, rng=rng) for j in range(count)]
 
     main_role = Role.DECODE if cluster.disaggregated else Role.COMBINED
     engines = build(cluster.pool, main_role, 0)

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from pydantic import Field, ValidationInfo, field_validator
 
 from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.spec import limits
 from trilemma.optimizer.spec.base import SpecModel, require_generator, rule_error
 
 TRACE_COLUMNS = ("timestamp", "prompt", "output", "prefix")
@@ -31,7 +32,8 @@ class PoissonArrivals(SpecModel):
     """Independent arrivals at a constant mean rate (exponential gaps)."""
 
     kind: Literal["poisson"] = Field(description="Arrival process: Poisson.")
-    requests_per_second: float = Field(gt=0, description="Mean arrival rate, requests/s.")
+    requests_per_second: float = Field(gt=0, le=limits.MAX_RATE_RPS,
+                                       description="Mean arrival rate, requests/s.")
 
     def mean_rate(self) -> float:
         """Mean requests per second."""
@@ -46,7 +48,8 @@ class GammaArrivals(SpecModel):
     """Renewal arrivals with gamma gaps: `cv` > 1 is burstier than Poisson, < 1 smoother."""
 
     kind: Literal["gamma"] = Field(description="Arrival process: gamma-distributed gaps.")
-    requests_per_second: float = Field(gt=0, description="Mean arrival rate, requests/s.")
+    requests_per_second: float = Field(gt=0, le=limits.MAX_RATE_RPS,
+                                       description="Mean arrival rate, requests/s.")
     cv: float = Field(
         gt=0, le=10,
         description="Burstiness: coefficient of variation of the gaps (std/mean); 1 = Poisson.")

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from trilemma.optimizer.catalog import gpus
 from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.spec import limits
 from trilemma.optimizer.spec.base import SpecModel, rule_error
 
 # Kubernetes label keys: an optional DNS-subdomain prefix and a name of up to 63 characters.
@@ -73,9 +74,10 @@ class GpuGroup(SpecModel):
     """Identical GPUs available to the search."""
 
     gpu: str = Field(description="GPU catalog key or alias, e.g. h100_sxm, b200, mi300x.")
-    count: int = Field(ge=1, description="GPUs available.")
+    count: int = Field(ge=1, le=limits.MAX_POOL_GPUS, description="GPUs available.")
     price_per_gpu_hour: float | None = Field(
-        default=None, gt=0, description="$/GPU-hour; default: the catalog's price.")
+        default=None, gt=0, le=limits.MAX_PRICE_PER_GPU_HOUR,
+        description="$/GPU-hour; default: the catalog's price.")
     gpus_per_node: int | None = Field(
         default=None, ge=1, le=72,
         description="GPUs per machine (Kubernetes node); default: the catalog's.")
@@ -83,9 +85,11 @@ class GpuGroup(SpecModel):
         default=None,
         description="Kubernetes extended resource; default nvidia.com/gpu or amd.com/gpu.")
     node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Kubernetes nodeSelector for these GPUs' nodes.")
+        default_factory=dict, max_length=limits.MAX_SELECTOR_KEYS,
+        description="Kubernetes nodeSelector for these GPUs' nodes.")
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Kubernetes tolerations for these GPUs' nodes.")
+        default_factory=list, max_length=limits.MAX_TOLERATIONS,
+        description="Kubernetes tolerations for these GPUs' nodes.")
 
     @field_validator("gpu")
     @classmethod
@@ -140,7 +144,8 @@ class GpuGroup(SpecModel):
 class HardwarePool(SpecModel):
     """Every GPU type the search may place replicas on."""
 
-    gpus: list[GpuGroup] = Field(min_length=1, description="GPU groups, one per GPU type.")
+    gpus: list[GpuGroup] = Field(min_length=1, max_length=limits.MAX_GPU_GROUPS,
+                                 description="GPU groups, one per GPU type.")
 
     @model_validator(mode="after")
     def _one_group_per_type(self) -> HardwarePool:

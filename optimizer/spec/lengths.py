@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
+from trilemma.optimizer.spec import limits
 from trilemma.optimizer.spec.base import SpecModel, require_generator, rule_error
 
 _NORMAL = NormalDist()
@@ -44,7 +45,7 @@ class FixedLengths(_Percentiles, SpecModel):
     """Every request has the same length."""
 
     kind: Literal["fixed"] = Field(description="Distribution kind: every request the same.")
-    value: int = Field(ge=1, description="Tokens per request.")
+    value: int = Field(ge=1, le=limits.MAX_TOKENS, description="Tokens per request.")
 
     def mean_tokens(self) -> float:
         return float(self.value)
@@ -71,8 +72,9 @@ class LognormalLengths(_Percentiles, SpecModel):
     """
 
     kind: Literal["lognormal"] = Field(description="Distribution kind: lognormal.")
-    mean: float = Field(ge=1, description="Mean length in tokens.")
-    p90: float = Field(ge=1, description="90th-percentile length in tokens; above the mean.")
+    mean: float = Field(ge=1, le=limits.MAX_TOKENS, description="Mean length in tokens.")
+    p90: float = Field(ge=1, le=limits.MAX_TOKENS,
+                       description="90th-percentile length in tokens; above the mean.")
 
     @model_validator(mode="after")
     def _p90_fits_a_lognormal(self) -> LognormalLengths:
@@ -124,15 +126,16 @@ class HistogramLengths(_Percentiles, SpecModel):
     """
 
     kind: Literal["histogram"] = Field(description="Distribution kind: empirical histogram.")
-    values: list[int] | None = Field(
-        default=None, min_length=1,
+    values: list[Annotated[int, Field(le=limits.MAX_TOKENS)]] | None = Field(
+        default=None, min_length=1, max_length=limits.MAX_HISTOGRAM_BINS,
         description="Point lengths in tokens, increasing; exclusive with edges.")
-    edges: list[float] | None = Field(
-        default=None, min_length=2,
+    edges: list[Annotated[float, Field(le=limits.MAX_TOKENS)]] | None = Field(
+        default=None, min_length=2, max_length=limits.MAX_HISTOGRAM_BINS + 1,
         description="Bin edges in tokens, increasing, first >= 1; lengths are uniform within a "
                     "bin; exclusive with values.")
     weights: list[float] = Field(
-        min_length=1, description="Relative frequency of each value or bin (>= 0, not all 0).")
+        min_length=1, max_length=limits.MAX_HISTOGRAM_BINS,
+        description="Relative frequency of each value or bin (>= 0, not all 0).")
 
     @model_validator(mode="after")
     def _shape(self) -> HistogramLengths:

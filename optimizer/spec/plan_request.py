@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from trilemma.optimizer.catalog import gpus
 from trilemma.optimizer.catalog.quantization import QuantRecipe
 from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.spec import limits
 from trilemma.optimizer.spec.base import SpecModel, rule_error
 from trilemma.optimizer.spec.hardware import HardwarePool
 from trilemma.optimizer.spec.models import ModelChoice
@@ -37,7 +38,7 @@ class PlanRequest(SpecModel):
     model: ModelChoice | None = Field(
         default=None, description="The model to serve; or give models (candidates).")
     models: list[ModelChoice] | None = Field(
-        default=None, min_length=1,
+        default=None, min_length=1, max_length=limits.MAX_MODELS,
         description="Candidate models; the search may pick any. Exclusive with model.")
     workload: Workload = Field(description="The traffic to serve.")
     slo: Slo = Field(default_factory=Slo, description="Targets every plan must meet.")

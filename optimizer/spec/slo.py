@@ -11,6 +11,7 @@ import itertools
 
 from pydantic import Field, model_validator
 
+from trilemma.optimizer.spec import limits
 from trilemma.optimizer.spec.base import SpecModel, rule_error
 
 _PERCENTILES = ("p50", "p90", "p99")
@@ -19,9 +20,12 @@ _PERCENTILES = ("p50", "p90", "p99")
 class LatencyTarget(SpecModel):
     """Upper bounds on a latency's percentiles, in milliseconds; give at least one."""
 
-    p50: float | None = Field(default=None, gt=0, description="Median bound, ms.")
-    p90: float | None = Field(default=None, gt=0, description="90th-percentile bound, ms.")
-    p99: float | None = Field(default=None, gt=0, description="99th-percentile bound, ms.")
+    p50: float | None = Field(default=None, gt=0, le=limits.MAX_LATENCY_MS,
+                                  description="Median bound, ms.")
+    p90: float | None = Field(default=None, gt=0, le=limits.MAX_LATENCY_MS,
+                                  description="90th-percentile bound, ms.")
+    p99: float | None = Field(default=None, gt=0, le=limits.MAX_LATENCY_MS,
+                                  description="99th-percentile bound, ms.")
 
     @model_validator(mode="after")
     def _ordered(self) -> LatencyTarget:
@@ -49,7 +53,7 @@ class Slo(SpecModel):
     end_to_end_ms: LatencyTarget | None = Field(
         default=None, description="Request latency bounds, first byte in to last token out, ms.")
     min_tokens_per_second_per_user: float | None = Field(
-        default=None, gt=0,
+        default=None, gt=0, le=limits.MAX_TOKENS_PER_SECOND,
         description="Output tokens/s each user must see while streaming; implies a median "
                     "TPOT bound of 1000 / this ms.")
     quality_floor: float | None = Field(
@@ -57,7 +61,8 @@ class Slo(SpecModel):
         description="Lowest acceptable model quality, benchmark points (0-100), after the "
                     "quantization penalty.")
     max_cost_per_hour: float | None = Field(
-        default=None, gt=0, description="Budget for the whole deployment, $/hour.")
+        default=None, gt=0, le=limits.MAX_BUDGET_PER_HOUR,
+        description="Budget for the whole deployment, $/hour.")
 
     @model_validator(mode="after")
     def _end_to_end_covers_ttft(self) -> Slo:

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
+from trilemma.optimizer.spec import limits
 from trilemma.optimizer.spec.arrivals import Arrivals, TraceArrivals
 from trilemma.optimizer.spec.base import SpecModel, require_generator, rule_error
 from trilemma.optimizer.spec.lengths import HistogramLengths, LengthDistribution
@@ -23,7 +24,8 @@ class PrefixReuse(SpecModel):
     """A prefix shared across requests (system prompt, repository context, chat history)."""
 
     shared_tokens: int = Field(
-        ge=0, description="Tokens at the start of a prompt that other requests share.")
+        ge=0, le=limits.MAX_TOKENS,
+        description="Tokens at the start of a prompt that other requests share.")
     hit_rate: float = Field(
         ge=0, le=1, description="Share of requests whose shared prefix is in the cache, 0-1.")
 

@@ -29,7 +29,8 @@ SPEC_MODELS: dict[str, type[pydantic.BaseModel]] = {
 # What a structural schema node may carry (the keywords the models need, all allowed in CRDs).
 ALLOWED_KEYS = {
     "type", "description", "enum", "default", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems", "required",
+    "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems",
+    "maxProperties", "required",
     "properties", "items", "additionalProperties", "anyOf", "x-kubernetes-int-or-string",
     "x-kubernetes-preserve-unknown-fields", "x-kubernetes-validations",
 }

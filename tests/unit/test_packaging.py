@@ -56,7 +56,7 @@ def test_the_console_script_runs():
 
 @pytest.mark.parametrize(("package", "names"), [
     (catalog, {"Engine", "Gpu", "KvDtype", "ModelArch", "QuantRecipe", "SpecConfig",
-               "SpecMethod", "acceptance_rate", "all_gpus", "bundled_models",
+               "SpecMethod", "acceptance_rate", "all_gpus", "bundled_id", "bundled_models",
                "expected_tokens_per_step", "get_gpu", "load_model", "parse_recipe",
                "parse_spec", "quality_delta"}),
     (perf, {"ClosedLoopResult", "Config", "EngineFacts", "Estimate", "MemoryBreakdown",

@@ -220,3 +220,21 @@ def test_least_outstanding_avoids_the_replica_stuck_with_long_requests():
         c = _cluster(replicas=3, balancer=balancer, seqs=1, budget=2048)
         return serving.simulate(c, w, LINEAR, np.random.default_rng(0)).ttft_ms.mean()
     assert ttft(serving.Balancer.LEAST_OUTSTANDING) < 0.2 * ttft(serving.Balancer.ROUND_ROBIN)
+
+
+@pytest.mark.parametrize("balancer", list(serving.Balancer))
+@pytest.mark.parametrize("disaggregated", [False, True])
+def test_a_huge_pool_simulates_like_one_engine_per_request(balancer, disaggregated):
+    """A pool of 100k replicas costs what a pool of one replica per request does (memory and
+    time do not grow with the replica count), and decides exactly the same."""
+    w = _workload(12, requests=40)
+
+    def run(replicas):
+        prefill = _prefill_pool(replicas=replicas) if disaggregated else None
+        return serving.simulate(_cluster(replicas=replicas, balancer=balancer, prefill=prefill),
+                                w, LINEAR, np.random.default_rng(0))
+
+    huge, exact = run(100_000), run(len(w))
+    for name in FIELDS:
+        np.testing.assert_array_equal(getattr(huge, name), getattr(exact, name), err_msg=name)
+    assert len(huge.engine_steps) == (2 if disaggregated else 1) * len(w)
