@@ -14,6 +14,8 @@ The groups exist because of where the chart binds them:
   when it serves all namespaces, otherwise by one RoleBinding per served namespace.
 - EVENT_RULES are bound like NAMESPACED_RULES plus in the operator's own namespace, because
   Kopf posts the events of cluster-scoped objects (HardwarePools) there.
+- secret_rules(names) exist only when the platform team names the Secrets endpoints may use for
+  Prometheus tokens; bound like NAMESPACED_RULES, limited to those names.
 """
 
 from __future__ import annotations
@@ -69,8 +71,6 @@ NAMESPACED_RULES: Final[list[Rule]] = [
      "verbs": ["get", "patch"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": [*OWN]},
     {"apiGroups": [CORE], "resources": ["configmaps", "services"], "verbs": [*OWN]},
-    # Only read, only by name: the bearer tokens endpoints name for their Prometheus.
-    {"apiGroups": [CORE], "resources": ["secrets"], "verbs": ["get"]},
     {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": [*OWN]},
     # No watch: PodMonitors are write-mostly and read back only to compare with the rendering.
     {"apiGroups": ["monitoring.coreos.com"], "resources": ["podmonitors"],
@@ -87,3 +87,19 @@ EVENT_RULES: Final[list[Rule]] = [
 ]
 
 RULES: Final[list[Rule]] = [*CLUSTER_RULES, *NAMESPACED_RULES, *EVENT_RULES]
+
+
+class NamedRule(Rule):
+    """A rule limited to objects of the given names."""
+
+    resourceNames: list[str]
+
+
+def secret_rules(names: list[str]) -> list[NamedRule]:
+    """Reading the Prometheus bearer tokens endpoints may name: `get` of Secrets with exactly
+    these names (the chart's prometheus.authSecretNames), bound like NAMESPACED_RULES. No
+    names, no rule: by default the operator reads no Secret anywhere."""
+    if not names:
+        return []
+    return [{"apiGroups": [CORE], "resources": ["secrets"], "verbs": ["get"],
+             "resourceNames": sorted(set(names))}]

@@ -4,6 +4,7 @@ read-only root, probe) for every mode the values select."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import tomllib
@@ -207,6 +208,54 @@ def test_operator_namespace_among_watched_ones_is_bound_once(helm):
     assert bindings(docs) == {("ClusterRoleBinding", None, "cluster"),
                               ("RoleBinding", NAMESPACE, "namespaced"),
                               ("RoleBinding", NAMESPACE, "events")}
+
+
+def test_the_default_install_reads_no_secrets_anywhere(rendered):
+    for scenario, docs in rendered.items():
+        for role in of_kind(docs, "ClusterRole") + of_kind(docs, "Role"):
+            for rule in role["rules"]:
+                assert "secrets" not in rule["resources"], (scenario, role["metadata"]["name"])
+        env = {e["name"] for e in one(docs, "Deployment")["spec"]["template"]["spec"][
+            "containers"][0]["env"]}
+        assert "TRILEMMA_PROMETHEUS_SECRET_NAMES" not in env
+
+
+@pytest.mark.parametrize("namespaces", [[], ["a", "b"]])
+def test_named_prometheus_secrets_are_the_only_ones_granted_bound_like_the_children(
+        helm, namespaces):
+    docs = documents(template(helm, "--set-json", 'prometheus.authSecretNames=["tok","prom"]',
+                              "--set-json", f"watchNamespaces={json.dumps(namespaces)}",
+                              "--set-json", 'prometheus.allowedUrls=["http://a:9090","http://b"]'))
+    (role,) = [r for r in of_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith(
+        "-secrets")]
+    assert role["rules"] == rbac.secret_rules(["tok", "prom"]) == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+         "resourceNames": ["prom", "tok"]}]
+    secrets = {b for b in bindings(docs) if b[2] == "secrets"}
+    if namespaces:
+        assert secrets == {("RoleBinding", "a", "secrets"), ("RoleBinding", "b", "secrets")}
+    else:
+        assert secrets == {("ClusterRoleBinding", None, "secrets")}
+    env = {e["name"]: e.get("value") for e in one(docs, "Deployment")["spec"]["template"][
+        "spec"]["containers"][0]["env"]}
+    assert env["TRILEMMA_PROMETHEUS_SECRET_NAMES"] == "tok,prom"
+    assert env["TRILEMMA_PROMETHEUS_ALLOWED_URLS"] == "http://a:9090,http://b"
+
+
+def test_network_policy_admits_only_the_listed_peers_to_the_metrics_port(helm, rendered):
+    assert not of_kind(rendered["default"], "NetworkPolicy")
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    docs = documents(template(helm, "--set", "networkPolicy.enabled=true", "--set-json",
+                              f"networkPolicy.metricsFrom=[{json.dumps(peer)}]"))
+    policy = one(docs, "NetworkPolicy")
+    pod = one(docs, "Deployment")["spec"]["template"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"][
+        "labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"from": [peer], "ports": [
+        {"port": "metrics", "protocol": "TCP"}]}]
+    closed = documents(template(helm, "--set", "networkPolicy.enabled=true"))
+    assert one(closed, "NetworkPolicy")["spec"]["ingress"] is None  # nobody may scrape
 
 
 def test_deployment_runs_as_the_bound_service_account(rendered):
