@@ -51,17 +51,17 @@ class Children:
     config_hash: str
 
 
-def _flag(arg: str) -> str | None:
-    return arg.split("=", 1)[0] if arg.startswith("--") else None
-
-
-def _extra_args(container: Obj, extra: list[str]) -> None:
-    # A user flag that repeats one the plan sets would silently override the configuration
-    # the predictions were made for: refuse it and say which.
-    planned = {f for f in (_flag(a) for a in container.get("args", [])) if f}
+def _extra_args(container: Obj, extra: list[str], engine: Engine,
+                decided: frozenset[str]) -> None:
+    # A user flag that sets one the plan decided, in any spelling the engine accepts, would
+    # silently override the configuration the predictions were made for: refuse it, say which.
     for i, arg in enumerate(extra):
-        flag = _flag(arg)
-        if flag in planned:
+        flag = render.overridden_flag(engine.value, arg, decided)
+        if flag == "--config":
+            raise InputError(f"serving.extraArgs.{i}", arg,
+                             "a config file can set any flag, the plan's included; pass the "
+                             "flags themselves")
+        if flag is not None:
             raise InputError(f"serving.extraArgs.{i}", arg,
                              f"{flag} is set by the plan; change the spec (bounds, SLO) "
                              "instead of overriding it")
@@ -94,7 +94,8 @@ def _pod_specs(workload: Obj) -> list[Obj]:
     return [lws["leaderTemplate"]["spec"], lws["workerTemplate"]["spec"]]
 
 
-def _customize(workload: Obj, spec: OptimizedEndpointSpec, owner: Owner) -> Obj:
+def _customize(workload: Obj, spec: OptimizedEndpointSpec, owner: Owner, engine: Engine,
+               decided: frozenset[str]) -> Obj:
     out = copy.deepcopy(workload)
     out["metadata"]["ownerReferences"] = [owner.reference()]
     leader = True
@@ -103,7 +104,7 @@ def _customize(workload: Obj, spec: OptimizedEndpointSpec, owner: Owner) -> Obj:
             if container["name"] != "engine":
                 continue  # the router runs its own command, untouched
             if leader:
-                _extra_args(container, list(spec.serving.extra_args))
+                _extra_args(container, list(spec.serving.extra_args), engine, decided)
             _env(container, spec)
             cache = spec.serving.model_cache
             if cache is not None and cache.host_path is not None:
@@ -137,7 +138,9 @@ def build(config: ServingConfig, spec: OptimizedEndpointSpec, owner: Owner,
         image=spec.engine.image(engine), options=options,
         hf_token_secret=spec.serving.hf_token_secret,
         model_cache_pvc=cache.claim_name if cache is not None else None)
-    workloads = [_customize(o, spec, owner) for o in objects if o["kind"] != "Service"]
+    decided = render.decided_flags(config, engine.value, options=options)
+    workloads = [_customize(o, spec, owner, engine, decided) for o in objects
+                 if o["kind"] != "Service"]
     services = [copy.deepcopy(o) for o in objects if o["kind"] == "Service"]
     for svc in services:
         svc["metadata"]["ownerReferences"] = [owner.reference()]

@@ -73,6 +73,12 @@ _MODEL_RULES: dict[type[BaseModel], tuple[tuple[str, str], ...]] = {
         ("!has(self.configMap) || has(self.servedModel)",
          "a configMap model needs servedModel: the checkpoint the engine loads"),
     ),
+    resources.PrometheusSpec: (
+        ("!has(self.labelSelector) || self.labelSelector.all(k, k.matches("
+         "'^[a-zA-Z_][a-zA-Z0-9_]*$') && !(k in ['namespace', 'trilemma_dev_endpoint']))",
+         "labelSelector keys are Prometheus label names, and not namespace or "
+         "trilemma_dev_endpoint: the operator sets those to the endpoint's own"),
+    ),
     resources.ModelCache: (
         ("has(self.claimName) != has(self.hostPath)", "give claimName or hostPath, exactly one"),
     ),

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from trilemma.optimizer.cli import Subcommand
 from trilemma.simfleet import loadgen
@@ -48,6 +48,9 @@ from trilemma.simfleet.prometheus_server import (
     find_prometheus,
     free_port,
 )
+
+if TYPE_CHECKING:
+    from trilemma.operator.reconcile import OperatorConfig
 
 Obj = dict[str, Any]
 
@@ -780,7 +783,8 @@ async def _run(options: DemoOptions, timeline: Timeline, binary: str | None,
         write_kubeconfig(kubeconfig, str(server.url))
         env = {"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": None,
                "TRILEMMA_RESYNC_SECONDS": f"{RESYNC_S:g}"}
-        operator = Operator()
+        prometheus_port = free_port()
+        operator = Operator(config=operator_config(prometheus_port))
         with _environment(env):
             await operator.start()
             try:
@@ -789,17 +793,26 @@ async def _run(options: DemoOptions, timeline: Timeline, binary: str | None,
                                           f"{str(server.url).rstrip('/')}; the operator runs "
                                           f"in-process (resync every {RESYNC_S:g} s)")
                     demo = _Demo(options, timeline, Api(server))
-                    return await _story(demo, binary, tmp)
+                    return await _story(demo, binary, tmp, prometheus_port)
             finally:
                 await operator.stop()
 
 
-async def _story(demo: _Demo, binary: str | None, tmp: Path) -> DemoResult:
+def operator_config(prometheus_port: int) -> OperatorConfig:
+    """The operator as the platform team would set it up: its Prometheus is the demo's."""
+    from trilemma.operator.emulator import CACHE_DIR
+    from trilemma.operator.reconcile import OperatorConfig
+
+    return OperatorConfig(prometheus_url=f"http://127.0.0.1:{prometheus_port}",
+                          cache_dir=CACHE_DIR)
+
+
+async def _story(demo: _Demo, binary: str | None, tmp: Path,
+                 prometheus_port: int) -> DemoResult:
     from trilemma.optimizer.search import ServingConfig
     from trilemma.simfleet.fleet import SimFleet
 
     options, timeline, api, result = demo.options, demo.timeline, demo.api, demo.result
-    prometheus_port = free_port()
     prometheus_url = f"http://127.0.0.1:{prometheus_port}"
     await api.create(pool_manifest())
     timeline.add("create", f"HardwarePool {POOL}: 8x h100_sxm")

@@ -15,6 +15,7 @@ from pathlib import Path
 from trilemma.operator import demo
 from trilemma.operator.devcluster import install_crds
 from trilemma.simfleet.cluster import GPU_TAINT, ClusterApi, LocalCluster, NodeGroup
+from trilemma.simfleet.prometheus_server import free_port
 
 # One node of the pool the demo declares (8x h100_sxm), labelled and tainted as NVIDIA's GPU
 # operator does.
@@ -38,7 +39,8 @@ async def run_on_cluster(options: demo.DemoOptions, timeline: demo.Timeline,
                         "metadata": {"name": demo.NAMESPACE}}])
         env = {"KUBECONFIG": str(cluster.admin_kubeconfig), "KUBERNETES_SERVICE_HOST": None,
                "TRILEMMA_RESYNC_SECONDS": f"{demo.RESYNC_S:g}"}
-        operator = Operator()
+        prometheus_port = free_port()
+        operator = Operator(config=demo.operator_config(prometheus_port))
         with demo._environment(env):
             await operator.start(timeout_s=30)
             try:
@@ -48,7 +50,7 @@ async def run_on_cluster(options: demo.DemoOptions, timeline: demo.Timeline,
                                           f"(resync every {demo.RESYNC_S:g} s)")
                     story = demo._Demo(options, timeline, ClusterApi(cluster),
                                        controllers=True)
-                    return await demo._story(story, binary, tmp)
+                    return await demo._story(story, binary, tmp, prometheus_port)
             finally:
                 await operator.stop()
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trilemma.optimizer.render import text, workloads
+from trilemma.optimizer.render import overrides, text, workloads
 from trilemma.optimizer.render.choices import RenderOptions
 from trilemma.optimizer.render.ir import Arg, RenderedWorker, RenderPlan, Role, Source
 from trilemma.optimizer.render.planning import DEFAULT_IMAGES, parse_engine, plan
@@ -30,6 +30,20 @@ def engine_args(config: ServingConfig, engine: str, *,
     rendered = plan(config, engine, name="render", options=options)
     aggregated = len(rendered.workers) == 1
     return rendered.worker(Role.SERVER if aggregated else Role.DECODE).argv()
+
+
+def decided_flags(config: ServingConfig, engine: str | None = None, *,
+                  options: RenderOptions | None = None) -> frozenset[str]:
+    """Every engine flag the plan decides (emitted or left at the default on purpose)."""
+    return overrides.decided_flags(plan(config, engine or config.engine, name="render",
+                                        options=options))
+
+
+def overridden_flag(engine: str, token: str, decided: frozenset[str]) -> str | None:
+    """The decided flag an extra argv token would set, read the way the engine parses it
+    (aliases, `_` for `-`, `=`, prefixes, `--no-`, dotted keys), or None; "--config" for a
+    config-file option, which can set any flag."""
+    return overrides.overridden_flag(parse_engine(engine), token, decided)
 
 
 def manifests(config: ServingConfig, *, name: str, engine: str | None = None,
@@ -74,8 +88,10 @@ __all__ = [
     "Role",
     "Source",
     "bootstrap_port",
+    "decided_flags",
     "engine_args",
     "manifests",
+    "overridden_flag",
     "plan",
     "render_text",
     "render_yaml",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.kube_helpers import OPERATOR_ENV
 from tests.support.cluster import OperatorProcess, install_operator
 from tests.tools import require_tool
 from trilemma.simfleet.cluster import INSTALL_HINT, LocalCluster, find_kube_bin
@@ -42,7 +43,8 @@ def operator_kubeconfig(cluster: LocalCluster) -> Path:
 def operator(cluster: LocalCluster, operator_kubeconfig: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     """The operator the scenarios share; a test may stop and start it again (a restart)."""
-    proc = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator")).start()
+    proc = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator"),
+                           env=OPERATOR_ENV).start()
     yield proc
     proc.stop()
     print("operator log (tail):\n" + proc.tail(30))

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from trilemma.simfleet.cluster import LocalCluster
+from trilemma.simfleet.prometheus_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "operator"
@@ -18,6 +19,12 @@ EXAMPLES = ROOT / "examples" / "operator"
 # the endpoints at a loopback port where nothing listens (the retune check then reports
 # PrometheusError, as it would with Prometheus down).
 NO_PROMETHEUS = "http://127.0.0.1:9"
+# Where the closed-loop scenario starts its Prometheus, chosen when the session starts: the
+# operator may query only the URLs its configuration allows (the chart's
+# prometheus.allowedUrls), and endpoints name this one.
+CLOSED_LOOP_PROMETHEUS_PORT = free_port()
+OPERATOR_ENV = {"TRILEMMA_PROMETHEUS_ALLOWED_URLS":
+                f"{NO_PROMETHEUS},http://127.0.0.1:{CLOSED_LOOP_PROMETHEUS_PORT}"}
 
 
 def h100_pool(name: str, *, count: int = 16, product: str | None = "NVIDIA-H100-80GB-HBM3",

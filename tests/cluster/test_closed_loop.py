@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.kube_helpers import (
+    CLOSED_LOOP_PROMETHEUS_PORT,
     NO_PROMETHEUS,
     deployments,
     endpoint_ips,
@@ -77,7 +78,7 @@ async def test_the_loop_replans_and_rolls_out_on_the_real_control_plane(
         labels = {"namespace": ns, "trilemma_dev_endpoint": "chat"}
         prom = PrometheusServer(tmp_path / "prom", [
             ScrapeJob(f"sim-{i}", a, labels=labels) for i, a in enumerate(fleet.addresses)],
-            binary=binary)
+            binary=binary, port=CLOSED_LOOP_PROMETHEUS_PORT)
         await asyncio.to_thread(prom.start)
         load: asyncio.Task[Any] | None = None
         try:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.cluster.kube_helpers import (
     NO_PROMETHEUS,
+    OPERATOR_ENV,
     deployments,
     endpoint,
     h100_pool,
@@ -42,7 +43,8 @@ def replicas(cluster: LocalCluster, operator: OperatorProcess, operator_kubeconf
              "the peering CRDs served", timeout_s=60)
     cluster.apply([d for d in rendered if d["kind"] == "ClusterKopfPeering"])
     operator.stop()
-    procs = [OperatorProcess(operator_kubeconfig, tmp_path, peering=PEERING, name=name)
+    procs = [OperatorProcess(operator_kubeconfig, tmp_path, peering=PEERING, name=name,
+                             env=OPERATOR_ENV)
              for name in ("replica-a", "replica-b")]
     try:
         for proc in procs:

@@ -19,6 +19,7 @@ from tests.support.kube import (
     write_kubeconfig,
 )
 from trilemma.operator.optimize import Planner
+from trilemma.operator.reconcile import OperatorConfig
 
 
 @pytest.fixture
@@ -40,11 +41,13 @@ def kube_env(kmock: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 @pytest.fixture
 async def operator_factory(kube_env: Any) -> AsyncIterator[Callable[..., Any]]:
-    """make(planner=None, concurrency=2) -> a started Operator; all stop at teardown."""
+    """make(planner=None, concurrency=2, config=None) -> a started Operator; all stop at
+    teardown."""
     started: list[Operator] = []
 
-    async def make(planner: Planner | None = None, concurrency: int = 2) -> Operator:
-        op = Operator(planner, concurrency)
+    async def make(planner: Planner | None = None, concurrency: int = 2,
+                   config: OperatorConfig | None = None) -> Operator:
+        op = Operator(planner, concurrency, config=config)
         await op.start()
         started.append(op)
         return op

@@ -20,9 +20,12 @@ import pytest
 from tests.operator.test_reconcile import ENDPOINT, NS, POOL, make_available, status
 from tests.support.kube import Api
 from tests.support.prometheus import PrometheusServer, ScrapeJob, prometheus_binary
+from trilemma.operator.emulator import CACHE_DIR
+from trilemma.operator.reconcile import OperatorConfig
 from trilemma.optimizer.search import ServingConfig
 from trilemma.simfleet.fleet import SimFleet
 from trilemma.simfleet.loadgen import Phase, run_load
+from trilemma.simfleet.prometheus_server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +102,11 @@ def _error(observed: float | None, truth: float) -> float:
 async def test_the_loop_follows_a_traffic_shift_and_ignores_steady_noise(
         api, operator_factory, tmp_path, capsys):
     prometheus_binary()  # skips (or fails in CI) without the binary
-    op = await operator_factory()
+    # The platform team's allow-list names the Prometheus the endpoint may point at (its port
+    # chosen now, the server started once the fleet it scrapes exists).
+    port = free_port()
+    op = await operator_factory(config=OperatorConfig(
+        cache_dir=CACHE_DIR, prometheus_urls=("http://127.0.0.1:9", f"http://127.0.0.1:{port}")))
     await api.create(POOL)
     # Prometheus first (the endpoint names its URL), scraping a fleet started below: the
     # scrape config needs the fleet's addresses, so start the fleet from a first plan.
@@ -109,7 +116,7 @@ async def test_the_loop_follows_a_traffic_shift_and_ignores_steady_noise(
     fleet, _config = await _serve_plan(api)
     prom = LabelledPrometheus(tmp_path / "prom", [
         ScrapeJob(name=f"sim-{i}", address=a)
-        for i, a in enumerate(fleet.addresses)]).start()
+        for i, a in enumerate(fleet.addresses)], port=port).start()
     load: asyncio.Task[Any] | None = None
     try:
         await api.patch("trilemma.dev/v1alpha1", "OptimizedEndpoint", NS, "chat",

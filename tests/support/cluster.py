@@ -31,6 +31,9 @@ OPERATOR_NS = "trilemma-system"
 # (Not a bare "422": log lines carry milliseconds.)
 _REFUSED = re.compile(r"forbidden: User .* cannot |HTTP 403\b|HTTP 422\b|status=422\b|"
                       r"'code': 422\b|Unprocessable")
+# 403s that are a namespace's policy, not a missing permission: a ResourceQuota refusing a
+# child (the tenant-safety scenario provokes one on purpose).
+_NOT_OURS = re.compile(r"exceeded quota")
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
@@ -118,4 +121,5 @@ class OperatorProcess:
         Not Kopf's every 403: an Event posted into a namespace being deleted is refused with
         403 too, and that is the namespace's doing."""
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return [line for line in text.splitlines() if _REFUSED.search(line)]
+        return [line for line in text.splitlines()
+                if _REFUSED.search(line) and not _NOT_OURS.search(line)]

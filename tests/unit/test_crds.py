@@ -69,7 +69,8 @@ CUSTOM = [(name, doc) for name, doc in SAMPLES if doc["kind"] in DOCS]
 
 
 # ---- a tiny CEL evaluator --------------------------------------------------------------------
-# Enough for the generated rules (has(), ==, !=, >, !, &&, ||, string literals): it lets the
+# Enough for the generated rules (has(), ==, !=, >, !, &&, ||, in, string literals, a map's
+# .all() and a string's .matches()): it lets the
 # negative cases below show that the API server would refuse them, without an API server.
 
 
@@ -89,11 +90,30 @@ def _has(obj: _Obj, dotted: str) -> bool:
     return last in obj._data
 
 
+def _comprehensions(expr: str) -> str:
+    """`X.all(v, BODY)` as a Python generator over X's keys (CEL iterates a map's keys)."""
+    while (start := expr.find(".all(")) != -1:
+        head = re.search(r"[\w.]+$", expr[:start])
+        assert head is not None, expr
+        depth, i = 1, start + len(".all(")
+        while depth:
+            depth += {"(": 1, ")": -1}.get(expr[i], 0)
+            i += 1
+        var, body = expr[start + len(".all("):i - 1].split(",", 1)
+        expr = (f"{expr[:head.start()]}all(({body}) for {var.strip()} in "
+                f"{head.group(0)}._data){expr[i:]}")
+    return expr
+
+
 def cel(rule: str, value: dict[str, Any]) -> bool:
     expr = re.sub(r"has\(self((?:\.\w+)+)\)", lambda m: f"_has(self, {m.group(1)[1:]!r})", rule)
+    expr = re.sub(r"(\w+)\.matches\(('[^']*')\)", r"_matches(\2, \1)", expr)
     expr = re.sub(r"!(?!=)", " not ", expr.replace("||", " or ").replace("&&", " and "))
+    expr = _comprehensions(expr)
+    env = {"__builtins__": {"all": all}, "_has": _has,
+           "_matches": lambda pattern, s: re.search(pattern, s) is not None}
     try:
-        return bool(eval(expr, {"__builtins__": {}, "_has": _has}, {"self": _Obj(value)}))
+        return bool(eval(expr, env, {"self": _Obj(value)}))
     except KeyError:
         return False
 
@@ -404,6 +424,18 @@ NEGATIVE = {
         _endpoint, _set("spec.model", {"configMap": {"name": "cfg"}})),
     "latency target without a percentile": (_endpoint, _set("spec.slo.ttftMs", {})),
     "pool count 0": (_pool, _set("spec.gpus.0.count", 0)),
+    # A hostile tenant's specs (README, threat model): refused before the operator reads them.
+    "hostPath /": (_endpoint, _set("spec.serving", {"modelCache": {"hostPath": "/"}})),
+    "hostPath traversal": (_endpoint, _set("spec.serving", {
+        "modelCache": {"hostPath": "/var/lib/../../etc"}})),
+    "selector replacing the namespace": (_endpoint, _set("spec.prometheus", {
+        "labelSelector": {"namespace": "other-team"}})),
+    "selector key that is no label name": (_endpoint, _set("spec.prometheus", {
+        "labelSelector": {"bad-key": "x"}})),
+    "pool of 10^12 GPUs": (_pool, _set("spec.gpus.0.count", 10**12)),
+    "rate of 10^9 requests/s": (_endpoint, _set("spec.workload.arrivals.requestsPerSecond",
+                                                1e9)),
+    "pool hostPath prefix /": (_pool, _set("spec.modelCacheHostPaths", ["/"])),
     "pool without gpus": (_pool, _set("spec.gpus", [])),
 }
 
