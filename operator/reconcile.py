@@ -638,11 +638,17 @@ async def _deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
                   kids: children.Children, gpus: dict[str, int]) -> None:
     kube = rt.kube
     target = kids.config_hash
+    # The Services' names are stable and guessable: a user's object of that name means a
+    # conflict, found before anything is created (nothing half-applied, no GPUs taken).
+    live_services = [await kube.get(Ref.of(s)) for s in kids.services]
+    for desired, live in zip(kids.services, live_services, strict=True):
+        problem = applying.ownership_problem(live, desired) if live is not None else None
+        if problem is not None:
+            raise applying.NotOwned(Ref.of(desired), problem)
     results = [await applying.apply(kube, workload) for workload in kids.workloads]
     # Just created: certainly not available yet; spares reading them back.
     fresh = any(r is applying.Applied.CREATED for r in results)
-    front = kids.services[0]
-    live_front = await kube.get(Ref.of(front))
+    live_front = live_services[0]
     serving = children.service_hash(live_front) if live_front else None
     rollout = ep.status.get("rollout") or {}
     from_gpus = _from_gpus(ep, serving)
@@ -664,11 +670,8 @@ async def _deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
                          f"new configuration {target} created")
             await _refresh_ready(rt, ep, serving)
             return
-    for service in kids.services:
-        if service is front:
-            await applying.apply(kube, service, current=live_front)
-        else:
-            await applying.apply(kube, service)
+    for service, live in zip(kids.services, live_services, strict=True):
+        await applying.apply(kube, service, current=live)
     await _pod_monitor(rt, ep)
     known = {ep.written.get("servingHash"), (ep.written.get("rollout") or {}).get("toHash"),
              (ep.written.get("activeConfiguration") or {}).get("hash")} - {None}

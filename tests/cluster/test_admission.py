@@ -52,6 +52,17 @@ REFUSED = [
      ["spec.objective", "Unsupported value", "fastest"]),
     ("a field the schema does not have", _with("replicaz", 3),
      ['unknown field "spec.replicaz"']),
+    # A hostile tenant's specs (README, threat model).
+    ("the node's root as a model cache", _with("serving.modelCache", {"hostPath": "/"}),
+     ["spec.serving.modelCache.hostPath", "should match"]),
+    ("a traversal out of a cache directory",
+     _with("serving.modelCache", {"hostPath": "/var/lib/../../etc"}),
+     ["spec.serving.modelCache.hostPath", "should match"]),
+    ("another team's metrics", _with("prometheus.labelSelector", {"namespace": "other-team"}),
+     ["spec.prometheus", "not namespace or trilemma_dev_endpoint"]),
+    ("a rate that would size a search without bound",
+     _with("workload.arrivals", {"kind": "poisson", "requestsPerSecond": 1e12}),
+     ["spec.workload.arrivals.requestsPerSecond", "less than or equal to 1000000"]),
 ]
 
 

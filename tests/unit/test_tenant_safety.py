@@ -278,8 +278,8 @@ def test_the_spec_selector_narrows_the_operators_matchers():
 # ---- 11. engine pods -----------------------------------------------------------------------
 
 
-def test_every_rendered_engine_pod_is_hardened():
-    from trilemma.operator import children
+@pytest.fixture(scope="module")
+def planned() -> tuple[Any, Any]:
     from trilemma.optimizer.search import SearchSettings, ServingConfig, plan
 
     request = PlanRequest.model_validate({
@@ -288,8 +288,28 @@ def test_every_rendered_engine_pod_is_hardened():
         "bounds": {"allowDisaggregation": False}})
     config = ServingConfig.from_dict(
         plan(request, settings=SearchSettings(workers=1)).to_dict()["recommended"]["config"])
-    kids = children.build(config, spec(), children.Owner("chat", "team-a", "u1"),
-                          request.hardware.gpus[0])
+    return config, request.hardware.gpus[0]
+
+
+def test_an_allowed_host_path_cache_is_mounted_where_the_engine_caches(planned):
+    from trilemma.operator import children
+    from trilemma.optimizer.render.workloads import CACHE_MOUNT
+
+    config, group = planned
+    kids = children.build(config, spec(serving={"modelCache": {"hostPath": "/var/lib/models"}}),
+                          children.Owner("chat", "team-a", "u1"), group)
+    pod = kids.workloads[0]["spec"]["template"]["spec"]
+    assert {"name": "model-cache", "hostPath": {"path": "/var/lib/models",
+                                                "type": "DirectoryOrCreate"}} in pod["volumes"]
+    assert {"name": "model-cache", "mountPath": CACHE_MOUNT} in pod["containers"][0][
+        "volumeMounts"]
+
+
+def test_every_rendered_engine_pod_is_hardened(planned):
+    from trilemma.operator import children
+
+    config, group = planned
+    kids = children.build(config, spec(), children.Owner("chat", "team-a", "u1"), group)
     for workload in kids.workloads:
         pod = workload["spec"]["template"]["spec"]
         assert pod["automountServiceAccountToken"] is False
