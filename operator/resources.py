@@ -108,11 +108,13 @@ class EngineSpec(SpecModel):
     name: Engine | None = Field(
         default=None, description="vllm or sglang; empty lets the search choose.")
     vllm_image: str | None = Field(
-        default=None, min_length=1, description="Image for vLLM; default vllm/vllm-openai.")
+        default=None, min_length=1, max_length=1024,
+        description="Image for vLLM; default vllm/vllm-openai.")
     sglang_image: str | None = Field(
-        default=None, min_length=1, description="Image for SGLang; default lmsysorg/sglang.")
-    router_command: list[str] | None = Field(
-        default=None, min_length=1,
+        default=None, min_length=1, max_length=1024,
+        description="Image for SGLang; default lmsysorg/sglang.")
+    router_command: list[Annotated[str, Field(max_length=4096)]] | None = Field(
+        default=None, min_length=1, max_length=64,
         description="Command of the prefill/decode router (vLLM disaggregated plans need one; "
                     "SGLang ships sglang_router).")
 
@@ -146,7 +148,7 @@ class ModelCache(SpecModel):
 class ServingExtras(SpecModel):
     """What the operator adds to the plan's engine command and pods, verbatim."""
 
-    extra_args: list[str] = Field(
+    extra_args: list[Annotated[str, Field(max_length=4096)]] = Field(
         default_factory=list, max_length=64,
         description="Appended to the engine's arguments; may not repeat a flag the plan sets.")
     env: list[EnvVar] = Field(default_factory=list, max_length=64,
