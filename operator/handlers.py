@@ -151,11 +151,13 @@ def register(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.timer(*ENDPOINTS, interval=resync_seconds(), initial_delay=resync_seconds(),
                 registry=registry)
-    async def endpoint_resync(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    async def endpoint_resync(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
+                              **_: Any) -> None:
         rt = _runtime(memo)
         await _guarded(reconcile.advance(rt, namespace, name), "resync")
-        # The traffic check is due every retune.intervalSeconds; the policy says when.
-        await _guarded(closed_loop.check(rt, namespace, name), "retune")
+        # The traffic check is due every retune.intervalSeconds; the policy says when (from
+        # the watched body first: a check that is not due costs no read).
+        await _guarded(closed_loop.check(rt, namespace, name, seen=dict(body)), "retune")
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
     async def deployment_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
