@@ -64,14 +64,20 @@ def _runtime(memo: Any) -> Runtime:
     return rt
 
 
-async def _guarded(coro: Any, what: str) -> None:
+async def _guarded(coro: Any, what: str, body: kopf.Body | None = None) -> None:
     """Transient API trouble -> Kopf retries soon; anything else -> retried later, logged,
-    never a crash of the operator."""
+    never a crash of the operator. A call the operator's own account may not make is also
+    said on the endpoint (`body`), as a Warning Event: its user does not read the operator's
+    log, and Kopf 1.45 no longer posts log lines as Events."""
     try:
         await coro
     except KubeError as err:
         if reconcile.is_transient(err):
             raise kopf.TemporaryError(f"{what}: {err}", delay=5) from err
+        if body is not None and err.status == 403:
+            _post_event(dict(body), "Warning", "Forbidden",
+                        f"{what}: {err}: the operator's ServiceAccount lacks this permission "
+                        "(its RBAC is the Helm chart's); retrying every minute")
         raise kopf.TemporaryError(f"{what}: {err}", delay=60) from err
 
 
@@ -125,7 +131,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
 
     async def _reconcile(body: kopf.Body, memo: kopf.Memo, *, force: bool) -> None:
         await _guarded(reconcile.reconcile(_runtime(memo), copy.deepcopy(dict(body)),
-                                           force=force), "reconcile")
+                                           force=force), "reconcile", body)
 
     @kopf.on.create(*ENDPOINTS, registry=registry)
     async def endpoint_created(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -144,7 +150,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.delete(*ENDPOINTS, registry=registry)
     async def endpoint_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         rt = _runtime(memo)
-        await _guarded(reconcile.delete_children(rt, copy.deepcopy(dict(body))), "delete")
+        await _guarded(reconcile.delete_children(rt, copy.deepcopy(dict(body))), "delete",
+                       body)
         pool = (body.get("spec", {}).get("hardwarePoolRef") or {}).get("name")
         if pool:
             _retry_waiting(rt, pool)
@@ -154,10 +161,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
     async def endpoint_resync(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
                               **_: Any) -> None:
         rt = _runtime(memo)
-        await _guarded(reconcile.advance(rt, namespace, name), "resync")
+        await _guarded(reconcile.advance(rt, namespace, name), "resync", body)
         # The traffic check is due every retune.intervalSeconds; the policy says when (from
         # the watched body first: a check that is not due costs no read).
-        await _guarded(closed_loop.check(rt, namespace, name, seen=dict(body)), "retune")
+        await _guarded(closed_loop.check(rt, namespace, name, seen=dict(body)), "retune",
+                       body)
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
     async def deployment_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
