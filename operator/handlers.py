@@ -66,9 +66,9 @@ def _runtime(memo: Any) -> Runtime:
 
 async def _guarded(coro: Any, what: str, body: kopf.Body | None = None) -> None:
     """Transient API trouble -> Kopf retries soon; anything else -> retried later, logged,
-    never a crash of the operator. A call the operator's own account may not make is also
-    said on the endpoint (`body`), as a Warning Event: its user does not read the operator's
-    log, and Kopf 1.45 no longer posts log lines as Events."""
+    never a crash of the operator. A call the server refuses (403: RBAC, or an admission
+    webhook) is also said on the endpoint (`body`), as a Warning Event: its user does not
+    read the operator's log, and Kopf 1.45 no longer posts log lines as Events."""
     try:
         await coro
     except KubeError as err:
@@ -76,8 +76,8 @@ async def _guarded(coro: Any, what: str, body: kopf.Body | None = None) -> None:
             raise kopf.TemporaryError(f"{what}: {err}", delay=5) from err
         if body is not None and err.status == 403:
             _post_event(dict(body), "Warning", "Forbidden",
-                        f"{what}: {err}: the operator's ServiceAccount lacks this permission "
-                        "(its RBAC is the Helm chart's); retrying every minute")
+                        f"the API server refused the operator ({what}: {err}); retrying "
+                        "every minute")
         raise kopf.TemporaryError(f"{what}: {err}", delay=60) from err
 
 

@@ -10,6 +10,7 @@ what a rendered, hashed child wants, and what every API server (and KMock) agree
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +37,23 @@ PLURALS = {
 
 
 class KubeError(Exception):
-    """An API call failed: carries the HTTP status and the server's reason."""
+    """An API call failed: carries the HTTP status, its reason and the server's message (a
+    403's says who may not do what, or which admission webhook refused)."""
 
-    def __init__(self, status: int, reason: str, what: str) -> None:
+    def __init__(self, status: int, reason: str, what: str, message: str = "") -> None:
         self.status = status
         self.reason = reason
-        super().__init__(f"{what}: HTTP {status} {reason}")
+        self.message = message
+        super().__init__(f"{what}: HTTP {status} {reason}" + (f": {message}" if message else ""))
+
+
+def _server_message(body: Any) -> str:
+    """The `message` of the Status object an API server answers an error with, if any."""
+    try:
+        status = json.loads(body) if isinstance(body, str | bytes) else body
+    except ValueError:
+        return ""
+    return str(status.get("message") or "") if isinstance(status, dict) else ""
 
 
 @dataclass(frozen=True)
@@ -106,7 +118,8 @@ class Kube:
                 auth_settings=["BearerToken"], _return_http_data_only=True,
                 _preload_content=True)
         except ApiException as err:
-            raise KubeError(err.status or 0, str(err.reason), f"{method} {path}") from None
+            raise KubeError(err.status or 0, str(err.reason), f"{method} {path}",
+                            _server_message(err.body)) from None
         return result if isinstance(result, dict) else {}
 
     async def get(self, ref: Ref) -> Obj | None:

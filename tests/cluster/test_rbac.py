@@ -106,4 +106,6 @@ def test_a_permission_the_chart_forgets_is_reported(cluster: LocalCluster, names
     event = events[0]
     assert event["type"] == "Warning"
     assert f"POST /apis/apps/v1/namespaces/{ns}/deployments: HTTP 403" in event["message"]
-    assert "ServiceAccount lacks this permission" in event["message"]
+    # The server's own words name the account and the missing verb.
+    assert (f'User "system:serviceaccount:{OPERATOR_NS}:{ACCOUNT}" cannot create resource '
+            '"deployments"') in event["message"], event["message"]
