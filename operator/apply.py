@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any
 
 from trilemma.operator import naming
-from trilemma.operator.kube import Kube, Ref
+from trilemma.operator.kube import Kube, KubeError, Ref
 from trilemma.optimizer.search import canonical_json
 
 Obj = dict[str, Any]
@@ -107,14 +107,25 @@ _UNKNOWN: Any = object()
 
 async def apply(kube: Kube, desired: Obj, *, current: Obj | None = _UNKNOWN) -> Applied:
     """Make the live object match `desired` (rendered, without the hash annotation).
-    `current`: the live object (None: absent) when the caller has just read it."""
+    `current`: the live object when the caller has just read it; None when the caller has
+    reason to think it absent (a new endpoint's children): it is then created without a read,
+    and read only if the server answers 409 AlreadyExists."""
     obj = with_hash(desired)
     ref = Ref.of(obj)
     if current is _UNKNOWN:
         current = await kube.get(ref)
     if current is None:
-        await kube.create(obj)
-        return Applied.CREATED
+        try:
+            await kube.create(obj)
+            return Applied.CREATED
+        except KubeError as err:
+            if err.status != 409:
+                raise
+        # It exists after all (created since it was read, or by a run cut short before it
+        # recorded anything, or a user's object of that name): go on as for any live object.
+        current = await kube.get(ref)
+        if current is None:  # deleted again meanwhile: a transient conflict, retried
+            raise KubeError(409, "Conflict", f"create {ref}: exists, then gone")
     problem = ownership_problem(current, obj)
     if problem is not None:
         raise NotOwned(ref, problem)

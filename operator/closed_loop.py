@@ -121,26 +121,43 @@ async def observe(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     return observed
 
 
-async def check(rt: Runtime, namespace: str, name: str, *, now: float | None = None) -> None:
+def _due(body: Obj, now: float) -> tuple[OptimizedEndpointSpec, Obj,
+                                          retune.RetuneState] | None:
+    """(spec, active configuration, retune state) when a traffic check of the endpoint is
+    due at `now`; None when it is not (retune off, nothing applied yet, too soon)."""
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return None
+    try:
+        spec = OptimizedEndpointSpec.model_validate(body.get("spec") or {})
+    except pydantic.ValidationError:
+        return None  # the reconciler reports it
+    written = body.get("status") or {}
+    active = written.get("activeConfiguration")
+    if not spec.retune.enabled or not active or not active.get("applied"):
+        return None
+    state = retune.RetuneState.from_status(written.get("retune"))
+    return (spec, active, state) if retune.due(state, now, spec.retune) else None
+
+
+async def check(rt: Runtime, namespace: str, name: str, *, now: float | None = None,
+                seen: Obj | None = None) -> None:
     """One periodic look at an endpoint's traffic; re-plans and rolls out when retune.py
-    says so. Quiet (no write) when the check is not due."""
+    says so. Quiet (no write) when the check is not due.
+
+    `seen`: the endpoint as the caller last saw it (the timer's body, from Kopf's watch).
+    When even that says no check is due, the endpoint is not read: most ticks of most
+    endpoints end here. (It can only lag: a check it misses is done on the next tick.)"""
+    now = time.time() if now is None else now
+    if seen is not None and _due(seen, now) is None:
+        return
     ref = Ref(naming.API_VERSION, "OptimizedEndpoint", namespace, name)
     async with rt.lock(f"{namespace}/{name}"):
         body = await rt.kube.get(ref)
-        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+        due = _due(body, now) if body is not None else None
+        if body is None or due is None:
             return
         ep = Endpoint.of(body)
-        try:
-            spec = OptimizedEndpointSpec.model_validate(body.get("spec") or {})
-        except pydantic.ValidationError:
-            return  # the reconciler reports it
-        active = ep.written.get("activeConfiguration")
-        if not spec.retune.enabled or not active or not active.get("applied"):
-            return
-        now = time.time() if now is None else now
-        state = retune.RetuneState.from_status(ep.written.get("retune"))
-        if not retune.due(state, now, spec.retune):
-            return
+        spec, active, state = due
         observed = await observe(rt, ep, spec, active["engine"])
         if observed is None:
             ep.status["retune"] = retune.dataclasses.replace(state, last_check=now).to_status()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import os
 import random
@@ -83,10 +84,12 @@ def backoff_s(retry: int) -> float:
     return min(BACKOFF_FIRST_S * 2 ** min(retry, 16), BACKOFF_MAX_S)
 
 
-async def _guarded(coro: Any, what: str, retry: int = 0) -> None:
+async def _guarded(coro: Any, what: str, retry: int = 0, body: kopf.Body | None = None) -> None:
     """Transient API trouble -> Kopf retries soon; a failure already reported in status ->
-    retried with exponential backoff; anything else -> retried later, logged, never a crash
-    of the operator."""
+    retried with exponential backoff; anything else -> retried with backoff too, logged, never
+    a crash of the operator. A refusal (403: RBAC, or an admission webhook) that reached no
+    status is also said on the endpoint (`body`), as a Warning Event: its user does not read
+    the operator's log, and Kopf 1.45 no longer posts log lines as Events."""
     try:
         await coro
     except reconcile.RetryLater as err:
@@ -94,6 +97,10 @@ async def _guarded(coro: Any, what: str, retry: int = 0) -> None:
     except KubeError as err:
         if reconcile.is_transient(err):
             raise kopf.TemporaryError(f"{what}: {err}", delay=5) from err
+        if body is not None and err.status == 403:
+            _post_event(dict(body), "Warning", "Forbidden",
+                        f"the API server refused the operator ({what}: {err}); retrying "
+                        f"in {backoff_s(retry):.0f} s")
         raise kopf.TemporaryError(f"{what}: {err}", delay=backoff_s(retry)) from err
 
 
@@ -148,7 +155,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     async def _reconcile(body: kopf.Body, memo: kopf.Memo, *, force: bool,
                          retry: int) -> None:
         await _guarded(reconcile.reconcile(_runtime(memo), copy.deepcopy(dict(body)),
-                                           force=force), "reconcile", retry)
+                                           force=force), "reconcile", retry, body)
 
     @kopf.on.create(*ENDPOINTS, registry=registry)
     async def endpoint_created(body: kopf.Body, memo: kopf.Memo, retry: int,
@@ -170,22 +177,25 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.delete(*ENDPOINTS, registry=registry)
     async def endpoint_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         rt = _runtime(memo)
-        await _guarded(reconcile.delete_children(rt, copy.deepcopy(dict(body))), "delete")
+        await _guarded(reconcile.delete_children(rt, copy.deepcopy(dict(body))), "delete",
+                       body)
         pool = (body.get("spec", {}).get("hardwarePoolRef") or {}).get("name")
         if pool:
             _retry_waiting(rt, pool)
 
     @kopf.timer(*ENDPOINTS, interval=resync_seconds(), initial_delay=resync_seconds(),
                 registry=registry)
-    async def endpoint_resync(name: str, namespace: str, memo: kopf.Memo,
+    async def endpoint_resync(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
                               logger: logging.Logger, **_: Any) -> None:
         rt = _runtime(memo)
         # Each step on its own: a failing traffic check must not stop rollouts from moving
         # on, and nothing a spec holds may raise out of the timer (Kopf would back the whole
         # timer off). Every failure is logged and reported in status; the next tick retries.
         await _timer_step(rt, namespace, name, "resync", reconcile.advance, logger)
-        # The traffic check is due every retune.intervalSeconds; the policy says when.
-        await _timer_step(rt, namespace, name, "retune", closed_loop.check, logger)
+        # The traffic check is due every retune.intervalSeconds; the policy says when (from
+        # the watched body first: a check that is not due costs no read).
+        await _timer_step(rt, namespace, name, "retune",
+                          functools.partial(closed_loop.check, seen=dict(body)), logger)
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
     async def deployment_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -49,6 +49,12 @@ class KubeError(Exception):
         detail = f": {api_message}" if api_message else ""
         super().__init__(f"{what}: HTTP {status} {reason}{detail}")
 
+    @property
+    def message(self) -> str:
+        """The server's message (a 403's says who may not do what, or which webhook
+        refused); empty when the answer was no Status."""
+        return self.api_message
+
 
 def _status_of(body: Any) -> tuple[str, str]:
     """(reason, message) of a Kubernetes Status body; empty strings for anything else."""

@@ -15,10 +15,10 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pydantic
 
@@ -49,6 +49,7 @@ from trilemma.optimizer.spec import HardwarePool, Objective, Workload
 from trilemma.optimizer.spec.loading import spec_error_to_input_error
 
 Obj = dict[str, Any]
+T = TypeVar("T")
 # (body, type, reason, message): posts a Kubernetes Event about the endpoint.
 EventSink = Callable[[Obj, str, str, str], None]
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -334,10 +335,16 @@ async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
     plan_map = children.plan_config_map(ep.owner, plan, request_digest=digest,
                                         config_hash=target)
     key = f"ConfigMap/{plan_map['metadata']['name']}"
-    if key in ep.seen:
-        await applying.apply(rt.kube, plan_map, current=ep.seen[key])
-    else:
-        await applying.apply(rt.kube, plan_map)
+    # A new endpoint: no plan ConfigMap (read while planning) and no status about children.
+    # Its children are then created side by side, none of them read first.
+    new = key in ep.seen and ep.seen[key] is None and not any(
+        ep.written.get(k) for k in ("servingHash", "rollout", "activeConfiguration"))
+
+    async def write_plan() -> None:
+        if key in ep.seen:
+            await applying.apply(rt.kube, plan_map, current=ep.seen[key])
+        else:
+            await applying.apply(rt.kube, plan_map)
 
     ep.status["lastOptimization"] = optimization
     ep.status["predictions"] = status.predictions(choice, plan["request"]["design_rate_rps"])
@@ -359,6 +366,7 @@ async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
                                 f"plan is in ConfigMap {ep.name}-plan")
         ep.condition(ConditionType.DEPLOYED, False, "RecommendOnly",
                      "autoApply is false: nothing was deployed or changed")
+        await write_plan()
         await _finish(rt, ep, spec)
         return
 
@@ -367,11 +375,41 @@ async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
             and (ep.written.get("lastOptimization") or {}).get("requestDigest") == digest):
         # This exact plan already failed to become ready; retrying it would fail the same way.
         ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed", rollout.get("message", ""))
+        await write_plan()
         await _finish(rt, ep, spec)
         return
 
-    await _deploy(rt, ep, spec, kids, gpus)
+    if new:
+        try:
+            await _together(write_plan(), _deploy(rt, ep, spec, kids, gpus, new=True))
+        except (applying.NotOwned, KubeError) as err:
+            if isinstance(err, KubeError) and is_transient(err):
+                raise
+            # Created side by side, so one child's conflict or refusal may come after the
+            # others exist: a new endpoint that failed keeps nothing it made (no GPUs held).
+            await _delete_owned(rt.kube, ep, [*kids.workloads, *kids.services])
+            raise
+    else:
+        await write_plan()
+        await _deploy(rt, ep, spec, kids, gpus)
     await _finish(rt, ep, spec)
+
+
+async def _delete_owned(kube: Kube, ep: Endpoint, objects: list[Obj]) -> None:
+    for obj in objects:
+        live = await kube.get(Ref.of(obj))
+        if live is not None and _owned_by(live, ep) and _managed(live):
+            await kube.delete(Ref.of(obj))
+
+
+async def _together(*calls: Awaitable[T]) -> list[T]:
+    """Runs API calls side by side. All of them finish before the first failure is raised,
+    so none is left running once the endpoint's lock is released."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast(list[T], results)
 
 
 async def _finish(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec) -> None:
@@ -635,19 +673,32 @@ async def _delete_all(kube: Kube, objects: list[Obj]) -> None:
 
 
 async def _deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
-                  kids: children.Children, gpus: dict[str, int]) -> None:
+                  kids: children.Children, gpus: dict[str, int], *, new: bool = False) -> None:
+    """`new`: nothing of the endpoint is thought to exist yet (see _reconcile)."""
     kube = rt.kube
     target = kids.config_hash
-    # The Services' names are stable and guessable: a user's object of that name means a
-    # conflict, found before anything is created (nothing half-applied, no GPUs taken).
-    live_services = [await kube.get(Ref.of(s)) for s in kids.services]
-    for desired, live in zip(kids.services, live_services, strict=True):
-        problem = applying.ownership_problem(live, desired) if live is not None else None
-        if problem is not None:
-            raise applying.NotOwned(Ref.of(desired), problem)
-    results = [await applying.apply(kube, workload) for workload in kids.workloads]
-    # Just created: certainly not available yet; spares reading them back.
-    fresh = any(r is applying.Applied.CREATED for r in results)
+    made: list[applying.Applied] = []
+    if new:
+        made = await _together(*(applying.apply(kube, obj, current=None)
+                                 for obj in [*kids.workloads, *kids.services]))
+    # All created: the endpoint was as new as it looked, so there is no Service serving
+    # another configuration. Anything already there (a run cut short): the full pass below
+    # reads the live objects (and writes nothing more, they are up to date now).
+    new = bool(made) and all(r is applying.Applied.CREATED for r in made)
+    live_services: list[Obj | None] = [None] * len(kids.services)
+    if new:
+        fresh = True
+    else:
+        # The Services' names are stable and guessable: a user's object of that name means
+        # a conflict, found before anything is created (nothing half-applied, no GPUs taken).
+        live_services = [await kube.get(Ref.of(s)) for s in kids.services]
+        for desired, live in zip(kids.services, live_services, strict=True):
+            problem = applying.ownership_problem(live, desired) if live is not None else None
+            if problem is not None:
+                raise applying.NotOwned(Ref.of(desired), problem)
+        results = [await applying.apply(kube, workload) for workload in kids.workloads]
+        # Just created: certainly not available yet; spares reading them back.
+        fresh = any(r is applying.Applied.CREATED for r in results)
     live_front = live_services[0]
     serving = children.service_hash(live_front) if live_front else None
     rollout = ep.status.get("rollout") or {}
@@ -670,7 +721,7 @@ async def _deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
                          f"new configuration {target} created")
             await _refresh_ready(rt, ep, serving)
             return
-    for service, live in zip(kids.services, live_services, strict=True):
+    for service, live in zip([] if new else kids.services, live_services, strict=False):
         await applying.apply(kube, service, current=live)
     await _pod_monitor(rt, ep)
     known = {ep.written.get("servingHash"), (ep.written.get("rollout") or {}).get("toHash"),
@@ -749,14 +800,10 @@ async def _refresh_ready(rt: Runtime, ep: Endpoint, serving: str, *,
 async def advance(rt: Runtime, namespace: str, name: str) -> None:
     """Move an endpoint's rollout on: switch the Service once the new configuration is
     available, roll back once its deadline passes; refresh phase and Ready otherwise."""
-    body = await rt.kube.get(Ref(naming.API_VERSION, "OptimizedEndpoint", namespace, name))
-    if body is None or body.get("metadata", {}).get("deletionTimestamp"):
-        return
-    ep = Endpoint.of(body)
-    async with rt.lock(ep.key):
-        # Re-read under the lock: a reconcile may have finished while this waited.
-        fresh = await rt.kube.get(ep.ref)
-        if fresh is None:
+    async with rt.lock(pool.key(namespace, name)):
+        # Read under the lock: a reconcile may have finished while this waited.
+        fresh = await rt.kube.get(Ref(naming.API_VERSION, "OptimizedEndpoint", namespace, name))
+        if fresh is None or fresh.get("metadata", {}).get("deletionTimestamp"):
             return
         ep = Endpoint.of(fresh)
         rollout = ep.status.get("rollout") or {}
@@ -803,7 +850,7 @@ def _recovered(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
 async def _progress(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
     target, old = rollout["toHash"], rollout.get("fromHash")
     new = await _workloads(rt.kube, ep, target)
-    if await _available(rt.kube, ep, target):
+    if new and all(applying.is_available(w) for w in new):  # _available, without a 2nd read
         if old is not None:
             await _switch_services(rt, ep, target)
             await _delete_all(rt.kube, await _workloads(rt.kube, ep, old))

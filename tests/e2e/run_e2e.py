@@ -12,6 +12,17 @@ the Service -> a spec change rolled out to a new configuration hash -> an invali
 failing with a message -> deletion removing the children. Prints a timeline and exits 1 at the
 first failed check, 2 on bad usage. tests/e2e/README.md has the details and the limits.
 
+    KUBECONFIG=... python tests/e2e/run_e2e.py --no-containers
+
+is the same test on a cluster whose pods run no containers: kwok's fake nodes, as in
+`trilemma dev-cluster` and the cluster suite's control plane (tests/cluster/test_e2e.py runs
+it there on every CI run). It builds, loads and installs nothing: the operator must already be
+running against the cluster, outside it (the cluster test runs `kopf run` as the chart's
+ServiceAccount). The pool is manifests/hardwarepool-gpu-nodes.yaml, on the nodes' own
+`nvidia.com/gpu`, and no node is patched. The checks that need a running engine (its start
+line in the pod log, the completions through the Service) are skipped, each with a line in
+the output saying why; every other check runs unchanged.
+
 Cluster access is kubectl and helm as subprocesses (what a person debugging a failure would
 type); the only Python dependencies are PyYAML and the trilemma package itself (for the label
 keys and phases, so the test and the operator cannot drift apart). Everything that does not
@@ -50,6 +61,7 @@ SIM_DOCKERFILE = E2E / "Dockerfile.sim"
 
 NAMESPACE_FILE = MANIFESTS / "namespace.yaml"
 POOL_FILE = MANIFESTS / "hardwarepool.yaml"
+NODE_GPU_POOL_FILE = MANIFESTS / "hardwarepool-gpu-nodes.yaml"  # --no-containers
 ENDPOINT_FILE = MANIFESTS / "endpoint.yaml"
 CHANGED_ENDPOINT_FILE = MANIFESTS / "endpoint-longer-prompts.yaml"
 INVALID_ENDPOINT_FILE = MANIFESTS / "endpoint-invalid.yaml"
@@ -68,6 +80,9 @@ ENGINE_COMMAND = ["vllm", "serve"]  # what optimizer/render/vllm_flags.py render
 SIM_STARTED = re.compile(r"^sim-server: .* listening on \S+", re.MULTILINE)
 SIM_IGNORED = "ignoring vLLM flags"  # its warning for flags it does not model
 CLIENT_MARK = "E2E-RESPONSE "
+# Why --no-containers skips what it skips, as the timeline says it.
+NO_ENGINE = ("--no-containers: the pods run no container (kwok marks them Running and Ready), "
+             "so no engine")
 
 # Seconds. Generous for a laptop kind cluster; --ready-timeout raises the first wait.
 READY_TIMEOUT = 600.0
@@ -152,20 +167,58 @@ def gpu_capacity_removal(resource: str) -> list[Obj]:
     return [{"op": "remove", "path": f"/status/capacity/{_json_pointer(resource)}"}]
 
 
-def schedulable(node: Obj) -> bool:
-    """Whether ordinary pods (the engines tolerate nothing) may land on the node."""
-    if node.get("spec", {}).get("unschedulable"):
+def _tolerated(taint: Obj, tolerations: Sequence[Obj]) -> bool:
+    """Whether a taint is tolerated (the rules of the pod spec's `tolerations`)."""
+    for tol in tolerations:
+        if tol.get("effect") and tol["effect"] != taint.get("effect"):
+            continue
+        if tol.get("operator", "Equal") == "Exists":
+            if not tol.get("key") or tol["key"] == taint.get("key"):
+                return True
+        elif tol.get("key") == taint.get("key") and tol.get("value", "") == \
+                taint.get("value", ""):
+            return True
+    return False
+
+
+def schedulable(node: Obj, group: Obj | None = None) -> bool:
+    """Whether the engine pods of the pool's GPU group (`group`: its nodeSelector and
+    tolerations; None: ordinary pods, which tolerate nothing) may land on the node."""
+    spec = node.get("spec", {})
+    if spec.get("unschedulable"):
         return False
-    taints = node.get("spec", {}).get("taints") or []
-    return not any(t.get("effect") in ("NoSchedule", "NoExecute") for t in taints)
+    tolerations = (group or {}).get("tolerations") or []
+    if any(t.get("effect") in ("NoSchedule", "NoExecute") and not _tolerated(t, tolerations)
+           for t in spec.get("taints") or []):
+        return False
+    labels = node.get("metadata", {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in ((group or {}).get("nodeSelector") or {}).items())
+
+
+def gpu_nodes(nodes: list[Obj], group: Obj, resource: str, at_least: int) -> list[str]:
+    """The nodes the group's engine pods may land on that have `at_least` of `resource`
+    allocatable."""
+    out = []
+    for node in nodes:
+        have = (node.get("status", {}).get("allocatable") or {}).get(resource, "0")
+        if schedulable(node, group) and int(have) >= at_least:
+            out.append(node["metadata"]["name"])
+    return out
+
+
+def pool_group(pool: Obj) -> Obj:
+    """The e2e pool's single GPU group (it must name its resourceName)."""
+    groups = pool["spec"]["gpus"]
+    if len(groups) != 1 or not groups[0].get("resourceName"):
+        raise UsageError(f"HardwarePool {pool['metadata']['name']}: expected one GPU group "
+                         "with a resourceName")
+    return dict(groups[0])
 
 
 def pool_resource(pool: Obj) -> tuple[str, str]:
     """(GPU key, extended resource name) of the e2e pool's single group."""
-    groups = pool["spec"]["gpus"]
-    if len(groups) != 1 or not groups[0].get("resourceName"):
-        raise UsageError(f"{POOL_FILE}: expected one GPU group with a resourceName")
-    return groups[0]["gpu"], groups[0]["resourceName"]
+    group = pool_group(pool)
+    return group["gpu"], group["resourceName"]
 
 
 def flag_value(args: Sequence[str], flag: str) -> str | None:
@@ -456,7 +509,9 @@ class Timeline:
     """Prints each step and note with the time since the start; keeps step durations."""
 
     start: float = field(default_factory=time.monotonic)
-    steps: list[tuple[str, float, bool]] = field(default_factory=list)
+    # (name, seconds, ok); ok is None for a step skipped (its reason in `skipped`).
+    steps: list[tuple[str, float, bool | None]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def stamp(self) -> str:
         return f"[{time.monotonic() - self.start:7.1f}s]"
@@ -479,11 +534,21 @@ class Timeline:
         self.steps.append((name, took, True))
         print(f"{self.stamp()} ok  {name} ({took:.1f}s)", flush=True)
 
+    def skip(self, name: str, why: str) -> None:
+        """A step this run does not do, said as loudly as one it does."""
+        print(f"{self.stamp()} --  skipped {name}: {why}", flush=True)
+        self.steps.append((name, 0.0, None))
+        self.skipped[name] = why
+
     def summary(self) -> str:
         width = max((len(n) for n, _, _ in self.steps), default=10)
-        lines = [f"  {'ok' if ok else 'FAILED':6} {n:<{width}} {t:7.1f}s"
-                 for n, t, ok in self.steps]
-        lines.append(f"  {'':6} {'total':<{width}} {time.monotonic() - self.start:7.1f}s")
+        lines = []
+        for n, t, ok in self.steps:
+            if ok is None:
+                lines.append(f"  {'skipped':7} {n:<{width}} {'-':>7}   ({self.skipped[n]})")
+            else:
+                lines.append(f"  {'ok' if ok else 'FAILED':7} {n:<{width}} {t:7.1f}s")
+        lines.append(f"  {'':7} {'total':<{width}} {time.monotonic() - self.start:7.1f}s")
         return "\n".join(lines)
 
 
@@ -556,6 +621,10 @@ class Cluster:
             time.sleep(POLL_S)
 
 
+def _pod_places(pods: list[Obj]) -> list[str]:
+    return [f"{p['metadata']['name']} on {p['spec'].get('nodeName')}" for p in pods]
+
+
 def _oe_state(ep: Obj | None) -> str:
     if ep is None:
         return "not found"
@@ -584,6 +653,9 @@ class Settings:
     keep: bool
     ready_timeout: float
     container_tool: str
+    # False (--no-containers): nothing built or installed, the operator runs outside the
+    # cluster, the nodes' own GPUs, no check that needs a running engine.
+    containers: bool = True
 
 
 class E2E:
@@ -592,13 +664,14 @@ class E2E:
         self.k = cluster
         self.t = timeline
         self.namespace_doc = load_manifest(NAMESPACE_FILE)
-        self.pool = load_manifest(POOL_FILE)
+        self.pool = load_manifest(POOL_FILE if settings.containers else NODE_GPU_POOL_FILE)
         self.endpoint = endpoint_manifest(ENDPOINT_FILE, settings.sim_image)
         self.changed = endpoint_manifest(CHANGED_ENDPOINT_FILE, settings.sim_image)
         self.invalid = endpoint_manifest(INVALID_ENDPOINT_FILE, settings.sim_image)
         self.ns = self.namespace_doc["metadata"]["name"]
         self.name = self.endpoint["metadata"]["name"]
         self.gpu, self.resource = pool_resource(self.pool)
+        self.group = pool_group(self.pool)
         self.patched_nodes: list[str] = []
         self.created_release_namespace = False
         self.touched = False  # whether this run changed the cluster (and must clean up)
@@ -614,7 +687,12 @@ class E2E:
                     f"server {server}; nodes: {_names(nodes)}")
         if not nodes:
             raise CheckFailed("the cluster has no nodes")
-        self.t.note(f"operator image {self.s.image}, engine image {self.s.sim_image}")
+        if self.s.containers:
+            self.t.note(f"operator image {self.s.image}, engine image {self.s.sim_image}")
+        else:
+            self.t.note(f"--no-containers: no image built or loaded, no release installed; "
+                        f"the operator runs outside the cluster; engine image "
+                        f"{self.s.sim_image} is never pulled")
 
     def build(self) -> None:
         tool = self.s.container_tool
@@ -635,9 +713,10 @@ class E2E:
             raise CheckFailed(f"`{shlex.join(argv)}` failed")
 
     def install(self) -> None:
-        # Only a namespace this run created is deleted at the end.
-        self.created_release_namespace = self.k.get("namespace", RELEASE_NAMESPACE) is None
-        self.k.helm(*helm_install_args(self.s.image))
+        if self.s.containers:
+            # Only a namespace this run created is deleted at the end.
+            self.created_release_namespace = self.k.get("namespace", RELEASE_NAMESPACE) is None
+            self.k.helm(*helm_install_args(self.s.image))
         # Helm installs crds/ on the first install only: apply the chart's CRDs so a cluster
         # kept from an earlier run tests today's schemas (charts/README.md, "CRDs").
         self.k.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART_CRDS))
@@ -645,12 +724,26 @@ class E2E:
             crd_name = load_manifest(crd)["metadata"]["name"]
             self.k.kubectl("wait", "--for=condition=Established", f"crd/{crd_name}",
                            "--timeout=60s")
-        pods = self.k.list("pods", RELEASE_NAMESPACE, f"app.kubernetes.io/instance={RELEASE}")
-        self.t.note(f"operator pods: {_names(pods)}")
+        if self.s.containers:
+            pods = self.k.list("pods", RELEASE_NAMESPACE,
+                               f"app.kubernetes.io/instance={RELEASE}")
+            self.t.note(f"operator pods: {_names(pods)}")
 
     def fake_gpus(self) -> None:
-        patch = json.dumps(gpu_capacity_patch(self.resource, FAKE_GPUS_PER_NODE))
+        """Nodes the engine pods may land on with the pool's GPUs per node allocatable: the
+        ones already there, else every node patched with FAKE_GPUS_PER_NODE of them."""
+        per_node = int(self.group.get("gpusPerNode") or FAKE_GPUS_PER_NODE)
         nodes = self.k.list("nodes", None)
+        have = gpu_nodes(nodes, self.group, self.resource, per_node)
+        if have:
+            self.t.note(f"nodes already advertise {per_node}+ {self.resource} for the pool: "
+                        f"{', '.join(have)}; no node patched")
+            return
+        if not self.s.containers:
+            raise CheckFailed(f"no node the pool {self.pool['metadata']['name']} selects "
+                              f"({self.group.get('nodeSelector')}) advertises {per_node} "
+                              f"{self.resource}; --no-containers patches no node")
+        patch = json.dumps(gpu_capacity_patch(self.resource, FAKE_GPUS_PER_NODE))
         for node in nodes:
             node_name = node["metadata"]["name"]
             self.k.kubectl("patch", "node", node_name, "--subresource=status", "--type=json",
@@ -658,9 +751,8 @@ class E2E:
             self.patched_nodes.append(node_name)
 
         def advertised() -> tuple[bool, str]:
-            ready = [n["metadata"]["name"] for n in self.k.list("nodes", None)
-                     if schedulable(n) and (n.get("status", {}).get("allocatable") or {})
-                     .get(self.resource) == str(FAKE_GPUS_PER_NODE)]
+            ready = gpu_nodes(self.k.list("nodes", None), self.group, self.resource,
+                              FAKE_GPUS_PER_NODE)
             return bool(ready), (f"schedulable nodes with {FAKE_GPUS_PER_NODE} allocatable "
                                  f"{self.resource}: {', '.join(ready) or 'none yet'}")
 
@@ -699,8 +791,17 @@ class E2E:
         return probe
 
     def wait_ready(self) -> Obj:
-        self.k.wait_for(f"OptimizedEndpoint {self.name} Ready", self._settled(),
-                        self.s.ready_timeout)
+        try:
+            self.k.wait_for(f"OptimizedEndpoint {self.name} Ready", self._settled(),
+                            self.s.ready_timeout)
+        except CheckFailed as err:
+            ep = self._endpoint()
+            if not self.s.containers and ep is not None and not ep["metadata"].get(
+                    "finalizers"):
+                raise CheckFailed(f"{err}; no operator took the endpoint (it has no "
+                                  "finalizer): --no-containers runs none, start one against "
+                                  "this cluster") from None
+            raise
         ep = self._endpoint()
         assert ep is not None
         opt = ep["status"].get("lastOptimization") or {}
@@ -726,6 +827,10 @@ class E2E:
                    and not p["metadata"].get("deletionTimestamp")]
         if not running:
             raise CheckFailed(f"no running engine pod for {config_hash}: {_names(pods)}")
+        if not self.s.containers:
+            self.t.note(f"{', '.join(_pod_places(running))} Running; skipped: the engine's "
+                        f"start line in the pod log ({NO_ENGINE} wrote one)")
+            return ep
         for pod in running:
             pod_name = pod["metadata"]["name"]
             log = self.k.kubectl("logs", "-n", self.ns, pod_name, "-c", "engine").stdout
@@ -880,12 +985,13 @@ class E2E:
                        self.pool["metadata"]["name"], "--ignore-not-found", check=False)
         self.k.kubectl("delete", "namespace", self.ns, "--ignore-not-found", "--wait=true",
                        "--timeout=180s", check=False, timeout=200)
-        if uninstall:
+        if uninstall and self.s.containers:
             self.k.helm("uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait",
                         check=False)
             if self.created_release_namespace:
                 self.k.kubectl("delete", "namespace", RELEASE_NAMESPACE, "--ignore-not-found",
                                "--wait=false", check=False)
+        if uninstall:
             removal = json.dumps(gpu_capacity_removal(self.resource))
             for node in self.patched_nodes:
                 self.k.kubectl("patch", "node", node, "--subresource=status", "--type=json",
@@ -898,11 +1004,14 @@ class E2E:
             ["get", "deployments,replicasets,pods,services,configmaps", "-n", self.ns, "-o",
              "wide"],
             ["get", "events", "-n", self.ns, "--sort-by=.lastTimestamp"],
-            ["logs", "-n", RELEASE_NAMESPACE, "-l", f"app.kubernetes.io/instance={RELEASE}",
-             "--tail=120"],
-            ["logs", "-n", self.ns, "-l", naming.LABEL_ENDPOINT, "--all-containers",
-             "--prefix", "--tail=40"],
         ]
+        if self.s.containers:  # else no pod has a log; the operator's is wherever it runs
+            commands += [
+                ["logs", "-n", RELEASE_NAMESPACE, "-l",
+                 f"app.kubernetes.io/instance={RELEASE}", "--tail=120"],
+                ["logs", "-n", self.ns, "-l", naming.LABEL_ENDPOINT, "--all-containers",
+                 "--prefix", "--tail=40"],
+            ]
         print("\n---- diagnostics " + "-" * 60, flush=True)
         for args in commands:
             try:
@@ -925,10 +1034,18 @@ def run(e2e: E2E, timeline: Timeline) -> None:
             e2e.load_into_kind()
     with timeline.step("remove leftovers of earlier runs"):
         e2e.cleanup(uninstall=False)
-    with timeline.step("install the chart (helm --wait) and the current CRDs"):
-        e2e.install()
-    with timeline.step(f"advertise {FAKE_GPUS_PER_NODE} fake {e2e.resource} per node"):
-        e2e.fake_gpus()
+    if s.containers:
+        with timeline.step("install the chart (helm --wait) and the current CRDs"):
+            e2e.install()
+        with timeline.step(f"advertise {FAKE_GPUS_PER_NODE} fake {e2e.resource} per node"):
+            e2e.fake_gpus()
+    else:
+        timeline.skip("install the chart", "--no-containers: the operator already runs, "
+                                          "outside the cluster")
+        with timeline.step("apply the current CRDs"):
+            e2e.install()
+        with timeline.step(f"nodes advertise {e2e.resource} for the pool"):
+            e2e.fake_gpus()
     with timeline.step("apply namespace, HardwarePool, OptimizedEndpoint"):
         e2e.create()
     with timeline.step("wait for phase Ready (plan, deploy, engine up)"):
@@ -937,15 +1054,21 @@ def run(e2e: E2E, timeline: Timeline) -> None:
         ready = e2e.check_children()
     with timeline.step("check `kubectl get oe` printer columns"):
         e2e.check_columns(ready)
-    with timeline.step("completion through the Service"):
-        e2e.complete(ready, prompt="Say hello to the trilemma e2e test.", max_tokens=16)
+    if s.containers:
+        with timeline.step("completion through the Service"):
+            e2e.complete(ready, prompt="Say hello to the trilemma e2e test.", max_tokens=16)
+    else:
+        timeline.skip("completion through the Service", f"{NO_ENGINE} answers")
     old_args = ready["status"]["activeConfiguration"]["engineArgs"]
     with timeline.step("spec change (prompts x4): new hash rolled out, old one gone"):
         changed = e2e.change_spec(ready)
     with timeline.step("check the children of the new configuration"):
         changed = e2e.check_children()
     prompt = long_prompt(old_args, changed["status"]["activeConfiguration"]["engineArgs"], 8)
-    if prompt is not None:
+    if not s.containers:
+        timeline.skip("completion through the Service after the rollout",
+                      f"{NO_ENGINE} answers")
+    elif prompt is not None:
         with timeline.step("completion only the new configuration fits (max-model-len)"):
             e2e.complete(changed, prompt=prompt, max_tokens=8)
     else:
@@ -970,6 +1093,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "failure) for inspection")
     p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT,
                    help=f"seconds to wait for the first Ready (default {READY_TIMEOUT:.0f})")
+    p.add_argument("--no-containers", action="store_true",
+                   help="for a cluster whose pods run no containers (kwok, `trilemma "
+                        "dev-cluster`): build, load and install nothing (an operator must "
+                        "already run against the cluster), use the nodes' own nvidia.com/gpu "
+                        f"({NODE_GPU_POOL_FILE.name}), skip the checks that need a running "
+                        "engine, saying so")
     return p.parse_args(argv)
 
 
@@ -978,6 +1107,14 @@ def settings_from(env: dict[str, str], args: argparse.Namespace) -> Settings:
         raise UsageError("set KUBECONFIG to the test cluster's kubeconfig (this test installs "
                          "a release and patches node status; it never falls back to "
                          "~/.kube/config), e.g. KUBECONFIG=/tmp/trilemma-e2e.kubeconfig")
+    if args.no_containers:
+        ignored = [v for v in ("IMAGE", "SIM_IMAGE", "KIND_CLUSTER") if env.get(v)]
+        if ignored:
+            raise UsageError(f"--no-containers builds, loads and installs no image: unset "
+                             f"{', '.join(ignored)}")
+        return Settings(image=DEFAULT_IMAGE, sim_image=MANIFEST_SIM_IMAGE, build_image=False,
+                        build_sim_image=False, kind_cluster=None, keep=args.keep,
+                        ready_timeout=args.ready_timeout, container_tool="", containers=False)
     image = env.get("IMAGE") or DEFAULT_IMAGE
     sim_image = env.get("SIM_IMAGE") or DEFAULT_SIM_IMAGE
     for img in (image, sim_image):
@@ -1003,7 +1140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     timeline = Timeline()
     try:
         settings = settings_from(dict(os.environ), args)
-        kubectl, helm = _tool("kubectl"), _tool("helm")
+        kubectl = _tool("kubectl")
+        # --no-containers installs no release: no helm needed (nor called).
+        helm = _tool("helm") if settings.containers else "helm"
         if settings.build_image or settings.build_sim_image:
             _tool(settings.container_tool)
         if settings.kind_cluster:

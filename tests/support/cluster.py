@@ -59,14 +59,16 @@ def install_operator(cluster: LocalCluster, helm: str) -> Path:
 
 class OperatorProcess:
     """One operator replica. `peering`: None runs standalone (the chart's default with one
-    replica); a name joins that ClusterKopfPeering (active/standby replicas)."""
+    replica); a name joins that ClusterKopfPeering (active/standby replicas). `namespace`:
+    serve that namespace only (the chart's watchNamespaces), else all of them."""
 
     def __init__(self, kubeconfig: Path, workdir: Path, *, peering: str | None = None,
                  resync_s: float = 1.0, env: dict[str, str] | None = None,
-                 name: str = "operator") -> None:
+                 name: str = "operator", namespace: str | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.log = workdir / f"{name}.log"
         self.peering = peering
+        self.scope = [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
         self.port = free_port()
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TRILEMMA_METRICS_PORT": "0",
                     "TRILEMMA_RESYNC_SECONDS": f"{resync_s:g}",
@@ -80,7 +82,7 @@ class OperatorProcess:
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "kopf", "run", "--module=trilemma.operator.handlers",
-                 "--all-namespaces", *mode, f"--liveness=http://127.0.0.1:{self.port}/healthz"],
+                 *self.scope, *mode, f"--liveness=http://127.0.0.1:{self.port}/healthz"],
                 env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         deadline = time.monotonic() + timeout_s

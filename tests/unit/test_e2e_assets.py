@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -45,6 +45,7 @@ from trilemma.operator.resources import HardwarePoolSpec, OptimizedEndpointSpec
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import ServingConfig
 from trilemma.simfleet import cli_server, engine_flags
+from trilemma.simfleet.cluster import DEFAULT_NODES
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E = ROOT / "tests" / "e2e"
@@ -75,14 +76,16 @@ CHANGED = drv.load_manifest(drv.CHANGED_ENDPOINT_FILE)
 INVALID = drv.load_manifest(drv.INVALID_ENDPOINT_FILE)
 NAMESPACE = drv.load_manifest(drv.NAMESPACE_FILE)
 GPU, RESOURCE = drv.pool_resource(POOL)
+NODE_POOL = drv.load_manifest(drv.NODE_GPU_POOL_FILE)  # --no-containers
+NODE_POOL_SPEC = HardwarePoolSpec.model_validate(NODE_POOL["spec"])
 
 
 # ---- manifests ---------------------------------------------------------------------------------
 
 
 def test_every_manifest_file_is_loaded_by_the_driver():
-    used = {drv.NAMESPACE_FILE, drv.POOL_FILE, drv.ENDPOINT_FILE, drv.CHANGED_ENDPOINT_FILE,
-            drv.INVALID_ENDPOINT_FILE}
+    used = {drv.NAMESPACE_FILE, drv.POOL_FILE, drv.NODE_GPU_POOL_FILE, drv.ENDPOINT_FILE,
+            drv.CHANGED_ENDPOINT_FILE, drv.INVALID_ENDPOINT_FILE}
     assert set(MANIFEST_FILES) == used
 
 
@@ -122,6 +125,32 @@ def test_the_pool_is_fake_gpus_that_one_patched_node_holds():
     assert group.effective_resource_name == RESOURCE
     assert group.count <= drv.FAKE_GPUS_PER_NODE
     assert group.effective_gpus_per_node <= drv.FAKE_GPUS_PER_NODE
+
+
+def test_the_gpu_node_pool_is_the_fake_pool_on_the_kwok_h100_nodes(tmp_path):
+    # The same pool for the planner: name, GPU, count, GPUs per node, price; the search gets
+    # the same request but for where the pods go (node selector, tolerations, resource).
+    assert NODE_POOL["metadata"] == POOL["metadata"]
+    fake, real = POOL_SPEC.gpus[0], NODE_POOL_SPEC.gpus[0]
+    placement = {"node_selector", "tolerations", "resource_name"}
+    assert real.model_dump(exclude=placement) == fake.model_dump(exclude=placement)
+    spec = OptimizedEndpointSpec.model_validate(ENDPOINT["spec"])
+    assert spec.model is not None
+    choice, served = model_choice(spec.model, None, None, tmp_path)
+    models = Models(choices=[choice], checkpoints={choice.id: served})
+    requests = [plan_request(spec, models, pool).model_dump(
+        exclude={"hardware": {"gpus": {0: placement}}}) for pool in (POOL_SPEC, NODE_POOL_SPEC)]
+    assert requests[0] == requests[1]
+    # Where the pods go: the cluster suite's (and `trilemma dev-cluster`'s) H100 nodes, with
+    # their own nvidia.com/gpu, past their GPU taint; not the L40S nodes.
+    assert real.effective_resource_name == "nvidia.com/gpu"
+    nodes = [m for g in DEFAULT_NODES for m in g.manifests()]
+    group = drv.pool_group(NODE_POOL)
+    assert drv.gpu_nodes(nodes, group, "nvidia.com/gpu", real.effective_gpus_per_node) == [
+        "h100-0", "h100-1"]
+    assert drv.gpu_nodes(nodes, {**group, "tolerations": []}, "nvidia.com/gpu", 1) == []
+    assert drv.gpu_nodes(nodes, {**group, "nodeSelector": {}}, "nvidia.com/gpu", 1) == [
+        "h100-0", "h100-1"]  # the L40S nodes' second taint is not tolerated
 
 
 def test_the_spec_change_is_prompts_four_times_as_long_and_nothing_else():
@@ -832,7 +861,8 @@ class FakeCluster(drv.Cluster):
         pod["status"] = {"phase": "Succeeded" if done.returncode == 0 else "Failed"}
 
 
-def _fake_run(deployed, sims, monkeypatch, *, same_plan: bool = False) -> tuple[Any, Any]:
+def _fake_run(deployed, sims, monkeypatch, *, same_plan: bool = False,
+              containers: bool = True) -> tuple[Any, Any]:
     monkeypatch.setattr(drv, "POLL_S", 0.0)
     monkeypatch.setenv("KUBECONFIG", "/fake/kubeconfig")
     old, new = deployed
@@ -840,7 +870,8 @@ def _fake_run(deployed, sims, monkeypatch, *, same_plan: bool = False) -> tuple[
              json.dumps(CHANGED["spec"], sort_keys=True): old if same_plan else new}
     settings = drv.Settings(image=drv.DEFAULT_IMAGE, sim_image=drv.MANIFEST_SIM_IMAGE,
                             build_image=False, build_sim_image=False, kind_cluster=None,
-                            keep=False, ready_timeout=30, container_tool="docker")
+                            keep=False, ready_timeout=30, container_tool="docker",
+                            containers=containers)
     timeline = drv.Timeline()
     cluster = FakeCluster(plans, sims, timeline)
     return drv.E2E(settings, cluster, timeline), cluster
@@ -921,3 +952,44 @@ def test_main_reports_a_failure_with_diagnostics_and_still_cleans_up(deployed, s
     assert [k for k in cluster.objects if k[0] != "Node"] == []
     assert ("helm", "uninstall", drv.RELEASE, "--namespace", drv.RELEASE_NAMESPACE,
             "--wait") in cluster.calls
+
+
+def test_no_containers_installs_patches_and_sends_nothing_and_says_what_it_skips(
+        deployed, sims, monkeypatch, capsys):
+    # The operator's children for the same plans on the GPU-node pool (the same request).
+    owner = children.Owner(ENDPOINT["metadata"]["name"], ENDPOINT["metadata"]["namespace"], UID)
+    on_nodes = tuple(replace(d, kids=children.build(
+        d.config, d.spec, owner, NODE_POOL_SPEC.group(d.config.worker.gpu),
+        served_model=d.served)) for d in deployed)
+    e2e, cluster = _fake_run(on_nodes, sims, monkeypatch, containers=False)
+    cluster._put(DEFAULT_NODES[0].manifests()[0])  # a kwok H100 node: 8 nvidia.com/gpu
+    drv.run(e2e, e2e.t)
+    e2e.cleanup(uninstall=True)
+    out = capsys.readouterr().out
+    skipped = {"install the chart", "completion through the Service",
+               "completion through the Service after the rollout"}
+    assert {n for n, _, ok in e2e.t.steps if ok is None} == skipped
+    assert all(ok for n, _, ok in e2e.t.steps if n not in skipped)
+    for name in skipped:
+        assert f"--  skipped {name}: --no-containers: " in out
+    assert "skipped: the engine's start line in the pod log" in out
+    assert "no node patched" in out
+    assert [c for c in cluster.calls if c[0] == "helm"] == []
+    assert [c for c in cluster.calls if c[1] in ("logs", "patch") and "node" in c] == []
+    assert not [c for c in cluster.calls if c[1] == "logs"]  # no pod has a log to read
+    assert cluster.client_logs == {}  # no client pod
+    assert f"Service e2e-chat: {on_nodes[0].kids.config_hash} -> " \
+           f"{on_nodes[1].kids.config_hash}" in out
+    assert [k for k in cluster.objects if k[0] != "Node"] == []
+    summary = e2e.t.summary()
+    assert "  skipped completion through the Service " in summary
+
+
+def test_no_containers_refuses_image_settings_and_needs_no_helm(monkeypatch):
+    args = drv.parse_args(["--no-containers"])
+    env = {"KUBECONFIG": "/k"}
+    settings = drv.settings_from(env, args)
+    assert not settings.containers and not settings.build_image and not settings.build_sim_image
+    assert settings.kind_cluster is None
+    with pytest.raises(drv.UsageError, match="unset IMAGE"):
+        drv.settings_from({**env, "IMAGE": "x:1"}, args)
