@@ -20,7 +20,8 @@ from typing import Any
 
 import pydantic
 
-from trilemma.operator import calibration, naming, reconcile, retune
+from trilemma.operator import calibration, naming, plans, reconcile, retune, status
+from trilemma.operator.endpoint import Endpoint, Outcome, Runtime, commit
 from trilemma.operator.estimator import (
     MetricsReason,
     ObservedWorkload,
@@ -30,7 +31,6 @@ from trilemma.operator.estimator import (
 from trilemma.operator.kube import Ref
 from trilemma.operator.optimize import plan_request, request_digest
 from trilemma.operator.prometheus import PrometheusClient
-from trilemma.operator.reconcile import Endpoint, Runtime
 from trilemma.operator.resources import ConditionType, OptimizedEndpointSpec
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import InfeasibleSLO, ServingConfig
@@ -161,7 +161,7 @@ async def check(rt: Runtime, namespace: str, name: str, *, now: float | None = N
         observed = await observe(rt, ep, spec, active["engine"])
         if observed is None:
             ep.status["retune"] = retune.dataclasses.replace(state, last_check=now).to_status()
-            await reconcile.commit(rt, ep)
+            await commit(rt, ep)
             return
         await _decide(rt, ep, spec, state, observed, now)
 
@@ -180,7 +180,7 @@ async def _decide(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     rolling = (ep.written.get("rollout") or {}).get("state") == "Progressing"
     basis = str(ep.written.get("specDigest") or "")
     started = (ep.written.get("rollout") or {}).get("started")
-    since = reconcile.status.parse_time(started).timestamp() if started else None
+    since = status.parse_time(started).timestamp() if started else None
     decision = retune.decide(state, now, observed, observed.availability.reason, drift,
                              violations, spec.retune, rolling_out=rolling, basis=basis,
                              serving_since=since)
@@ -195,7 +195,7 @@ async def _decide(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     if decision.action is retune.Action.REPLAN and decision.workload is not None:
         state = await _replan(rt, ep, spec, plan, observed, decision, violations, state, now)
     ep.status["retune"] = state.to_status()
-    await reconcile.commit(rt, ep)
+    await commit(rt, ep)
 
 
 async def _stored_plan(rt: Runtime, ep: Endpoint) -> Obj | None:
@@ -225,18 +225,18 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
     try:
         tuned = spec.model_copy(update={
             "workload": to_workload_spec(observed, base=spec.workload)})
-        models = await reconcile.resolve_models(rt, ep, tuned)
-        full_pool = await reconcile.read_pool(rt.kube, tuned.hardware_pool_ref.name)
+        models = await plans.resolve_models(rt, ep, tuned)
+        full_pool = await plans.read_pool(rt.kube, tuned.hardware_pool_ref.name)
         async with rt.ledger.lock:
-            avail = await reconcile.availability(rt, ep, tuned.hardware_pool_ref.name,
+            avail = await plans.availability(rt, ep, tuned.hardware_pool_ref.name,
                                                  full_pool)
         if avail.pool is None:
             return failed(avail.exhausted_message())
-        request = plan_request(reconcile.calibrated(ep, tuned), models, avail.pool)
+        request = plan_request(plans.calibrated(ep, tuned), models, avail.pool)
         run = await rt.optimizer.run(request)
     except InfeasibleSLO as err:
         return failed(f"no configuration serves the observed workload: {err.why}")
-    except (InputError, reconcile.Outcome) as err:
+    except (InputError, Outcome) as err:
         return failed(str(err))
     # The running configuration, re-predicted at the observed workload: the old plan's figures
     # were for the old one, and a fair comparison puts both at the same traffic.
@@ -261,13 +261,13 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
         "specDigest": basis,
         "workload": tuned.workload.model_dump(by_alias=True, mode="json", exclude_none=True)}
     ep.status["lastOptimization"] = {
-        "time": reconcile.status.now_rfc3339(), "durationSeconds": round(run.seconds, 3),
+        "time": status.now_rfc3339(), "durationSeconds": round(run.seconds, 3),
         "candidates": int(run.plan.get("counts", {}).get("enumerated", 0)),
         "requestDigest": digest, "reused": False}
-    await reconcile.store_plan(rt, ep, run.plan, digest)
+    await plans.store_plan(rt, ep, run.plan, digest)
     state = retune.rolled_out(state, now)
     ep.status["retune"] = state.to_status()
-    await reconcile.commit(rt, ep)
+    await commit(rt, ep)
     await reconcile.reconcile_locked(rt, ep.ref)
     return state
 
@@ -281,11 +281,11 @@ async def _calibrate(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, sto
     if observed.samples < calibration.SETTINGS.min_samples:
         return
     try:
-        models = await reconcile.resolve_models(rt, ep, spec)
-        full_pool = await reconcile.read_pool(rt.kube, spec.hardware_pool_ref.name)
+        models = await plans.resolve_models(rt, ep, spec)
+        full_pool = await plans.read_pool(rt.kube, spec.hardware_pool_ref.name)
         request = retune.observed_request(plan_request(spec, models, full_pool), observed,
                                           at_peak=False)
-    except (InputError, reconcile.Outcome, pydantic.ValidationError):
+    except (InputError, Outcome, pydantic.ValidationError):
         return  # the reconciler reports spec and pool problems
     config = ServingConfig.from_dict(stored["recommended"]["config"])
     loop = asyncio.get_running_loop()
@@ -294,7 +294,7 @@ async def _calibrate(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, sto
     predicted = await loop.run_in_executor(None, functools.partial(
         retune.repredict, config, request, requests=CALIBRATION_REQUESTS))
     rollout = ep.written.get("rollout") or {}
-    since = (reconcile.status.parse_time(rollout["started"]).timestamp()
+    since = (status.parse_time(rollout["started"]).timestamp()
              if rollout.get("started") else None)
     cal = calibration.update(cal, predicted=predicted["prediction"], observed=observed,
                              config_hash=ep.written.get("servingHash"), serving_since=since)

@@ -50,7 +50,7 @@ from trilemma.simfleet.prometheus_server import (
 )
 
 if TYPE_CHECKING:
-    from trilemma.operator.reconcile import OperatorConfig
+    from trilemma.operator.endpoint import OperatorConfig
 
 Obj = dict[str, Any]
 
@@ -801,7 +801,7 @@ async def _run(options: DemoOptions, timeline: Timeline, binary: str | None,
 def operator_config(prometheus_port: int) -> OperatorConfig:
     """The operator as the platform team would set it up: its Prometheus is the demo's."""
     from trilemma.operator.emulator import CACHE_DIR
-    from trilemma.operator.reconcile import OperatorConfig
+    from trilemma.operator.endpoint import OperatorConfig
 
     return OperatorConfig(prometheus_url=f"http://127.0.0.1:{prometheus_port}",
                           cache_dir=CACHE_DIR)

@@ -33,9 +33,9 @@ import kopf
 import yaml
 
 from trilemma.operator import handlers, naming
+from trilemma.operator.endpoint import OperatorConfig
 from trilemma.operator.metrics import OperatorMetrics
 from trilemma.operator.optimize import Planner
-from trilemma.operator.reconcile import OperatorConfig
 
 Obj = dict[str, Any]
 OE = f"{naming.GROUP}/{naming.VERSION}/optimizedendpoints"

@@ -24,12 +24,12 @@ from typing import Any
 import kopf
 from kubernetes_asyncio.config import kube_config
 
-from trilemma.operator import closed_loop, naming, reconcile
+from trilemma.operator import closed_loop, endpoint, naming, reconcile, rollout
 from trilemma.operator.apply import is_available
+from trilemma.operator.endpoint import OperatorConfig, Runtime
 from trilemma.operator.kube import Kube, KubeError
 from trilemma.operator.metrics import OperatorMetrics
 from trilemma.operator.optimize import Optimizer, Planner, default_planner
-from trilemma.operator.reconcile import OperatorConfig, Runtime
 
 ENDPOINTS = (naming.GROUP, naming.VERSION, "optimizedendpoints")
 POOLS = (naming.GROUP, naming.VERSION, "hardwarepools")
@@ -92,10 +92,10 @@ async def _guarded(coro: Any, what: str, retry: int = 0, body: kopf.Body | None 
     the operator's log, and Kopf 1.45 no longer posts log lines as Events."""
     try:
         await coro
-    except reconcile.RetryLater as err:
+    except endpoint.RetryLater as err:
         raise kopf.TemporaryError(f"{what}: {err}", delay=backoff_s(retry)) from err
     except KubeError as err:
-        if reconcile.is_transient(err):
+        if endpoint.is_transient(err):
             raise kopf.TemporaryError(f"{what}: {err}", delay=5) from err
         if body is not None and err.status == 403:
             _post_event(dict(body), "Warning", "Forbidden",
@@ -177,7 +177,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.delete(*ENDPOINTS, registry=registry)
     async def endpoint_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         rt = _runtime(memo)
-        await _guarded(reconcile.delete_children(rt, copy.deepcopy(dict(body))), "delete",
+        await _guarded(rollout.delete_children(rt, copy.deepcopy(dict(body))), "delete",
                        body)
         pool = (body.get("spec", {}).get("hardwarePoolRef") or {}).get("name")
         if pool:
@@ -191,7 +191,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         # Each step on its own: a failing traffic check must not stop rollouts from moving
         # on, and nothing a spec holds may raise out of the timer (Kopf would back the whole
         # timer off). Every failure is logged and reported in status; the next tick retries.
-        await _timer_step(rt, namespace, name, "resync", reconcile.advance, logger)
+        await _timer_step(rt, namespace, name, "resync", rollout.advance, logger)
         # The traffic check is due every retune.intervalSeconds; the policy says when (from
         # the watched body first: a check that is not due costs no read).
         await _timer_step(rt, namespace, name, "retune",
@@ -208,7 +208,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
             return
         if endpoint and namespace and rt is not None:
             try:
-                await reconcile.advance(rt, namespace, endpoint)
+                await rollout.advance(rt, namespace, endpoint)
             except KubeError as err:
                 # Events are not retried by Kopf; the periodic resync will catch up.
                 logging.getLogger(__name__).warning("advance %s/%s: %s", namespace,
@@ -231,7 +231,7 @@ async def _timer_step(rt: Runtime, namespace: str, name: str, what: str, step: A
                        type(err).__name__, err)
         rt.metrics.error(f"{what.capitalize()}Failed")
         try:
-            await reconcile.record_timer_failure(rt, namespace, name, what, err)
+            await endpoint.record_timer_failure(rt, namespace, name, what, err)
         except Exception as report_err:  # e.g. the status write was refused too
             logger.warning("could not report it in status: %s", report_err)
 

@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from trilemma.operator import handlers
-from trilemma.operator.reconcile import OperatorConfig
+from trilemma.operator.endpoint import OperatorConfig
 
 
 def main() -> None:

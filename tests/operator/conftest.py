@@ -18,8 +18,8 @@ from tests.support.kube import (
     declare_resources,
     write_kubeconfig,
 )
+from trilemma.operator.endpoint import OperatorConfig
 from trilemma.operator.optimize import Planner
-from trilemma.operator.reconcile import OperatorConfig
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from tests.operator.test_reconcile import ENDPOINT, NS, POOL, make_available, st
 from tests.support.kube import Api
 from tests.support.prometheus import PrometheusServer, ScrapeJob, prometheus_binary
 from trilemma.operator.emulator import CACHE_DIR
-from trilemma.operator.reconcile import OperatorConfig
+from trilemma.operator.endpoint import OperatorConfig
 from trilemma.optimizer.search import ServingConfig
 from trilemma.simfleet.fleet import SimFleet
 from trilemma.simfleet.loadgen import Phase, run_load

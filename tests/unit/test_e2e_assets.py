@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from tests import tools
-from trilemma.operator import children, naming, reconcile, status
+from trilemma.operator import children, endpoint, naming, status
 from trilemma.operator.optimize import (
     Models,
     default_planner,
@@ -167,7 +167,7 @@ def test_the_invalid_endpoint_passes_the_schema_but_names_an_unknown_model(tmp_p
     assert spec.model is not None
     with pytest.raises(InputError) as err:
         model_choice(spec.model, None, None, tmp_path)
-    # The operator's status message is "<field>=<value!r>: <why>" (reconcile._input_message);
+    # The operator's status message is "<field>=<value!r>: <why>" (endpoint.input_message);
     # run_e2e.py expects it to name the model.
     assert err.value.field == "model.id"
     assert INVALID["spec"]["model"]["id"] in repr(err.value.value)
@@ -790,7 +790,7 @@ class FakeCluster(drv.Cluster):
                 assert spec.model is not None
                 model_choice(spec.model, None, None, Path("/nonexistent"))
             except InputError as err:
-                message = reconcile._input_message(err)
+                message = endpoint.input_message(err)
                 ep["status"] = {"phase": "Failed", "message": message,
                                 "observedGeneration": gen, "conditions": [
                                     {"type": "Validated", "status": "False",

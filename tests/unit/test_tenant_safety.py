@@ -15,16 +15,11 @@ import pydantic
 import pytest
 
 from trilemma.operator import closed_loop
+from trilemma.operator.endpoint import Endpoint, OperatorConfig, Outcome, Runtime
 from trilemma.operator.metrics import OperatorMetrics
 from trilemma.operator.optimize import MAX_CONFIG_JSON_BYTES, model_choice
+from trilemma.operator.plans import check_host_path
 from trilemma.operator.prometheus import ErrorKind, _decode
-from trilemma.operator.reconcile import (
-    Endpoint,
-    OperatorConfig,
-    Outcome,
-    Runtime,
-    _check_host_path,
-)
 from trilemma.operator.resources import HardwarePoolSpec, ModelRef, OptimizedEndpointSpec
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.spec import HardwarePool, PlanRequest
@@ -78,13 +73,13 @@ def _pool(*prefixes: str) -> HardwarePoolSpec:
 def test_a_host_path_cache_must_lie_under_a_directory_the_pool_allows(path, prefixes, allowed):
     endpoint = spec(serving={"modelCache": {"hostPath": path}})
     if allowed:
-        _check_host_path(endpoint, _pool(*prefixes))
+        check_host_path(endpoint, _pool(*prefixes))
         return
     with pytest.raises(Outcome) as caught:
-        _check_host_path(endpoint, _pool(*prefixes))
+        check_host_path(endpoint, _pool(*prefixes))
     assert caught.value.reason == "HostPathNotAllowed"
     assert f"serving.modelCache.hostPath={path!r}" in caught.value.message
-    _check_host_path(spec(serving={"modelCache": {"claimName": "weights"}}), _pool(*prefixes))
+    check_host_path(spec(serving={"modelCache": {"claimName": "weights"}}), _pool(*prefixes))
 
 
 def test_the_pool_allow_list_is_itself_normalised_and_not_given_to_the_search():

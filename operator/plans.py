@@ -1,0 +1,270 @@
+"""From a validated spec to a plan with its GPUs reserved.
+
+The pool (and the hostPath caches it allows), the candidate models (bundled ids, or a
+config.json from a ConfigMap), what the pool has left after other endpoints, the stored plan
+for the same planning input, or a search in the worker pool; then the plan's GPUs are reserved
+in the ledger, planning again if another endpoint took them meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from trilemma.operator import apply as applying
+from trilemma.operator import calibration, children, naming, pool, status
+from trilemma.operator.endpoint import (
+    Endpoint,
+    Outcome,
+    Runtime,
+    failed,
+    input_message,
+    managed,
+    owned_by,
+)
+from trilemma.operator.kube import Kube, Ref
+from trilemma.operator.optimize import (
+    Models,
+    model_choice,
+    plan_request,
+    request_digest,
+)
+from trilemma.operator.resources import (
+    ConditionType,
+    HardwarePoolSpec,
+    OptimizedEndpointSpec,
+    Phase,
+)
+from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.search import InfeasibleSLO
+from trilemma.optimizer.spec import HardwarePool, Objective, Workload
+from trilemma.optimizer.spec.loading import spec_error_to_input_error
+
+Obj = dict[str, Any]
+
+
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+PLAN_ATTEMPTS = 3  # re-plans when another endpoint took the GPUs while this one searched
+
+
+PLAN_ATTEMPTS = 3  # re-plans when another endpoint took the GPUs while this one searched
+OPTIMIZING_NOTICE_S = 0.5  # a search still running after this is reported in status
+
+
+def tuned(ep: Endpoint, spec: OptimizedEndpointSpec) -> OptimizedEndpointSpec:
+    """The spec with the workload the closed loop re-planned for, while the spec it was
+    observed under stands (a spec change drops it: the user's word is newer)."""
+    found = ep.written.get("tunedWorkload") or {}
+    if found.get("specDigest") != ep.status.get("specDigest") or not found.get("workload"):
+        ep.status.pop("tunedWorkload", None)
+        return spec
+    try:
+        workload = Workload.model_validate(found["workload"])
+    except pydantic.ValidationError:
+        ep.status.pop("tunedWorkload", None)  # unreadable: plan for the spec's own workload
+        return spec
+    return spec.model_copy(update={"workload": workload})
+
+
+def calibrated(ep: Endpoint, spec: OptimizedEndpointSpec) -> OptimizedEndpointSpec:
+    """The spec with its latency targets divided by the fitted correction factors: planning
+    against them with the model's predictions is planning against corrected predictions."""
+    # The status being built: the closed loop may have just updated the factors, and the
+    # re-plan it judged must be the plan this reconcile finds.
+    cal = calibration.Calibration.from_status(ep.status.get("calibration"))
+    return spec.model_copy(update={"slo": calibration.apply(spec.slo, cal)})
+
+
+async def store_plan(rt: Runtime, ep: Endpoint, plan: Obj, digest: str) -> None:
+    """The plan ConfigMap for `plan`, made for the request named by `digest`."""
+    await applying.apply(rt.kube, children.plan_config_map(
+        ep.owner, plan, request_digest=digest, config_hash=plan["recommended"]["hash"]))
+
+
+def check_host_path(spec: OptimizedEndpointSpec, pool_spec: HardwarePoolSpec) -> None:
+    """A hostPath model cache mounts a node directory into a pod: only where the platform team
+    allows it, in the (cluster-scoped, admin-owned) pool the endpoint draws from."""
+    cache = spec.serving.model_cache
+    if cache is None or cache.host_path is None or pool_spec.allows_host_path(cache.host_path):
+        return
+    allowed = ", ".join(pool_spec.model_cache_host_paths) or "none"
+    raise failed("HostPathNotAllowed",
+                  f"serving.modelCache.hostPath={cache.host_path!r}: not under a directory "
+                  f"HardwarePool {spec.hardware_pool_ref.name} allows in "
+                  f"modelCacheHostPaths (allowed: {allowed}); use claimName (a PVC) instead")
+
+
+async def read_pool(kube: Kube, name: str) -> HardwarePoolSpec:
+    found = await kube.get(Ref(naming.API_VERSION, "HardwarePool", None, name))
+    if found is None:
+        pools = await kube.list(naming.API_VERSION, "HardwarePool")
+        known = ", ".join(sorted(p["metadata"]["name"] for p in pools)) or "none"
+        raise failed("HardwarePoolNotFound",
+                      f"hardwarePoolRef.name={name!r}: no HardwarePool of that name "
+                      f"(existing: {known})")
+    raw = found.get("spec") or {}
+    try:
+        return HardwarePoolSpec.model_validate(raw)
+    except pydantic.ValidationError as err:
+        problems = spec_error_to_input_error(err, raw)
+        raise failed("InvalidHardwarePool", f"HardwarePool {name}: {problems}") from None
+
+
+async def resolve_models(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec) -> Models:
+    choices, checkpoints = [], {}
+    indexed = spec.model is not None
+    for i, ref in enumerate(spec.candidates):
+        text = None
+        where = "model" if indexed else f"models.{i}"
+        if ref.config_map is not None:
+            cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, ref.config_map.name))
+            if cm is None:
+                raise failed("ModelConfigMapNotFound",
+                              f"{where}.configMap.name={ref.config_map.name!r}: no such "
+                              f"ConfigMap in namespace {ep.namespace}")
+            text = (cm.get("data") or {}).get(ref.config_map.key)
+            if text is None:
+                raise failed("ModelConfigMapNotFound",
+                              f"{where}.configMap.key={ref.config_map.key!r}: ConfigMap "
+                              f"{ref.config_map.name} has no such key")
+        try:
+            # Off the event loop: a config.json of up to 1 MiB is parsed and written.
+            choice, served = await asyncio.to_thread(model_choice, ref, None if indexed else i,
+                                                     text, Path(rt.config.cache_dir))
+        except InputError as err:
+            raise failed("UnknownModel", input_message(err)) from None
+        choices.append(choice)
+        checkpoints[choice.id] = served
+    return Models(choices=choices, checkpoints=checkpoints)
+
+
+async def availability(rt: Runtime, ep: Endpoint, pool_name: str,
+                        full_pool: HardwarePool) -> pool.Availability:
+    """Called under the ledger's lock."""
+    if not rt.ledger.seeded:
+        rt.ledger.seed(await rt.kube.list(naming.API_VERSION, "OptimizedEndpoint"))
+    return pool.available(full_pool, rt.ledger.others(pool_name, ep.key))
+
+
+async def plan_and_reserve(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, models: Models,
+                full_pool: HardwarePool) -> tuple[Obj, str, Obj]:
+    """The plan for the endpoint, its request digest and the lastOptimization status.
+
+    Plans against what the pool has left, then reserves the plan's GPUs; if another endpoint
+    reserved them meanwhile, plans again (a few times) with what is left then.
+    """
+    pool_name = spec.hardware_pool_ref.name
+    for _ in range(PLAN_ATTEMPTS):
+        async with rt.ledger.lock:
+            avail = await availability(rt, ep, pool_name, full_pool)
+        if avail.pool is None:
+            raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolExhausted",
+                          avail.exhausted_message())
+        try:
+            request = plan_request(spec, models, avail.pool)
+        except InputError as err:
+            raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolExhausted",
+                          f"{input_message(err)} (other endpoints hold the rest of the pool: "
+                          f"{', '.join(sorted(avail.held)) or 'none'})") from None
+        digest = request_digest(request, models)
+        plan, optimization = await _stored_plan(rt, ep, digest)
+        if plan is None:
+            plan, optimization = await _search(rt, ep, request, digest, avail)
+        gpus = status.config_gpus(plan["recommended"]["config"])
+        async with rt.ledger.lock:
+            now = await availability(rt, ep, pool_name, full_pool)
+            if pool.fits(gpus, now):
+                rt.ledger.reserve(pool_name, ep.key, gpus)
+                return plan, digest, optimization
+    raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolContention",
+                  f"other endpoints took the planned GPUs {PLAN_ATTEMPTS} times in a row; "
+                  "will retry on the next change")
+
+
+async def _stored_plan(rt: Runtime, ep: Endpoint, digest: str) -> tuple[Obj | None, Obj]:
+    cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan"))
+    ep.seen[f"ConfigMap/{ep.name}-plan"] = cm
+    if cm is None or not (owned_by(cm, ep) and managed(cm)):
+        return None, {}  # not ours: never read (and applying the plan reports the conflict)
+    notes = cm.get("metadata", {}).get("annotations") or {}
+    if notes.get(naming.ANNOTATION_REQUEST_DIGEST) != digest:
+        return None, {}
+    try:
+        plan = json.loads((cm.get("data") or {})["plan.json"])
+    except (KeyError, ValueError):
+        return None, {}
+    previous = ep.written.get("lastOptimization") or {}
+    if previous.get("requestDigest") == digest:
+        return plan, previous
+    return plan, {"time": status.now_rfc3339(), "durationSeconds": 0.0,
+                  "candidates": int(plan.get("counts", {}).get("enumerated", 0)),
+                  "requestDigest": digest, "reused": True}
+
+
+async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
+                  avail: pool.Availability) -> tuple[Obj, Obj]:
+    search = asyncio.ensure_future(rt.optimizer.run(request))
+    # Say "Optimizing" only when the search takes long enough to be seen doing so: a quick
+    # one (a small space, a warm cache) goes straight to its result, one write instead of two.
+    done, _ = await asyncio.wait({search}, timeout=OPTIMIZING_NOTICE_S)
+    if not done:
+        ep.phase(Phase.OPTIMIZING, "searching the configuration space")
+        ep.condition(ConditionType.OPTIMIZED, None, "Optimizing", "search running")
+        # Not the spec digest yet: it marks a finished reconcile.
+        done_marker = ep.status.pop("specDigest", None)
+        await ep.commit(rt.kube)
+        if done_marker is not None:
+            ep.status["specDigest"] = done_marker
+    try:
+        run = await search
+    except InfeasibleSLO as err:
+        rt.metrics.optimization_failed()
+        others = ", ".join(sorted(avail.held))
+        held = f" Other endpoints hold part of the pool: {others}." if others else ""
+        nearest = await _nearest_with_more_gpus(rt, request) if err.binding == "pool" else ""
+        raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED,
+                      "PoolTooSmall" if err.binding in ("pool", "budget") else "SLOUnreachable",
+                      err.why + held + nearest) from None
+    except InputError as err:
+        rt.metrics.optimization_failed()
+        raise failed("OptimizationFailed", input_message(err),
+                      ConditionType.OPTIMIZED) from None
+    rt.metrics.optimized(run.seconds)
+    plan = run.plan
+    rec = plan["recommended"]
+    rt.events(ep.body, "Normal", "Planned",
+              f"{rec['summary']}: ${rec['prediction']['cost_per_hour']:.2f}/h, TTFT p90 "
+              f"{rec['prediction']['ttft_p90_ms']:.0f} ms, TPOT p90 "
+              f"{rec['prediction']['tpot_p90_ms']:.1f} ms ({run.seconds:.1f} s search)")
+    return plan, {"time": status.now_rfc3339(), "durationSeconds": round(run.seconds, 3),
+                  "candidates": int(plan.get("counts", {}).get("enumerated", 0)),
+                  "requestDigest": digest, "reused": False}
+
+
+# How much larger than the available pool the "nearest feasible" search may look.
+NEAREST_POOL_FACTOR = 8
+
+
+async def _nearest_with_more_gpus(rt: Runtime, request: Any) -> str:
+    """For a pool too small: the cheapest configuration that would meet the SLO with more
+    GPUs of the same types, and how many it needs (one more search), as a sentence."""
+    bigger = request.hardware.model_copy(update={"gpus": [
+        g.model_copy(update={"count": g.count * NEAREST_POOL_FACTOR})
+        for g in request.hardware.gpus]})
+    try:
+        run = await rt.optimizer.run(request.model_copy(update={
+            "hardware": bigger, "objective": Objective.MIN_COST}))
+    except InputError:
+        return (f" Even {NEAREST_POOL_FACTOR}x the available GPUs would not meet it.")
+    rec = run.plan["recommended"]
+    needed = status.config_gpus(rec["config"])
+    (gpu, count), = needed.items()
+    offered = next((g.count for g in request.hardware.gpus if g.gpu == gpu), 0)
+    return (f" Nearest feasible: {rec['summary']} (${rec['prediction']['cost_per_hour']:.2f}/h)"
+            f" needs {count} {gpu}; {offered} available.")
+

@@ -1,0 +1,332 @@
+"""Deploying a plan and moving traffic to it: children, the rollout state machine, deletion.
+
+A new configuration gets its own hashed Deployment beside the serving one; the Service moves
+when it is available and the old one goes (`advance`, from the timer and Deployment events);
+past the progress deadline it is rolled back, or, with nothing to roll back to, fails and
+recovers if it becomes available later. Only objects this endpoint owns are ever changed or
+deleted.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import Counter
+from typing import Any
+
+from trilemma.operator import apply as applying
+from trilemma.operator import children, naming, pool, status
+from trilemma.operator.endpoint import Endpoint, Runtime, commit, managed, owned_by, together
+from trilemma.operator.kube import Kube, Ref
+from trilemma.operator.resources import (
+    ConditionType,
+    OptimizedEndpointSpec,
+    Phase,
+    RolloutState,
+    RolloutStatus,
+    to_wire,
+)
+
+Obj = dict[str, Any]
+
+
+async def delete_owned(kube: Kube, ep: Endpoint, objects: list[Obj]) -> None:
+    for obj in objects:
+        live = await kube.get(Ref.of(obj))
+        if live is not None and owned_by(live, ep) and managed(live):
+            await kube.delete(Ref.of(obj))
+
+
+LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
+
+
+LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
+LWS_API = "leaderworkerset.x-k8s.io/v1"
+
+
+async def _workloads(kube: Kube, ep: Endpoint, config_hash: str | None = None) -> list[Obj]:
+    """The endpoint's Deployments and LeaderWorkerSets: of one configuration hash (read by
+    name: the renderer names them <name>[-role]-<hash>), or all of them (listed)."""
+    lws = await kube.crd_exists(LWS_CRD)
+    kinds = [("apps/v1", "Deployment")] + ([(LWS_API, "LeaderWorkerSet")] if lws else [])
+    if config_hash is not None:
+        found = []
+        for middle in ("", "-prefill", "-decode", "-router"):
+            for api_version, kind in kinds:
+                obj = await kube.get(Ref(api_version, kind, ep.namespace,
+                                         f"{ep.name}{middle}-{config_hash}"))
+                if obj is not None:
+                    found.append(obj)
+            if found and not middle:
+                break  # aggregated: one workload, no roles to look for
+        return [w for w in found if owned_by(w, ep)]
+    labels = {naming.LABEL_ENDPOINT: ep.name, "app.kubernetes.io/managed-by": naming.MANAGED_BY}
+    found = []
+    for api_version, kind in kinds:
+        found += await kube.list(api_version, kind, ep.namespace, labels=labels)
+    # Only the ones this endpoint owns: a same-named endpoint's leftovers are not ours.
+    return [w for w in found if owned_by(w, ep)]
+
+
+async def _available(kube: Kube, ep: Endpoint, config_hash: str) -> bool:
+    live = await _workloads(kube, ep, config_hash)
+    return bool(live) and all(applying.is_available(w) for w in live)
+
+
+async def _delete_all(kube: Kube, objects: list[Obj]) -> None:
+    for obj in objects:
+        await kube.delete(Ref.of(obj))
+
+
+async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
+                  kids: children.Children, gpus: dict[str, int], *, new: bool = False) -> None:
+    """`new`: nothing of the endpoint is thought to exist yet (see _reconcile)."""
+    kube = rt.kube
+    target = kids.config_hash
+    made: list[applying.Applied] = []
+    if new:
+        made = await together(*(applying.apply(kube, obj, current=None)
+                                 for obj in [*kids.workloads, *kids.services]))
+    # All created: the endpoint was as new as it looked, so there is no Service serving
+    # another configuration. Anything already there (a run cut short): the full pass below
+    # reads the live objects (and writes nothing more, they are up to date now).
+    new = bool(made) and all(r is applying.Applied.CREATED for r in made)
+    live_services: list[Obj | None] = [None] * len(kids.services)
+    if new:
+        fresh = True
+    else:
+        # The Services' names are stable and guessable: a user's object of that name means
+        # a conflict, found before anything is created (nothing half-applied, no GPUs taken).
+        live_services = [await kube.get(Ref.of(s)) for s in kids.services]
+        for desired, live in zip(kids.services, live_services, strict=True):
+            problem = applying.ownership_problem(live, desired) if live is not None else None
+            if problem is not None:
+                raise applying.NotOwned(Ref.of(desired), problem)
+        results = [await applying.apply(kube, workload) for workload in kids.workloads]
+        # Just created: certainly not available yet; spares reading them back.
+        fresh = any(r is applying.Applied.CREATED for r in results)
+    live_front = live_services[0]
+    serving = children.service_hash(live_front) if live_front else None
+    rollout = ep.status.get("rollout") or {}
+    from_gpus = _from_gpus(ep, serving)
+
+    if serving is not None and serving != target:
+        old = await _workloads(kube, ep, serving)
+        if old and all(applying.is_available(w) for w in old):
+            # Keep serving from the old configuration until the new one is available.
+            if rollout.get("toHash") != target or rollout.get("state") != "Progressing":
+                _start_rollout(ep, spec, serving, target)
+                rt.events(ep.body, "Normal", "RolloutStarted",
+                          f"configuration {target} created beside {serving}; the Service "
+                          "moves when it is available")
+            ep.status["rollout"]["fromGpus"] = from_gpus
+            ep.status["allocatedGpus"] = dict(Counter(gpus) + Counter(from_gpus))
+            await _drop_others(kube, ep, keep={target, serving})
+            ep.phase(Phase.DEPLOYING, f"rolling out {target}; {serving} serves meanwhile")
+            ep.condition(ConditionType.DEPLOYED, True, "RollingOut",
+                         f"new configuration {target} created")
+            await _refresh_ready(rt, ep, serving)
+            return
+    for service, live in zip([] if new else kids.services, live_services, strict=False):
+        await applying.apply(kube, service, current=live)
+    await _pod_monitor(rt, ep)
+    known = {ep.written.get("servingHash"), (ep.written.get("rollout") or {}).get("toHash"),
+             (ep.written.get("activeConfiguration") or {}).get("hash")} - {None}
+    if known - {target} or serving not in (None, target):
+        await _drop_others(kube, ep, keep={target})
+    ep.status["servingHash"] = target
+    ep.status["allocatedGpus"] = dict(gpus)
+    in_flight = (rollout.get("toHash") == target
+                 and rollout.get("state") == RolloutState.PROGRESSING.value)
+    available = False if fresh else await _available(kube, ep, target)
+    if not in_flight and not available:
+        # Nothing else serves: the Service points here already; track the deadline.
+        _start_rollout(ep, spec, None, target)
+        ep.status["rollout"]["fromGpus"] = {}
+    elif in_flight and available:
+        ep.status["rollout"] = {**rollout, "state": RolloutState.COMPLETE.value,
+                                "message": "available"}
+    await _refresh_ready(rt, ep, target, ready=available)
+    if serving != target:
+        rt.events(ep.body, "Normal", "Deployed",
+                  f"{ep.status['activeConfiguration']['summary']} as {target}")
+    ep.condition(ConditionType.DEPLOYED, True, "Applied", f"configuration {target} applied")
+
+
+def _from_gpus(ep: Endpoint, serving: str | None) -> dict[str, int]:
+    rollout = ep.written.get("rollout") or {}
+    if rollout.get("state") == "Progressing" and rollout.get("fromHash") == serving:
+        return dict(rollout.get("fromGpus") or {})
+    if ep.written.get("servingHash") == serving:
+        return dict(ep.written.get("allocatedGpus") or {})
+    return {}
+
+
+def _start_rollout(ep: Endpoint, spec: OptimizedEndpointSpec, from_hash: str | None,
+                   to_hash: str) -> None:
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    deadline = now + datetime.timedelta(seconds=spec.rollout.progress_deadline_seconds)
+    ep.status["rollout"] = to_wire(RolloutStatus(
+        from_hash=from_hash, to_hash=to_hash, state=RolloutState.PROGRESSING,
+        started=now.isoformat().replace("+00:00", "Z"),
+        deadline=deadline.isoformat().replace("+00:00", "Z")))
+
+
+async def _drop_others(kube: Kube, ep: Endpoint, keep: set[str]) -> None:
+    stale = [w for w in await _workloads(kube, ep) if applying.config_hash_of(w) not in keep]
+    await _delete_all(kube, stale)
+
+
+async def _pod_monitor(rt: Runtime, ep: Endpoint) -> None:
+    if await rt.kube.crd_exists("podmonitors.monitoring.coreos.com"):
+        await applying.apply(rt.kube, children.pod_monitor(ep.owner))
+
+
+async def _refresh_ready(rt: Runtime, ep: Endpoint, serving: str, *,
+                         ready: bool | None = None) -> bool:
+    """Sets phase and the Ready condition from the serving configuration's workloads
+    (`ready`: already known, not read again)."""
+    if ready is None:
+        ready = await _available(rt.kube, ep, serving)
+    rolling = (ep.status.get("rollout") or {}).get("state") == "Progressing"
+    if ready:
+        ep.condition(ConditionType.READY, True, "Available",
+                     f"configuration {serving} is serving")
+        if not rolling:
+            ep.phase(Phase.READY, ep.status["activeConfiguration"]["summary"]
+                     if ep.status.get("activeConfiguration") else "")
+    else:
+        ep.condition(ConditionType.READY, False, "Unavailable",
+                     f"configuration {serving} has no available replicas yet")
+        if not rolling or ep.status.get("phase") != Phase.DEPLOYING.value:
+            ep.phase(Phase.DEPLOYING, f"waiting for {serving} to become available")
+    return ready
+
+
+async def advance(rt: Runtime, namespace: str, name: str) -> None:
+    """Move an endpoint's rollout on: switch the Service once the new configuration is
+    available, roll back once its deadline passes; refresh phase and Ready otherwise."""
+    async with rt.lock(pool.key(namespace, name)):
+        # Read under the lock: a reconcile may have finished while this waited.
+        fresh = await rt.kube.get(Ref(naming.API_VERSION, "OptimizedEndpoint", namespace, name))
+        if fresh is None or fresh.get("metadata", {}).get("deletionTimestamp"):
+            return
+        ep = Endpoint.of(fresh)
+        rollout = ep.status.get("rollout") or {}
+        if _late_rollout(ep, rollout):
+            # Failed only because it was slow: the configuration is still deployed, and
+            # becoming available after the deadline means it works.
+            if await _available(rt.kube, ep, rollout["toHash"]):
+                _recovered(rt, ep, rollout)
+                await commit(rt, ep)
+                rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
+            return
+        if ep.status.get("phase") in (Phase.FAILED.value, Phase.INFEASIBLE.value,
+                                      Phase.OPTIMIZING.value, None):
+            return
+        if rollout.get("state") == RolloutState.PROGRESSING.value:
+            await _progress(rt, ep, rollout)
+        elif ep.status.get("servingHash"):
+            await _refresh_ready(rt, ep, ep.status["servingHash"])
+        await commit(rt, ep)
+        rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
+
+
+def _late_rollout(ep: Endpoint, rollout: Obj) -> bool:
+    """Failed because a first configuration (nothing to roll back to) passed its deadline."""
+    return (ep.status.get("phase") == Phase.FAILED.value
+            and rollout.get("state") == RolloutState.FAILED.value
+            and rollout.get("fromHash") is None and bool(rollout.get("toHash"))
+            and ep.status.get("servingHash") == rollout.get("toHash"))
+
+
+def _recovered(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
+    target = rollout["toHash"]
+    ep.status["rollout"] = {**rollout, "state": RolloutState.COMPLETE.value,
+                            "message": "available after its deadline"}
+    ep.condition(ConditionType.DEPLOYED, True, "Recovered",
+                 f"configuration {target} became available after its deadline")
+    ep.condition(ConditionType.READY, True, "Available", f"configuration {target} is serving")
+    active = ep.status.get("activeConfiguration") or {}
+    ep.phase(Phase.READY, str(active.get("summary") or ""))
+    rt.events(ep.body, "Normal", "Recovered",
+              f"configuration {target} became available after its deadline")
+
+
+async def _progress(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
+    target, old = rollout["toHash"], rollout.get("fromHash")
+    new = await _workloads(rt.kube, ep, target)
+    if new and all(applying.is_available(w) for w in new):  # _available, without a 2nd read
+        if old is not None:
+            await _switch_services(rt, ep, target)
+            await _delete_all(rt.kube, await _workloads(rt.kube, ep, old))
+            rt.events(ep.body, "Normal", "RolledOut",
+                      f"the Service moved from {old} to {target}; {old} removed")
+        ep.status["rollout"] = {**rollout, "state": RolloutState.COMPLETE.value,
+                                "message": "available"}
+        ep.status["servingHash"] = target
+        gpus = status.config_gpus_from_active(ep.status.get("activeConfiguration"))
+        ep.status["allocatedGpus"] = gpus
+        await _refresh_ready(rt, ep, target)
+        return
+    deadline = status.parse_time(rollout["deadline"])
+    if datetime.datetime.now(datetime.UTC) < deadline:
+        return
+    why = _unavailable_reason(new)
+    message = (f"configuration {target} did not become available within "
+               f"{rollout['deadline']}: {why}")
+    ep.status["rollout"] = {**rollout, "state": RolloutState.FAILED.value, "message": message}
+    if old is not None:
+        # Roll back: the old configuration never stopped serving; drop the new one.
+        await _delete_all(rt.kube, new)
+        ep.status["allocatedGpus"] = dict(rollout.get("fromGpus") or {})
+        ep.status["servingHash"] = old
+        ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed", message)
+        await _refresh_ready(rt, ep, old)
+        ep.status["message"] = f"rolled back to {old}: {message}"
+    else:
+        ep.phase(Phase.FAILED, message)
+        ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed", message)
+    rt.events(ep.body, "Warning", "RolloutFailed", message)
+    rt.metrics.error("RolloutFailed")
+
+
+def _unavailable_reason(workloads: list[Obj]) -> str:
+    for w in workloads:
+        for cond in (w.get("status") or {}).get("conditions") or []:
+            if cond.get("status") == "False" and cond.get("message"):
+                return str(cond["message"])
+    return "no replica became available"
+
+
+async def _switch_services(rt: Runtime, ep: Endpoint, target: str) -> None:
+    for svc in await rt.kube.list("v1", "Service", ep.namespace,
+                                  labels={naming.LABEL_ENDPOINT: ep.name}):
+        if not owned_by(svc, ep):
+            continue
+        selector = dict(svc.get("spec", {}).get("selector") or {})
+        selector[naming.LABEL_CONFIG_HASH] = target
+        await rt.kube.patch(Ref.of(svc), {"spec": {"selector": selector}})
+
+
+async def delete_children(rt: Runtime, body: Obj) -> None:
+    """Remove everything the endpoint created (owner references make the API server's
+    garbage collector do the same; this makes it immediate and works without it)."""
+    ep = Endpoint.of(body)
+    async with rt.lock(ep.key):
+        kube = rt.kube
+        await _delete_all(kube, await _workloads(kube, ep))
+        for svc in await kube.list("v1", "Service", ep.namespace,
+                                   labels={naming.LABEL_ENDPOINT: ep.name}):
+            if owned_by(svc, ep):
+                await kube.delete(Ref.of(svc))
+        named = [Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan")]
+        if await kube.crd_exists("podmonitors.monitoring.coreos.com"):
+            named.append(Ref(children.PODMONITOR_API, "PodMonitor", ep.namespace, ep.name))
+        for ref in named:
+            # By name, so only if it is this endpoint's: a user's object of that name stays.
+            found = await kube.get(ref)
+            if found is not None and owned_by(found, ep) and managed(found):
+                await kube.delete(ref)
+        rt.ledger.forget(ep.key)
+        rt.metrics.forget(ep.key)
+
