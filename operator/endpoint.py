@@ -25,6 +25,7 @@ from trilemma.operator.optimize import (
 )
 from trilemma.operator.resources import (
     ConditionType,
+    OptimizedEndpointStatus,
     Phase,
     status_field_names,
 )
@@ -176,6 +177,10 @@ class Endpoint:
         patch = status.patch_for(self.written, self.status, status_field_names())
         if not patch:
             return False
+        # The one place status is written: it must be what the status models (and so the CRD,
+        # generated from them) declare, or the API server would prune the difference silently
+        # (as it once did status.rollout.fromGpus). A mismatch is a bug: fail loudly here.
+        OptimizedEndpointStatus.model_validate(self.status)
         await kube.patch(self.ref, {"status": patch}, subresource="status")
         self.written = json.loads(json.dumps(self.status))
         return True

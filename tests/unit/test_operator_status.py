@@ -1,6 +1,12 @@
 """Status patches: only what changed, and keys that vanished (at any depth) sent as null."""
 
+from typing import Any
+
+import pydantic
+import pytest
+
 from trilemma.operator import status
+from trilemma.operator.endpoint import Endpoint
 
 
 def test_a_patch_nulls_keys_that_vanished_inside_nested_objects():
@@ -48,3 +54,30 @@ def test_the_printer_summary_and_gpu_count_come_from_the_serving_config():
                            prefill_replicas=1).to_dict()
     assert status.short_summary(disagg) == "bf16 TP2 disagg"
     assert status.config_gpus(disagg) == {"h100_sxm": 2 * 2 + 4}
+
+
+class Recorder:
+    """The status writes a commit sends."""
+
+    def __init__(self) -> None:
+        self.patches: list[Any] = []
+
+    async def patch(self, ref: Any, patch: Any, *, subresource: str | None = None) -> Any:
+        self.patches.append((subresource, patch))
+        return {}
+
+
+async def test_a_status_field_the_crd_does_not_declare_is_never_written():
+    """Status goes through the pydantic status models (which generate the CRD): an undeclared
+    field fails before any request, instead of being pruned by the API server."""
+    kube = Recorder()
+    ep = Endpoint.of({"apiVersion": "trilemma.dev/v1alpha1", "kind": "OptimizedEndpoint",
+                      "metadata": {"name": "chat", "namespace": "team-a"}, "spec": {}})
+    ep.status["rollout"] = {"toHash": "abc", "state": "Progressing", "started": "t",
+                            "deadline": "t", "undeclared": 1}
+    with pytest.raises(pydantic.ValidationError):
+        await ep.commit(kube)  # type: ignore[arg-type]
+    assert kube.patches == []
+    del ep.status["rollout"]["undeclared"]
+    assert await ep.commit(kube)  # type: ignore[arg-type]
+    assert kube.patches == [("status", {"status": {"rollout": ep.status["rollout"]}})]

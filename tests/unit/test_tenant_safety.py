@@ -314,3 +314,4 @@ def test_every_rendered_engine_pod_is_hardened(planned):
             assert container["securityContext"] == {
                 "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
+
