@@ -15,7 +15,7 @@ capacities that a corrected model would keep against the real target. This assum
 is one multiplicative factor over the loads in question, which is what one factor can claim.
 
 The factors are ratios to *raw* predictions made for the observed workload at its observed
-rate (retune.repredict on retune.observed_request(..., at_peak=False)): never to a plan's
+rate (search.predict on retune.observed_request(..., at_peak=False)): never to a plan's
 figures for its design rate (with a peak factor above 1 those are for a heavier load than the
 one observed), and never to corrected figures, so a tightened plan cannot feed back on itself.
 The engines export inter-token latency, not per-request TPOT; the TPOT factor is observed ITL

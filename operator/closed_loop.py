@@ -32,6 +32,7 @@ from trilemma.operator.kube import Ref
 from trilemma.operator.optimize import plan_request, request_digest
 from trilemma.operator.prometheus import PrometheusClient
 from trilemma.operator.resources import ConditionType, OptimizedEndpointSpec
+from trilemma.optimizer import search
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import InfeasibleSLO, ServingConfig
 
@@ -242,7 +243,8 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
     # were for the old one, and a fair comparison puts both at the same traffic.
     current_config = ServingConfig.from_dict(stored["recommended"]["config"])
     loop = asyncio.get_running_loop()
-    current = await loop.run_in_executor(None, retune.repredict, current_config, request)
+    current = (await loop.run_in_executor(None, search.predict, current_config, request)
+               ).to_dict()
     acceptance = retune.accept(current, run.plan, spec.objective, spec.retune.min_improvement,
                                bool(violations))
     ep.status["retuneHistory"] = retune.history_append(
@@ -292,10 +294,11 @@ async def _calibrate(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, sto
     # A few hundred simulated requests pin a p90 well enough for a smoothed factor, at a
     # fraction of the CPU the re-plan's comparison spends.
     predicted = await loop.run_in_executor(None, functools.partial(
-        retune.repredict, config, request, requests=CALIBRATION_REQUESTS))
+        search.predict, config, request, requests=CALIBRATION_REQUESTS))
     rollout = ep.written.get("rollout") or {}
     since = (status.parse_time(rollout["started"]).timestamp()
              if rollout.get("started") else None)
-    cal = calibration.update(cal, predicted=predicted["prediction"], observed=observed,
-                             config_hash=ep.written.get("servingHash"), serving_since=since)
+    cal = calibration.update(cal, predicted=predicted.to_dict()["prediction"],
+                             observed=observed, config_hash=ep.written.get("servingHash"),
+                             serving_since=since)
     ep.status["calibration"] = cal.to_status()

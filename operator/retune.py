@@ -26,18 +26,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from trilemma.operator import estimator
 from trilemma.operator.estimator import MetricsReason, ObservedWorkload
 from trilemma.operator.resources import DriftThresholds, Retune
-from trilemma.optimizer.catalog import gpus, models
-from trilemma.optimizer.catalog.engines import Engine
-from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
-from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
-from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.search import confirming, screening, space
-from trilemma.optimizer.search.configs import Choice, Mode, Prediction, ServingConfig
 from trilemma.optimizer.spec import Objective, PlanRequest, Slo
 
 Obj = dict[str, Any]
@@ -563,98 +554,6 @@ def observed_request(request: PlanRequest, observed: ObservedWorkload, *,
 
 
 # ---- the running configuration under the new workload -------------------------------------
-
-
-def repredict(config: ServingConfig, request: PlanRequest, *, requests: int = 1000,
-              seed: int = 0) -> Obj:
-    """The running configuration predicted under `request`'s workload, as the plan would have
-    predicted it: a choice dict (config, prediction, summary, hash) plus `slo_miss` (a
-    sentence, or None when it meets request.slo).
-
-    The analytic screen gives capacity and the first latencies for exactly this layout and
-    replica count; the simulator then replaces the latencies the way a plan's confirming
-    stage does (same sample for a given seed), so the current and the candidate configuration
-    are judged by the same method at the same workload.
-    """
-    wl = screening.Workload.of(request)
-    terms = screening.slo_terms(request)
-    rows = _rows_of(config, request)
-    disaggregated = config.mode is Mode.DISAGGREGATED and config.prefill is not None
-    rs = screening.screen_rows(rows, request, wl, terms, disaggregated)
-    if disaggregated:
-        assert rs.decode is not None and rs.prefill_rate is not None
-        prefill, decode = config.prefill_replicas, config.replicas
-        rho_max = screening.prefill_rho_max(rs, terms, rs.decode.tpot[:, 0])
-        _, tpot = rs.decode.at(np.array([[wl.rate / decode]]))
-        rho = np.array([[wl.rate / (prefill * float(rs.prefill_rate[0]))]])
-        ttft = screening.prefill_ttft(rs, rho) + tpot
-        capacity = min(prefill * float(rho_max[0] * rs.prefill_rate[0]),
-                       decode * float(rs.decode.capacity[0]))
-    else:
-        ttft, tpot = rs.agg.at(np.array([[wl.rate / config.replicas]]))
-        capacity = float(rs.agg.capacity[0]) * config.replicas
-
-    def pct(metric: str, q: str) -> float:
-        return float(screening.percentile(metric, q, ttft, tpot, wl).ravel()[0])
-
-    cost = config.gpus * rows.group.price_per_gpu_hour
-    prediction = Prediction(
-        ttft_p50_ms=pct("ttft", "p50"), ttft_p90_ms=pct("ttft", "p90"),
-        tpot_p50_ms=pct("tpot", "p50"), tpot_p90_ms=pct("tpot", "p90"),
-        e2e_p99_ms=pct("e2e", "p99"), capacity_rps=capacity, cost_per_hour=cost,
-        cost_per_mtok=cost / max(wl.rate * wl.osl * 3600.0, 1e-12) * 1e6,
-        quality=rows.group.quality,
-        provenance={"latency": "analytic: closed-loop step model (re-predicted)",
-                    "capacity": "analytic: largest load meeting the SLO"})
-    analytic = Choice(config=config, prediction=prediction)
-    settings = space.SearchSettings(simulate_requests=requests)
-    confirmed = confirming.confirm(request, [analytic], settings, seed=seed)
-    if confirmed.failed:
-        choice, miss = confirmed.failed[0]
-        return {**choice.to_dict(), "slo_miss": miss}
-    choice = confirmed.choices[0]
-    miss = None
-    if not choice.prediction.simulated:
-        ratio, term = screening.worst(terms, ttft, tpot, wl)
-        if terms and float(ratio.ravel()[0]) > 1.0:
-            t = terms[int(term.ravel()[0])]
-            miss = f"{t.name}: predicted {float(ratio.ravel()[0]) - 1:.0%} over"
-    if miss is None and capacity < wl.rate:
-        miss = (f"capacity {capacity:.3g} req/s within the SLO is below the design rate "
-                f"{wl.rate:.3g} req/s")
-    return {**choice.to_dict(), "slo_miss": miss}
-
-
-def _rows_of(config: ServingConfig, request: PlanRequest) -> space.Rows:
-    """The one search-space row that is `config`'s worker, priced from the request's pool."""
-    w = config.worker
-    choice = next((c for c in request.candidates if c.id == config.model), None)
-    if choice is None:
-        raise InputError("model", config.model, "not among the request's candidate models")
-    quant = QuantRecipe(w.quant)
-    try:
-        quality: float | None = choice.quality_at(quant)
-    except Exception:  # no published score: quality is unknown, as the search treats it
-        quality = None
-    gpu = gpus.get_gpu(w.gpu)
-    pool = request.hardware.group(gpu.key)
-    arch = models.load_model(choice.id)
-    group = space.Group(
-        choice=choice, arch=arch, gpu=gpu, engine=Engine(config.engine), quant=quant,
-        kv=KvDtype(w.kv_dtype),
-        spec=SpecConfig(method=SpecMethod(w.spec_method), k=w.spec_k, draft_model=w.draft_model),
-        quality=quality, price_per_gpu_hour=pool.effective_price_per_gpu_hour,
-        pool_gpus=pool.count, gpus_per_node=pool.effective_gpus_per_node,
-        max_model_len=w.max_model_len)
-
-    def one(value: object, dtype: type) -> np.ndarray:
-        return np.array([value], dtype=dtype)
-
-    return space.Rows(group=group, tp=one(w.tp, np.int64), pp=one(w.pp, np.int64),
-                      dp=one(w.dp, np.int64), ep=one(w.ep, np.bool_),
-                      max_num_seqs=one(w.max_num_seqs, np.int64),
-                      max_num_batched_tokens=one(w.max_num_batched_tokens, np.int64),
-                      prefix_caching=one(w.prefix_caching, np.bool_))
 
 
 # ---- accepting a new plan -----------------------------------------------------------------

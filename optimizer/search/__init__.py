@@ -12,6 +12,7 @@ from trilemma.optimizer.search.configs import (
 from trilemma.optimizer.search.explaining import Explanation, InfeasibleSLO, Limit, Scenario
 from trilemma.optimizer.search.pareto import Sense, pareto_front
 from trilemma.optimizer.search.planning import Counts, Plan, plan
+from trilemma.optimizer.search.predicting import Predicted, predict
 from trilemma.optimizer.search.space import SearchSettings
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Limit",
     "Mode",
     "Plan",
+    "Predicted",
     "Prediction",
     "Scenario",
     "SearchSettings",
@@ -31,4 +33,5 @@ __all__ = [
     "canonical_json",
     "pareto_front",
     "plan",
+    "predict",
 ]

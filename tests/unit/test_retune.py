@@ -22,6 +22,7 @@ from trilemma.operator.estimator import (
 )
 from trilemma.operator.resources import DriftThresholds, Retune
 from trilemma.operator.retune import Action, RetuneState, Why, WorkloadSummary
+from trilemma.optimizer import search
 from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.search import planning, space
 from trilemma.optimizer.search.configs import Mode, ServingConfig
@@ -455,8 +456,8 @@ def small_plan() -> dict:
 
 def test_repredict_reproduces_the_plans_own_prediction(small_plan: dict) -> None:
     rec = small_plan["recommended"]
-    again = retune.repredict(ServingConfig.from_dict(rec["config"]), small_request(),
-                             requests=300)
+    again = search.predict(ServingConfig.from_dict(rec["config"]), small_request(),
+                           requests=300).to_dict()
     assert again["hash"] == rec["hash"] and again["slo_miss"] is None
     for key in ("ttft_p90_ms", "tpot_p90_ms", "capacity_rps", "cost_per_hour"):
         assert again["prediction"][key] == pytest.approx(rec["prediction"][key], rel=1e-9)
@@ -465,8 +466,8 @@ def test_repredict_reproduces_the_plans_own_prediction(small_plan: dict) -> None
 def test_a_configuration_overloaded_by_new_traffic_misses_and_is_replaced(
         small_plan: dict) -> None:
     heavier = small_request(rate=16.0)
-    current = retune.repredict(ServingConfig.from_dict(small_plan["recommended"]["config"]),
-                               heavier, requests=300)
+    current = search.predict(ServingConfig.from_dict(small_plan["recommended"]["config"]),
+                             heavier, requests=300).to_dict()
     assert current["slo_miss"] is not None
     assert current["prediction"]["cost_per_hour"] == small_plan["recommended"]["prediction"][
         "cost_per_hour"]
@@ -486,7 +487,7 @@ def test_repredict_prices_a_disaggregated_configuration() -> None:
                     "max_num_batched_tokens": 4096},
         "prefill_replicas": 1})
     assert cfg.mode is Mode.DISAGGREGATED
-    out = retune.repredict(cfg, request, requests=300)
+    out = search.predict(cfg, request, requests=300).to_dict()
     p = out["prediction"]
     assert p["cost_per_hour"] == pytest.approx(3 * 1.9512)
     assert 0 < p["capacity_rps"] < 1e6 and p["ttft_p90_ms"] > 0
