@@ -254,7 +254,7 @@ def _retry_waiting(rt: Runtime, pool_name: str) -> None:
                           "HardwarePoolNotFound", "InvalidHardwarePool", "SLOUnreachable"}:
                 try:
                     await reconcile.reconcile(rt, ep)
-                except KubeError as err:
+                except (KubeError, endpoint.RetryLater) as err:
                     # E.g. an endpoint in a namespace this operator does not serve (403):
                     # its own operator, or its next change, will handle it.
                     logging.getLogger(__name__).warning(
