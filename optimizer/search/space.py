@@ -63,8 +63,8 @@ class SearchSettings:
     explain_sensitivity: bool = True              # re-screen the front's groups at 2x rate/prompt
 
 
-PRUNE_REASONS = ("dtype", "checkpoint", "quality", "parallelism", "nodes", "pool", "limits",
-                 "memory", "prefix_caching", "dominated", "slo", "budget", "replicas",
+PRUNE_REASONS = ("context", "dtype", "checkpoint", "quality", "parallelism", "nodes", "pool",
+                 "limits", "memory", "prefix_caching", "dominated", "slo", "budget", "replicas",
                  "duplicate", "coarse")
 
 
@@ -177,6 +177,13 @@ def enumerate_space(request: PlanRequest, settings: SearchSettings) -> Space:
     for choice in request.candidates:
         arch = models.load_model(choice.id)
         specs, spec_count = spec_configs(request, arch, settings)
+        if arch.max_position_embeddings and seq_len > arch.max_position_embeddings:
+            # Requests longer than the model's window: its engine would refuse them. (When no
+            # candidate holds them the request itself is refused, naming the windows.)
+            n = len(engines) * len(quants) * len(kvs) * spec_count * grid * per_row
+            enumerated += n * len(request.allowed_gpus())
+            pruned["context"] += n * len(request.allowed_gpus())
+            continue
         for key in request.allowed_gpus():
             pool = request.hardware.group(key)
             gpu = gpus.get_gpu(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from trilemma.optimizer.catalog import gpus
@@ -21,6 +22,12 @@ from trilemma.optimizer.spec.models import ModelChoice
 from trilemma.optimizer.spec.objective import Objective, SearchBounds
 from trilemma.optimizer.spec.slo import Slo
 from trilemma.optimizer.spec.workload import Workload
+
+# The request length a deployment must hold is this percentile of prompts plus this percentile
+# of outputs (SearchSettings.memory_percentile's default); the share of longer requests in an
+# error message is counted over this many sampled requests.
+WINDOW_PERCENTILE = 99.0
+WINDOW_SAMPLE = 20_000
 
 # The header a file may carry, matching the custom resource the operator will read. The group
 # is provisional until the CRDs are generated.
@@ -69,7 +76,34 @@ class PlanRequest(SpecModel):
         self._bounds_within_pool()
         self._formats_run_somewhere()
         self._quality_floor_reachable()
+        self._requests_fit_a_window()
         return self
+
+    def longest_request_tokens(self, percentile: float = WINDOW_PERCENTILE) -> float:
+        """Prompt plus output tokens a deployment must hold: the two lengths' `percentile`s
+        summed (what the search sizes memory and --max-model-len for)."""
+        wl = self.workload
+        return (wl.prompt_distribution().percentile_tokens(percentile)
+                + wl.output_distribution().percentile_tokens(percentile))
+
+    def _requests_fit_a_window(self) -> None:
+        # A model's context window (max_position_embeddings, already extended where its
+        # config.json applies rope scaling) bounds every request the engine will accept: a
+        # plan for longer requests would be deployed with a --max-model-len that refuses them.
+        longest = self.longest_request_tokens()
+        windows = {c.id: c.arch.max_position_embeddings for c in self.candidates}
+        if not windows or any(not w or longest <= w for w in windows.values()):
+            return  # at least one candidate holds them (the search drops the others)
+        sample = self.workload.sample(WINDOW_SAMPLE, np.random.default_rng(0))
+        total = sample.prompt_tokens + sample.output_tokens
+        over = ", ".join(f"{m}: {window:,} tokens, {float(np.mean(total > window)):.1%} of "
+                         f"requests longer" for m, window in windows.items())
+        raise rule_error(
+            f"requests do not fit the context window of any candidate model ({over}); the "
+            f"p{WINDOW_PERCENTILE:g} prompt plus the p{WINDOW_PERCENTILE:g} output is "
+            f"{longest:,.0f} tokens. Choose a model with a longer window; context extension "
+            "(e.g. YaRN rope scaling) is not planned", field="workload.promptTokens",
+            value=round(longest))
 
     def _one_model_field(self) -> None:
         if self.model is None and self.models is None:
