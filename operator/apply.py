@@ -34,21 +34,28 @@ class NotOwned(Exception):
         super().__init__(f"{ref} exists and {why}")
 
 
-def ownership_problem(live: Obj, desired: Obj) -> str | None:
-    """Why `live` is not the child `desired` describes (None: it is). A child carries the
-    operator's managed-by label and a controller reference to the endpoint's uid."""
+def owner_problem(live: Obj, owner: Obj | None) -> str | None:
+    """Why `live` is not a child of `owner` (an ownerReference; None: of no one in
+    particular), or None when it is: a child carries the operator's managed-by label and a
+    controller reference to its owner's uid. The one ownership test: apply() makes it before
+    writing, and the reconciler before reading a stored plan or deleting anything."""
     meta = live.get("metadata") or {}
     labels = meta.get("labels") or {}
     if labels.get("app.kubernetes.io/managed-by") != naming.MANAGED_BY:
         return "is not managed by trilemma (no app.kubernetes.io/managed-by: trilemma label)"
-    owner = next((r for r in desired["metadata"].get("ownerReferences") or []
-                  if r.get("controller")), None)
     if owner is None:
         return None
     refs = meta.get("ownerReferences") or []
     if not any(r.get("uid") == owner["uid"] and r.get("controller") for r in refs):
         return f"is not owned by {owner['kind']} {owner['name']} (uid {owner['uid']})"
     return None
+
+
+def ownership_problem(live: Obj, desired: Obj) -> str | None:
+    """Why `live` is not the child `desired` describes (None: it is)."""
+    owner = next((r for r in desired["metadata"].get("ownerReferences") or []
+                  if r.get("controller")), None)
+    return owner_problem(live, owner)
 
 
 class Applied(Enum):

@@ -298,7 +298,7 @@ async def _calibrate(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, sto
     rollout = ep.written.get("rollout") or {}
     since = (status.parse_time(rollout["started"]).timestamp()
              if rollout.get("started") else None)
-    cal = calibration.update(cal, predicted=predicted.to_dict()["prediction"],
+    cal = calibration.update(cal, predicted=predicted.choice.prediction.to_dict(),
                              observed=observed, config_hash=ep.written.get("servingHash"),
                              serving_since=since)
     ep.status["calibration"] = cal.to_status()

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
+from trilemma.operator import apply as applying
 from trilemma.operator import children, naming, pool, status
 from trilemma.operator.kube import Kube, KubeError, Ref
 from trilemma.operator.metrics import OperatorMetrics
@@ -107,7 +108,7 @@ def api_refusal(err: KubeError) -> Outcome:
 
 
 def failed(reason: str, message: str, condition: ConditionType = ConditionType.VALIDATED
-            ) -> Outcome:
+           ) -> Outcome:
     return Outcome(Phase.FAILED, condition, reason, message)
 
 
@@ -225,15 +226,9 @@ def is_transient(err: Exception) -> bool:
     return isinstance(err, KubeError) and (err.status >= 500 or err.status in (0, 409, 429))
 
 
-def managed(obj: Obj) -> bool:
-    labels = obj.get("metadata", {}).get("labels") or {}
-    return labels.get("app.kubernetes.io/managed-by") == naming.MANAGED_BY
-
-
-def owned_by(obj: Obj, ep: Endpoint) -> bool:
-    refs = obj.get("metadata", {}).get("ownerReferences") or []
-    uid = ep.owner.uid
-    return not uid or any(r.get("uid") == uid for r in refs)
+def owns(ep: Endpoint, obj: Obj) -> bool:
+    """Whether `obj` is this endpoint's child (apply's ownership test)."""
+    return applying.owner_problem(obj, ep.owner.reference()) is None
 
 
 T = TypeVar("T")

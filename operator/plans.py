@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,7 @@ from trilemma.operator.endpoint import (
     Runtime,
     failed,
     input_message,
-    managed,
-    owned_by,
+    owns,
 )
 from trilemma.operator.kube import Kube, Ref
 from trilemma.operator.optimize import (
@@ -46,12 +44,6 @@ from trilemma.optimizer.spec import HardwarePool, Objective, Workload
 from trilemma.optimizer.spec.loading import spec_error_to_input_error
 
 Obj = dict[str, Any]
-
-
-_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-PLAN_ATTEMPTS = 3  # re-plans when another endpoint took the GPUs while this one searched
-
-
 PLAN_ATTEMPTS = 3  # re-plans when another endpoint took the GPUs while this one searched
 OPTIMIZING_NOTICE_S = 0.5  # a search still running after this is reported in status
 
@@ -94,9 +86,9 @@ def check_host_path(spec: OptimizedEndpointSpec, pool_spec: HardwarePoolSpec) ->
         return
     allowed = ", ".join(pool_spec.model_cache_host_paths) or "none"
     raise failed("HostPathNotAllowed",
-                  f"serving.modelCache.hostPath={cache.host_path!r}: not under a directory "
-                  f"HardwarePool {spec.hardware_pool_ref.name} allows in "
-                  f"modelCacheHostPaths (allowed: {allowed}); use claimName (a PVC) instead")
+                 f"serving.modelCache.hostPath={cache.host_path!r}: not under a directory "
+                 f"HardwarePool {spec.hardware_pool_ref.name} allows in "
+                 f"modelCacheHostPaths (allowed: {allowed}); use claimName (a PVC) instead")
 
 
 async def read_pool(kube: Kube, name: str) -> HardwarePoolSpec:
@@ -105,8 +97,8 @@ async def read_pool(kube: Kube, name: str) -> HardwarePoolSpec:
         pools = await kube.list(naming.API_VERSION, "HardwarePool")
         known = ", ".join(sorted(p["metadata"]["name"] for p in pools)) or "none"
         raise failed("HardwarePoolNotFound",
-                      f"hardwarePoolRef.name={name!r}: no HardwarePool of that name "
-                      f"(existing: {known})")
+                     f"hardwarePoolRef.name={name!r}: no HardwarePool of that name "
+                     f"(existing: {known})")
     raw = found.get("spec") or {}
     try:
         return HardwarePoolSpec.model_validate(raw)
@@ -125,13 +117,13 @@ async def resolve_models(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec)
             cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, ref.config_map.name))
             if cm is None:
                 raise failed("ModelConfigMapNotFound",
-                              f"{where}.configMap.name={ref.config_map.name!r}: no such "
-                              f"ConfigMap in namespace {ep.namespace}")
+                             f"{where}.configMap.name={ref.config_map.name!r}: no such "
+                             f"ConfigMap in namespace {ep.namespace}")
             text = (cm.get("data") or {}).get(ref.config_map.key)
             if text is None:
                 raise failed("ModelConfigMapNotFound",
-                              f"{where}.configMap.key={ref.config_map.key!r}: ConfigMap "
-                              f"{ref.config_map.name} has no such key")
+                             f"{where}.configMap.key={ref.config_map.key!r}: ConfigMap "
+                             f"{ref.config_map.name} has no such key")
         try:
             # Off the event loop: a config.json of up to 1 MiB is parsed and written.
             choice, served = await asyncio.to_thread(model_choice, ref, None if indexed else i,
@@ -152,7 +144,7 @@ async def availability(rt: Runtime, ep: Endpoint, pool_name: str,
 
 
 async def plan_and_reserve(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, models: Models,
-                full_pool: HardwarePool) -> tuple[Obj, str, Obj]:
+                           full_pool: HardwarePool) -> tuple[Obj, str, Obj]:
     """The plan for the endpoint, its request digest and the lastOptimization status.
 
     Plans against what the pool has left, then reserves the plan's GPUs; if another endpoint
@@ -189,7 +181,7 @@ async def plan_and_reserve(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpe
 async def _stored_plan(rt: Runtime, ep: Endpoint, digest: str) -> tuple[Obj | None, Obj]:
     cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan"))
     ep.seen[f"ConfigMap/{ep.name}-plan"] = cm
-    if cm is None or not (owned_by(cm, ep) and managed(cm)):
+    if cm is None or not owns(ep, cm):
         return None, {}  # not ours: never read (and applying the plan reports the conflict)
     notes = cm.get("metadata", {}).get("annotations") or {}
     if notes.get(naming.ANNOTATION_REQUEST_DIGEST) != digest:
@@ -233,7 +225,7 @@ async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
     except InputError as err:
         rt.metrics.optimization_failed()
         raise failed("OptimizationFailed", input_message(err),
-                      ConditionType.OPTIMIZED) from None
+                     ConditionType.OPTIMIZED) from None
     rt.metrics.optimized(run.seconds)
     plan = run.plan
     rec = plan["recommended"]

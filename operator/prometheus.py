@@ -198,10 +198,10 @@ def _decode(text: str, status: int, url: str, promql: str) -> dict[str, Any]:
         body = None
     if isinstance(body, dict) and status == 200 and body.get("status") == "success":
         return body
-    raise _error_for(status, body if isinstance(body, dict) else {}, text, url, promql)
+    raise _error_for(status, body if isinstance(body, dict) else {}, url, promql)
 
 
-def _error_for(status: int, body: Mapping[str, Any], text: str, url: str,
+def _error_for(status: int, body: Mapping[str, Any], url: str,
                promql: str) -> PrometheusError:
     # Only the API's own error field, bounded: the raw body of whatever answered is never
     # copied (it lands in status, which the endpoint's owner reads).

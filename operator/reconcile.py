@@ -13,7 +13,6 @@ plans.py (pool, models, plan and GPU reservation), rollout.py (children and roll
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 import pydantic
@@ -57,9 +56,6 @@ from trilemma.optimizer.search import ServingConfig
 from trilemma.optimizer.spec.loading import spec_error_to_input_error
 
 Obj = dict[str, Any]
-
-
-EventSink = Callable[[Obj, str, str, str], None]
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from trilemma.operator import apply as applying
 from trilemma.operator import children, naming, pool, status
-from trilemma.operator.endpoint import Endpoint, Runtime, commit, managed, owned_by, together
+from trilemma.operator.endpoint import Endpoint, Runtime, commit, owns, together
 from trilemma.operator.kube import Kube, Ref
 from trilemma.operator.resources import (
     ConditionType,
@@ -32,11 +32,8 @@ Obj = dict[str, Any]
 async def delete_owned(kube: Kube, ep: Endpoint, objects: list[Obj]) -> None:
     for obj in objects:
         live = await kube.get(Ref.of(obj))
-        if live is not None and owned_by(live, ep) and managed(live):
+        if live is not None and owns(ep, live):
             await kube.delete(Ref.of(obj))
-
-
-LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 
 
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
@@ -58,13 +55,13 @@ async def _workloads(kube: Kube, ep: Endpoint, config_hash: str | None = None) -
                     found.append(obj)
             if found and not middle:
                 break  # aggregated: one workload, no roles to look for
-        return [w for w in found if owned_by(w, ep)]
+        return [w for w in found if owns(ep, w)]
     labels = {naming.LABEL_ENDPOINT: ep.name, "app.kubernetes.io/managed-by": naming.MANAGED_BY}
     found = []
     for api_version, kind in kinds:
         found += await kube.list(api_version, kind, ep.namespace, labels=labels)
     # Only the ones this endpoint owns: a same-named endpoint's leftovers are not ours.
-    return [w for w in found if owned_by(w, ep)]
+    return [w for w in found if owns(ep, w)]
 
 
 async def _available(kube: Kube, ep: Endpoint, config_hash: str) -> bool:
@@ -78,7 +75,7 @@ async def _delete_all(kube: Kube, objects: list[Obj]) -> None:
 
 
 async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
-                  kids: children.Children, gpus: dict[str, int], *, new: bool = False) -> None:
+                 kids: children.Children, gpus: dict[str, int], *, new: bool = False) -> None:
     """`new`: nothing of the endpoint is thought to exist yet (see _reconcile)."""
     kube = rt.kube
     target = kids.config_hash
@@ -301,7 +298,7 @@ def _unavailable_reason(workloads: list[Obj]) -> str:
 async def _switch_services(rt: Runtime, ep: Endpoint, target: str) -> None:
     for svc in await rt.kube.list("v1", "Service", ep.namespace,
                                   labels={naming.LABEL_ENDPOINT: ep.name}):
-        if not owned_by(svc, ep):
+        if not owns(ep, svc):
             continue
         selector = dict(svc.get("spec", {}).get("selector") or {})
         selector[naming.LABEL_CONFIG_HASH] = target
@@ -317,7 +314,7 @@ async def delete_children(rt: Runtime, body: Obj) -> None:
         await _delete_all(kube, await _workloads(kube, ep))
         for svc in await kube.list("v1", "Service", ep.namespace,
                                    labels={naming.LABEL_ENDPOINT: ep.name}):
-            if owned_by(svc, ep):
+            if owns(ep, svc):
                 await kube.delete(Ref.of(svc))
         named = [Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan")]
         if await kube.crd_exists("podmonitors.monitoring.coreos.com"):
@@ -325,7 +322,7 @@ async def delete_children(rt: Runtime, body: Obj) -> None:
         for ref in named:
             # By name, so only if it is this endpoint's: a user's object of that name stays.
             found = await kube.get(ref)
-            if found is not None and owned_by(found, ep) and managed(found):
+            if found is not None and owns(ep, found):
                 await kube.delete(ref)
         rt.ledger.forget(ep.key)
         rt.metrics.forget(ep.key)

@@ -154,8 +154,7 @@ def enumerate_space(request: PlanRequest, settings: SearchSettings) -> Space:
     """Every group and its feasible rows, with counts of what was enumerated and pruned."""
     wl = request.workload
     prefix_reuse = wl.expected_cached_tokens() > 0
-    seq_len = (wl.prompt_distribution().percentile_tokens(settings.memory_percentile)
-               + wl.output_distribution().percentile_tokens(settings.memory_percentile))
+    seq_len = request.longest_request_tokens(settings.memory_percentile)
     mean_len = (wl.prompt_distribution().mean_tokens()
                 + wl.output_distribution().mean_tokens())
     modes = 1 + (len(settings.pd_ratios) if request.bounds.allow_disaggregation else 0)

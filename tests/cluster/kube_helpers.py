@@ -40,6 +40,24 @@ def h100_pool(name: str, *, count: int = 16, product: str | None = "NVIDIA-H100-
             "metadata": {"name": name}, "spec": {"gpus": [entry]}}
 
 
+CHAT_WORKLOAD: dict[str, Any] = {
+    "promptTokens": {"kind": "lognormal", "mean": 1000, "p90": 2000},
+    "outputTokens": {"kind": "lognormal", "mean": 200, "p90": 400},
+    "arrivals": {"kind": "poisson", "requestsPerSecond": 2}}
+
+
+def chat_endpoint(namespace: str, pool: str, **spec: Any) -> dict[str, Any]:
+    """OptimizedEndpoint "chat": Llama-3.1-8B on vLLM, CHAT_WORKLOAD, TTFT p90 1 s and TPOT
+    p90 50 ms, min_cost, drawing from `pool`; `spec` adds or replaces top-level spec keys."""
+    return {"apiVersion": "trilemma.dev/v1alpha1", "kind": "OptimizedEndpoint",
+            "metadata": {"name": "chat", "namespace": namespace},
+            "spec": {"model": {"id": "meta-llama/Llama-3.1-8B-Instruct"},
+                     "workload": CHAT_WORKLOAD,
+                     "slo": {"ttftMs": {"p90": 1000}, "tpotMs": {"p90": 50}},
+                     "objective": "min_cost", "hardwarePoolRef": {"name": pool},
+                     "engine": {"name": "vllm"}, **spec}}
+
+
 def load_examples(*names: str) -> list[dict[str, Any]]:
     docs = []
     for name in names:

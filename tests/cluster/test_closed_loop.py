@@ -21,6 +21,7 @@ import pytest
 from tests.cluster.kube_helpers import (
     CLOSED_LOOP_PROMETHEUS_PORT,
     NO_PROMETHEUS,
+    chat_endpoint,
     deployments,
     endpoint_ips,
     h100_pool,
@@ -47,21 +48,9 @@ POOL = h100_pool("loop-pool")
 
 
 def _endpoint(ns: str) -> dict[str, Any]:
-    return {"apiVersion": "trilemma.dev/v1alpha1", "kind": "OptimizedEndpoint",
-            "metadata": {"name": "chat", "namespace": ns},
-            "spec": {"model": {"id": MODEL},
-                     "workload": {"promptTokens": {"kind": "lognormal", "mean": 1000,
-                                                   "p90": 2000},
-                                  "outputTokens": {"kind": "lognormal", "mean": 200,
-                                                   "p90": 400},
-                                  "arrivals": {"kind": "poisson", "requestsPerSecond": 2}},
-                     "slo": {"ttftMs": {"p90": 1000}, "tpotMs": {"p90": 50}},
-                     "objective": "min_cost", "hardwarePoolRef": {"name": "loop-pool"},
-                     "engine": {"name": "vllm"},
-                     "retune": {"enabled": True, "intervalSeconds": INTERVAL_S,
-                                "windowSeconds": WINDOW_S, "cooldownSeconds": 0,
-                                "minImprovement": 0.05},
-                     "prometheus": {"url": NO_PROMETHEUS}}}
+    return chat_endpoint(ns, "loop-pool", model={"id": MODEL}, retune={
+        "enabled": True, "intervalSeconds": INTERVAL_S, "windowSeconds": WINDOW_S,
+        "cooldownSeconds": 0, "minImprovement": 0.05}, prometheus={"url": NO_PROMETHEUS})
 
 
 async def test_the_loop_replans_and_rolls_out_on_the_real_control_plane(

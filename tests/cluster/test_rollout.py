@@ -17,6 +17,7 @@ from typing import Any
 
 from tests.cluster.kube_helpers import (
     NO_PROMETHEUS,
+    chat_endpoint,
     deployments,
     endpoint_ips,
     h100_pool,
@@ -36,19 +37,8 @@ POOL = h100_pool("h100-pool")
 
 
 def chat(namespace: str) -> dict[str, Any]:
-    return {"apiVersion": "trilemma.dev/v1alpha1", "kind": "OptimizedEndpoint",
-            "metadata": {"name": "chat", "namespace": namespace},
-            "spec": {"model": {"id": "meta-llama/Llama-3.1-8B-Instruct"},
-                     "workload": {"promptTokens": {"kind": "lognormal", "mean": 1000,
-                                                   "p90": 2000},
-                                  "outputTokens": {"kind": "lognormal", "mean": 200,
-                                                   "p90": 400},
-                                  "arrivals": {"kind": "poisson", "requestsPerSecond": 2}},
-                     "slo": {"ttftMs": {"p90": 1000}, "tpotMs": {"p90": 50}},
-                     "objective": "min_cost", "hardwarePoolRef": {"name": "h100-pool"},
-                     "engine": {"name": "vllm"},
-                     "rollout": {"progressDeadlineSeconds": 60},
-                     "prometheus": {"url": NO_PROMETHEUS}}}
+    return chat_endpoint(namespace, "h100-pool", rollout={"progressDeadlineSeconds": 60},
+                         prometheus={"url": NO_PROMETHEUS})
 
 
 def _explain(cluster: LocalCluster, ns: str) -> str:
