@@ -1,22 +1,19 @@
-"""One simulated vLLM engine in real time: continuous batching with chunked prefill.
+"""One simulated vLLM engine in real time: the optimizer's scheduler core on asyncio.
 
 The sim-server hands requests to a `Replica` (one `Engine` per attention DP rank); each engine
-is an asyncio task that repeats vLLM V1's scheduling step:
+is an asyncio task that asks the scheduler core (trilemma.optimizer.serving.scheduler, the
+same vLLM V1 admission, preemption, chunked prefill and block-hash prefix cache the planner's
+simulator runs) what the next step computes, and keeps only what is real-time:
 
-1. running requests, oldest first, decodes before prefills (as perf.latency models it): a
-   decoding one takes its q tokens of the step's `max_num_batched_tokens` budget (q = 1, or
-   k + 1 verifying k drafts), a prefilling one the next chunk of its prompt; when KV blocks
-   run out the newest running request is preempted (recompute: its blocks are freed and it
-   goes back to the front of the queue);
-2. waiting requests, first come first served, while budget, seats (`max_num_seqs`) and KV
-   blocks last; the prefix cache (prefix_cache.py) supplies the leading blocks it holds;
-3. the step's duration comes from the engine model (engine_model.py), times `time_scale`;
-   the task sleeps until the step's end, then emits the tokens: one per finished prefill and
-   per decode, 1..k+1 per speculative verify step.
-
-Steps are timed against a virtual deadline, not slept back to back, so asyncio's timer jitter
-does not accumulate: the token rate over many steps is the model's. Each finished request
-reports its measured TTFT, inter-token gaps, end-to-end and queue times to the metrics sink.
+* the step's duration comes from the engine model (engine_model.py), times `time_scale`; the
+  task sleeps until the step's end, timed against a virtual deadline, not slept back to back,
+  so asyncio's timer jitter does not accumulate: the token rate over many steps is the
+  model's;
+* then it emits the tokens: one per finished prefill and per decode, 1..k+1 per speculative
+  verify step (drawn per step here; the simulator draws a request's steps up front, which is
+  the same distribution);
+* each finished request reports its measured TTFT, inter-token gaps, end-to-end and queue
+  times to the metrics sink.
 Outputs always run to `max_tokens` (the simulator has no end-of-sequence token).
 """
 
@@ -32,8 +29,9 @@ from typing import Protocol
 
 import numpy as np
 
+from trilemma.optimizer.serving.blockpool import BlockPool
+from trilemma.optimizer.serving.scheduler import Batch, Limits, Scheduler, Seq
 from trilemma.simfleet.engine_model import EngineModel
-from trilemma.simfleet.prefix_cache import BlockPool
 
 _log = logging.getLogger(__name__)
 
@@ -58,18 +56,14 @@ class MetricsSink(Protocol):
 @dataclass(eq=False, kw_only=True)
 class SimRequest:
     """A request inside the engine; the server reads `events` (tokens per emission, then
-    None) and the timestamps (event-loop seconds)."""
+    None) and the timestamps (event-loop seconds). Its scheduling state is `seq`."""
 
     prompt_len: int
     block_hashes: tuple[int, ...]  # chained hashes of the prompt's full blocks
     max_tokens: int
     arrival: float  # when the server received it
     events: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
-    target: int = 0  # tokens to hold KV for before the next token is sampled
-    computed: int = 0  # tokens whose KV is computed
-    generated: int = 0
-    held: list[int] = field(default_factory=list)  # cached prompt blocks in use, in order
-    own: int = 0  # private blocks
+    seq: Seq = field(init=False)
     cached_tokens: int = 0  # prompt tokens the prefix cache supplied at first scheduling
     enqueued: float = math.nan
     scheduled: float = math.nan
@@ -80,23 +74,29 @@ class SimRequest:
     finished: bool = False
     aborted: bool = False
 
+    def __post_init__(self) -> None:
+        self.seq = Seq(index=0, prompt=self.prompt_len, output=self.max_tokens,
+                       hashes=self.block_hashes)
+
     @property
-    def blocks(self) -> int:
-        return len(self.held) + self.own
+    def generated(self) -> int:
+        return self.seq.generated
 
     @property
     def ttft_s(self) -> float:
         return self.emissions[0] - self.arrival if self.emissions else math.nan
 
 
-@dataclass(kw_only=True)
-class _Step:
-    decodes: list[SimRequest]
-    chunks: list[tuple[SimRequest, int]]
+def limits(model: EngineModel) -> Limits:
+    """The scheduler core's view of a simulated engine."""
+    return Limits(kv_blocks=model.kv_blocks, block_size=model.block_size,
+                  token_budget=model.token_budget, seats=model.seats,
+                  tokens_per_decode=model.tokens_per_decode,
+                  prefix_caching=model.prefix_caching)
 
 
 class Engine:
-    """One attention DP rank's scheduler, KV blocks and step clock."""
+    """One attention DP rank: the scheduler core, its step clock and its token emission."""
 
     def __init__(self, model: EngineModel, sink: MetricsSink, *, rng: np.random.Generator,
                  time_scale: float = 1.0, on_step: Callable[[], None] | None = None) -> None:
@@ -105,22 +105,32 @@ class Engine:
         self.rng = rng
         self.time_scale = time_scale
         self.on_step = on_step
-        self.block = model.block_size
-        self.pool = BlockPool(model.kv_blocks)
-        self.waiting: deque[SimRequest] = deque()
-        self.running: dict[SimRequest, None] = {}  # insertion order = scheduling priority
+        self.core = Scheduler(limits(model))
+        self._requests: dict[Seq, SimRequest] = {}
         self.steps = 0
         self.busy_s = 0.0  # modelled (scaled) step time so far
         self._wake = asyncio.Event()
+
+    @property
+    def pool(self) -> BlockPool:
+        return self.core.pool
+
+    @property
+    def running(self) -> dict[Seq, None]:
+        return self.core.running
+
+    @property
+    def waiting(self) -> deque[Seq]:
+        return self.core.waiting
 
     # ---- requests in and out -----------------------------------------------------------------
 
     def submit(self, req: SimRequest, now: float) -> None:
         if req.aborted:
             return
-        req.target = req.prompt_len
         req.enqueued = now
-        self.waiting.append(req)
+        self._requests[req.seq] = req
+        self.core.submit(req.seq)
         self._wake.set()
 
     def abort(self, req: SimRequest) -> None:
@@ -128,157 +138,57 @@ class Engine:
         if req.finished or req.aborted:
             return
         req.aborted = True
-        if req in self.running:
-            del self.running[req]
-            self._free(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
-
-    def _free(self, req: SimRequest) -> None:
-        self.pool.release(req.held)
-        self.pool.give_back(req.own)
-        req.held = []
-        req.own = 0
-
-    def _preempt(self, req: SimRequest) -> None:
-        del self.running[req]
-        self._free(req)
-        req.computed = 0
-        req.target = req.prompt_len + req.generated
-        req.preemptions += 1
-        self.waiting.appendleft(req)
-
-    def _allocate(self, req: SimRequest, need: int) -> bool:
-        """`need` more blocks for `req`, preempting from the back; False if `req` itself was."""
-        while not self.pool.allocate(need):
-            victim = next(reversed(self.running))
-            self._preempt(victim)
-            if victim is req:
-                return False
-        req.own += max(need, 0)
-        return True
+        self.core.abort(req.seq)
+        self._requests.pop(req.seq, None)
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def plan(self, now: float) -> _Step | None:
-        """Choose this step's work (and take its KV blocks); None when there is none."""
-        block = self.block
-        q = self.model.tokens_per_decode
-        budget = self.model.token_budget
-        step = _Step(decodes=[], chunks=[])
-        preempted = False
-        # Running decodes first, then running prefills (the order perf.latency assumes).
-        for decoding in (True, False):
-            for req in list(self.running):
-                if req not in self.running or (req.computed >= req.target) != decoding:
-                    continue  # preempted earlier in this pass, or not of this kind
-                new = q if decoding else min(req.target - req.computed, budget)
-                if new > budget or new <= 0:
-                    break
-                before = len(self.running)
-                if not self._allocate(req, -(-(req.computed + new) // block) - req.blocks):
-                    preempted = True
-                    continue
-                preempted = preempted or len(self.running) < before
-                budget -= new
-                if decoding:
-                    step.decodes.append(req)
-                else:
-                    step.chunks.append((req, new))
-        if preempted:
-            # A victim may have been planned already: it no longer runs this step.
-            step.decodes = [r for r in step.decodes if r in self.running]
-            step.chunks = [(r, n) for r, n in step.chunks if r in self.running]
-        # vLLM admits nothing new in a step that had to preempt.
-        while (not preempted and self.waiting and budget > 0
-               and len(self.running) < self.model.seats):
-            req = self.waiting[0]
-            hit = 0
-            if self.model.prefix_caching:
-                # At least the last prompt token is computed: its logits give the first token.
-                hit = self.pool.lookup(req.block_hashes[:(req.target - 1) // block])
-            hashes = req.block_hashes[:hit]
-            self.pool.acquire(hashes)
-            start = hit * block
-            new = min(req.target - start, budget)
-            need = -(-(start + new) // block) - hit
-            if not self.pool.allocate(need):
-                self.pool.release(hashes)
-                break
-            self.waiting.popleft()
-            self.running[req] = None
-            req.held, req.own, req.computed = list(hashes), need, start
+    def plan(self, now: float) -> Batch | None:
+        """Ask the core for this step's work (its KV blocks taken); None when there is none."""
+        batch = self.core.schedule()
+        if batch is None:
+            return None
+        for seq in batch.preempted:
+            self._requests[seq].preemptions += 1
+        for seq in batch.admitted:
+            req = self._requests[seq]
             if math.isnan(req.scheduled):
                 req.scheduled = now
-                req.cached_tokens = start
-            budget -= new
-            step.chunks.append((req, new))
-        if not step.decodes and not step.chunks:
-            return None
-        return step
+                req.cached_tokens = seq.computed
+        return batch
 
-    def duration_s(self, step: _Step) -> float:
-        d = len(step.decodes)
-        s = len(step.chunks)
-        # A decode attends over prompt + generated tokens (FastEngine's convention).
-        kv = sum(r.computed + 1 for r in step.decodes) / d if d else 0.0
-        p = sum(n for _, n in step.chunks)
-        c = sum(r.computed + n for r, n in step.chunks) / s if s else 0.0
+    def duration_s(self, batch: Batch) -> float:
+        d, kv, p, s, c = batch.shape()
         ms = self.model.step_ms(decodes=d, decode_kv=kv, prefill_tokens=p, prefill_seqs=s,
                                 prefill_context=c)
         return ms / 1e3 * self.time_scale
 
-    def complete(self, step: _Step, now: float) -> None:
+    def complete(self, batch: Batch, now: float) -> None:
         """The step ended at `now`: move KV forward, emit tokens, finish requests."""
-        if step.decodes:
-            tokens = self.model.verify_tokens(self.rng, len(step.decodes)).tolist()
-            accepted = 0
-            for req, t in zip(step.decodes, tokens, strict=True):
-                if req.aborted:
-                    continue
-                t = min(t, req.max_tokens - req.generated)
-                accepted += t - 1
-                req.computed += t
-                self._emit(req, t, now)
-            if self.model.spec_k:
-                n = len(step.decodes)
-                self.sink.spec_decode(drafts=n, draft_tokens=n * self.model.spec_k,
-                                      accepted_tokens=accepted)
-        for req, new in step.chunks:
-            if req.aborted:
-                continue
-            req.computed += new
-            self._register_prefix(req)
-            if req.computed >= req.target:
-                self._emit(req, 1, now)
+        decodes = [seq for seq, _ in batch.work if seq.decoding]
+        drawn = dict(zip(decodes, self.model.verify_tokens(self.rng, len(decodes)).tolist(),
+                         strict=True))
+        out = self.core.complete(batch, drawn.__getitem__)
+        if decodes and self.model.spec_k:
+            n = len(decodes)
+            self.sink.spec_decode(drafts=n, draft_tokens=n * self.model.spec_k,
+                                  accepted_tokens=sum(t - 1 for _, t in out.decoded))
+        for seq, tokens in out.decoded:
+            self._emit(self._requests[seq], tokens, now)
+        for seq in out.sampled:
+            self._emit(self._requests[seq], 1, now)
+        for seq in out.finished:
+            self._finish(self._requests.pop(seq), now)
 
     def _emit(self, req: SimRequest, tokens: int, now: float) -> None:
         if req.emissions:
             # Tokens of one verify step share its gap, so the gaps sum to e2e - TTFT and
             # per-token quantiles weigh each token once (as the metrics expect).
             req.token_gaps.extend([(now - req.emissions[-1]) / tokens] * tokens)
-        req.generated += tokens
         req.emissions.append(now)
         req.events.put_nowait(tokens)
-        if req.generated >= req.max_tokens:
-            self._finish(req, now)
-
-    def _register_prefix(self, req: SimRequest) -> None:
-        if not self.model.prefix_caching:
-            return
-        full = min(req.computed, req.prompt_len) // self.block
-        while len(req.held) < min(full, len(req.block_hashes)):
-            h = req.block_hashes[len(req.held)]
-            if not self.pool.register(h):
-                # Computed concurrently by another request: share its copy, free ours.
-                self.pool.acquire([h])
-                self.pool.give_back(1)
-            req.own -= 1
-            req.held.append(h)
 
     def _finish(self, req: SimRequest, now: float) -> None:
-        del self.running[req]
-        self._free(req)
         req.finished = True
         req.events.put_nowait(None)
         self.sink.request_finished(

@@ -22,9 +22,9 @@ from typing import Any
 
 from aiohttp import web
 
+from trilemma.optimizer.serving.blockpool import block_hashes
 from trilemma.simfleet import prompts
 from trilemma.simfleet.engine_model import EngineModel
-from trilemma.simfleet.prefix_cache import block_hashes
 from trilemma.simfleet.prompts import ApiError, Prompt
 from trilemma.simfleet.scheduling import FINISHED_REASON, Replica, SimRequest
 from trilemma.simfleet.vllm_metrics import EngineMetrics

@@ -1,10 +1,10 @@
-"""The fast engine: the reference scheduler's decisions at O(1) cost per step.
+"""The fast engine: the scheduler core's decisions at O(1) cost per step.
 
-`reference.ReferenceEngine` is the specification; this class must take the same decision at
-every step (the unit tests compare whole runs timestamp for timestamp). What makes it fast is
-that a decoding request needs no attention between the step it starts decoding and the step
-it finishes, except for a KV block every `block_size` tokens. So when a request starts
-decoding, its whole decode is planned at once:
+`scheduler.Scheduler` (driven by `reference.ReferenceEngine`) is the specification; this class
+must take the same decision at every step (the unit tests compare whole runs timestamp for
+timestamp). What makes it fast is that a decoding request needs no attention between the step
+it starts decoding and the step it finishes, except for a KV block every `block_size` tokens.
+So when a request starts decoding, its whole decode is planned at once:
 
 * without speculation every step yields one token: the finishing step is known, and the
   steps at which it needs a new block are those where (prompt + generated - 1) is a multiple
@@ -15,30 +15,27 @@ decoding, its whole decode is planned at once:
 
 Per step the engine then reads the block need of all decodes in one lookup, allocates it in
 one go, and moves the sum of KV lengths forward by the tokens of the step. Only when blocks
-run out does it fall back to the reference's request-by-request pass to pick the victims.
+run out does it fall back to the core's request-by-request pass to pick the victims. The KV
+blocks and prefix cache are the core's own `blockpool.BlockPool`, driven the same way (a
+request's cached blocks are a leading run of its prefix hashes, so a count per request says
+which it holds).
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import deque
 
 import numpy as np
 
+from trilemma.optimizer.serving.blockpool import BlockHash, BlockPool, prefix_hashes
 from trilemma.optimizer.serving.cluster import EngineConfig
-from trilemma.optimizer.serving.kvcache import KvBlocks
 from trilemma.optimizer.serving.requests import Workload
 from trilemma.optimizer.serving.results import Trace
+from trilemma.optimizer.serving.scheduler import Role
 from trilemma.optimizer.serving.steptable import Pricer
 
-
-class Role(enum.Enum):
-    """What an engine does with a request."""
-
-    COMBINED = "combined"  # prefill and decode on the same engine
-    PREFILL = "prefill"  # prefill only; hand the KV off to a decode engine
-    DECODE = "decode"  # receives requests whose KV a prefill engine computed
+__all__ = ["FastEngine", "Role", "SeqState"]
 
 
 class SeqState:
@@ -55,7 +52,7 @@ class SeqState:
         self.computed = [0] * n  # tokens whose KV the current engine holds
         self.target = [0] * n  # tokens to prefill before the next token is sampled
         self.own = [0] * n  # blocks owned (lazily updated while decoding)
-        self.borrowed = [0] * n  # blocks of a cached prefix the request starts from
+        self.held = [0] * n  # cached blocks in use: the first `held` of its prefix hashes
         self.kv_ready = [False] * n
         self.decoding = [False] * n
         # The decode plan, set when a request starts decoding.
@@ -65,6 +62,15 @@ class SeqState:
         self.finish_step = [0] * n
         self.plan_tokens: list[np.ndarray | None] = [None] * n
         self.plan_blocks: list[np.ndarray | None] = [None] * n
+        self._hashes: dict[tuple[int, int], tuple[BlockHash, ...]] = {}
+
+    def hashes(self, i: int, block: int) -> tuple[BlockHash, ...]:
+        """Request i's prefix block hashes (shared by every request of its prefix)."""
+        key = (self.prefix_id[i], self.prefix_tokens[i] // block)
+        found = self._hashes.get(key)
+        if found is None:
+            found = self._hashes[key] = prefix_hashes(*key)
+        return found
 
 
 class FastEngine:
@@ -81,7 +87,7 @@ class FastEngine:
         self.q = cfg.tokens_per_decode
         self.block = cfg.block_size
         self.seats = cfg.seats
-        self.kv = KvBlocks(cfg.kv_blocks)
+        self.kv = BlockPool(cfg.kv_blocks)
         self.running: dict[int, None] = {}  # insertion order = scheduling priority
         self.waiting: deque[int] = deque()
         self.prefilling: list[int] = []  # running requests still prefilling, oldest first
@@ -119,10 +125,10 @@ class FastEngine:
 
     def _free(self, i: int) -> None:
         st = self.st
-        self.kv.release(st.own[i])
-        if st.borrowed[i]:
-            self.kv.give_back(st.prefix_id[i])
-        st.own[i] = st.borrowed[i] = 0
+        if st.held[i]:
+            self.kv.release(st.hashes(i, self.block)[:st.held[i]])
+        self.kv.give_back(st.own[i])
+        st.own[i] = st.held[i] = 0
 
     def _finish(self, i: int, now: float) -> None:
         del self.running[i]
@@ -170,7 +176,7 @@ class FastEngine:
             tokens[-1] -= int(cum[m - 1]) - left
             before = g0 + np.concatenate(([0], cum[:m - 1]))
             slots = prompt + before - 1 + self.q
-            blocks = -(-slots // self.block) - st.borrowed[i]
+            blocks = -(-slots // self.block) - st.held[i]
             need = np.diff(blocks, prepend=st.own[i])
             if t0 + m > len(self.plan_tokens):
                 self._grow_plan(t0 + m)
@@ -204,7 +210,7 @@ class FastEngine:
         if self.spec is None:
             g = st.g0[i] + done
             self.residues[st.residue[i]] -= 1
-            st.own[i] = -(-(prompt + g - 1) // self.block) - st.borrowed[i]
+            st.own[i] = -(-(prompt + g - 1) // self.block) - st.held[i]
         else:
             tokens, need = st.plan_tokens[i], st.plan_blocks[i]
             assert tokens is not None and need is not None
@@ -246,30 +252,45 @@ class FastEngine:
     # ---- one step ----------------------------------------------------------------------------
 
     def start_step(self, now: float) -> float | None:
-        st = self.st
-        kv = self.kv
-        block = self.block
-        tick = self.tick
         budget = self.cfg.max_num_batched_tokens
         preempted = False
         if self.n_dec:
-            if self.spec is None:
-                need = self.residues[-tick % block]
-            else:
-                need = int(self.plan_blocks[tick]) if tick < len(self.plan_blocks) else 0
-            if need and not kv.allocate(need):
-                preempted = self._decoders_one_by_one()
+            preempted = self._allocate_decodes()
             budget -= self.n_dec * self.q
-
         chunks: list[tuple[int, int]] = []
+        if self.prefilling:
+            budget, cut = self._schedule_prefills(chunks, budget)
+            preempted = preempted or cut
+        first_decodes = first_ctx = 0
+        # vLLM admits nothing new in a step that had to preempt.
+        if not preempted and self.waiting and budget > 0 and len(self.running) < self.seats:
+            first_decodes, first_ctx = self._admit_waiting(chunks, budget, now)
+        return self._price(chunks, first_decodes, first_ctx)
+
+    def _allocate_decodes(self) -> bool:
+        """Blocks for every running decode in one go; True if someone had to be preempted."""
+        tick = self.tick
+        if self.spec is None:
+            need = self.residues[-tick % self.block]
+        else:
+            need = int(self.plan_blocks[tick]) if tick < len(self.plan_blocks) else 0
+        if need and not self.kv.allocate(need):
+            return self._decoders_one_by_one()
+        return False
+
+    def _schedule_prefills(self, chunks: list[tuple[int, int]], budget: int) -> tuple[int, bool]:
+        """The next chunk of each running prefill; the budget left and whether a request was
+        preempted."""
+        st = self.st
+        preempted = False
         for i in list(self.prefilling):
             if i not in self.running:
                 continue
             new = min(st.target[i] - st.computed[i], budget)
             if new == 0:
                 continue
-            need = -(-(st.computed[i] + new) // block) - st.borrowed[i] - st.own[i]
-            while not kv.allocate(need):
+            need = -(-(st.computed[i] + new) // self.block) - st.held[i] - st.own[i]
+            while not self.kv.allocate(need):
                 victim = next(reversed(self.running))
                 self._preempt(victim)
                 preempted = True
@@ -280,54 +301,78 @@ class FastEngine:
             st.own[i] += need
             budget -= new
             chunks.append((i, new))
+        return budget, preempted
 
-        first_decodes = 0
-        first_ctx = 0
+    def _admit_waiting(self, chunks: list[tuple[int, int]], budget: int,
+                       now: float) -> tuple[int, int]:
+        """Admit waiting requests while budget, seats and blocks last; the number that arrived
+        with their KV (they decode this step) and their KV lengths, summed."""
+        st = self.st
         running = self.running
         waiting = self.waiting
-        while not preempted and waiting and budget > 0 and len(running) < self.seats:
+        first_decodes = first_ctx = 0
+        while waiting and budget > 0 and len(running) < self.seats:
             i = waiting[0]
-            prompt = st.prompt[i]
             if st.kv_ready[i]:
-                # Its first step recomputes the last prompt token and samples the first one.
-                new = self.q
-                if budget < new:
+                new = self._admit_transferred(i, budget)
+                if new is None:
                     break
-                need = -(-(prompt - 1 + new) // block)
-                if not kv.allocate(need):
-                    break
-                st.computed[i] = st.target[i] = prompt - 1
                 first_decodes += 1
-                first_ctx += prompt
+                first_ctx += st.prompt[i]
             else:
-                pid = st.prefix_id[i]
-                hit = kv.cached(pid) if pid >= 0 else 0
-                # A fully cached prompt still computes its last token (as vLLM does): the
-                # first output token needs that token's logits.
-                hit = min(hit, (st.target[i] - 1) // block)
-                if hit:
-                    kv.borrow(pid)
-                start = hit * block
-                new = min(st.target[i] - start, budget)
-                need = -(-(start + new) // block) - hit
-                if not kv.allocate(need):
-                    if hit:
-                        kv.give_back(pid, used=False)
+                new = self._admit_prefill(i, budget)
+                if new is None:
                     break
-                if hit:
-                    kv.touch(pid)
-                st.borrowed[i] = hit
-                st.computed[i] = start
-                self.trace.cached_tokens[i] += start
+                self.trace.cached_tokens[i] += st.computed[i]
                 self.prefilling.append(i)
             waiting.popleft()
             running[i] = None
-            st.own[i] = need
             if math.isnan(self.trace.first_scheduled[i]):
                 self.trace.first_scheduled[i] = now
             budget -= new
             chunks.append((i, new))
+        return first_decodes, first_ctx
 
+    def _admit_transferred(self, i: int, budget: int) -> int | None:
+        # Its first step recomputes the last prompt token and samples the first one.
+        st = self.st
+        if budget < self.q:
+            return None
+        need = -(-(st.prompt[i] - 1 + self.q) // self.block)
+        if not self.kv.allocate(need):
+            return None
+        st.computed[i] = st.target[i] = st.prompt[i] - 1
+        st.own[i] = need
+        return self.q
+
+    def _admit_prefill(self, i: int, budget: int) -> int | None:
+        st = self.st
+        block = self.block
+        target = st.target[i]
+        if st.prefix_id[i] < 0:  # nothing to look up (the common case: kept short)
+            new = min(target, budget)
+            need = -(-new // block)
+            if not self.kv.allocate(need):
+                return None
+            st.computed[i] = 0
+            st.own[i] = need
+            return new
+        hashes = st.hashes(i, block)
+        # At least the last prompt token is computed: its logits give the first token.
+        hit = self.kv.lookup(hashes[:(target - 1) // block])
+        start = hit * block
+        new = min(target - start, budget)
+        need = -(-(start + new) // block) - hit
+        if not self.kv.admit(hashes[:hit], need):
+            return None
+        st.held[i] = hit
+        st.computed[i] = start
+        st.own[i] = need
+        return new
+
+    def _price(self, chunks: list[tuple[int, int]], first_decodes: int,
+               first_ctx: int) -> float | None:
+        st = self.st
         d = self.n_dec + first_decodes
         p = s = ctx = 0
         for i, new in chunks:
@@ -367,10 +412,11 @@ class FastEngine:
                 self.trace.first_token[i] = now
             else:
                 st.computed[i] += new
+                if st.prefix_id[i] >= 0:
+                    self._register_blocks(i)
                 if st.computed[i] < st.target[i]:
                     continue
                 self.prefilling.remove(i)
-                self._register_prefix(i)
                 if self.role is Role.PREFILL:
                     del self.running[i]
                     handed.append(i)
@@ -387,12 +433,12 @@ class FastEngine:
         self.tick = tick + 1
         return finished, handed
 
-    def _register_prefix(self, i: int) -> None:
+    def _register_blocks(self, i: int) -> None:
+        """The prefix blocks request i has computed so far go into the prefix cache."""
         st = self.st
-        pid = st.prefix_id[i]
-        blocks = st.prefix_tokens[i] // self.block
-        if pid < 0 or st.borrowed[i] or not blocks:
-            return
-        if self.kv.register(pid, blocks):
-            st.own[i] -= blocks
-            st.borrowed[i] = blocks
+        hashes = st.hashes(i, self.block)
+        if st.held[i] < len(hashes):
+            full = min(st.computed[i], st.prompt[i]) // self.block
+            held = self.kv.register_computed(hashes, st.held[i], full)
+            st.own[i] -= held - st.held[i]
+            st.held[i] = held

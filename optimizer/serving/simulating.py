@@ -22,10 +22,11 @@ import numpy as np
 
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.serving.cluster import Cluster, EngineConfig, LoadBalancer, Pool
-from trilemma.optimizer.serving.engine import FastEngine, Role, SeqState
+from trilemma.optimizer.serving.engine import FastEngine, SeqState
 from trilemma.optimizer.serving.reference import ReferenceEngine
 from trilemma.optimizer.serving.requests import LoadMode, Workload
 from trilemma.optimizer.serving.results import SimResult, Trace
+from trilemma.optimizer.serving.scheduler import Role
 from trilemma.optimizer.serving.steptable import DirectPricer, Pricer, StepCost, StepTable
 
 _ARRIVE, _DISPATCH, _KICK, _STEP, _TRANSFER = range(5)
@@ -58,6 +59,9 @@ def _check_fits(workload: Workload, pool: Pool, *, prefill_only: bool, field: st
                          f"{e.kv_blocks}")
 
 
+Engine = FastEngine | ReferenceEngine
+
+
 def simulate(cluster: Cluster, workload: Workload, perf_model: StepCost,
              rng: np.random.Generator, *, method: Method = Method.FAST,
              tables: dict[EngineConfig, StepTable] | None = None) -> SimResult:
@@ -70,143 +74,199 @@ def simulate(cluster: Cluster, workload: Workload, perf_model: StepCost,
     _check_fits(workload, cluster.pool, prefill_only=False, field="kv_blocks")
     if cluster.prefill is not None:
         _check_fits(workload, cluster.prefill, prefill_only=True, field="prefill.kv_blocks")
-    n = len(workload)
-    trace = Trace(n)
-    state = SeqState(workload)
-    tables = {} if tables is None else tables
-    pricers: list[DirectPricer | StepTable] = []
+    pricers = _Pricers(perf_model, workload, method, {} if tables is None else tables)
+    run = _Run(cluster, workload, _Fleet(cluster, workload, pricers, method, rng))
+    run.loop()
+    trace = run.trace
+    if any(math.isnan(t) for t in trace.finish):
+        raise RuntimeError("simulation ended with unfinished requests")  # a scheduler bug
+    return SimResult.from_trace(trace, prompt_tokens=workload.prompt_tokens,
+                                output_tokens=workload.output_tokens,
+                                engine_steps=[e.steps for e in run.fleet.engines],
+                                engine_busy_ms=[e.busy_ms for e in run.fleet.engines],
+                                step_evaluations=pricers.evaluations())
 
-    def pricer(cfg: EngineConfig) -> Pricer:
-        if method is not Method.FAST:
-            direct = DirectPricer(perf_model, cfg)
-            pricers.append(direct)
+
+class _Pricers:
+    """The step pricer of each engine configuration, and how many model calls they made."""
+
+    def __init__(self, perf_model: StepCost, workload: Workload, method: Method,
+                 tables: dict[EngineConfig, StepTable]) -> None:
+        self.perf_model = perf_model
+        self.workload = workload
+        self.method = method
+        self.tables = tables
+        self.used: list[DirectPricer | StepTable] = []
+
+    def __call__(self, cfg: EngineConfig) -> Pricer:
+        if self.method is not Method.FAST:
+            direct = DirectPricer(self.perf_model, cfg)
+            self.used.append(direct)
             return direct
-        table = tables.get(cfg)
-        if (table is None or table.perf_model is not perf_model
-                or table.kv_axis[-1] < max_context(workload, cfg)):
-            table = StepTable(perf_model, cfg, max_context=max_context(workload, cfg))
-            tables[cfg] = table
-        if table not in pricers:
-            pricers.append(table)
+        table = self.tables.get(cfg)
+        longest = max_context(self.workload, cfg)
+        if table is None or table.perf_model is not self.perf_model or table.kv_axis[-1] < longest:
+            table = StepTable(self.perf_model, cfg, max_context=longest)
+            self.tables[cfg] = table
+        if table not in self.used:
+            self.used.append(table)
         return table
 
-    def build(pool: Pool, role: Role, first: int) -> list[FastEngine | ReferenceEngine]:
-        price = pricer(pool.engine)
+    def evaluations(self) -> int:
+        return sum(p.calls if isinstance(p, DirectPricer) else p.evaluations for p in self.used)
+
+
+class _Fleet:
+    """The engines of a run (decode or combined pool first, then the prefill pool) and their
+    balancers."""
+
+    def __init__(self, cluster: Cluster, workload: Workload, pricers: _Pricers, method: Method,
+                 rng: np.random.Generator) -> None:
+        self.workload = workload
+        self.trace = Trace(len(workload))
+        self.state = SeqState(workload)
+        self.pricers = pricers
+        self.method = method
+        self.rng = rng
+        main_role = Role.DECODE if cluster.disaggregated else Role.COMBINED
+        self.engines = self._build(cluster.pool, main_role, 0)
+        self.main_lb = LoadBalancer(cluster.pool.balancer, len(self.engines))
+        self.entry_lb, self.first_prefill = self.main_lb, 0
+        if cluster.prefill is not None:
+            prefill = self._build(cluster.prefill, Role.PREFILL, len(self.engines))
+            self.entry_lb = LoadBalancer(cluster.prefill.balancer, len(prefill))
+            self.first_prefill = len(self.engines)
+            self.engines = self.engines + prefill
+
+    def _build(self, pool: Pool, role: Role, first: int) -> list[Engine]:
+        price = self.pricers(pool.engine)
         # Engines past the n-th never receive a request: round robin sends request j to
         # engine j, and least-outstanding always finds one of the first n idle (at most n - 1
         # are busy) and breaks ties by the lowest index. Simulating n of them gives the same
         # result and keeps memory independent of the replica count (a pool may hold 100k).
-        count = min(pool.engines, max(n, 1))
-        if method is Method.REFERENCE:
-            return [ReferenceEngine(pool.engine, role=role, index=first + j, workload=workload,
-                                    trace=trace, price=price, rng=rng)
-                    for j in range(count)]
-        return [FastEngine(pool.engine, role=role, index=first + j, state=state, trace=trace,
-                           price=price, rng=rng) for j in range(count)]
+        count = min(pool.engines, max(len(self.workload), 1))
+        if self.method is Method.REFERENCE:
+            return [ReferenceEngine(pool.engine, role=role, index=first + j,
+                                    workload=self.workload, trace=self.trace, price=price,
+                                    rng=self.rng) for j in range(count)]
+        return [FastEngine(pool.engine, role=role, index=first + j, state=self.state,
+                           trace=self.trace, price=price, rng=self.rng) for j in range(count)]
 
-    main_role = Role.DECODE if cluster.disaggregated else Role.COMBINED
-    engines = build(cluster.pool, main_role, 0)
-    main_lb = LoadBalancer(cluster.pool.balancer, len(engines))
-    if cluster.prefill is not None:
-        prefill_engines = build(cluster.prefill, Role.PREFILL, len(engines))
-        entry_lb = LoadBalancer(cluster.prefill.balancer, len(prefill_engines))
-        first_prefill = len(engines)
-        engines = engines + prefill_engines
-    else:
-        entry_lb, first_prefill = main_lb, 0
-    transfer = cluster.transfer
-    overhead = cluster.request_overhead_ms
-    prompt = state.prompt
 
-    heap: list[tuple[float, int, int, int]] = []
-    counter = 0
-    if workload.mode is LoadMode.OPEN:
-        heap = [(t, j, _ARRIVE, j) for j, t in enumerate(workload.arrival_ms.tolist())]
-        counter = n
-    else:
-        first = n if workload.mode is LoadMode.OFFLINE else min(workload.concurrency, n)
-        heap = [(0.0, j, _ARRIVE, j) for j in range(first)]
-        counter = first
-    heapq.heapify(heap)
-    next_row = counter  # closed loop: the next request a client sends
-    closed = workload.mode is LoadMode.CLOSED
-    source = [-1] * n  # prefill engine of each request (disaggregated)
-    in_system = 0
-    occ_t, occ_n = trace.occupancy_ms, trace.occupancy
-    push, pop = heapq.heappush, heapq.heappop
+class _Run:
+    """The event heap and what each kind of event does."""
 
-    while heap:
-        now, _, kind, a = pop(heap)
-        if kind == _STEP:
-            eng = engines[a]
-            eng.busy = False
-            finished, handed = eng.finish_step(now)
-            for _ in finished:
-                main_lb.done(a)
-                in_system -= 1
-                if closed and next_row < n:
-                    push(heap, (now, counter, _ARRIVE, next_row))
-                    counter += 1
-                    next_row += 1
-            if finished:
-                occ_t.append(now)
-                occ_n.append(in_system)
-            for i in handed:
-                entry_lb.done(a - first_prefill)
-                assert transfer is not None
-                source[i] = a
-                push(heap, (now + transfer.ms(prompt[i]), counter, _TRANSFER, i))
-                counter += 1
-            duration = eng.start_step(now)
-            if duration is not None:
-                eng.busy = True
-                push(heap, (now + duration, counter, _STEP, a))
-                counter += 1
-            continue
-        if kind == _ARRIVE:
-            trace.arrival[a] = now
-            in_system += 1
-            occ_t.append(now)
-            occ_n.append(in_system)
-            if overhead > 0.0:
-                push(heap, (now + overhead, counter, _DISPATCH, a))
-                counter += 1
-                continue
-            kind = _DISPATCH
-        if kind == _DISPATCH:
-            e = entry_lb.pick() + first_prefill
-            engines[e].submit(a)
-        elif kind == _TRANSFER:
-            src = engines[source[a]]
-            src.release(a)
-            if not src.busy and not src.kick_pending:
-                src.kick_pending = True
-                push(heap, (now, counter, _KICK, source[a]))
-                counter += 1
-            e = main_lb.pick()
-            engines[e].submit_transferred(a)
-        else:  # _KICK
-            eng = engines[a]
-            eng.kick_pending = False
-            if not eng.busy:
+    def __init__(self, cluster: Cluster, workload: Workload, fleet: _Fleet) -> None:
+        self.fleet = fleet
+        self.trace = fleet.trace
+        self.transfer = cluster.transfer
+        self.overhead = cluster.request_overhead_ms
+        self.prompt = fleet.state.prompt
+        n = len(workload)
+        if workload.mode is LoadMode.OPEN:
+            self.heap = [(t, j, _ARRIVE, j) for j, t in enumerate(workload.arrival_ms.tolist())]
+        else:
+            first = n if workload.mode is LoadMode.OFFLINE else min(workload.concurrency, n)
+            self.heap = [(0.0, j, _ARRIVE, j) for j in range(first)]
+        heapq.heapify(self.heap)
+        self.counter = len(self.heap)
+        self.next_row = self.counter  # closed loop: the next request a client sends
+        self.closed = workload.mode is LoadMode.CLOSED
+        self.n = n
+        self.source = [-1] * n  # prefill engine of each request (disaggregated)
+        self.in_system = 0
+
+    def push(self, t: float, kind: int, a: int) -> None:
+        heapq.heappush(self.heap, (t, self.counter, kind, a))
+        self.counter += 1
+
+    def loop(self) -> None:
+        heap, pop = self.heap, heapq.heappop
+        on_step, on_arrive, on_transfer = self.on_step, self.on_arrive, self.on_transfer
+        engines = self.fleet.engines
+        while heap:
+            now, _, kind, a = pop(heap)
+            if kind == _STEP:
+                eng = engines[a]
+                eng.busy = False
+                finished, handed = eng.finish_step(now)
+                if finished or handed:
+                    on_step(now, a, finished, handed)
+                # Inlined `start`: most events are steps, and a call costs ~5% of a run.
                 duration = eng.start_step(now)
                 if duration is not None:
                     eng.busy = True
-                    push(heap, (now + duration, counter, _STEP, a))
-                    counter += 1
-            continue
-        eng = engines[e]
+                    heapq.heappush(heap, (now + duration, self.counter, _STEP, a))
+                    self.counter += 1
+            elif kind == _ARRIVE:
+                on_arrive(now, a)
+            elif kind == _DISPATCH:
+                self.dispatch(now, a)
+            elif kind == _TRANSFER:
+                on_transfer(now, a)
+            else:  # _KICK
+                eng = engines[a]
+                eng.kick_pending = False
+                if not eng.busy:
+                    self.start(now, a)
+
+    def start(self, now: float, e: int) -> None:
+        """Engine e is idle: start its next step, if it has work."""
+        eng = self.fleet.engines[e]
+        duration = eng.start_step(now)
+        if duration is not None:
+            eng.busy = True
+            self.push(now + duration, _STEP, e)
+
+    def kick(self, now: float, e: int) -> None:
+        """Engine e got work: if idle, let it step once every event of this instant is in."""
+        eng = self.fleet.engines[e]
         if not eng.busy and not eng.kick_pending:
             eng.kick_pending = True
-            push(heap, (now, counter, _KICK, e))
-            counter += 1
+            self.push(now, _KICK, e)
 
-    if any(math.isnan(t) for t in trace.finish):
-        raise RuntimeError("simulation ended with unfinished requests")  # a scheduler bug
-    evaluations = sum(p.calls if isinstance(p, DirectPricer) else p.evaluations
-                      for p in pricers)
-    return SimResult.from_trace(trace, prompt_tokens=workload.prompt_tokens,
-                                output_tokens=workload.output_tokens,
-                                engine_steps=[e.steps for e in engines],
-                                engine_busy_ms=[e.busy_ms for e in engines],
-                                step_evaluations=evaluations)
+    def on_step(self, now: float, e: int, finished: list[int], handed: list[int]) -> None:
+        """Engine e's step ended with requests done: send the next requests of closed-loop
+        clients, hand finished prefills to the KV link."""
+        fleet = self.fleet
+        if finished:
+            for _ in finished:
+                fleet.main_lb.done(e)
+                self.in_system -= 1
+                if self.closed and self.next_row < self.n:
+                    self.push(now, _ARRIVE, self.next_row)
+                    self.next_row += 1
+            self.trace.occupancy_ms.append(now)
+            self.trace.occupancy.append(self.in_system)
+        for i in handed:
+            fleet.entry_lb.done(e - fleet.first_prefill)
+            assert self.transfer is not None
+            self.source[i] = e
+            self.push(now + self.transfer.ms(self.prompt[i]), _TRANSFER, i)
+
+    def on_arrive(self, now: float, i: int) -> None:
+        trace = self.trace
+        trace.arrival[i] = now
+        self.in_system += 1
+        trace.occupancy_ms.append(now)
+        trace.occupancy.append(self.in_system)
+        if self.overhead > 0.0:
+            self.push(now + self.overhead, _DISPATCH, i)
+        else:
+            self.dispatch(now, i)
+
+    def dispatch(self, now: float, i: int) -> None:
+        """Request i reaches the front end: its pool's balancer picks the engine."""
+        fleet = self.fleet
+        e = fleet.entry_lb.pick() + fleet.first_prefill
+        fleet.engines[e].submit(i)
+        self.kick(now, e)
+
+    def on_transfer(self, now: float, i: int) -> None:
+        """Request i's KV reached the decode pool: free it on its prefill engine."""
+        fleet = self.fleet
+        fleet.engines[self.source[i]].release(i)
+        self.kick(now, self.source[i])
+        e = fleet.main_lb.pick()
+        fleet.engines[e].submit_transferred(i)
+        self.kick(now, e)

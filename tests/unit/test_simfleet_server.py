@@ -22,9 +22,9 @@ from trilemma.optimizer.catalog import SpecMethod
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import estimate as perf_estimate
 from trilemma.optimizer.search.configs import Mode, ServingConfig, WorkerConfig
+from trilemma.optimizer.serving.blockpool import BlockPool, block_hashes
 from trilemma.simfleet import cli_server, engine_flags, prompts
 from trilemma.simfleet.engine_model import EngineModel
-from trilemma.simfleet.prefix_cache import BlockPool, block_hashes
 from trilemma.simfleet.scheduling import Engine, SimRequest
 from trilemma.simfleet.server import SimServer
 
@@ -320,7 +320,7 @@ def test_long_prompt_prefills_in_budget_sized_chunks(llama):
     engine = Engine(llama, Recorder(), rng=np.random.default_rng(0))
     chunks: list[int] = []
     r = request(list(range(20_000)), 2)
-    drive(engine, [r], lambda step, _: chunks.extend(n for _, n in step.chunks))
+    drive(engine, [r], lambda step, _: chunks.extend(n for s, n in step.work if not s.decoding))
     assert chunks == [8192, 8192, 20_000 - 2 * 8192]
     assert r.generated == 2 and len(r.emissions) == 2
 
