@@ -29,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from trilemma.optimizer.serving.blockpool import BlockPool
+from trilemma.optimizer.serving.blockpool import BlockHash, BlockPool
 from trilemma.optimizer.serving.scheduler import Batch, Limits, Scheduler, Seq
 from trilemma.simfleet.engine_model import EngineModel
 
@@ -59,7 +59,7 @@ class SimRequest:
     None) and the timestamps (event-loop seconds). Its scheduling state is `seq`."""
 
     prompt_len: int
-    block_hashes: tuple[int, ...]  # chained hashes of the prompt's full blocks
+    block_hashes: tuple[BlockHash, ...]  # chained hashes of the prompt's full blocks
     max_tokens: int
     arrival: float  # when the server received it
     events: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)

@@ -1,9 +1,10 @@
 """Discrete-event serving simulator: replicas running vLLM-style continuous batching.
 
 Data flow: a `Workload` (requests.py) and a `Cluster` (cluster.py) go into `simulate`
-(simulating.py), which runs one engine per attention DP rank (engine.py; reference.py is the
-plain specification it is checked against), prices every step with the perf layer's step
-model (steptable.py), and returns a `SimResult` (results.py).
+(simulating.py), which runs one engine per attention DP rank (engine.py, checked against the
+scheduler core of scheduler.py and its KV model blockpool.py, which reference.py drives and
+the sim-server runs too), prices every step with the perf layer's step model (steptable.py),
+and returns a `SimResult` (results.py).
 
     wl = serving.sample_workload(rng, requests=2000, prompt=serving.Lognormal(mean=1000,
                                  p90=1800), output=serving.Fixed(tokens=200),

@@ -5,6 +5,8 @@ times, so the closed-loop tests measure the model the planner searches with."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from trilemma.optimizer.search.configs import ServingConfig, WorkerConfig
 from trilemma.optimizer.serving.blockpool import prefix_hashes
 from trilemma.optimizer.serving.reference import ReferenceEngine
 from trilemma.optimizer.serving.results import Trace
-from trilemma.optimizer.serving.scheduler import Batch, Role
+from trilemma.optimizer.serving.scheduler import Batch, Role, Seq
 from trilemma.simfleet.engine_model import EngineModel
 from trilemma.simfleet.scheduling import Engine, SimRequest
 
@@ -49,7 +51,13 @@ def _workload(seed: int) -> serving.Workload:
         prefix=serving.PrefixReuse(tokens=300, share=0.7, prefixes=3))
 
 
-def _run(w: serving.Workload, plan, finish) -> None:  # type: ignore[no-untyped-def]
+class _Driver(Protocol):
+    def submit(self, i: int, now: float) -> None: ...
+
+    def step(self, now: float) -> float | None: ...
+
+
+def _run(w: serving.Workload, plan: _Driver, finish: Callable[[float], object]) -> None:
     """Both drivers' loop on one virtual clock (s): submit what has arrived, step, repeat."""
     arrivals = (w.arrival_ms / 1e3).tolist()
     now, nxt = 0.0, 0
@@ -67,9 +75,9 @@ def _run(w: serving.Workload, plan, finish) -> None:  # type: ignore[no-untyped-
         finish(now)
 
 
-def _record(batch: Batch, name: dict[object, int] | None = None) -> tuple:
-    def n(seq: object) -> int:
-        return name[seq] if name is not None else seq.index  # type: ignore[attr-defined]
+def _record(batch: Batch, name: dict[Seq, int] | None = None) -> tuple:
+    def n(seq: Seq) -> int:
+        return name[seq] if name is not None else seq.index
     return (tuple((n(s), k) for s, k in batch.work), tuple(n(s) for s in batch.preempted))
 
 
@@ -106,7 +114,7 @@ def _server(model: EngineModel, w: serving.Workload) -> tuple[Decisions, list[Si
                                                   int(w.prefix_tokens[i]) // block),
                        arrival=float(w.arrival_ms[i]) / 1e3)
             for i in range(len(w))]
-    name: dict[object, int] = {r.seq: i for i, r in enumerate(reqs)}
+    name: dict[Seq, int] = {r.seq: i for i, r in enumerate(reqs)}
     steps: Decisions = []
     current: list[Batch] = []
 

@@ -51,6 +51,10 @@ SCENARIOS = {
     "prefix cache under eviction": (
         _workload(2, prefix=serving.PrefixReuse(tokens=320, share=0.8, prefixes=4)),
         _cluster(kv=300, seqs=16)),
+    "prefix longer than a chunk, tight KV: partial hits": (
+        _workload(9, prompt=serving.Lognormal(mean=1500, p90=2800, high=4000),
+                  prefix=serving.PrefixReuse(tokens=1200, share=0.8, prefixes=3)),
+        _cluster(kv=700, seqs=12, budget=512)),
     "chunked prefill": (_workload(3, prompt=serving.Lognormal(mean=1500, p90=2800, high=4000)),
                         _cluster(budget=256, seqs=8)),
     "speculation with preemption": (_workload(4, arrivals=serving.ClosedLoop(concurrency=24)),
@@ -85,6 +89,10 @@ def test_the_scenarios_exercise_what_they_are_named_for():
     assert run("speculation with preemption").preemptions.sum() > 0
     assert run("disaggregated, decode side preempts").preemptions.sum() > 0
     assert run("prefix cache under eviction").summary().prefix_hit_share > 0.3
+    # Hits on prefixes registered chunk by chunk, or whose tails were evicted block by block.
+    partial = run("prefix longer than a chunk, tight KV: partial hits")
+    assert partial.preemptions.sum() > 0
+    assert np.any((partial.cached_tokens > 0) & (partial.cached_tokens < 1200 // 16 * 16))
     w, _ = SCENARIOS["chunked prefill"]
     whole = serving.Cluster(pool=serving.Pool(engine=serving.EngineConfig(
         kv_blocks=4000, max_num_seqs=8, max_num_batched_tokens=8192)))
