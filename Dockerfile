@@ -1,4 +1,4 @@
-# The trilemma operator image; the `trilemma` CLI works in it too.
+# The trilemma operator image; the `trilemma` CLI works in it too (without the demo's KMock).
 #
 #   docker run IMAGE                                 # the operator, all namespaces, standalone
 #   docker run IMAGE trilemma optimize /specs/x.yaml # the CLI: the command replaces CMD
@@ -13,6 +13,7 @@ COPY pyproject.toml README.md LICENSE NOTICE ./
 COPY optimizer ./optimizer
 COPY operator ./operator
 COPY simfleet ./simfleet
+COPY tools ./tools
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim
@@ -21,6 +22,9 @@ LABEL org.opencontainers.image.title="trilemma" \
       org.opencontainers.image.licenses="Apache-2.0"
 # A plain (non-editable) install with its dependencies from the index; pip compiles the
 # bytecode now, because at run time the root filesystem is read-only. No compilers, no caches.
+# No extras: the image ships no KMock (the `demo` extra). trilemma.tools comes with the wheel
+# because the `trilemma` console script lives there; its `optimize` and `crds` commands need
+# no KMock, and `trilemma demo` says to install trilemma[demo] (tests/unit/test_dockerfile.py).
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --disable-pip-version-check /wheels/*.whl \
     && rm -rf /wheels \

@@ -19,8 +19,8 @@ import os
 import pytest
 
 from tests.tools import require_tool
-from trilemma.operator import demo
 from trilemma.simfleet.cluster import INSTALL_HINT, find_kube_bin
+from trilemma.tools import demo
 
 
 def require_kube() -> None:

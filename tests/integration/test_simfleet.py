@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from trilemma.operator import cli
 from trilemma.optimizer import render
 from trilemma.optimizer.search.configs import ServingConfig, WorkerConfig
+from trilemma.tools import cli
 
 CONFIG = ServingConfig(model="Qwen/Qwen3-8B", worker=WorkerConfig(
     gpu="h100_sxm", quant="fp8", spec_method="eagle3", spec_k=3, max_num_seqs=64,
@@ -58,7 +58,7 @@ def test_sim_server_with_rendered_vllm_flags_counts_what_loadgen_sent(tmp_path: 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trilemma.operator.cli", "sim-server", "--gpu", "h100_sxm",
+        [sys.executable, "-m", "trilemma.tools.cli", "sim-server", "--gpu", "h100_sxm",
          "--time-scale", "0.1", "--host", "127.0.0.1", "--port", str(port), "--",
          *argv, "--dtype", "auto"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -20,12 +20,12 @@ import pytest
 from tests.operator.test_reconcile import ENDPOINT, NS, POOL, make_available, status
 from tests.support.kube import Api
 from tests.support.prometheus import PrometheusServer, ScrapeJob, prometheus_binary
-from trilemma.operator.emulator import CACHE_DIR
 from trilemma.operator.endpoint import OperatorConfig
 from trilemma.optimizer.search import ServingConfig
 from trilemma.simfleet.fleet import SimFleet
 from trilemma.simfleet.loadgen import Phase, run_load
 from trilemma.simfleet.prometheus_server import free_port
+from trilemma.tools.inprocess import CACHE_DIR
 
 pytestmark = pytest.mark.slow
 

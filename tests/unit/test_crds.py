@@ -16,9 +16,9 @@ import pydantic
 import pytest
 import yaml
 
-from trilemma.operator import cli, crdgen
 from trilemma.operator.resources import HardwarePoolSpec, OptimizedEndpointSpec, Rollout, to_wire
 from trilemma.optimizer.catalog import models as catalog_models
+from trilemma.tools import cli, crdgen
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "operator"

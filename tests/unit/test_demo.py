@@ -8,11 +8,12 @@ import logging
 import numpy as np
 import pytest
 
-from trilemma.operator import cli, demo
 from trilemma.operator.resources import OptimizedEndpointSpec
 from trilemma.optimizer.catalog import load_model
 from trilemma.optimizer.search.space import model_len
 from trilemma.optimizer.spec import Workload
+from trilemma.tools import cli, demo
+from trilemma.tools.demo.process import Problems
 
 
 def test_the_command_is_registered(capsys):
@@ -67,7 +68,7 @@ def test_the_summary_reads_the_result_and_keeps_the_operator_problems():
     text = "\n".join(demo.summary_lines(result))
     assert "A -> B" in text and "18 s after the shift" in text
     assert "4.10 vs 4.00 (+2.5%)" in text and "0.060 vs 0.065 (-0.5 pt)" in text
-    problems = demo._Problems()
+    problems = Problems()
     for message in ("Failed to post an event. Code: 409. Message: exists",
                     "Timer failed\nTraceback..."):
         problems.emit(logging.LogRecord("kopf", logging.WARNING, __file__, 1, message, None,

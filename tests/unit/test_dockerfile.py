@@ -8,6 +8,8 @@ import fnmatch
 import json
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -136,3 +138,59 @@ def test_dockerignore_keeps_out_caches_and_history_but_nothing_the_build_copies(
         hits = [p for p in patterns
                 if fnmatch.fnmatch(source, p) or fnmatch.fnmatch(source, p.removeprefix("**/"))]
         assert not hits, f"{source} is copied but ignored by {hits}"
+
+
+def test_the_image_installs_the_wheel_without_extras_so_ships_no_kmock(final):
+    installs = [shlex.split(rest) for rest in args_of(final, "RUN") if "pip install" in rest]
+    assert installs
+    for words in installs:
+        wheels = [w for w in words if w.endswith(".whl") or ".whl[" in w]
+        assert wheels, words
+        # An extra would read /wheels/trilemma-...whl[demo]; none may be named at all.
+        assert not [w for w in words if "[" in w or "kmock" in w.lower()], words
+
+
+# A Python without KMock, as in the image: a meta-path finder refuses to import it.
+NO_KMOCK = """
+import sys
+
+class NoKmock:
+    def find_spec(self, name, path=None, target=None):
+        if name == "kmock" or name.startswith("kmock."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoKmock())
+from trilemma.tools.cli import main
+code = main(sys.argv[1:])
+assert "kmock" not in sys.modules
+raise SystemExit(code)
+"""
+
+
+def without_kmock(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", NO_KMOCK, *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_console_script_offers_every_command_without_kmock():
+    done = without_kmock("--help")
+    assert done.returncode == 0, done.stderr
+    for command in ("optimize", "crds", "demo", "dev-cluster"):
+        assert command in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["optimize", "examples/chatbot.yaml"], ["crds", "--stdout"]],
+                         ids=["optimize", "crds"])
+def test_optimize_and_crds_run_without_kmock(argv):
+    done = without_kmock(*argv)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
+def test_the_demo_on_the_emulated_api_without_kmock_says_to_install_the_extra():
+    done = without_kmock("demo", "--control-plane", "kmock")
+    assert done.returncode == 2, done.stderr
+    assert "trilemma[demo]" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+

@@ -18,7 +18,7 @@ def test_every_package_folder_is_listed_for_installation():
     # operator/ is a namespace package on purpose (see operator/naming.py); the rest are
     # regular packages wherever an __init__.py is.
     found = {"trilemma.operator"}
-    for folder in ("optimizer", "simfleet"):
+    for folder in ("optimizer", "simfleet", "tools"):
         for init in (ROOT / folder).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / folder).parts
             found.add(".".join((f"trilemma.{folder}", *rel)))
@@ -45,6 +45,22 @@ def test_the_operator_namespace_installs_as_trilemma_operator():
     from trilemma.operator import naming
 
     assert naming.API_VERSION == "trilemma.dev/v1alpha1"
+
+
+def test_the_console_script_is_the_tools_cli():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"trilemma": "trilemma.tools.cli:main"}
+
+
+def test_kmock_is_an_extra_not_a_dependency():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {r.split(">")[0].split("=")[0].split("[")[0].strip() for r in requirements}
+
+    assert "kmock" not in names(project["dependencies"])
+    assert "kmock" in names(extras["demo"]) and "kmock" in names(extras["dev"])
 
 
 def test_the_console_script_runs():

@@ -1,7 +1,9 @@
 """The `trilemma` console script: the optimizer's commands plus those built on it.
 
 The optimizer's CLI may not import the operator (import-linter forbids it), so the console
-script starts here and hands the extra commands in. Each module below exposes `SUBCOMMAND`.
+script starts here and hands the extra commands in. Each module below exposes `SUBCOMMAND` and
+imports nothing optional at module level: `trilemma --help` and `trilemma optimize` must run
+where the `demo` extra (KMock) is not installed, as in the operator image.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from trilemma.optimizer import cli as optimizer_cli
 
 # Modules that add a command; each defines SUBCOMMAND: optimizer_cli.Subcommand.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "trilemma.operator.crdgen",
+    "trilemma.tools.crdgen",
     "trilemma.simfleet.cli_server",
     "trilemma.simfleet.cli_loadgen",
-    "trilemma.operator.demo",
-    "trilemma.operator.devcluster",
+    "trilemma.tools.demo.command",
+    "trilemma.tools.devcluster",
 )
 
 

@@ -1,6 +1,8 @@
-"""An emulated Kubernetes API (KMock) and the real Kopf operator in one event loop.
+"""An emulated Kubernetes API (KMock), for the real Kopf operator to run against in-process.
 
-What `trilemma demo`, tests/operator and the operator benchmark share. KMock (by Kopf's
+What `trilemma demo --control-plane kmock`, tests/operator and the operator benchmark share;
+the operator itself runs with trilemma.tools.inprocess. This is the one module that imports
+KMock, an optional extra (`pip install 'trilemma[demo]'`). KMock (by Kopf's
 author) keeps objects in memory and serves list/watch/get/create/patch/delete over HTTP. Its
 gaps shape the helpers: no controllers (a caller marks a Deployment available by patching its
 status), no garbage collector, no label selectors (the operator filters again client-side), no
@@ -11,7 +13,7 @@ server would.
     async with ForgetfulEmulator() as server, kmock.Server(server):
         declare_resources(server)
         write_kubeconfig(path, str(server.url))  # and point $KUBECONFIG at it
-        operator = Operator()
+        operator = Operator()  # trilemma.tools.inprocess
         await operator.start()
         api = Api(server)
         await api.create({...})
@@ -20,7 +22,6 @@ server would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections import Counter
@@ -29,13 +30,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import kmock
-import kopf
 import yaml
 
-from trilemma.operator import handlers, naming
-from trilemma.operator.endpoint import OperatorConfig
-from trilemma.operator.metrics import OperatorMetrics
-from trilemma.operator.optimize import Planner
+from trilemma.operator import naming
 
 Obj = dict[str, Any]
 OE = f"{naming.GROUP}/{naming.VERSION}/optimizedendpoints"
@@ -45,8 +42,6 @@ PLURALS = {"OptimizedEndpoint": "optimizedendpoints", "HardwarePool": "hardwarep
            "Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps",
            "Event": "events", "CustomResourceDefinition": "customresourcedefinitions",
            "PodMonitor": "podmonitors"}
-# Where planning caches configMap models' config.json files (content-addressed, so shared).
-CACHE_DIR = "/tmp/trilemma-tests"
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -136,50 +131,6 @@ def write_kubeconfig(path: Path, url: str) -> None:
         "clusters": [{"name": "kmock", "cluster": {"server": url.rstrip("/")}}],
         "users": [{"name": "kmock", "user": {}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
-
-
-class Operator:
-    """One operator running in this event loop: start/stop it (restarts included) and inspect
-    its runtime.
-
-    Its handlers go into a fresh registry each start, so several can run in one process.
-    $KUBECONFIG must name the emulator before `start` (Kopf logs in from it), and
-    $TRILEMMA_RESYNC_SECONDS, read as the handlers are registered, sets the timer's period.
-    planner: None runs the real search; tests pass a fake one.
-    config: None: `concurrency` plans at once, no operator-wide Prometheus URL.
-    """
-
-    def __init__(self, planner: Planner | None = None, concurrency: int = 2, *,
-                 config: OperatorConfig | None = None) -> None:
-        self.planner = planner
-        self.concurrency = concurrency
-        self.config = config or OperatorConfig(max_concurrent_optimizations=concurrency,
-                                               cache_dir=CACHE_DIR)
-        self.metrics = OperatorMetrics()
-        self.runtime: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._stop: asyncio.Event | None = None
-
-    async def start(self, timeout_s: float = 10.0) -> None:
-        registry = kopf.OperatorRegistry()
-        handlers.register(registry)
-        self.runtime = handlers.build_runtime(self.config, planner=self.planner,
-                                              metrics=self.metrics)
-        self._stop, ready = asyncio.Event(), asyncio.Event()
-        self._task = asyncio.create_task(kopf.operator(
-            registry=registry, clusterwide=True, standalone=True,
-            memo=kopf.Memo(runtime=self.runtime), stop_flag=self._stop, ready_flag=ready))
-        await asyncio.wait_for(ready.wait(), timeout_s)
-
-    async def stop(self) -> None:
-        if self._task is None:
-            return
-        assert self._stop is not None
-        self._stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(self._task, 15)
-        await self.runtime.kube.close()
-        self._task = None
 
 
 class Api:

@@ -27,7 +27,7 @@ DEFAULT_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "trilemma-dev-cluster"
 
 def install_crds(cluster: LocalCluster) -> None:
     """The CRDs as `trilemma crds` generates them, applied and Established."""
-    from trilemma.operator.crdgen import crd_documents
+    from trilemma.tools.crdgen import crd_documents
 
     docs = crd_documents()
     cluster.apply(docs)
