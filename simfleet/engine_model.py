@@ -1,8 +1,8 @@
 """What one simulated replica costs: step times, KV capacity and speculation, from perf.
 
-The sim-server's scheduler (scheduling.py) asks this module two things per engine step: how
-long a batch of `d` decodes plus a prefill chunk takes, and (with speculative decoding) how
-many tokens each verify step yields. Both come from the same layers the optimizer plans with,
+The sim-server's scheduler (scheduling.py) asks this module how long each engine step (a
+batch of `d` decodes plus a prefill chunk) takes, and (with speculative decoding) for the
+acceptance law its verify steps draw from. Both come from the same layers the optimizer plans with,
 so a fleet of sim-servers behaves as the plan predicts:
 
 * step times from the calibrated step model through serving.StepTable, the simulator's lazily
@@ -10,15 +10,13 @@ so a fleet of sim-servers behaves as the plan predicts:
   which a step costs about a microsecond of CPU;
 * KV capacity (blocks of 16 tokens per DP rank) and vLLM's limits from serving.engine_config,
   i.e. perf's memory model at the worker's gpu_memory_utilization;
-* accepted drafts per step from catalog.speculation's acceptance fit, drawn per step with the
-  truncated geometric law of serving.Speculation.
+* accepted drafts per step from catalog.speculation's acceptance fit, under the truncated
+  geometric law of serving.Speculation (drawn by the scheduler core's `VerifyDraws`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import numpy as np
 
 from trilemma.optimizer import serving
 from trilemma.optimizer.catalog import SpecMethod
@@ -132,9 +130,3 @@ class EngineModel:
         of `prefill_tokens` over `prefill_seqs` prompts reaching `prefill_context` tokens on
         average (drafting included), in milliseconds of the modelled GPU."""
         return self._table(decodes, decode_kv, prefill_tokens, prefill_seqs, prefill_context)
-
-    def verify_tokens(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """Tokens each of `n` verify steps yields: 1 without speculation, else 1..k+1."""
-        if self.speculation is None:
-            return np.ones(n, dtype=np.int64)
-        return self.speculation.step_tokens(rng.random(n))

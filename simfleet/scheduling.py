@@ -10,8 +10,8 @@ simulator runs) what the next step computes, and keeps only what is real-time:
   so asyncio's timer jitter does not accumulate: the token rate over many steps is the
   model's;
 * then it emits the tokens: one per finished prefill and per decode, 1..k+1 per speculative
-  verify step (drawn per step here; the simulator draws a request's steps up front, which is
-  the same distribution);
+  verify step, drawn as the simulator draws them (`scheduler.VerifyDraws`: all of a request's
+  verify steps when it starts decoding), so one seed gives both the same run;
 * each finished request reports its measured TTFT, inter-token gaps, end-to-end and queue
   times to the metrics sink.
 Outputs always run to `max_tokens` (the simulator has no end-of-sequence token).
@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from trilemma.optimizer.serving.blockpool import BlockHash, BlockPool
-from trilemma.optimizer.serving.scheduler import Batch, Limits, Scheduler, Seq
+from trilemma.optimizer.serving.scheduler import Batch, Limits, Scheduler, Seq, VerifyDraws
 from trilemma.simfleet.engine_model import EngineModel
 
 _log = logging.getLogger(__name__)
@@ -102,10 +102,10 @@ class Engine:
                  time_scale: float = 1.0, on_step: Callable[[], None] | None = None) -> None:
         self.model = model
         self.sink = sink
-        self.rng = rng
         self.time_scale = time_scale
         self.on_step = on_step
         self.core = Scheduler(limits(model))
+        self.draws = VerifyDraws(model.speculation, rng)
         self._requests: dict[Seq, SimRequest] = {}
         self.steps = 0
         self.busy_s = 0.0  # modelled (scaled) step time so far
@@ -139,6 +139,7 @@ class Engine:
             return
         req.aborted = True
         self.core.abort(req.seq)
+        self.draws.forget(req.seq)
         self._requests.pop(req.seq, None)
 
     # ---- one step ----------------------------------------------------------------------------
@@ -165,12 +166,12 @@ class Engine:
 
     def complete(self, batch: Batch, now: float) -> None:
         """The step ended at `now`: move KV forward, emit tokens, finish requests."""
-        decodes = [seq for seq, _ in batch.work if seq.decoding]
-        drawn = dict(zip(decodes, self.model.verify_tokens(self.rng, len(decodes)).tolist(),
-                         strict=True))
-        out = self.core.complete(batch, drawn.__getitem__)
-        if decodes and self.model.spec_k:
-            n = len(decodes)
+        out = self.core.complete(batch, self.draws)
+        self.draws.settle(out)
+        if out.decoded and self.model.spec_k:
+            # Per verify step: k drafts, and the accepted ones are the tokens emitted past the
+            # target's own (an aborted request's step counts nowhere, as in vLLM).
+            n = len(out.decoded)
             self.sink.spec_decode(drafts=n, draft_tokens=n * self.model.spec_k,
                                   accepted_tokens=sum(t - 1 for _, t in out.decoded))
         for seq, tokens in out.decoded:

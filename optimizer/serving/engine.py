@@ -10,8 +10,9 @@ So when a request starts decoding, its whole decode is planned at once:
   steps at which it needs a new block are those where (prompt + generated - 1) is a multiple
   of the block size; requests are counted by that residue, so one lookup gives the blocks all
   decodes need at a step;
-* with speculation, the tokens of each verify step are drawn up front (as in the reference),
-  and the tokens and blocks per step are added into per-step arrays with numpy.
+* with speculation, the tokens of each verify step are drawn up front (`verify_yields`, as
+  the core's drivers draw them), and the tokens and blocks per step are added into per-step
+  arrays with numpy.
 
 Per step the engine then reads the block need of all decodes in one lookup, allocates it in
 one go, and moves the sum of KV lengths forward by the tokens of the step. Only when blocks
@@ -32,7 +33,7 @@ from trilemma.optimizer.serving.blockpool import BlockHash, BlockPool, prefix_ha
 from trilemma.optimizer.serving.cluster import EngineConfig
 from trilemma.optimizer.serving.requests import Workload
 from trilemma.optimizer.serving.results import Trace
-from trilemma.optimizer.serving.scheduler import Role
+from trilemma.optimizer.serving.scheduler import Role, verify_yields
 from trilemma.optimizer.serving.steptable import Pricer
 
 __all__ = ["FastEngine", "Role", "SeqState"]
@@ -169,7 +170,7 @@ class FastEngine:
             self.residues[r] += 1
             last = t0 + left - 1
         else:
-            tokens = self.spec.step_tokens(self.rng.random(left))
+            tokens = verify_yields(self.spec, self.rng, left)
             cum = np.cumsum(tokens)
             m = int(np.searchsorted(cum, left)) + 1
             tokens = tokens[:m]

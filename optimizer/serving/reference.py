@@ -6,13 +6,12 @@ step priced by the perf model and the trace written from what the core reports.
 timestamp for timestamp).
 
 With speculation, a request draws the tokens of every verify step of its decode when it
-starts decoding (one uniform per remaining token), which is the same distribution as drawing
-step by step and lets the fast engine plan ahead with the same random numbers.
+starts decoding (`scheduler.VerifyDraws`, one uniform per remaining token), which is the same
+distribution as drawing step by step and lets the fast engine plan ahead with the same random
+numbers; the sim-server draws the same way.
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 import numpy as np
 
@@ -20,7 +19,14 @@ from trilemma.optimizer.serving.blockpool import prefix_hashes
 from trilemma.optimizer.serving.cluster import EngineConfig
 from trilemma.optimizer.serving.requests import Workload
 from trilemma.optimizer.serving.results import Trace
-from trilemma.optimizer.serving.scheduler import Batch, Limits, Role, Scheduler, Seq
+from trilemma.optimizer.serving.scheduler import (
+    Batch,
+    Limits,
+    Role,
+    Scheduler,
+    Seq,
+    VerifyDraws,
+)
 from trilemma.optimizer.serving.steptable import Pricer
 
 
@@ -39,9 +45,8 @@ class ReferenceEngine:
         self.workload = workload
         self.trace = trace
         self.price = price
-        self.rng = rng
         self.core = Scheduler(limits(cfg), role=role)
-        self.yields: dict[int, deque[int]] = {}  # drawn verify-step tokens per request
+        self.draws = VerifyDraws(cfg.speculation, rng)
         self.batch: Batch | None = None
         self.busy = False
         self.kick_pending = False
@@ -73,7 +78,6 @@ class ReferenceEngine:
             return None
         trace = self.trace
         for seq in batch.preempted:
-            self.yields.pop(seq.index, None)
             trace.preemptions[seq.index] += 1
         for seq in batch.admitted:
             if not seq.kv_ready:
@@ -86,25 +90,16 @@ class ReferenceEngine:
         self.busy_ms += duration
         return duration
 
-    def _draw(self, seq: Seq) -> int:
-        drawn = self.yields.get(seq.index)
-        return drawn.popleft() if drawn else 1
-
     def finish_step(self, now: float) -> tuple[list[int], list[int]]:
         assert self.batch is not None
-        out = self.core.complete(self.batch, self._draw)
+        out = self.core.complete(self.batch, self.draws)
+        self.draws.settle(out)
         self.batch = None
         trace = self.trace
         for seq in out.sampled:
             if seq.generated == 1:
                 trace.first_token[seq.index] = now
-        spec = self.cfg.speculation
-        for seq in out.started:
-            if spec is not None:
-                u = self.rng.random(seq.output - seq.generated)
-                self.yields[seq.index] = deque(spec.step_tokens(u).tolist())
         for seq in out.finished:
-            self.yields.pop(seq.index, None)
             trace.finish[seq.index] = now
             trace.engine[seq.index] = self.index
         return [s.index for s in out.finished], [s.index for s in out.handed]

@@ -1,11 +1,15 @@
 """One scheduler, two clocks: the sim-server's engine (asyncio driver) and the simulator's
 reference engine (event-heap driver) take the same decisions on the same requests and step
-times, so the closed-loop tests measure the model the planner searches with."""
+times, so the closed-loop tests measure the model the planner searches with. With speculation
+both draw each request's verify steps the same way from the same seed, so they also emit the
+same tokens at the same times."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -23,23 +27,33 @@ from trilemma.simfleet.scheduling import Engine, SimRequest
 LLAMA = ServingConfig(model="meta-llama/Llama-3.1-8B", worker=WorkerConfig(
     gpu="h100_sxm", max_num_seqs=24, max_num_batched_tokens=1024))
 Decisions = list[tuple[tuple[tuple[int, int], ...], tuple[int, ...]]]
+Timeline = list[tuple[float, int]]  # (when, tokens) per emission of one request
+SpecCall = tuple[int, int, int]  # drafts, draft tokens, accepted tokens of one step
 
 
 class _Sink:
+    def __init__(self) -> None:
+        self.spec: list[SpecCall] = []
+
     def request_finished(self, **kw: object) -> None:
         pass
 
-    def spec_decode(self, **kw: object) -> None:
-        pass
+    def spec_decode(self, *, drafts: int, draft_tokens: int, accepted_tokens: int) -> None:
+        self.spec.append((drafts, draft_tokens, accepted_tokens))
 
     def set_load(self, **kw: object) -> None:
         pass
 
 
+def _small_cache(config: ServingConfig, predictability: float = 0.5) -> EngineModel:
+    # A small cache: requests preempt each other and shared prefixes get evicted.
+    return EngineModel(config, kv_blocks=150, request_overhead_ms=0.0,
+                       predictability=predictability)
+
+
 @pytest.fixture(scope="module")
 def model() -> EngineModel:
-    # A small cache: requests preempt each other and shared prefixes get evicted.
-    return EngineModel(LLAMA, kv_blocks=150, request_overhead_ms=0.0)
+    return _small_cache(LLAMA)
 
 
 def _workload(seed: int) -> serving.Workload:
@@ -81,14 +95,22 @@ def _record(batch: Batch, name: dict[Seq, int] | None = None) -> tuple:
     return (tuple((n(s), k) for s, k in batch.work), tuple(n(s) for s in batch.preempted))
 
 
-def _simulator(model: EngineModel, w: serving.Workload) -> tuple[Decisions, Trace]:
-    trace = Trace(len(w))
+@dataclass
+class _SimRun:
+    steps: Decisions
+    trace: Trace
+    timelines: list[Timeline]
+    spec: list[SpecCall]  # what each step with decodes should report to spec_decode
+
+
+def _simulator(model: EngineModel, w: serving.Workload) -> _SimRun:
+    run = _SimRun([], Trace(len(w)), [[] for _ in range(len(w))], [])
+    trace, steps = run.trace, run.steps
     eng = ReferenceEngine(model.engine, role=Role.COMBINED, index=0, workload=w, trace=trace,
                           price=lambda d, kv, p, s, c: model.step_ms(
                               decodes=d, decode_kv=kv, prefill_tokens=p, prefill_seqs=s,
                               prefill_context=c) / 1e3,
                           rng=np.random.default_rng(0))
-    steps: Decisions = []
 
     class Plan:
         def submit(self, i: int, now: float) -> None:
@@ -102,12 +124,26 @@ def _simulator(model: EngineModel, w: serving.Workload) -> tuple[Decisions, Trac
                 steps.append(_record(eng.batch))
             return duration
 
-    _run(w, Plan(), eng.finish_step)
-    return steps, trace
+    def finish(now: float) -> None:
+        # What each request of the step emitted: the core's token count moved by the step.
+        assert eng.batch is not None
+        before = [(s, s.generated, s.decoding) for s, _ in eng.batch.work]
+        eng.finish_step(now)
+        decoded = [s.generated - g for s, g, decoding in before if decoding]
+        if decoded and model.spec_k:
+            run.spec.append((len(decoded), len(decoded) * model.spec_k,
+                             sum(t - 1 for t in decoded)))
+        for s, g, _ in before:
+            if s.generated > g:
+                run.timelines[s.index].append((now, s.generated - g))
+
+    _run(w, Plan(), finish)
+    return run
 
 
-def _server(model: EngineModel, w: serving.Workload) -> tuple[Decisions, list[SimRequest]]:
-    eng = Engine(model, _Sink(), rng=np.random.default_rng(0))
+def _server(model: EngineModel, w: serving.Workload,
+            sink: _Sink) -> tuple[Decisions, list[SimRequest]]:
+    eng = Engine(model, sink, rng=np.random.default_rng(0))
     block = model.block_size
     reqs = [SimRequest(prompt_len=int(w.prompt_tokens[i]), max_tokens=int(w.output_tokens[i]),
                        block_hashes=prefix_hashes(int(w.prefix_id[i]),
@@ -134,21 +170,55 @@ def _server(model: EngineModel, w: serving.Workload) -> tuple[Decisions, list[Si
     return steps, reqs
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_sim_server_engine_takes_the_simulators_every_decision(model, seed):
-    w = _workload(seed)
-    sim_steps, trace = _simulator(model, w)
-    server_steps, reqs = _server(model, w)
-    assert server_steps == sim_steps  # admission, chunks, decodes and preemption order
+def _timeline(r: SimRequest) -> Timeline:
+    """What the server streamed to the client: tokens per emission, at the emission times."""
+    tokens: list[int] = []
+    while (t := r.events.get_nowait()) is not None:
+        tokens.append(t)
+    return list(zip(r.emissions, tokens, strict=True))
+
+
+def _assert_same_run(model: EngineModel, w: serving.Workload) -> _SimRun:
+    sim = _simulator(model, w)
+    sink = _Sink()
+    server_steps, reqs = _server(model, w, sink)
+    assert server_steps == sim.steps  # admission, chunks, decodes and preemption order
     for i, r in enumerate(reqs):
         assert r.finished and r.generated == w.output_tokens[i]
-        assert r.emissions[0] == trace.first_token[i] and r.emissions[-1] == trace.finish[i]
-        assert r.preemptions == trace.preemptions[i]
-        assert math.isclose(r.scheduled, trace.first_scheduled[i])
+        assert _timeline(r) == sim.timelines[i]  # every token at the same time
+        assert r.emissions[0] == sim.trace.first_token[i]
+        assert r.emissions[-1] == sim.trace.finish[i]
+        assert r.preemptions == sim.trace.preemptions[i]
+        assert math.isclose(r.scheduled, sim.trace.first_scheduled[i])
+    assert sink.spec == sim.spec  # step by step, the accepted drafts that were emitted
+    return sim
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_sim_server_engine_takes_the_simulators_every_decision(model, seed):
+    sim = _assert_same_run(model, _workload(seed))
+    assert all(t == 1 for line in sim.timelines for _, t in line)
+    assert sim.spec == []
+
+
+# method, k, predictability: acceptance a = 0.58, 0.88 (EAGLE-3) and 0.15 (n-gram).
+@pytest.mark.parametrize(("method", "k", "predictability"),
+                         [("eagle3", 1, 0.0), ("eagle3", 3, 1.0), ("ngram", 3, 0.25)])
+def test_with_speculation_both_draw_the_same_verify_steps(method, k, predictability):
+    worker = dataclasses.replace(LLAMA.worker, spec_method=method, spec_k=k)
+    model = _small_cache(dataclasses.replace(LLAMA, worker=worker), predictability)
+    assert model.speculation is not None and 0.0 < model.speculation.acceptance < 1.0
+    sim = _assert_same_run(model, _workload(2))
+    assert sum(sim.trace.preemptions) > 0  # a draw replaced on recompute is redrawn alike
+    # The scenario draws every outcome of a verify step, none accepted to all k accepted.
+    decode_tokens = {t for line in sim.timelines for _, t in line[1:]}
+    assert decode_tokens == set(range(1, k + 2))
+    drafts, draft_tokens, accepted = np.sum(sim.spec, axis=0)
+    assert draft_tokens == k * drafts and 0 < accepted < draft_tokens
 
 
 def test_the_scenario_exercises_preemption_and_partial_prefix_hits(model):
-    _, trace = _simulator(model, _workload(0))
+    trace = _simulator(model, _workload(0)).trace
     assert sum(trace.preemptions) > 0
     cached = np.asarray(trace.cached_tokens)
     hits = cached[cached > 0]
