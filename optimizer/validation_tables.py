@@ -16,6 +16,7 @@ reason, never dropped silently.
 from __future__ import annotations
 
 import csv
+import enum
 import math
 import re
 from collections import defaultdict
@@ -194,13 +195,23 @@ def map_engine(name: str) -> tuple[Engine, str | None] | str:
     return f"engine {name!r} is not modelled"
 
 
+class LoadType(enum.StrEnum):
+    """How a table row states its load: a closed-loop concurrency or an offered request rate."""
+
+    CONCURRENCY = "concurrency"
+    QPS = "qps"
+
+
+_LOAD_TYPES = {t.value: t for t in LoadType}
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Planned:
     index: int
     cfg: estimate.Config
     isl: float
     osl: float
-    load_type: str      # "concurrency" or "qps"
+    load_type: LoadType
     load: float
     notes: tuple[str, ...]
 
@@ -232,9 +243,9 @@ def _plan(row: Mapping[str, str]) -> _Planned | str:
     n = n or tp * pp
     if n % (tp * pp):
         return f"num_gpus={n:.0f} is not a multiple of tp*pp={tp * pp:.0f}"
-    load_type = row["load_type"].strip().lower()
+    load_type = _LOAD_TYPES.get(row["load_type"].strip().lower())
     load = _number(row["load_value"])
-    if load_type not in ("concurrency", "qps") or load is None:
+    if load_type is None or load is None:
         return f"load {row['load_type']!r}={row['load_value']!r} is not modelled"
     if _number(row["ttft_ms"]) is None and _number(row["itl_ms"]) is None:
         return "no measured TTFT or ITL"
@@ -314,7 +325,7 @@ def predict_table_rows(rows: Iterable[Mapping[str, str]]) -> list[TableRowResult
         osl = np.array([m.osl for m in members])
         load = np.array([m.load for m in members])
         sound = np.ones(len(members), dtype=bool)
-        if members[0].load_type == "qps":
+        if members[0].load_type is LoadType.QPS:
             conc, sound = _match_qps(cfg, load, isl, osl)
         else:
             conc = load
@@ -329,7 +340,7 @@ def predict_table_rows(rows: Iterable[Mapping[str, str]]) -> list[TableRowResult
             else:
                 out[m.index] = result(m.index, m, conc=float(conc[j]),
                                       ttft=float(r.ttft_ms[j]), itl=float(r.tpot_ms[j]))
-                if m.load_type == "qps":
+                if m.load_type is LoadType.QPS:
                     out[m.index] = _with_note(out[m.index], (
                         "QPS matched by the closed-loop concurrency of equal throughput; "
                         "Poisson burstiness is not modelled, so TTFT is optimistic"))

@@ -69,7 +69,7 @@ _NVIDIA_SM80_PLUS = frozenset({Arch.AMPERE, Arch.ADA, Arch.HOPPER, Arch.BLACKWEL
 _FP8_ARCHS = frozenset({Arch.ADA, Arch.HOPPER, Arch.BLACKWELL, Arch.CDNA3})
 
 
-class QuantRecipe(enum.Enum):
+class QuantRecipe(enum.StrEnum):
     """How linear-layer weights (and activations) are quantized. CLI value == enum value."""
 
     BF16 = "bf16"  # weights bf16, activations bf16
@@ -202,7 +202,7 @@ _COMPUTE: dict[QuantRecipe, Precision] = {
 }
 
 
-class KvDtype(enum.Enum):
+class KvDtype(enum.StrEnum):
     """The KV-cache element type."""
 
     BF16 = "bf16"

@@ -29,7 +29,7 @@ MAX_K = 16  # acceptance**16 is negligible for every fitted method; more drafts 
 ArrayLike = float | npt.ArrayLike
 
 
-class SpecMethod(enum.Enum):
+class SpecMethod(enum.StrEnum):
     """How draft tokens are proposed. Value == the CLI spelling."""
 
     NONE = "none"

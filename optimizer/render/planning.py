@@ -126,7 +126,7 @@ def plan(config: ServingConfig, engine: str, *, name: str, namespace: str = "def
     options = options or choices.RenderOptions()
     eng = parse_engine(engine)
     return RenderPlan(
-        config=config, engine=eng.value, name=name, namespace=namespace,
+        config=config, engine=eng, name=name, namespace=namespace,
         image=image or DEFAULT_IMAGES[eng],
         image_source=Source.USER_OVERRIDE if image else Source.RENDERER,
         config_hash=served(config, options).layout_hash(),

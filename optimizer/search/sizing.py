@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from trilemma.optimizer.search import screening
-from trilemma.optimizer.search.screening import RowScreen, Term, Workload
+from trilemma.optimizer.search.screening import RowScreen, SloMetric, Term, Workload
 from trilemma.optimizer.search.space import SearchSettings
 from trilemma.optimizer.spec.plan_request import PlanRequest
 
@@ -52,7 +52,7 @@ class Candidates:
         return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
                       for f in fields(cls)})
 
-    def pct(self, metric: str, pct: str, wl: Workload) -> np.ndarray:
+    def pct(self, metric: SloMetric, pct: str, wl: Workload) -> np.ndarray:
         return screening.percentile(metric, pct, self.ttft_mean, self.tpot_mean, wl)
 
 
