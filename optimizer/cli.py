@@ -14,10 +14,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trilemma.optimizer import validation
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import estimate as est
+
+if TYPE_CHECKING:  # imported where used: only `validate` on a latency table needs it
+    from trilemma.optimizer import validation_tables
 
 EXIT_BAD_INPUT = 2
 
@@ -253,7 +257,7 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_skips(summary: dict) -> None:
+def _print_skips(summary: validation.Summary | validation_tables.Summary) -> None:
     if summary["skip_reasons"]:
         print("\nskipped rows, by reason:")
         for reason, n in summary["skip_reasons"].items():

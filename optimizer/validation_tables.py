@@ -23,15 +23,17 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
 from trilemma.optimizer import errorstats
 from trilemma.optimizer.catalog import gpus, models
-from trilemma.optimizer.catalog.quantization import KvDtype
+from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.errors import InputError, TrilemmaError
 from trilemma.optimizer.perf import estimate, latency
 from trilemma.optimizer.perf.engine import Engine
+from trilemma.optimizer.perf.parallelism import Parallelism
 
 REQUIRED = ("source_url_or_path", "engine", "model", "gpu", "num_gpus", "tp", "pp",
             "precision", "isl", "osl", "load_type", "load_value", "ttft_ms", "itl_ms")
@@ -287,11 +289,14 @@ def _match_qps(cfg: estimate.Config, qps: np.ndarray, isl: np.ndarray,
     return np.exp(0.5 * (lo + hi)), qps <= _MAX_QPS_UTILISATION * capacity
 
 
+_BatchKey = tuple[str, str, QuantRecipe, KvDtype, Engine, Parallelism, LoadType]
+
+
 def predict_table_rows(rows: Iterable[Mapping[str, str]]) -> list[TableRowResult]:
     """Predict every row it can; rows sharing a configuration go through one vectorized call."""
     rows = list(rows)
     out: dict[int, TableRowResult] = {}
-    batches: dict[tuple, list[_Planned]] = defaultdict(list)
+    batches: dict[_BatchKey, list[_Planned]] = defaultdict(list)
 
     def result(i: int, planned: _Planned | None, *, conc: float | None = None,
                ttft: float | None = None, itl: float | None = None,
@@ -358,7 +363,36 @@ def _group(row: Mapping[str, str]) -> Group:
 
 
 
-def summarize(results: Sequence[TableRowResult]) -> dict[str, object]:
+class MetricErrors(TypedDict):
+    ttft: errorstats.ErrorStats
+    itl: errorstats.ErrorStats
+
+
+class GroupErrors(MetricErrors):
+    source: str
+    engine: str
+    model: str
+    gpu: str
+
+
+class SkippedRow(TypedDict):
+    id: str
+    reason: str
+
+
+class Summary(TypedDict):
+    """The latency-table validation report, JSON-ready."""
+
+    rows: int
+    modelled: int
+    skipped: int
+    skip_reasons: dict[str, int]
+    skipped_rows: list[SkippedRow]
+    overall: MetricErrors
+    groups: list[GroupErrors]
+
+
+def summarize(results: Sequence[TableRowResult]) -> Summary:
     """Median and p90 APE of TTFT and ITL, overall and by (source, engine, model, gpu).
 
     Skipped rows are counted by reason and listed one by one.

@@ -149,6 +149,7 @@ def checkpoint_quant(
     Recipes are quantization.QuantRecipe values. hf_quant_config.json wins over config.json's
     quantization_config: ModelOpt exports leave config.json as it was.
     """
+    recipe: str | None
     if hf_quant_config is not None:
         section = hf_quant_config.get("quantization", hf_quant_config)
         where = "hf_quant_config.quantization."
@@ -160,7 +161,7 @@ def checkpoint_quant(
     qc = quantization_config
     method = str(qc.get("quant_method", "")).lower()
     if method in ("fp8", "fbgemm_fp8", "mxfp4"):
-        recipe: str | None = method.removeprefix("fbgemm_")
+        recipe = method.removeprefix("fbgemm_")
     elif method in ("awq", "gptq", "awq_marlin", "gptq_marlin"):
         recipe = _int_bits(qc.get("bits"), field + ".bits")
     elif method == "compressed-tensors":

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import enum
 import functools
-import importlib.resources
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from trilemma.optimizer.catalog.data_files import read_yaml
 from trilemma.optimizer.catalog.gpus import Arch, Gpu
 from trilemma.optimizer.errors import InputError
 
@@ -299,8 +297,7 @@ def quality_delta(recipe: QuantRecipe, model_family: str) -> QualityDelta:
 
 def load_quality_raw() -> dict[str, Any]:
     """The parsed data/quant_quality.yaml, as shipped."""
-    files = importlib.resources.files(__package__)
-    return yaml.safe_load(files.joinpath("data", QUALITY_FILE).read_text("utf-8"))
+    return read_yaml(__package__, "data", QUALITY_FILE)
 
 
 @functools.cache

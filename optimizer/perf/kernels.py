@@ -31,6 +31,7 @@ import numpy as np
 
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import kernel_forms as kf
+from trilemma.optimizer.perf.arrays import FloatArray
 
 GEMM_KERNELS = ("bf16", "fp8", "fp8_block", "int8", "w4a16", "fp4", "mxfp4")
 MOE_KERNELS = GEMM_KERNELS
@@ -73,22 +74,22 @@ class _Fit:
     constants: Mapping[str, Any]
     provenance: str
 
-    def replace(self, provenance: str, params: tuple[float, ...] | None = None,
-                **constants: Any) -> _Fit:
+    def replace(self, provenance: str, *, params: tuple[float, ...] | None = None,
+                **constants: float | bool) -> _Fit:
         return _Fit(self.params if params is None else params,
                     {**self.constants, **constants}, provenance)
 
 
-def _f64(x: Any) -> np.ndarray:
+def _f64(x: Any) -> FloatArray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _out(x: Any) -> np.ndarray:
+def _out(x: Any) -> FloatArray:
     """Results are float64 arrays, 0-d for all-scalar arguments."""
     return np.asarray(x, dtype=np.float64)
 
 
-def _count(x: Any) -> np.ndarray:
+def _count(x: Any) -> FloatArray:
     """Counts (tokens, sequences, heads) below 1 are priced as 1: no zero divides."""
     return np.maximum(np.asarray(x, dtype=np.float64), 1.0)
 
@@ -129,7 +130,7 @@ class KernelModel:
         params = list(fit.params)
         params[form_params.index(name)] *= ratio
         return fit.replace("extrapolated" if self.calibrated else "datasheet",
-                           tuple(params), **constants)
+                           params=tuple(params), **constants)
 
     def provenance(self, family: str, kernel: str) -> str:
         """How a family's times for `kernel` (or kv dtype) were obtained: fitted, extrapolated,
@@ -171,7 +172,7 @@ class KernelModel:
 
     # --- compute ------------------------------------------------------------------------------
 
-    def gemm_ms(self, kernel: str, m: Any, n: Any, k: Any) -> np.ndarray:
+    def gemm_ms(self, kernel: str, m: Any, n: Any, k: Any) -> FloatArray:
         """Dense GEMM of m tokens through an n x k weight (vLLM's linear layer for `kernel`)."""
         f = self._need("gemm", kernel, GEMM_KERNELS)
         c = f.constants
@@ -185,7 +186,7 @@ class KernelModel:
 
     def context_attention_ms(self, batch: Any, q_len: Any, kv_len: Any, num_heads: Any,
                              num_kv_heads: Any, head_dim: Any, kv_dtype: str,
-                             window: Any = 0) -> np.ndarray:
+                             window: Any = 0) -> FloatArray:
         """Prefill attention: q_len new tokens per sequence attending to kv_len tokens in all
         (kv_len - q_len cached). Measured only without a prefix; the prefix enters through the
         causal pair count and the KV bytes read."""
@@ -196,7 +197,7 @@ class KernelModel:
             _count(num_kv_heads), _f64(head_dim), _f64(window), kv_bytes=f.constants["kv_bytes"]))
 
     def decode_attention_ms(self, batch: Any, kv_len: Any, num_heads: Any, num_kv_heads: Any,
-                            head_dim: Any, kv_dtype: str, window: Any = 0) -> np.ndarray:
+                            head_dim: Any, kv_dtype: str, window: Any = 0) -> FloatArray:
         """One new token per sequence attending to kv_len tokens (itself included)."""
         f = self._need("decode_attention", _kv(kv_dtype), ("bf16", "fp8"))
         return _out(kf.decode_attention_ms(
@@ -204,7 +205,7 @@ class KernelModel:
             _f64(head_dim), _f64(window), kv_bytes=f.constants["kv_bytes"]))
 
     def mla_context_ms(self, gemm: str, batch: Any, seq_len: Any, num_heads: Any,
-                       kv_dtype: str) -> np.ndarray:
+                       kv_dtype: str) -> FloatArray:
         """A whole DeepSeek-V3 MLA attention module over a prompt (no cached prefix).
 
         Includes what vLLM's DeepseekV2MLAAttention.forward runs: the fused q_a/kv_a down
@@ -217,14 +218,14 @@ class KernelModel:
                          _count(num_heads), kv_dtype)
 
     def mla_decode_ms(self, gemm: str, batch: Any, kv_len: Any, num_heads: Any,
-                      kv_dtype: str) -> np.ndarray:
+                      kv_dtype: str) -> FloatArray:
         """The same module for one decode token per sequence over kv_len cached tokens
         (kv_b absorbed into per-head BMMs against the latent cache, as vLLM runs it)."""
         return self._mla("mla_decode", gemm, _count(batch), _count(kv_len),
                          _count(num_heads), kv_dtype)
 
     def _mla(self, family: str, gemm: str, batch: np.ndarray, length: np.ndarray,
-             heads: np.ndarray, kv_dtype: str) -> np.ndarray:
+             heads: np.ndarray, kv_dtype: str) -> FloatArray:
         kernel = f"{gemm}/{_kv(kv_dtype)}"
         if gemm not in GEMM_KERNELS:
             raise InputError("kernel", gemm, f"MLA projection kernels are {GEMM_KERNELS}")
@@ -241,7 +242,7 @@ class KernelModel:
         return _out(kf.mla_module_ms(f.params, tokens, weights, flop, moved, tiles,
                                      w_bytes=c["w_bytes"], hidden=kf.DSV3_MLA["hidden"]))
 
-    def _mla_projections(self, gemm: str, tokens: np.ndarray, heads: np.ndarray) -> np.ndarray:
+    def _mla_projections(self, gemm: str, tokens: np.ndarray, heads: np.ndarray) -> FloatArray:
         g = kf.DSV3_MLA
         qk = g["qk_nope_head_dim"] + g["qk_rope_head_dim"]
         shapes = ((g["q_lora_rank"] + g["kv_lora_rank"] + g["qk_rope_head_dim"], g["hidden"]),
@@ -253,7 +254,7 @@ class KernelModel:
 
     def moe_ms(self, kernel: str, num_tokens: Any, hidden: Any, inter: Any, topk: Any,
                num_experts: Any, moe_tp: Any, moe_ep: Any,
-               imbalance: str = "power_law_1.01") -> np.ndarray:
+               imbalance: str = "power_law_1.01") -> FloatArray:
         """vLLM's fused MoE on the busiest EP rank. num_tokens counts every token entering
         the layer (all DP ranks under attention DP); inter is the full expert width (split by
         moe_tp); imbalance names AIConfigurator's routing distributions: "balanced",
@@ -267,26 +268,26 @@ class KernelModel:
 
     # --- communication ------------------------------------------------------------------------
 
-    def allreduce_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+    def allreduce_ms(self, n_gpus: Any, message_bytes: Any) -> FloatArray:
         """What vLLM runs: its custom all-reduce under CUDA graphs (NCCL above the custom
         buffer, by vLLM's own dispatch, inside the measurement); NCCL where vLLM has no
         custom all-reduce (PCIe GPUs such as L40S). n_gpus is rounded to an integer; 1 or
         fewer costs nothing; past GPUS_PER_NODE the inter-node links are added."""
         return self._collective("allreduce", n_gpus, message_bytes)
 
-    def allgather_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+    def allgather_ms(self, n_gpus: Any, message_bytes: Any) -> FloatArray:
         """NCCL all-gather; message_bytes is the gathered buffer (nccl-tests' size)."""
         return self._collective("allgather", n_gpus, message_bytes)
 
-    def reduce_scatter_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+    def reduce_scatter_ms(self, n_gpus: Any, message_bytes: Any) -> FloatArray:
         """NCCL reduce-scatter; message_bytes is the full input buffer."""
         return self._collective("reduce_scatter", n_gpus, message_bytes)
 
-    def alltoall_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+    def alltoall_ms(self, n_gpus: Any, message_bytes: Any) -> FloatArray:
         """NCCL all-to-all; message_bytes is each rank's whole send buffer."""
         return self._collective("alltoall", n_gpus, message_bytes)
 
-    def p2p_ms(self, message_bytes: Any, inter_node: Any) -> np.ndarray:
+    def p2p_ms(self, message_bytes: Any, inter_node: Any) -> FloatArray:
         """Send message_bytes to one peer: inside a node from the 2-GPU all-gather (which
         moves half its buffer each way), across nodes at the datasheet inter-node rate."""
         b = _f64(message_bytes)
@@ -294,7 +295,7 @@ class KernelModel:
         inter = self._sheet["p2p_latency_ms"] + 1e3 * b / self._sheet["inter_node_bw"]
         return _out(np.where(np.asarray(inter_node, dtype=bool), inter, intra))
 
-    def _collective(self, op: str, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+    def _collective(self, op: str, n_gpus: Any, message_bytes: Any) -> FloatArray:
         params, offset, slope, alone = self._comm_table(op)
         # GPU counts are integers: index per-count tables instead of interpolating per call.
         idx = np.clip(np.rint(_f64(n_gpus)), 0, len(alone) - 1).astype(np.intp)
@@ -434,18 +435,18 @@ def _mla_rule(family: str) -> Callable[[KernelModel, str], _Fit | None]:
         gemm, _, kv = kernel.partition("/")
         label = "extrapolated" if km.calibrated else "datasheet"
         other_kv = "bf16" if kv == "fp8" else "fp8"
-        const = {"w_bytes": kf.WEIGHT_BYTES[gemm], "kv_bytes": kf.KV_BYTES[kv]}
+        w_bytes, kv_bytes = kf.WEIGHT_BYTES[gemm], kf.KV_BYTES[kv]
         # Another measured module: same KV first, then the projections' width changed.
         for key in (f"{family}/bf16/{kv}", f"{family}/{gemm}/{other_kv}",
                     f"{family}/bf16/{other_kv}"):
             base = km._fits.get(key)
             if base is not None:
-                return base.replace(label, **const)
+                return base.replace(label, w_bytes=w_bytes, kv_bytes=kv_bytes)
         # A100: only the attention kernel was measured; kernels.py adds the projections.
         for key in (f"{family}_core/{kv}", f"{family}_core/{other_kv}"):
             base = km._fits.get(key)
             if base is not None:
-                return base.replace(label, core_only=True, **const)
+                return base.replace(label, core_only=True, w_bytes=w_bytes, kv_bytes=kv_bytes)
         return None
     return rule
 

@@ -100,8 +100,8 @@ def overridden_flag(engine: Engine, token: str, decided: frozenset[str]) -> str 
     if engine is not Engine.VLLM:
         return None  # SGLang has no single-dash options but -h
     key = key.split(".", 1)[0]  # -cc.level, -O.level: dotted keys of the JSON flags
-    for targets in _vllm_short_matches(key):
-        hit = sorted(set(targets) & decided)
+    for short in _vllm_short_matches(key):
+        hit = sorted(set(short) & decided)
         if hit:
             return hit[0]
     return None

@@ -98,7 +98,8 @@ class ServingConfig:
         return f"{self.replicas}x [{self.worker.summary()}] on {self.worker.gpu}"
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
+        plain: dict[str, Any] = _plain(self)
+        return plain
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServingConfig:
@@ -140,7 +141,8 @@ class Prediction:
     provenance: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
+        plain: dict[str, Any] = _plain(self)
+        return plain
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -77,7 +77,7 @@ class Explanation:
     sensitivity: tuple[Scenario, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        out = _plain(self)
+        out: dict[str, Any] = _plain(self)
         out["limits"] = [{**_plain(x), "ratio": round(x.ratio, 6)} for x in self.limits]
         return out
 

@@ -79,8 +79,8 @@ def predict(config: ServingConfig, request: PlanRequest, *, requests: int = 1000
     settings = space.SearchSettings(simulate_requests=requests)
     confirmed = confirming.confirm(request, [analytic], settings, seed=seed)
     if confirmed.failed:
-        choice, miss = confirmed.failed[0]
-        return Predicted(choice=choice, slo_miss=miss)
+        failed, why = confirmed.failed[0]
+        return Predicted(choice=failed, slo_miss=why)
     choice = confirmed.choices[0]
     miss = None
     if not choice.prediction.simulated:

@@ -77,7 +77,8 @@ def knee_distance(cost: np.ndarray, latency: np.ndarray) -> np.ndarray:
     l0, l1 = latency[front].min(), latency[front].max()
     x = (cost - c0) / max(c1 - c0, 1e-12 * max(c1, 1.0))
     y = (latency - l0) / max(l1 - l0, 1e-12 * max(l1, 1.0))
-    return np.hypot(x, y)
+    distance: np.ndarray = np.hypot(x, y)
+    return distance
 
 
 def front(m: Metrics, size: int) -> np.ndarray:
@@ -101,7 +102,8 @@ def front(m: Metrics, size: int) -> np.ndarray:
     arc = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(c), np.diff(lat)))])
     want = np.linspace(0.0, arc[-1], size)
     pick = np.unique(np.searchsorted(arc, want, side="left").clip(0, len(idx) - 1))
-    return idx[pick]
+    picked: np.ndarray = idx[pick]
+    return picked
 
 
 def worker(rs: RowScreen, row: int, *, prefill: bool = False) -> WorkerConfig:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from trilemma.optimizer.catalog import speculation
 from trilemma.optimizer.catalog.speculation import SpecMethod
@@ -153,19 +154,21 @@ def _interp(xg: np.ndarray, yg: np.ndarray, x: np.ndarray) -> np.ndarray:
     y0 = np.take_along_axis(yg, i0, 1)
     y1 = np.take_along_axis(yg, i1, 1)
     w = np.clip((x - x0) / np.maximum(x1 - x0, 1e-12), 0.0, 1.0)
-    return y0 + w * (y1 - y0)
+    y: np.ndarray = y0 + w * (y1 - y0)
+    return y
 
 
-def capacity_curve(evaluate: object, cmax: np.ndarray, terms: list[Term], wl: Workload,
-                   levels: int = _LEVELS, bisections: int = _BISECTIONS) -> Curve:
+def capacity_curve(evaluate: Callable[[np.ndarray], tuple[np.ndarray, ...]], cmax: np.ndarray,
+                   terms: list[Term], wl: Workload, levels: int = _LEVELS,
+                   bisections: int = _BISECTIONS) -> Curve:
     """The largest concurrency per row (<= cmax) whose predictions meet `terms`."""
-    ev = evaluate  # callable: C (n, k) -> (ttft, tpot, rps), each (n, k)
+    ev = evaluate  # C (n, k) -> (ttft, tpot, rps), each (n, k)
     n = len(cmax)
     ar = np.arange(n)
     _LEVELS = levels
     frac = np.linspace(0.0, 1.0, _LEVELS)
     C = np.exp(np.log(np.maximum(cmax, 1.0))[:, None] * frac[None, :])
-    ttft, tpot, rps = ev(C)  # type: ignore[operator]
+    ttft, tpot, rps = ev(C)
     ratio, term = worst(terms, ttft, tpot, wl)
     ok = ratio <= 1.0
     # Latency grows with load: the largest passing level, then bisection towards the next.
@@ -181,7 +184,7 @@ def capacity_curve(evaluate: object, cmax: np.ndarray, terms: list[Term], wl: Wo
         if not todo.any():
             break
         mid = np.sqrt(lo * hi)
-        t, p, r = (a[:, 0] for a in ev(mid[:, None]))  # type: ignore[operator]
+        t, p, r = (a[:, 0] for a in ev(mid[:, None]))
         rr, _ = worst(terms, t, p, wl)
         up = todo & (rr <= 1.0)
         down = todo & ~up
@@ -241,7 +244,10 @@ def screen_rows(rows: Rows, request: PlanRequest, wl: Workload, terms: list[Term
                            max_num_seqs=rows.max_num_seqs)
     seats = np.minimum(rows.max_num_seqs, rows.max_num_batched_tokens // (1 + spec.k))
     cmax = rows.dp * np.maximum(np.minimum(seats, mem.max_seqs), 1.0)
-    col = (lambda a: np.asarray(a)[:, None])  # noqa: E731 - rows along axis 0
+
+    def col(a: npt.ArrayLike) -> np.ndarray:
+        column: np.ndarray = np.asarray(a)[:, None]  # rows along axis 0
+        return column
 
     def run(C: np.ndarray, cached_tokens: np.ndarray) -> tuple[np.ndarray, ...]:
         r = latency.closed_loop(
@@ -295,7 +301,9 @@ def prefill_ttft(rs: RowScreen, rho: np.ndarray) -> np.ndarray:
     assert rs.prefill_service_ms is not None and rs.transfer_ms is not None
     s = rs.prefill_service_ms[:, None]
     rho = np.minimum(rho, 0.999)
-    return rs.overhead_ms + s * (1.0 + rho / (2.0 * (1.0 - rho))) + rs.transfer_ms[:, None]
+    ttft: np.ndarray = (rs.overhead_ms + s * (1.0 + rho / (2.0 * (1.0 - rho)))
+                        + rs.transfer_ms[:, None])
+    return ttft
 
 
 def prefill_rho_max(rs: RowScreen, terms: list[Term], first_step_ms: np.ndarray) -> np.ndarray:
@@ -338,7 +346,8 @@ _REPRESENTATIVE = (256, 8192)
 
 
 def _layout_keys(rows: Rows) -> np.ndarray:
-    return (rows.tp * 1_000_000 + rows.pp * 10_000 + rows.dp * 100 + rows.ep).astype(np.int64)
+    keys = rows.tp * 1_000_000 + rows.pp * 10_000 + rows.dp * 100 + rows.ep
+    return np.asarray(keys).astype(np.int64)
 
 
 Mapper = Callable[[Callable[[int], Any], list[int]], list[Any]]
