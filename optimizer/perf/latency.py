@@ -72,7 +72,7 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
         max_batched_tokens = facts.default_max_num_batched_tokens(sm.gpu)
     if max_num_seqs is None:
         max_num_seqs = facts.default_max_num_seqs(sm.gpu)
-    tp_, pp_, dp_, ep_, conc, isl_, osl_, cached_, budget, seqs_cap = np.broadcast_arrays(
+    tp, pp, dp, ep, conc, isl, osl, cached, budget, seqs_cap = np.broadcast_arrays(
         np.asarray(tp, f64), np.asarray(pp, f64), np.asarray(dp, f64), np.asarray(ep, bool),
         np.asarray(concurrency, f64), np.asarray(isl, f64), np.asarray(osl, f64),
         np.asarray(cached, f64), np.asarray(max_batched_tokens, f64),
@@ -85,33 +85,33 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
         a = speculation.acceptance_rate(spec.method, predictability)
         per_step = np.broadcast_to(speculation.expected_tokens_per_step(a, spec.k), conc.shape)
 
-    mem = memory.breakdown(sm.arch, sm.gpu, sm.recipe, sm.kv, facts, tp=tp_, pp=pp_, dp=dp_,
-                           seq_len=isl_ + osl_ + k, max_batched_tokens=budget,
+    mem = memory.breakdown(sm.arch, sm.gpu, sm.recipe, sm.kv, facts, tp=tp, pp=pp, dp=dp,
+                           seq_len=isl + osl + k, max_batched_tokens=budget,
                            max_num_seqs=seqs_cap)
-    per_rank = np.maximum(conc / dp_, 1.0)
+    per_rank = np.maximum(conc / dp, 1.0)
     slots = np.maximum(np.minimum(seqs_cap, mem.max_seqs), 1.0)
     running = np.minimum(per_rank, slots)
-    load = _Load(per_rank=per_rank, running=running, prefill=np.maximum(isl_ - cached_, 1.0),
-                 cached=cached_, decode_steps=np.maximum(osl_ - 1.0, 0.0) / per_step,
-                 budget=budget, mb=np.maximum(pp_, 1.0), overhead=facts.request_overhead_ms)
-    steps = _Steps(sm=sm, draft=draft, spec=spec, tp=tp_, dp=dp_, ep=ep_, pp=pp_,
-                   ctx=isl_ + 0.5 * osl_, q=1.0 + k)
+    load = _Load(per_rank=per_rank, running=running, prefill=np.maximum(isl - cached, 1.0),
+                 cached=cached, decode_steps=np.maximum(osl - 1.0, 0.0) / per_step,
+                 budget=budget, mb=np.maximum(pp, 1.0), overhead=facts.request_overhead_ms)
+    steps = _Steps(sm=sm, draft=draft, spec=spec, tp=tp, dp=dp, ep=ep, pp=pp,
+                   ctx=isl + 0.5 * osl, q=1.0 + k)
     steady = _steady_state(steps, load)
     # First wave: all requests of a rank arrive together and their prefills queue.
     weight = (1.0 / facts.benchmark_requests_per_concurrency
               if first_wave_weight is None else first_wave_weight)
-    ttft_wave, tpot_wave_extra = _first_wave(steps, load, steady, osl_)
+    ttft_wave, tpot_wave_extra = _first_wave(steps, load, steady, osl)
     tpot = steady.tau / per_step
     ttft_mean = (1.0 - weight) * steady.ttft + weight * np.maximum(ttft_wave, steady.ttft)
     tpot_mean = tpot + weight * tpot_wave_extra
 
-    requests = steady.rate * dp_
-    out_tps = requests * osl_
+    requests = steady.rate * dp
+    out_tps = requests * osl
     return ClosedLoopResult(
         ttft_ms=ttft_mean, tpot_ms=tpot_mean,
-        e2e_ms=ttft_mean + np.maximum(osl_ - 1.0, 0.0) * tpot_mean,
+        e2e_ms=ttft_mean + np.maximum(osl - 1.0, 0.0) * tpot_mean,
         requests_per_s=requests * 1e3, output_tokens_per_s=out_tps * 1e3,
-        output_tokens_per_s_per_gpu=out_tps * 1e3 / (tp_ * pp_ * dp_),
+        output_tokens_per_s_per_gpu=out_tps * 1e3 / (tp * pp * dp),
         decode_step_ms=steady.t_dec, mixed_step_ms=steady.t_mix, running=steady.n_dec,
         tokens_per_step=per_step, memory=mem)
 
