@@ -14,10 +14,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trilemma.optimizer import validation
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import estimate as est
+
+if TYPE_CHECKING:  # imported where used: only `validate` on a latency table needs it
+    from trilemma.optimizer import validation_tables
 
 EXIT_BAD_INPUT = 2
 
@@ -64,10 +68,23 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=_positive_int, default=None)
 
 
+# The subparsers object argparse hands back (its class is private to argparse).
+_Subparsers = argparse._SubParsersAction
+
+
 def _parser(extra: Sequence[Subcommand] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trilemma", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_estimate(sub)
+    _add_validate_and_calibrate(sub)
+    _add_optimize_and_simulate(sub)
+    _add_render_and_bench(sub)
+    for command in extra:
+        command.add_arguments(sub.add_parser(command.name, help=command.help))
+    return parser
 
+
+def _add_estimate(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("estimate", help="predict latency, throughput and memory of one config")
     _config_args(p)
     p.add_argument("--phase", choices=["serve", "decode", "prefill"], default="serve",
@@ -84,6 +101,8 @@ def _parser(extra: Sequence[Subcommand] = ()) -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=_positive_int, default=1024, help="--phase prefill length")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
+
+def _add_validate_and_calibrate(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("validate", help="score predictions against measured serving runs")
     p.add_argument("csv", type=Path, help="rows in the AIConfigurator silicon-sample schema")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -104,6 +123,8 @@ def _parser(extra: Sequence[Subcommand] = ()) -> argparse.ArgumentParser:
     p.add_argument("--holdout-system", default=None,
                    help="fit without this system's rows and score them (writes nothing)")
 
+
+def _add_optimize_and_simulate(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("optimize", help="search the configuration space of a spec file")
     p.add_argument("spec", type=Path, help="workload, SLO, pool and objective (YAML or JSON)")
     fmt = p.add_mutually_exclusive_group()
@@ -129,6 +150,8 @@ def _parser(extra: Sequence[Subcommand] = ()) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
 
+
+def _add_render_and_bench(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("render", help="engine arguments and Kubernetes manifests of a plan")
     p.add_argument("plan", type=Path, help="plan JSON (trilemma optimize --json) or a config")
     p.add_argument("--engine", choices=["vllm", "sglang"], default=None,
@@ -143,9 +166,6 @@ def _parser(extra: Sequence[Subcommand] = ()) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time the vectorized model on a batch of candidates")
     p.add_argument("--candidates", type=_positive_int, default=100_000)
     p.add_argument("--repeat", type=_positive_int, default=3)
-    for command in extra:
-        command.add_arguments(sub.add_parser(command.name, help=command.help))
-    return parser
 
 
 def _fmt_bytes(n: float) -> str:
@@ -253,7 +273,7 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_skips(summary: dict) -> None:
+def _print_skips(summary: validation.Summary | validation_tables.Summary) -> None:
     if summary["skip_reasons"]:
         print("\nskipped rows, by reason:")
         for reason, n in summary["skip_reasons"].items():

@@ -169,9 +169,10 @@ def _plots(request: spec.PlanRequest, result: planning.Plan, base: ServingConfig
     lines = []
     for choice in top:
         curve = curves.latency_curve(request, choice.config)
-        lines.append(plotting.Curve(label=choice.config.summary(), rates_rps=curve.rates_rps,
-                                    ttft_p90_ms=curve.ttft_p90_ms,
-                                    tpot_p90_ms=curve.tpot_p90_ms, baseline=False))
+        lines.append(plotting.Curve(label=choice.config.summary(),
+                                    rates_rps=curve.rates_rps.tolist(),
+                                    ttft_p90_ms=curve.ttft_p90_ms.tolist(),
+                                    tpot_p90_ms=curve.tpot_p90_ms.tolist(), baseline=False))
     points = [plotting.ParetoPoint(cost_per_hour=c.prediction.cost_per_hour,
                                    latency_ms=c.prediction.ttft_p90_ms, label=c.config.summary(),
                                    on_front=True,
@@ -181,8 +182,9 @@ def _plots(request: spec.PlanRequest, result: planning.Plan, base: ServingConfig
     if base is not None:
         curve = curves.latency_curve(request, base)
         lines.append(plotting.Curve(label=f"baseline: {base.summary()}",
-                                    rates_rps=curve.rates_rps, ttft_p90_ms=curve.ttft_p90_ms,
-                                    tpot_p90_ms=curve.tpot_p90_ms, baseline=True))
+                                    rates_rps=curve.rates_rps.tolist(),
+                                    ttft_p90_ms=curve.ttft_p90_ms.tolist(),
+                                    tpot_p90_ms=curve.tpot_p90_ms.tolist(), baseline=True))
         # On the cost axis the baseline is scaled out to carry the design rate, like every
         # searched deployment; its latency is read off its curve at its per-replica share.
         rate = request.workload.design_rate()
@@ -215,20 +217,21 @@ def simulate(spec_path: Path, config_path: Path, *, mode: str, requests: int,
         if concurrency < 1:
             raise InputError("concurrency", concurrency, "a closed loop needs >= 1 client")
         sample = dataclasses.replace(sample, mode=LoadMode.CLOSED, concurrency=concurrency,
-                                     arrival_ms=[0.0] * len(sample))
+                                     arrival_ms=np.zeros(len(sample)))
     elif mode == "offline":
         sample = dataclasses.replace(sample, mode=LoadMode.OFFLINE,
-                                     arrival_ms=[0.0] * len(sample))
+                                     arrival_ms=np.zeros(len(sample)))
     result = confirming.simulate(config, sample, request.workload.output_predictability, seed)
     s = result.summary()
-    doc = {"config": config.summary(), "mode": mode, "requests": requests,
-           "requests_per_s": round(s.requests_per_s, 4),
-           "output_tokens_per_s": round(s.output_tokens_per_s, 2),
-           "preempted_share": round(s.preempted_share, 4),
-           "prefix_hit_share": round(s.prefix_hit_share, 4)}
-    for name in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms"):
-        st = getattr(s, name)
-        doc[name] = {k: round(getattr(st, k), 3) for k in ("mean", "p50", "p90", "p99")}
+    percentiles = ("mean", "p50", "p90", "p99")
+    stats = {name: {k: round(getattr(getattr(s, name), k), 3) for k in percentiles}
+             for name in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms")}
+    doc: dict[str, object] = {
+        "config": config.summary(), "mode": mode, "requests": requests,
+        "requests_per_s": round(s.requests_per_s, 4),
+        "output_tokens_per_s": round(s.output_tokens_per_s, 2),
+        "preempted_share": round(s.preempted_share, 4),
+        "prefix_hit_share": round(s.prefix_hit_share, 4), **stats}
     if as_json:
         out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         return 0
@@ -239,7 +242,7 @@ def simulate(spec_path: Path, config_path: Path, *, mode: str, requests: int,
               "output tok/s\n")
     for name, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "end-to-end"),
                         ("queue_ms", "queueing")):
-        st = doc[name]
+        st = stats[name]
         out.write(f"  {label:<12} mean {st['mean']:.1f}  p50 {st['p50']:.1f}  "
                   f"p90 {st['p90']:.1f}  p99 {st['p99']:.1f} ms\n")
     out.write(f"  preempted {s.preempted_share:.1%}, prefix-cache hits {s.prefix_hit_share:.1%}\n")

@@ -47,6 +47,14 @@ class EngineFit:
     rows: int
 
 
+def with_values(base: EngineFacts, values: Mapping[str, float]) -> EngineFacts:
+    """`base` with the FITTED constants taken from `values` (which holds all of them)."""
+    return dataclasses.replace(
+        base, step_overhead_ms=values["step_overhead_ms"],
+        request_overhead_ms=values["request_overhead_ms"],
+        benchmark_requests_per_concurrency=values["benchmark_requests_per_concurrency"])
+
+
 def _loss(rows: Sequence[Mapping[str, str]], facts: EngineFacts) -> float:
     results = validation.predict_rows(rows, facts={facts.engine: facts})
     errs = []
@@ -72,7 +80,7 @@ def fit(rows: Sequence[Mapping[str, str]], engine: Engine = Engine.VLLM) -> Engi
     base = engine_facts(engine)
 
     def facts_for(values: Mapping[str, float]) -> EngineFacts:
-        return dataclasses.replace(base, **values)
+        return with_values(base, values)
 
     best_values: dict[str, float] = {}
     best = math.inf
@@ -132,7 +140,7 @@ def main(csv_path: Path, engine: Engine = Engine.VLLM) -> EngineFit:
     return fit(validation.read_rows(csv_path), engine)
 
 
-def holdout(csv_path: Path, engine: Engine, system: str) -> tuple[EngineFit, dict[str, object]]:
+def holdout(csv_path: Path, engine: Engine, system: str) -> tuple[EngineFit, validation.Summary]:
     """Fit on every system but `system`, then score `system`'s rows with those constants.
 
     The shipped constants are fitted on all rows, so `trilemma validate` on the same file is
@@ -144,6 +152,6 @@ def holdout(csv_path: Path, engine: Engine, system: str) -> tuple[EngineFit, dic
     if not train or not test:
         raise InputError("holdout_system", system, "needs rows both on and off that system")
     fitted = fit(train, engine)
-    facts = dataclasses.replace(engine_facts(engine), **fitted.values)
+    facts = with_values(engine_facts(engine), fitted.values)
     summary = validation.summarize(validation.predict_rows(test, facts={engine: facts}))
     return fitted, summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 
@@ -14,7 +15,15 @@ def ape(pred: float | None, meas: float | None) -> float | None:
     return abs(pred - meas) / meas * 100.0
 
 
-def stats(values: Sequence[float]) -> dict[str, float | int | None]:
+class ErrorStats(TypedDict):
+    """APE of one metric over some rows, as the validation reports print and serialise it."""
+
+    n: int
+    median_ape: float | None  # percent
+    p90_ape: float | None
+
+
+def stats(values: Sequence[float]) -> ErrorStats:
     """Count, median and p90 of APE values (percent, two decimals)."""
     if not values:
         return {"n": 0, "median_ape": None, "p90_ape": None}

@@ -15,15 +15,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trilemma.optimizer.errors import InputError
+
+if TYPE_CHECKING:  # matplotlib is an optional extra: its names are for the type checker only
+    from matplotlib.typing import RcKeyType
 
 FIGSIZE_IN = (10.0, 4.2)
 PARETO_FIGSIZE_IN = (7.0, 5.0)
 DPI = 120
 # Only the keys the figures depend on, so a user's matplotlibrc cannot change the bytes.
-_STYLE = {
+_STYLE: dict[RcKeyType, Any] = {
     "font.family": "DejaVu Sans",   # ships with matplotlib: same glyphs on every machine
     "font.size": 9.0,
     "axes.grid": True,
@@ -67,11 +70,12 @@ def _figure(path: Path, figsize: tuple[float, float]) -> Iterator[Any]:
         import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.rcsetup import cycler
     except ImportError:
         raise InputError("plot", str(path),
                          "needs the [plot] extra: pip install 'trilemma[plot]'") from None
     # A fixed colour cycle: the default one can be changed by a matplotlibrc.
-    style = {**_STYLE, "axes.prop_cycle": matplotlib.cycler(color=list(_COLOURS))}
+    style: dict[RcKeyType, Any] = {**_STYLE, "axes.prop_cycle": cycler(color=list(_COLOURS))}
     with matplotlib.rc_context(style):
         fig = Figure(figsize=figsize, dpi=DPI)
         FigureCanvasAgg(fig)

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -99,6 +100,30 @@ def _float(row: Mapping[str, str], key: str) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Member:
+    """A row that maps onto a configuration, waiting for that configuration's batch."""
+
+    index: int
+    rid: str
+    group: tuple[str, str, str]
+    measured_ttft_ms: float | None
+    measured_tpot_ms: float | None
+    conc: int
+    isl: int
+    osl: int
+    cfg: estimate.Config
+
+    def result(self, ttft_ms: float | None, tpot_ms: float | None,
+               skipped: str | None) -> RowResult:
+        return RowResult(id=self.rid, group=self.group, measured_ttft_ms=self.measured_ttft_ms,
+                         measured_tpot_ms=self.measured_tpot_ms, pred_ttft_ms=ttft_ms,
+                         pred_tpot_ms=tpot_ms, skipped=skipped)
+
+
+_BatchKey = tuple[str, str, QuantRecipe, Engine, int, int, int, bool]
+
+
 def predict_rows(rows: Iterable[Mapping[str, str]],
                  facts: Mapping[Engine, EngineFacts] | None = None) -> list[RowResult]:
     """Predict each row; rows sharing a configuration are evaluated in one vectorized call.
@@ -106,72 +131,94 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
     `facts` overrides the shipped engine constants (the engine calibration varies them).
     """
     results: dict[int, RowResult] = {}
-    batches: dict[tuple, list[tuple[int, Mapping[str, str]]]] = defaultdict(list)
+    batches: dict[_BatchKey, list[_Member]] = defaultdict(list)
     rows = list(rows)
     for i, row in enumerate(rows):
-        rid = row.get("id") or f"row{i + 1}"
-        group = (row.get("system", ""), row.get("backend", ""), row.get("model_path", ""))
-        ttft_m, tpot_m = _float(row, "silicon_ttft_ms"), _float(row, "silicon_tpot_ms")
-
-        def skip(reason: str, rid: str = rid, group: tuple = group, ttft_m: float | None = ttft_m,
-                 tpot_m: float | None = tpot_m) -> RowResult:
-            return RowResult(id=rid, group=group, measured_ttft_ms=ttft_m,
-                             measured_tpot_ms=tpot_m, pred_ttft_ms=None, pred_tpot_ms=None,
-                             skipped=reason)
-
-        if (row.get("mode") or "").strip() != "agg":
-            results[i] = skip("disaggregated run: validate models aggregated serving only")
+        planned = _member(i, row)
+        if isinstance(planned, RowResult):
+            results[i] = planned
             continue
-        engine = _ENGINES.get((row.get("backend") or "").strip().lower())
-        if engine is None:
-            results[i] = skip(f"backend {row.get('backend')!r} is not modelled "
-                              "(trilemma deploys vLLM and SGLang)")
-            continue
-        try:
-            arch = models.load_model(row["model_path"])
-            gpu = gpus.get_gpu(row["system"])
-            recipe = recipe_for(row, arch)
-            tp, pp = _int(row, "tp_size"), _int(row, "pp_size")
-            dp = _int(row, "attention_dp_size")
-            ep = _int(row, "moe_ep_size") > 1
-            cfg = estimate.resolve(model=row["model_path"], gpu=gpu.key, tp=tp, pp=pp, dp=dp,
-                                   ep=ep, quant=recipe.value, kv_dtype=KvDtype.BF16.value,
-                                   engine=engine.value)
-            conc, isl, osl = _int(row, "batch_size"), _int(row, "isl"), _int(row, "osl")
-        except (TrilemmaError, ValueError, KeyError) as exc:
-            results[i] = skip(str(exc))
-            continue
-        batches[(cfg.arch.id, cfg.gpu.key, cfg.quant, cfg.engine, tp, pp, dp, ep)].append(
-            (i, {**row, "_conc": conc, "_isl": isl, "_osl": osl, "_rid": rid, "_cfg": cfg}))
+        cfg, par = planned.cfg, planned.cfg.par
+        batches[(cfg.arch.id, cfg.gpu.key, cfg.quant, cfg.engine, par.tp, par.pp, par.dp,
+                 par.ep)].append(planned)
 
     for members in batches.values():
-        cfg = members[0][1]["_cfg"]
-        conc = np.array([m["_conc"] for _, m in members], dtype=np.float64)
-        isl = np.array([m["_isl"] for _, m in members], dtype=np.float64)
-        osl = np.array([m["_osl"] for _, m in members], dtype=np.float64)
+        cfg = members[0].cfg
+        conc = np.array([m.conc for m in members], dtype=np.float64)
+        isl = np.array([m.isl for m in members], dtype=np.float64)
+        osl = np.array([m.osl for m in members], dtype=np.float64)
         sm = (StepModel(cfg.arch, cfg.gpu, cfg.quant, cfg.kv, facts[cfg.engine])
               if facts and cfg.engine in facts else estimate.step_model(cfg))
         r = latency.closed_loop(sm, tp=cfg.par.tp, pp=cfg.par.pp,
                                 dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc, isl=isl,
                                 osl=osl)
-        for j, (i, m) in enumerate(members):
-            group = (m.get("system", ""), m.get("backend", ""), m.get("model_path", ""))
-            ttft_m, tpot_m = _float(m, "silicon_ttft_ms"), _float(m, "silicon_tpot_ms")
+        for j, m in enumerate(members):
             if not bool(r.fits[j]):
                 reason = "does not fit in GPU memory under the model's memory budget"
-                results[i] = RowResult(id=m["_rid"], group=group, measured_ttft_ms=ttft_m,
-                                       measured_tpot_ms=tpot_m, pred_ttft_ms=None,
-                                       pred_tpot_ms=None, skipped=reason)
+                results[m.index] = m.result(None, None, reason)
                 continue
-            results[i] = RowResult(id=m["_rid"], group=group, measured_ttft_ms=ttft_m,
-                                   measured_tpot_ms=tpot_m, pred_ttft_ms=float(r.ttft_ms[j]),
-                                   pred_tpot_ms=float(r.tpot_ms[j]), skipped=None)
+            results[m.index] = m.result(float(r.ttft_ms[j]), float(r.tpot_ms[j]), None)
     return [results[i] for i in range(len(rows))]
 
 
+def _member(i: int, row: Mapping[str, str]) -> _Member | RowResult:
+    """The row resolved onto a configuration, or its skipped result saying why it cannot be."""
+    rid = row.get("id") or f"row{i + 1}"
+    group = (row.get("system", ""), row.get("backend", ""), row.get("model_path", ""))
+    ttft_m, tpot_m = _float(row, "silicon_ttft_ms"), _float(row, "silicon_tpot_ms")
+
+    def skip(reason: str) -> RowResult:
+        return RowResult(id=rid, group=group, measured_ttft_ms=ttft_m,
+                         measured_tpot_ms=tpot_m, pred_ttft_ms=None, pred_tpot_ms=None,
+                         skipped=reason)
+
+    if (row.get("mode") or "").strip() != "agg":
+        return skip("disaggregated run: validate models aggregated serving only")
+    engine = _ENGINES.get((row.get("backend") or "").strip().lower())
+    if engine is None:
+        return skip(f"backend {row.get('backend')!r} is not modelled "
+                    "(trilemma deploys vLLM and SGLang)")
+    try:
+        arch = models.load_model(row["model_path"])
+        gpu = gpus.get_gpu(row["system"])
+        recipe = recipe_for(row, arch)
+        tp, pp = _int(row, "tp_size"), _int(row, "pp_size")
+        dp = _int(row, "attention_dp_size")
+        ep = _int(row, "moe_ep_size") > 1
+        cfg = estimate.resolve(model=row["model_path"], gpu=gpu.key, tp=tp, pp=pp, dp=dp,
+                               ep=ep, quant=recipe.value, kv_dtype=KvDtype.BF16.value,
+                               engine=engine.value)
+        conc, isl, osl = _int(row, "batch_size"), _int(row, "isl"), _int(row, "osl")
+    except (TrilemmaError, ValueError, KeyError) as exc:
+        return skip(str(exc))
+    return _Member(index=i, rid=rid, group=group, measured_ttft_ms=ttft_m,
+                   measured_tpot_ms=tpot_m, conc=conc, isl=isl, osl=osl, cfg=cfg)
 
 
-def summarize(results: list[RowResult]) -> dict[str, object]:
+class MetricErrors(TypedDict):
+    ttft: errorstats.ErrorStats
+    tpot: errorstats.ErrorStats
+
+
+class GroupErrors(MetricErrors):
+    system: str
+    backend: str
+    model: str
+
+
+class Summary(TypedDict):
+    """The validation report: JSON-ready, as `trilemma validate --json` prints it."""
+
+    rows: int
+    modelled: int
+    skipped: int
+    skip_reasons: dict[str, int]
+    overall: MetricErrors
+    by_backend: dict[str, MetricErrors]
+    groups: list[GroupErrors]
+
+
+def summarize(results: list[RowResult]) -> Summary:
     """Median and p90 APE overall and by (system, backend, model), plus the skipped rows."""
     groups: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(
         lambda: {"ttft": [], "tpot": []})

@@ -16,21 +16,24 @@ reason, never dropped silently.
 from __future__ import annotations
 
 import csv
+import enum
 import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
 from trilemma.optimizer import errorstats
 from trilemma.optimizer.catalog import gpus, models
-from trilemma.optimizer.catalog.quantization import KvDtype
+from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.errors import InputError, TrilemmaError
 from trilemma.optimizer.perf import estimate, latency
 from trilemma.optimizer.perf.engine import Engine
+from trilemma.optimizer.perf.parallelism import Parallelism
 
 REQUIRED = ("source_url_or_path", "engine", "model", "gpu", "num_gpus", "tp", "pp",
             "precision", "isl", "osl", "load_type", "load_value", "ttft_ms", "itl_ms")
@@ -194,13 +197,23 @@ def map_engine(name: str) -> tuple[Engine, str | None] | str:
     return f"engine {name!r} is not modelled"
 
 
+class LoadType(enum.StrEnum):
+    """How a table row states its load: a closed-loop concurrency or an offered request rate."""
+
+    CONCURRENCY = "concurrency"
+    QPS = "qps"
+
+
+_LOAD_TYPES = {t.value: t for t in LoadType}
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Planned:
     index: int
     cfg: estimate.Config
     isl: float
     osl: float
-    load_type: str      # "concurrency" or "qps"
+    load_type: LoadType
     load: float
     notes: tuple[str, ...]
 
@@ -232,9 +245,9 @@ def _plan(row: Mapping[str, str]) -> _Planned | str:
     n = n or tp * pp
     if n % (tp * pp):
         return f"num_gpus={n:.0f} is not a multiple of tp*pp={tp * pp:.0f}"
-    load_type = row["load_type"].strip().lower()
+    load_type = _LOAD_TYPES.get(row["load_type"].strip().lower())
     load = _number(row["load_value"])
-    if load_type not in ("concurrency", "qps") or load is None:
+    if load_type is None or load is None:
         return f"load {row['load_type']!r}={row['load_value']!r} is not modelled"
     if _number(row["ttft_ms"]) is None and _number(row["itl_ms"]) is None:
         return "no measured TTFT or ITL"
@@ -276,11 +289,14 @@ def _match_qps(cfg: estimate.Config, qps: np.ndarray, isl: np.ndarray,
     return np.exp(0.5 * (lo + hi)), qps <= _MAX_QPS_UTILISATION * capacity
 
 
+_BatchKey = tuple[str, str, QuantRecipe, KvDtype, Engine, Parallelism, LoadType]
+
+
 def predict_table_rows(rows: Iterable[Mapping[str, str]]) -> list[TableRowResult]:
     """Predict every row it can; rows sharing a configuration go through one vectorized call."""
     rows = list(rows)
     out: dict[int, TableRowResult] = {}
-    batches: dict[tuple, list[_Planned]] = defaultdict(list)
+    batches: dict[_BatchKey, list[_Planned]] = defaultdict(list)
 
     def result(i: int, planned: _Planned | None, *, conc: float | None = None,
                ttft: float | None = None, itl: float | None = None,
@@ -314,7 +330,7 @@ def predict_table_rows(rows: Iterable[Mapping[str, str]]) -> list[TableRowResult
         osl = np.array([m.osl for m in members])
         load = np.array([m.load for m in members])
         sound = np.ones(len(members), dtype=bool)
-        if members[0].load_type == "qps":
+        if members[0].load_type is LoadType.QPS:
             conc, sound = _match_qps(cfg, load, isl, osl)
         else:
             conc = load
@@ -329,7 +345,7 @@ def predict_table_rows(rows: Iterable[Mapping[str, str]]) -> list[TableRowResult
             else:
                 out[m.index] = result(m.index, m, conc=float(conc[j]),
                                       ttft=float(r.ttft_ms[j]), itl=float(r.tpot_ms[j]))
-                if m.load_type == "qps":
+                if m.load_type is LoadType.QPS:
                     out[m.index] = _with_note(out[m.index], (
                         "QPS matched by the closed-loop concurrency of equal throughput; "
                         "Poisson burstiness is not modelled, so TTFT is optimistic"))
@@ -347,7 +363,36 @@ def _group(row: Mapping[str, str]) -> Group:
 
 
 
-def summarize(results: Sequence[TableRowResult]) -> dict[str, object]:
+class MetricErrors(TypedDict):
+    ttft: errorstats.ErrorStats
+    itl: errorstats.ErrorStats
+
+
+class GroupErrors(MetricErrors):
+    source: str
+    engine: str
+    model: str
+    gpu: str
+
+
+class SkippedRow(TypedDict):
+    id: str
+    reason: str
+
+
+class Summary(TypedDict):
+    """The latency-table validation report, JSON-ready."""
+
+    rows: int
+    modelled: int
+    skipped: int
+    skip_reasons: dict[str, int]
+    skipped_rows: list[SkippedRow]
+    overall: MetricErrors
+    groups: list[GroupErrors]
+
+
+def summarize(results: Sequence[TableRowResult]) -> Summary:
     """Median and p90 APE of TTFT and ITL, overall and by (source, engine, model, gpu).
 
     Skipped rows are counted by reason and listed one by one.

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from trilemma.optimizer import commands
+from trilemma.optimizer.catalog import Engine
 from trilemma.optimizer.cli import Subcommand
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search.configs import Mode, ServingConfig
@@ -61,7 +62,8 @@ def _from_plan(args: argparse.Namespace) -> ServingConfig:
     worker = config.worker
     if args.gpu:
         worker = dataclasses.replace(worker, gpu=args.gpu)
-    return dataclasses.replace(config, engine=args.engine or config.engine, worker=worker,
+    engine = Engine(args.engine) if args.engine else config.engine
+    return dataclasses.replace(config, engine=engine, worker=worker,
                                mode=Mode.AGGREGATED, replicas=1, prefill=None,
                                prefill_replicas=0)
 

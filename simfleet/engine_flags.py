@@ -104,13 +104,14 @@ def parse_vllm_args(argv: Sequence[str], *, gpu: str, engine: str = "vllm") -> E
         raise InputError("model", None, "give the model as vLLM does: a positional id or --model")
     arch = catalog.load_model(model)
     hw = catalog.get_gpu(gpu)
-    facts = engine_facts(catalog.Engine(engine))
+    served_by = catalog.Engine(engine)
+    facts = engine_facts(served_by)
     method, k, draft = _speculation(ns.speculative_config)
     worker = WorkerConfig(
         gpu=hw.key, tp=ns.tensor_parallel_size, pp=ns.pipeline_parallel_size,
         dp=ns.data_parallel_size, ep=ns.enable_expert_parallel,
         quant=_quant(ns.quantization, arch), kv_dtype=_kv_dtype(ns.kv_cache_dtype),
-        spec_method=method.value, spec_k=k, draft_model=draft,
+        spec_method=method, spec_k=k, draft_model=draft,
         max_num_seqs=ns.max_num_seqs or facts.default_max_num_seqs(hw),
         max_num_batched_tokens=(ns.max_num_batched_tokens
                                 or facts.default_max_num_batched_tokens(hw)),
@@ -122,24 +123,24 @@ def parse_vllm_args(argv: Sequence[str], *, gpu: str, engine: str = "vllm") -> E
     no_effect = tuple("--" + name.replace("_", "-") for name in _NO_EFFECT
                       if getattr(ns, name) is not None)
     return EngineFlags(
-        config=ServingConfig(model=model, engine=engine, worker=worker),
+        config=ServingConfig(model=model, engine=served_by, worker=worker),
         served_model_name=ns.served_model_name[0] if ns.served_model_name else None,
         host=ns.host, port=ns.port, ignored=tuple(unknown), no_effect=no_effect)
 
 
-def _quant(flag: str | None, arch: catalog.ModelArch) -> str:
+def _quant(flag: str | None, arch: catalog.ModelArch) -> catalog.QuantRecipe:
     # No flag: the engine reads the checkpoint's own format (bf16 for plain checkpoints).
     if flag is None:
-        return perf_estimate.default_recipe(arch).value
-    return catalog.parse_recipe(flag, field="--quantization").value
+        return perf_estimate.default_recipe(arch)
+    return catalog.parse_recipe(flag, field="--quantization")
 
 
-def _kv_dtype(flag: str) -> str:
+def _kv_dtype(flag: str) -> catalog.KvDtype:
     value = flag.strip().lower()
     if value in ("auto", "bf16", "bfloat16"):
-        return catalog.KvDtype.BF16.value
+        return catalog.KvDtype.BF16
     if value.startswith("fp8"):  # fp8, fp8_e4m3, fp8_e5m2
-        return catalog.KvDtype.FP8.value
+        return catalog.KvDtype.FP8
     raise InputError("--kv-cache-dtype", flag, "the simulator knows auto, bf16 and fp8 KV caches")
 
 

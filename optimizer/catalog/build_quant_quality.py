@@ -194,6 +194,28 @@ def build(csv_path: Path) -> dict[str, Any]:
     """The YAML document, as a dict, from the CSV at `csv_path`."""
     with csv_path.open(newline="", encoding="utf-8") as f:
         rows = [Row.from_csv(r) for r in csv.DictReader(f)]
+    used, excluded = _sort_rows(rows)
+    return {
+        "schema": 1,
+        "unit": "accuracy points, quantized minus bf16 (negative = worse)",
+        "built_from": "../shared/data/validation/quant_quality.csv (published evaluations, one "
+        "citation per row) by optimizer/catalog/build_quant_quality.py",
+        "caveats": [
+            "TensorRT-LLM blog rows use an fp16 baseline, taken as bf16.",
+            "Rows mix benchmarks (OpenLLM v1 average, MMLU, MMLU-Pro, GSM8K, ChartQA) and engines; "
+            "a family mean is a coarse expected cost, not a guarantee for one task.",
+            "Rows published as relative loss only are converted with a median baseline, said so "
+            "in their derivation.",
+        ],
+        "family_aliases": FAMILY_ALIASES,
+        "recipes": _recipes(used),
+        "excluded_rows": excluded,
+    }
+
+
+def _sort_rows(rows: list[Row]) -> tuple[dict[str, dict[str, list[dict[str, Any]]]],
+                                         list[dict[str, Any]]]:
+    """Each row's delta under its recipe and model family, or the row excluded with why."""
     used: dict[str, dict[str, list[dict[str, Any]]]] = {r: {} for r in RECIPES}
     excluded: list[dict[str, Any]] = []
     for row in rows:
@@ -220,7 +242,11 @@ def build(csv_path: Path) -> dict[str, Any]:
         used[recipe].setdefault(family_of(row.model), []).append(
             {**ident, "delta": round(points, DECIMALS), "derivation": how, "source": row.source}
         )
+    return used, excluded
 
+
+def _recipes(used: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Per recipe: family means, a cross-family fallback (or a proxy's), native figures."""
     recipes: dict[str, Any] = {}
     for recipe in RECIPES:
         families = {
@@ -255,22 +281,7 @@ def build(csv_path: Path) -> dict[str, Any]:
                 },
                 **recipes[recipe],
             }
-    return {
-        "schema": 1,
-        "unit": "accuracy points, quantized minus bf16 (negative = worse)",
-        "built_from": "../shared/data/validation/quant_quality.csv (published evaluations, one "
-        "citation per row) by optimizer/catalog/build_quant_quality.py",
-        "caveats": [
-            "TensorRT-LLM blog rows use an fp16 baseline, taken as bf16.",
-            "Rows mix benchmarks (OpenLLM v1 average, MMLU, MMLU-Pro, GSM8K, ChartQA) and engines; "
-            "a family mean is a coarse expected cost, not a guarantee for one task.",
-            "Rows published as relative loss only are converted with a median baseline, said so "
-            "in their derivation.",
-        ],
-        "family_aliases": FAMILY_ALIASES,
-        "recipes": recipes,
-        "excluded_rows": excluded,
-    }
+    return recipes
 
 
 HEADER = (

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import enum
 import functools
-import importlib.resources
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
+from trilemma.optimizer.catalog.data_files import read_yaml
 from trilemma.optimizer.errors import InputError
 
 DATA_FILE = "gpus.yaml"
@@ -120,8 +118,7 @@ def _parse(key: str, raw: Mapping[str, Any]) -> Gpu:
 
 def load_raw() -> dict[str, Any]:
     """The parsed YAML, as shipped (tests iterate it to check every figure is cited)."""
-    text = importlib.resources.files(__package__).joinpath("data", DATA_FILE).read_text("utf-8")
-    return yaml.safe_load(text)
+    return read_yaml(__package__, "data", DATA_FILE)
 
 
 @functools.cache

@@ -1,26 +1,23 @@
 """Reading Hugging Face config files, the user's and the bundled ones, into models.ModelArch.
 
-models.py holds the architecture and its arithmetic and forwards parse_hf_config, load_model and
-bundled_models here. This module does the file work: typed key access whose errors name the json
-key as the user sees it ("text_config.hidden_size"), the checkpoint's own quantization, and the
-bundled catalog in data/models/ (ids, aliases, variants and provenance in index.json).
+models.py holds the architecture and its arithmetic and forwards parse_hf_config here. This
+module does the file work: typed key access whose errors name the json key as the user sees it
+("text_config.hidden_size") and the mapping of config keys onto the architecture. The
+checkpoint's own quantization is read by hf_quant.py; the bundled catalog in data/models/ (ids,
+aliases, variants and provenance in index.json) is bundled.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import functools
 import json
 import os
-import re
-from collections.abc import Iterable, Mapping
-from importlib import resources
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from trilemma.optimizer.catalog import models
-from trilemma.optimizer.errors import InputError, UnknownModelError
+from trilemma.optimizer.catalog.hf_quant import checkpoint_quant
+from trilemma.optimizer.errors import InputError
 
 Kind = models.AttentionKind
 QUANT_COMPANION = "hf_quant_config.json"
@@ -119,102 +116,6 @@ class ConfigReader:
         return value
 
 
-# --- the checkpoint's own quantization ---------------------------------------------------------
-
-# Parts a pre-quantized checkpoint leaves in 16 bits whatever its exclusion list says: lookups,
-# norms and the router are tiny or precision-critical, and no bundled recipe quantizes lm_head.
-ALWAYS_UNQUANTIZED = frozenset({"embedding", "lm_head", "norms", "router"})
-
-# Exclusion-list entries (regex escapes removed) -> ParamBreakdown parts. An entry excludes the
-# whole part even if it names one layer: the exports we know exclude a part everywhere or nowhere.
-_EXCLUSION_PARTS = (
-    (re.compile(r"self_attn"), "attention"),
-    (re.compile(r"shared_expert"), "shared_experts"),
-    # "mlp.gate_proj" or Kimi's "mlp.(gate|up|gate_up|down)_proj", but not the router "mlp.gate".
-    (re.compile(r"mlp\.\(?(gate|up|gate_up|down)[|a-z_]*\)?_proj"), "dense_mlp"),
-)
-# ModelOpt algorithm fragment -> quantization.QuantRecipe value; fp4 first, so that
-# "W4A8_MXFP4_FP8" reads as mxfp4 weights.
-_MODELOPT = (("NVFP4", "nvfp4"), ("MXFP4", "mxfp4"), ("FP8", "fp8"), ("AWQ", "int4"),
-             ("W4A16", "int4"), ("W8A8", "int8"), ("INT4", "int4"), ("INT8", "int8"))
-
-
-def checkpoint_quant(
-    quantization_config: Mapping[str, Any] | None,
-    hf_quant_config: Mapping[str, Any] | None,
-    field: str,
-) -> tuple[str | None, str | None, frozenset[str]]:
-    """(weight recipe, KV-cache dtype, parts left 16-bit) of a pre-quantized checkpoint.
-
-    Recipes are quantization.QuantRecipe values. hf_quant_config.json wins over config.json's
-    quantization_config: ModelOpt exports leave config.json as it was.
-    """
-    if hf_quant_config is not None:
-        section = hf_quant_config.get("quantization", hf_quant_config)
-        where = "hf_quant_config.quantization."
-        recipe = _modelopt(section.get("quant_algo"), where + "quant_algo")
-        kv = _modelopt(section.get("kv_cache_quant_algo"), where + "kv_cache_quant_algo")
-        return recipe, kv, _unquantized(recipe, section.get("exclude_modules") or [])
-    if not quantization_config:
-        return None, None, frozenset()
-    qc = quantization_config
-    method = str(qc.get("quant_method", "")).lower()
-    if method in ("fp8", "fbgemm_fp8", "mxfp4"):
-        recipe: str | None = method.removeprefix("fbgemm_")
-    elif method in ("awq", "gptq", "awq_marlin", "gptq_marlin"):
-        recipe = _int_bits(qc.get("bits"), field + ".bits")
-    elif method == "compressed-tensors":
-        recipe = _compressed_tensors(qc, field)
-    elif method == "modelopt":
-        recipe = _modelopt(qc.get("quant_algo"), field + ".quant_algo")
-    else:
-        raise InputError(field + ".quant_method", method or None, "not modelled; known: fp8, "
-                         "mxfp4, awq, gptq, compressed-tensors, modelopt")
-    excluded = [*(qc.get("modules_to_not_convert") or []), *(qc.get("ignore") or [])]
-    return recipe, None, _unquantized(recipe, excluded)
-
-
-def _unquantized(recipe: str | None, excluded: Iterable[str]) -> frozenset[str]:
-    if recipe is None:
-        return frozenset()
-    parts = set(ALWAYS_UNQUANTIZED)
-    for entry in excluded:
-        text = str(entry).removeprefix("re:").replace("\\", "")
-        parts.update(part for pattern, part in _EXCLUSION_PARTS if pattern.search(text))
-    return frozenset(parts)
-
-
-def _modelopt(algo: object, field: str) -> str | None:
-    if algo is None:
-        return None
-    recipe = next((r for fragment, r in _MODELOPT if fragment in str(algo).upper()), None)
-    if recipe is None:
-        raise InputError(field, algo, "unknown ModelOpt algorithm; known: FP8*, NVFP4, MXFP4, "
-                         "W4A16_AWQ, W8A8_SQ*")
-    return recipe
-
-
-def _int_bits(bits: object, field: str) -> str:
-    if bits not in (4, 8):
-        raise InputError(field, bits, "only 4- and 8-bit integer checkpoints are modelled")
-    return f"int{bits}"
-
-
-def _compressed_tensors(qc: Mapping[str, Any], field: str) -> str:
-    """compressed-tensors gives bits and type per group; the first group sets the recipe."""
-    for name, group in (qc.get("config_groups") or {}).items():
-        weights = (group or {}).get("weights") or {}
-        bits, kind = weights.get("num_bits"), weights.get("type")
-        if kind == "int":
-            return _int_bits(bits, f"{field}.config_groups.{name}.weights.num_bits")
-        if kind == "float" and bits in (4, 8):
-            # NVFP4 scales every 16 values, MXFP4 every 32: the group size tells them apart.
-            return "fp8" if bits == 8 else "nvfp4" if weights.get("group_size") == 16 else "mxfp4"
-        raise InputError(f"{field}.config_groups.{name}.weights", dict(weights),
-                         "unknown weight format (num_bits, type)")
-    raise InputError(field + ".config_groups", None, "compressed-tensors config without groups")
-
-
 # --- parsing a config -------------------------------------------------------------------------
 
 # Families whose FFN is up -> activation -> down (two matrices) rather than gated (three).
@@ -238,19 +139,21 @@ def parse_hf_config(
     else:
         quant = read_json(hf_quant_config, "hf_quant_config")
     if isinstance(source, Mapping):
-        return _build(source, model_id or "custom", quant, "a config mapping")
+        return build(source, model_id or "custom", quant, "a config mapping")
     path = Path(source).expanduser()
     path = path / "config.json" if path.is_dir() else path  # a downloaded repository folder
     raw = read_json(path)
     companion = quant_companion(path) if quant is None else None
     if companion is not None:
         quant = read_json(companion, "hf_quant_config")
-    return _build(raw, model_id or model_id_from_path(path), quant, str(path))
+    return build(raw, model_id or model_id_from_path(path), quant, str(path))
 
 
-def _build(
+def build(
     raw: Mapping[str, Any], model_id: str, quant: Mapping[str, Any] | None, origin: str
 ) -> models.ModelArch:
+    """The architecture of a parsed config.json and its ModelOpt companion (None when there is
+    none); `origin` says where they came from, for the arch's source."""
     top = ConfigReader(raw)
     nested = raw.get("text_config")
     if nested is not None and not isinstance(nested, Mapping):
@@ -466,92 +369,3 @@ def _checkpoint_quant(
     if qcfg is not None and not isinstance(qcfg, Mapping):
         raise InputError(reader.key("quantization_config"), qcfg, "must be a JSON object")
     return checkpoint_quant(qcfg, quant, reader.key("quantization_config"))
-
-
-# --- the bundled catalog ----------------------------------------------------------------------
-
-_DATA = resources.files(__package__ or "trilemma.optimizer.catalog").joinpath("data", "models")
-_QUANT_SUFFIX = "." + QUANT_COMPANION
-
-
-@functools.cache
-def _index() -> dict[str, Any]:
-    return loads(_DATA.joinpath("index.json").read_text("utf-8"), "index", "index.json")
-
-
-@functools.cache
-def _bundled_files() -> dict[str, str]:
-    """Bundled id -> file name; `org--name.json` holds the config.json of "org/name"."""
-    names = [t.name for t in _DATA.iterdir() if t.name.endswith(".json") and "--" in t.name]
-    return {n.removesuffix(".json").replace("--", "/"): n
-            for n in sorted(names) if not n.endswith(_QUANT_SUFFIX)}
-
-
-def bundled_models() -> tuple[str, ...]:
-    """Every id load_model knows without a path: bundled configs and their variants."""
-    return tuple(sorted([*_bundled_files(), *_index()["variants"]], key=str.lower))
-
-
-@functools.cache
-def _spellings() -> dict[str, str]:
-    """Lower-cased spelling -> id: ids and aliases, `--` for `/`, and unambiguous bare names."""
-    pairs = [(i, i) for i in bundled_models()] + list(_index()["aliases"].items())
-    table: dict[str, str] = {}
-    bare: dict[str, set[str]] = {}
-    for spelling, target in pairs:
-        table[spelling.lower()] = table[spelling.lower().replace("/", "--")] = target
-        bare.setdefault(spelling.rpartition("/")[2].lower(), set()).add(target)
-    for name, targets in bare.items():
-        if len(targets) == 1:
-            table.setdefault(name, *targets)
-    return table
-
-
-def bundled_id(spelling: str) -> str | None:
-    """The bundled id a spelling names (any case, an alias, `--` for `/`), or None; never
-    looks at the filesystem."""
-    return _spellings().get(spelling.strip().lower())
-
-
-def load_model(id_or_path: str | os.PathLike[str]) -> models.ModelArch:
-    """See models.load_model. A bundled id wins over a same-named relative path ("./x" does not)."""
-    text = os.fspath(id_or_path).strip()
-    model_id = bundled_id(text)
-    if model_id is not None:
-        return _load_bundled(model_id)
-    path = Path(text).expanduser()
-    if text and (path.exists() or text.endswith(".json")):
-        return parse_hf_config(path)
-    close = difflib.get_close_matches(text.lower(), list(_spellings()), n=5, cutoff=0.6)
-    close = list(dict.fromkeys(_spellings()[c] for c in close))[:3]  # ids, not spellings
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    known = bundled_models()
-    raise UnknownModelError(
-        "model", text,
-        "not a bundled model id and no such file. For any other model pass the path to its "
-        "Hugging Face config.json, or to the folder holding it (load_model('/models/x/config."
-        f"json'); nothing is downloaded).{hint} Bundled: {', '.join(known[:6])} ... "
-        f"({len(known)} in all, see bundled_models())",
-    )
-
-
-@functools.cache
-def _load_bundled(model_id: str) -> models.ModelArch:
-    """Parsed once per process: the search calls load_model for every candidate."""
-    index = _index()
-    variant = index["variants"].get(model_id)
-    if variant is not None:
-        base = _load_bundled(variant["base"])
-        recipe = variant["checkpoint_quant"]
-        return dataclasses.replace(
-            base, id=model_id, checkpoint_quant=recipe, checkpoint_kv_quant=None,
-            unquantized_parts=ALWAYS_UNQUANTIZED if recipe else frozenset(),
-            source=f"{base.source}; variant: {variant['why']}",
-        )
-    name = _bundled_files()[model_id]
-    raw = loads(_DATA.joinpath(name).read_text("utf-8"), "config", name)
-    companion = _DATA.joinpath(name.removesuffix(".json") + _QUANT_SUFFIX)
-    quant = None
-    if companion.is_file():
-        quant = loads(companion.read_text("utf-8"), "hf_quant_config", companion.name)
-    return _build(raw, model_id, quant, f"bundled {name}: {index['sources'][name]}")

@@ -66,8 +66,6 @@ ADDED beyond the contract (defaults keep hand-built ModelArch valid):
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import functools
 import os
 from collections import Counter
@@ -75,102 +73,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# The building blocks live in layers.py; re-exported, as callers know them as models.MoE etc.
+from trilemma.optimizer.catalog.layers import MLA as MLA
+from trilemma.optimizer.catalog.layers import AttentionKind as AttentionKind
+from trilemma.optimizer.catalog.layers import LayerKind as LayerKind
+from trilemma.optimizer.catalog.layers import LinearAttention as LinearAttention
+from trilemma.optimizer.catalog.layers import MoE as MoE
+from trilemma.optimizer.catalog.layers import ParamBreakdown as ParamBreakdown
+from trilemma.optimizer.catalog.layers import Phase as Phase
+from trilemma.optimizer.catalog.layers import SparseIndexer as SparseIndexer
+from trilemma.optimizer.catalog.layers import attended_keys
 from trilemma.optimizer.errors import InputError
-
-
-class Phase(enum.Enum):
-    """Which forward pass flops_per_token describes."""
-
-    PREFILL = "prefill"
-    DECODE = "decode"
-
-
-class AttentionKind(enum.Enum):
-    """How a layer attends; the value is the Hugging Face `layer_types` spelling."""
-
-    FULL = "full_attention"
-    SLIDING = "sliding_attention"  # the last `window` tokens (gpt-oss, Gemma, Mistral)
-    CHUNKED = "chunked_attention"  # within fixed blocks of `window` tokens (Llama-4 local layers)
-    LINEAR = "linear_attention"  # recurrent state of fixed size, no KV cache (Qwen3.5 DeltaNet)
-
-    @property
-    def windowed(self) -> bool:
-        return self in (AttentionKind.SLIDING, AttentionKind.CHUNKED)
-
-
-@dataclass(frozen=True, kw_only=True)
-class MoE:
-    num_experts: int
-    experts_per_token: int
-    expert_intermediate_size: int
-    shared_experts: int
-    shared_expert_intermediate_size: int
-    first_dense_layers: int
-    dense_intermediate_size: int
-    moe_layer_interval: int = 1
-    router_bias: bool = False  # gpt-oss router bias, DeepSeek/MiniMax score-correction bias
-
-    def is_moe_layer(self, index: int) -> bool:
-        """HF convention: after the leading dense layers, every `interval`-th layer (1-based)."""
-        offset = index - self.first_dense_layers
-        return offset >= 0 and (offset + 1) % self.moe_layer_interval == 0
-
-
-@dataclass(frozen=True, kw_only=True)
-class MLA:
-    q_lora_rank: int | None
-    kv_lora_rank: int
-    qk_rope_head_dim: int
-    qk_nope_head_dim: int
-    v_head_dim: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class LinearAttention:
-    """Gated DeltaNet dimensions (Qwen3.5 / Qwen3-Next `linear_*` keys)."""
-
-    num_key_heads: int
-    num_value_heads: int
-    key_head_dim: int
-    value_head_dim: int
-    conv_kernel: int
-    state_bytes_per_elem: float = 4.0  # config's mamba_ssm_dtype; engines keep the state in fp32
-
-
-@dataclass(frozen=True, kw_only=True)
-class SparseIndexer:
-    """DeepSeek sparse attention (GLM-5, DeepSeek-V3.2): a light indexer picks `topk` tokens."""
-
-    num_heads: int
-    head_dim: int
-    topk: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class LayerKind:
-    """What one decoder layer needs for GEMM shapes and attention cost; hashable, so countable."""
-
-    attention: AttentionKind
-    window: int | None  # tokens a SLIDING or CHUNKED layer keeps; None otherwise
-    num_kv_heads: int  # GQA KV heads (MLA: num_heads; LINEAR: 0)
-    head_dim: int
-    moe: bool  # routed experts (plus any shared experts) instead of a dense FFN
-
-
-@dataclass(frozen=True, kw_only=True)
-class ParamBreakdown:
-    embedding: int
-    lm_head: int  # 0 when tied to the embedding (then `embedding` is the shared matrix)
-    attention: int  # projections, biases, sinks, MLA low-rank pairs, indexer, DeltaNet
-    dense_mlp: int
-    routed_experts: int
-    shared_experts: int
-    router: int
-    norms: int
-
-    @property
-    def total(self) -> int:
-        return sum(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -454,7 +367,7 @@ class ModelArch:
             conv = 2 * (2 * la.num_key_heads * la.key_head_dim + la.num_value_heads
                         * la.value_head_dim) * la.conv_kernel
             return 6.0 * la.num_value_heads * la.key_head_dim * la.value_head_dim + conv
-        attended = _attended(layer.attention, layer.window, ctx, phase)
+        attended = attended_keys(layer.attention, layer.window, ctx, phase)
         if self.mla is None:
             return 4.0 * heads * layer.head_dim * attended  # QK^T and PV, 2 FLOPs per MAC
         m = self.mla
@@ -468,30 +381,12 @@ class ModelArch:
             return per_token * attended
         ix = self.indexer
         # The indexer scores every token; the attention proper reads only the top-k.
-        picked = _attended(AttentionKind.SLIDING, ix.topk, ctx, phase)
+        picked = attended_keys(AttentionKind.SLIDING, ix.topk, ctx, phase)
         return per_token * picked + 2.0 * ix.num_heads * ix.head_dim * attended
 
 
-def _attended(kind: AttentionKind, window: int | None, ctx: float, phase: Phase) -> float:
-    """Mean number of keys one query reads."""
-    if ctx <= 0:
-        return 0.0
-    w = window if kind.windowed and window else None
-    if phase is Phase.DECODE:
-        if w is None or ctx <= w:
-            return float(ctx)
-        # A chunked layer sees the current chunk only: on average half of it.
-        return float(w) if kind is AttentionKind.SLIDING else (w + 1) / 2
-    if w is None or ctx <= w:
-        return (ctx + 1) / 2
-    if kind is AttentionKind.SLIDING:
-        return (w * (w + 1) / 2 + (ctx - w) * w) / ctx
-    chunks, rest = divmod(ctx, w)
-    return (chunks * w * (w + 1) / 2 + rest * (rest + 1) / 2) / ctx
-
-
-
-# --- reading configs: the file work lives in hf_config.py, which imports this module's types ---
+# --- reading configs: the file work lives in hf_config.py and bundled.py (they import this
+# module's types, so they are imported late) ---
 
 
 def parse_hf_config(
@@ -517,21 +412,21 @@ def load_model(id_or_path: str | os.PathLike[str]) -> ModelArch:
     Bundled models are parsed once per process; an unknown id raises UnknownModelError saying
     how to pass a config.json instead.
     """
-    from trilemma.optimizer.catalog import hf_config
+    from trilemma.optimizer.catalog import bundled  # imported late: it imports this module
 
-    return hf_config.load_model(id_or_path)
+    return bundled.load_model(id_or_path)
 
 
 def bundled_id(spelling: str) -> str | None:
     """The bundled id `spelling` names (any case, an alias), or None; reads no files, so it is
     safe on untrusted input."""
-    from trilemma.optimizer.catalog import hf_config
+    from trilemma.optimizer.catalog import bundled
 
-    return hf_config.bundled_id(spelling)
+    return bundled.bundled_id(spelling)
 
 
 def bundled_models() -> tuple[str, ...]:
     """Every id load_model knows without a path: bundled configs and their variants."""
-    from trilemma.optimizer.catalog import hf_config
+    from trilemma.optimizer.catalog import bundled
 
-    return hf_config.bundled_models()
+    return bundled.bundled_models()

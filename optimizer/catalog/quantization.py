@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import enum
 import functools
-import importlib.resources
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from trilemma.optimizer.catalog.data_files import read_yaml
 from trilemma.optimizer.catalog.gpus import Arch, Gpu
 from trilemma.optimizer.errors import InputError
 
@@ -69,7 +67,7 @@ _NVIDIA_SM80_PLUS = frozenset({Arch.AMPERE, Arch.ADA, Arch.HOPPER, Arch.BLACKWEL
 _FP8_ARCHS = frozenset({Arch.ADA, Arch.HOPPER, Arch.BLACKWELL, Arch.CDNA3})
 
 
-class QuantRecipe(enum.Enum):
+class QuantRecipe(enum.StrEnum):
     """How linear-layer weights (and activations) are quantized. CLI value == enum value."""
 
     BF16 = "bf16"  # weights bf16, activations bf16
@@ -202,7 +200,7 @@ _COMPUTE: dict[QuantRecipe, Precision] = {
 }
 
 
-class KvDtype(enum.Enum):
+class KvDtype(enum.StrEnum):
     """The KV-cache element type."""
 
     BF16 = "bf16"
@@ -299,8 +297,7 @@ def quality_delta(recipe: QuantRecipe, model_family: str) -> QualityDelta:
 
 def load_quality_raw() -> dict[str, Any]:
     """The parsed data/quant_quality.yaml, as shipped."""
-    files = importlib.resources.files(__package__)
-    return yaml.safe_load(files.joinpath("data", QUALITY_FILE).read_text("utf-8"))
+    return read_yaml(__package__, "data", QUALITY_FILE)
 
 
 @functools.cache

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import enum
 import functools
-import importlib.resources
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import yaml
 
+from trilemma.optimizer.catalog.data_files import read_yaml
 from trilemma.optimizer.errors import InputError
 
 DATA_FILE = "speculation.yaml"
@@ -29,7 +28,7 @@ MAX_K = 16  # acceptance**16 is negligible for every fitted method; more drafts 
 ArrayLike = float | npt.ArrayLike
 
 
-class SpecMethod(enum.Enum):
+class SpecMethod(enum.StrEnum):
     """How draft tokens are proposed. Value == the CLI spelling."""
 
     NONE = "none"
@@ -258,8 +257,7 @@ def acceptance_fit(method: SpecMethod) -> AcceptanceFit:
 
 def load_raw() -> dict[str, Any]:
     """The parsed data/speculation.yaml, as shipped."""
-    files = importlib.resources.files(__package__)
-    return yaml.safe_load(files.joinpath("data", DATA_FILE).read_text("utf-8"))
+    return read_yaml(__package__, "data", DATA_FILE)
 
 
 @functools.cache
@@ -280,9 +278,7 @@ def _fits() -> dict[SpecMethod, AcceptanceFit]:
 
 @functools.cache
 def _draft_heads() -> dict[str, dict[str, dict[str, str]]]:
-    text = importlib.resources.files("trilemma.optimizer.catalog").joinpath(
-        "data/draft_heads.yaml").read_text()
-    return yaml.safe_load(text)
+    return read_yaml("trilemma.optimizer.catalog", "data", "draft_heads.yaml")
 
 
 def draft_heads(method: str) -> dict[str, str]:

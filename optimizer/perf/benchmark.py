@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import TypedDict
 
 import numpy as np
 
@@ -28,7 +29,21 @@ _GROUPS = (
 )
 
 
-def _grid(arch: models.ModelArch, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+class _Grid(TypedDict):
+    """closed_loop's keyword arguments for a batch of candidates."""
+
+    tp: np.ndarray
+    pp: np.ndarray
+    dp: np.ndarray
+    ep: np.ndarray
+    concurrency: np.ndarray
+    isl: np.ndarray
+    osl: np.ndarray
+    max_num_seqs: np.ndarray
+    max_batched_tokens: np.ndarray
+
+
+def _grid(arch: models.ModelArch, n: int, rng: np.random.Generator) -> _Grid:
     """`n` candidates: feasible layouts x engine limits x workloads, sampled reproducibly."""
     layouts = [(tp, pp, dp, ep) for tp, pp, dp, ep in itertools.product(
         (1, 2, 4, 8), (1, 2), (1, 2, 4), (False, True))]

@@ -14,7 +14,8 @@ from importlib import resources
 import numpy as np
 import yaml
 
-from trilemma.optimizer.catalog.engines import Engine
+# Engine is re-exported: callers name an engine where they read its facts.
+from trilemma.optimizer.catalog.engines import Engine as Engine
 from trilemma.optimizer.catalog.gpus import Gpu
 
 GIB = 1024**3
@@ -62,8 +63,9 @@ class EngineFacts:
         return np.where(group <= 1, 0.0, out)
 
 
-def _value(entry: object) -> object:
-    return entry["value"] if isinstance(entry, dict) else entry
+def _value(entry: float | Mapping[str, float]) -> float:
+    # A fact is a bare number or {value: ..., source: ...}.
+    return entry["value"] if isinstance(entry, Mapping) else entry
 
 
 @cache

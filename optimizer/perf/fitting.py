@@ -103,7 +103,8 @@ def fit_problem(p: ft.FitProblem, sheet: dict[str, Any]) -> dict[str, Any]:
         return np.array([values[n] if n in values else fixed[n] for n in names])
 
     def residual(theta: np.ndarray) -> np.ndarray:
-        return (np.log(p.predict(full(theta))) - log_y)[fit_rows]
+        r: np.ndarray = (np.log(p.predict(full(theta))) - log_y)[fit_rows]
+        return r
 
     result = least_squares(residual, x0, bounds=(lo, hi), method="trf", loss="soft_l1",
                            f_scale=0.1, max_nfev=300, ftol=1e-6, xtol=1e-6, gtol=1e-6)

@@ -52,7 +52,9 @@ class FitProblem:
 
 
 def _col(df: Any, name: str) -> np.ndarray:
-    return df[name].to_numpy(dtype=np.float64)
+    # df is a pandas DataFrame; pandas is imported only where the tables are read.
+    column: np.ndarray = df[name].to_numpy(dtype=np.float64)
+    return column
 
 
 def _sources(df: Any) -> dict[str, int]:
@@ -140,12 +142,12 @@ def attention_problems(df: Any, phase: str, table: Path, aic_root: Path,
             pairs = b * h * kf.causal_pairs(s, s, w)
             flops0, bw0 = _roofline_x0(4 * hd * pairs, 2 * b * hkv * hd * kv_bytes * s, ms)
 
-            def predict(x: Any, b: Any = b, s: Any = s, h: Any = h, hkv: Any = hkv,
+            def context(x: Any, b: Any = b, s: Any = s, h: Any = h, hkv: Any = hkv,
                         hd: Any = hd, w: Any = w, kb: float = kv_bytes) -> np.ndarray:
                 return kf.context_attention_ms(x, b, s, s, h, hkv, hd, w, kv_bytes=kb)
 
             yield FitProblem(
-                key=f"context_attention/{kv}", form="context", predict=predict,
+                key=f"context_attention/{kv}", form="context", predict=context,
                 latency_ms=ms, constants={"kv_bytes": kv_bytes}, meta=meta,
                 x0={"host_ms": float(ms.min()), "launch_ms": float(ms.min()) / 2,
                     "flops": flops0, "exp_rate": flops0 / 64.0, "mem_bw": bw0, "sharpness": 3.0,
@@ -156,12 +158,12 @@ def attention_problems(df: Any, phase: str, table: Path, aic_root: Path,
             flops0, bw0 = _roofline_x0(4 * b * h * hd * rows / (b * hkv),
                                        2 * rows * hd * kv_bytes, ms)
 
-            def predict(x: Any, b: Any = b, kv_len: Any = kv_len, h: Any = h, hkv: Any = hkv,
-                        hd: Any = hd, w: Any = w, kb: float = kv_bytes) -> np.ndarray:
+            def decode(x: Any, b: Any = b, kv_len: Any = kv_len, h: Any = h, hkv: Any = hkv,
+                       hd: Any = hd, w: Any = w, kb: float = kv_bytes) -> np.ndarray:
                 return kf.decode_attention_ms(x, b, kv_len, h, hkv, hd, w, kv_bytes=kb)
 
             yield FitProblem(
-                key=f"decode_attention/{kv}", form="decode", predict=predict, latency_ms=ms,
+                key=f"decode_attention/{kv}", form="decode", predict=decode, latency_ms=ms,
                 constants={"kv_bytes": kv_bytes}, meta=meta,
                 x0={"host_ms": float(ms.min()), "launch_ms": float(ms.min()) / 2,
                     "flops": flops0, "mem_bw": bw0, "sharpness": 3.0, "seq_s": 1e-8,
@@ -235,10 +237,12 @@ def moe_problems(df: Any, table: Path, aic_root: Path, version: str) -> Iterator
                                    3 * hid * inter / tp * w_bytes * np.minimum(t * topk, 8), ms)
         is101, is12 = dist == "power_law_1.01", dist == "power_law_1.2"
 
-        def predict(x: Any, cols: list[Any] = cols, is101: Any = is101, is12: Any = is12,
+        def predict(x: Any, cols: list[np.ndarray] = cols, is101: Any = is101, is12: Any = is12,
                     wb: float = w_bytes) -> np.ndarray:
             skew = np.where(is101, x[6], np.where(is12, x[7], 1.0))
-            return kf.moe_ms(x, *cols, skew, w_bytes=wb)
+            tokens, hidden, inter_size, k, experts, moe_tp, moe_ep = cols
+            return kf.moe_ms(x, tokens, hidden, inter_size, k, experts, moe_tp, moe_ep, skew,
+                             w_bytes=wb)
 
         yield FitProblem(
             key=f"moe/{key}", form="moe", predict=predict, latency_ms=ms,

@@ -16,12 +16,15 @@ Shared anatomy, chosen from the residuals of simpler forms:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 Params = Sequence[float] | np.ndarray
-Array = np.ndarray
+# Shapes and times: float64 arrays, so that numpy's stubs keep the dtype through arithmetic.
+Array = npt.NDArray[np.float64]
 
 # Bytes per element of the operands each kernel key reads. Scales are included: fp8 block
 # scales (fp32 per 1x128 activation group / 128x128 weight tile), int4 group-128 bf16 scales,
@@ -45,9 +48,11 @@ KV_BYTES: dict[str, float] = {"bf16": 2.0, "fp8": 1.0}
 ATTN_TILE = 128.0
 
 
-def smooth_max(a: Array, b: Array, p: float) -> Array:
+def smooth_max(a: Array | float, b: Array | float, p: float) -> Array:
     """(a^p + b^p)^(1/p): the roofline max with a fitted overlap loss near the ridge."""
-    return (a**p + b**p) ** (1.0 / p)
+    # A host floor `a` is a float; at least one side is an array, so the result is one.
+    out: Array = (a**p + b**p) ** (1.0 / p)
+    return out
 
 
 # --- GEMM ------------------------------------------------------------------------------------
@@ -98,7 +103,8 @@ def gemm_residual_factor(log_ratio: Sequence[Sequence[float]] | np.ndarray, m: A
                          k: Array) -> Array:
     """exp(median log(measured/form)) of each shape's cell; 1 where the grid is empty."""
     i, j = gemm_residual_cells(m, n, k)
-    return np.exp(np.asarray(log_ratio, dtype=np.float64)[i, j])
+    cells: Array = np.asarray(log_ratio, dtype=np.float64)[i, j]
+    return np.exp(cells)
 
 
 # --- Attention --------------------------------------------------------------------------------
@@ -282,13 +288,15 @@ def moe_skew(x: Params, distribution: str) -> float:
 COMM_PARAMS = ("alpha_ms", "alg_bw", "alpha2_ms", "alg_bw2")
 
 
-def collective_ms(x: Params, message_bytes: Array) -> Array:
+def collective_ms(x: Params | Sequence[Array], message_bytes: Array) -> Array:
     """min over two algorithms of (latency + bytes / bandwidth), as a smooth minimum.
 
     The rates are algorithm bandwidths: message bytes per second (not NCCL's bus bandwidth).
 
     NCCL (LL vs Simple protocols) and vLLM's custom all-reduce (one-shot vs two-shot, then
     NCCL above its buffer) each switch algorithm with the message size; two lines capture it.
+
+    The parameters may be arrays too: one set per GPU count, indexed per candidate.
     """
     a1, b1, a2, b2 = x
     r1 = 1.0 / (a1 + 1e3 * message_bytes / b1)
@@ -313,7 +321,7 @@ RATE_REFERENCE: dict[str, str] = {
 }
 
 
-def rate_reference(param: str, fit_key: str, sheet: dict[str, object]) -> float | None:
+def rate_reference(param: str, fit_key: str, sheet: Mapping[str, Any]) -> float | None:
     """The datasheet rate a parameter of fit `fit_key` ("family/kernel[/...]") scales with.
 
     None for parameters that are not rates, or when the sheet lacks the precision.
@@ -321,7 +329,7 @@ def rate_reference(param: str, fit_key: str, sheet: dict[str, object]) -> float 
     ref = RATE_REFERENCE.get(param)
     if ref is None:
         return None
-    flops: dict[str, float] = sheet["dense_flops"]  # type: ignore[assignment]
+    flops: Mapping[str, float] = sheet["dense_flops"]
     if ref == "compute":
         parts = fit_key.split("/")
         kernel = parts[1] if len(parts) > 1 else "bf16"
@@ -330,4 +338,4 @@ def rate_reference(param: str, fit_key: str, sheet: dict[str, object]) -> float 
         return flops.get(COMPUTE_PRECISION.get(kernel, "bf16"))
     if ref == "bf16":
         return flops.get("bf16")
-    return float(sheet[ref])  # type: ignore[arg-type]
+    return float(sheet[ref])

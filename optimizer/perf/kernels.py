@@ -23,7 +23,7 @@ import functools
 import importlib.resources
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,9 @@ import numpy as np
 
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import kernel_forms as kf
+from trilemma.optimizer.perf import kernel_rules
+from trilemma.optimizer.perf.arrays import FloatArray
+from trilemma.optimizer.perf.kernel_rules import Fit
 
 GEMM_KERNELS = ("bf16", "fp8", "fp8_block", "int8", "w4a16", "fp4", "mxfp4")
 MOE_KERNELS = GEMM_KERNELS
@@ -65,30 +68,16 @@ class DatasheetRates:
                 "gpus_per_node": GPUS_PER_NODE, "p2p_latency_ms": P2P_LATENCY_MS}
 
 
-@dataclass(frozen=True)
-class _Fit:
-    """A form's parameters (in *_PARAMS order) and constants, ready for the hot path."""
-
-    params: tuple[float, ...]
-    constants: Mapping[str, Any]
-    provenance: str
-
-    def replace(self, provenance: str, params: tuple[float, ...] | None = None,
-                **constants: Any) -> _Fit:
-        return _Fit(self.params if params is None else params,
-                    {**self.constants, **constants}, provenance)
-
-
-def _f64(x: Any) -> np.ndarray:
+def _f64(x: Any) -> FloatArray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _out(x: Any) -> np.ndarray:
+def _out(x: Any) -> FloatArray:
     """Results are float64 arrays, 0-d for all-scalar arguments."""
     return np.asarray(x, dtype=np.float64)
 
 
-def _count(x: Any) -> np.ndarray:
+def _count(x: Any) -> FloatArray:
     """Counts (tokens, sequences, heads) below 1 are priced as 1: no zero divides."""
     return np.maximum(np.asarray(x, dtype=np.float64), 1.0)
 
@@ -96,40 +85,43 @@ def _count(x: Any) -> np.ndarray:
 class KernelModel:
     """Kernel times (ms) on one GPU; every numeric argument may be an array (broadcast)."""
 
-    def __init__(self, gpu: str, *, calibrated: bool, fits: Mapping[str, _Fit],
+    def __init__(self, gpu: str, *, calibrated: bool, fits: Mapping[str, Fit],
                  sheet: Mapping[str, Any]) -> None:
         self.gpu = gpu
         self.calibrated = calibrated
         self._fits = dict(fits)
         self._sheet = sheet
-        self._resolved: dict[tuple[str, str], _Fit | None] = {}
+        self._resolved: dict[tuple[str, str], Fit | None] = {}
         self._comm: dict[str, tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]] = {}
 
     # --- resolution: which fit serves a (family, kernel), and how it was obtained -----------
 
-    def _resolve(self, family: str, kernel: str) -> _Fit | None:
+    def _resolve(self, family: str, kernel: str) -> Fit | None:
         key = (family, kernel)
         if key not in self._resolved:
-            rule = _RULES.get(family)
+            rule = kernel_rules.RULES.get(family)
             self._resolved[key] = rule(self, kernel) if rule else None
         return self._resolved[key]
 
-    def _fit(self, key: str, derived: bool = False) -> _Fit | None:
+    def fit(self, key: str, derived: bool = False) -> Fit | None:
         fit = self._fits.get(key)
         if fit is None or not derived:
             return fit
         return fit.replace("extrapolated" if self.calibrated else "datasheet")
 
-    def _peak(self, precision: str) -> float | None:
+    def measured(self, key: str) -> Fit | None:
+        return self._fits.get(key)
+
+    def peak(self, precision: str) -> float | None:
         value = self._sheet["dense_flops"].get(precision)
         return float(value) if value else None
 
-    def _scaled(self, fit: _Fit, form_params: tuple[str, ...], name: str, ratio: float,
-                **constants: Any) -> _Fit:
+    def scaled(self, fit: Fit, form_params: tuple[str, ...], name: str, ratio: float,
+               **constants: float | bool) -> Fit:
         params = list(fit.params)
         params[form_params.index(name)] *= ratio
         return fit.replace("extrapolated" if self.calibrated else "datasheet",
-                           tuple(params), **constants)
+                           params=tuple(params), **constants)
 
     def provenance(self, family: str, kernel: str) -> str:
         """How a family's times for `kernel` (or kv dtype) were obtained: fitted, extrapolated,
@@ -159,7 +151,7 @@ class KernelModel:
             raise InputError("kernel", kernel, f"no {family} model for it on {self.gpu}")
         return fit.provenance
 
-    def _need(self, family: str, kernel: str, allowed: tuple[str, ...]) -> _Fit:
+    def _need(self, family: str, kernel: str, allowed: tuple[str, ...]) -> Fit:
         fit = self._resolved.get((family, kernel))
         if fit is None:
             if kernel not in allowed:
@@ -171,7 +163,7 @@ class KernelModel:
 
     # --- compute ------------------------------------------------------------------------------
 
-    def gemm_ms(self, kernel: str, m: Any, n: Any, k: Any) -> np.ndarray:
+    def gemm_ms(self, kernel: str, m: Any, n: Any, k: Any) -> FloatArray:
         """Dense GEMM of m tokens through an n x k weight (vLLM's linear layer for `kernel`)."""
         f = self._need("gemm", kernel, GEMM_KERNELS)
         c = f.constants
@@ -185,7 +177,7 @@ class KernelModel:
 
     def context_attention_ms(self, batch: Any, q_len: Any, kv_len: Any, num_heads: Any,
                              num_kv_heads: Any, head_dim: Any, kv_dtype: str,
-                             window: Any = 0) -> np.ndarray:
+                             window: Any = 0) -> FloatArray:
         """Prefill attention: q_len new tokens per sequence attending to kv_len tokens in all
         (kv_len - q_len cached). Measured only without a prefix; the prefix enters through the
         causal pair count and the KV bytes read."""
@@ -196,7 +188,7 @@ class KernelModel:
             _count(num_kv_heads), _f64(head_dim), _f64(window), kv_bytes=f.constants["kv_bytes"]))
 
     def decode_attention_ms(self, batch: Any, kv_len: Any, num_heads: Any, num_kv_heads: Any,
-                            head_dim: Any, kv_dtype: str, window: Any = 0) -> np.ndarray:
+                            head_dim: Any, kv_dtype: str, window: Any = 0) -> FloatArray:
         """One new token per sequence attending to kv_len tokens (itself included)."""
         f = self._need("decode_attention", _kv(kv_dtype), ("bf16", "fp8"))
         return _out(kf.decode_attention_ms(
@@ -204,7 +196,7 @@ class KernelModel:
             _f64(head_dim), _f64(window), kv_bytes=f.constants["kv_bytes"]))
 
     def mla_context_ms(self, gemm: str, batch: Any, seq_len: Any, num_heads: Any,
-                       kv_dtype: str) -> np.ndarray:
+                       kv_dtype: str) -> FloatArray:
         """A whole DeepSeek-V3 MLA attention module over a prompt (no cached prefix).
 
         Includes what vLLM's DeepseekV2MLAAttention.forward runs: the fused q_a/kv_a down
@@ -217,14 +209,14 @@ class KernelModel:
                          _count(num_heads), kv_dtype)
 
     def mla_decode_ms(self, gemm: str, batch: Any, kv_len: Any, num_heads: Any,
-                      kv_dtype: str) -> np.ndarray:
+                      kv_dtype: str) -> FloatArray:
         """The same module for one decode token per sequence over kv_len cached tokens
         (kv_b absorbed into per-head BMMs against the latent cache, as vLLM runs it)."""
         return self._mla("mla_decode", gemm, _count(batch), _count(kv_len),
                          _count(num_heads), kv_dtype)
 
     def _mla(self, family: str, gemm: str, batch: np.ndarray, length: np.ndarray,
-             heads: np.ndarray, kv_dtype: str) -> np.ndarray:
+             heads: np.ndarray, kv_dtype: str) -> FloatArray:
         kernel = f"{gemm}/{_kv(kv_dtype)}"
         if gemm not in GEMM_KERNELS:
             raise InputError("kernel", gemm, f"MLA projection kernels are {GEMM_KERNELS}")
@@ -241,7 +233,7 @@ class KernelModel:
         return _out(kf.mla_module_ms(f.params, tokens, weights, flop, moved, tiles,
                                      w_bytes=c["w_bytes"], hidden=kf.DSV3_MLA["hidden"]))
 
-    def _mla_projections(self, gemm: str, tokens: np.ndarray, heads: np.ndarray) -> np.ndarray:
+    def _mla_projections(self, gemm: str, tokens: np.ndarray, heads: np.ndarray) -> FloatArray:
         g = kf.DSV3_MLA
         qk = g["qk_nope_head_dim"] + g["qk_rope_head_dim"]
         shapes = ((g["q_lora_rank"] + g["kv_lora_rank"] + g["qk_rope_head_dim"], g["hidden"]),
@@ -253,7 +245,7 @@ class KernelModel:
 
     def moe_ms(self, kernel: str, num_tokens: Any, hidden: Any, inter: Any, topk: Any,
                num_experts: Any, moe_tp: Any, moe_ep: Any,
-               imbalance: str = "power_law_1.01") -> np.ndarray:
+               imbalance: str = "power_law_1.01") -> FloatArray:
         """vLLM's fused MoE on the busiest EP rank. num_tokens counts every token entering
         the layer (all DP ranks under attention DP); inter is the full expert width (split by
         moe_tp); imbalance names AIConfigurator's routing distributions: "balanced",
@@ -267,26 +259,26 @@ class KernelModel:
 
     # --- communication ------------------------------------------------------------------------
 
-    def allreduce_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+    def allreduce_ms(self, n_gpus: Any, message_bytes: Any) -> FloatArray:
         """What vLLM runs: its custom all-reduce under CUDA graphs (NCCL above the custom
         buffer, by vLLM's own dispatch, inside the measurement); NCCL where vLLM has no
         custom all-reduce (PCIe GPUs such as L40S). n_gpus is rounded to an integer; 1 or
         fewer costs nothing; past GPUS_PER_NODE the inter-node links are added."""
         return self._collective("allreduce", n_gpus, message_bytes)
 
-    def allgather_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+    def allgather_ms(self, n_gpus: Any, message_bytes: Any) -> FloatArray:
         """NCCL all-gather; message_bytes is the gathered buffer (nccl-tests' size)."""
         return self._collective("allgather", n_gpus, message_bytes)
 
-    def reduce_scatter_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+    def reduce_scatter_ms(self, n_gpus: Any, message_bytes: Any) -> FloatArray:
         """NCCL reduce-scatter; message_bytes is the full input buffer."""
         return self._collective("reduce_scatter", n_gpus, message_bytes)
 
-    def alltoall_ms(self, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+    def alltoall_ms(self, n_gpus: Any, message_bytes: Any) -> FloatArray:
         """NCCL all-to-all; message_bytes is each rank's whole send buffer."""
         return self._collective("alltoall", n_gpus, message_bytes)
 
-    def p2p_ms(self, message_bytes: Any, inter_node: Any) -> np.ndarray:
+    def p2p_ms(self, message_bytes: Any, inter_node: Any) -> FloatArray:
         """Send message_bytes to one peer: inside a node from the 2-GPU all-gather (which
         moves half its buffer each way), across nodes at the datasheet inter-node rate."""
         b = _f64(message_bytes)
@@ -294,7 +286,7 @@ class KernelModel:
         inter = self._sheet["p2p_latency_ms"] + 1e3 * b / self._sheet["inter_node_bw"]
         return _out(np.where(np.asarray(inter_node, dtype=bool), inter, intra))
 
-    def _collective(self, op: str, n_gpus: Any, message_bytes: Any) -> np.ndarray:
+    def _collective(self, op: str, n_gpus: Any, message_bytes: Any) -> FloatArray:
         params, offset, slope, alone = self._comm_table(op)
         # GPU counts are integers: index per-count tables instead of interpolating per call.
         idx = np.clip(np.rint(_f64(n_gpus)), 0, len(alone) - 1).astype(np.intp)
@@ -314,7 +306,7 @@ class KernelModel:
         table = self._comm.get(op)
         if table is None:
             names = ["custom_allreduce", "allreduce"] if op == "allreduce" else [op]
-            rows: list[tuple[int, _Fit]] = []
+            rows: list[tuple[int, Fit]] = []
             for name in names:
                 prefix = f"comm/{name}/"
                 rows = sorted((int(k[len(prefix):]), f) for k, f in self._fits.items()
@@ -361,101 +353,9 @@ def _normalize(family: str, kernel: str) -> str:
         return f"{gemm}/{_kv(kv)}"
     if family in ("gemm", "moe") and kernel not in GEMM_KERNELS:
         raise InputError("kernel", kernel, f"{family} kernels are {', '.join(GEMM_KERNELS)}")
-    if family not in _RULES:
+    if family not in kernel_rules.RULES:
         raise InputError("family", family, "not a kernel family")
     return kernel
-
-
-# --- Resolution rules: a kernel with no fit of its own, from a measured sibling --------------
-
-def _gemm_rule(km: KernelModel, kernel: str) -> _Fit | None:
-    fit = km._fit(f"gemm/{kernel}")
-    if fit is not None:
-        return fit
-    bf16, fp8 = km._fits.get("gemm/bf16"), km._fits.get("gemm/fp8")
-    native = km._peak(kf.COMPUTE_PRECISION[kernel])
-    p = kf.GEMM_PARAMS
-    a, w = kf.ACT_BYTES[kernel], kf.WEIGHT_BYTES[kernel]
-    fp8_peak, bf16_peak = km._peak("fp8"), km._peak("bf16")
-    if native and kernel in ("int8", "fp4") and fp8 is not None and fp8_peak:
-        # Same quantize-then-GEMM structure as fp8, at this format's peak.
-        return km._scaled(fp8, p, "flops", native / fp8_peak, a_bytes=a, w_bytes=w)
-    label = "extrapolated" if km.calibrated else "datasheet"
-    if native and kernel == "fp8_block" and fp8 is not None:
-        return fp8.replace(label, a_bytes=a, w_bytes=w)
-    if native and kernel in ("int8", "fp8") and bf16 is not None and bf16_peak:
-        return km._scaled(bf16, p, "flops", native / bf16_peak, a_bytes=a, w_bytes=w)
-    if bf16 is None:
-        return None
-    # Weight-only: 4-bit (w4a16, mxfp4) everywhere, and fp8/fp4 weights on GPUs without those
-    # tensor cores, which vLLM runs as Marlin W8A16 / W4A16: bf16 math, narrow weight reads.
-    return bf16.replace(label, a_bytes=2.0, w_bytes=w)
-
-
-def _attention_rule(family: str) -> Callable[[KernelModel, str], _Fit | None]:
-    def rule(km: KernelModel, kv: str) -> _Fit | None:
-        fit = km._fit(f"{family}/{kv}")
-        if fit is not None:
-            return fit
-        other = km._fit(f"{family}/{'bf16' if kv == 'fp8' else 'fp8'}", derived=True)
-        # The same kernel reading KV elements of the other width.
-        return None if other is None else other.replace(other.provenance,
-                                                        kv_bytes=kf.KV_BYTES[kv])
-    return rule
-
-
-def _moe_rule(km: KernelModel, kernel: str) -> _Fit | None:
-    fit = km._fit(f"moe/{kernel}")
-    if fit is not None:
-        return fit
-    label = "extrapolated" if km.calibrated else "datasheet"
-    w = kf.WEIGHT_BYTES[kernel]
-    native = km._peak(kf.COMPUTE_PRECISION[kernel])
-    fp8 = km._fits.get("moe/fp8") or km._fits.get("moe/fp8_block")
-    fp8_peak = km._peak("fp8")
-    if native and kernel in ("int8", "fp4") and fp8 is not None and fp8_peak:
-        return km._scaled(fp8, kf.MOE_PARAMS, "flops", native / fp8_peak, w_bytes=w)
-    if native and kernel in ("fp8", "fp8_block") and fp8 is not None:
-        return fp8.replace(label, w_bytes=w)
-    # 4-bit experts (and fp8/fp4 without the tensor cores) run Marlin-style weight-only
-    # kernels: the measured w4a16/mxfp4 fit if there is one, else the bf16 fit.
-    for key in ("moe/w4a16", "moe/mxfp4", "moe/bf16"):
-        base = km._fits.get(key)
-        if base is not None and (kernel in ("w4a16", "mxfp4", "fp4") or key == "moe/bf16"):
-            return base.replace(label, w_bytes=w)
-    return None
-
-
-def _mla_rule(family: str) -> Callable[[KernelModel, str], _Fit | None]:
-    def rule(km: KernelModel, kernel: str) -> _Fit | None:
-        fit = km._fit(f"{family}/{kernel}")
-        if fit is not None:
-            return fit
-        gemm, _, kv = kernel.partition("/")
-        label = "extrapolated" if km.calibrated else "datasheet"
-        other_kv = "bf16" if kv == "fp8" else "fp8"
-        const = {"w_bytes": kf.WEIGHT_BYTES[gemm], "kv_bytes": kf.KV_BYTES[kv]}
-        # Another measured module: same KV first, then the projections' width changed.
-        for key in (f"{family}/bf16/{kv}", f"{family}/{gemm}/{other_kv}",
-                    f"{family}/bf16/{other_kv}"):
-            base = km._fits.get(key)
-            if base is not None:
-                return base.replace(label, **const)
-        # A100: only the attention kernel was measured; kernels.py adds the projections.
-        for key in (f"{family}_core/{kv}", f"{family}_core/{other_kv}"):
-            base = km._fits.get(key)
-            if base is not None:
-                return base.replace(label, core_only=True, **const)
-        return None
-    return rule
-
-
-_RULES: dict[str, Callable[[KernelModel, str], _Fit | None]] = {
-    "gemm": _gemm_rule, "moe": _moe_rule,
-    "context_attention": _attention_rule("context_attention"),
-    "decode_attention": _attention_rule("decode_attention"),
-    "mla_context": _mla_rule("mla_context"), "mla_decode": _mla_rule("mla_decode"),
-}
 
 
 # --- Loading -----------------------------------------------------------------------------------
@@ -477,7 +377,7 @@ _HOST_PARAMS = ("host_ms", "host_large_ms")
 
 
 def _to_fit(entry: Mapping[str, Any], provenance: str,
-            params: Mapping[str, float] | None = None, *, cuda_graphs: bool = False) -> _Fit:
+            params: Mapping[str, float] | None = None, *, cuda_graphs: bool = False) -> Fit:
     names = kf.FORM_PARAMS[entry["form"]]
     values = dict(entry["params"] if params is None else params)
     if cuda_graphs:
@@ -485,12 +385,12 @@ def _to_fit(entry: Mapping[str, Any], provenance: str,
     constants = dict(entry["constants"])
     if "m_switch" in constants and constants["m_switch"] is None:
         constants["m_switch"] = math.inf
-    return _Fit(tuple(float(values[n]) for n in names), constants, provenance)
+    return Fit(tuple(float(values[n]) for n in names), constants, provenance)
 
 
-def _datasheet_fits(sheet: dict[str, Any], cuda_graphs: bool) -> dict[str, _Fit]:
+def _datasheet_fits(sheet: dict[str, Any], cuda_graphs: bool) -> dict[str, Fit]:
     """Median calibrated efficiencies times this GPU's datasheet rates, per fit key."""
-    fits: dict[str, _Fit] = {}
+    fits: dict[str, Fit] = {}
     for key, entry in calibration()["datasheet_defaults"].items():
         params = dict(entry["params"])
         for name in entry["relative"]:

@@ -23,10 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from trilemma.optimizer.catalog import speculation
 from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
 from trilemma.optimizer.perf import memory
+from trilemma.optimizer.perf.arrays import BoolArray, FloatArray
 from trilemma.optimizer.perf.steps import StepModel
 
 _FIXED_POINT_ITERATIONS = 4
@@ -39,29 +41,31 @@ _MAX_PREFILL_UTILISATION = 0.95
 class ClosedLoopResult:
     """Arrays over candidates. Times in ms, rates per second."""
 
-    ttft_ms: np.ndarray
-    tpot_ms: np.ndarray
-    e2e_ms: np.ndarray
-    requests_per_s: np.ndarray        # whole replica
-    output_tokens_per_s: np.ndarray   # whole replica
-    output_tokens_per_s_per_gpu: np.ndarray
-    decode_step_ms: np.ndarray        # a pure decode step at the steady batch
-    mixed_step_ms: np.ndarray         # a step that carries a prefill chunk
-    running: np.ndarray               # sequences decoding, per DP rank
-    tokens_per_step: np.ndarray       # accepted tokens per sequence per step (speculation)
+    ttft_ms: FloatArray
+    tpot_ms: FloatArray
+    e2e_ms: FloatArray
+    requests_per_s: FloatArray        # whole replica
+    output_tokens_per_s: FloatArray   # whole replica
+    output_tokens_per_s_per_gpu: FloatArray
+    decode_step_ms: FloatArray        # a pure decode step at the steady batch
+    mixed_step_ms: FloatArray         # a step that carries a prefill chunk
+    running: FloatArray               # sequences decoding, per DP rank
+    tokens_per_step: FloatArray       # accepted tokens per sequence per step (speculation)
     memory: memory.MemoryBreakdown
 
     @property
-    def fits(self) -> np.ndarray:
+    def fits(self) -> BoolArray:
         return self.memory.fits
 
 
-def closed_loop(sm: StepModel, *, tp: np.ndarray, pp: np.ndarray, dp: np.ndarray,
-                ep: np.ndarray, concurrency: np.ndarray, isl: np.ndarray, osl: np.ndarray,
-                cached: np.ndarray | float = 0.0, max_batched_tokens: np.ndarray | None = None,
-                max_num_seqs: np.ndarray | None = None, spec: SpecConfig | None = None,
+def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.ArrayLike,
+                ep: npt.ArrayLike, concurrency: npt.ArrayLike, isl: npt.ArrayLike,
+                osl: npt.ArrayLike, cached: npt.ArrayLike = 0.0,
+                max_batched_tokens: npt.ArrayLike | None = None,
+                max_num_seqs: npt.ArrayLike | None = None, spec: SpecConfig | None = None,
                 predictability: float = 0.5, draft: StepModel | None = None,
                 first_wave_weight: float | None = None) -> ClosedLoopResult:
+    """Scalars or arrays in (broadcast together), arrays over candidates out."""
     facts = sm.facts
     f64 = np.float64
     if max_batched_tokens is None:
@@ -75,7 +79,6 @@ def closed_loop(sm: StepModel, *, tp: np.ndarray, pp: np.ndarray, dp: np.ndarray
         np.asarray(max_num_seqs, f64))
     spec = spec or SpecConfig(method=SpecMethod.NONE, k=0)
     k = float(spec.k)
-    q = 1.0 + k
     if spec.method is SpecMethod.NONE:
         per_step = np.ones_like(conc)
     else:
@@ -88,31 +91,97 @@ def closed_loop(sm: StepModel, *, tp: np.ndarray, pp: np.ndarray, dp: np.ndarray
     per_rank = np.maximum(conc / dp, 1.0)
     slots = np.maximum(np.minimum(seqs_cap, mem.max_seqs), 1.0)
     running = np.minimum(per_rank, slots)
-    prefill = np.maximum(isl - cached, 1.0)
-    decode_steps = np.maximum(osl - 1.0, 0.0) / per_step
-    ctx = isl + 0.5 * osl
-    overhead = facts.request_overhead_ms
-    mb = np.maximum(pp, 1.0)  # PP keeps one micro-batch per stage in flight
+    load = _Load(per_rank=per_rank, running=running, prefill=np.maximum(isl - cached, 1.0),
+                 cached=cached, decode_steps=np.maximum(osl - 1.0, 0.0) / per_step,
+                 budget=budget, mb=np.maximum(pp, 1.0), overhead=facts.request_overhead_ms)
+    steps = _Steps(sm=sm, draft=draft, spec=spec, tp=tp, dp=dp, ep=ep, pp=pp,
+                   ctx=isl + 0.5 * osl, q=1.0 + k)
+    steady = _steady_state(steps, load)
+    # First wave: all requests of a rank arrive together and their prefills queue.
+    weight = (1.0 / facts.benchmark_requests_per_concurrency
+              if first_wave_weight is None else first_wave_weight)
+    ttft_wave, tpot_wave_extra = _first_wave(steps, load, steady, osl)
+    tpot = steady.tau / per_step
+    ttft_mean = (1.0 - weight) * steady.ttft + weight * np.maximum(ttft_wave, steady.ttft)
+    tpot_mean = tpot + weight * tpot_wave_extra
 
-    def step(dec: np.ndarray, pf_tokens: np.ndarray | float = 0.0,
-             pf_seqs: np.ndarray | float = 0.0, pf_kv: np.ndarray | float = 0.0) -> np.ndarray:
-        return sm.step(tp=tp, dp=dp, ep=ep, pp=pp, dec_seqs=dec, dec_kv=ctx, q=q,
-                       pf_tokens=pf_tokens, pf_seqs=pf_seqs, pf_kv=pf_kv).total
+    requests = steady.rate * dp
+    out_tps = requests * osl
+    return ClosedLoopResult(
+        ttft_ms=ttft_mean, tpot_ms=tpot_mean,
+        e2e_ms=ttft_mean + np.maximum(osl - 1.0, 0.0) * tpot_mean,
+        requests_per_s=requests * 1e3, output_tokens_per_s=out_tps * 1e3,
+        output_tokens_per_s_per_gpu=out_tps * 1e3 / (tp * pp * dp),
+        decode_step_ms=steady.t_dec, mixed_step_ms=steady.t_mix, running=steady.n_dec,
+        tokens_per_step=per_step, memory=mem)
 
-    def draft_ms(dec: np.ndarray) -> np.ndarray:
-        return _draft_ms(sm, draft, spec, tp=tp, dp=dp, ep=ep, pp=pp, dec=dec, ctx=ctx)
 
+@dataclass(frozen=True, kw_only=True)
+class _Load:
+    """What one attention replica (DP rank) carries, broadcast over candidates."""
+
+    per_rank: FloatArray      # in-flight requests per rank
+    running: FloatArray       # of which hold a sequence slot
+    prefill: FloatArray       # uncached prompt tokens of a request
+    cached: FloatArray        # cached prompt tokens of a request
+    decode_steps: FloatArray  # decode steps per request (after speculation)
+    budget: FloatArray        # max_num_batched_tokens
+    mb: FloatArray            # micro-batches in flight: PP keeps one per stage
+    overhead: float           # API-server time per request, ms
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Steps:
+    """Prices one engine step of the candidates at their layouts and mean context."""
+
+    sm: StepModel
+    draft: StepModel | None
+    spec: SpecConfig
+    tp: FloatArray
+    dp: FloatArray
+    ep: FloatArray
+    pp: FloatArray
+    ctx: FloatArray
+    q: float
+
+    def step(self, dec: np.ndarray, pf_tokens: npt.ArrayLike = 0.0,
+             pf_seqs: npt.ArrayLike = 0.0, pf_kv: npt.ArrayLike = 0.0) -> FloatArray:
+        return self.sm.step(tp=self.tp, dp=self.dp, ep=self.ep, pp=self.pp, dec_seqs=dec,
+                            dec_kv=self.ctx, q=self.q, pf_tokens=pf_tokens, pf_seqs=pf_seqs,
+                            pf_kv=pf_kv).total
+
+    def draft_ms(self, dec: np.ndarray) -> FloatArray:
+        return _draft_ms(self.sm, self.draft, self.spec, tp=self.tp, dp=self.dp, ep=self.ep,
+                         pp=self.pp, dec=dec, ctx=self.ctx)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Steady:
+    """The fixed point's last iterate."""
+
+    tau: FloatArray    # mean step, ms
+    t_dec: FloatArray  # a pure decode step
+    t_mix: FloatArray  # a step carrying a prefill chunk
+    ttft: FloatArray
+    rate: FloatArray   # requests per ms per rank
+    n_dec: FloatArray  # sequences decoding per rank
+
+
+def _steady_state(steps: _Steps, load: _Load) -> _Steady:
+    """Little's law fixed point for the sequences decoding, with the TTFT it implies."""
+    running, prefill, decode_steps = load.running, load.prefill, load.decode_steps
     n_dec = running.copy()
     for _ in range(_FIXED_POINT_ITERATIONS):
-        dec_mb = np.maximum(n_dec / mb, 0.0)
-        room = np.maximum(budget - dec_mb * q, 1.0)
+        dec_mb = np.maximum(n_dec / load.mb, 0.0)
+        room = np.maximum(load.budget - dec_mb * steps.q, 1.0)
         need = np.where(decode_steps > 0, n_dec * prefill / np.maximum(decode_steps, 1e-9),
                         room)
         chunk = np.minimum(room, np.maximum(np.minimum(prefill, room), need))
         share = np.clip(need / chunk, 0.0, 1.0)
         pf_seqs = np.maximum(chunk / prefill, 1.0)
-        t_dec = step(dec_mb) + draft_ms(dec_mb)
-        t_mix = step(dec_mb, chunk, pf_seqs, cached + 0.5 * (prefill + chunk)) + draft_ms(dec_mb)
+        t_dec = steps.step(dec_mb) + steps.draft_ms(dec_mb)
+        t_mix = (steps.step(dec_mb, chunk, pf_seqs, load.cached + 0.5 * (prefill + chunk))
+                 + steps.draft_ms(dec_mb))
         tau = share * t_mix + (1.0 - share) * t_dec
         # A request's own prefill: one step when it fits beside the decodes (possibly
         # shared with other prefills), else full chunks at the room left, then the rest,
@@ -128,44 +197,37 @@ def closed_loop(sm: StepModel, *, tp: np.ndarray, pp: np.ndarray, dp: np.ndarray
         # An arrival lands in a step in proportion to its length, so the residual wait is
         # E[step^2] / (2 E[step]), not half a mean step.
         residual = (share * t_mix**2 + (1.0 - share) * t_dec**2) / (2.0 * tau)
-        in_slot = overhead + residual + service + rho / (2.0 * (1.0 - rho)) * service
+        in_slot = load.overhead + residual + service + rho / (2.0 * (1.0 - rho)) * service
         decode_ms = decode_steps * tau
         rate = running / (in_slot + decode_ms)
         # Requests beyond the slots that fit wait in the queue for one to free (Little).
-        ttft = in_slot + np.maximum(per_rank - running, 0.0) / np.maximum(rate, 1e-12)
+        ttft = in_slot + np.maximum(load.per_rank - running, 0.0) / np.maximum(rate, 1e-12)
         target = running * decode_ms / np.maximum(decode_ms + in_slot, 1e-9)
         n_dec = 0.5 * n_dec + 0.5 * np.clip(target, 0.0, running)
+    return _Steady(tau=tau, t_dec=t_dec, t_mix=t_mix, ttft=ttft, rate=rate, n_dec=n_dec)
 
-    tpot = tau / per_step
-    # First wave: all requests of a rank arrive together and their prefills queue.
-    weight = (1.0 / facts.benchmark_requests_per_concurrency
-              if first_wave_weight is None else first_wave_weight)
+
+def _first_wave(steps: _Steps, load: _Load, steady: _Steady,
+                osl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TTFT of the benchmark's first wave, and the TPOT its queued prefills add."""
+    running, prefill, budget = load.running, load.prefill, load.budget
     wave_tokens = running * prefill
     wave_chunk = np.minimum(wave_tokens, budget)
     wave_steps = np.ceil(wave_tokens / budget)
-    t_wave = step(0.5 * running / mb, wave_chunk, np.maximum(wave_chunk / prefill, 1.0),
-                  cached + 0.5 * prefill)
-    ttft_wave = overhead + t_wave * (wave_steps + 1.0) / 2.0
-    tpot_wave_extra = (np.maximum(wave_steps - 1.0, 0.0) / 2.0 * np.maximum(t_wave - t_dec, 0.0)
-                       / np.maximum(osl - 1.0, 1.0))
-    ttft_mean = (1.0 - weight) * ttft + weight * np.maximum(ttft_wave, ttft)
-    tpot_mean = tpot + weight * tpot_wave_extra
-
-    requests = rate * dp
-    out_tps = requests * osl
-    return ClosedLoopResult(
-        ttft_ms=ttft_mean, tpot_ms=tpot_mean,
-        e2e_ms=ttft_mean + np.maximum(osl - 1.0, 0.0) * tpot_mean,
-        requests_per_s=requests * 1e3, output_tokens_per_s=out_tps * 1e3,
-        output_tokens_per_s_per_gpu=out_tps * 1e3 / (tp * pp * dp),
-        decode_step_ms=t_dec, mixed_step_ms=t_mix, running=n_dec, tokens_per_step=per_step,
-        memory=mem)
+    t_wave = steps.step(0.5 * running / load.mb, wave_chunk,
+                        np.maximum(wave_chunk / prefill, 1.0), load.cached + 0.5 * prefill)
+    ttft_wave = load.overhead + t_wave * (wave_steps + 1.0) / 2.0
+    tpot_wave_extra = (np.maximum(wave_steps - 1.0, 0.0) / 2.0
+                       * np.maximum(t_wave - steady.t_dec, 0.0) / np.maximum(osl - 1.0, 1.0))
+    return ttft_wave, tpot_wave_extra
 
 
-def _draft_ms(sm: StepModel, draft: StepModel | None, spec: SpecConfig, *, tp: np.ndarray,
-              dp: np.ndarray, ep: np.ndarray, pp: np.ndarray, dec: np.ndarray,
-              ctx: np.ndarray) -> np.ndarray:
-    """Time to propose k draft tokens for `dec` sequences, per step."""
+def _draft_ms(sm: StepModel | None, draft: StepModel | None, spec: SpecConfig, *,
+              tp: np.ndarray, dp: np.ndarray, ep: np.ndarray, pp: np.ndarray, dec: np.ndarray,
+              ctx: np.ndarray) -> FloatArray:
+    """Time to propose k draft tokens for `dec` sequences, per step. `sm` is the target's
+    model, None for a perf model without layers (the simulator's toy models): enough for a
+    draft model, not for a layer drafter."""
     cost = speculation.draft_cost(spec.method) if spec.method is not SpecMethod.NONE else None
     if cost is None or cost.kind == "none" or spec.k == 0:
         return np.zeros(np.broadcast(tp, dec).shape)
@@ -176,6 +238,9 @@ def _draft_ms(sm: StepModel, draft: StepModel | None, spec: SpecConfig, *, tp: n
         return spec.k * one.total
     # Layer-based drafters (EAGLE, MTP) run `layers` decoder layers of the target's shape and
     # the lm_head per proposed token, inside the same CUDA graph as the step.
+    if sm is None:
+        raise ValueError(f"{spec.method.value} drafting is priced from the target's layers: "
+                         "it needs the target's StepModel")
     full = sm.step(tp=tp, dp=dp, ep=ep, pp=pp, dec_seqs=dec, dec_kv=ctx)
     lm_head = sm.km.gemm_ms("bf16", np.maximum(dec, 1.0), sm.arch.vocab_size / tp,
                             sm.arch.hidden_size)

@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from trilemma.optimizer.catalog.gpus import Gpu
 from trilemma.optimizer.catalog.models import ModelArch
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
+from trilemma.optimizer.perf.arrays import BoolArray, FloatArray
 from trilemma.optimizer.perf.engine import EngineFacts
 
 BF16_BYTES = 2.0
@@ -24,17 +26,17 @@ LOGIT_BYTES = 4.0
 class MemoryBreakdown:
     """Bytes per GPU (arrays broadcast over the candidates)."""
 
-    capacity: np.ndarray          # HBM x gpu_memory_utilization
-    weights: np.ndarray
-    activations: np.ndarray
-    runtime: np.ndarray           # CUDA context, graphs, NCCL buffers
-    kv_cache: np.ndarray          # what remains for KV blocks (may be negative)
-    kv_bytes_per_token: np.ndarray  # per GPU, full-attention layers of one stage
-    max_seqs: np.ndarray          # sequences of the given length that fit in the KV cache
-    kv_tokens: np.ndarray         # KV capacity in tokens at that length
+    capacity: FloatArray          # HBM x gpu_memory_utilization
+    weights: FloatArray
+    activations: FloatArray
+    runtime: FloatArray           # CUDA context, graphs, NCCL buffers
+    kv_cache: FloatArray          # what remains for KV blocks (may be negative)
+    kv_bytes_per_token: FloatArray  # per GPU, full-attention layers of one stage
+    max_seqs: FloatArray          # sequences of the given length that fit in the KV cache
+    kv_tokens: FloatArray         # KV capacity in tokens at that length
 
     @property
-    def fits(self) -> np.ndarray:
+    def fits(self) -> BoolArray:
         return self.max_seqs >= 1
 
 
@@ -63,8 +65,8 @@ def weight_bytes(arch: ModelArch, recipe: QuantRecipe) -> WeightBytes:
                        shared=part("shared_experts"), experts=part("routed_experts"))
 
 
-def weights_per_gpu(arch: ModelArch, recipe: QuantRecipe, tp: np.ndarray, pp: np.ndarray,
-                    dp: np.ndarray) -> np.ndarray:
+def weights_per_gpu(arch: ModelArch, recipe: QuantRecipe, tp: npt.ArrayLike,
+                    pp: npt.ArrayLike, dp: npt.ArrayLike) -> FloatArray:
     """Weight bytes on the most loaded GPU of a replica.
 
     Attention and dense MLP are sliced over tp and replicated over dp; routed experts are spread
@@ -81,16 +83,18 @@ def weights_per_gpu(arch: ModelArch, recipe: QuantRecipe, tp: np.ndarray, pp: np
     layers = layers + b.routed_experts * wb.experts / (tp * dp)
     layers = layers + (b.router + b.norms) * BF16_BYTES
     vocab = np.where(pp > 1, max(b.embedding, b.lm_head), b.embedding + b.lm_head)
-    return layers / pp + vocab * BF16_BYTES / tp
+    total: FloatArray = layers / pp + vocab * BF16_BYTES / tp
+    return total
 
 
-def kv_bytes_per_token_per_gpu(arch: ModelArch, kv: KvDtype, tp: np.ndarray,
-                               pp: np.ndarray) -> np.ndarray:
+def kv_bytes_per_token_per_gpu(arch: ModelArch, kv: KvDtype, tp: npt.ArrayLike,
+                               pp: npt.ArrayLike) -> FloatArray:
     """KV bytes one token costs on one GPU, summed over the full-attention layers of a stage."""
-    return per_layer_kv_bytes(arch, kv, tp) * (arch.num_layers - arch.sliding_layers) / pp
+    full_layers = arch.num_layers - arch.sliding_layers
+    return per_layer_kv_bytes(arch, kv, tp) * full_layers / np.asarray(pp, dtype=np.float64)
 
 
-def per_layer_kv_bytes(arch: ModelArch, kv: KvDtype, tp: np.ndarray) -> np.ndarray:
+def per_layer_kv_bytes(arch: ModelArch, kv: KvDtype, tp: npt.ArrayLike) -> FloatArray:
     tp = np.asarray(tp, dtype=np.float64)
     if arch.mla is not None:
         # The MLA latent has no heads to slice: every TP rank keeps the whole of it.
@@ -99,8 +103,8 @@ def per_layer_kv_bytes(arch: ModelArch, kv: KvDtype, tp: np.ndarray) -> np.ndarr
     return 2.0 * kv_heads * arch.head_dim * kv.bytes
 
 
-def kv_bytes_per_seq(arch: ModelArch, kv: KvDtype, tp: np.ndarray, pp: np.ndarray,
-                     seq_len: np.ndarray, block: int) -> np.ndarray:
+def kv_bytes_per_seq(arch: ModelArch, kv: KvDtype, tp: npt.ArrayLike, pp: npt.ArrayLike,
+                     seq_len: npt.ArrayLike, block: int) -> FloatArray:
     """Bytes one sequence of `seq_len` tokens holds on one GPU; sliding layers keep a window."""
     seq_len = np.asarray(seq_len, dtype=np.float64)
     blocks = np.ceil(seq_len / block) * block
@@ -108,17 +112,20 @@ def kv_bytes_per_seq(arch: ModelArch, kv: KvDtype, tp: np.ndarray, pp: np.ndarra
     full = (arch.num_layers - arch.sliding_layers) * blocks
     window = arch.sliding_window or 0
     sliding = arch.sliding_layers * np.minimum(blocks, window + block)
-    return per_layer * (full + sliding) / np.asarray(pp, dtype=np.float64)
+    held: FloatArray = full + sliding
+    return per_layer * held / np.asarray(pp, dtype=np.float64)
 
 
-def activations_per_gpu(arch: ModelArch, tp: np.ndarray, dp: np.ndarray,
-                        max_batched_tokens: np.ndarray, max_seqs: np.ndarray) -> np.ndarray:
+def activations_per_gpu(arch: ModelArch, tp: npt.ArrayLike, dp: npt.ArrayLike,
+                        max_batched_tokens: npt.ArrayLike,
+                        max_seqs: npt.ArrayLike) -> FloatArray:
     """Peak activation bytes of vLLM's profiling run (a forward pass at the token budget).
 
     The largest live tensors: the residual stream and its normed copy, the QKV output, the MLP
     (or fused-MoE) intermediate, and float32 logits for max_num_seqs sequences in the sampler.
     """
     tp = np.asarray(tp, dtype=np.float64)
+    dp = np.asarray(dp, dtype=np.float64)
     tokens = np.asarray(max_batched_tokens, dtype=np.float64)
     h = arch.hidden_size
     qkv = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim / tp
@@ -128,14 +135,16 @@ def activations_per_gpu(arch: ModelArch, tp: np.ndarray, dp: np.ndarray,
         # Fused MoE keeps gate/up outputs for every (token, chosen expert) pair of its shard.
         routed = moe.experts_per_token * 3.0 * moe.expert_intermediate_size / (tp * dp)
         mlp = np.maximum(mlp, np.maximum(routed, 2.0 * h * moe.experts_per_token / (tp * dp)))
-    per_token = (4.0 * h + qkv + mlp) * BF16_BYTES
-    logits = np.asarray(max_seqs, dtype=np.float64) * arch.vocab_size / tp * LOGIT_BYTES
+    per_token: FloatArray = (4.0 * h + qkv + mlp) * BF16_BYTES
+    logits: FloatArray = (np.asarray(max_seqs, dtype=np.float64) * arch.vocab_size / tp
+                          * LOGIT_BYTES)
     return tokens * per_token + logits
 
 
 def breakdown(arch: ModelArch, gpu: Gpu, recipe: QuantRecipe, kv: KvDtype, facts: EngineFacts,
-              *, tp: np.ndarray, pp: np.ndarray, dp: np.ndarray, seq_len: np.ndarray,
-              max_batched_tokens: np.ndarray, max_num_seqs: np.ndarray,
+              *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.ArrayLike,
+              seq_len: npt.ArrayLike, max_batched_tokens: npt.ArrayLike,
+              max_num_seqs: npt.ArrayLike,
               gpu_memory_utilization: float | None = None) -> MemoryBreakdown:
     util = facts.gpu_memory_utilization if gpu_memory_utilization is None \
         else gpu_memory_utilization

@@ -18,11 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from trilemma.optimizer.catalog.gpus import Gpu
 from trilemma.optimizer.catalog.models import ModelArch
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
-from trilemma.optimizer.perf import kernels
+from trilemma.optimizer.perf import kernel_forms, kernels
+from trilemma.optimizer.perf.arrays import FloatArray
 from trilemma.optimizer.perf.engine import EngineFacts
 
 ACT_BYTES = 2.0  # activations travel in bf16
@@ -32,14 +34,14 @@ ACT_BYTES = 2.0  # activations travel in bf16
 class StepTime:
     """Milliseconds per step by operation family (arrays)."""
 
-    gemm: np.ndarray
-    attention: np.ndarray
-    moe: np.ndarray
-    comm: np.ndarray
-    other: np.ndarray
+    gemm: FloatArray
+    attention: FloatArray
+    moe: FloatArray
+    comm: FloatArray
+    other: FloatArray
 
     @property
-    def total(self) -> np.ndarray:
+    def total(self) -> FloatArray:
         return self.gemm + self.attention + self.moe + self.comm + self.other
 
 
@@ -110,10 +112,11 @@ class StepModel:
         self.mla_module = arch.mla is not None and _has_dsv3_geometry(arch)
 
     # The public entry point of the hot path.
-    def step(self, *, tp: np.ndarray, dp: np.ndarray, ep: np.ndarray, pp: np.ndarray,
-             dec_seqs: np.ndarray, dec_kv: np.ndarray, q: np.ndarray | float = 1.0,
-             pf_tokens: np.ndarray | float = 0.0, pf_seqs: np.ndarray | float = 0.0,
-             pf_kv: np.ndarray | float = 0.0) -> StepTime:
+    def step(self, *, tp: npt.ArrayLike, dp: npt.ArrayLike, ep: npt.ArrayLike,
+             pp: npt.ArrayLike, dec_seqs: npt.ArrayLike, dec_kv: npt.ArrayLike,
+             q: npt.ArrayLike = 1.0, pf_tokens: npt.ArrayLike = 0.0,
+             pf_seqs: npt.ArrayLike = 0.0, pf_kv: npt.ArrayLike = 0.0) -> StepTime:
+        """Scalars or arrays in (they broadcast), arrays out."""
         a = self.arch
         L = self.layers
         f64 = np.float64
@@ -166,7 +169,7 @@ class StepModel:
         other = self._elementwise(tokens, tp) * a.num_layers + self.facts.step_overhead_ms
         return StepTime(gemm=gemm, attention=attn, moe=moe, comm=comm, other=other)
 
-    def _attention_gemms(self, tokens: np.ndarray, tp: np.ndarray) -> np.ndarray:
+    def _attention_gemms(self, tokens: np.ndarray, tp: np.ndarray) -> FloatArray:
         a = self.arch
         k = self.attn_kernel
         if a.mla is not None:
@@ -177,7 +180,7 @@ class StepModel:
         out = self.km.gemm_ms(k, tokens, a.hidden_size, heads * a.head_dim)
         return qkv + out
 
-    def _mla_gemms(self, tokens: np.ndarray, tp: np.ndarray) -> np.ndarray:
+    def _mla_gemms(self, tokens: np.ndarray, tp: np.ndarray) -> FloatArray:
         """DeepSeek MLA projections: q down/up (or plain q), kv down, kv up, output."""
         a = self.arch
         m = a.mla
@@ -198,7 +201,7 @@ class StepModel:
 
     def _attention_core(self, tp: np.ndarray, dec_seqs: np.ndarray, dec_kv: np.ndarray,
                         q: np.ndarray, pf_tokens: np.ndarray, pf_seqs: np.ndarray,
-                        pf_kv: np.ndarray) -> np.ndarray:
+                        pf_kv: np.ndarray) -> FloatArray:
         a = self.arch
         L = self.layers
         kv = self.kv.value
@@ -234,7 +237,7 @@ class StepModel:
 
     def _mla_module(self, tp: np.ndarray, dec_seqs: np.ndarray, dec_kv: np.ndarray,
                     q: np.ndarray, pf_tokens: np.ndarray, pf_seqs: np.ndarray,
-                    pf_kv: np.ndarray) -> np.ndarray:
+                    pf_kv: np.ndarray) -> FloatArray:
         """Whole MLA attention modules per layer, from the measured DeepSeek-V3 tables."""
         a = self.arch
         m = a.mla
@@ -257,7 +260,7 @@ class StepModel:
         return per_layer * a.num_layers
 
     def _dense_mlp(self, tokens: np.ndarray, tp: np.ndarray, width: float,
-                   kernel: str) -> np.ndarray:
+                   kernel: str) -> FloatArray:
         if width <= 0:
             return np.zeros_like(tokens)
         a = self.arch
@@ -266,7 +269,7 @@ class StepModel:
             kernel, tokens, a.hidden_size, width / tp)
 
     def _moe_layer(self, tokens: np.ndarray, tp: np.ndarray, dp: np.ndarray,
-                   ep: np.ndarray) -> np.ndarray:
+                   ep: np.ndarray) -> FloatArray:
         a = self.arch
         moe = a.moe
         if moe is None:
@@ -279,14 +282,14 @@ class StepModel:
                                  moe.expert_intermediate_size, moe.experts_per_token,
                                  moe.num_experts, moe_tp, moe_ep)
         router = self.km.gemm_ms("bf16", tokens, moe.num_experts, a.hidden_size)
-        shared = np.zeros_like(tokens)
+        shared: FloatArray = np.zeros_like(tokens)
         if moe.shared_experts:
             shared = self._dense_mlp(tokens, tp,
                                      moe.shared_experts * moe.shared_expert_intermediate_size,
                                      self.shared_kernel)
         return experts + router + shared
 
-    def _elementwise(self, tokens: np.ndarray, tp: np.ndarray) -> np.ndarray:
+    def _elementwise(self, tokens: np.ndarray, tp: np.ndarray) -> FloatArray:
         """Norms, rotary, activation and quantization kernels: launch floor + bytes moved."""
         a = self.arch
         width = a.intermediate_size or (a.moe.expert_intermediate_size if a.moe else 0)
@@ -297,7 +300,7 @@ class StepModel:
 
 def _has_dsv3_geometry(arch: ModelArch) -> bool:
     m = arch.mla
-    g = kernels.kf.DSV3_MLA
+    g = kernel_forms.DSV3_MLA
     return m is not None and (arch.hidden_size, m.q_lora_rank, m.kv_lora_rank,
                               m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) == (
         g["hidden"], g["q_lora_rank"], g["kv_lora_rank"], g["qk_nope_head_dim"],

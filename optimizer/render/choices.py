@@ -41,10 +41,10 @@ def quant_flag(model: catalog.ModelArch, worker: WorkerConfig) -> str | None:
     Engines read a pre-quantized checkpoint's format from its config, so a flag would be
     redundant; only fp8 can be produced on the fly from a bf16 checkpoint by both engines.
     """
-    recipe = catalog.parse_recipe(worker.quant)
+    recipe = worker.quant
     why = quantization.checkpoint_reason(model.checkpoint_quant, recipe)
     if why:
-        raise InputError("quant", worker.quant, f"{model.id} is {why}: point model at one")
+        raise InputError("quant", recipe.value, f"{model.id} is {why}: point model at one")
     if model.checkpoint_quant is None and recipe is QuantRecipe.FP8:
         return "fp8"
     return None
@@ -72,11 +72,11 @@ class Speculation:
 
 def speculation(model: catalog.ModelArch, worker: WorkerConfig,
                 options: RenderOptions) -> Speculation | None:
-    method = SpecMethod(worker.spec_method)
+    method = worker.spec_method
     if method is SpecMethod.NONE:
         return None
     if method is SpecMethod.MTP and model.nextn_layers == 0:
-        raise InputError("spec_method", worker.spec_method,
+        raise InputError("spec_method", method.value,
                          f"{model.id} has no multi-token-prediction layers to draft with")
     if method is SpecMethod.DRAFT:
         if not worker.draft_model:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.search.configs import ServingConfig
 
 
@@ -87,7 +88,7 @@ class RenderPlan:
     """Everything a deployment of one ServingConfig needs, before any output format."""
 
     config: ServingConfig
-    engine: str
+    engine: Engine
     name: str
     namespace: str
     image: str

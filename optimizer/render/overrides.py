@@ -73,7 +73,7 @@ _NUMBER = re.compile(r"^-\d|^-\.\d")
 def decided_flags(plan: RenderPlan) -> frozenset[str]:
     """Every flag the plan decides, emitted or left at the engine's default on purpose (a
     plan without speculation decides --speculative-config too), in canonical spelling."""
-    engine = Engine(plan.engine)
+    engine = plan.engine
     flags = {a.flag for w in plan.workers
              for a in (*w.args, *w.leader_args, *w.follower_args)}
     return frozenset(n for f in flags for n in _names(engine, _long_form(engine, f)))
@@ -100,8 +100,8 @@ def overridden_flag(engine: Engine, token: str, decided: frozenset[str]) -> str 
     if engine is not Engine.VLLM:
         return None  # SGLang has no single-dash options but -h
     key = key.split(".", 1)[0]  # -cc.level, -O.level: dotted keys of the JSON flags
-    for targets in _vllm_short_matches(key):
-        hit = sorted(set(targets) & decided)
+    for short in _vllm_short_matches(key):
+        hit = sorted(set(short) & decided)
         if hit:
             return hit[0]
     return None

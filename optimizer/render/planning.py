@@ -7,6 +7,7 @@ the manifests (text.py, workloads.py) are pure functions of the RenderPlan it re
 from __future__ import annotations
 
 import dataclasses
+from typing import NotRequired, TypedDict
 
 from trilemma.optimizer import catalog
 from trilemma.optimizer.catalog import Engine
@@ -92,7 +93,15 @@ def _workers(config: ServingConfig, engine: Engine, name: str,
     )
 
 
-def _scheduling(config: ServingConfig, options: choices.RenderOptions) -> dict[str, object]:
+class _Scheduling(TypedDict):
+    """Where the pods go: RenderPlan's scheduling fields."""
+
+    gpu_resource: str
+    node_selector: NotRequired[tuple[tuple[str, str], ...]]
+    tolerations: NotRequired[tuple[tuple[tuple[str, object], ...], ...]]
+
+
+def _scheduling(config: ServingConfig, options: choices.RenderOptions) -> _Scheduling:
     group = options.pool_group
     if group is None:
         vendor = catalog.get_gpu(config.worker.gpu).vendor
@@ -126,11 +135,11 @@ def plan(config: ServingConfig, engine: str, *, name: str, namespace: str = "def
     options = options or choices.RenderOptions()
     eng = parse_engine(engine)
     return RenderPlan(
-        config=config, engine=eng.value, name=name, namespace=namespace,
+        config=config, engine=eng, name=name, namespace=namespace,
         image=image or DEFAULT_IMAGES[eng],
         image_source=Source.USER_OVERRIDE if image else Source.RENDERER,
         config_hash=served(config, options).layout_hash(),
         workers=_workers(config, eng, name, options),
         port=options.port, hf_token_secret=hf_token_secret, model_cache_pvc=model_cache_pvc,
-        **_scheduling(config, options),  # type: ignore[arg-type]
+        **_scheduling(config, options),
     )

@@ -53,7 +53,7 @@ def parallel_args(worker: WorkerConfig) -> list[Arg]:
 
 def memory_args(model: catalog.ModelArch, worker: WorkerConfig) -> list[Arg]:
     args = [choices.quantization_arg(model, worker)]
-    fp8_kv = worker.kv_dtype == catalog.KvDtype.FP8.value
+    fp8_kv = worker.kv_dtype is catalog.KvDtype.FP8
     args.append(Arg(flag="--kv-cache-dtype", value="fp8", source=Source.PLAN) if fp8_kv else
                 Arg(flag="--kv-cache-dtype", source=Source.ENGINE_DEFAULT, emit=False))
     args.append(Arg(flag="--gpu-memory-utilization",

@@ -27,7 +27,7 @@ Obj = dict[str, Any]
 
 def labels(plan: RenderPlan, role: Role, *, part: str | None = None) -> dict[str, str]:
     return {
-        "app.kubernetes.io/name": plan.engine,
+        "app.kubernetes.io/name": plan.engine.value,
         "app.kubernetes.io/instance": f"{plan.name}-{plan.config_hash}",
         "app.kubernetes.io/component": part or role.value,
         "app.kubernetes.io/managed-by": "trilemma",

@@ -14,6 +14,10 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from trilemma.optimizer.catalog.engines import Engine
+from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe, parse_recipe
+from trilemma.optimizer.catalog.speculation import SpecMethod
+
 
 class Mode(enum.Enum):
     AGGREGATED = "aggregated"        # every replica prefills and decodes
@@ -29,9 +33,9 @@ class WorkerConfig:
     pp: int = 1
     dp: int = 1                       # attention data parallel ranks (MoE models)
     ep: bool = False                  # expert parallel MoE layers
-    quant: str = "bf16"               # QuantRecipe value
-    kv_dtype: str = "bf16"            # KvDtype value
-    spec_method: str = "none"         # SpecMethod value
+    quant: QuantRecipe = QuantRecipe.BF16
+    kv_dtype: KvDtype = KvDtype.BF16
+    spec_method: SpecMethod = SpecMethod.NONE
     spec_k: int = 0                   # draft tokens per step
     draft_model: str | None = None    # for spec_method == "draft"
     max_num_seqs: int = 256
@@ -46,18 +50,28 @@ class WorkerConfig:
 
     def summary(self) -> str:
         """Short human form, e.g. "fp8 TP2 eagle3x3"."""
-        parts = [self.quant, f"TP{self.tp}"]
+        parts = [self.quant.value, f"TP{self.tp}"]
         if self.pp > 1:
             parts.append(f"PP{self.pp}")
         if self.dp > 1:
             parts.append(f"DP{self.dp}")
         if self.ep:
             parts.append("EP")
-        if self.kv_dtype != "bf16":
+        if self.kv_dtype is not KvDtype.BF16:
             parts.append(f"kv-{self.kv_dtype}")
-        if self.spec_method != "none":
+        if self.spec_method is not SpecMethod.NONE:
             parts.append(f"{self.spec_method}x{self.spec_k}")
         return " ".join(parts)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorkerConfig:
+        """The inverse of to_dict's worker part: the closed sets back to their enums. A quant
+        reads like user text (aliases such as "awq", any case), as the renderer always took it."""
+        d = dict(data)
+        d["quant"] = parse_recipe(d.get("quant", QuantRecipe.BF16.value))
+        d["kv_dtype"] = KvDtype(d.get("kv_dtype", KvDtype.BF16.value))
+        d["spec_method"] = SpecMethod(d.get("spec_method", SpecMethod.NONE.value))
+        return cls(**d)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +79,7 @@ class ServingConfig:
     """A whole deployment of one model: replicas of a worker, or prefill + decode pools."""
 
     model: str                        # catalog id or config.json path
-    engine: str = "vllm"              # Engine value
+    engine: Engine = Engine.VLLM
     mode: Mode = Mode.AGGREGATED
     worker: WorkerConfig              # aggregated replica, or the decode worker
     replicas: int = 1                 # of `worker`
@@ -84,15 +98,18 @@ class ServingConfig:
         return f"{self.replicas}x [{self.worker.summary()}] on {self.worker.gpu}"
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
+        plain: dict[str, Any] = _plain(self)
+        return plain
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServingConfig:
+        """The inverse of to_dict: decodes the enums, so the result equals the original."""
         d = dict(data)
         d["mode"] = Mode(d.get("mode", Mode.AGGREGATED.value))
-        d["worker"] = WorkerConfig(**d["worker"])
+        d["engine"] = Engine(d.get("engine", Engine.VLLM.value))
+        d["worker"] = WorkerConfig.from_dict(d["worker"])
         if d.get("prefill") is not None:
-            d["prefill"] = WorkerConfig(**d["prefill"])
+            d["prefill"] = WorkerConfig.from_dict(d["prefill"])
         return cls(**d)
 
     def config_hash(self) -> str:
@@ -124,7 +141,8 @@ class Prediction:
     provenance: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
+        plain: dict[str, Any] = _plain(self)
+        return plain
 
 
 @dataclass(frozen=True, kw_only=True)

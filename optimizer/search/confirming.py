@@ -19,15 +19,13 @@ import numpy as np
 
 from trilemma.optimizer import serving
 from trilemma.optimizer.catalog import gpus, models
-from trilemma.optimizer.catalog.engines import Engine
-from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import engine as perf_engine
 from trilemma.optimizer.perf import steps
 from trilemma.optimizer.search import screening
 from trilemma.optimizer.search.configs import Choice, Mode, ServingConfig, WorkerConfig
-from trilemma.optimizer.search.screening import RowScreen, Term
+from trilemma.optimizer.search.screening import RowScreen, SloMetric, Term
 from trilemma.optimizer.search.sizing import Candidates
 from trilemma.optimizer.search.space import SearchSettings
 from trilemma.optimizer.spec.plan_request import PlanRequest
@@ -99,7 +97,8 @@ def worst_miss(terms: list[Term], s: serving.Summary, wl: screening.Workload) ->
     """The SLO term the simulation misses by most, as a sentence; None when all pass."""
     worst: tuple[float, str] | None = None
     for t in terms:
-        stats = {"ttft": s.ttft_ms, "tpot": s.tpot_ms, "e2e": s.e2e_ms}[t.metric]
+        stats = {SloMetric.TTFT: s.ttft_ms, SloMetric.TPOT: s.tpot_ms,
+                 SloMetric.E2E: s.e2e_ms}[t.metric]
         value = float(getattr(stats, t.pct))
         if not np.isfinite(value):
             continue
@@ -133,8 +132,8 @@ def step_model(cfg: ServingConfig, w: WorkerConfig) -> steps.StepModel:
     sm = _MODELS.get(key)
     if sm is None:
         sm = steps.StepModel(models.load_model(cfg.model), gpus.get_gpu(w.gpu),
-                             QuantRecipe(w.quant), KvDtype(w.kv_dtype),
-                             perf_engine.engine_facts(Engine(cfg.engine)))
+                             w.quant, w.kv_dtype,
+                             perf_engine.engine_facts(cfg.engine))
         _MODELS[key] = sm
     return sm
 
@@ -142,9 +141,9 @@ def step_model(cfg: ServingConfig, w: WorkerConfig) -> steps.StepModel:
 def _engine(sm: steps.StepModel, w: WorkerConfig,
             predictability: float) -> serving.EngineConfig:
     spec = None
-    if w.spec_method != SpecMethod.NONE.value:
+    if w.spec_method is not SpecMethod.NONE:
         spec = serving.Speculation.for_workload(
-            SpecConfig(method=SpecMethod(w.spec_method), k=w.spec_k), predictability)
+            SpecConfig(method=w.spec_method, k=w.spec_k), predictability)
     return serving.engine_config(sm, tp=w.tp, pp=w.pp, dp=w.dp, ep=w.ep,
                                  max_num_seqs=w.max_num_seqs,
                                  max_num_batched_tokens=w.max_num_batched_tokens,

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trilemma.optimizer.catalog.speculation import parse_spec
+from trilemma.optimizer.catalog.speculation import SpecMethod, parse_spec
 from trilemma.optimizer.perf import estimate, latency
 from trilemma.optimizer.search import screening
 from trilemma.optimizer.search.configs import ServingConfig
+from trilemma.optimizer.search.screening import SloMetric
 from trilemma.optimizer.spec.plan_request import PlanRequest
 
 _CONCURRENCY = np.unique(np.round(np.geomspace(1, 1024, 24)))
@@ -36,8 +37,9 @@ def latency_curve(request: PlanRequest, config: ServingConfig) -> LatencyCurve:
     prefill pool's queueing): a simplification the plot's legend does not hide.
     """
     w = config.worker
-    spec_text = "none" if w.spec_method == "none" else f"{w.spec_method}:{w.spec_k}"
-    if w.spec_method == "draft" and w.draft_model:
+    spec_text = ("none" if w.spec_method is SpecMethod.NONE
+                 else f"{w.spec_method.value}:{w.spec_k}")
+    if w.spec_method is SpecMethod.DRAFT and w.draft_model:
         spec_text = f"draft:{w.draft_model}:{w.spec_k}"
     cfg = estimate.resolve(model=config.model, gpu=w.gpu, tp=w.tp, pp=w.pp, dp=w.dp, ep=w.ep,
                            quant=w.quant, kv_dtype=w.kv_dtype, spec=spec_text,
@@ -51,8 +53,8 @@ def latency_curve(request: PlanRequest, config: ServingConfig) -> LatencyCurve:
                             max_num_seqs=w.max_num_seqs, spec=parse_spec(spec_text),
                             predictability=wl.predictability,
                             draft=estimate.draft_step_model(cfg), first_wave_weight=0.0)
-    ttft = screening.percentile("ttft", "p90", r.ttft_ms, r.tpot_ms, wl)
-    tpot = screening.percentile("tpot", "p90", r.ttft_ms, r.tpot_ms, wl)
+    ttft = screening.percentile(SloMetric.TTFT, "p90", r.ttft_ms, r.tpot_ms, wl)
+    tpot = screening.percentile(SloMetric.TPOT, "p90", r.ttft_ms, r.tpot_ms, wl)
     rates = r.requests_per_s * config.replicas
     # Past saturation more clients add latency but no rate: keep the rising branch.
     keep = np.concatenate(([True], np.diff(rates) > 1e-9 * rates[1:]))

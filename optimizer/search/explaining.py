@@ -15,7 +15,13 @@ from typing import Any
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import ranking
 from trilemma.optimizer.search.configs import Choice, Prediction, _plain
-from trilemma.optimizer.search.screening import PERCENTILE_FACTORS, RowScreen, Term, Workload
+from trilemma.optimizer.search.screening import (
+    PERCENTILE_FACTORS,
+    RowScreen,
+    SloMetric,
+    Term,
+    Workload,
+)
 from trilemma.optimizer.search.sizing import Nearest
 from trilemma.optimizer.spec.lengths import FixedLengths, HistogramLengths, LognormalLengths
 from trilemma.optimizer.spec.objective import Objective
@@ -71,25 +77,26 @@ class Explanation:
     sensitivity: tuple[Scenario, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        out = _plain(self)
+        out: dict[str, Any] = _plain(self)
         out["limits"] = [{**_plain(x), "ratio": round(x.ratio, 6)} for x in self.limits]
         return out
 
 
 def term_value(t: Term, p: Prediction, wl: Workload) -> float:
     """The prediction's value for an SLO term (p99s scaled from p90 by the screen's factors)."""
-    def pct(metric: str, q: str) -> float:
-        p50, p90 = ((p.ttft_p50_ms, p.ttft_p90_ms) if metric == "ttft"
+    def pct(metric: SloMetric, q: str) -> float:
+        p50, p90 = ((p.ttft_p50_ms, p.ttft_p90_ms) if metric is SloMetric.TTFT
                     else (p.tpot_p50_ms, p.tpot_p90_ms))
         if q == "p50":
             return p50
         f = PERCENTILE_FACTORS[metric]
         return p90 if q == "p90" else p90 * f["p99"] / f["p90"]
 
-    if t.metric == "e2e":
+    if t.metric is SloMetric.E2E:
         if t.pct == "p99":
             return p.e2e_p99_ms
-        return pct("ttft", t.pct) + max(wl.osl_pct[t.pct] - 1.0, 0.0) * pct("tpot", t.pct)
+        decode_steps = max(wl.osl_pct[t.pct] - 1.0, 0.0)
+        return pct(SloMetric.TTFT, t.pct) + decode_steps * pct(SloMetric.TPOT, t.pct)
     return pct(t.metric, t.pct)
 
 

@@ -38,7 +38,8 @@ def _normalise(points: np.ndarray | Sequence[Sequence[float]],
     if not np.all(np.isfinite(x)):
         raise InputError("points", "non-finite", "objectives must be finite numbers")
     sign = np.array([1.0 if s is Sense.MIN else -1.0 for s in senses])
-    return x * sign
+    signed: np.ndarray = x * sign
+    return signed
 
 
 def dominates(a: np.ndarray, b: np.ndarray) -> bool:
@@ -70,12 +71,12 @@ def pareto_front(points: np.ndarray | Sequence[Sequence[float]],
         c = xs[start:start + _CHUNK]
         alive = np.ones(len(c), dtype=bool)
         if len(front):
-            le = (front[None, :, :] <= c[:, None, :]).all(-1)
-            lt = (front[None, :, :] < c[:, None, :]).any(-1)
+            le = np.all(front[None, :, :] <= c[:, None, :], axis=-1)
+            lt = np.any(front[None, :, :] < c[:, None, :], axis=-1)
             alive &= ~(le & lt).any(1)
         c_alive = c[alive]
-        le = (c_alive[None, :, :] <= c_alive[:, None, :]).all(-1)
-        lt = (c_alive[None, :, :] < c_alive[:, None, :]).any(-1)
+        le = np.all(c_alive[None, :, :] <= c_alive[:, None, :], axis=-1)
+        lt = np.any(c_alive[None, :, :] < c_alive[:, None, :], axis=-1)
         inner = ~(le & lt).any(1)
         idx = np.flatnonzero(alive)[inner]
         keep.append(order[start + idx])

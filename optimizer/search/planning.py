@@ -76,7 +76,7 @@ class Plan:
 
 def digest(request: PlanRequest) -> dict[str, Any]:
     wl = screening.Workload.of(request)
-    return _plain({
+    plain: dict[str, Any] = _plain({
         "models": [c.id for c in request.candidates],
         "workload": {"prompt_tokens_mean": wl.isl, "output_tokens_mean": wl.osl,
                      "cached_tokens_mean": wl.cached, "predictability": wl.predictability},
@@ -85,6 +85,7 @@ def digest(request: PlanRequest) -> dict[str, Any]:
         "pool": {k: request.hardware.group(k).count for k in request.allowed_gpus()},
         "allow_disaggregation": request.bounds.allow_disaggregation,
     })
+    return plain
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,12 +15,11 @@ from typing import Any
 import numpy as np
 
 from trilemma.optimizer.catalog import gpus, models
-from trilemma.optimizer.catalog.engines import Engine
-from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
-from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
+from trilemma.optimizer.catalog.speculation import SpecConfig
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import confirming, screening, space
 from trilemma.optimizer.search.configs import Choice, Mode, Prediction, ServingConfig
+from trilemma.optimizer.search.screening import SloMetric
 from trilemma.optimizer.spec.plan_request import PlanRequest
 
 
@@ -64,14 +63,14 @@ def predict(config: ServingConfig, request: PlanRequest, *, requests: int = 1000
         ttft, tpot = rs.agg.at(np.array([[wl.rate / config.replicas]]))
         capacity = float(rs.agg.capacity[0]) * config.replicas
 
-    def pct(metric: str, q: str) -> float:
+    def pct(metric: SloMetric, q: str) -> float:
         return float(screening.percentile(metric, q, ttft, tpot, wl).ravel()[0])
 
     cost = config.gpus * rows.group.price_per_gpu_hour
     prediction = Prediction(
-        ttft_p50_ms=pct("ttft", "p50"), ttft_p90_ms=pct("ttft", "p90"),
-        tpot_p50_ms=pct("tpot", "p50"), tpot_p90_ms=pct("tpot", "p90"),
-        e2e_p99_ms=pct("e2e", "p99"), capacity_rps=capacity, cost_per_hour=cost,
+        ttft_p50_ms=pct(SloMetric.TTFT, "p50"), ttft_p90_ms=pct(SloMetric.TTFT, "p90"),
+        tpot_p50_ms=pct(SloMetric.TPOT, "p50"), tpot_p90_ms=pct(SloMetric.TPOT, "p90"),
+        e2e_p99_ms=pct(SloMetric.E2E, "p99"), capacity_rps=capacity, cost_per_hour=cost,
         cost_per_mtok=cost / max(wl.rate * wl.osl * 3600.0, 1e-12) * 1e6,
         quality=rows.group.quality,
         provenance={"latency": "analytic: closed-loop step model (re-predicted)",
@@ -80,8 +79,8 @@ def predict(config: ServingConfig, request: PlanRequest, *, requests: int = 1000
     settings = space.SearchSettings(simulate_requests=requests)
     confirmed = confirming.confirm(request, [analytic], settings, seed=seed)
     if confirmed.failed:
-        choice, miss = confirmed.failed[0]
-        return Predicted(choice=choice, slo_miss=miss)
+        failed, why = confirmed.failed[0]
+        return Predicted(choice=failed, slo_miss=why)
     choice = confirmed.choices[0]
     miss = None
     if not choice.prediction.simulated:
@@ -101,7 +100,7 @@ def _rows_of(config: ServingConfig, request: PlanRequest) -> space.Rows:
     choice = next((c for c in request.candidates if c.id == config.model), None)
     if choice is None:
         raise InputError("model", config.model, "not among the request's candidate models")
-    quant = QuantRecipe(w.quant)
+    quant = w.quant
     try:
         quality: float | None = choice.quality_at(quant)
     except Exception:  # no published score: quality is unknown, as the search treats it
@@ -110,9 +109,9 @@ def _rows_of(config: ServingConfig, request: PlanRequest) -> space.Rows:
     pool = request.hardware.group(gpu.key)
     arch = models.load_model(choice.id)
     group = space.Group(
-        choice=choice, arch=arch, gpu=gpu, engine=Engine(config.engine), quant=quant,
-        kv=KvDtype(w.kv_dtype),
-        spec=SpecConfig(method=SpecMethod(w.spec_method), k=w.spec_k, draft_model=w.draft_model),
+        choice=choice, arch=arch, gpu=gpu, engine=config.engine, quant=quant,
+        kv=w.kv_dtype,
+        spec=SpecConfig(method=w.spec_method, k=w.spec_k, draft_model=w.draft_model),
         quality=quality, price_per_gpu_hour=pool.effective_price_per_gpu_hour,
         pool_gpus=pool.count, gpus_per_node=pool.effective_gpus_per_node,
         max_model_len=w.max_model_len)

@@ -21,7 +21,7 @@ from trilemma.optimizer.search.configs import (
     ServingConfig,
     WorkerConfig,
 )
-from trilemma.optimizer.search.screening import RowScreen, Workload
+from trilemma.optimizer.search.screening import RowScreen, SloMetric, Workload
 from trilemma.optimizer.search.sizing import Candidates
 from trilemma.optimizer.search.space import Group, SearchSettings
 from trilemma.optimizer.spec.objective import Objective
@@ -39,8 +39,8 @@ class Metrics:
 
 
 def metrics(c: Candidates, wl: Workload) -> Metrics:
-    ttft90 = screening.percentile("ttft", "p90", c.ttft_mean, c.tpot_mean, wl)
-    tpot90 = screening.percentile("tpot", "p90", c.ttft_mean, c.tpot_mean, wl)
+    ttft90 = screening.percentile(SloMetric.TTFT, "p90", c.ttft_mean, c.tpot_mean, wl)
+    tpot90 = screening.percentile(SloMetric.TPOT, "p90", c.ttft_mean, c.tpot_mean, wl)
     return Metrics(cost=c.cost.astype(np.float64),
                    latency=ttft90 + tpot90 * max(wl.osl - 1.0, 0.0),
                    capacity=c.capacity.astype(np.float64))
@@ -77,7 +77,8 @@ def knee_distance(cost: np.ndarray, latency: np.ndarray) -> np.ndarray:
     l0, l1 = latency[front].min(), latency[front].max()
     x = (cost - c0) / max(c1 - c0, 1e-12 * max(c1, 1.0))
     y = (latency - l0) / max(l1 - l0, 1e-12 * max(l1, 1.0))
-    return np.hypot(x, y)
+    distance: np.ndarray = np.hypot(x, y)
+    return distance
 
 
 def front(m: Metrics, size: int) -> np.ndarray:
@@ -101,7 +102,8 @@ def front(m: Metrics, size: int) -> np.ndarray:
     arc = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(c), np.diff(lat)))])
     want = np.linspace(0.0, arc[-1], size)
     pick = np.unique(np.searchsorted(arc, want, side="left").clip(0, len(idx) - 1))
-    return idx[pick]
+    picked: np.ndarray = idx[pick]
+    return picked
 
 
 def worker(rs: RowScreen, row: int, *, prefill: bool = False) -> WorkerConfig:
@@ -111,8 +113,8 @@ def worker(rs: RowScreen, row: int, *, prefill: bool = False) -> WorkerConfig:
     method, k = (SpecMethod.NONE, 0) if prefill else (spec.method, spec.k)
     return WorkerConfig(
         gpu=g.gpu.key, tp=int(rows.tp[row]), pp=int(rows.pp[row]), dp=int(rows.dp[row]),
-        ep=bool(rows.ep[row]), quant=g.quant.value, kv_dtype=g.kv.value,
-        spec_method=method.value, spec_k=int(k), draft_model=spec.draft_model,
+        ep=bool(rows.ep[row]), quant=g.quant, kv_dtype=g.kv,
+        spec_method=method, spec_k=int(k), draft_model=spec.draft_model,
         max_num_seqs=int(rows.max_num_seqs[row]),
         max_num_batched_tokens=int(rows.max_num_batched_tokens[row]),
         prefix_caching=bool(rows.prefix_caching[row]), max_model_len=g.max_model_len)
@@ -126,9 +128,9 @@ def config(c: Candidates, i: int, screens: list[RowScreen],
     mode = int(c.mode[i])
     w = worker(rs, row)
     if mode == 0:
-        return ServingConfig(model=g.choice.id, engine=g.engine.value, worker=w,
+        return ServingConfig(model=g.choice.id, engine=g.engine, worker=w,
                              replicas=int(c.replicas[i]))
-    return ServingConfig(model=g.choice.id, engine=g.engine.value, mode=Mode.DISAGGREGATED,
+    return ServingConfig(model=g.choice.id, engine=g.engine, mode=Mode.DISAGGREGATED,
                          worker=w, replicas=int(c.replicas[i]),
                          prefill=worker(rs, row, prefill=True),
                          prefill_replicas=int(c.prefill_replicas[i]))
@@ -137,16 +139,17 @@ def config(c: Candidates, i: int, screens: list[RowScreen],
 def prediction(c: Candidates, i: int, wl: Workload) -> Prediction:
     t, p = c.ttft_mean[i:i + 1], c.tpot_mean[i:i + 1]
 
-    def pct(metric: str, q: str) -> float:
+    def pct(metric: SloMetric, q: str) -> float:
         return float(screening.percentile(metric, q, t, p, wl)[0])
 
     cost = float(c.cost[i])
     tokens_per_hour = wl.rate * wl.osl * 3600.0
     q = float(c.quality[i])
     return Prediction(
-        ttft_p50_ms=pct("ttft", "p50"), ttft_p90_ms=pct("ttft", "p90"),
-        tpot_p50_ms=pct("tpot", "p50"), tpot_p90_ms=pct("tpot", "p90"),
-        e2e_p99_ms=pct("e2e", "p99"), capacity_rps=float(c.capacity[i]), cost_per_hour=cost,
+        ttft_p50_ms=pct(SloMetric.TTFT, "p50"), ttft_p90_ms=pct(SloMetric.TTFT, "p90"),
+        tpot_p50_ms=pct(SloMetric.TPOT, "p50"), tpot_p90_ms=pct(SloMetric.TPOT, "p90"),
+        e2e_p99_ms=pct(SloMetric.E2E, "p99"), capacity_rps=float(c.capacity[i]),
+        cost_per_hour=cost,
         cost_per_mtok=cost / max(tokens_per_hour, 1e-12) * 1e6,
         quality=None if np.isnan(q) else q,
         provenance={"latency": ANALYTIC, "capacity": "analytic: largest load meeting the SLO"})
@@ -159,6 +162,6 @@ def choice(c: Candidates, i: int, screens: list[RowScreen], settings: SearchSett
 
 def worker_of_group(g: Group) -> WorkerConfig:
     """The group-level fields of a worker (layout and limits left at their defaults)."""
-    return WorkerConfig(gpu=g.gpu.key, quant=g.quant.value, kv_dtype=g.kv.value,
-                        spec_method=g.spec.method.value, spec_k=int(g.spec.k),
+    return WorkerConfig(gpu=g.gpu.key, quant=g.quant, kv_dtype=g.kv,
+                        spec_method=g.spec.method, spec_k=int(g.spec.k),
                         draft_model=g.spec.draft_model)

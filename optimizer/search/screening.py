@@ -11,11 +11,13 @@ transfer added to TTFT) and a decode pool (the closed loop with a one-token pref
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from trilemma.optimizer.catalog import speculation
 from trilemma.optimizer.catalog.speculation import SpecMethod
@@ -24,13 +26,21 @@ from trilemma.optimizer.perf import latency, memory, steps
 from trilemma.optimizer.search.space import Group, Rows, SearchSettings, Space
 from trilemma.optimizer.spec.plan_request import PlanRequest
 
+
+class SloMetric(enum.StrEnum):
+    """What an SLO term bounds: time to first token, time per output token, end to end."""
+
+    TTFT = "ttft"
+    TPOT = "tpot"
+    E2E = "e2e"
+
 # The closed-loop model predicts means. Percentile = mean x factor. Open-loop arrivals queue
 # prefills, so TTFT spreads much more than TPOT (a step time averaged over a whole output).
 # Chosen by hand, not fitted (a calibration against the simulator is still to do); confirming
 # replaces them by simulated percentiles for the configurations near the front.
-PERCENTILE_FACTORS: dict[str, dict[str, float]] = {
-    "ttft": {"p50": 0.9, "p90": 1.7, "p99": 2.8},
-    "tpot": {"p50": 1.0, "p90": 1.15, "p99": 1.4},
+PERCENTILE_FACTORS: dict[SloMetric, dict[str, float]] = {
+    SloMetric.TTFT: {"p50": 0.9, "p90": 1.7, "p99": 2.8},
+    SloMetric.TPOT: {"p50": 1.0, "p90": 1.15, "p99": 1.4},
 }
 _LEVELS = 8            # concurrency ladder points, 1 .. the slots that fit
 _BISECTIONS = 3        # refine the largest passing concurrency to ~(ladder ratio)^(1/8)
@@ -42,9 +52,9 @@ SLOTS = -1  # binding code: capacity limited by sequences that fit (memory or ma
 
 @dataclass(frozen=True, kw_only=True)
 class Term:
-    """One SLO bound the screen checks: metric ("ttft", "tpot", "e2e"), percentile, ms."""
+    """One SLO bound the screen checks: metric, percentile ("p50", "p90", "p99"), ms."""
 
-    metric: str
+    metric: SloMetric
     pct: str
     target_ms: float
 
@@ -57,14 +67,17 @@ def slo_terms(request: PlanRequest) -> list[Term]:
     slo = request.slo
     terms: list[Term] = []
     if slo.ttft_ms is not None:
-        terms += [Term(metric="ttft", pct=p, target_ms=v) for p, v in slo.ttft_ms.items()]
+        terms += [Term(metric=SloMetric.TTFT, pct=p, target_ms=v)
+                  for p, v in slo.ttft_ms.items()]
     if slo.tpot_ms is not None:
-        terms += [Term(metric="tpot", pct=p, target_ms=v) for p, v in slo.tpot_ms.items()]
+        terms += [Term(metric=SloMetric.TPOT, pct=p, target_ms=v)
+                  for p, v in slo.tpot_ms.items()]
     if slo.min_tokens_per_second_per_user is not None:
-        terms.append(Term(metric="tpot", pct="p50",
+        terms.append(Term(metric=SloMetric.TPOT, pct="p50",
                           target_ms=1000.0 / slo.min_tokens_per_second_per_user))
     if slo.end_to_end_ms is not None:
-        terms += [Term(metric="e2e", pct=p, target_ms=v) for p, v in slo.end_to_end_ms.items()]
+        terms += [Term(metric=SloMetric.E2E, pct=p, target_ms=v)
+                  for p, v in slo.end_to_end_ms.items()]
     return terms
 
 
@@ -90,15 +103,16 @@ class Workload:
                             ("p50", "p90", "p99")})
 
 
-def percentile(metric: str, pct: str, ttft: np.ndarray, tpot: np.ndarray,
+def percentile(metric: SloMetric, pct: str, ttft: np.ndarray, tpot: np.ndarray,
                wl: Workload) -> np.ndarray:
     """A percentile of `metric` from predicted means (the factors above)."""
-    if metric == "ttft":
-        return ttft * PERCENTILE_FACTORS["ttft"][pct]
-    if metric == "tpot":
-        return tpot * PERCENTILE_FACTORS["tpot"][pct]
+    if metric is SloMetric.TTFT:
+        return ttft * PERCENTILE_FACTORS[SloMetric.TTFT][pct]
+    if metric is SloMetric.TPOT:
+        return tpot * PERCENTILE_FACTORS[SloMetric.TPOT][pct]
     # End to end: a long answer, not a slow step, makes a request late.
-    return ttft * PERCENTILE_FACTORS["ttft"][pct] + max(wl.osl_pct[pct] - 1.0, 0.0) * tpot
+    decode_steps = max(wl.osl_pct[pct] - 1.0, 0.0)
+    return ttft * PERCENTILE_FACTORS[SloMetric.TTFT][pct] + decode_steps * tpot
 
 
 def worst(terms: list[Term], ttft: np.ndarray, tpot: np.ndarray,
@@ -140,19 +154,21 @@ def _interp(xg: np.ndarray, yg: np.ndarray, x: np.ndarray) -> np.ndarray:
     y0 = np.take_along_axis(yg, i0, 1)
     y1 = np.take_along_axis(yg, i1, 1)
     w = np.clip((x - x0) / np.maximum(x1 - x0, 1e-12), 0.0, 1.0)
-    return y0 + w * (y1 - y0)
+    y: np.ndarray = y0 + w * (y1 - y0)
+    return y
 
 
-def capacity_curve(evaluate: object, cmax: np.ndarray, terms: list[Term], wl: Workload,
-                   levels: int = _LEVELS, bisections: int = _BISECTIONS) -> Curve:
+def capacity_curve(evaluate: Callable[[np.ndarray], tuple[np.ndarray, ...]], cmax: np.ndarray,
+                   terms: list[Term], wl: Workload, levels: int = _LEVELS,
+                   bisections: int = _BISECTIONS) -> Curve:
     """The largest concurrency per row (<= cmax) whose predictions meet `terms`."""
-    ev = evaluate  # callable: C (n, k) -> (ttft, tpot, rps), each (n, k)
+    ev = evaluate  # C (n, k) -> (ttft, tpot, rps), each (n, k)
     n = len(cmax)
     ar = np.arange(n)
     _LEVELS = levels
     frac = np.linspace(0.0, 1.0, _LEVELS)
     C = np.exp(np.log(np.maximum(cmax, 1.0))[:, None] * frac[None, :])
-    ttft, tpot, rps = ev(C)  # type: ignore[operator]
+    ttft, tpot, rps = ev(C)
     ratio, term = worst(terms, ttft, tpot, wl)
     ok = ratio <= 1.0
     # Latency grows with load: the largest passing level, then bisection towards the next.
@@ -168,7 +184,7 @@ def capacity_curve(evaluate: object, cmax: np.ndarray, terms: list[Term], wl: Wo
         if not todo.any():
             break
         mid = np.sqrt(lo * hi)
-        t, p, r = (a[:, 0] for a in ev(mid[:, None]))  # type: ignore[operator]
+        t, p, r = (a[:, 0] for a in ev(mid[:, None]))
         rr, _ = worst(terms, t, p, wl)
         up = todo & (rr <= 1.0)
         down = todo & ~up
@@ -228,7 +244,10 @@ def screen_rows(rows: Rows, request: PlanRequest, wl: Workload, terms: list[Term
                            max_num_seqs=rows.max_num_seqs)
     seats = np.minimum(rows.max_num_seqs, rows.max_num_batched_tokens // (1 + spec.k))
     cmax = rows.dp * np.maximum(np.minimum(seats, mem.max_seqs), 1.0)
-    col = (lambda a: np.asarray(a)[:, None])  # noqa: E731 - rows along axis 0
+
+    def col(a: npt.ArrayLike) -> np.ndarray:
+        column: np.ndarray = np.asarray(a)[:, None]  # rows along axis 0
+        return column
 
     def run(C: np.ndarray, cached_tokens: np.ndarray) -> tuple[np.ndarray, ...]:
         r = latency.closed_loop(
@@ -251,7 +270,7 @@ def screen_rows(rows: Rows, request: PlanRequest, wl: Workload, terms: list[Term
                          prefill_service_ms=None, prefill_rate=None, transfer_ms=None,
                          overhead_ms=facts.request_overhead_ms)
     # Decode pool: requests arrive with their KV; only TPOT terms apply to it.
-    tpot_terms = [t for t in terms if t.metric == "tpot"]
+    tpot_terms = [t for t in terms if t.metric is SloMetric.TPOT]
     decode = capacity_curve(lambda C: run(C, np.full(len(rows), wl.isl - 1.0)), cmax,
                             tpot_terms, wl)
     # Prefill pool: chunks of the token budget, batched when several prompts fit one.
@@ -282,7 +301,9 @@ def prefill_ttft(rs: RowScreen, rho: np.ndarray) -> np.ndarray:
     assert rs.prefill_service_ms is not None and rs.transfer_ms is not None
     s = rs.prefill_service_ms[:, None]
     rho = np.minimum(rho, 0.999)
-    return rs.overhead_ms + s * (1.0 + rho / (2.0 * (1.0 - rho))) + rs.transfer_ms[:, None]
+    ttft: np.ndarray = (rs.overhead_ms + s * (1.0 + rho / (2.0 * (1.0 - rho)))
+                        + rs.transfer_ms[:, None])
+    return ttft
 
 
 def prefill_rho_max(rs: RowScreen, terms: list[Term], first_step_ms: np.ndarray) -> np.ndarray:
@@ -291,9 +312,9 @@ def prefill_rho_max(rs: RowScreen, terms: list[Term], first_step_ms: np.ndarray)
     rho = np.full(len(rs.rows), _MAX_PREFILL_RHO)
     s = rs.prefill_service_ms
     for t in terms:
-        if t.metric != "ttft":
+        if t.metric is not SloMetric.TTFT:
             continue
-        slack = (t.target_ms / PERCENTILE_FACTORS["ttft"][t.pct] - rs.overhead_ms
+        slack = (t.target_ms / PERCENTILE_FACTORS[SloMetric.TTFT][t.pct] - rs.overhead_ms
                  - rs.transfer_ms - first_step_ms) / s - 1.0
         # s (1 + rho / (2 (1 - rho))) <= budget  <=>  rho <= 2x / (1 + 2x)
         rho = np.minimum(rho, np.where(slack > 0, 2 * slack / (1 + 2 * slack), 0.0))
@@ -325,7 +346,8 @@ _REPRESENTATIVE = (256, 8192)
 
 
 def _layout_keys(rows: Rows) -> np.ndarray:
-    return (rows.tp * 1_000_000 + rows.pp * 10_000 + rows.dp * 100 + rows.ep).astype(np.int64)
+    keys = rows.tp * 1_000_000 + rows.pp * 10_000 + rows.dp * 100 + rows.ep
+    return np.asarray(keys).astype(np.int64)
 
 
 Mapper = Callable[[Callable[[int], Any], list[int]], list[Any]]

@@ -10,15 +10,21 @@ H100 step model when the kernel tables are installed, else by the roofline stand
 from __future__ import annotations
 
 import argparse
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.perf.engine import engine_facts
 from trilemma.optimizer.serving import cluster, requests, simulating, toy
-from trilemma.optimizer.serving.steptable import StepCost, StepTable
+from trilemma.optimizer.serving.steptable import StepTable
+
+if TYPE_CHECKING:
+    from trilemma.optimizer.perf.steps import StepModel
 
 MODEL = "meta-llama/Llama-3.1-8B"
 GPU = "h100_sxm"
@@ -35,7 +41,7 @@ class BenchResult:
         return self.requests / self.seconds
 
 
-def step_model() -> tuple[StepCost, str]:
+def step_model() -> tuple[StepModel | toy.RooflineStepModel, str]:
     """The calibrated step model if its kernel tables load, else the roofline stand-in."""
     try:
         from trilemma.optimizer.perf import estimate
@@ -45,11 +51,11 @@ def step_model() -> tuple[StepCost, str]:
         return sm, f"roofline stand-in ({type(e).__name__}: calibrated kernels unavailable)"
 
 
-def _best(run: object, repeats: int) -> float:
+def _best(run: Callable[[], object], repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        run()  # type: ignore[operator]
+        run()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -58,7 +64,7 @@ def bench(*, requests_n: int = 2000, isl: float = 1000.0, osl: float = 200.0,
           max_num_seqs: int = 64, slow_requests: int = 200, repeats: int = 3,
           seed: int = 0) -> tuple[list[BenchResult], str]:
     sm, source = step_model()
-    engine = cluster.engine_config(sm, max_num_seqs=max_num_seqs)  # type: ignore[arg-type]
+    engine = cluster.engine_config(sm, max_num_seqs=max_num_seqs)
     endpoint = cluster.Cluster(pool=cluster.Pool(engine=engine))
     out: list[BenchResult] = []
     for label, arrivals in (("closed loop C=64", requests.ClosedLoop(concurrency=64)),
@@ -82,7 +88,7 @@ def bench(*, requests_n: int = 2000, isl: float = 1000.0, osl: float = 200.0,
                  ("exact (fast engine, direct calls)", short, simulating.Method.EXACT, None),
                  ("reference", short, simulating.Method.REFERENCE, None))
         for name, w, method, tables in cases:
-            seconds = _best(lambda w=w, m=method, t=tables: run(w, m, t), repeats)
+            seconds = _best(functools.partial(run, w, method, tables), repeats)
             out.append(BenchResult(label=f"{label}: {name}", requests=len(w), seconds=seconds))
     return out, source
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from trilemma.optimizer.catalog import speculation
 from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
@@ -23,6 +24,10 @@ from trilemma.optimizer.perf import memory
 if TYPE_CHECKING:
     # Only for annotations: importing steps pulls in the kernel tables, which the fakes in
     # the unit tests do without.
+    from trilemma.optimizer.catalog.gpus import Gpu
+    from trilemma.optimizer.catalog.models import ModelArch
+    from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
+    from trilemma.optimizer.perf.engine import EngineFacts
     from trilemma.optimizer.perf.steps import StepModel
 
 # A KV hand-off (NIXL/UCX read) costs a request-independent setup and completion notice on top
@@ -75,7 +80,8 @@ class Speculation:
             return np.full(len(u), k + 1, dtype=np.int64)
         with np.errstate(divide="ignore"):
             accepted = np.floor(np.log(u) / math.log(a))
-        return 1 + np.minimum(accepted, k).astype(np.int64)
+        tokens: npt.NDArray[np.int64] = 1 + np.minimum(accepted, k).astype(np.int64)
+        return tokens
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,7 +227,22 @@ class LoadBalancer:
 # ---- derived from the perf layer ---------------------------------------------------------------
 
 
-def engine_config(sm: StepModel, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: bool = False,
+class ModelOnGpu(Protocol):
+    """What engine_config reads of a perf model (perf's StepModel, or a toy stand-in)."""
+
+    @property
+    def arch(self) -> ModelArch: ...
+    @property
+    def gpu(self) -> Gpu: ...
+    @property
+    def recipe(self) -> QuantRecipe: ...
+    @property
+    def kv(self) -> KvDtype: ...
+    @property
+    def facts(self) -> EngineFacts: ...
+
+
+def engine_config(sm: ModelOnGpu, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: bool = False,
                   max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
                   speculation: Speculation | None = None,
                   gpu_memory_utilization: float | None = None) -> EngineConfig:

@@ -35,7 +35,7 @@ class LoadMode(enum.Enum):
 
 
 def _frozen(values: object, dtype: type, name: str) -> np.ndarray:
-    arr = np.array(values, dtype=dtype, copy=True)
+    arr: np.ndarray = np.array(values, dtype=dtype, copy=True)
     if arr.ndim != 1:
         raise InputError(name, arr.shape, "must be a one-dimensional array, one row per request")
     arr.setflags(write=False)

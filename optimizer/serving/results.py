@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.perf.arrays import FloatArray
 
 
 class Trace:
@@ -68,10 +69,10 @@ class Summary:
 class SimResult:
     """Per-request arrays (workload row order) and per-engine counters of one run."""
 
-    arrival_ms: np.ndarray
-    first_scheduled_ms: np.ndarray
-    first_token_ms: np.ndarray
-    finish_ms: np.ndarray
+    arrival_ms: FloatArray
+    first_scheduled_ms: FloatArray
+    first_token_ms: FloatArray
+    finish_ms: FloatArray
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
     preemptions: np.ndarray
@@ -107,11 +108,11 @@ class SimResult:
     # ---- per-request metrics -----------------------------------------------------------------
 
     @property
-    def ttft_ms(self) -> np.ndarray:
+    def ttft_ms(self) -> FloatArray:
         return self.first_token_ms - self.arrival_ms
 
     @property
-    def e2e_ms(self) -> np.ndarray:
+    def e2e_ms(self) -> FloatArray:
         return self.finish_ms - self.arrival_ms
 
     @property
@@ -121,7 +122,7 @@ class SimResult:
             return np.where(steps > 0, (self.e2e_ms - self.ttft_ms) / steps, np.nan)
 
     @property
-    def queue_ms(self) -> np.ndarray:
+    def queue_ms(self) -> FloatArray:
         return self.first_scheduled_ms - self.arrival_ms
 
     @property

@@ -27,6 +27,8 @@ import numpy as np
 from trilemma.optimizer.catalog import speculation
 from trilemma.optimizer.catalog.speculation import DraftKind
 from trilemma.optimizer.perf import latency
+from trilemma.optimizer.perf.arrays import FloatArray
+from trilemma.optimizer.perf.steps import StepModel
 from trilemma.optimizer.serving.cluster import EngineConfig
 
 # Geometric spacing of the table axes; measured against direct calls in the unit tests.
@@ -64,15 +66,20 @@ def step_ms(perf_model: StepCost, engine: EngineConfig, d: Any, kv: Any, p: Any,
 
 
 def _drafting_ms(perf_model: StepCost, engine: EngineConfig, d: np.ndarray,
-                 kv: Any) -> np.ndarray:
+                 kv: Any) -> FloatArray:
     spec = engine.speculation
     if spec is None or speculation.draft_cost(spec.config.method).kind is DraftKind.NONE:
         return np.zeros(np.shape(d))
     # The perf layer's own drafting cost, so that simulator and analytic model price the same
     # drafter. It is private to perf.latency; perf should export it.
-    ms = latency._draft_ms(perf_model, spec.draft, spec.config, tp=np.float64(engine.tp),
-                           dp=np.float64(engine.dp), ep=np.bool_(engine.ep),
-                           pp=np.float64(engine.pp), dec=d,
+    # A layer drafter (EAGLE, MTP) is priced from the target's own layers, which only perf's
+    # StepModel has; a draft model needs only its own StepModel.
+    target = perf_model if isinstance(perf_model, StepModel) else None
+    ms = latency._draft_ms(target, spec.draft, spec.config,
+                           tp=np.asarray(engine.tp, dtype=np.float64),
+                           dp=np.asarray(engine.dp, dtype=np.float64),
+                           ep=np.asarray(engine.ep, dtype=bool),
+                           pp=np.asarray(engine.pp, dtype=np.float64), dec=d,
                            ctx=np.asarray(kv, dtype=np.float64))
     return np.where(d > 0, ms, 0.0)
 

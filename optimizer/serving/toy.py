@@ -19,6 +19,7 @@ import numpy as np
 from trilemma.optimizer.catalog.gpus import Gpu
 from trilemma.optimizer.catalog.models import ModelArch
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
+from trilemma.optimizer.perf.arrays import FloatArray
 from trilemma.optimizer.perf.engine import EngineFacts
 
 # Shares of the datasheet peaks that large kernels reach on Hopper (typical vLLM profiles).
@@ -28,12 +29,12 @@ _COMPUTE_EFFICIENCY = 0.7
 
 @dataclass(frozen=True, kw_only=True)
 class ToyStepTime:
-    gemm: np.ndarray
-    attention: np.ndarray
-    other: np.ndarray
+    gemm: FloatArray
+    attention: FloatArray
+    other: FloatArray
 
     @property
-    def total(self) -> np.ndarray:
+    def total(self) -> FloatArray:
         return self.gemm + self.attention + self.other
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from statistics import NormalDist
 from typing import Annotated, Literal
 
@@ -144,6 +145,7 @@ class HistogramLengths(_Percentiles, SpecModel):
         if self.values is not None and self.edges is not None:
             raise rule_error("give values (point lengths) or edges (bins), not both",
                              field="edges", value=self.edges)
+        points: Sequence[float]
         if self.values is not None:
             points, name, n = self.values, "values", len(self.values)
             if points[0] < 1:
@@ -166,8 +168,8 @@ class HistogramLengths(_Percentiles, SpecModel):
         return self
 
     def _probabilities(self) -> npt.NDArray[np.float64]:
-        w = np.asarray(self.weights, dtype=float)
-        return w / w.sum()
+        w = np.asarray(self.weights, dtype=np.float64)
+        return w / np.sum(w)
 
     def mean_tokens(self) -> float:
         p = self._probabilities()
@@ -205,10 +207,11 @@ class HistogramLengths(_Percentiles, SpecModel):
         rng = require_generator(rng)
         p = self._probabilities()
         if self.values is not None:
-            return rng.choice(np.asarray(self.values, dtype=np.int64), size=n, p=p)
+            picked: Tokens = rng.choice(np.asarray(self.values, dtype=np.int64), size=n, p=p)
+            return picked
         e = np.asarray(self.edges, dtype=float)
         bins = rng.choice(len(p), size=n, p=p)
-        draws = e[bins] + (e[bins + 1] - e[bins]) * rng.random(n)
+        draws: npt.NDArray[np.float64] = e[bins] + (e[bins + 1] - e[bins]) * rng.random(n)
         return np.maximum(np.rint(draws), 1).astype(np.int64)
 
 

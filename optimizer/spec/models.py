@@ -9,16 +9,15 @@ delta for the model's family (catalog/quantization.py) - with the SLO's quality 
 from __future__ import annotations
 
 import functools
-import importlib.resources
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationInfo, field_validator
 
 from trilemma.optimizer.catalog import models as catalog_models
 from trilemma.optimizer.catalog import quantization
+from trilemma.optimizer.catalog.data_files import read_yaml
 from trilemma.optimizer.catalog.quantization import QuantRecipe
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.spec.base import SpecModel, rule_error
@@ -114,8 +113,7 @@ def quality_omission(model_id: str) -> str | None:
 
 def load_quality_raw() -> dict[str, Any]:
     """data/model_quality.yaml as shipped (tests check its citations and coverage)."""
-    text = importlib.resources.files(__package__).joinpath("data", QUALITY_FILE)
-    return yaml.safe_load(text.read_text("utf-8"))
+    return read_yaml(__package__, "data", QUALITY_FILE)
 
 
 @functools.cache

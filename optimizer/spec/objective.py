@@ -12,7 +12,9 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, field_validator
 
 from trilemma.optimizer.catalog import gpus
-from trilemma.optimizer.catalog.engines import Engine
+
+# Engine is re-exported: the spec package's API names it beside the objective.
+from trilemma.optimizer.catalog.engines import Engine as Engine
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe, parse_recipe
 from trilemma.optimizer.catalog.speculation import SpecMethod
 from trilemma.optimizer.errors import InputError

@@ -36,7 +36,8 @@ def spec_json_schema(model: type[pydantic.BaseModel] = PlanRequest, *,
     """The validation-mode JSON schema of `model`, camelCase keys, with no `$ref`/`$defs`."""
     schema = model.model_json_schema(by_alias=True, mode="validation")
     defs = schema.pop("$defs", {})
-    return _rewrite(_inline(schema, defs, ()), openapi_v3=openapi_v3)
+    rewritten: dict[str, Any] = _rewrite(_inline(schema, defs, ()), openapi_v3=openapi_v3)
+    return rewritten
 
 
 def _inline(node: Any, defs: dict[str, Any], seen: tuple[str, ...]) -> Any:

@@ -20,11 +20,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from trilemma.optimizer import render
+from trilemma.optimizer.catalog import QuantRecipe, SpecMethod
 from trilemma.optimizer.search.configs import ServingConfig, WorkerConfig
 from trilemma.tools import cli
 
 CONFIG = ServingConfig(model="Qwen/Qwen3-8B", worker=WorkerConfig(
-    gpu="h100_sxm", quant="fp8", spec_method="eagle3", spec_k=3, max_num_seqs=64,
+    gpu="h100_sxm", quant=QuantRecipe.FP8, spec_method=SpecMethod.EAGLE3, spec_k=3, max_num_seqs=64,
     max_model_len=16384))
 
 

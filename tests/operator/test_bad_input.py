@@ -83,12 +83,12 @@ async def test_a_missing_pool_is_retried_when_the_pool_appears(api, operator_fac
 
 async def test_a_configmap_model_is_planned_from_its_config_and_serves_the_checkpoint(
         api, operator_factory):
-    from trilemma.optimizer.catalog import hf_config
+    from trilemma.optimizer.catalog import bundled
 
     await operator_factory()
     await api.create(POOL)
-    config_json = hf_config._DATA.joinpath(  # the bundled Llama 3.1 8B config.json
-        hf_config._bundled_files()["meta-llama/Llama-3.1-8B"]).read_text()
+    config_json = bundled._DATA.joinpath(  # the bundled Llama 3.1 8B config.json
+        bundled._bundled_files()["meta-llama/Llama-3.1-8B"]).read_text()
     await api.create({"apiVersion": "v1", "kind": "ConfigMap",
                       "metadata": {"name": "my-model", "namespace": NS},
                       "data": {"config.json": config_json}})

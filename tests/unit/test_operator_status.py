@@ -42,10 +42,12 @@ def test_a_condition_keeps_its_transition_time_while_its_status_holds():
 
 
 def test_the_printer_summary_and_gpu_count_come_from_the_serving_config():
+    from trilemma.optimizer.catalog import QuantRecipe, SpecMethod
     from trilemma.optimizer.search import Mode, ServingConfig, WorkerConfig
 
     agg = ServingConfig(model="m", replicas=3, worker=WorkerConfig(
-        gpu="h100_sxm", tp=2, quant="fp8", spec_method="eagle3", spec_k=3)).to_dict()
+        gpu="h100_sxm", tp=2, quant=QuantRecipe.FP8, spec_method=SpecMethod.EAGLE3,
+        spec_k=3)).to_dict()
     assert status.short_summary(agg) == "fp8 TP2 eagle3x3"
     assert status.config_gpus(agg) == {"h100_sxm": 6}
     disagg = ServingConfig(model="m", mode=Mode.DISAGGREGATED, replicas=2,

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from trilemma.optimizer import render
+from trilemma.optimizer.catalog import Engine, KvDtype, QuantRecipe, SpecMethod
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search.configs import Mode, ServingConfig, WorkerConfig
 
@@ -18,7 +19,8 @@ def value(argv, flag):
 
 
 def test_vllm_renders_the_plan_fields_under_their_real_flag_names():
-    argv = render.engine_args(config(tp=2, quant="fp8", kv_dtype="fp8", max_num_seqs=128,
+    argv = render.engine_args(config(tp=2, quant=QuantRecipe.FP8, kv_dtype=KvDtype.FP8,
+                                     max_num_seqs=128,
                                      max_num_batched_tokens=4096, prefix_caching=False,
                                      gpu_memory_utilization=0.85), "vllm")
     assert argv[0] == "Qwen/Qwen3-8B"
@@ -33,7 +35,8 @@ def test_vllm_renders_the_plan_fields_under_their_real_flag_names():
 
 
 def test_sglang_renders_the_same_plan_with_its_own_names():
-    argv = render.engine_args(config(tp=2, quant="fp8", kv_dtype="fp8", prefix_caching=False),
+    argv = render.engine_args(config(tp=2, quant=QuantRecipe.FP8, kv_dtype=KvDtype.FP8,
+                                     prefix_caching=False),
                               "sglang")
     assert value(argv, "--model-path") == "Qwen/Qwen3-8B"
     assert value(argv, "--tp-size") == "2"
@@ -46,13 +49,14 @@ def test_sglang_renders_the_same_plan_with_its_own_names():
 
 
 def test_a_prequantized_checkpoint_gets_no_quantization_flag():
-    argv = render.engine_args(config(model="openai/gpt-oss-120b", quant="mxfp4"), "vllm")
+    argv = render.engine_args(config(model="openai/gpt-oss-120b", quant=QuantRecipe.MXFP4), "vllm")
     assert "--quantization" not in argv
-    plan = render.plan(config(model="openai/gpt-oss-120b", quant="mxfp4"), "vllm", name="x")
+    plan = render.plan(config(model="openai/gpt-oss-120b", quant=QuantRecipe.MXFP4), "vllm",
+                       name="x")
     assert plan.provenance["server"]["--quantization"] == "catalog"
 
 
-@pytest.mark.parametrize("quant", ["int4", "nvfp4", "int8"])
+@pytest.mark.parametrize("quant", [QuantRecipe.INT4, QuantRecipe.NVFP4, QuantRecipe.INT8])
 def test_a_recipe_that_needs_a_prequantized_checkpoint_is_refused(quant):
     with pytest.raises(InputError) as err:
         render.engine_args(config(quant=quant), "vllm")
@@ -60,7 +64,7 @@ def test_a_recipe_that_needs_a_prequantized_checkpoint_is_refused(quant):
 
 
 def test_eagle3_uses_the_cited_head_and_json_speculative_config():
-    argv = render.engine_args(config(spec_method="eagle3", spec_k=3), "vllm")
+    argv = render.engine_args(config(spec_method=SpecMethod.EAGLE3, spec_k=3), "vllm")
     spec = json.loads(value(argv, "--speculative-config"))
     assert spec == {"method": "eagle3", "model": "RedHatAI/Qwen3-8B-speculator.eagle3",
                     "num_speculative_tokens": 3}
@@ -68,14 +72,14 @@ def test_eagle3_uses_the_cited_head_and_json_speculative_config():
 
 def test_an_eagle_plan_without_a_published_head_names_the_field():
     with pytest.raises(InputError) as err:
-        render.engine_args(config(model="Qwen/Qwen3-32B-FP8", quant="fp8",
-                                  spec_method="eagle3", spec_k=3), "vllm")
+        render.engine_args(config(model="Qwen/Qwen3-32B-FP8", quant=QuantRecipe.FP8,
+                                  spec_method=SpecMethod.EAGLE3, spec_k=3), "vllm")
     assert err.value.field == "draft_model"
 
 
 def test_a_head_passed_by_the_caller_is_recorded_as_a_user_override():
     options = render.RenderOptions(draft_model="me/my-head")
-    plan = render.plan(config(spec_method="eagle3", spec_k=2), "sglang", name="x",
+    plan = render.plan(config(spec_method=SpecMethod.EAGLE3, spec_k=2), "sglang", name="x",
                        options=options)
     server = plan.workers[0]
     assert value(server.argv(), "--speculative-draft-model-path") == "me/my-head"
@@ -83,10 +87,11 @@ def test_a_head_passed_by_the_caller_is_recorded_as_a_user_override():
 
 
 def test_ngram_and_mtp_use_the_engines_method_names():
-    ngram = json.loads(value(render.engine_args(config(spec_method="ngram", spec_k=4), "vllm"),
-                             "--speculative-config"))
+    ngram_argv = render.engine_args(config(spec_method=SpecMethod.NGRAM, spec_k=4), "vllm")
+    ngram = json.loads(value(ngram_argv, "--speculative-config"))
     assert ngram == {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
-    ds = config(model="deepseek-ai/DeepSeek-V3", quant="fp8", tp=8, spec_method="mtp", spec_k=1)
+    ds = config(model="deepseek-ai/DeepSeek-V3", quant=QuantRecipe.FP8, tp=8,
+                spec_method=SpecMethod.MTP, spec_k=1)
     assert json.loads(value(render.engine_args(ds, "vllm"), "--speculative-config")) == {
         "method": "mtp", "num_speculative_tokens": 1}
     sg = render.engine_args(ds, "sglang")
@@ -97,7 +102,7 @@ def test_ngram_and_mtp_use_the_engines_method_names():
 
 def test_mtp_on_a_model_without_nextn_layers_is_refused():
     with pytest.raises(InputError) as err:
-        render.engine_args(config(spec_method="mtp", spec_k=1), "vllm")
+        render.engine_args(config(spec_method=SpecMethod.MTP, spec_k=1), "vllm")
     assert err.value.field == "spec_method"
 
 
@@ -147,7 +152,7 @@ def test_unknown_engine_is_an_input_error():
 
 
 def test_render_text_is_shell_quoted_and_repeatable():
-    cfg = config(spec_method="eagle3", spec_k=3)
+    cfg = config(spec_method=SpecMethod.EAGLE3, spec_k=3)
     first = render.render_text(cfg, "vllm")
     assert first == render.render_text(cfg, "vllm")
     assert first.startswith("vllm serve Qwen/Qwen3-8B ")
@@ -161,7 +166,7 @@ def test_the_plans_context_limit_is_rendered_for_both_engines():
                         worker=WorkerConfig(gpu="l40s", max_model_len=4352))
     assert "--max-model-len" in render.engine_args(cfg, "vllm")
     assert "4352" in render.engine_args(cfg, "vllm")
-    sgl = render.engine_args(dataclasses.replace(cfg, engine="sglang"), "sglang")
+    sgl = render.engine_args(dataclasses.replace(cfg, engine=Engine.SGLANG), "sglang")
     assert sgl[sgl.index("--context-length") + 1] == "4352"
     bare = ServingConfig(model="meta-llama/Llama-3.1-8B", worker=WorkerConfig(gpu="l40s"))
     assert "--max-model-len" not in render.engine_args(bare, "vllm")

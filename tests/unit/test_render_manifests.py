@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from trilemma.optimizer import render
+from trilemma.optimizer.catalog import Engine, KvDtype, QuantRecipe, SpecMethod
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.render.command import render_command
 from trilemma.optimizer.search.configs import Mode, ServingConfig, WorkerConfig
@@ -19,9 +20,10 @@ FIXTURES = Path(__file__).parent / "fixtures" / "render"
 K8S_VERSION = "1.30.0"
 
 AGGREGATED = ServingConfig(model="Qwen/Qwen3-8B", replicas=2, worker=WorkerConfig(
-    gpu="h100_sxm", tp=2, quant="fp8", kv_dtype="fp8", spec_method="eagle3", spec_k=3))
+    gpu="h100_sxm", tp=2, quant=QuantRecipe.FP8, kv_dtype=KvDtype.FP8,
+    spec_method=SpecMethod.EAGLE3, spec_k=3))
 MULTI_NODE = ServingConfig(model="deepseek-ai/DeepSeek-V3", worker=WorkerConfig(
-    gpu="h100_sxm", tp=8, pp=2, quant="fp8", spec_method="mtp", spec_k=1))
+    gpu="h100_sxm", tp=8, pp=2, quant=QuantRecipe.FP8, spec_method=SpecMethod.MTP, spec_k=1))
 POOL = GpuGroup(gpu="h100_sxm", count=32, node_selector={"pool": "h100"},
                 tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists",
                               "effect": "NoSchedule"}])
@@ -99,7 +101,7 @@ def test_a_replica_wider_than_a_node_becomes_a_leader_worker_set(engine):
 
 def test_a_replica_that_does_not_fill_whole_nodes_is_refused():
     cfg = ServingConfig(model="deepseek-ai/DeepSeek-V3",
-                        worker=WorkerConfig(gpu="h100_sxm", tp=4, pp=3, quant="fp8"))
+                        worker=WorkerConfig(gpu="h100_sxm", tp=4, pp=3, quant=QuantRecipe.FP8))
     with pytest.raises(InputError):
         render.manifests(cfg, name="ds")
 
@@ -121,7 +123,7 @@ def test_a_replica_only_change_keeps_the_deployment_name_and_scales_it():
 
 
 def test_disaggregated_sglang_renders_pools_router_and_services():
-    cfg = ServingConfig(model="Qwen/Qwen3-8B", engine="sglang", mode=Mode.DISAGGREGATED,
+    cfg = ServingConfig(model="Qwen/Qwen3-8B", engine=Engine.SGLANG, mode=Mode.DISAGGREGATED,
                         worker=WorkerConfig(gpu="h100_sxm"), replicas=2,
                         prefill=WorkerConfig(gpu="h100_sxm", tp=2), prefill_replicas=1)
     objects = render.manifests(cfg, name="chat")

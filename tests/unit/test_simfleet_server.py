@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from trilemma.optimizer import catalog, render
-from trilemma.optimizer.catalog import SpecMethod
+from trilemma.optimizer.catalog import KvDtype, QuantRecipe, SpecMethod
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import estimate as perf_estimate
 from trilemma.optimizer.search.configs import Mode, ServingConfig, WorkerConfig
@@ -30,7 +30,7 @@ from trilemma.simfleet.server import SimServer
 
 LLAMA = ServingConfig(model="meta-llama/Llama-3.1-8B", worker=WorkerConfig(gpu="h100_sxm"))
 EAGLE = ServingConfig(model="Qwen/Qwen3-8B", worker=WorkerConfig(
-    gpu="h100_sxm", spec_method="eagle3", spec_k=3))
+    gpu="h100_sxm", spec_method=SpecMethod.EAGLE3, spec_k=3))
 
 
 @pytest.fixture(scope="module")
@@ -392,18 +392,20 @@ def test_speculative_decoding_emits_up_to_k_plus_one_tokens_per_step():
 
 ROUND_TRIP = [
     ServingConfig(model="Qwen/Qwen3-8B", worker=WorkerConfig(
-        gpu="h100_sxm", tp=2, quant="fp8", kv_dtype="fp8", spec_method="eagle3", spec_k=3,
+        gpu="h100_sxm", tp=2, quant=QuantRecipe.FP8, kv_dtype=KvDtype.FP8,
+        spec_method=SpecMethod.EAGLE3, spec_k=3,
         max_num_seqs=128, max_num_batched_tokens=4096, max_model_len=8192)),
     ServingConfig(model="meta-llama/Llama-3.1-70B", worker=WorkerConfig(
-        gpu="h100_sxm", tp=4, spec_method="draft", spec_k=4,
+        gpu="h100_sxm", tp=4, spec_method=SpecMethod.DRAFT, spec_k=4,
         draft_model="meta-llama/Llama-3.1-8B", prefix_caching=False,
         gpu_memory_utilization=0.85)),
     ServingConfig(model="Qwen/Qwen3-30B-A3B", worker=WorkerConfig(
-        gpu="h100_sxm", dp=2, ep=True, spec_method="ngram", spec_k=4)),
+        gpu="h100_sxm", dp=2, ep=True, spec_method=SpecMethod.NGRAM, spec_k=4)),
     ServingConfig(model="nvidia/Llama-3.1-70B-Instruct-FP8", worker=WorkerConfig(
-        gpu="h200_sxm", tp=2, pp=2, quant="fp8")),
+        gpu="h200_sxm", tp=2, pp=2, quant=QuantRecipe.FP8)),
     ServingConfig(model="deepseek-ai/DeepSeek-V3", worker=WorkerConfig(
-        gpu="h200_sxm", tp=8, ep=True, quant="fp8", spec_method="mtp", spec_k=1)),
+        gpu="h200_sxm", tp=8, ep=True, quant=QuantRecipe.FP8, spec_method=SpecMethod.MTP,
+        spec_k=1)),
 ]
 
 
