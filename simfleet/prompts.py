@@ -21,7 +21,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 VOCAB = 128_000  # ids stay below a Llama-3-sized vocabulary
 _PIECE = re.compile(r"\w+|[^\w\s]")
@@ -29,6 +29,19 @@ _BEGIN, _START_HEADER, _END_HEADER, _BLANK, _END_TURN = range(VOCAB, VOCAB + 5)
 FILLER = ("the", "model", "serves", "tokens", "at", "a", "steady", "pace", "while", "each",
           "request", "waits", "its", "turn", "in", "batch")
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; used for chat too
+
+
+class ErrorDetail(TypedDict):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorBody(TypedDict):
+    """OpenAI's error response."""
+
+    error: ErrorDetail
 
 
 class ApiError(Exception):
@@ -42,7 +55,7 @@ class ApiError(Exception):
         self.kind = kind
         self.param = param
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> ErrorBody:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.status}}
 

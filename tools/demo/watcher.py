@@ -22,7 +22,7 @@ from trilemma.tools.demo.scenario import (
     describe_phase,
     phases,
 )
-from trilemma.tools.demo.scoring import DemoResult, Observation, TrafficClock
+from trilemma.tools.demo.scoring import DemoResult, Observation, PlanSummary, TrafficClock
 from trilemma.tools.demo.timeline import Timeline
 
 
@@ -283,7 +283,7 @@ def _unix(stamp: str) -> float:
     return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def _plan_summary(st: Obj) -> Obj:
+def _plan_summary(st: Obj) -> PlanSummary:
     active = st.get("activeConfiguration") or {}
     pred = st.get("predictions") or {}
     opt = st.get("lastOptimization") or {}
