@@ -162,6 +162,12 @@ def _add_render_and_bench(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     p.add_argument("--router-command", default=None,
                    help="disaggregated vLLM plans: the request router's command line "
                         "(vLLM ships no production prefill/decode router)")
+    p.add_argument("--inference-pool", action="store_true",
+                   help="also render a Gateway API InferencePool <name> over the serving pods "
+                        "and its endpoint picker (<name>-epp)")
+    p.add_argument("--endpoint-picker", default=None, metavar="SERVICE",
+                   help="with --inference-pool: reference this existing endpoint picker "
+                        "Service instead of rendering one")
 
     p = sub.add_parser("bench", help="time the vectorized model on a batch of candidates")
     p.add_argument("--candidates", type=_positive_int, default=100_000)
@@ -367,12 +373,19 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    from trilemma.optimizer import render
     from trilemma.optimizer.render import command
 
     engine = args.engine or command.load_config(args.plan).engine
     router = tuple(shlex.split(args.router_command)) if args.router_command else None
+    if args.endpoint_picker is not None and not args.inference_pool:
+        raise InputError("--endpoint-picker", args.endpoint_picker,
+                         "only with --inference-pool")
+    pool = (render.InferencePoolOptions(endpoint_picker=args.endpoint_picker)
+            if args.inference_pool else None)
     return command.render_command(args.plan, engine, name=args.name, namespace=args.namespace,
-                                  image=args.image, out=sys.stdout, router_command=router)
+                                  image=args.image, out=sys.stdout, router_command=router,
+                                  inference_pool=pool)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from trilemma.optimizer.render import inference_pool as gateway
 from trilemma.optimizer.render import overrides, text, workloads
 from trilemma.optimizer.render.choices import RenderOptions
+from trilemma.optimizer.render.inference_pool import InferencePoolOptions
 from trilemma.optimizer.render.ir import Arg, RenderedWorker, RenderPlan, Role, Source
 from trilemma.optimizer.render.planning import DEFAULT_IMAGES, parse_engine, plan
 from trilemma.optimizer.search.configs import ServingConfig
@@ -49,22 +51,29 @@ def overridden_flag(engine: str, token: str, decided: frozenset[str]) -> str | N
 def manifests(config: ServingConfig, *, name: str, engine: str | None = None,
               namespace: str = "default", image: str | None = None,
               options: RenderOptions | None = None, hf_token_secret: str | None = None,
-              model_cache_pvc: str | None = None) -> list[dict[str, Any]]:
-    """The Kubernetes objects deploying `config`, in apply order."""
+              model_cache_pvc: str | None = None,
+              inference_pool: InferencePoolOptions | None = None) -> list[dict[str, Any]]:
+    """The Kubernetes objects deploying `config`, in apply order; with `inference_pool`, an
+    InferencePool over the serving pods (and its endpoint picker) after them."""
     eng = engine or config.engine
     rendered = plan(config, eng, name=name, namespace=namespace, image=image, options=options,
                     hf_token_secret=hf_token_secret, model_cache_pvc=model_cache_pvc)
-    return workloads.build(rendered, bootstrap_port=bootstrap_port(eng))
+    objects = workloads.build(rendered, bootstrap_port=bootstrap_port(eng))
+    if inference_pool is not None:
+        objects += gateway.objects(rendered, inference_pool)
+    return objects
 
 
 def render_yaml(config: ServingConfig, *, name: str, engine: str | None = None,
                 namespace: str = "default", image: str | None = None,
                 options: RenderOptions | None = None, hf_token_secret: str | None = None,
-                model_cache_pvc: str | None = None) -> str:
+                model_cache_pvc: str | None = None,
+                inference_pool: InferencePoolOptions | None = None) -> str:
     """manifests(...) as one YAML stream, byte-identical for the same input."""
     return text.yaml_stream(manifests(
         config, name=name, engine=engine, namespace=namespace, image=image, options=options,
-        hf_token_secret=hf_token_secret, model_cache_pvc=model_cache_pvc))
+        hf_token_secret=hf_token_secret, model_cache_pvc=model_cache_pvc,
+        inference_pool=inference_pool))
 
 
 def render_text(config: ServingConfig, engine: str | None = None, *,
@@ -82,6 +91,7 @@ def render_text(config: ServingConfig, engine: str | None = None, *,
 __all__ = [
     "DEFAULT_IMAGES",
     "Arg",
+    "InferencePoolOptions",
     "RenderOptions",
     "RenderPlan",
     "RenderedWorker",

@@ -40,12 +40,14 @@ def load_config(plan_path: Path) -> ServingConfig:
 
 def render_command(plan_path: Path, engine: str, *, name: str, namespace: str,
                    image: str | None, out: TextIO,
-                   router_command: tuple[str, ...] | None = None) -> int:
+                   router_command: tuple[str, ...] | None = None,
+                   inference_pool: render.InferencePoolOptions | None = None) -> int:
     """Print the engine command lines as YAML comments, then the manifests. Returns 0."""
     config = load_config(plan_path)
     options = render.RenderOptions(router_command=router_command)
     for line in render.render_text(config, engine, options=options).splitlines():
         out.write(f"# {line}\n")
     out.write(render.render_yaml(config, name=name, engine=engine, namespace=namespace,
-                                 image=image, options=options))
+                                 image=image, options=options,
+                                 inference_pool=inference_pool))
     return 0

@@ -173,6 +173,14 @@ def _serving_component(worker: RenderedWorker) -> str:
     return f"{worker.role.value}-leader" if worker.nodes > 1 else worker.role.value
 
 
+def front_component(plan: RenderPlan) -> str:
+    """The component the endpoint Service <name> selects: the serving pods (a multi-node
+    replica's leaders) of an aggregated plan, the router of a disaggregated one."""
+    if len(plan.workers) == 1:
+        return _serving_component(plan.workers[0])
+    return Role.ROUTER.value
+
+
 def workload(plan: RenderPlan, worker: RenderedWorker) -> Obj:
     return leader_worker_set(plan, worker) if worker.nodes > 1 else deployment(plan, worker)
 
@@ -184,12 +192,11 @@ def build(plan: RenderPlan, *, bootstrap_port: int = 0) -> list[Obj]:
     Services give the router stable addresses for the two pools.
     """
     objects = [workload(plan, w) for w in plan.workers]
+    front = service(plan, plan.name, front_component(plan))
     if len(plan.workers) == 1:
-        front = plan.workers[0]
-        return [*objects, service(plan, plan.name, _serving_component(front))]
+        return [*objects, front]
     prefill, decode = plan.worker(Role.PREFILL), plan.worker(Role.DECODE)
-    return [*objects,
-            service(plan, plan.name, Role.ROUTER.value),
+    return [*objects, front,
             service(plan, f"{plan.name}-prefill", _serving_component(prefill),
                     extra_ports=bootstrap_port),
             service(plan, f"{plan.name}-decode", _serving_component(decode))]
