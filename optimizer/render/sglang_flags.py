@@ -128,6 +128,10 @@ def worker_args(model_id: str, model: catalog.ModelArch, worker: WorkerConfig, r
         # SGLang listens on 127.0.0.1 by default: a pod must listen on all interfaces.
         Arg(flag="--host", value="0.0.0.0", source=Source.RENDERER),
         Arg(flag="--port", value=str(options.port), source=Source.RENDERER),
+        # SGLang serves no /metrics unless asked; the operator's traffic checks, the dashboard
+        # and the Gateway's endpoint picker all read the sglang:* series from it.
+        Arg(flag="--enable-metrics", source=Source.RENDERER,
+            note="the operator and the endpoint picker read sglang:* metrics"),
     ]
 
 

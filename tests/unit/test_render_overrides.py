@@ -72,7 +72,7 @@ def test_sglang_spellings_of_a_planned_flag_are_caught(token, flag):
     assert render.overridden_flag("sglang", token, SGLANG) == flag
 
 
-@pytest.mark.parametrize("token", ["--enable-metrics", "--log-level=info", "--trust-remote-code",
+@pytest.mark.parametrize("token", ["--log-requests", "--log-level=info", "--trust-remote-code",
                                    "-tp"])
 def test_sglang_arguments_that_set_nothing_planned_pass(token):
     # (-tp is no SGLang option at all: the engine itself refuses it.)
