@@ -267,7 +267,8 @@ def _plan(row: Mapping[str, str]) -> _Planned | str:
 def _run(cfg: estimate.Config, conc: np.ndarray, isl: np.ndarray,
          osl: np.ndarray) -> latency.ClosedLoopResult:
     return latency.closed_loop(estimate.step_model(cfg), tp=cfg.par.tp, pp=cfg.par.pp,
-                               dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc, isl=isl, osl=osl)
+                               dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc,
+                               prompt_tokens=isl, output_tokens=osl)
 
 
 def _match_qps(cfg: estimate.Config, qps: np.ndarray, isl: np.ndarray,

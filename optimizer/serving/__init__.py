@@ -1,6 +1,6 @@
 """Discrete-event serving simulator: replicas running vLLM-style continuous batching.
 
-Data flow: a `Workload` (requests.py) and a `Cluster` (cluster.py) go into `simulate`
+Data flow: a `RequestStream` (requests.py) and a `Cluster` (cluster.py) go into `simulate`
 (simulating.py), which runs one engine per attention DP rank (engine.py, checked against the
 scheduler core of scheduler.py and its KV model blockpool.py, which reference.py drives and
 the sim-server runs too), prices every step with the perf layer's step model (steptable.py),
@@ -33,8 +33,8 @@ from trilemma.optimizer.serving.requests import (
     Offline,
     Poisson,
     PrefixReuse,
+    RequestStream,
     Timestamps,
-    Workload,
     sample_workload,
 )
 from trilemma.optimizer.serving.results import SimResult, Stats, Summary
@@ -57,6 +57,7 @@ __all__ = [
     "Poisson",
     "Pool",
     "PrefixReuse",
+    "RequestStream",
     "SimResult",
     "Speculation",
     "Stats",
@@ -64,7 +65,6 @@ __all__ = [
     "StepTable",
     "Summary",
     "Timestamps",
-    "Workload",
     "engine_config",
     "kv_transfer",
     "sample_workload",

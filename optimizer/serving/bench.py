@@ -69,14 +69,14 @@ def bench(*, requests_n: int = 2000, isl: float = 1000.0, osl: float = 200.0,
     out: list[BenchResult] = []
     for label, arrivals in (("closed loop C=64", requests.ClosedLoop(concurrency=64)),
                             ("Poisson 12 req/s", requests.Poisson(rate_per_s=12.0))):
-        def workload(n: int, arrivals: requests.Arrivals = arrivals) -> requests.Workload:
+        def workload(n: int, arrivals: requests.Arrivals = arrivals) -> requests.RequestStream:
             return requests.sample_workload(
                 np.random.default_rng(seed), requests=n,
                 prompt=requests.Lognormal(mean=isl, p90=1.6 * isl),
                 output=requests.Lognormal(mean=osl, p90=1.6 * osl), arrivals=arrivals)
         full, short = workload(requests_n), workload(slow_requests)
 
-        def run(w: requests.Workload, method: simulating.Method,
+        def run(w: requests.RequestStream, method: simulating.Method,
                 tables: dict[cluster.EngineConfig, StepTable] | None = None) -> None:
             simulating.simulate(endpoint, w, sm, np.random.default_rng(seed), method=method,
                               tables=tables)

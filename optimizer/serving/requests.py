@@ -1,7 +1,7 @@
 """The simulator's workload: one row per request, as numpy arrays, and samplers that make one.
 
 Sits at the entrance of serving/: the user-facing workload spec (pydantic, later) converts into
-a `Workload`; `simulate` reads nothing else about the requests. Lengths are tokens, times are
+a `RequestStream`; `simulate` reads nothing else about the requests. Lengths are tokens, times are
 milliseconds from the start of the run.
 
 How requests arrive is part of the workload, because it is the client's behaviour:
@@ -43,7 +43,7 @@ def _frozen(values: object, dtype: type, name: str) -> np.ndarray:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Workload:
+class RequestStream:
     """Requests for one simulation. Arrays are copied and made read-only on construction.
 
     prefix_id: which shared prefix (system prompt, few-shot block) a request starts with, -1 for
@@ -256,7 +256,7 @@ class PrefixReuse:
 
 def sample_workload(rng: np.random.Generator, *, requests: int, prompt: LengthDist,
                     output: LengthDist, arrivals: Arrivals,
-                    prefix: PrefixReuse | None = None) -> Workload:
+                    prefix: PrefixReuse | None = None) -> RequestStream:
     """Draw `requests` rows: lengths, then prefixes, then arrival times (in that order)."""
     if requests < 1:
         raise InputError("requests", requests, "must be >= 1")
@@ -276,5 +276,5 @@ def sample_workload(rng: np.random.Generator, *, requests: int, prompt: LengthDi
         mode, arrival = LoadMode.OFFLINE, np.zeros(requests)
     else:
         arrival = arrivals.sample(rng, requests)
-    return Workload(prompt_tokens=isl, output_tokens=osl, prefix_id=ids, prefix_tokens=shared,
+    return RequestStream(prompt_tokens=isl, output_tokens=osl, prefix_id=ids, prefix_tokens=shared,
                     arrival_ms=arrival, mode=mode, concurrency=concurrency)

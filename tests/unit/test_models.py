@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trilemma.optimizer.catalog import models
-from trilemma.optimizer.catalog.models import AttentionKind, Phase
+from trilemma.optimizer.catalog.models import AttentionKind, StepPhase
 from trilemma.optimizer.errors import InputError, UnknownModelError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -41,7 +41,7 @@ def test_every_bundled_model_parses_into_a_consistent_architecture(model_id):
     assert 0 < arch.active_params <= arch.total_params
     assert arch.param_breakdown().total == arch.total_params
     assert arch.kv_bytes_per_token(2.0) > 0
-    assert arch.flops_per_token(4096, Phase.DECODE) > 2 * arch.active_params * 0.99
+    assert arch.flops_per_token(4096, StepPhase.DECODE) > 2 * arch.active_params * 0.99
     assert arch.source
 
 
@@ -243,7 +243,8 @@ def test_qwen35_linear_attention_layers_hold_a_fixed_state_instead_of_kv():
     state = arch.recurrent_state_bytes()
     assert state > 0
     assert arch.kv_bytes(1000, 2) == 1000 * arch.kv_bytes_per_token(2) + state
-    assert arch.flops_per_token(10, Phase.DECODE) < arch.flops_per_token(10_000, Phase.DECODE)
+    assert (arch.flops_per_token(10, StepPhase.DECODE)
+            < arch.flops_per_token(10_000, StepPhase.DECODE))
 
 
 def test_glm5_sparse_attention_caches_the_indexer_key_too():
@@ -257,32 +258,35 @@ def test_glm5_sparse_attention_caches_the_indexer_key_too():
 def test_decode_flops_are_twice_active_params_plus_linear_attention_term():
     arch = models.load_model("meta-llama/Llama-3.1-70B")
     base = 2 * (arch.active_params - arch.param_breakdown(active=True).norms)
-    assert arch.flops_per_token(0, Phase.DECODE) == base
-    assert arch.flops_per_token(8192, Phase.DECODE) == base + 80 * 4 * 64 * 128 * 8192
+    assert arch.flops_per_token(0, StepPhase.DECODE) == base
+    assert arch.flops_per_token(8192, StepPhase.DECODE) == base + 80 * 4 * 64 * 128 * 8192
     # A prompt token attends to half the prompt on average (causal mask).
-    assert arch.flops_per_token(8191, Phase.PREFILL) == base + 80 * 4 * 64 * 128 * 4096
+    assert arch.flops_per_token(8191, StepPhase.PREFILL) == base + 80 * 4 * 64 * 128 * 4096
 
 
 def test_prefill_flops_can_leave_out_lm_head():
     arch = models.load_model("meta-llama/Llama-3.1-8B")
     lm_head = arch.vocab_size * arch.hidden_size
-    with_logits = arch.flops_per_token(512, Phase.PREFILL)
-    assert with_logits - arch.flops_per_token(512, Phase.PREFILL, logits=False) == 2 * lm_head
+    with_logits = arch.flops_per_token(512, StepPhase.PREFILL)
+    assert with_logits - arch.flops_per_token(512, StepPhase.PREFILL, logits=False) == 2 * lm_head
 
 
 def test_sliding_layers_stop_adding_attention_flops_beyond_the_window():
     arch = models.load_model("openai/gpt-oss-120b")
     per_key = 4 * 64 * 64
-    growth = arch.flops_per_token(20_000, Phase.DECODE) - arch.flops_per_token(10_000, Phase.DECODE)
+    growth = (arch.flops_per_token(20_000, StepPhase.DECODE)
+              - arch.flops_per_token(10_000, StepPhase.DECODE))
     assert growth == 18 * per_key * 10_000  # only the 18 full layers grow
 
 
 def test_mla_decode_attends_over_the_latent_and_prefill_over_head_dims():
     arch = models.load_model("deepseek-ai/DeepSeek-V3")
     ctx = 1000
-    decode = arch.flops_per_token(ctx, Phase.DECODE) - arch.flops_per_token(0, Phase.DECODE)
+    decode = (arch.flops_per_token(ctx, StepPhase.DECODE)
+              - arch.flops_per_token(0, StepPhase.DECODE))
     assert decode == 61 * 2 * 128 * (512 + 64 + 512) * ctx
-    prefill = arch.flops_per_token(ctx, Phase.PREFILL) - arch.flops_per_token(0, Phase.PREFILL)
+    prefill = (arch.flops_per_token(ctx, StepPhase.PREFILL)
+               - arch.flops_per_token(0, StepPhase.PREFILL))
     assert prefill == 61 * 2 * 128 * (128 + 64 + 128) * (ctx + 1) / 2
 
 

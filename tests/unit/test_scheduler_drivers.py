@@ -56,7 +56,7 @@ def model() -> EngineModel:
     return _small_cache(LLAMA)
 
 
-def _workload(seed: int) -> serving.Workload:
+def _workload(seed: int) -> serving.RequestStream:
     return serving.sample_workload(
         np.random.default_rng(seed), requests=80,
         prompt=serving.Lognormal(mean=500, p90=800, high=1200),
@@ -71,7 +71,7 @@ class _Driver(Protocol):
     def step(self, now: float) -> float | None: ...
 
 
-def _run(w: serving.Workload, plan: _Driver, finish: Callable[[float], object]) -> None:
+def _run(w: serving.RequestStream, plan: _Driver, finish: Callable[[float], object]) -> None:
     """Both drivers' loop on one virtual clock (s): submit what has arrived, step, repeat."""
     arrivals = (w.arrival_ms / 1e3).tolist()
     now, nxt = 0.0, 0
@@ -103,7 +103,7 @@ class _SimRun:
     spec: list[SpecCall]  # what each step with decodes should report to spec_decode
 
 
-def _simulator(model: EngineModel, w: serving.Workload) -> _SimRun:
+def _simulator(model: EngineModel, w: serving.RequestStream) -> _SimRun:
     run = _SimRun([], Trace(len(w)), [[] for _ in range(len(w))], [])
     trace, steps = run.trace, run.steps
     eng = ReferenceEngine(model.engine, role=Role.COMBINED, index=0, workload=w, trace=trace,
@@ -141,7 +141,7 @@ def _simulator(model: EngineModel, w: serving.Workload) -> _SimRun:
     return run
 
 
-def _server(model: EngineModel, w: serving.Workload,
+def _server(model: EngineModel, w: serving.RequestStream,
             sink: _Sink) -> tuple[Decisions, list[SimRequest]]:
     eng = Engine(model, sink, rng=np.random.default_rng(0))
     block = model.block_size
@@ -178,7 +178,7 @@ def _timeline(r: SimRequest) -> Timeline:
     return list(zip(r.emissions, tokens, strict=True))
 
 
-def _assert_same_run(model: EngineModel, w: serving.Workload) -> _SimRun:
+def _assert_same_run(model: EngineModel, w: serving.RequestStream) -> _SimRun:
     sim = _simulator(model, w)
     sink = _Sink()
     server_steps, reqs = _server(model, w, sink)

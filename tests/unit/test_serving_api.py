@@ -21,8 +21,8 @@ def test_the_facade_exports_exactly_the_supported_names():
     assert sorted(serving.__all__) == [
         "Balancer", "ClosedLoop", "Cluster", "EngineConfig", "Fixed", "Gamma", "Histogram",
         "KvTransfer", "LoadMode", "Lognormal", "Method", "Offline", "Poisson", "Pool",
-        "PrefixReuse", "SimResult", "Speculation", "Stats", "StepCost", "StepTable", "Summary",
-        "Timestamps", "Workload", "engine_config", "kv_transfer", "sample_workload",
+        "PrefixReuse", "RequestStream", "SimResult", "Speculation", "Stats", "StepCost",
+        "StepTable", "Summary", "Timestamps", "engine_config", "kv_transfer", "sample_workload",
         "simulate",
     ]
     for name in serving.__all__:
@@ -116,7 +116,7 @@ def test_the_prefill_pool_must_hold_the_longest_prompt():
 
 
 def test_result_statistics_skip_undefined_tpot_and_check_their_arguments():
-    w = serving.Workload(prompt_tokens=np.full(4, 100), output_tokens=np.array([1, 1, 5, 5]),
+    w = serving.RequestStream(prompt_tokens=np.full(4, 100), output_tokens=np.array([1, 1, 5, 5]),
                          prefix_id=np.full(4, -1), prefix_tokens=np.zeros(4),
                          arrival_ms=np.array([0.0, 1000.0, 2000.0, 3000.0]))
     res = serving.simulate(serving.Cluster(pool=serving.Pool(engine=serving.EngineConfig(

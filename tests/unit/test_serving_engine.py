@@ -221,7 +221,7 @@ def test_least_outstanding_avoids_the_replica_stuck_with_long_requests():
     # Row 0 is very long; round robin keeps sending every third request to its replica.
     out = np.full(90, 20)
     out[0] = 3000
-    w = serving.Workload(prompt_tokens=np.full(90, 200), output_tokens=out,
+    w = serving.RequestStream(prompt_tokens=np.full(90, 200), output_tokens=out,
                          prefix_id=np.full(90, -1), prefix_tokens=np.zeros(90),
                          arrival_ms=np.arange(90) * 50.0)
     def ttft(balancer):

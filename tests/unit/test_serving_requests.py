@@ -13,7 +13,7 @@ def _workload(**over):
                   prefix_id=np.full(n, -1), prefix_tokens=np.zeros(n),
                   arrival_ms=np.arange(n, dtype=float))
     fields.update(over)
-    return serving.Workload(**fields)
+    return serving.RequestStream(**fields)
 
 
 @pytest.mark.parametrize("over,field", [

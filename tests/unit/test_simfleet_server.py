@@ -223,7 +223,7 @@ async def test_unloaded_request_takes_the_perf_models_prefill_and_decode_steps(l
     a busy shared machine; a missing or doubled step (7 ms) or a wrong prefill (45 ms) fails."""
     prompt, output = 2000, 16
     cfg = llama.perf_config
-    prefill = perf_estimate.prefill_ms(cfg, batch=1, prompt=prompt)
+    prefill = perf_estimate.prefill_ms(cfg, batch=1, prompt_tokens=prompt)
     decodes = sum(perf_estimate.decode_step_ms(cfg, batch=1, kv_len=prompt + i)
                   for i in range(1, output))
     overhead = llama.request_overhead_ms
