@@ -97,15 +97,16 @@ def _add_estimate(sub: _Subparsers[argparse.ArgumentParser]) -> None:
                    help="output tokens per request")
     p.add_argument("--cached-tokens", type=int, default=0,
                    help="prompt tokens served from prefix cache")
+    p.add_argument("--output-predictability", type=float, default=0.5,
+                   help="0 (creative) .. 1 (rewriting): drives speculation acceptance")
     # The spellings before the glossary (README) named these, kept so scripts still run.
     for old, dest, kind in (("--isl", "prompt_tokens", _positive_int),
                             ("--prompt", "prompt_tokens", _positive_int),
                             ("--osl", "output_tokens", _positive_int),
-                            ("--cached", "cached_tokens", int)):
+                            ("--cached", "cached_tokens", int),
+                            ("--predictability", "output_predictability", float)):
         p.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS,
                        help=argparse.SUPPRESS)
-    p.add_argument("--predictability", type=float, default=0.5,
-                   help="0 (creative) .. 1 (rewriting): drives speculation acceptance")
     p.add_argument("--batch", type=_positive_int, default=1, help="--phase decode/prefill batch")
     p.add_argument("--kv-len", type=_positive_int, default=1024, help="--phase decode KV length")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -208,7 +209,7 @@ def _estimate(args: argparse.Namespace) -> int:
         return 0
     e = est.closed_loop(cfg, concurrency=args.concurrency, prompt_tokens=args.prompt_tokens,
                         output_tokens=args.output_tokens, cached_tokens=args.cached_tokens,
-                        predictability=args.predictability)
+                        output_predictability=args.output_predictability)
     prov = e.provenance
     # JSON keys as before the glossary: scripts read them (README maps isl/osl).
     doc = {**head, "concurrency": args.concurrency, "isl": args.prompt_tokens,

@@ -132,7 +132,7 @@ def provenance(cfg: Config, sm: StepModel | None = None) -> dict[str, str]:
 
 
 def closed_loop(cfg: Config, *, concurrency: int, prompt_tokens: int, output_tokens: int,
-                cached_tokens: int = 0, predictability: float = 0.5) -> Estimate:
+                cached_tokens: int = 0, output_predictability: float = 0.5) -> Estimate:
     for name, value in (("concurrency", concurrency), ("prompt_tokens", prompt_tokens),
                         ("output_tokens", output_tokens)):
         if value < 1:
@@ -140,15 +140,15 @@ def closed_loop(cfg: Config, *, concurrency: int, prompt_tokens: int, output_tok
     if not 0 <= cached_tokens < prompt_tokens:
         raise InputError("cached_tokens", cached_tokens,
                          "cached prefix tokens must be in [0, prompt_tokens)")
-    if not 0.0 <= predictability <= 1.0:
-        raise InputError("predictability", predictability, "must be between 0 and 1")
+    if not 0.0 <= output_predictability <= 1.0:
+        raise InputError("output_predictability", output_predictability, "must be between 0 and 1")
     sm = step_model(cfg)
     r = latency.closed_loop(
         sm, tp=cfg.par.tp, pp=cfg.par.pp, dp=cfg.par.dp, ep=cfg.par.ep,
         concurrency=concurrency, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
         cached_tokens=cached_tokens,
         max_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-        spec=cfg.spec, predictability=predictability, draft=draft_step_model(cfg))
+        spec=cfg.spec, output_predictability=output_predictability, draft=draft_step_model(cfg))
     m = r.memory
     return Estimate(
         config=cfg, fits=bool(m.fits), ttft_ms=float(r.ttft_ms), tpot_ms=float(r.tpot_ms),

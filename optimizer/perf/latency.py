@@ -63,7 +63,7 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
                 output_tokens: npt.ArrayLike, cached_tokens: npt.ArrayLike = 0.0,
                 max_batched_tokens: npt.ArrayLike | None = None,
                 max_num_seqs: npt.ArrayLike | None = None, spec: SpecConfig | None = None,
-                predictability: float = 0.5, draft: StepModel | None = None,
+                output_predictability: float = 0.5, draft: StepModel | None = None,
                 first_wave_weight: float | None = None) -> ClosedLoopResult:
     """Scalars or arrays in (broadcast together), arrays over candidates out.
 
@@ -86,7 +86,7 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
     if spec.method is SpecMethod.NONE:
         per_step = np.ones_like(conc)
     else:
-        a = speculation.acceptance_rate(spec.method, predictability)
+        a = speculation.acceptance_rate(spec.method, output_predictability)
         per_step = np.broadcast_to(speculation.expected_tokens_per_step(a, spec.k), conc.shape)
 
     mem = memory.breakdown(sm.arch, sm.gpu, sm.recipe, sm.kv, facts, tp=tp, pp=pp, dp=dp,

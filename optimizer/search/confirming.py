@@ -120,8 +120,8 @@ def workload(request: PlanRequest, n: int, seed: int) -> serving.RequestStream:
     cached = np.minimum(s.cached_tokens, s.prompt_tokens - 1)
     ids = np.where(cached > 0, 0, -1)
     return serving.RequestStream(prompt_tokens=s.prompt_tokens, output_tokens=s.output_tokens,
-                            prefix_id=ids, prefix_tokens=np.where(ids >= 0, cached, 0),
-                            arrival_ms=arrival)
+                                 prefix_id=ids, prefix_tokens=np.where(ids >= 0, cached, 0),
+                                 arrival_ms=arrival)
 
 
 _MODELS: dict[tuple[str, str, str, str, str], steps.StepModel] = {}
@@ -139,11 +139,11 @@ def step_model(cfg: ServingConfig, w: WorkerConfig) -> steps.StepModel:
 
 
 def _engine(sm: steps.StepModel, w: WorkerConfig,
-            predictability: float) -> serving.EngineConfig:
+            output_predictability: float) -> serving.EngineConfig:
     spec = None
     if w.spec_method is not SpecMethod.NONE:
         spec = serving.Speculation.for_workload(
-            SpecConfig(method=w.spec_method, k=w.spec_k), predictability)
+            SpecConfig(method=w.spec_method, k=w.spec_k), output_predictability)
     return serving.engine_config(sm, tp=w.tp, pp=w.pp, dp=w.dp, ep=w.ep,
                                  max_num_seqs=w.max_num_seqs,
                                  max_num_batched_tokens=w.max_num_batched_tokens,
@@ -151,7 +151,7 @@ def _engine(sm: steps.StepModel, w: WorkerConfig,
                                  gpu_memory_utilization=w.gpu_memory_utilization)
 
 
-def simulate(cfg: ServingConfig, sample: serving.RequestStream, predictability: float,
+def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictability: float,
              seed: int) -> serving.SimResult:
     w = cfg.worker
     sm = step_model(cfg, w)
@@ -160,10 +160,10 @@ def simulate(cfg: ServingConfig, sample: serving.RequestStream, predictability: 
             prompt_tokens=sample.prompt_tokens, output_tokens=sample.output_tokens,
             prefix_id=np.full(len(sample), -1), prefix_tokens=np.zeros(len(sample), np.int64),
             arrival_ms=sample.arrival_ms)
-    pool = serving.Pool(engine=_engine(sm, w, predictability), replicas=cfg.replicas)
+    pool = serving.Pool(engine=_engine(sm, w, output_predictability), replicas=cfg.replicas)
     prefill = transfer = None
     if cfg.mode is Mode.DISAGGREGATED and cfg.prefill is not None:
-        prefill = serving.Pool(engine=_engine(sm, cfg.prefill, predictability),
+        prefill = serving.Pool(engine=_engine(sm, cfg.prefill, output_predictability),
                                replicas=cfg.prefill_replicas)
         # Pools sit on different nodes, as the screen assumes.
         transfer = serving.kv_transfer(sm, tp=cfg.prefill.tp, pp=cfg.prefill.pp,

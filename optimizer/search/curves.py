@@ -52,7 +52,7 @@ def latency_curve(request: PlanRequest, config: ServingConfig) -> LatencyCurve:
                             output_tokens=wl.output_tokens, cached_tokens=cached,
                             max_batched_tokens=w.max_num_batched_tokens,
                             max_num_seqs=w.max_num_seqs, spec=parse_spec(spec_text),
-                            predictability=wl.output_predictability,
+                            output_predictability=wl.output_predictability,
                             draft=estimate.draft_step_model(cfg), first_wave_weight=0.0)
     ttft = screening.percentile(SloMetric.TTFT, "p90", r.ttft_ms, r.tpot_ms, wl)
     tpot = screening.percentile(SloMetric.TPOT, "p90", r.ttft_ms, r.tpot_ms, wl)

@@ -213,7 +213,7 @@ class RowScreen:
     """Per-replica results of one group's rows."""
 
     rows: Rows
-    cached: np.ndarray
+    cached_tokens: np.ndarray  # per row: prompt tokens served from the prefix cache
     agg: Curve
     decode: Curve | None
     prefill_service_ms: np.ndarray | None    # one request's prefill on an idle rank
@@ -261,19 +261,20 @@ def screen_rows(rows: Rows, request: PlanRequest, wl: WorkloadMeans, terms: list
             concurrency=C, prompt_tokens=wl.prompt_tokens, output_tokens=wl.output_tokens,
             cached_tokens=col(cached_tokens),
             max_batched_tokens=col(rows.max_num_batched_tokens),
-            max_num_seqs=col(rows.max_num_seqs), spec=spec, predictability=wl.output_predictability,
+            max_num_seqs=col(rows.max_num_seqs), spec=spec,
+            output_predictability=wl.output_predictability,
             first_wave_weight=0.0)  # open-loop serving has no synchronized first wave
         return r.ttft_ms, r.tpot_ms, r.requests_per_s
 
     if coarse:
         agg_curve = capacity_curve(lambda C: run(C, cached), cmax, terms, wl, levels=4,
                                    bisections=0)
-        return RowScreen(rows=rows, cached=cached, agg=agg_curve, decode=None,
+        return RowScreen(rows=rows, cached_tokens=cached, agg=agg_curve, decode=None,
                          prefill_service_ms=None, prefill_rate=None, transfer_ms=None,
                          overhead_ms=facts.request_overhead_ms)
     agg_curve = capacity_curve(lambda C: run(C, cached), cmax, terms, wl)
     if not disaggregate:
-        return RowScreen(rows=rows, cached=cached, agg=agg_curve, decode=None,
+        return RowScreen(rows=rows, cached_tokens=cached, agg=agg_curve, decode=None,
                          prefill_service_ms=None, prefill_rate=None, transfer_ms=None,
                          overhead_ms=facts.request_overhead_ms)
     # Decode pool: requests arrive with their KV; only TPOT terms apply to it.
@@ -298,7 +299,7 @@ def screen_rows(rows: Rows, request: PlanRequest, wl: WorkloadMeans, terms: list
     per_token = memory.kv_bytes_per_token_per_gpu(g.arch, g.kv, rows.tp, rows.pp)
     # Pools sit on different nodes: the KV crosses the scale-out network.
     transfer = KV_TRANSFER_LATENCY_MS + wl.prompt_tokens * per_token / g.gpu.inter_node_bw * 1e3
-    return RowScreen(rows=rows, cached=cached, agg=agg_curve, decode=decode,
+    return RowScreen(rows=rows, cached_tokens=cached, agg=agg_curve, decode=decode,
                      prefill_service_ms=service, prefill_rate=per_rank * rows.dp * 1e3,
                      transfer_ms=transfer, overhead_ms=facts.request_overhead_ms)
 
@@ -328,11 +329,11 @@ def prefill_rho_max(rs: RowScreen, terms: list[Term], first_step_ms: np.ndarray)
     return rho
 
 
-def tokens_per_step(rows: Rows, predictability: float) -> float:
+def tokens_per_step(rows: Rows, output_predictability: float) -> float:
     spec = rows.group.spec
     if spec.method is SpecMethod.NONE:
         return 1.0
-    a = speculation.acceptance_rate(spec.method, predictability)
+    a = speculation.acceptance_rate(spec.method, output_predictability)
     return float(speculation.expected_tokens_per_step(a, spec.k))
 
 

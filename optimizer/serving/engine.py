@@ -41,7 +41,8 @@ __all__ = ["FastEngine", "Role", "SeqState"]
 
 class SeqState:
     """Scheduler state per request, shared by all fast engines of a run (a request is on one
-    engine at a time; the prefill engine only frees its blocks after the hand-off)."""
+    engine at a time; the prefill engine only frees its blocks after the hand-off). `prompt`
+    and `output` hold the requests' prompt_tokens and output_tokens, short as in Seq."""
 
     def __init__(self, workload: RequestStream) -> None:
         n = len(workload)

@@ -130,7 +130,7 @@ async def test_the_loop_follows_a_traffic_shift_and_ignores_steady_noise(
         steady_s = 45.0
         started = time.time()
         report = await run_load(fleet.urls, [LoadStage(duration_s=steady_s, name="steady",
-                                                   **STEADY)], seed=3)
+                                                       **STEADY)], seed=3)
         observed = status(api).get("observedWorkload") or {}
         truth = window_truth(report, started, observed)
         rollouts_steady = sum(1 for h in history(api) if h["action"] == "RollOut")

@@ -47,10 +47,14 @@ def test_estimate_single_steps(capsys, phase, extra):
 
 
 def test_the_old_length_flags_are_hidden_aliases_of_the_glossary_names(capsys):
-    _, new, _ = run(capsys, *BASE, "--prompt-tokens", "2048", "--output-tokens", "300",
-                    "--cached-tokens", "512", "--json")
-    _, old, _ = run(capsys, *BASE, "--isl", "2048", "--osl", "300", "--cached", "512", "--json")
-    assert new == old
+    spec = ["--tp", "4", "--spec", "eagle3:3"]  # speculation: predictability matters
+    _, new, _ = run(capsys, *BASE, *spec, "--prompt-tokens", "2048", "--output-tokens", "300",
+                    "--cached-tokens", "512", "--output-predictability", "0.9", "--json")
+    _, old, _ = run(capsys, *BASE, *spec, "--isl", "2048", "--osl", "300", "--cached", "512",
+                    "--predictability", "0.9", "--json")
+    _, default, _ = run(capsys, *BASE, *spec, "--isl", "2048", "--osl", "300", "--cached",
+                        "512", "--json")
+    assert new == old != default
     doc = json.loads(new)
     assert (doc["isl"], doc["osl"], doc["cached"]) == (2048, 300, 512)
     with pytest.raises(SystemExit):

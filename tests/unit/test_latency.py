@@ -52,7 +52,8 @@ def test_littles_law_ties_rate_latency_and_concurrency():
 
 def test_speculation_shortens_tpot_at_low_concurrency_for_predictable_output():
     plain = _loop(1, osl=512)
-    spec = _loop(1, osl=512, spec=SpecConfig(method=SpecMethod.EAGLE3, k=3), predictability=0.9)
+    spec = _loop(1, osl=512, spec=SpecConfig(method=SpecMethod.EAGLE3, k=3),
+                 output_predictability=0.9)
     assert float(spec.tokens_per_step) > 2.0
     assert float(spec.tpot_ms) < 0.7 * float(plain.tpot_ms)
 

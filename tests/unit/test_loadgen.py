@@ -41,7 +41,7 @@ async def scrape(url: str) -> dict[str, float]:
 
 def test_same_seed_plans_the_same_requests_and_another_seed_does_not():
     phase = LoadStage(duration_s=5, rate=10, prompt_mean=300, prompt_p90=600, output_mean=20,
-                  output_p90=40, prefix_share=0.5, prefix_tokens=64, prefixes=2)
+                      output_p90=40, prefix_share=0.5, prefix_tokens=64, prefixes=2)
     a = loadgen.plan_open_loop(phase, 0, seed=7)
     b = loadgen.plan_open_loop(phase, 0, seed=7)
     c = loadgen.plan_open_loop(phase, 0, seed=8)
@@ -63,7 +63,7 @@ def test_arrivals_realize_their_rate_and_burstiness(arrivals, cv):
 
 def test_prefix_reuse_realizes_its_shares_with_shared_token_ids():
     phase = LoadStage(duration_s=1, prompt_mean=400, output_mean=5, prefix_share=0.4,
-                  prefix_tokens=100, prefixes=3)
+                      prefix_tokens=100, prefixes=3)
     contents = loadgen.Contents(phase, 0, seed=3)
     reqs = [contents.next() for _ in range(3000)]
     with_prefix = [r for r in reqs if r.prefix >= 0]
@@ -81,7 +81,7 @@ def test_prefix_reuse_realizes_its_shares_with_shared_token_ids():
 
 def test_short_prompts_are_all_prefix():
     phase = LoadStage(duration_s=1, prompt_mean=50, output_mean=5, prefix_share=1.0,
-                  prefix_tokens=80)
+                      prefix_tokens=80)
     r = loadgen.Contents(phase, 0, seed=0).next()
     assert r.shared_tokens == len(r.tokens) == 50
 
@@ -116,9 +116,9 @@ def test_bad_phases_name_the_field(doc, field):
 async def test_report_tells_the_truth_the_server_counted_and_shows_the_phase_change(llama):
     phases = [
         LoadStage(duration_s=0.8, rate=10, prompt_mean=300, prompt_p90=500, output_mean=8,
-              output_p90=14, prefix_share=0.5, prefix_tokens=128, prefixes=2),
+                  output_p90=14, prefix_share=0.5, prefix_tokens=128, prefixes=2),
         LoadStage(duration_s=0.8, rate=40, prompt_mean=1500, output_mean=8, prefix_share=0.5,
-              prefix_tokens=128, prefixes=2),
+                  prefix_tokens=128, prefixes=2),
     ]
     server = SimServer(llama, served_model_name="sim", time_scale=FAST)
     url = await server.start()
@@ -148,7 +148,7 @@ async def test_report_tells_the_truth_the_server_counted_and_shows_the_phase_cha
 
 async def test_same_seed_sends_the_same_request_sequence(llama):
     phases = [LoadStage(duration_s=0.5, rate=20, prompt_mean=200, prompt_p90=300, output_mean=4,
-                    prefix_share=0.3, prefix_tokens=32)]
+                        prefix_share=0.3, prefix_tokens=32)]
     server = SimServer(llama, served_model_name="sim", time_scale=FAST)
     url = await server.start()
     try:

@@ -45,10 +45,10 @@ class _Sink:
         pass
 
 
-def _small_cache(config: ServingConfig, predictability: float = 0.5) -> EngineModel:
+def _small_cache(config: ServingConfig, output_predictability: float = 0.5) -> EngineModel:
     # A small cache: requests preempt each other and shared prefixes get evicted.
     return EngineModel(config, kv_blocks=150, request_overhead_ms=0.0,
-                       predictability=predictability)
+                       output_predictability=output_predictability)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,12 @@ def model() -> EngineModel:
 
 
 def _workload(seed: int) -> serving.RequestStream:
-    return serving.sample_workload(
+    return serving.sample_requests(
         np.random.default_rng(seed), requests=80,
-        prompt=serving.Lognormal(mean=500, p90=800, high=1200),
-        output=serving.Lognormal(mean=60, p90=110, high=200),
+        prompt_tokens=serving.Lognormal(mean=500, p90=800, high=1200),
+        output_tokens=serving.Lognormal(mean=60, p90=110, high=200),
         arrivals=serving.Poisson(rate_per_s=40.0),
-        prefix=serving.PrefixReuse(tokens=300, share=0.7, prefixes=3))
+        prefix=serving.SharedPrefixes(tokens=300, share=0.7, prefixes=3))
 
 
 class _Driver(Protocol):
@@ -145,7 +145,7 @@ def _server(model: EngineModel, w: serving.RequestStream,
             sink: _Sink) -> tuple[Decisions, list[SimRequest]]:
     eng = Engine(model, sink, rng=np.random.default_rng(0))
     block = model.block_size
-    reqs = [SimRequest(prompt_len=int(w.prompt_tokens[i]), max_tokens=int(w.output_tokens[i]),
+    reqs = [SimRequest(prompt_tokens=int(w.prompt_tokens[i]), max_tokens=int(w.output_tokens[i]),
                        block_hashes=prefix_hashes(int(w.prefix_id[i]),
                                                   int(w.prefix_tokens[i]) // block),
                        arrival=float(w.arrival_ms[i]) / 1e3)

@@ -45,9 +45,9 @@ def _steady_closed_loop(sm, *, tp, concurrency, isl, osl):
     n = max(30 * concurrency, 300)
     out = np.rint(osl * np.random.default_rng(5).uniform(0.5, 1.5, n)).astype(np.int64)
     w = serving.RequestStream(prompt_tokens=np.full(n, isl), output_tokens=out,
-                         prefix_id=np.full(n, -1), prefix_tokens=np.zeros(n),
-                         arrival_ms=np.zeros(n), mode=serving.LoadMode.CLOSED,
-                         concurrency=concurrency)
+                              prefix_id=np.full(n, -1), prefix_tokens=np.zeros(n),
+                              arrival_ms=np.zeros(n), mode=serving.LoadMode.CLOSED,
+                              concurrency=concurrency)
     cluster = serving.Cluster(pool=serving.Pool(engine=serving.engine_config(sm, tp=tp)),
                               request_overhead_ms=FACTS.request_overhead_ms)
     res = serving.simulate(cluster, w, sm, np.random.default_rng(0))

@@ -298,7 +298,7 @@ class Recorder:
 
 
 def request(tokens: list[int], max_tokens: int, block: int = 16) -> SimRequest:
-    return SimRequest(prompt_len=len(tokens), block_hashes=block_hashes(tokens, block),
+    return SimRequest(prompt_tokens=len(tokens), block_hashes=block_hashes(tokens, block),
                       max_tokens=max_tokens, arrival=0.0)
 
 

@@ -106,9 +106,9 @@ def endpoint_manifest(prometheus_url: str) -> Obj:
 def phases(options: DemoOptions) -> list[LoadStage]:
     """The steady phase (the spec's workload) and the shifted one."""
     steady = LoadStage(duration_s=options.steady_s, name="steady", rate=RATE_RPS,
-                   prompt_mean=PROMPT_MEAN, prompt_p90=PROMPT_P90, output_mean=OUTPUT_MEAN,
-                   output_p90=OUTPUT_P90, prefix_share=PREFIX_SHARE,
-                   prefix_tokens=PREFIX_TOKENS)
+                       prompt_mean=PROMPT_MEAN, prompt_p90=PROMPT_P90, output_mean=OUTPUT_MEAN,
+                       output_p90=OUTPUT_P90, prefix_share=PREFIX_SHARE,
+                       prefix_tokens=PREFIX_TOKENS)
     if options.shift == "rate":
         shifted = dataclasses.replace(steady, name="shifted", duration_s=options.shift_s,
                                       rate=RATE_RPS * SHIFT_FACTOR)
