@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,7 +278,9 @@ class LocalCluster:
         args = ["get", kind, *([name] if name else []), "-o", "json"]
         if namespace:
             args[1:1] = ["-n", namespace]
-        return json.loads(self.kubectl(*args).stdout)
+        # `kubectl get -o json` prints one object (a List when no name is given).
+        found: dict[str, Any] = json.loads(self.kubectl(*args).stdout)
+        return found
 
     def wait_established(self, crd: str, timeout_s: float = 60.0) -> None:
         """Until the CRD is served. (`kubectl wait` fails outright while a new CRD has no
@@ -371,7 +373,7 @@ class LocalCluster:
             time.sleep(0.3)
         raise ClusterError(f"kube-apiserver not ready:\n{self.logs('kube-apiserver')}")
 
-    def _poll(self, deadline: float, what: str, check: Any) -> None:
+    def _poll(self, deadline: float, what: str, check: Callable[[], bool]) -> None:
         while True:
             self.check_alive()
             if check():

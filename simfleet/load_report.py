@@ -12,9 +12,51 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
+
+
+# The JSON report's shapes (`trilemma loadgen --json`), as `to_dict` writes them.
+class StatsDict(TypedDict):
+    n: int
+    mean: float | None
+    p50: float | None
+    p90: float | None
+    p99: float | None
+
+
+class PhaseReportDict(TypedDict):
+    name: str
+    index: int | None
+    duration_s: float
+    parameters: dict[str, Any]  # the phase's settings, as loadgen.LoadStage.to_dict gives them
+    sent: int
+    completed: int
+    failed: int
+    rate_per_s: float
+    arrival_cv: float | None
+    prompt_tokens: StatsDict
+    output_tokens: StatsDict
+    prompt_tokens_total: int
+    output_tokens_total: int
+    prefix_token_share: float
+    prefix_request_share: float
+    server_prompt_tokens: int
+    server_completion_tokens: int
+    server_cached_tokens: int
+    ttft_ms: StatsDict
+    itl_ms: StatsDict
+    e2e_ms: StatsDict
+    errors: dict[str, int]
+
+
+class LoadReportDict(TypedDict):
+    urls: list[str]
+    model: str
+    seed: int
+    phases: list[PhaseReportDict]
+    overall: PhaseReportDict
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +77,7 @@ class Stats:
         p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
         return cls(n=int(a.size), mean=float(a.mean()), p50=p50, p90=p90, p99=p99)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> StatsDict:
         def r(v: float | None) -> float | None:
             return None if v is None else round(v, 4)
 
@@ -124,7 +166,7 @@ class PhaseReport:
             e2e_ms=Stats.of([r.e2e_s * 1e3 for r in ok if r.e2e_s is not None]),
             errors=dict(Counter(r.error for r in records if r.error).most_common()))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> PhaseReportDict:
         return {
             "name": self.name, "index": self.index, "duration_s": round(self.duration_s, 3),
             "parameters": self.parameters, "sent": self.sent, "completed": self.completed,
@@ -155,7 +197,7 @@ class LoadReport:
     overall: PhaseReport
     requests: tuple[RequestRecord, ...]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> LoadReportDict:
         return {"urls": list(self.urls), "model": self.model, "seed": self.seed,
                 "phases": [p.to_dict() for p in self.phases],
                 "overall": self.overall.to_dict()}

@@ -424,7 +424,7 @@ class _PhasesFile(pydantic.BaseModel):
     phases: list[_PhaseFields] = pydantic.Field(min_length=1)
 
 
-def parse_phases(doc: Any, base: LoadStage) -> list[LoadStage]:
+def parse_phases(doc: object, base: LoadStage) -> list[LoadStage]:
     """Phases from a parsed YAML/JSON document ({phases: [...]} or a bare list); each phase
     starts from the one before it, the first from `base`."""
     if isinstance(doc, list):

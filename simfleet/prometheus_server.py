@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict
 
 import yaml
 
@@ -57,6 +57,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class Sample(TypedDict):
+    """One series of an instant query's vector result (Prometheus' HTTP API)."""
+
+    metric: dict[str, str]  # its labels
+    value: list[float | str]  # [unix seconds, the value as a string]
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,7 @@ class PrometheusServer:
             return up >= {job.name for job in self.jobs}
         self._wait(all_up, timeout_s, "scrape every target")
 
-    def query(self, promql: str) -> list[dict[str, Any]]:
+    def query(self, promql: str) -> list[Sample]:
         """An instant query's vector result."""
         body = self._get("/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
         if body is None:

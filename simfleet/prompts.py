@@ -21,7 +21,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 VOCAB = 128_000  # ids stay below a Llama-3-sized vocabulary
 _PIECE = re.compile(r"\w+|[^\w\s]")
@@ -29,6 +29,19 @@ _BEGIN, _START_HEADER, _END_HEADER, _BLANK, _END_TURN = range(VOCAB, VOCAB + 5)
 FILLER = ("the", "model", "serves", "tokens", "at", "a", "steady", "pace", "while", "each",
           "request", "waits", "its", "turn", "in", "batch")
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; used for chat too
+
+
+class ErrorDetail(TypedDict):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorBody(TypedDict):
+    """OpenAI's error response."""
+
+    error: ErrorDetail
 
 
 class ApiError(Exception):
@@ -42,7 +55,7 @@ class ApiError(Exception):
         self.kind = kind
         self.param = param
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> ErrorBody:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.status}}
 
@@ -67,7 +80,8 @@ def filler_text(start: int, count: int) -> str:
     return "".join(" " + FILLER[(start + i) % n] for i in range(count))
 
 
-def _content_text(content: Any) -> str:
+# The request's JSON comes from the client unchecked: these take `object` and check each part.
+def _content_text(content: object) -> str:
     if isinstance(content, str):
         return content
     if content is None:
@@ -84,7 +98,7 @@ def _content_text(content: Any) -> str:
                    param="messages")
 
 
-def chat_tokens(messages: Any) -> list[int]:
+def chat_tokens(messages: object) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     ids = [_BEGIN]
@@ -97,7 +111,7 @@ def chat_tokens(messages: Any) -> list[int]:
     return [*ids, _START_HEADER, *text_tokens("assistant"), _END_HEADER, _BLANK]
 
 
-def completion_tokens(prompt: Any) -> list[int]:
+def completion_tokens(prompt: object) -> list[int]:
     """A completions `prompt`: text, token ids, or a batch of exactly one of those."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
@@ -119,7 +133,7 @@ def _int(body: dict[str, Any], name: str, default: int | None) -> int | None:
     return value
 
 
-def parse(body: Any, *, chat: bool, served_model: str, max_model_len: int) -> Prompt:
+def parse(body: object, *, chat: bool, served_model: str, max_model_len: int) -> Prompt:
     """Check a /v1/completions or /v1/chat/completions body as vLLM would."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")

@@ -18,7 +18,7 @@ import asyncio
 import json
 import time
 from importlib import metadata
-from typing import Any
+from typing import Any, TypedDict
 
 from aiohttp import web
 
@@ -185,7 +185,20 @@ class SimServer:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-def _usage(req: SimRequest) -> dict[str, Any]:
+class CachedTokens(TypedDict):
+    cached_tokens: int
+
+
+class Usage(TypedDict):
+    """OpenAI's `usage` object, with vLLM's prompt cache hits."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: CachedTokens
+
+
+def _usage(req: SimRequest) -> Usage:
     return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.generated,
             "total_tokens": req.prompt_tokens + req.generated,
             "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
@@ -220,11 +233,11 @@ class _Reply:
         choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
         return {**self._head("text_completion"), "choices": [choice]}
 
-    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [], "usage": usage}
 
-    def whole(self, text: str, usage: dict[str, Any]) -> dict[str, Any]:
+    def whole(self, text: str, usage: Usage) -> dict[str, Any]:
         if self.chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant",
                                                               "content": text},

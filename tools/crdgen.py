@@ -122,7 +122,7 @@ _CEL_RESERVED = frozenset({
 # ---- the documents -------------------------------------------------------------------------
 
 
-def crd_documents() -> list[dict[str, Any]]:
+def crd_documents() -> list[Schema]:
     """The CustomResourceDefinitions of OptimizedEndpoint and HardwarePool, as plain data."""
     status = model_schema(resources.OptimizedEndpointStatus)
     # Kopf keeps its own bookkeeping (progress, last-handled state) beside the operator's keys.
@@ -305,6 +305,9 @@ def _annotate(model: type[BaseModel], node: Schema, guard: str | None) -> None:
     for name, field in model.model_fields.items():
         sub = node["properties"][field.alias or name]
         if field.default_factory is not None:
+            # pydantic leaves `annotation` None only on a field declared without one, which no
+            # spec model has.
+            assert field.annotation is not None
             value = field.get_default(call_default_factory=True)
             sub["default"] = TypeAdapter(field.annotation).dump_python(
                 value, mode="json", by_alias=True, exclude_none=True)
@@ -313,7 +316,7 @@ def _annotate(model: type[BaseModel], node: Schema, guard: str | None) -> None:
             _annotate(inner, inner_node, inner_guard)
 
 
-def _nested_models(annotation: Any, node: Schema
+def _nested_models(annotation: object, node: Schema
                    ) -> Iterator[tuple[type[BaseModel], Schema, str | None]]:
     """The models inside a field's type, each with its schema node (and union guard)."""
     origin, args = get_origin(annotation), get_args(annotation)

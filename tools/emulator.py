@@ -22,19 +22,22 @@ server would.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+import aiohttp.web
 import kmock
 import yaml
 
 from trilemma.operator import naming
 
 Obj = dict[str, Any]
+T = TypeVar("T")
 OE = f"{naming.GROUP}/{naming.VERSION}/optimizedendpoints"
 POOLS = f"{naming.GROUP}/{naming.VERSION}/hardwarepools"
 DEPLOYMENTS = "apps/v1/deployments"
@@ -54,7 +57,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     _generated: int = 0
 
-    async def _handle(self, request: Any) -> Any:
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         data = request.data
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
@@ -77,7 +80,7 @@ class ForgetfulEmulator(Emulator):
     # Requests by method and resource, for the benchmark report (one emulator per process).
     served: ClassVar[Counter[str]] = Counter()
 
-    async def _handle(self, request: Any) -> Any:
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         kind = request.resource.plural if request.resource is not None else "other"
         suffix = "/status" if str(request.url).endswith("/status") else ""
         self.served[f"{request.method} {kind}{suffix}"] += 1
@@ -92,7 +95,7 @@ class ForgetfulEmulator(Emulator):
     # server saw it: a benchmark's own polling would share (and be starved by) this loop.
     marks: ClassVar[dict[str, float]] = {}
 
-    def _mark(self, request: Any) -> None:
+    def _mark(self, request: kmock.Request) -> None:
         data = request.data if isinstance(request.data, dict) else {}
         kind = request.resource.plural if request.resource is not None else None
         now = time.perf_counter()
@@ -151,19 +154,18 @@ class Api:
         scope = f"/namespaces/{namespace}" if namespace else ""
         return f"{prefix}{scope}/{plural}" + (f"/{name}" if name else "")
 
-    async def _send(self, method: str, path: str, body: Any = None,
-                    content_type: str = "application/json") -> Any:
-        import aiohttp
-
+    async def _send(self, method: str, path: str, body: Obj | None = None,
+                    content_type: str = "application/json") -> Obj:
         async with aiohttp.ClientSession() as session, session.request(
                 method, self.base + path, json=body,
                 headers={"Content-Type": content_type}) as resp:
-            data = await resp.json()
+            # The API server answers every request with a JSON object (a Status on errors).
+            data: Obj = await resp.json()
             if resp.status >= 400:
                 raise AssertionError(f"{method} {path}: {resp.status} {data}")
             return data
 
-    async def create(self, obj: Obj) -> Any:
+    async def create(self, obj: Obj) -> Obj:
         # KMock keeps no resourceVersion, but Kopf's JSON patches test for one (when it adds
         # its finalizer): give each object a fixed one, as a real server would give one.
         obj = {**obj, "metadata": {"resourceVersion": "1", **obj["metadata"]}}
@@ -173,13 +175,13 @@ class Api:
                                                    obj["metadata"].get("namespace")), obj)
 
     async def patch(self, api_version: str, kind: str, namespace: str | None, name: str,
-                    patch: Obj) -> Any:
+                    patch: Obj) -> Obj:
         return await self._send("PATCH", self._path(api_version, PLURALS[kind], namespace,
                                                     name), patch,
                                 "application/merge-patch+json")
 
     async def delete(self, api_version: str, kind: str, namespace: str | None,
-                     name: str) -> Any:
+                     name: str) -> Obj:
         return await self._send("DELETE", self._path(api_version, PLURALS[kind], namespace,
                                                      name))
 
@@ -200,7 +202,8 @@ class Api:
                 out.append(_plain(obj.raw))
         return sorted(out, key=lambda o: o["metadata"].get("name") or "")
 
-    def events(self, namespace: str | None = None) -> list[Obj]:
+    # `list` names the method above inside this class body, hence builtins.list below.
+    def events(self, namespace: str | None = None) -> builtins.list[Obj]:
         """Every Event posted, from KMock's request log: Kopf names Events with generateName,
         which KMock does not expand, so only the first would be kept as an object. (The
         ForgetfulEmulator keeps the newest requests only.)"""
@@ -214,7 +217,7 @@ class Api:
         return found
 
     @staticmethod
-    def _resource(api_version: str, kind: str) -> Any:
+    def _resource(api_version: str, kind: str) -> kmock.resource:
         return kmock.resource(f"{api_version}/{PLURALS[kind]}")
 
     def last_status(self) -> str:
@@ -226,8 +229,8 @@ class Api:
     def requests(self, method: str) -> int:
         return len(self.server[method.lower()])
 
-    async def wait(self, check: Callable[[], Any], timeout: float = 30,
-                   what: str = "condition") -> Any:
+    async def wait(self, check: Callable[[], T], timeout: float = 30,
+                   what: str = "condition") -> T:
         """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
@@ -241,5 +244,7 @@ class Api:
             await asyncio.sleep(0.05)
 
 
-def _plain(raw: Any) -> Any:
-    return json.loads(json.dumps(raw))
+def _plain(raw: Obj) -> Obj:
+    """A deep copy of a stored object, in plain JSON types."""
+    plain: Obj = json.loads(json.dumps(raw))
+    return plain

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 import kopf
 
 from trilemma.operator import handlers
-from trilemma.operator.endpoint import OperatorConfig
+from trilemma.operator.endpoint import OperatorConfig, Runtime
 from trilemma.operator.metrics import OperatorMetrics
 from trilemma.operator.optimize import Planner
 
@@ -39,7 +38,7 @@ class Operator:
         self.config = config or OperatorConfig(max_concurrent_optimizations=concurrency,
                                                cache_dir=CACHE_DIR)
         self.metrics = OperatorMetrics()
-        self.runtime: Any = None
+        self.runtime: Runtime | None = None  # set by `start`
         self._task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
 
@@ -57,7 +56,7 @@ class Operator:
     async def stop(self) -> None:
         if self._task is None:
             return
-        assert self._stop is not None
+        assert self._stop is not None and self.runtime is not None
         self._stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(self._task, 15)

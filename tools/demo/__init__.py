@@ -17,9 +17,10 @@ what the load generator sent.
 
 One concern a module: scenario (the pool, the endpoint, the traffic), timeline, watcher (polls
 the endpoint, keeps the story's state), controller (the stand-in Deployment controller),
-scoring (the result, estimates against loadgen's truth), story (the run once the operator is
-up), emulated / cluster (the two control planes), process (signals, logging, environment),
-run (picks the control plane), command (the CLI). This module re-exports what callers use.
+scoring (the result, estimates against loadgen's truth), api (the API-server calls it makes),
+story (the run once the operator is up), emulated / cluster (the two control planes), process
+(signals, logging, environment), run (picks the control plane), command (the CLI). This
+module re-exports what callers use.
 """
 
 from trilemma.tools.demo.command import SUBCOMMAND, summary_lines

@@ -15,7 +15,7 @@ import sys
 from trilemma.optimizer.cli import Subcommand
 from trilemma.tools.demo.run import run_demo
 from trilemma.tools.demo.scenario import CONTROL_PLANES, INTERVAL_S, SHIFTS, WINDOW_S, DemoOptions
-from trilemma.tools.demo.scoring import EXIT_INTERRUPTED, DemoResult, Estimate, errors
+from trilemma.tools.demo.scoring import EXIT_INTERRUPTED, DemoResult, Estimate, FigureKey, errors
 
 
 def summary_lines(result: DemoResult) -> list[str]:
@@ -66,9 +66,11 @@ def _estimate_table(estimates: list[Estimate]) -> list[str]:
              "finish in the same window:",
              f"    {'':18}" + "".join(f"{e.phase + ('' if e.full_window else ' (part)'):>28}"
                                    for e in estimates)]
-    for key, label in (("rate", "rate req/s"), ("prompt", "prompt tokens mean"),
-                       ("output", "output tokens mean"), ("prefix", "prefix hit share"),
-                       ("ttft_p90_ms", "TTFT p90 ms")):
+    rows: tuple[tuple[FigureKey, str], ...] = (
+        ("rate", "rate req/s"), ("prompt", "prompt tokens mean"),
+        ("output", "output tokens mean"), ("prefix", "prefix hit share"),
+        ("ttft_p90_ms", "TTFT p90 ms"))
+    for key, label in rows:
         cells = []
         for e in estimates:
             seen, true = e.observed.get(key), e.truth.get(key)

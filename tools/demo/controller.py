@@ -8,19 +8,16 @@ plane those controllers (and kwok) do it; the demo only reports it.
 
 from __future__ import annotations
 
-from typing import Any
-
+from trilemma.tools.demo.api import DemoApi
 from trilemma.tools.demo.scenario import NAMESPACE
 from trilemma.tools.demo.timeline import Timeline
-
-Obj = dict[str, Any]
 
 
 class Deployments:
     """What the demo has seen of the endpoint's Deployments; `step` reports (and, without
     controllers, brings up) what changed since the last one."""
 
-    def __init__(self, api: Any, timeline: Timeline, *, controllers: bool) -> None:
+    def __init__(self, api: DemoApi, timeline: Timeline, *, controllers: bool) -> None:
         self.api = api
         self.timeline = timeline
         # True on a real control plane: its Deployment controller and kwok bring Deployments

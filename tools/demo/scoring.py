@@ -5,13 +5,90 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from trilemma.simfleet.load_report import LoadReport, PhaseReport
 from trilemma.tools.demo.scenario import WINDOW_MARGIN_S, WINDOW_S
-from trilemma.tools.demo.timeline import Event, Timeline
+from trilemma.tools.demo.timeline import Event, EventDict, Timeline
 
 Obj = dict[str, Any]
+
+FigureKey = Literal["rate", "prompt", "output", "prefix", "ttft_p90_ms"]
+# The figures relative errors are taken of (the prefix share's error is in points).
+RELATIVE: tuple[FigureKey, ...] = ("rate", "prompt", "output", "ttft_p90_ms")
+
+
+class Figures(TypedDict, total=False):
+    """A window's workload, estimated or true; empty when loadgen saw nothing finish."""
+
+    rate: float | None  # requests per second
+    prompt: float | None  # mean tokens
+    output: float | None
+    prefix: float | None  # share of prompt tokens the servers found cached
+    ttft_p90_ms: float | None
+
+
+class PlanSummary(TypedDict, total=False):
+    """A plan as the JSON report and the timeline give it (from the endpoint's status); empty
+    until there is one."""
+
+    hash: str | None
+    summary: str | None
+    gpus: int | None
+    replicas: int | None
+    costPerHour: float | None
+    ttftP90Ms: float | None
+    tpotP90Ms: float | None
+    capacityRps: float | None
+    candidates: int | None
+    searchSeconds: float | None
+    reused: bool | None
+
+
+class PhaseFigures(TypedDict):
+    """Loadgen's report of one phase, as the JSON report and the summary give it."""
+
+    durationSeconds: float
+    sent: int
+    completed: int
+    failed: int
+    rateRps: float
+    promptMean: float | None
+    outputMean: float | None
+    prefixTokenShare: float
+    cachedShare: float | None
+    errors: dict[str, int]
+
+
+class EstimateDict(TypedDict):
+    phase: str
+    observedAt: float
+    fullWindow: bool
+    requests: int
+    observed: Figures
+    truth: Figures
+    error: dict[str, float]
+
+
+class DemoReport(TypedDict):
+    """`trilemma demo --json`: the run's result."""
+
+    exitCode: int
+    message: str
+    shift: str
+    plan: PlanSummary
+    newPlan: PlanSummary
+    replanned: bool
+    accepted: bool | None
+    rolledOut: bool
+    detectionDelaySeconds: float | None
+    steadyReplans: int
+    steadyRollouts: int
+    estimates: list[EstimateDict]
+    load: dict[str, PhaseFigures]
+    operatorLogProblems: list[str]
+    timeline: list[EventDict]
+
 
 EXIT_ROLLED_OUT = 0
 EXIT_NO_ROLLOUT = 1
@@ -59,21 +136,21 @@ class Estimate:
     phase: str
     observed_at: float  # seconds since the demo started
     full_window: bool  # the window lies inside the phase
-    observed: Obj  # rate, prompt, output, prefix
-    truth: Obj
+    observed: Figures
+    truth: Figures
     requests: int
 
-    def to_dict(self) -> Obj:
+    def to_dict(self) -> EstimateDict:
         return {"phase": self.phase, "observedAt": round(self.observed_at, 1),
                 "fullWindow": self.full_window, "requests": self.requests,
                 "observed": self.observed, "truth": self.truth, "error": errors(self)}
 
 
-def errors(e: Estimate) -> Obj:
+def errors(e: Estimate) -> dict[str, float]:
     """Relative errors of rate, lengths and TTFT p90; the prefix share's in points (a share near 0
     makes a relative error meaningless)."""
-    out: Obj = {}
-    for key in ("rate", "prompt", "output", "ttft_p90_ms"):
+    out: dict[str, float] = {}
+    for key in RELATIVE:
         seen, true = e.observed.get(key), e.truth.get(key)
         if seen is not None and true:
             out[key] = round(seen / true - 1.0, 4)
@@ -88,8 +165,8 @@ class DemoResult:
     exit_code: int = EXIT_NO_ROLLOUT
     message: str = ""  # why the demo stopped short, if it did
     shift: str = "prompt"
-    plan: Obj = field(default_factory=dict)
-    new_plan: Obj = field(default_factory=dict)
+    plan: PlanSummary = field(default_factory=PlanSummary)
+    new_plan: PlanSummary = field(default_factory=PlanSummary)
     replanned: bool = False
     accepted: bool | None = None  # None: no verdict on a re-plan yet
     rolled_out: bool = False
@@ -97,11 +174,11 @@ class DemoResult:
     steady_replans: int = 0
     steady_rollouts: int = 0
     estimates: list[Estimate] = field(default_factory=list)
-    load: Obj = field(default_factory=dict)  # loadgen's per-phase report
+    load: dict[str, PhaseFigures] = field(default_factory=dict)  # loadgen's, by phase
     log_problems: list[str] = field(default_factory=list)
     timeline: list[Event] = field(default_factory=list)
 
-    def to_dict(self) -> Obj:
+    def to_dict(self) -> DemoReport:
         return {"exitCode": self.exit_code, "message": self.message, "shift": self.shift,
                 "plan": self.plan,
                 "newPlan": self.new_plan, "replanned": self.replanned,
@@ -114,7 +191,7 @@ class DemoResult:
 
 
 def window_truth(report: LoadReport, load_start: float, since: float,
-                 until: float) -> tuple[Obj, int]:
+                 until: float) -> tuple[Figures, int]:
     """What loadgen saw finish in (since, until] (unix seconds): the window's true figures."""
     done = [r for r in report.requests if r.ok and r.e2e_s is not None
             and since < load_start + r.sent_s + r.e2e_s <= until]
@@ -160,7 +237,7 @@ def estimates(observations: list[Observation], clock: TrafficClock, report: Load
     return out
 
 
-def phase_figures(p: PhaseReport) -> Obj:
+def phase_figures(p: PhaseReport) -> PhaseFigures:
     """Loadgen's report of one phase, for the JSON report and the summary."""
     return {"durationSeconds": round(p.duration_s, 1), "sent": p.sent,
             "completed": p.completed, "failed": p.failed, "rateRps": round(p.rate_per_s, 3),

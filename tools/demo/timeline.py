@@ -6,9 +6,16 @@ from __future__ import annotations
 import textwrap
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, NotRequired, TextIO, TypedDict
 
 Obj = dict[str, Any]
+
+
+class EventDict(TypedDict):
+    t: float
+    kind: str
+    message: str
+    data: NotRequired[Obj]  # left out when the event carries none
 
 
 @dataclass(frozen=True)
@@ -18,9 +25,11 @@ class Event:
     message: str
     data: Obj = field(default_factory=dict)
 
-    def to_dict(self) -> Obj:
-        return {"t": round(self.t, 2), "kind": self.kind, "message": self.message,
-                **({"data": self.data} if self.data else {})}
+    def to_dict(self) -> EventDict:
+        out: EventDict = {"t": round(self.t, 2), "kind": self.kind, "message": self.message}
+        if self.data:
+            out["data"] = self.data
+        return out
 
 
 class Timeline:

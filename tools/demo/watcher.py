@@ -10,8 +10,8 @@ import datetime
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from trilemma.tools.demo.api import DemoApi, Obj
 from trilemma.tools.demo.controller import Deployments
 from trilemma.tools.demo.scenario import (
     NAME,
@@ -22,10 +22,8 @@ from trilemma.tools.demo.scenario import (
     describe_phase,
     phases,
 )
-from trilemma.tools.demo.scoring import DemoResult, Observation, TrafficClock
+from trilemma.tools.demo.scoring import DemoResult, Observation, PlanSummary, TrafficClock
 from trilemma.tools.demo.timeline import Timeline
-
-Obj = dict[str, Any]
 
 
 @dataclass
@@ -48,7 +46,7 @@ class Plans:
     first_hash: str | None = None
     # A new plan may keep the Deployment (a replica-only change scales it in place), so the
     # replica count counts as much as the hash.
-    first_key: tuple[Any, Any] | None = None
+    first_key: tuple[str, int | None] | None = None  # (hash, replicas)
     new_announced: bool = False
 
 
@@ -56,7 +54,7 @@ class Watcher:
     """One run's view of the endpoint: `poll` looks once, reports what changed and lets the
     Deployments step (on KMock the demo stands in for their controller)."""
 
-    def __init__(self, options: DemoOptions, timeline: Timeline, api: Any, *,
+    def __init__(self, options: DemoOptions, timeline: Timeline, api: DemoApi, *,
                  controllers: bool = False) -> None:
         self.options = options
         self.timeline = timeline
@@ -285,7 +283,7 @@ def _unix(stamp: str) -> float:
     return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def _plan_summary(st: Obj) -> Obj:
+def _plan_summary(st: Obj) -> PlanSummary:
     active = st.get("activeConfiguration") or {}
     pred = st.get("predictions") or {}
     opt = st.get("lastOptimization") or {}
@@ -300,7 +298,7 @@ def _plan_summary(st: Obj) -> Obj:
 def _plan_line(st: Obj) -> str:
     p = _plan_summary(st)
 
-    def num(v: Any, fmt: str) -> str:
+    def num(v: float | None, fmt: str) -> str:
         return "?" if v is None else format(v, fmt)
 
     searched = ("reused the stored plan" if p["reused"] else
