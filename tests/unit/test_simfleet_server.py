@@ -466,3 +466,12 @@ def test_plan_file_serves_one_aggregated_replica_of_its_recommendation(tmp_path,
     assert served.worker == dataclasses.replace(decode, gpu="h200_sxm")
     assert (served.mode, served.replicas, served.prefill) == (Mode.AGGREGATED, 1, None)
     assert "disaggregated" in capsys.readouterr().err
+
+
+def test_the_old_predictability_flag_still_sets_output_predictability():
+    parser = argparse.ArgumentParser()
+    cli_server.add_arguments(parser)
+    assert parser.parse_args([]).output_predictability == 0.5
+    assert parser.parse_args(["--predictability", "0.8"]).output_predictability == 0.8
+    assert parser.parse_args(["--output-predictability", "0.2"]).output_predictability == 0.2
+    assert "--predictability" not in parser.format_help()
