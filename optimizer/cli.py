@@ -91,14 +91,24 @@ def _add_estimate(sub: _Subparsers[argparse.ArgumentParser]) -> None:
                    help="serve: closed-loop benchmark at --concurrency; decode/prefill: one step")
     p.add_argument("--concurrency", type=_positive_int, default=16,
                    help="clients of the closed-loop benchmark")
-    p.add_argument("--isl", type=_positive_int, default=1024, help="prompt tokens")
-    p.add_argument("--osl", type=_positive_int, default=1024, help="output tokens")
-    p.add_argument("--cached", type=int, default=0, help="prompt tokens served from prefix cache")
-    p.add_argument("--predictability", type=float, default=0.5,
+    p.add_argument("--prompt-tokens", type=_positive_int, default=1024,
+                   help="prompt tokens per request (--phase prefill: per prompt)")
+    p.add_argument("--output-tokens", type=_positive_int, default=1024,
+                   help="output tokens per request")
+    p.add_argument("--cached-tokens", type=int, default=0,
+                   help="prompt tokens served from prefix cache")
+    p.add_argument("--output-predictability", type=float, default=0.5,
                    help="0 (creative) .. 1 (rewriting): drives speculation acceptance")
+    # The spellings before the glossary (README) named these, kept so scripts still run.
+    for old, dest, kind in (("--isl", "prompt_tokens", _positive_int),
+                            ("--prompt", "prompt_tokens", _positive_int),
+                            ("--osl", "output_tokens", _positive_int),
+                            ("--cached", "cached_tokens", int),
+                            ("--predictability", "output_predictability", float)):
+        p.add_argument(old, dest=dest, type=kind, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
     p.add_argument("--batch", type=_positive_int, default=1, help="--phase decode/prefill batch")
     p.add_argument("--kv-len", type=_positive_int, default=1024, help="--phase decode KV length")
-    p.add_argument("--prompt", type=_positive_int, default=1024, help="--phase prefill length")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -193,8 +203,8 @@ def _estimate(args: argparse.Namespace) -> int:
             ms = est.decode_step_ms(cfg, batch=args.batch, kv_len=args.kv_len)
             what = {"phase": "decode", "batch": args.batch, "kv_len": args.kv_len}
         else:
-            ms = est.prefill_ms(cfg, batch=args.batch, prompt=args.prompt)
-            what = {"phase": "prefill", "batch": args.batch, "prompt": args.prompt}
+            ms = est.prefill_ms(cfg, batch=args.batch, prompt_tokens=args.prompt_tokens)
+            what = {"phase": "prefill", "batch": args.batch, "prompt": args.prompt_tokens}
         doc = {**head, **what, "step_ms": round(ms, 4), "provenance": prov}
         if args.json:
             print(json.dumps(doc, indent=2, sort_keys=True))
@@ -203,11 +213,13 @@ def _estimate(args: argparse.Namespace) -> int:
                   f"{cfg.quant.value}): one {args.phase} step = {ms:.3f} ms")
             _print_provenance(prov)
         return 0
-    e = est.closed_loop(cfg, concurrency=args.concurrency, isl=args.isl, osl=args.osl,
-                        cached=args.cached, predictability=args.predictability)
+    e = est.closed_loop(cfg, concurrency=args.concurrency, prompt_tokens=args.prompt_tokens,
+                        output_tokens=args.output_tokens, cached_tokens=args.cached_tokens,
+                        output_predictability=args.output_predictability)
     prov = e.provenance
-    doc = {**head, "concurrency": args.concurrency, "isl": args.isl, "osl": args.osl,
-           "cached": args.cached, "fits": e.fits,
+    # JSON keys as before the glossary: scripts read them (README maps isl/osl).
+    doc = {**head, "concurrency": args.concurrency, "isl": args.prompt_tokens,
+           "osl": args.output_tokens, "cached": args.cached_tokens, "fits": e.fits,
            "ttft_ms": round(e.ttft_ms, 3), "tpot_ms": round(e.tpot_ms, 3),
            "e2e_ms": round(e.e2e_ms, 3), "requests_per_s": round(e.requests_per_s, 4),
            "output_tokens_per_s": round(e.output_tokens_per_s, 2),
@@ -222,8 +234,8 @@ def _estimate(args: argparse.Namespace) -> int:
         return 0
     print(f"{cfg.arch.id} on {cfg.par.gpus}x {cfg.gpu.key} ({cfg.par.summary()}, "
           f"{cfg.quant.value}, KV {cfg.kv.value}, spec {head['spec']}, {cfg.engine.value})")
-    print(f"workload: concurrency {args.concurrency}, ISL {args.isl}, OSL {args.osl}, "
-          f"cached {args.cached}")
+    print(f"workload: concurrency {args.concurrency}, ISL {args.prompt_tokens}, "
+          f"OSL {args.output_tokens}, cached {args.cached_tokens}")
     if not e.fits:
         print("DOES NOT FIT: the weights, activations and runtime leave no room for one "
               "sequence's KV cache")
@@ -238,7 +250,7 @@ def _estimate(args: argparse.Namespace) -> int:
     for k, v in e.memory.items():
         print(f"  {k:<16}{_fmt_bytes(v)}")
     print(f"  KV capacity       {e.kv_tokens:>10d} tokens = {e.max_seqs} sequences of "
-          f"{args.isl + args.osl} tokens")
+          f"{args.prompt_tokens + args.output_tokens} tokens")
     _print_provenance(prov)
     return 0
 

@@ -150,8 +150,8 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
         sm = (StepModel(cfg.arch, cfg.gpu, cfg.quant, cfg.kv, facts[cfg.engine])
               if facts and cfg.engine in facts else estimate.step_model(cfg))
         r = latency.closed_loop(sm, tp=cfg.par.tp, pp=cfg.par.pp,
-                                dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc, isl=isl,
-                                osl=osl)
+                                dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc,
+                                prompt_tokens=isl, output_tokens=osl)
         for j, m in enumerate(members):
             if not bool(r.fits[j]):
                 reason = "does not fit in GPU memory under the model's memory budget"

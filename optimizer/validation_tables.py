@@ -44,7 +44,7 @@ Group = tuple[str, str, str, str]  # (source, engine, model, gpu) as the table s
 @dataclass(frozen=True, kw_only=True)
 class _Alias:
     model: str                  # bundled catalog id
-    max_context: int | None     # the table model's own context limit, when smaller
+    max_position_embeddings: int | None  # the table model's own context window, when smaller
     note: str | None            # why the substitution is sound; None for the same model
 
 
@@ -54,18 +54,21 @@ _LLAMA3_NOTE = ("Llama-3 {size} modelled as Llama-3.1 {size}: same layers, width
                 "heads; 3.1 adds only llama3 rope scaling and a 128k context, which leave the "
                 "step cost unchanged within Llama-3's 8k context")
 _MODEL_ALIASES: Mapping[str, _Alias] = {
-    "meta-llama3-8b-instruct": _Alias(model="meta-llama/Llama-3.1-8B", max_context=8192,
-                                      note=_LLAMA3_NOTE.format(size="8B")),
-    "meta-llama3-70b-instruct": _Alias(model="meta-llama/Llama-3.1-70B", max_context=8192,
-                                       note=_LLAMA3_NOTE.format(size="70B")),
+    "meta-llama3-8b-instruct": _Alias(
+        model="meta-llama/Llama-3.1-8B", max_position_embeddings=8192,
+        note=_LLAMA3_NOTE.format(size="8B")),
+    "meta-llama3-70b-instruct": _Alias(
+        model="meta-llama/Llama-3.1-70B", max_position_embeddings=8192,
+        note=_LLAMA3_NOTE.format(size="70B")),
     "llama-3.3-70b-instruct": _Alias(
-        model="meta-llama/Llama-3.1-70B", max_context=None,
+        model="meta-llama/Llama-3.1-70B", max_position_embeddings=None,
         note="Llama-3.3-70B modelled as Llama-3.1-70B: the same config.json shape; only the "
              "weights were retrained"),
-    "llama-3.1-8b": _Alias(model="meta-llama/Llama-3.1-8B", max_context=None, note=None),
-    "llama-3.1-8b-instruct": _Alias(model="meta-llama/Llama-3.1-8B", max_context=None,
-                                    note=None),
-    "gpt-oss-20b": _Alias(model="openai/gpt-oss-20b", max_context=None, note=None),
+    "llama-3.1-8b": _Alias(model="meta-llama/Llama-3.1-8B", max_position_embeddings=None,
+                           note=None),
+    "llama-3.1-8b-instruct": _Alias(model="meta-llama/Llama-3.1-8B",
+                                    max_position_embeddings=None, note=None),
+    "gpt-oss-20b": _Alias(model="openai/gpt-oss-20b", max_position_embeddings=None, note=None),
 }
 
 # Names the GPU column uses (nvidia-smi names, vendor shorthands) -> catalog keys, with a note
@@ -151,7 +154,7 @@ def map_model(name: str) -> tuple[_Alias, None] | tuple[None, str]:
         arch = models.load_model(name.strip())
     except TrilemmaError:
         return None, f"model {name!r} is not bundled and has no known architectural twin"
-    return _Alias(model=arch.id, max_context=None, note=None), None
+    return _Alias(model=arch.id, max_position_embeddings=None, note=None), None
 
 
 def map_gpu(name: str) -> tuple[str, str | None] | tuple[None, str]:
@@ -238,8 +241,9 @@ def _plan(row: Mapping[str, str]) -> _Planned | str:
     isl, osl = _number(row["isl"]), _number(row["osl"])
     if isl is None or osl is None:
         return f"isl={row['isl']!r} / osl={row['osl']!r} are not positive numbers"
-    if alias.max_context and isl + osl > alias.max_context:
-        return (f"isl+osl={isl + osl:.0f} exceeds {row['model']}'s {alias.max_context}-token "
+    window = alias.max_position_embeddings
+    if window and isl + osl > window:
+        return (f"isl+osl={isl + osl:.0f} exceeds {row['model']}'s {window}-token "
                 "context, so its Llama-3.1 twin is not a faithful stand-in")
     tp, pp, n = _number(row["tp"]) or 1, _number(row["pp"]) or 1, _number(row["num_gpus"])
     n = n or tp * pp
@@ -267,7 +271,8 @@ def _plan(row: Mapping[str, str]) -> _Planned | str:
 def _run(cfg: estimate.Config, conc: np.ndarray, isl: np.ndarray,
          osl: np.ndarray) -> latency.ClosedLoopResult:
     return latency.closed_loop(estimate.step_model(cfg), tp=cfg.par.tp, pp=cfg.par.pp,
-                               dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc, isl=isl, osl=osl)
+                               dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc,
+                               prompt_tokens=isl, output_tokens=osl)
 
 
 def _match_qps(cfg: estimate.Config, qps: np.ndarray, isl: np.ndarray,

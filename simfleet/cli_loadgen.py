@@ -57,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
 
 
-def phases_from_args(args: argparse.Namespace) -> list[loadgen.Phase]:
-    base = loadgen.Phase(
+def phases_from_args(args: argparse.Namespace) -> list[loadgen.LoadStage]:
+    base = loadgen.LoadStage(
         duration_s=args.duration, rate=args.rate, arrivals=loadgen.Arrival(args.arrivals),
         cv=args.cv, concurrency=args.concurrency, think_s=args.think,
         prompt_mean=args.prompt_mean, prompt_p90=args.prompt_p90,

@@ -46,8 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="multiplies every step time (0.1 runs ten times faster)")
-    p.add_argument("--predictability", type=float, default=DEFAULT_PREDICTABILITY,
+    p.add_argument("--output-predictability", type=float, default=DEFAULT_PREDICTABILITY,
                    help="0 (creative) .. 1 (rewriting): speculative acceptance")
+    # The spelling before the glossary (README), kept so scripts still run.
+    p.add_argument("--predictability", dest="output_predictability", type=float,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--request-overhead-ms", type=float, default=None,
                    help="API-server time per request (default: the fitted engine constant)")
     p.add_argument("engine_args", nargs="*", metavar="-- VLLM_FLAG",
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         name = name or flags.served_model_name
     else:
         raise InputError("plan", None, "give --plan FILE or vLLM's serve flags after --")
-    model = EngineModel(config, predictability=args.predictability,
+    model = EngineModel(config, output_predictability=args.output_predictability,
                         request_overhead_ms=args.request_overhead_ms)
     for note in model.notes:
         _warn(note)

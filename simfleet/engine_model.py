@@ -39,7 +39,7 @@ class EngineModel:
     """Timing and capacity of one replica of `config` (its decode worker when disaggregated:
     a sim replica always prefills and decodes).
 
-    predictability: 0 (creative) .. 1 (rewriting), drives speculative acceptance.
+    output_predictability: 0 (creative) .. 1 (rewriting), drives speculative acceptance.
     request_overhead_ms: time a request spends in the API server before the engine sees it
         (HTTP, tokenization); None takes perf's fitted figure, so that measured TTFT matches
         what the optimizer predicts for this deployment.
@@ -47,7 +47,8 @@ class EngineModel:
         makes eviction and preemption easy to exercise).
     """
 
-    def __init__(self, config: ServingConfig, *, predictability: float = DEFAULT_PREDICTABILITY,
+    def __init__(self, config: ServingConfig, *,
+                 output_predictability: float = DEFAULT_PREDICTABILITY,
                  request_overhead_ms: float | None = None,
                  kv_blocks: int | None = None) -> None:
         w = config.worker
@@ -61,7 +62,7 @@ class EngineModel:
         speculation = None
         if cfg.spec.method is not SpecMethod.NONE:
             speculation = serving.Speculation.for_workload(
-                cfg.spec, predictability, draft=perf_estimate.draft_step_model(cfg))
+                cfg.spec, output_predictability, draft=perf_estimate.draft_step_model(cfg))
         self.engine = serving.engine_config(
             self.step_model, tp=w.tp, pp=w.pp, dp=w.dp, ep=w.ep, max_num_seqs=w.max_num_seqs,
             max_num_batched_tokens=w.max_num_batched_tokens, speculation=speculation,

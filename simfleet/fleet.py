@@ -23,12 +23,12 @@ class SimFleet:
 
     def __init__(self, config: ServingConfig, *, replicas: int | None = None,
                  served_model_name: str | None = None, seed: int = 0,
-                 time_scale: float = 1.0, predictability: float = DEFAULT_PREDICTABILITY,
+                 time_scale: float = 1.0, output_predictability: float = DEFAULT_PREDICTABILITY,
                  request_overhead_ms: float | None = None, host: str = "127.0.0.1") -> None:
         count = config.replicas if replicas is None else replicas
         if count < 1:
             raise ValueError(f"a fleet needs at least one replica, got {count}")
-        self.model = EngineModel(config, predictability=predictability,
+        self.model = EngineModel(config, output_predictability=output_predictability,
                                  request_overhead_ms=request_overhead_ms)
         self.host = host
         self.servers = [SimServer(self.model, served_model_name=served_model_name,

@@ -30,7 +30,7 @@ class PhaseReportDict(TypedDict):
     name: str
     index: int | None
     duration_s: float
-    parameters: dict[str, Any]  # the phase's settings, as loadgen.Phase.to_dict gives them
+    parameters: dict[str, Any]  # the phase's settings, as loadgen.LoadStage.to_dict gives them
     sent: int
     completed: int
     failed: int

@@ -56,7 +56,7 @@ class Balance(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Phase:
+class LoadStage:
     """One segment of a load run. Rates in requests/s, lengths in tokens, times in seconds."""
 
     duration_s: float
@@ -141,7 +141,7 @@ class Planned:
 class Contents:
     """The requests of one phase, drawn in send order from its own generator."""
 
-    def __init__(self, phase: Phase, index: int, seed: int) -> None:
+    def __init__(self, phase: LoadStage, index: int, seed: int) -> None:
         self.phase = phase
         self.seed = seed
         self.rng = np.random.default_rng([seed, index, 1])
@@ -171,7 +171,7 @@ class Contents:
                        shared_tokens=shared, prefix=k)
 
 
-def arrival_offsets(phase: Phase, index: int, seed: int) -> np.ndarray:
+def arrival_offsets(phase: LoadStage, index: int, seed: int) -> np.ndarray:
     """Open-loop send times (s from the phase start) of a phase, all within its duration."""
     rng = np.random.default_rng([seed, index, 0])
     process = phase.arrival_process
@@ -185,7 +185,7 @@ def arrival_offsets(phase: Phase, index: int, seed: int) -> np.ndarray:
     return out[out < phase.duration_s]
 
 
-def plan_open_loop(phase: Phase, index: int, seed: int) -> list[tuple[float, Planned]]:
+def plan_open_loop(phase: LoadStage, index: int, seed: int) -> list[tuple[float, Planned]]:
     """Every request an open-loop phase sends, with its offset: what `run_load` will send."""
     contents = Contents(phase, index, seed)
     return [(float(t), contents.next()) for t in arrival_offsets(phase, index, seed)]
@@ -274,12 +274,12 @@ class _Run:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def open_loop(self, phase: Phase, index: int, start: float) -> None:
+    async def open_loop(self, phase: LoadStage, index: int, start: float) -> None:
         for offset, p in plan_open_loop(phase, index, self.seed):
             await _sleep_until(self.loop, start + offset)
             self.spawn(index, p)
 
-    async def closed_loop(self, phase: Phase, index: int, start: float) -> None:
+    async def closed_loop(self, phase: LoadStage, index: int, start: float) -> None:
         contents = Contents(phase, index, self.seed)
         end = start + phase.duration_s
         assert phase.concurrency is not None
@@ -297,7 +297,7 @@ class _Run:
             task.add_done_callback(self.tasks.discard)
         await _sleep_until(self.loop, end)
 
-    async def phase(self, phase: Phase, index: int, start: float,
+    async def phase(self, phase: LoadStage, index: int, start: float,
                     stop: asyncio.Event | None) -> float:
         """Send one phase until its end, or until `stop` is set; returns how long it ran."""
         async def whole() -> None:
@@ -352,7 +352,7 @@ async def served_model(session: aiohttp.ClientSession, url: str) -> str:
         return str((await resp.json())["data"][0]["id"])
 
 
-async def run_load(url: str | Sequence[str], phases: Sequence[Phase], *, seed: int = 0,
+async def run_load(url: str | Sequence[str], phases: Sequence[LoadStage], *, seed: int = 0,
                    model: str | None = None, balance: Balance = Balance.ROUND_ROBIN,
                    drain_s: float = 120.0, stop: asyncio.Event | None = None) -> LoadReport:
     """Send `phases` one after another to `url` (several: spread by `balance`).
@@ -424,7 +424,7 @@ class _PhasesFile(pydantic.BaseModel):
     phases: list[_PhaseFields] = pydantic.Field(min_length=1)
 
 
-def parse_phases(doc: object, base: Phase) -> list[Phase]:
+def parse_phases(doc: object, base: LoadStage) -> list[LoadStage]:
     """Phases from a parsed YAML/JSON document ({phases: [...]} or a bare list); each phase
     starts from the one before it, the first from `base`."""
     if isinstance(doc, list):
@@ -435,7 +435,7 @@ def parse_phases(doc: object, base: Phase) -> list[Phase]:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise InputError(where or "phases", err.get("input"), err["msg"]) from None
-    out: list[Phase] = []
+    out: list[LoadStage] = []
     prev = dataclasses.replace(base, name="")
     for i, fields in enumerate(parsed.phases):
         changed = {k: getattr(fields, k) for k in fields.model_fields_set}

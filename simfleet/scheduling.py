@@ -58,7 +58,7 @@ class SimRequest:
     """A request inside the engine; the server reads `events` (tokens per emission, then
     None) and the timestamps (event-loop seconds). Its scheduling state is `seq`."""
 
-    prompt_len: int
+    prompt_tokens: int
     block_hashes: tuple[BlockHash, ...]  # chained hashes of the prompt's full blocks
     max_tokens: int
     arrival: float  # when the server received it
@@ -75,7 +75,7 @@ class SimRequest:
     aborted: bool = False
 
     def __post_init__(self) -> None:
-        self.seq = Seq(index=0, prompt=self.prompt_len, output=self.max_tokens,
+        self.seq = Seq(index=0, prompt=self.prompt_tokens, output=self.max_tokens,
                        hashes=self.block_hashes)
 
     @property
@@ -193,7 +193,7 @@ class Engine:
         req.finished = True
         req.events.put_nowait(None)
         self.sink.request_finished(
-            prompt_tokens=req.prompt_len, output_tokens=req.generated,
+            prompt_tokens=req.prompt_tokens, output_tokens=req.generated,
             cached_tokens=req.cached_tokens, ttft_s=req.ttft_s, inter_token_s=req.token_gaps,
             e2e_s=now - req.arrival, queue_s=req.scheduled - req.enqueued,
             finished_reason=FINISHED_REASON)

@@ -117,7 +117,7 @@ class SimServer:
             return web.json_response(exc.body(), status=exc.status)
         self._requests += 1
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{self.seed}-{self._requests}"
-        req = SimRequest(prompt_len=len(prompt.tokens),
+        req = SimRequest(prompt_tokens=len(prompt.tokens),
                          block_hashes=block_hashes(prompt.tokens, self.model.block_size),
                          max_tokens=prompt.max_tokens,
                          arrival=asyncio.get_running_loop().time())
@@ -199,8 +199,8 @@ class Usage(TypedDict):
 
 
 def _usage(req: SimRequest) -> Usage:
-    return {"prompt_tokens": req.prompt_len, "completion_tokens": req.generated,
-            "total_tokens": req.prompt_len + req.generated,
+    return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.generated,
+            "total_tokens": req.prompt_tokens + req.generated,
             "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
 
 

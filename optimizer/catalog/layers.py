@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 
 
-class Phase(enum.Enum):
+class StepPhase(enum.Enum):
     """Which forward pass flops_per_token describes."""
 
     PREFILL = "prefill"
@@ -107,12 +107,12 @@ class ParamBreakdown:
         return sum(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
-def attended_keys(kind: AttentionKind, window: int | None, ctx: float, phase: Phase) -> float:
+def attended_keys(kind: AttentionKind, window: int | None, ctx: float, phase: StepPhase) -> float:
     """Mean number of keys one query reads."""
     if ctx <= 0:
         return 0.0
     w = window if kind.windowed and window else None
-    if phase is Phase.DECODE:
+    if phase is StepPhase.DECODE:
         if w is None or ctx <= w:
             return float(ctx)
         # A chunked layer sees the current chunk only: on average half of it.

@@ -51,7 +51,7 @@ parse_hf_config(path | Mapping, model_id) -> ModelArch  malformed -> InputError(
 bundled_models() -> tuple[str, ...]
 
 ADDED beyond the contract (defaults keep hand-built ModelArch valid):
-  Phase (PREFILL, DECODE); AttentionKind (FULL, SLIDING, CHUNKED, LINEAR); LayerKind;
+  StepPhase (PREFILL, DECODE); AttentionKind (FULL, SLIDING, CHUNKED, LINEAR); LayerKind;
   LinearAttention, SparseIndexer.
   ModelArch fields: attention_kinds, full_attention_kv_heads, full_attention_head_dim, o_proj_bias,
     mlp_bias, qk_norm, attention_sinks, attention_output_gate, k_eq_v, linear_attention, indexer,
@@ -80,8 +80,8 @@ from trilemma.optimizer.catalog.layers import LayerKind as LayerKind
 from trilemma.optimizer.catalog.layers import LinearAttention as LinearAttention
 from trilemma.optimizer.catalog.layers import MoE as MoE
 from trilemma.optimizer.catalog.layers import ParamBreakdown as ParamBreakdown
-from trilemma.optimizer.catalog.layers import Phase as Phase
 from trilemma.optimizer.catalog.layers import SparseIndexer as SparseIndexer
+from trilemma.optimizer.catalog.layers import StepPhase as StepPhase
 from trilemma.optimizer.catalog.layers import attended_keys
 from trilemma.optimizer.errors import InputError
 
@@ -345,7 +345,8 @@ class ModelArch:
 
     # --- FLOPs ------------------------------------------------------------------------------
 
-    def flops_per_token(self, context_len: float, phase: Phase, *, logits: bool = True) -> float:
+    def flops_per_token(self, context_len: float, phase: StepPhase, *,
+                        logits: bool = True) -> float:
         """Forward FLOPs for one token: 2 per active matmul parameter plus attention.
 
         DECODE: the new token attends to `context_len` cached tokens. PREFILL: the mean over
@@ -358,7 +359,7 @@ class ModelArch:
                         for layer, count in self._counts.items())
         return 2.0 * linear + attention
 
-    def _attention_flops(self, layer: LayerKind, ctx: float, phase: Phase) -> float:
+    def _attention_flops(self, layer: LayerKind, ctx: float, phase: StepPhase) -> float:
         heads = self.num_heads
         if layer.attention is AttentionKind.LINEAR:
             la = self.linear_attention
@@ -371,7 +372,7 @@ class ModelArch:
         if self.mla is None:
             return 4.0 * heads * layer.head_dim * attended  # QK^T and PV, 2 FLOPs per MAC
         m = self.mla
-        if phase is Phase.DECODE:
+        if phase is StepPhase.DECODE:
             # Engines decode with the up-projections absorbed: scores over latent+rope, values
             # over the latent. Same matmul FLOPs (counted in active params), wider attention.
             per_token = 2 * heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim)

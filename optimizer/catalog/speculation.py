@@ -197,16 +197,16 @@ class AcceptanceFit:
 
 def _check_predictability(p: np.ndarray) -> None:
     if not np.all(np.isfinite(p)) or np.any((p < 0.0) | (p > 1.0)):
-        raise InputError("predictability", p.tolist(), "must be between 0 and 1")
+        raise InputError("output_predictability", p.tolist(), "must be between 0 and 1")
 
 
-def acceptance_rate(method: SpecMethod, predictability: ArrayLike) -> np.ndarray:
+def acceptance_rate(method: SpecMethod, output_predictability: ArrayLike) -> np.ndarray:
     """Per-token acceptance probability a in [0, 1) for `method` on a workload.
 
     `predictability` in [0, 1]: 0 creative writing, 0.5 chat, 1 code rewriting / summaries.
     NONE proposes nothing: a = 0.
     """
-    p = np.asarray(predictability, dtype=np.float64)
+    p = np.asarray(output_predictability, dtype=np.float64)
     _check_predictability(p)
     if method is SpecMethod.NONE:
         return np.zeros_like(p)

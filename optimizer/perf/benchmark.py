@@ -37,8 +37,8 @@ class _Grid(TypedDict):
     dp: np.ndarray
     ep: np.ndarray
     concurrency: np.ndarray
-    isl: np.ndarray
-    osl: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
     max_num_seqs: np.ndarray
     max_batched_tokens: np.ndarray
 
@@ -55,8 +55,8 @@ def _grid(arch: models.ModelArch, n: int, rng: np.random.Generator) -> _Grid:
         "tp": lay[pick, 0], "pp": lay[pick, 1], "dp": lay[pick, 2],
         "ep": lay[pick, 3].astype(bool),
         "concurrency": rng.choice([1, 2, 4, 8, 16, 32, 64, 128, 256], n),
-        "isl": rng.choice([256, 1024, 2500, 5000, 8192, 32768], n),
-        "osl": rng.choice([64, 256, 500, 1024, 1500], n),
+        "prompt_tokens": rng.choice([256, 1024, 2500, 5000, 8192, 32768], n),
+        "output_tokens": rng.choice([64, 256, 500, 1024, 1500], n),
         "max_num_seqs": rng.choice([64, 128, 256, 512, 1024], n),
         "max_batched_tokens": rng.choice([2048, 4096, 8192, 16384], n),
     }

@@ -131,21 +131,24 @@ def provenance(cfg: Config, sm: StepModel | None = None) -> dict[str, str]:
     return out
 
 
-def closed_loop(cfg: Config, *, concurrency: int, isl: int, osl: int, cached: int = 0,
-                predictability: float = 0.5) -> Estimate:
-    for name, value in (("concurrency", concurrency), ("isl", isl), ("osl", osl)):
+def closed_loop(cfg: Config, *, concurrency: int, prompt_tokens: int, output_tokens: int,
+                cached_tokens: int = 0, output_predictability: float = 0.5) -> Estimate:
+    for name, value in (("concurrency", concurrency), ("prompt_tokens", prompt_tokens),
+                        ("output_tokens", output_tokens)):
         if value < 1:
             raise InputError(name, value, "must be a positive integer")
-    if not 0 <= cached < isl:
-        raise InputError("cached", cached, "cached prefix tokens must be in [0, isl)")
-    if not 0.0 <= predictability <= 1.0:
-        raise InputError("predictability", predictability, "must be between 0 and 1")
+    if not 0 <= cached_tokens < prompt_tokens:
+        raise InputError("cached_tokens", cached_tokens,
+                         "cached prefix tokens must be in [0, prompt_tokens)")
+    if not 0.0 <= output_predictability <= 1.0:
+        raise InputError("output_predictability", output_predictability, "must be between 0 and 1")
     sm = step_model(cfg)
     r = latency.closed_loop(
         sm, tp=cfg.par.tp, pp=cfg.par.pp, dp=cfg.par.dp, ep=cfg.par.ep,
-        concurrency=concurrency, isl=isl, osl=osl, cached=cached,
+        concurrency=concurrency, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+        cached_tokens=cached_tokens,
         max_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-        spec=cfg.spec, predictability=predictability, draft=draft_step_model(cfg))
+        spec=cfg.spec, output_predictability=output_predictability, draft=draft_step_model(cfg))
     m = r.memory
     return Estimate(
         config=cfg, fits=bool(m.fits), ttft_ms=float(r.ttft_ms), tpot_ms=float(r.tpot_ms),
@@ -168,12 +171,13 @@ def decode_step_ms(cfg: Config, *, batch: int, kv_len: int) -> float:
     return float(t.total)
 
 
-def prefill_ms(cfg: Config, *, batch: int, prompt: int, cached: int = 0) -> float:
-    """One prefill pass over `batch` prompts of `prompt` tokens, `cached` of them reused (ms)."""
+def prefill_ms(cfg: Config, *, batch: int, prompt_tokens: int, cached_tokens: int = 0) -> float:
+    """One prefill pass over `batch` prompts of `prompt_tokens` tokens, `cached_tokens` of them
+    reused (ms)."""
     sm = step_model(cfg)
-    new = max(prompt - cached, 1)
+    new = max(prompt_tokens - cached_tokens, 1)
     t = sm.step(tp=cfg.par.tp, dp=cfg.par.dp, ep=cfg.par.ep, pp=cfg.par.pp,
                 dec_seqs=np.float64(0.0), dec_kv=np.float64(0.0),
                 pf_tokens=np.float64(batch * new), pf_seqs=np.float64(batch),
-                pf_kv=np.float64(prompt))
+                pf_kv=np.float64(prompt_tokens))
     return float(t.total)

@@ -59,13 +59,17 @@ class ClosedLoopResult:
 
 
 def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.ArrayLike,
-                ep: npt.ArrayLike, concurrency: npt.ArrayLike, isl: npt.ArrayLike,
-                osl: npt.ArrayLike, cached: npt.ArrayLike = 0.0,
+                ep: npt.ArrayLike, concurrency: npt.ArrayLike, prompt_tokens: npt.ArrayLike,
+                output_tokens: npt.ArrayLike, cached_tokens: npt.ArrayLike = 0.0,
                 max_batched_tokens: npt.ArrayLike | None = None,
                 max_num_seqs: npt.ArrayLike | None = None, spec: SpecConfig | None = None,
-                predictability: float = 0.5, draft: StepModel | None = None,
+                output_predictability: float = 0.5, draft: StepModel | None = None,
                 first_wave_weight: float | None = None) -> ClosedLoopResult:
-    """Scalars or arrays in (broadcast together), arrays over candidates out."""
+    """Scalars or arrays in (broadcast together), arrays over candidates out.
+
+    Lengths are per-request means in tokens (glossary names); after broadcasting the
+    arithmetic calls them isl, osl and cached for short.
+    """
     facts = sm.facts
     f64 = np.float64
     if max_batched_tokens is None:
@@ -74,15 +78,15 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
         max_num_seqs = facts.default_max_num_seqs(sm.gpu)
     tp, pp, dp, ep, conc, isl, osl, cached, budget, seqs_cap = np.broadcast_arrays(
         np.asarray(tp, f64), np.asarray(pp, f64), np.asarray(dp, f64), np.asarray(ep, bool),
-        np.asarray(concurrency, f64), np.asarray(isl, f64), np.asarray(osl, f64),
-        np.asarray(cached, f64), np.asarray(max_batched_tokens, f64),
-        np.asarray(max_num_seqs, f64))
+        np.asarray(concurrency, f64), np.asarray(prompt_tokens, f64),
+        np.asarray(output_tokens, f64), np.asarray(cached_tokens, f64),
+        np.asarray(max_batched_tokens, f64), np.asarray(max_num_seqs, f64))
     spec = spec or SpecConfig(method=SpecMethod.NONE, k=0)
     k = float(spec.k)
     if spec.method is SpecMethod.NONE:
         per_step = np.ones_like(conc)
     else:
-        a = speculation.acceptance_rate(spec.method, predictability)
+        a = speculation.acceptance_rate(spec.method, output_predictability)
         per_step = np.broadcast_to(speculation.expected_tokens_per_step(a, spec.k), conc.shape)
 
     mem = memory.breakdown(sm.arch, sm.gpu, sm.recipe, sm.kv, facts, tp=tp, pp=pp, dp=dp,

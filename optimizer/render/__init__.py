@@ -1,6 +1,6 @@
 """Render: a plan -> exact engine arguments and Kubernetes manifests (pure functions).
 
-Top of the optimizer's data flow after search: planning.plan resolves a ServingConfig into a
+Top of the optimizer's data flow after search: layout.layout resolves a ServingConfig into a
 RenderPlan (ir.py), recording where each value came from; the engine command line and the
 manifests are pure functions of that IR. The names below are the supported API;
 tests/unit/test_render_api.py pins the list.
@@ -15,7 +15,7 @@ from trilemma.optimizer.render import overrides, text, workloads
 from trilemma.optimizer.render.choices import RenderOptions
 from trilemma.optimizer.render.inference_pool import InferencePoolOptions
 from trilemma.optimizer.render.ir import Arg, RenderedWorker, RenderPlan, Role, Source
-from trilemma.optimizer.render.planning import DEFAULT_IMAGES, parse_engine, plan
+from trilemma.optimizer.render.layout import DEFAULT_IMAGES, layout, parse_engine
 from trilemma.optimizer.search.configs import ServingConfig
 
 
@@ -29,7 +29,7 @@ def bootstrap_port(engine: str) -> int:
 def engine_args(config: ServingConfig, engine: str, *,
                 options: RenderOptions | None = None) -> list[str]:
     """argv after the command of the (decode or aggregated) worker's leader process."""
-    rendered = plan(config, engine, name="render", options=options)
+    rendered = layout(config, engine, name="render", options=options)
     aggregated = len(rendered.workers) == 1
     return rendered.worker(Role.SERVER if aggregated else Role.DECODE).argv()
 
@@ -37,8 +37,8 @@ def engine_args(config: ServingConfig, engine: str, *,
 def decided_flags(config: ServingConfig, engine: str | None = None, *,
                   options: RenderOptions | None = None) -> frozenset[str]:
     """Every engine flag the plan decides (emitted or left at the default on purpose)."""
-    return overrides.decided_flags(plan(config, engine or config.engine, name="render",
-                                        options=options))
+    return overrides.decided_flags(layout(config, engine or config.engine, name="render",
+                                          options=options))
 
 
 def overridden_flag(engine: str, token: str, decided: frozenset[str]) -> str | None:
@@ -56,7 +56,7 @@ def manifests(config: ServingConfig, *, name: str, engine: str | None = None,
     """The Kubernetes objects deploying `config`, in apply order; with `inference_pool`, an
     InferencePool over the serving pods (and its endpoint picker) after them."""
     eng = engine or config.engine
-    rendered = plan(config, eng, name=name, namespace=namespace, image=image, options=options,
+    rendered = layout(config, eng, name=name, namespace=namespace, image=image, options=options,
                     hf_token_secret=hf_token_secret, model_cache_pvc=model_cache_pvc)
     objects = workloads.build(rendered, bootstrap_port=bootstrap_port(eng))
     if inference_pool is not None:
@@ -79,7 +79,7 @@ def render_yaml(config: ServingConfig, *, name: str, engine: str | None = None,
 def render_text(config: ServingConfig, engine: str | None = None, *,
                 options: RenderOptions | None = None) -> str:
     """The shell-quoted command line of every process kind, one per line."""
-    rendered = plan(config, engine or config.engine, name="render", options=options)
+    rendered = layout(config, engine or config.engine, name="render", options=options)
     lines = []
     for worker in rendered.workers:
         lines.append(text.command_line(worker))
@@ -100,9 +100,9 @@ __all__ = [
     "bootstrap_port",
     "decided_flags",
     "engine_args",
+    "layout",
     "manifests",
     "overridden_flag",
-    "plan",
     "render_text",
     "render_yaml",
 ]

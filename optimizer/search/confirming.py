@@ -57,7 +57,7 @@ def confirm(request: PlanRequest, choices: list[Choice], settings: SearchSetting
             seed: int, progress: Callable[[float], None] | None = None) -> Confirmed:
     if not choices or settings.simulate_requests <= 0:
         return Confirmed(choices=list(choices), failed=[], simulated=0)
-    wl = screening.Workload.of(request)
+    wl = screening.WorkloadMeans.of(request)
     terms = screening.slo_terms(request)
     sample = workload(request, settings.simulate_requests, seed)
     ok: list[Choice] = []
@@ -65,7 +65,7 @@ def confirm(request: PlanRequest, choices: list[Choice], settings: SearchSetting
     simulated = 0
     for n, ch in enumerate(choices):
         try:
-            res = simulate(ch.config, sample, wl.predictability, seed)
+            res = simulate(ch.config, sample, wl.output_predictability, seed)
         except InputError as err:
             # The simulator refuses configurations it cannot hold (a request longer than the
             # KV cache); the screen's answer stands, marked as unconfirmed.
@@ -82,7 +82,7 @@ def confirm(request: PlanRequest, choices: list[Choice], settings: SearchSetting
             e2e_p99_ms=summ.e2e_ms.p99, simulated=True,
             provenance={**ch.prediction.provenance,
                         "latency": f"simulated: {len(sample)} requests at "
-                                   f"{wl.rate:g} req/s, seed {seed}, method fast"})
+                                   f"{wl.design_rate:g} req/s, seed {seed}, method fast"})
         confirmed = dataclasses.replace(ch, prediction=pred)
         if miss is None:
             ok.append(confirmed)
@@ -93,7 +93,7 @@ def confirm(request: PlanRequest, choices: list[Choice], settings: SearchSetting
     return Confirmed(choices=ok, failed=failed, simulated=simulated)
 
 
-def worst_miss(terms: list[Term], s: serving.Summary, wl: screening.Workload) -> str | None:
+def worst_miss(terms: list[Term], s: serving.Summary, wl: screening.WorkloadMeans) -> str | None:
     """The SLO term the simulation misses by most, as a sentence; None when all pass."""
     worst: tuple[float, str] | None = None
     for t in terms:
@@ -109,7 +109,7 @@ def worst_miss(terms: list[Term], s: serving.Summary, wl: screening.Workload) ->
     return None if worst is None else worst[1]
 
 
-def workload(request: PlanRequest, n: int, seed: int) -> serving.Workload:
+def workload(request: PlanRequest, n: int, seed: int) -> serving.RequestStream:
     """`n` requests of the spec's workload arriving at the design rate (Poisson gaps scaled
     from the spec's process, so bursty arrivals stay bursty)."""
     rng = np.random.default_rng(seed)
@@ -119,9 +119,9 @@ def workload(request: PlanRequest, n: int, seed: int) -> serving.Workload:
     arrival = np.concatenate([[0.0], np.cumsum(gaps[1:])]) * 1e3
     cached = np.minimum(s.cached_tokens, s.prompt_tokens - 1)
     ids = np.where(cached > 0, 0, -1)
-    return serving.Workload(prompt_tokens=s.prompt_tokens, output_tokens=s.output_tokens,
-                            prefix_id=ids, prefix_tokens=np.where(ids >= 0, cached, 0),
-                            arrival_ms=arrival)
+    return serving.RequestStream(prompt_tokens=s.prompt_tokens, output_tokens=s.output_tokens,
+                                 prefix_id=ids, prefix_tokens=np.where(ids >= 0, cached, 0),
+                                 arrival_ms=arrival)
 
 
 _MODELS: dict[tuple[str, str, str, str, str], steps.StepModel] = {}
@@ -139,11 +139,11 @@ def step_model(cfg: ServingConfig, w: WorkerConfig) -> steps.StepModel:
 
 
 def _engine(sm: steps.StepModel, w: WorkerConfig,
-            predictability: float) -> serving.EngineConfig:
+            output_predictability: float) -> serving.EngineConfig:
     spec = None
     if w.spec_method is not SpecMethod.NONE:
         spec = serving.Speculation.for_workload(
-            SpecConfig(method=w.spec_method, k=w.spec_k), predictability)
+            SpecConfig(method=w.spec_method, k=w.spec_k), output_predictability)
     return serving.engine_config(sm, tp=w.tp, pp=w.pp, dp=w.dp, ep=w.ep,
                                  max_num_seqs=w.max_num_seqs,
                                  max_num_batched_tokens=w.max_num_batched_tokens,
@@ -151,19 +151,19 @@ def _engine(sm: steps.StepModel, w: WorkerConfig,
                                  gpu_memory_utilization=w.gpu_memory_utilization)
 
 
-def simulate(cfg: ServingConfig, sample: serving.Workload, predictability: float,
+def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictability: float,
              seed: int) -> serving.SimResult:
     w = cfg.worker
     sm = step_model(cfg, w)
     if not w.prefix_caching:
-        sample = serving.Workload(
+        sample = serving.RequestStream(
             prompt_tokens=sample.prompt_tokens, output_tokens=sample.output_tokens,
             prefix_id=np.full(len(sample), -1), prefix_tokens=np.zeros(len(sample), np.int64),
             arrival_ms=sample.arrival_ms)
-    pool = serving.Pool(engine=_engine(sm, w, predictability), replicas=cfg.replicas)
+    pool = serving.Pool(engine=_engine(sm, w, output_predictability), replicas=cfg.replicas)
     prefill = transfer = None
     if cfg.mode is Mode.DISAGGREGATED and cfg.prefill is not None:
-        prefill = serving.Pool(engine=_engine(sm, cfg.prefill, predictability),
+        prefill = serving.Pool(engine=_engine(sm, cfg.prefill, output_predictability),
                                replicas=cfg.prefill_replicas)
         # Pools sit on different nodes, as the screen assumes.
         transfer = serving.kv_transfer(sm, tp=cfg.prefill.tp, pp=cfg.prefill.pp,

@@ -45,13 +45,14 @@ def latency_curve(request: PlanRequest, config: ServingConfig) -> LatencyCurve:
                            quant=w.quant, kv_dtype=w.kv_dtype, spec=spec_text,
                            engine=config.engine, max_num_batched_tokens=w.max_num_batched_tokens,
                            max_num_seqs=w.max_num_seqs)
-    wl = screening.Workload.of(request)
-    cached = min(wl.cached, wl.isl - 1.0) if w.prefix_caching else 0.0
+    wl = screening.WorkloadMeans.of(request)
+    cached = min(wl.cached_tokens, wl.prompt_tokens - 1.0) if w.prefix_caching else 0.0
     r = latency.closed_loop(estimate.step_model(cfg), tp=w.tp, pp=w.pp, dp=w.dp, ep=w.ep,
-                            concurrency=_CONCURRENCY, isl=wl.isl, osl=wl.osl, cached=cached,
+                            concurrency=_CONCURRENCY, prompt_tokens=wl.prompt_tokens,
+                            output_tokens=wl.output_tokens, cached_tokens=cached,
                             max_batched_tokens=w.max_num_batched_tokens,
                             max_num_seqs=w.max_num_seqs, spec=parse_spec(spec_text),
-                            predictability=wl.predictability,
+                            output_predictability=wl.output_predictability,
                             draft=estimate.draft_step_model(cfg), first_wave_weight=0.0)
     ttft = screening.percentile(SloMetric.TTFT, "p90", r.ttft_ms, r.tpot_ms, wl)
     tpot = screening.percentile(SloMetric.TPOT, "p90", r.ttft_ms, r.tpot_ms, wl)

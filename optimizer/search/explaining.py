@@ -20,7 +20,7 @@ from trilemma.optimizer.search.screening import (
     RowScreen,
     SloMetric,
     Term,
-    Workload,
+    WorkloadMeans,
 )
 from trilemma.optimizer.search.sizing import Nearest
 from trilemma.optimizer.spec.lengths import FixedLengths, HistogramLengths, LognormalLengths
@@ -82,7 +82,7 @@ class Explanation:
         return out
 
 
-def term_value(t: Term, p: Prediction, wl: Workload) -> float:
+def term_value(t: Term, p: Prediction, wl: WorkloadMeans) -> float:
     """The prediction's value for an SLO term (p99s scaled from p90 by the screen's factors)."""
     def pct(metric: SloMetric, q: str) -> float:
         p50, p90 = ((p.ttft_p50_ms, p.ttft_p90_ms) if metric is SloMetric.TTFT
@@ -95,12 +95,12 @@ def term_value(t: Term, p: Prediction, wl: Workload) -> float:
     if t.metric is SloMetric.E2E:
         if t.pct == "p99":
             return p.e2e_p99_ms
-        decode_steps = max(wl.osl_pct[t.pct] - 1.0, 0.0)
+        decode_steps = max(wl.output_tokens_pct[t.pct] - 1.0, 0.0)
         return pct(SloMetric.TTFT, t.pct) + decode_steps * pct(SloMetric.TPOT, t.pct)
     return pct(t.metric, t.pct)
 
 
-def limits(request: PlanRequest, c: Choice, terms: list[Term], wl: Workload) -> list[Limit]:
+def limits(request: PlanRequest, c: Choice, terms: list[Term], wl: WorkloadMeans) -> list[Limit]:
     out = [Limit(name=t.name, used=term_value(t, c.prediction, wl), limit=t.target_ms,
                  unit="ms") for t in terms]
     key = c.config.worker.gpu
@@ -109,14 +109,14 @@ def limits(request: PlanRequest, c: Choice, terms: list[Term], wl: Workload) -> 
     if request.slo.max_cost_per_hour is not None:
         out.append(Limit(name="budget", used=c.prediction.cost_per_hour,
                          limit=request.slo.max_cost_per_hour, unit="$/h"))
-    out.append(Limit(name="design rate vs capacity", used=wl.rate,
+    out.append(Limit(name="design rate vs capacity", used=wl.design_rate,
                      limit=max(c.prediction.capacity_rps, 1e-9), unit="req/s"))
     out.sort(key=lambda x: (-x.ratio, x.name))
     return out
 
 
 def runners_up(objective: Objective, best: Choice, ranked: list[Choice],
-               wl: Workload) -> list[str]:
+               wl: WorkloadMeans) -> list[str]:
     """Why each of the next choices (ranked by the objective) loses to `best`."""
     b = best.prediction
     b_lat = ranking.e2e_ms(b.ttft_p90_ms, b.tpot_p90_ms, wl)
@@ -190,7 +190,7 @@ def _scenario(name: str, req: PlanRequest, replan: Replan) -> Scenario:
 
 
 def explain(request: PlanRequest, best: Choice, ranked: list[Choice], terms: list[Term],
-            wl: Workload, replan: Replan | None) -> Explanation:
+            wl: WorkloadMeans, replan: Replan | None) -> Explanation:
     lim = limits(request, best, terms, wl)
     top = lim[0]
     binding = f"closest to binding: {top.sentence()}"

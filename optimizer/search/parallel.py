@@ -55,7 +55,7 @@ def mapper(workers: int) -> screening.Mapper:
 def warm(space: Space, request: PlanRequest) -> None:
     """Build each step model (and the kernel tables it loads lazily) once in the parent, so
     that forked workers inherit them instead of each building its own."""
-    wl = screening.Workload.of(request)
+    wl = screening.WorkloadMeans.of(request)
     terms = screening.slo_terms(request)
     seen: set[tuple[str, ...]] = set()
     for rows in space.rows:

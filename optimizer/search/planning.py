@@ -75,12 +75,14 @@ class Plan:
 
 
 def digest(request: PlanRequest) -> dict[str, Any]:
-    wl = screening.Workload.of(request)
+    wl = screening.WorkloadMeans.of(request)
     plain: dict[str, Any] = _plain({
         "models": [c.id for c in request.candidates],
-        "workload": {"prompt_tokens_mean": wl.isl, "output_tokens_mean": wl.osl,
-                     "cached_tokens_mean": wl.cached, "predictability": wl.predictability},
-        "design_rate_rps": wl.rate,
+        "workload": {"prompt_tokens_mean": wl.prompt_tokens,
+                     "output_tokens_mean": wl.output_tokens,
+                     "cached_tokens_mean": wl.cached_tokens,
+                     "predictability": wl.output_predictability},
+        "design_rate_rps": wl.design_rate,
         "slo": request.slo.model_dump(mode="json", exclude_none=True),
         "pool": {k: request.hardware.group(k).count for k in request.allowed_gpus()},
         "allow_disaggregation": request.bounds.allow_disaggregation,
@@ -114,7 +116,7 @@ def search(request: PlanRequest, settings: SearchSettings,
     report("screen", 1.0)
     pruned: Counter[str] = Counter(sp.pruned)
     pruned["coarse"] += dropped
-    wl = screening.Workload.of(request)
+    wl = screening.WorkloadMeans.of(request)
     terms = screening.slo_terms(request)
     cands, nearest = sizing.size_all(screens, request, settings, wl, terms, pruned)
     if len(cands) == 0:
@@ -145,7 +147,7 @@ def plan(request: PlanRequest, *, settings: SearchSettings | None = None,
     timings: dict[str, float] = {}
     start = time.perf_counter()
     s = search(request, settings, report, timings)
-    wl = screening.Workload.of(request)
+    wl = screening.WorkloadMeans.of(request)
     t = time.perf_counter()
     picked = confirming.pick(s.ranked, s.front, s.candidates, s.screens, settings)
     # The best few by the objective stay in the running even unsimulated: the objective's
@@ -188,7 +190,7 @@ def plan(request: PlanRequest, *, settings: SearchSettings | None = None,
                 front=front, explanation=explanation, counts=counts, timings=timings)
 
 
-def choice_metrics(choices: list[Choice], wl: screening.Workload) -> ranking.Metrics:
+def choice_metrics(choices: list[Choice], wl: screening.WorkloadMeans) -> ranking.Metrics:
     p = [c.prediction for c in choices]
     return ranking.Metrics(
         cost=np.array([x.cost_per_hour for x in p], dtype=np.float64),
@@ -198,7 +200,7 @@ def choice_metrics(choices: list[Choice], wl: screening.Workload) -> ranking.Met
 
 
 def select(objective: Objective, eligible: list[Choice], pool: list[Choice],
-           wl: screening.Workload, size: int) -> tuple[Choice, list[Choice]]:
+           wl: screening.WorkloadMeans, size: int) -> tuple[Choice, list[Choice]]:
     """The recommendation among `eligible` (simulated survivors when there are any) and the
     front over `pool`, the recommendation always on it."""
     m = choice_metrics(eligible, wl)
@@ -251,7 +253,7 @@ def restricted_replan(request: PlanRequest, settings: SearchSettings,
         rows = [r for r in sp.rows
                 if _group_key(ranking.worker_of_group(r.group), r.group.choice.id,
                               r.group.engine.value) in keys]
-        wl = screening.Workload.of(req)
+        wl = screening.WorkloadMeans.of(req)
         terms = screening.slo_terms(req)
         screens = [screening.screen_rows(r, req, wl, terms, req.bounds.allow_disaggregation)
                    for r in rows]

@@ -45,7 +45,7 @@ def predict(config: ServingConfig, request: PlanRequest, *, requests: int = 1000
     stage does (same sample for a given seed), so the current and the candidate configuration
     are judged by the same method at the same workload.
     """
-    wl = screening.Workload.of(request)
+    wl = screening.WorkloadMeans.of(request)
     terms = screening.slo_terms(request)
     rows = _rows_of(config, request)
     disaggregated = config.mode is Mode.DISAGGREGATED and config.prefill is not None
@@ -54,13 +54,13 @@ def predict(config: ServingConfig, request: PlanRequest, *, requests: int = 1000
         assert rs.decode is not None and rs.prefill_rate is not None
         prefill, decode = config.prefill_replicas, config.replicas
         rho_max = screening.prefill_rho_max(rs, terms, rs.decode.tpot[:, 0])
-        _, tpot = rs.decode.at(np.array([[wl.rate / decode]]))
-        rho = np.array([[wl.rate / (prefill * float(rs.prefill_rate[0]))]])
+        _, tpot = rs.decode.at(np.array([[wl.design_rate / decode]]))
+        rho = np.array([[wl.design_rate / (prefill * float(rs.prefill_rate[0]))]])
         ttft = screening.prefill_ttft(rs, rho) + tpot
         capacity = min(prefill * float(rho_max[0] * rs.prefill_rate[0]),
                        decode * float(rs.decode.capacity[0]))
     else:
-        ttft, tpot = rs.agg.at(np.array([[wl.rate / config.replicas]]))
+        ttft, tpot = rs.agg.at(np.array([[wl.design_rate / config.replicas]]))
         capacity = float(rs.agg.capacity[0]) * config.replicas
 
     def pct(metric: SloMetric, q: str) -> float:
@@ -71,7 +71,7 @@ def predict(config: ServingConfig, request: PlanRequest, *, requests: int = 1000
         ttft_p50_ms=pct(SloMetric.TTFT, "p50"), ttft_p90_ms=pct(SloMetric.TTFT, "p90"),
         tpot_p50_ms=pct(SloMetric.TPOT, "p50"), tpot_p90_ms=pct(SloMetric.TPOT, "p90"),
         e2e_p99_ms=pct(SloMetric.E2E, "p99"), capacity_rps=capacity, cost_per_hour=cost,
-        cost_per_mtok=cost / max(wl.rate * wl.osl * 3600.0, 1e-12) * 1e6,
+        cost_per_mtok=cost / max(wl.design_rate * wl.output_tokens * 3600.0, 1e-12) * 1e6,
         quality=rows.group.quality,
         provenance={"latency": "analytic: closed-loop step model (re-predicted)",
                     "capacity": "analytic: largest load meeting the SLO"})
@@ -88,9 +88,9 @@ def predict(config: ServingConfig, request: PlanRequest, *, requests: int = 1000
         if terms and float(ratio.ravel()[0]) > 1.0:
             t = terms[int(term.ravel()[0])]
             miss = f"{t.name}: predicted {float(ratio.ravel()[0]) - 1:.0%} over"
-    if miss is None and capacity < wl.rate:
+    if miss is None and capacity < wl.design_rate:
         miss = (f"capacity {capacity:.3g} req/s within the SLO is below the design rate "
-                f"{wl.rate:.3g} req/s")
+                f"{wl.design_rate:.3g} req/s")
     return Predicted(choice=choice, slo_miss=miss)
 
 

@@ -21,7 +21,7 @@ from trilemma.optimizer.search.configs import (
     ServingConfig,
     WorkerConfig,
 )
-from trilemma.optimizer.search.screening import RowScreen, SloMetric, Workload
+from trilemma.optimizer.search.screening import RowScreen, SloMetric, WorkloadMeans
 from trilemma.optimizer.search.sizing import Candidates
 from trilemma.optimizer.search.space import Group, SearchSettings
 from trilemma.optimizer.spec.objective import Objective
@@ -38,17 +38,17 @@ class Metrics:
     capacity: np.ndarray      # requests/s within the SLO, higher is better
 
 
-def metrics(c: Candidates, wl: Workload) -> Metrics:
+def metrics(c: Candidates, wl: WorkloadMeans) -> Metrics:
     ttft90 = screening.percentile(SloMetric.TTFT, "p90", c.ttft_mean, c.tpot_mean, wl)
     tpot90 = screening.percentile(SloMetric.TPOT, "p90", c.ttft_mean, c.tpot_mean, wl)
     return Metrics(cost=c.cost.astype(np.float64),
-                   latency=ttft90 + tpot90 * max(wl.osl - 1.0, 0.0),
+                   latency=ttft90 + tpot90 * max(wl.output_tokens - 1.0, 0.0),
                    capacity=c.capacity.astype(np.float64))
 
 
-def e2e_ms(ttft_p90: float, tpot_p90: float, wl: Workload) -> float:
+def e2e_ms(ttft_p90: float, tpot_p90: float, wl: WorkloadMeans) -> float:
     """The latency axis for one prediction (simulated or analytic)."""
-    return ttft_p90 + tpot_p90 * max(wl.osl - 1.0, 0.0)
+    return ttft_p90 + tpot_p90 * max(wl.output_tokens - 1.0, 0.0)
 
 
 def order(objective: Objective, m: Metrics) -> np.ndarray:
@@ -136,14 +136,14 @@ def config(c: Candidates, i: int, screens: list[RowScreen],
                          prefill_replicas=int(c.prefill_replicas[i]))
 
 
-def prediction(c: Candidates, i: int, wl: Workload) -> Prediction:
+def prediction(c: Candidates, i: int, wl: WorkloadMeans) -> Prediction:
     t, p = c.ttft_mean[i:i + 1], c.tpot_mean[i:i + 1]
 
     def pct(metric: SloMetric, q: str) -> float:
         return float(screening.percentile(metric, q, t, p, wl)[0])
 
     cost = float(c.cost[i])
-    tokens_per_hour = wl.rate * wl.osl * 3600.0
+    tokens_per_hour = wl.design_rate * wl.output_tokens * 3600.0
     q = float(c.quality[i])
     return Prediction(
         ttft_p50_ms=pct(SloMetric.TTFT, "p50"), ttft_p90_ms=pct(SloMetric.TTFT, "p90"),
@@ -156,7 +156,7 @@ def prediction(c: Candidates, i: int, wl: Workload) -> Prediction:
 
 
 def choice(c: Candidates, i: int, screens: list[RowScreen], settings: SearchSettings,
-           wl: Workload) -> Choice:
+           wl: WorkloadMeans) -> Choice:
     return Choice(config=config(c, i, screens, settings), prediction=prediction(c, i, wl))
 
 

@@ -82,41 +82,47 @@ def slo_terms(request: PlanRequest) -> list[Term]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Workload:
-    """The numbers of the workload the screen needs (means, percentiles, rate)."""
+class WorkloadMeans:
+    """The spec's workload reduced to what the screen needs: means at the design rate.
 
-    isl: float
-    osl: float
-    cached: float
-    rate: float
-    predictability: float
-    osl_pct: dict[str, float]
+    Field names follow the glossary (README, "How the model works"): prompt_tokens and
+    output_tokens are per-request means, cached_tokens the mean prompt tokens served from the
+    prefix cache, design_rate the requests/s to size for (mean rate x peak factor), and
+    output_tokens_pct the output length's percentiles ("p50", "p90", "p99").
+    """
+
+    prompt_tokens: float
+    output_tokens: float
+    cached_tokens: float
+    design_rate: float
+    output_predictability: float
+    output_tokens_pct: dict[str, float]
 
     @classmethod
-    def of(cls, request: PlanRequest) -> Workload:
+    def of(cls, request: PlanRequest) -> WorkloadMeans:
         wl = request.workload
         out = wl.output_distribution()
-        return cls(isl=wl.prompt_distribution().mean_tokens(), osl=out.mean_tokens(),
-                   cached=wl.expected_cached_tokens(), rate=wl.design_rate(),
-                   predictability=wl.output_predictability,
-                   osl_pct={p: out.percentile_tokens(float(p[1:])) for p in
-                            ("p50", "p90", "p99")})
+        return cls(prompt_tokens=wl.prompt_distribution().mean_tokens(),
+                   output_tokens=out.mean_tokens(), cached_tokens=wl.expected_cached_tokens(),
+                   design_rate=wl.design_rate(), output_predictability=wl.output_predictability,
+                   output_tokens_pct={p: out.percentile_tokens(float(p[1:])) for p in
+                                      ("p50", "p90", "p99")})
 
 
 def percentile(metric: SloMetric, pct: str, ttft: np.ndarray, tpot: np.ndarray,
-               wl: Workload) -> np.ndarray:
+               wl: WorkloadMeans) -> np.ndarray:
     """A percentile of `metric` from predicted means (the factors above)."""
     if metric is SloMetric.TTFT:
         return ttft * PERCENTILE_FACTORS[SloMetric.TTFT][pct]
     if metric is SloMetric.TPOT:
         return tpot * PERCENTILE_FACTORS[SloMetric.TPOT][pct]
     # End to end: a long answer, not a slow step, makes a request late.
-    decode_steps = max(wl.osl_pct[pct] - 1.0, 0.0)
+    decode_steps = max(wl.output_tokens_pct[pct] - 1.0, 0.0)
     return ttft * PERCENTILE_FACTORS[SloMetric.TTFT][pct] + decode_steps * tpot
 
 
 def worst(terms: list[Term], ttft: np.ndarray, tpot: np.ndarray,
-          wl: Workload) -> tuple[np.ndarray, np.ndarray]:
+          wl: WorkloadMeans) -> tuple[np.ndarray, np.ndarray]:
     """Largest predicted/target ratio over the SLO terms (<= 1 meets all) and its term."""
     if not terms:
         z = np.zeros(np.broadcast(ttft, tpot).shape)
@@ -159,7 +165,7 @@ def _interp(xg: np.ndarray, yg: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def capacity_curve(evaluate: Callable[[np.ndarray], tuple[np.ndarray, ...]], cmax: np.ndarray,
-                   terms: list[Term], wl: Workload, levels: int = _LEVELS,
+                   terms: list[Term], wl: WorkloadMeans, levels: int = _LEVELS,
                    bisections: int = _BISECTIONS) -> Curve:
     """The largest concurrency per row (<= cmax) whose predictions meet `terms`."""
     ev = evaluate  # C (n, k) -> (ttft, tpot, rps), each (n, k)
@@ -207,7 +213,7 @@ class RowScreen:
     """Per-replica results of one group's rows."""
 
     rows: Rows
-    cached: np.ndarray
+    cached_tokens: np.ndarray  # per row: prompt tokens served from the prefix cache
     agg: Curve
     decode: Curve | None
     prefill_service_ms: np.ndarray | None    # one request's prefill on an idle rank
@@ -230,16 +236,16 @@ def _step_model(g: Group) -> steps.StepModel:
     return sm
 
 
-def screen_rows(rows: Rows, request: PlanRequest, wl: Workload, terms: list[Term],
+def screen_rows(rows: Rows, request: PlanRequest, wl: WorkloadMeans, terms: list[Term],
                 disaggregate: bool, coarse: bool = False) -> RowScreen:
     g = rows.group
     facts = perf_engine.engine_facts(g.engine)
     sm = _step_model(g)
-    cached = np.where(rows.prefix_caching, min(wl.cached, wl.isl - 1.0), 0.0)
+    cached = np.where(rows.prefix_caching, min(wl.cached_tokens, wl.prompt_tokens - 1.0), 0.0)
     spec = g.spec
     k = float(spec.k)
     mem = memory.breakdown(g.arch, g.gpu, g.quant, g.kv, facts, tp=rows.tp, pp=rows.pp,
-                           dp=rows.dp, seq_len=wl.isl + wl.osl + k,
+                           dp=rows.dp, seq_len=wl.prompt_tokens + wl.output_tokens + k,
                            max_batched_tokens=rows.max_num_batched_tokens,
                            max_num_seqs=rows.max_num_seqs)
     seats = np.minimum(rows.max_num_seqs, rows.max_num_batched_tokens // (1 + spec.k))
@@ -252,29 +258,31 @@ def screen_rows(rows: Rows, request: PlanRequest, wl: Workload, terms: list[Term
     def run(C: np.ndarray, cached_tokens: np.ndarray) -> tuple[np.ndarray, ...]:
         r = latency.closed_loop(
             sm, tp=col(rows.tp), pp=col(rows.pp), dp=col(rows.dp), ep=col(rows.ep),
-            concurrency=C, isl=wl.isl, osl=wl.osl, cached=col(cached_tokens),
+            concurrency=C, prompt_tokens=wl.prompt_tokens, output_tokens=wl.output_tokens,
+            cached_tokens=col(cached_tokens),
             max_batched_tokens=col(rows.max_num_batched_tokens),
-            max_num_seqs=col(rows.max_num_seqs), spec=spec, predictability=wl.predictability,
+            max_num_seqs=col(rows.max_num_seqs), spec=spec,
+            output_predictability=wl.output_predictability,
             first_wave_weight=0.0)  # open-loop serving has no synchronized first wave
         return r.ttft_ms, r.tpot_ms, r.requests_per_s
 
     if coarse:
         agg_curve = capacity_curve(lambda C: run(C, cached), cmax, terms, wl, levels=4,
                                    bisections=0)
-        return RowScreen(rows=rows, cached=cached, agg=agg_curve, decode=None,
+        return RowScreen(rows=rows, cached_tokens=cached, agg=agg_curve, decode=None,
                          prefill_service_ms=None, prefill_rate=None, transfer_ms=None,
                          overhead_ms=facts.request_overhead_ms)
     agg_curve = capacity_curve(lambda C: run(C, cached), cmax, terms, wl)
     if not disaggregate:
-        return RowScreen(rows=rows, cached=cached, agg=agg_curve, decode=None,
+        return RowScreen(rows=rows, cached_tokens=cached, agg=agg_curve, decode=None,
                          prefill_service_ms=None, prefill_rate=None, transfer_ms=None,
                          overhead_ms=facts.request_overhead_ms)
     # Decode pool: requests arrive with their KV; only TPOT terms apply to it.
     tpot_terms = [t for t in terms if t.metric is SloMetric.TPOT]
-    decode = capacity_curve(lambda C: run(C, np.full(len(rows), wl.isl - 1.0)), cmax,
+    decode = capacity_curve(lambda C: run(C, np.full(len(rows), wl.prompt_tokens - 1.0)), cmax,
                             tpot_terms, wl)
     # Prefill pool: chunks of the token budget, batched when several prompts fit one.
-    prefill = np.maximum(wl.isl - cached, 1.0)
+    prefill = np.maximum(wl.prompt_tokens - cached, 1.0)
     budget = rows.max_num_batched_tokens.astype(np.float64)
     chunk = np.minimum(prefill, budget)
     ones = np.ones(len(rows))
@@ -290,8 +298,8 @@ def screen_rows(rows: Rows, request: PlanRequest, wl: Workload, terms: list[Term
     per_rank = np.where(batch > 1, batch / t_batch, 1.0 / service)  # requests/ms
     per_token = memory.kv_bytes_per_token_per_gpu(g.arch, g.kv, rows.tp, rows.pp)
     # Pools sit on different nodes: the KV crosses the scale-out network.
-    transfer = KV_TRANSFER_LATENCY_MS + wl.isl * per_token / g.gpu.inter_node_bw * 1e3
-    return RowScreen(rows=rows, cached=cached, agg=agg_curve, decode=decode,
+    transfer = KV_TRANSFER_LATENCY_MS + wl.prompt_tokens * per_token / g.gpu.inter_node_bw * 1e3
+    return RowScreen(rows=rows, cached_tokens=cached, agg=agg_curve, decode=decode,
                      prefill_service_ms=service, prefill_rate=per_rank * rows.dp * 1e3,
                      transfer_ms=transfer, overhead_ms=facts.request_overhead_ms)
 
@@ -321,11 +329,11 @@ def prefill_rho_max(rs: RowScreen, terms: list[Term], first_step_ms: np.ndarray)
     return rho
 
 
-def tokens_per_step(rows: Rows, predictability: float) -> float:
+def tokens_per_step(rows: Rows, output_predictability: float) -> float:
     spec = rows.group.spec
     if spec.method is SpecMethod.NONE:
         return 1.0
-    a = speculation.acceptance_rate(spec.method, predictability)
+    a = speculation.acceptance_rate(spec.method, output_predictability)
     return float(speculation.expected_tokens_per_step(a, spec.k))
 
 
@@ -357,7 +365,7 @@ def _serial(fn: Callable[[int], Any], items: list[int]) -> list[Any]:
     return [fn(i) for i in items]
 
 
-def coarse_scores(rows: Rows, request: PlanRequest, wl: Workload,
+def coarse_scores(rows: Rows, request: PlanRequest, wl: WorkloadMeans,
                   terms: list[Term]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One representative row per layout, 4-point ladder: (layout keys, $ per request/s,
     light-load e2e ms). Infinite where the layout meets no SLO."""
@@ -371,7 +379,7 @@ def coarse_scores(rows: Rows, request: PlanRequest, wl: Workload,
     rs = screen_rows(rep, request, wl, terms, False, coarse=True)
     gpus = rep.tp * rep.pp * rep.dp * rows.group.price_per_gpu_hour
     eff = np.where(rs.agg.capacity > 0, gpus / np.maximum(rs.agg.capacity, 1e-12), np.inf)
-    light = rs.agg.ttft[:, 0] + wl.osl * rs.agg.tpot[:, 0]
+    light = rs.agg.ttft[:, 0] + wl.output_tokens * rs.agg.tpot[:, 0]
     return keys[first], eff, np.where(rs.agg.capacity > 0, light, np.inf)
 
 
@@ -384,7 +392,7 @@ def screen_space(space: Space, request: PlanRequest, settings: SearchSettings,
     order): serial here, across processes in `parallel`.
     """
     terms = slo_terms(request)
-    wl = Workload.of(request)
+    wl = WorkloadMeans.of(request)
     disagg = request.bounds.allow_disaggregation
     if not space.rows:
         return [], 0, 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from trilemma.optimizer.search import screening
-from trilemma.optimizer.search.screening import RowScreen, SloMetric, Term, Workload
+from trilemma.optimizer.search.screening import RowScreen, SloMetric, Term, WorkloadMeans
 from trilemma.optimizer.search.space import SearchSettings
 from trilemma.optimizer.spec.plan_request import PlanRequest
 
@@ -52,7 +52,7 @@ class Candidates:
         return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
                       for f in fields(cls)})
 
-    def pct(self, metric: SloMetric, pct: str, wl: Workload) -> np.ndarray:
+    def pct(self, metric: SloMetric, pct: str, wl: WorkloadMeans) -> np.ndarray:
         return screening.percentile(metric, pct, self.ttft_mean, self.tpot_mean, wl)
 
 
@@ -67,7 +67,7 @@ class Nearest:
 
 
 def size_all(screens: list[RowScreen], request: PlanRequest, settings: SearchSettings,
-             wl: Workload, terms: list[Term],
+             wl: WorkloadMeans, terms: list[Term],
              pruned: Counter[str]) -> tuple[Candidates, list[Nearest]]:
     parts: list[Candidates] = []
     nearest: list[Nearest] = []
@@ -115,7 +115,7 @@ class _ModePlan:
     binding: np.ndarray      # (n,) what limits the capacity
 
 
-def _size(i: int, rs: RowScreen, request: PlanRequest, settings: SearchSettings, wl: Workload,
+def _size(i: int, rs: RowScreen, request: PlanRequest, settings: SearchSettings, wl: WorkloadMeans,
           terms: list[Term], pruned: Counter[str]) -> tuple[list[Candidates], list[Nearest]]:
     gpus_row = (rs.rows.tp * rs.rows.pp * rs.rows.dp).astype(np.float64)
     near: list[Nearest] = []
@@ -128,7 +128,7 @@ def _size(i: int, rs: RowScreen, request: PlanRequest, settings: SearchSettings,
 
 
 def _aggregated(i: int, rs: RowScreen, request: PlanRequest, settings: SearchSettings,
-                wl: Workload, gpus_row: np.ndarray, pruned: Counter[str],
+                wl: WorkloadMeans, gpus_row: np.ndarray, pruned: Counter[str],
                 near: list[Nearest]) -> _ModePlan:
     """Replicas of the aggregated worker that carry the design rate; the rows that cannot,
     first 50, go to `near` (what came closest, for the explanation)."""
@@ -140,12 +140,12 @@ def _aggregated(i: int, rs: RowScreen, request: PlanRequest, settings: SearchSet
     for r in np.flatnonzero(~ok_rows)[:50]:
         near.append(Nearest(screen=i, row=int(r), ratio=float(rs.agg.best_ratio[r]),
                             term=int(rs.agg.best_term[r])))
-    need = np.ceil(wl.rate / np.where(ok_rows, cap, np.inf))
+    need = np.ceil(wl.design_rate / np.where(ok_rows, cap, np.inf))
     need = np.where(ok_rows, np.maximum(need, 1.0), np.inf)
     units = _units(need, gpus_row, g.price_per_gpu_hour, g.pool_gpus,
                    request.slo.max_cost_per_hour, settings.replica_factors)
     units = np.where(ok_rows[:, None], units, 0.0)
-    load = wl.rate / np.maximum(units, 1.0)
+    load = wl.design_rate / np.maximum(units, 1.0)
     ttft, tpot = rs.agg.at(load)
     return _ModePlan(mode=0, ok=ok_rows, units=units, replicas=units,
                      prefill_replicas=units * 0, unit_gpus=gpus_row, ttft=ttft, tpot=tpot,
@@ -153,7 +153,7 @@ def _aggregated(i: int, rs: RowScreen, request: PlanRequest, settings: SearchSet
 
 
 def _disaggregated(rs: RowScreen, request: PlanRequest, settings: SearchSettings,
-                   wl: Workload, terms: list[Term], gpus_row: np.ndarray,
+                   wl: WorkloadMeans, terms: list[Term], gpus_row: np.ndarray,
                    pruned: Counter[str]) -> list[_ModePlan]:
     """Units of p prefill + d decode workers, one plan per prefill:decode ratio."""
     assert rs.decode is not None and rs.prefill_rate is not None
@@ -167,8 +167,8 @@ def _disaggregated(rs: RowScreen, request: PlanRequest, settings: SearchSettings
     plans = []
     for m, (p, d) in enumerate(settings.pd_ratios, start=1):
         pruned["slo"] += int((~ok).sum()) * R
-        need_u = np.maximum(np.ceil(wl.rate / np.where(ok, p * cap_p, np.inf)),
-                            np.ceil(wl.rate / np.where(ok, d * dec.capacity, np.inf)))
+        need_u = np.maximum(np.ceil(wl.design_rate / np.where(ok, p * cap_p, np.inf)),
+                            np.ceil(wl.design_rate / np.where(ok, d * dec.capacity, np.inf)))
         need_u = np.where(ok, np.maximum(need_u, 1.0), np.inf)
         unit_gpus = (p + d) * gpus_row
         u = _units(need_u, unit_gpus, g.price_per_gpu_hour, g.pool_gpus,
@@ -176,8 +176,8 @@ def _disaggregated(rs: RowScreen, request: PlanRequest, settings: SearchSettings
         # Rows that cannot run this mode have no finite unit count: price them at one unit
         # (their `units` is zeroed below, so they are never kept) instead of inf * 0.
         uu = np.where(np.isfinite(u), np.maximum(u, 1.0), 1.0)
-        rho = wl.rate / (p * uu * rs.prefill_rate[:, None])
-        _, tpot_d = dec.at(wl.rate / (d * uu))
+        rho = wl.design_rate / (p * uu * rs.prefill_rate[:, None])
+        _, tpot_d = dec.at(wl.design_rate / (d * uu))
         ttft_d = screening.prefill_ttft(rs, rho) + tpot_d
         capacity = np.minimum(p * uu * cap_p[:, None], d * uu * dec.capacity[:, None])
         binding = np.where(p * cap_p <= d * dec.capacity, -2, dec.binding)
@@ -187,7 +187,7 @@ def _disaggregated(rs: RowScreen, request: PlanRequest, settings: SearchSettings
     return plans
 
 
-def _kept(i: int, plan: _ModePlan, rs: RowScreen, request: PlanRequest, wl: Workload,
+def _kept(i: int, plan: _ModePlan, rs: RowScreen, request: PlanRequest, wl: WorkloadMeans,
           terms: list[Term], pruned: Counter[str]) -> Candidates | None:
     """The plan's (row, replica factor) cells that meet the SLO within the pool, the budget
     and the replica bound; each cell pruned is counted under its reason."""

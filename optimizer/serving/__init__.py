@@ -1,13 +1,14 @@
 """Discrete-event serving simulator: replicas running vLLM-style continuous batching.
 
-Data flow: a `Workload` (requests.py) and a `Cluster` (cluster.py) go into `simulate`
+Data flow: a `RequestStream` (requests.py) and a `Cluster` (cluster.py) go into `simulate`
 (simulating.py), which runs one engine per attention DP rank (engine.py, checked against the
 scheduler core of scheduler.py and its KV model blockpool.py, which reference.py drives and
 the sim-server runs too), prices every step with the perf layer's step model (steptable.py),
 and returns a `SimResult` (results.py).
 
-    wl = serving.sample_workload(rng, requests=2000, prompt=serving.Lognormal(mean=1000,
-                                 p90=1800), output=serving.Fixed(tokens=200),
+    wl = serving.sample_requests(rng, requests=2000,
+                                 prompt_tokens=serving.Lognormal(mean=1000, p90=1800),
+                                 output_tokens=serving.Fixed(tokens=200),
                                  arrivals=serving.Poisson(rate_per_s=4.0))
     res = serving.simulate(serving.Cluster(pool=serving.Pool(engine=cfg)), wl, step_model, rng)
     res.summary().ttft_ms.p99
@@ -32,10 +33,10 @@ from trilemma.optimizer.serving.requests import (
     Lognormal,
     Offline,
     Poisson,
-    PrefixReuse,
+    RequestStream,
+    SharedPrefixes,
     Timestamps,
-    Workload,
-    sample_workload,
+    sample_requests,
 )
 from trilemma.optimizer.serving.results import SimResult, Stats, Summary
 from trilemma.optimizer.serving.simulating import Method, simulate
@@ -56,7 +57,8 @@ __all__ = [
     "Offline",
     "Poisson",
     "Pool",
-    "PrefixReuse",
+    "RequestStream",
+    "SharedPrefixes",
     "SimResult",
     "Speculation",
     "Stats",
@@ -64,9 +66,8 @@ __all__ = [
     "StepTable",
     "Summary",
     "Timestamps",
-    "Workload",
     "engine_config",
     "kv_transfer",
-    "sample_workload",
+    "sample_requests",
     "simulate",
 ]

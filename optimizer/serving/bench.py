@@ -60,7 +60,7 @@ def _best(run: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def bench(*, requests_n: int = 2000, isl: float = 1000.0, osl: float = 200.0,
+def bench(*, requests_n: int = 2000, prompt_tokens: float = 1000.0, output_tokens: float = 200.0,
           max_num_seqs: int = 64, slow_requests: int = 200, repeats: int = 3,
           seed: int = 0) -> tuple[list[BenchResult], str]:
     sm, source = step_model()
@@ -69,14 +69,15 @@ def bench(*, requests_n: int = 2000, isl: float = 1000.0, osl: float = 200.0,
     out: list[BenchResult] = []
     for label, arrivals in (("closed loop C=64", requests.ClosedLoop(concurrency=64)),
                             ("Poisson 12 req/s", requests.Poisson(rate_per_s=12.0))):
-        def workload(n: int, arrivals: requests.Arrivals = arrivals) -> requests.Workload:
-            return requests.sample_workload(
+        def workload(n: int, arrivals: requests.Arrivals = arrivals) -> requests.RequestStream:
+            return requests.sample_requests(
                 np.random.default_rng(seed), requests=n,
-                prompt=requests.Lognormal(mean=isl, p90=1.6 * isl),
-                output=requests.Lognormal(mean=osl, p90=1.6 * osl), arrivals=arrivals)
+                prompt_tokens=requests.Lognormal(mean=prompt_tokens, p90=1.6 * prompt_tokens),
+                output_tokens=requests.Lognormal(mean=output_tokens, p90=1.6 * output_tokens),
+                arrivals=arrivals)
         full, short = workload(requests_n), workload(slow_requests)
 
-        def run(w: requests.Workload, method: simulating.Method,
+        def run(w: requests.RequestStream, method: simulating.Method,
                 tables: dict[cluster.EngineConfig, StepTable] | None = None) -> None:
             simulating.simulate(endpoint, w, sm, np.random.default_rng(seed), method=method,
                               tables=tables)

@@ -58,10 +58,10 @@ class Speculation:
                              "the draft method, and only it, needs the draft model's step model")
 
     @classmethod
-    def for_workload(cls, config: SpecConfig, predictability: float,
+    def for_workload(cls, config: SpecConfig, output_predictability: float,
                      draft: Any = None) -> Speculation:
         """Acceptance from the catalog's fit for this method and workload predictability."""
-        a = float(speculation.acceptance_rate(config.method, predictability))
+        a = float(speculation.acceptance_rate(config.method, output_predictability))
         return cls(config=config, acceptance=a, draft=draft)
 
     @property

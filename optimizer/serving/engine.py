@@ -31,7 +31,7 @@ import numpy as np
 
 from trilemma.optimizer.serving.blockpool import BlockHash, BlockPool, prefix_hashes
 from trilemma.optimizer.serving.cluster import EngineConfig
-from trilemma.optimizer.serving.requests import Workload
+from trilemma.optimizer.serving.requests import RequestStream
 from trilemma.optimizer.serving.results import Trace
 from trilemma.optimizer.serving.scheduler import Role, verify_yields
 from trilemma.optimizer.serving.steptable import Pricer
@@ -41,9 +41,10 @@ __all__ = ["FastEngine", "Role", "SeqState"]
 
 class SeqState:
     """Scheduler state per request, shared by all fast engines of a run (a request is on one
-    engine at a time; the prefill engine only frees its blocks after the hand-off)."""
+    engine at a time; the prefill engine only frees its blocks after the hand-off). `prompt`
+    and `output` hold the requests' prompt_tokens and output_tokens, short as in Seq."""
 
-    def __init__(self, workload: Workload) -> None:
+    def __init__(self, workload: RequestStream) -> None:
         n = len(workload)
         self.prompt: list[int] = workload.prompt_tokens.tolist()
         self.output: list[int] = workload.output_tokens.tolist()

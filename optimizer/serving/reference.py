@@ -17,7 +17,7 @@ import numpy as np
 
 from trilemma.optimizer.serving.blockpool import prefix_hashes
 from trilemma.optimizer.serving.cluster import EngineConfig
-from trilemma.optimizer.serving.requests import Workload
+from trilemma.optimizer.serving.requests import RequestStream
 from trilemma.optimizer.serving.results import Trace
 from trilemma.optimizer.serving.scheduler import (
     Batch,
@@ -38,7 +38,7 @@ def limits(cfg: EngineConfig) -> Limits:
 
 
 class ReferenceEngine:
-    def __init__(self, cfg: EngineConfig, *, role: Role, index: int, workload: Workload,
+    def __init__(self, cfg: EngineConfig, *, role: Role, index: int, workload: RequestStream,
                  trace: Trace, price: Pricer, rng: np.random.Generator) -> None:
         self.cfg = cfg
         self.index = index

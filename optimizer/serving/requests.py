@@ -1,7 +1,7 @@
 """The simulator's workload: one row per request, as numpy arrays, and samplers that make one.
 
 Sits at the entrance of serving/: the user-facing workload spec (pydantic, later) converts into
-a `Workload`; `simulate` reads nothing else about the requests. Lengths are tokens, times are
+a `RequestStream`; `simulate` reads nothing else about the requests. Lengths are tokens, times are
 milliseconds from the start of the run.
 
 How requests arrive is part of the workload, because it is the client's behaviour:
@@ -43,7 +43,7 @@ def _frozen(values: object, dtype: type, name: str) -> np.ndarray:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Workload:
+class RequestStream:
     """Requests for one simulation. Arrays are copied and made read-only on construction.
 
     prefix_id: which shared prefix (system prompt, few-shot block) a request starts with, -1 for
@@ -229,7 +229,7 @@ Arrivals = Poisson | Gamma | Timestamps | ClosedLoop | Offline
 
 
 @dataclass(frozen=True, kw_only=True)
-class PrefixReuse:
+class SharedPrefixes:
     """A shared prefix (system prompt) that a share of requests start with.
 
     Each request carries one of `prefixes` ids with probability `share`, else none; a request
@@ -254,20 +254,20 @@ class PrefixReuse:
         return ids.astype(np.int64), np.where(has, self.tokens, 0).astype(np.int64)
 
 
-def sample_workload(rng: np.random.Generator, *, requests: int, prompt: LengthDist,
-                    output: LengthDist, arrivals: Arrivals,
-                    prefix: PrefixReuse | None = None) -> Workload:
+def sample_requests(rng: np.random.Generator, *, requests: int, prompt_tokens: LengthDist,
+                    output_tokens: LengthDist, arrivals: Arrivals,
+                    prefix: SharedPrefixes | None = None) -> RequestStream:
     """Draw `requests` rows: lengths, then prefixes, then arrival times (in that order)."""
     if requests < 1:
         raise InputError("requests", requests, "must be >= 1")
-    isl = prompt.sample(rng, requests)
-    osl = output.sample(rng, requests)
+    prompt = prompt_tokens.sample(rng, requests)
+    output = output_tokens.sample(rng, requests)
     if prefix is None:
         ids = np.full(requests, -1, dtype=np.int64)
         shared = np.zeros(requests, dtype=np.int64)
     else:
         ids, shared = prefix.sample(rng, requests)
-        isl = np.maximum(isl, shared + 1)
+        prompt = np.maximum(prompt, shared + 1)
     mode, concurrency = LoadMode.OPEN, 0
     if isinstance(arrivals, ClosedLoop):
         mode, concurrency = LoadMode.CLOSED, arrivals.concurrency
@@ -276,5 +276,6 @@ def sample_workload(rng: np.random.Generator, *, requests: int, prompt: LengthDi
         mode, arrival = LoadMode.OFFLINE, np.zeros(requests)
     else:
         arrival = arrivals.sample(rng, requests)
-    return Workload(prompt_tokens=isl, output_tokens=osl, prefix_id=ids, prefix_tokens=shared,
-                    arrival_ms=arrival, mode=mode, concurrency=concurrency)
+    return RequestStream(prompt_tokens=prompt, output_tokens=output, prefix_id=ids,
+                         prefix_tokens=shared, arrival_ms=arrival, mode=mode,
+                         concurrency=concurrency)

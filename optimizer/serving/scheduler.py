@@ -62,7 +62,11 @@ class Limits:
 
 @dataclass(eq=False, slots=True, kw_only=True)
 class Seq:
-    """One request's scheduling state. `index` is the driver's name for it."""
+    """One request's scheduling state. `index` is the driver's name for it.
+
+    `prompt` and `output` are the request's prompt_tokens and output_tokens (the glossary's
+    names), kept short in the step arithmetic.
+    """
 
     index: int
     prompt: int

@@ -24,7 +24,7 @@ from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.serving.cluster import Cluster, EngineConfig, LoadBalancer, Pool
 from trilemma.optimizer.serving.engine import FastEngine, SeqState
 from trilemma.optimizer.serving.reference import ReferenceEngine
-from trilemma.optimizer.serving.requests import LoadMode, Workload
+from trilemma.optimizer.serving.requests import LoadMode, RequestStream
 from trilemma.optimizer.serving.results import SimResult, Trace
 from trilemma.optimizer.serving.scheduler import Role
 from trilemma.optimizer.serving.steptable import DirectPricer, Pricer, StepCost, StepTable
@@ -40,12 +40,12 @@ class Method(enum.Enum):
     REFERENCE = "reference"  # the plain reference engine, one perf-model call per step
 
 
-def max_context(workload: Workload, engine: EngineConfig) -> int:
+def max_context(workload: RequestStream, engine: EngineConfig) -> int:
     """The longest KV a request of the workload reaches on `engine` (speculative slots too)."""
     return int((workload.prompt_tokens + workload.output_tokens).max()) + engine.tokens_per_decode
 
 
-def _check_fits(workload: Workload, pool: Pool, *, prefill_only: bool, field: str) -> None:
+def _check_fits(workload: RequestStream, pool: Pool, *, prefill_only: bool, field: str) -> None:
     """A request that cannot fit alone in an engine's KV would be preempted forever; vLLM
     refuses such prompts at the door (max_model_len), so do we."""
     e = pool.engine
@@ -62,7 +62,7 @@ def _check_fits(workload: Workload, pool: Pool, *, prefill_only: bool, field: st
 Engine = FastEngine | ReferenceEngine
 
 
-def simulate(cluster: Cluster, workload: Workload, perf_model: StepCost,
+def simulate(cluster: Cluster, workload: RequestStream, perf_model: StepCost,
              rng: np.random.Generator, *, method: Method = Method.FAST,
              tables: dict[EngineConfig, StepTable] | None = None) -> SimResult:
     """Run `workload` through `cluster`, pricing steps with `perf_model`.
@@ -90,7 +90,7 @@ def simulate(cluster: Cluster, workload: Workload, perf_model: StepCost,
 class _Pricers:
     """The step pricer of each engine configuration, and how many model calls they made."""
 
-    def __init__(self, perf_model: StepCost, workload: Workload, method: Method,
+    def __init__(self, perf_model: StepCost, workload: RequestStream, method: Method,
                  tables: dict[EngineConfig, StepTable]) -> None:
         self.perf_model = perf_model
         self.workload = workload
@@ -120,7 +120,7 @@ class _Fleet:
     """The engines of a run (decode or combined pool first, then the prefill pool) and their
     balancers."""
 
-    def __init__(self, cluster: Cluster, workload: Workload, pricers: _Pricers, method: Method,
+    def __init__(self, cluster: Cluster, workload: RequestStream, pricers: _Pricers, method: Method,
                  rng: np.random.Generator) -> None:
         self.workload = workload
         self.trace = Trace(len(workload))
@@ -156,7 +156,7 @@ class _Fleet:
 class _Run:
     """The event heap and what each kind of event does."""
 
-    def __init__(self, cluster: Cluster, workload: Workload, fleet: _Fleet) -> None:
+    def __init__(self, cluster: Cluster, workload: RequestStream, fleet: _Fleet) -> None:
         self.fleet = fleet
         self.trace = fleet.trace
         self.transfer = cluster.transfer

@@ -35,7 +35,7 @@ from tests.support.prometheus import PrometheusServer, ScrapeJob, prometheus_bin
 from trilemma.optimizer.search import ServingConfig
 from trilemma.simfleet.cluster import LocalCluster
 from trilemma.simfleet.fleet import SimFleet
-from trilemma.simfleet.loadgen import Phase, run_load
+from trilemma.simfleet.loadgen import LoadStage, run_load
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ async def test_the_loop_replans_and_rolls_out_on_the_real_control_plane(
             cluster.kubectl("patch", "oe", "chat", "-n", ns, "--type=merge", "-p",
                             json.dumps({"spec": {"prometheus": {"url": prom.url}}}))
             # Steady traffic as the spec describes it: metrics flow, nothing rolls out.
-            await run_load(fleet.urls, [Phase(duration_s=45.0, name="steady", **STEADY)],
+            await run_load(fleet.urls, [LoadStage(duration_s=45.0, name="steady", **STEADY)],
                            seed=3)
             st = status(cluster, ns, "chat")
             conditions = {c["type"]: c for c in st["conditions"]}
@@ -85,7 +85,7 @@ async def test_the_loop_replans_and_rolls_out_on_the_real_control_plane(
             # Four times the rate: detected, re-planned, rolled out by the cluster.
             shifted = {**STEADY, "rate": 4 * STEADY["rate"]}
             started = time.monotonic()
-            load = asyncio.create_task(run_load(fleet.urls, [Phase(
+            load = asyncio.create_task(run_load(fleet.urls, [LoadStage(
                 duration_s=2 * DEADLINE_S, name="shift", **shifted)], seed=4))
 
             def moved() -> str | None:

@@ -23,7 +23,7 @@ from tests.support.prometheus import PrometheusServer, ScrapeJob, prometheus_bin
 from trilemma.operator.endpoint import OperatorConfig
 from trilemma.optimizer.search import ServingConfig
 from trilemma.simfleet.fleet import SimFleet
-from trilemma.simfleet.loadgen import Phase, run_load
+from trilemma.simfleet.loadgen import LoadStage, run_load
 from trilemma.simfleet.prometheus_server import free_port
 from trilemma.tools.inprocess import CACHE_DIR
 
@@ -129,8 +129,8 @@ async def test_the_loop_follows_a_traffic_shift_and_ignores_steady_noise(
         # Steady, noisy (Poisson) traffic as the spec describes it: no rollout.
         steady_s = 45.0
         started = time.time()
-        report = await run_load(fleet.urls, [Phase(duration_s=steady_s, name="steady",
-                                                   **STEADY)], seed=3)
+        report = await run_load(fleet.urls, [LoadStage(duration_s=steady_s, name="steady",
+                                                       **STEADY)], seed=3)
         observed = status(api).get("observedWorkload") or {}
         truth = window_truth(report, started, observed)
         rollouts_steady = sum(1 for h in history(api) if h["action"] == "RollOut")
@@ -142,7 +142,7 @@ async def test_the_loop_follows_a_traffic_shift_and_ignores_steady_noise(
         shift_start = time.monotonic()
         shifted = {**STEADY, "rate": 4 * STEADY["rate"]}
         # Longer than any wait below: the traffic must not end before the loop reacts.
-        load = asyncio.create_task(run_load(fleet.urls, [Phase(
+        load = asyncio.create_task(run_load(fleet.urls, [LoadStage(
             duration_s=2 * DEADLINE_S, name="shift", **shifted)], seed=4))
         try:
             rolling = await api.wait(lambda: (status(api).get("rollout") or {}).get("toHash")

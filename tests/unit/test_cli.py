@@ -37,12 +37,30 @@ def test_estimate_json_is_one_document_with_the_figures(capsys):
 @pytest.mark.parametrize(("phase", "extra"), [
     ("decode", ["--batch", "32", "--kv-len", "2048"]),
     ("prefill", ["--batch", "2", "--prompt", "4096"]),
+    ("prefill", ["--batch", "2", "--prompt-tokens", "4096"]),
 ])
 def test_estimate_single_steps(capsys, phase, extra):
     code, out, _ = run(capsys, *BASE, "--tp", "8", "--quant", "fp8", "--phase", phase, *extra,
                        "--json")
     doc = json.loads(out)
     assert code == 0 and doc["phase"] == phase and doc["step_ms"] > 0
+
+
+def test_the_old_length_flags_are_hidden_aliases_of_the_glossary_names(capsys):
+    spec = ["--tp", "4", "--spec", "eagle3:3"]  # speculation: predictability matters
+    _, new, _ = run(capsys, *BASE, *spec, "--prompt-tokens", "2048", "--output-tokens", "300",
+                    "--cached-tokens", "512", "--output-predictability", "0.9", "--json")
+    _, old, _ = run(capsys, *BASE, *spec, "--isl", "2048", "--osl", "300", "--cached", "512",
+                    "--predictability", "0.9", "--json")
+    _, default, _ = run(capsys, *BASE, *spec, "--isl", "2048", "--osl", "300", "--cached",
+                        "512", "--json")
+    assert new == old != default
+    doc = json.loads(new)
+    assert (doc["isl"], doc["osl"], doc["cached"]) == (2048, 300, 512)
+    with pytest.raises(SystemExit):
+        run(capsys, "estimate", "--help")
+    usage = capsys.readouterr().out
+    assert "--prompt-tokens" in usage and "--isl" not in usage
 
 
 def test_a_configuration_that_does_not_fit_says_so(capsys):
@@ -61,7 +79,11 @@ def test_a_configuration_that_does_not_fit_says_so(capsys):
     (["--spec", "eagle3:99"], "spec", ""),
     (["--spec", "teleport:3"], "spec", ""),
     (["--engine", "tgi"], "engine", "vllm or sglang"),
-    (["--concurrency", "4", "--cached", "5000", "--isl", "1024"], "cached", "[0, isl)"),
+    (["--concurrency", "4", "--cached-tokens", "5000", "--prompt-tokens", "1024"],
+     "cached_tokens", "[0, prompt_tokens)"),
+    # the spellings before the glossary still parse, into the same options
+    (["--concurrency", "4", "--cached", "5000", "--isl", "1024"],
+     "cached_tokens", "[0, prompt_tokens)"),
 ])
 def test_bad_input_exits_2_naming_field_value_and_reason(capsys, argv, field, why):
     args = [*BASE]

@@ -50,6 +50,6 @@ def test_every_example_has_a_baseline_that_builds_and_fits():
         prompt = request.workload.prompt_distribution().mean_tokens()
         output = request.workload.output_distribution().mean_tokens()
         cached = request.workload.expected_cached_tokens()
-        result = estimate.closed_loop(cfg, concurrency=8, isl=round(prompt),
-                                      osl=round(output), cached=int(cached))
+        result = estimate.closed_loop(cfg, concurrency=8, prompt_tokens=round(prompt),
+                                      output_tokens=round(output), cached_tokens=int(cached))
         assert result.fits, name

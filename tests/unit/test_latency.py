@@ -11,14 +11,14 @@ LLAMA70 = "meta-llama/Llama-3.1-70B"
 def _loop(conc, isl=1024, osl=256, tp=4, cached=0.0, **kw):
     cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=tp, quant="fp8")
     return latency.closed_loop(est.step_model(cfg), tp=tp, pp=1, dp=1, ep=False,
-                               concurrency=np.asarray(conc, dtype=float), isl=isl, osl=osl,
-                               cached=cached, **kw)
+                               concurrency=np.asarray(conc, dtype=float),
+                               prompt_tokens=isl, output_tokens=osl, cached_tokens=cached, **kw)
 
 
 def test_at_concurrency_one_ttft_is_the_prefill_plus_fixed_overheads():
     cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=4, quant="fp8")
     r = _loop(1)
-    prefill = est.prefill_ms(cfg, batch=1, prompt=1024)
+    prefill = est.prefill_ms(cfg, batch=1, prompt_tokens=1024)
     overhead = est.step_model(cfg).facts.request_overhead_ms
     assert prefill + overhead < float(r.ttft_ms) < prefill + overhead + float(r.tpot_ms) * 2
 
@@ -52,7 +52,8 @@ def test_littles_law_ties_rate_latency_and_concurrency():
 
 def test_speculation_shortens_tpot_at_low_concurrency_for_predictable_output():
     plain = _loop(1, osl=512)
-    spec = _loop(1, osl=512, spec=SpecConfig(method=SpecMethod.EAGLE3, k=3), predictability=0.9)
+    spec = _loop(1, osl=512, spec=SpecConfig(method=SpecMethod.EAGLE3, k=3),
+                 output_predictability=0.9)
     assert float(spec.tokens_per_step) > 2.0
     assert float(spec.tpot_ms) < 0.7 * float(plain.tpot_ms)
 
@@ -74,5 +75,5 @@ def test_a_config_that_does_not_fit_is_reported_not_raised():
 @pytest.mark.parametrize("pp", [1, 2])
 def test_pipeline_parallel_layouts_predict_finite_positive_latencies(pp):
     cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=2, pp=pp, quant="fp8")
-    e = est.closed_loop(cfg, concurrency=32, isl=2048, osl=256)
+    e = est.closed_loop(cfg, concurrency=32, prompt_tokens=2048, output_tokens=256)
     assert e.fits and 0 < e.tpot_ms < 1000 and 0 < e.ttft_ms < 1e5

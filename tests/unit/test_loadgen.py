@@ -16,7 +16,7 @@ from trilemma.optimizer.search.configs import ServingConfig, WorkerConfig
 from trilemma.simfleet import loadgen
 from trilemma.simfleet.engine_model import EngineModel
 from trilemma.simfleet.fleet import SimFleet
-from trilemma.simfleet.loadgen import Arrival, Phase
+from trilemma.simfleet.loadgen import Arrival, LoadStage
 from trilemma.simfleet.server import SimServer
 
 LLAMA = ServingConfig(model="meta-llama/Llama-3.1-8B", worker=WorkerConfig(gpu="h100_sxm"))
@@ -40,8 +40,8 @@ async def scrape(url: str) -> dict[str, float]:
 
 
 def test_same_seed_plans_the_same_requests_and_another_seed_does_not():
-    phase = Phase(duration_s=5, rate=10, prompt_mean=300, prompt_p90=600, output_mean=20,
-                  output_p90=40, prefix_share=0.5, prefix_tokens=64, prefixes=2)
+    phase = LoadStage(duration_s=5, rate=10, prompt_mean=300, prompt_p90=600, output_mean=20,
+                      output_p90=40, prefix_share=0.5, prefix_tokens=64, prefixes=2)
     a = loadgen.plan_open_loop(phase, 0, seed=7)
     b = loadgen.plan_open_loop(phase, 0, seed=7)
     c = loadgen.plan_open_loop(phase, 0, seed=8)
@@ -53,7 +53,7 @@ def test_same_seed_plans_the_same_requests_and_another_seed_does_not():
 @pytest.mark.parametrize("arrivals, cv", [(Arrival.POISSON, 1.0), (Arrival.GAMMA, 2.0),
                                           (Arrival.GAMMA, 0.5)])
 def test_arrivals_realize_their_rate_and_burstiness(arrivals, cv):
-    phase = Phase(duration_s=100, rate=100, arrivals=arrivals, cv=cv)
+    phase = LoadStage(duration_s=100, rate=100, arrivals=arrivals, cv=cv)
     t = loadgen.arrival_offsets(phase, 0, seed=1)
     gaps = np.diff(t)
     # 10,000 gaps: the CV's sampling error is a few percent even for the bursty gamma.
@@ -62,8 +62,8 @@ def test_arrivals_realize_their_rate_and_burstiness(arrivals, cv):
 
 
 def test_prefix_reuse_realizes_its_shares_with_shared_token_ids():
-    phase = Phase(duration_s=1, prompt_mean=400, output_mean=5, prefix_share=0.4,
-                  prefix_tokens=100, prefixes=3)
+    phase = LoadStage(duration_s=1, prompt_mean=400, output_mean=5, prefix_share=0.4,
+                      prefix_tokens=100, prefixes=3)
     contents = loadgen.Contents(phase, 0, seed=3)
     reqs = [contents.next() for _ in range(3000)]
     with_prefix = [r for r in reqs if r.prefix >= 0]
@@ -80,14 +80,14 @@ def test_prefix_reuse_realizes_its_shares_with_shared_token_ids():
 
 
 def test_short_prompts_are_all_prefix():
-    phase = Phase(duration_s=1, prompt_mean=50, output_mean=5, prefix_share=1.0,
-                  prefix_tokens=80)
+    phase = LoadStage(duration_s=1, prompt_mean=50, output_mean=5, prefix_share=1.0,
+                      prefix_tokens=80)
     r = loadgen.Contents(phase, 0, seed=0).next()
     assert r.shared_tokens == len(r.tokens) == 50
 
 
 def test_phases_file_changes_only_what_it_names_and_null_resets():
-    base = Phase(duration_s=9, rate=2, prompt_mean=1000, prompt_p90=2000, concurrency=4)
+    base = LoadStage(duration_s=9, rate=2, prompt_mean=1000, prompt_p90=2000, concurrency=4)
     phases = loadgen.parse_phases({"phases": [
         {"duration_s": 3, "name": "warm"},
         {"duration_s": 4, "rate": 8, "prompt_p90": None, "concurrency": None},
@@ -106,7 +106,7 @@ def test_phases_file_changes_only_what_it_names_and_null_resets():
 ])
 def test_bad_phases_name_the_field(doc, field):
     with pytest.raises(InputError) as err:
-        loadgen.parse_phases(doc, Phase(duration_s=1))
+        loadgen.parse_phases(doc, LoadStage(duration_s=1))
     assert err.value.field == field
 
 
@@ -115,10 +115,10 @@ def test_bad_phases_name_the_field(doc, field):
 
 async def test_report_tells_the_truth_the_server_counted_and_shows_the_phase_change(llama):
     phases = [
-        Phase(duration_s=0.8, rate=10, prompt_mean=300, prompt_p90=500, output_mean=8,
-              output_p90=14, prefix_share=0.5, prefix_tokens=128, prefixes=2),
-        Phase(duration_s=0.8, rate=40, prompt_mean=1500, output_mean=8, prefix_share=0.5,
-              prefix_tokens=128, prefixes=2),
+        LoadStage(duration_s=0.8, rate=10, prompt_mean=300, prompt_p90=500, output_mean=8,
+                  output_p90=14, prefix_share=0.5, prefix_tokens=128, prefixes=2),
+        LoadStage(duration_s=0.8, rate=40, prompt_mean=1500, output_mean=8, prefix_share=0.5,
+                  prefix_tokens=128, prefixes=2),
     ]
     server = SimServer(llama, served_model_name="sim", time_scale=FAST)
     url = await server.start()
@@ -147,8 +147,8 @@ async def test_report_tells_the_truth_the_server_counted_and_shows_the_phase_cha
 
 
 async def test_same_seed_sends_the_same_request_sequence(llama):
-    phases = [Phase(duration_s=0.5, rate=20, prompt_mean=200, prompt_p90=300, output_mean=4,
-                    prefix_share=0.3, prefix_tokens=32)]
+    phases = [LoadStage(duration_s=0.5, rate=20, prompt_mean=200, prompt_p90=300, output_mean=4,
+                        prefix_share=0.3, prefix_tokens=32)]
     server = SimServer(llama, served_model_name="sim", time_scale=FAST)
     url = await server.start()
     try:
@@ -164,7 +164,7 @@ async def test_same_seed_sends_the_same_request_sequence(llama):
 
 
 async def test_closed_loop_keeps_at_most_concurrency_requests_in_flight(llama):
-    phases = [Phase(duration_s=1.0, concurrency=3, prompt_mean=400, output_mean=20)]
+    phases = [LoadStage(duration_s=1.0, concurrency=3, prompt_mean=400, output_mean=20)]
     server = SimServer(llama, served_model_name="sim", time_scale=FAST)
     url = await server.start()
     try:
@@ -182,7 +182,7 @@ async def test_closed_loop_keeps_at_most_concurrency_requests_in_flight(llama):
 
 
 async def test_fleet_serves_several_urls_round_robin():
-    phases = [Phase(duration_s=0.6, rate=20, prompt_mean=100, output_mean=3)]
+    phases = [LoadStage(duration_s=0.6, rate=20, prompt_mean=100, output_mean=3)]
     async with SimFleet(LLAMA, replicas=2, served_model_name="sim", time_scale=FAST) as fleet:
         assert len(set(fleet.urls)) == 2
         assert all(a.startswith("127.0.0.1:") for a in fleet.addresses)
@@ -195,8 +195,8 @@ async def test_fleet_serves_several_urls_round_robin():
 
 
 async def test_stop_ends_the_running_phase_and_skips_the_rest():
-    phases = [Phase(duration_s=30, rate=20, prompt_mean=100, output_mean=3),
-              Phase(duration_s=30, rate=20, prompt_mean=100, output_mean=3, concurrency=2)]
+    phases = [LoadStage(duration_s=30, rate=20, prompt_mean=100, output_mean=3),
+              LoadStage(duration_s=30, rate=20, prompt_mean=100, output_mean=3, concurrency=2)]
     stop = asyncio.Event()
     async with SimFleet(LLAMA, served_model_name="sim", time_scale=FAST) as fleet:
         asyncio.get_running_loop().call_later(0.5, stop.set)
@@ -210,7 +210,7 @@ async def test_stop_ends_the_running_phase_and_skips_the_rest():
 
 
 async def test_unreachable_server_counts_as_failed_requests():
-    phases = [Phase(duration_s=0.3, rate=20, prompt_mean=10, output_mean=2)]
+    phases = [LoadStage(duration_s=0.3, rate=20, prompt_mean=10, output_mean=2)]
     report = await loadgen.run_load("http://127.0.0.1:9", phases, seed=0, model="x")
     assert report.overall.sent > 0 and report.overall.completed == 0
     assert report.overall.failed == report.overall.sent

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from trilemma.optimizer.catalog import models
-from trilemma.optimizer.catalog.models import AttentionKind, Phase
+from trilemma.optimizer.catalog.models import AttentionKind, StepPhase
 from trilemma.optimizer.errors import InputError, UnknownModelError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 SHARED_CONFIGS = SHARED / "aic" / "model_configs"
 BUNDLED = Path(models.__file__).parent / "data" / "models"
 B = 1e9
+DECODE, PREFILL = StepPhase.DECODE, StepPhase.PREFILL
 
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -41,7 +42,7 @@ def test_every_bundled_model_parses_into_a_consistent_architecture(model_id):
     assert 0 < arch.active_params <= arch.total_params
     assert arch.param_breakdown().total == arch.total_params
     assert arch.kv_bytes_per_token(2.0) > 0
-    assert arch.flops_per_token(4096, Phase.DECODE) > 2 * arch.active_params * 0.99
+    assert arch.flops_per_token(4096, DECODE) > 2 * arch.active_params * 0.99
     assert arch.source
 
 
@@ -243,7 +244,7 @@ def test_qwen35_linear_attention_layers_hold_a_fixed_state_instead_of_kv():
     state = arch.recurrent_state_bytes()
     assert state > 0
     assert arch.kv_bytes(1000, 2) == 1000 * arch.kv_bytes_per_token(2) + state
-    assert arch.flops_per_token(10, Phase.DECODE) < arch.flops_per_token(10_000, Phase.DECODE)
+    assert arch.flops_per_token(10, DECODE) < arch.flops_per_token(10_000, DECODE)
 
 
 def test_glm5_sparse_attention_caches_the_indexer_key_too():
@@ -257,42 +258,40 @@ def test_glm5_sparse_attention_caches_the_indexer_key_too():
 def test_decode_flops_are_twice_active_params_plus_linear_attention_term():
     arch = models.load_model("meta-llama/Llama-3.1-70B")
     base = 2 * (arch.active_params - arch.param_breakdown(active=True).norms)
-    assert arch.flops_per_token(0, Phase.DECODE) == base
-    assert arch.flops_per_token(8192, Phase.DECODE) == base + 80 * 4 * 64 * 128 * 8192
+    assert arch.flops_per_token(0, DECODE) == base
+    assert arch.flops_per_token(8192, DECODE) == base + 80 * 4 * 64 * 128 * 8192
     # A prompt token attends to half the prompt on average (causal mask).
-    assert arch.flops_per_token(8191, Phase.PREFILL) == base + 80 * 4 * 64 * 128 * 4096
+    assert arch.flops_per_token(8191, PREFILL) == base + 80 * 4 * 64 * 128 * 4096
 
 
 def test_prefill_flops_can_leave_out_lm_head():
     arch = models.load_model("meta-llama/Llama-3.1-8B")
     lm_head = arch.vocab_size * arch.hidden_size
-    with_logits = arch.flops_per_token(512, Phase.PREFILL)
-    assert with_logits - arch.flops_per_token(512, Phase.PREFILL, logits=False) == 2 * lm_head
+    with_logits = arch.flops_per_token(512, PREFILL)
+    assert with_logits - arch.flops_per_token(512, PREFILL, logits=False) == 2 * lm_head
 
 
 def test_sliding_layers_stop_adding_attention_flops_beyond_the_window():
     arch = models.load_model("openai/gpt-oss-120b")
     per_key = 4 * 64 * 64
-    growth = arch.flops_per_token(20_000, Phase.DECODE) - arch.flops_per_token(10_000, Phase.DECODE)
+    growth = arch.flops_per_token(20_000, DECODE) - arch.flops_per_token(10_000, DECODE)
     assert growth == 18 * per_key * 10_000  # only the 18 full layers grow
 
 
 def test_mla_decode_attends_over_the_latent_and_prefill_over_head_dims():
     arch = models.load_model("deepseek-ai/DeepSeek-V3")
     ctx = 1000
-    decode = arch.flops_per_token(ctx, Phase.DECODE) - arch.flops_per_token(0, Phase.DECODE)
+    decode = arch.flops_per_token(ctx, DECODE) - arch.flops_per_token(0, DECODE)
     assert decode == 61 * 2 * 128 * (512 + 64 + 512) * ctx
-    prefill = arch.flops_per_token(ctx, Phase.PREFILL) - arch.flops_per_token(0, Phase.PREFILL)
+    prefill = arch.flops_per_token(ctx, PREFILL) - arch.flops_per_token(0, PREFILL)
     assert prefill == 61 * 2 * 128 * (128 + 64 + 128) * (ctx + 1) / 2
 
 
 # --- layer structure --------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("model_id", "dense", "moe"), [
-    ("deepseek-ai/DeepSeek-V3", 3, 58),
-    ("moonshotai/Kimi-K2.5", 1, 60),
-    ("nvidia/GLM-5-NVFP4", 3, 75),
-    ("Qwen/Qwen3-235B-A22B", 0, 94),
+    ("deepseek-ai/DeepSeek-V3", 3, 58), ("moonshotai/Kimi-K2.5", 1, 60),
+    ("nvidia/GLM-5-NVFP4", 3, 75), ("Qwen/Qwen3-235B-A22B", 0, 94),
     ("meta-llama/Llama-4-Maverick-17B-128E-Instruct", 24, 24),
     ("meta-llama/Llama-3.1-70B", 80, 0),
 ])

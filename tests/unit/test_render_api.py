@@ -7,14 +7,14 @@ def test_the_render_facade_exports_exactly_these_names():
     assert set(render.__all__) == {
         "DEFAULT_IMAGES", "Arg", "InferencePoolOptions", "RenderOptions", "RenderPlan",
         "RenderedWorker", "Role", "Source", "bootstrap_port", "decided_flags", "engine_args",
-        "manifests", "overridden_flag", "plan", "render_text", "render_yaml"}
+        "layout", "manifests", "overridden_flag", "render_text", "render_yaml"}
 
 
 def test_every_rendered_flag_records_where_it_came_from():
     from trilemma.optimizer.search.configs import ServingConfig, WorkerConfig
 
     cfg = ServingConfig(model="Qwen/Qwen3-8B", worker=WorkerConfig(gpu="h100_sxm"))
-    plan = render.plan(cfg, "vllm", name="x")
+    plan = render.layout(cfg, "vllm", name="x")
     sources = {s.value for s in render.Source}
     assert set(plan.provenance["server"].values()) <= sources
     assert plan.provenance["server"]["--port"] == "renderer default"

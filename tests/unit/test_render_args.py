@@ -51,8 +51,8 @@ def test_sglang_renders_the_same_plan_with_its_own_names():
 def test_a_prequantized_checkpoint_gets_no_quantization_flag():
     argv = render.engine_args(config(model="openai/gpt-oss-120b", quant=QuantRecipe.MXFP4), "vllm")
     assert "--quantization" not in argv
-    plan = render.plan(config(model="openai/gpt-oss-120b", quant=QuantRecipe.MXFP4), "vllm",
-                       name="x")
+    plan = render.layout(config(model="openai/gpt-oss-120b", quant=QuantRecipe.MXFP4), "vllm",
+                         name="x")
     assert plan.provenance["server"]["--quantization"] == "catalog"
 
 
@@ -79,8 +79,8 @@ def test_an_eagle_plan_without_a_published_head_names_the_field():
 
 def test_a_head_passed_by_the_caller_is_recorded_as_a_user_override():
     options = render.RenderOptions(draft_model="me/my-head")
-    plan = render.plan(config(spec_method=SpecMethod.EAGLE3, spec_k=2), "sglang", name="x",
-                       options=options)
+    plan = render.layout(config(spec_method=SpecMethod.EAGLE3, spec_k=2), "sglang", name="x",
+                         options=options)
     server = plan.workers[0]
     assert value(server.argv(), "--speculative-draft-model-path") == "me/my-head"
     assert server.provenance["--speculative-draft-model-path"] == "user override"
@@ -126,19 +126,19 @@ def test_disaggregated_vllm_uses_nixl_producer_and_consumer_roles():
                         worker=WorkerConfig(gpu="h100_sxm"), replicas=2,
                         prefill=WorkerConfig(gpu="h100_sxm", tp=2), prefill_replicas=1)
     opts = render.RenderOptions(router_command=("my-router",))
-    plan = render.plan(cfg, "vllm", name="x", options=opts)
+    plan = render.layout(cfg, "vllm", name="x", options=opts)
     roles = {w.role.value: w for w in plan.workers}
     kv = {r: json.loads(value(roles[r].argv(), "--kv-transfer-config"))
           for r in ("prefill", "decode")}
     assert kv["prefill"] == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
     assert kv["decode"]["kv_role"] == "kv_both"
     with pytest.raises(InputError) as err:
-        render.plan(cfg, "vllm", name="x")
+        render.layout(cfg, "vllm", name="x")
     assert err.value.field == "router"
 
 
 def test_user_max_model_len_is_an_override_and_omitted_otherwise():
-    plan = render.plan(config(), "vllm", name="x",
+    plan = render.layout(config(), "vllm", name="x",
                        options=render.RenderOptions(max_model_len=16384))
     assert value(plan.workers[0].argv(), "--max-model-len") == "16384"
     assert plan.provenance["server"]["--max-model-len"] == "user override"

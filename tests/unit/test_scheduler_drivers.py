@@ -45,10 +45,10 @@ class _Sink:
         pass
 
 
-def _small_cache(config: ServingConfig, predictability: float = 0.5) -> EngineModel:
+def _small_cache(config: ServingConfig, output_predictability: float = 0.5) -> EngineModel:
     # A small cache: requests preempt each other and shared prefixes get evicted.
     return EngineModel(config, kv_blocks=150, request_overhead_ms=0.0,
-                       predictability=predictability)
+                       output_predictability=output_predictability)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +56,13 @@ def model() -> EngineModel:
     return _small_cache(LLAMA)
 
 
-def _workload(seed: int) -> serving.Workload:
-    return serving.sample_workload(
+def _workload(seed: int) -> serving.RequestStream:
+    return serving.sample_requests(
         np.random.default_rng(seed), requests=80,
-        prompt=serving.Lognormal(mean=500, p90=800, high=1200),
-        output=serving.Lognormal(mean=60, p90=110, high=200),
+        prompt_tokens=serving.Lognormal(mean=500, p90=800, high=1200),
+        output_tokens=serving.Lognormal(mean=60, p90=110, high=200),
         arrivals=serving.Poisson(rate_per_s=40.0),
-        prefix=serving.PrefixReuse(tokens=300, share=0.7, prefixes=3))
+        prefix=serving.SharedPrefixes(tokens=300, share=0.7, prefixes=3))
 
 
 class _Driver(Protocol):
@@ -71,7 +71,7 @@ class _Driver(Protocol):
     def step(self, now: float) -> float | None: ...
 
 
-def _run(w: serving.Workload, plan: _Driver, finish: Callable[[float], object]) -> None:
+def _run(w: serving.RequestStream, plan: _Driver, finish: Callable[[float], object]) -> None:
     """Both drivers' loop on one virtual clock (s): submit what has arrived, step, repeat."""
     arrivals = (w.arrival_ms / 1e3).tolist()
     now, nxt = 0.0, 0
@@ -103,7 +103,7 @@ class _SimRun:
     spec: list[SpecCall]  # what each step with decodes should report to spec_decode
 
 
-def _simulator(model: EngineModel, w: serving.Workload) -> _SimRun:
+def _simulator(model: EngineModel, w: serving.RequestStream) -> _SimRun:
     run = _SimRun([], Trace(len(w)), [[] for _ in range(len(w))], [])
     trace, steps = run.trace, run.steps
     eng = ReferenceEngine(model.engine, role=Role.COMBINED, index=0, workload=w, trace=trace,
@@ -141,11 +141,11 @@ def _simulator(model: EngineModel, w: serving.Workload) -> _SimRun:
     return run
 
 
-def _server(model: EngineModel, w: serving.Workload,
+def _server(model: EngineModel, w: serving.RequestStream,
             sink: _Sink) -> tuple[Decisions, list[SimRequest]]:
     eng = Engine(model, sink, rng=np.random.default_rng(0))
     block = model.block_size
-    reqs = [SimRequest(prompt_len=int(w.prompt_tokens[i]), max_tokens=int(w.output_tokens[i]),
+    reqs = [SimRequest(prompt_tokens=int(w.prompt_tokens[i]), max_tokens=int(w.output_tokens[i]),
                        block_hashes=prefix_hashes(int(w.prefix_id[i]),
                                                   int(w.prefix_tokens[i]) // block),
                        arrival=float(w.arrival_ms[i]) / 1e3)
@@ -178,7 +178,7 @@ def _timeline(r: SimRequest) -> Timeline:
     return list(zip(r.emissions, tokens, strict=True))
 
 
-def _assert_same_run(model: EngineModel, w: serving.Workload) -> _SimRun:
+def _assert_same_run(model: EngineModel, w: serving.RequestStream) -> _SimRun:
     sim = _simulator(model, w)
     sink = _Sink()
     server_steps, reqs = _server(model, w, sink)

@@ -46,7 +46,7 @@ def _exhaustive(request):
     """Every candidate of the space screened the same way: no coarse pass, no dominance."""
     settings = space.SearchSettings(**{**TINY.__dict__, "prune_dominated": False})
     sp = space.enumerate_space(request, settings)
-    wl = screening.Workload.of(request)
+    wl = screening.WorkloadMeans.of(request)
     terms = screening.slo_terms(request)
     screens = [screening.screen_rows(r, request, wl, terms, request.bounds.allow_disaggregation)
                for r in sp.rows]
@@ -55,7 +55,7 @@ def _exhaustive(request):
 
 
 def _latency(c, request) -> float:
-    wl = screening.Workload.of(request)
+    wl = screening.WorkloadMeans.of(request)
     return ranking.e2e_ms(c.prediction.ttft_p90_ms, c.prediction.tpot_p90_ms, wl)
 
 

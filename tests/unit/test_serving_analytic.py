@@ -44,10 +44,10 @@ def _roofline(model, tp):
 def _steady_closed_loop(sm, *, tp, concurrency, isl, osl):
     n = max(30 * concurrency, 300)
     out = np.rint(osl * np.random.default_rng(5).uniform(0.5, 1.5, n)).astype(np.int64)
-    w = serving.Workload(prompt_tokens=np.full(n, isl), output_tokens=out,
-                         prefix_id=np.full(n, -1), prefix_tokens=np.zeros(n),
-                         arrival_ms=np.zeros(n), mode=serving.LoadMode.CLOSED,
-                         concurrency=concurrency)
+    w = serving.RequestStream(prompt_tokens=np.full(n, isl), output_tokens=out,
+                              prefix_id=np.full(n, -1), prefix_tokens=np.zeros(n),
+                              arrival_ms=np.zeros(n), mode=serving.LoadMode.CLOSED,
+                              concurrency=concurrency)
     cluster = serving.Cluster(pool=serving.Pool(engine=serving.engine_config(sm, tp=tp)),
                               request_overhead_ms=FACTS.request_overhead_ms)
     res = serving.simulate(cluster, w, sm, np.random.default_rng(0))
@@ -67,7 +67,7 @@ def test_closed_loop_simulation_agrees_with_the_analytic_steady_state(source, mo
     sm = _roofline(model, tp) if source == "roofline" else _real_step_model(model, tp)
     sim, rate = _steady_closed_loop(sm, tp=tp, concurrency=concurrency, isl=isl, osl=osl)
     an = latency.closed_loop(sm, tp=tp, pp=1, dp=1, ep=False, concurrency=concurrency,
-                             isl=isl, osl=osl, first_wave_weight=0.0)
+                             prompt_tokens=isl, output_tokens=osl, first_wave_weight=0.0)
     assert sim.tpot_ms.mean == pytest.approx(float(an.tpot_ms), rel=0.05)
     assert rate == pytest.approx(float(an.requests_per_s), rel=0.08)
     assert sim.ttft_ms.mean == pytest.approx(float(an.ttft_ms), rel=0.25)

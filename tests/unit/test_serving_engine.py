@@ -21,10 +21,10 @@ FIELDS = ("arrival_ms", "first_scheduled_ms", "first_token_ms", "finish_ms", "pr
 
 
 def _workload(seed=0, *, requests=150, prompt=None, output=None, arrivals=None, prefix=None):
-    return serving.sample_workload(
+    return serving.sample_requests(
         np.random.default_rng(seed), requests=requests,
-        prompt=prompt or serving.Lognormal(mean=500, p90=900, high=1500),
-        output=output or serving.Lognormal(mean=60, p90=110, high=300),
+        prompt_tokens=prompt or serving.Lognormal(mean=500, p90=900, high=1500),
+        output_tokens=output or serving.Lognormal(mean=60, p90=110, high=300),
         arrivals=arrivals or serving.Poisson(rate_per_s=12.0), prefix=prefix)
 
 
@@ -49,11 +49,11 @@ SCENARIOS = {
     "KV too small: preemption": (_workload(1, arrivals=serving.Offline()),
                                  _cluster(kv=260, seqs=16)),
     "prefix cache under eviction": (
-        _workload(2, prefix=serving.PrefixReuse(tokens=320, share=0.8, prefixes=4)),
+        _workload(2, prefix=serving.SharedPrefixes(tokens=320, share=0.8, prefixes=4)),
         _cluster(kv=300, seqs=16)),
     "prefix longer than a chunk, tight KV: partial hits": (
         _workload(9, prompt=serving.Lognormal(mean=1500, p90=2800, high=4000),
-                  prefix=serving.PrefixReuse(tokens=1200, share=0.8, prefixes=3)),
+                  prefix=serving.SharedPrefixes(tokens=1200, share=0.8, prefixes=3)),
         _cluster(kv=700, seqs=12, budget=512)),
     "chunked prefill": (_workload(3, prompt=serving.Lognormal(mean=1500, p90=2800, high=4000)),
                         _cluster(budget=256, seqs=8)),
@@ -65,7 +65,7 @@ SCENARIOS = {
     "disaggregated": (_workload(6), _cluster(replicas=2, prefill=_prefill_pool())),
     "disaggregated, decode side preempts": (
         _workload(7, arrivals=serving.Offline(),
-                  prefix=serving.PrefixReuse(tokens=200, share=0.5)),
+                  prefix=serving.SharedPrefixes(tokens=200, share=0.5)),
         _cluster(kv=200, seqs=16, spec=NGRAM3, prefill=_prefill_pool(kv=150, replicas=2))),
 }
 
@@ -126,7 +126,7 @@ def test_a_cached_prefix_skips_its_prefill_tokens():
     # One request at a time: every request after the first finds the prefix cached.
     w = _workload(requests=20, prompt=serving.Fixed(tokens=1024), output=serving.Fixed(tokens=4),
                   arrivals=serving.Poisson(rate_per_s=0.5),
-                  prefix=serving.PrefixReuse(tokens=520, share=1.0))
+                  prefix=serving.SharedPrefixes(tokens=520, share=1.0))
     res = serving.simulate(_cluster(), w, LINEAR, np.random.default_rng(0))
     # Only whole blocks are cached: 520 // 16 = 32 blocks = 512 tokens.
     assert res.cached_tokens[0] == 0 and np.all(res.cached_tokens[1:] == 512)
@@ -221,9 +221,9 @@ def test_least_outstanding_avoids_the_replica_stuck_with_long_requests():
     # Row 0 is very long; round robin keeps sending every third request to its replica.
     out = np.full(90, 20)
     out[0] = 3000
-    w = serving.Workload(prompt_tokens=np.full(90, 200), output_tokens=out,
-                         prefix_id=np.full(90, -1), prefix_tokens=np.zeros(90),
-                         arrival_ms=np.arange(90) * 50.0)
+    w = serving.RequestStream(prompt_tokens=np.full(90, 200), output_tokens=out,
+                              prefix_id=np.full(90, -1), prefix_tokens=np.zeros(90),
+                              arrival_ms=np.arange(90) * 50.0)
     def ttft(balancer):
         c = _cluster(replicas=3, balancer=balancer, seqs=1, budget=2048)
         return serving.simulate(c, w, LINEAR, np.random.default_rng(0)).ttft_ms.mean()

@@ -18,10 +18,10 @@ LINEAR = toy.LinearStepModel(base_ms=5.0, per_token_ms=0.02, per_kv_token_ms=1e-
 
 
 def _chat(seed, requests, arrivals, *, isl=512, osl=128):
-    return serving.sample_workload(
+    return serving.sample_requests(
         np.random.default_rng(seed), requests=requests,
-        prompt=serving.Lognormal(mean=isl, p90=1.6 * isl),
-        output=serving.Lognormal(mean=osl, p90=1.6 * osl), arrivals=arrivals)
+        prompt_tokens=serving.Lognormal(mean=isl, p90=1.6 * isl),
+        output_tokens=serving.Lognormal(mean=osl, p90=1.6 * osl), arrivals=arrivals)
 
 
 def _cluster(seqs=64, kv=20_000, spec=None):

@@ -13,7 +13,7 @@ def _workload(**over):
                   prefix_id=np.full(n, -1), prefix_tokens=np.zeros(n),
                   arrival_ms=np.arange(n, dtype=float))
     fields.update(over)
-    return serving.Workload(**fields)
+    return serving.RequestStream(**fields)
 
 
 @pytest.mark.parametrize("over,field", [
@@ -81,9 +81,9 @@ def test_poisson_is_gamma_with_unit_cv():
 
 def test_prefix_reuse_marks_the_share_of_requests_and_keeps_their_prompts_longer():
     rng = np.random.default_rng(3)
-    w = serving.sample_workload(rng, requests=20_000, prompt=serving.Fixed(tokens=100),
-                                output=serving.Fixed(tokens=5), arrivals=serving.Offline(),
-                                prefix=serving.PrefixReuse(tokens=300, share=0.4, prefixes=5))
+    w = serving.sample_requests(rng, requests=20_000, prompt_tokens=serving.Fixed(tokens=100),
+                                output_tokens=serving.Fixed(tokens=5), arrivals=serving.Offline(),
+                                prefix=serving.SharedPrefixes(tokens=300, share=0.4, prefixes=5))
     shared = w.prefix_id >= 0
     assert shared.mean() == pytest.approx(0.4, abs=0.01)
     assert set(np.unique(w.prefix_id[shared])) == set(range(5))
@@ -97,20 +97,21 @@ def test_prefix_reuse_marks_the_share_of_requests_and_keeps_their_prompts_longer
     (serving.ClosedLoop(concurrency=2), serving.LoadMode.CLOSED, 2),
     (serving.Offline(), serving.LoadMode.OFFLINE, 0),
 ])
-def test_sample_workload_records_how_the_client_sends(arrivals, mode, concurrency):
-    w = serving.sample_workload(np.random.default_rng(0), requests=3,
-                                prompt=serving.Fixed(tokens=10), output=serving.Fixed(tokens=2),
-                                arrivals=arrivals)
+def test_sample_requests_records_how_the_client_sends(arrivals, mode, concurrency):
+    w = serving.sample_requests(np.random.default_rng(0), requests=3,
+                                prompt_tokens=serving.Fixed(tokens=10),
+                                output_tokens=serving.Fixed(tokens=2), arrivals=arrivals)
     assert (w.mode, w.concurrency, len(w)) == (mode, concurrency, 3)
 
 
 def test_sampling_is_a_pure_function_of_the_generator():
     def draw(seed):
-        return serving.sample_workload(
+        return serving.sample_requests(
             np.random.default_rng(seed), requests=50,
-            prompt=serving.Lognormal(mean=500, p90=900), output=serving.Fixed(tokens=20),
+            prompt_tokens=serving.Lognormal(mean=500, p90=900),
+            output_tokens=serving.Fixed(tokens=20),
             arrivals=serving.Gamma(rate_per_s=2.0, cv=2.0),
-            prefix=serving.PrefixReuse(tokens=64, share=0.5))
+            prefix=serving.SharedPrefixes(tokens=64, share=0.5))
     a, b, c = draw(7), draw(7), draw(8)
     for name in ("prompt_tokens", "prefix_id", "arrival_ms"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))

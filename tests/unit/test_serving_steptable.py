@@ -77,9 +77,9 @@ def test_step_table_is_exact_on_its_grid_points_and_fills_lazily():
 
 
 def test_repeated_runs_share_their_step_tables():
-    w = serving.sample_workload(np.random.default_rng(0), requests=200,
-                                prompt=serving.Lognormal(mean=800, p90=1400),
-                                output=serving.Fixed(tokens=50),
+    w = serving.sample_requests(np.random.default_rng(0), requests=200,
+                                prompt_tokens=serving.Lognormal(mean=800, p90=1400),
+                                output_tokens=serving.Fixed(tokens=50),
                                 arrivals=serving.Poisson(rate_per_s=10.0))
     cluster = serving.Cluster(pool=serving.Pool(engine=serving.EngineConfig(kv_blocks=9000)))
     tables = {}
@@ -101,9 +101,10 @@ SCENARIOS = {
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_fast_runs_agree_with_the_reference_within_a_few_percent(name):
     arrivals, spec, kv = SCENARIOS[name]
-    w = serving.sample_workload(np.random.default_rng(3), requests=500,
-                                prompt=serving.Lognormal(mean=1000, p90=1600),
-                                output=serving.Lognormal(mean=200, p90=350), arrivals=arrivals)
+    w = serving.sample_requests(np.random.default_rng(3), requests=500,
+                                prompt_tokens=serving.Lognormal(mean=1000, p90=1600),
+                                output_tokens=serving.Lognormal(mean=200, p90=350),
+                                arrivals=arrivals)
     cluster = serving.Cluster(pool=serving.Pool(engine=serving.EngineConfig(
         kv_blocks=kv, max_num_seqs=64, speculation=spec)))
     ref = serving.simulate(cluster, w, ROOFLINE_8B, np.random.default_rng(1),
@@ -121,9 +122,9 @@ def test_fast_runs_agree_with_the_reference_within_a_few_percent(name):
 
 def test_fast_runs_agree_with_direct_calls_on_the_calibrated_step_model():
     model = _real_step_model()
-    w = serving.sample_workload(np.random.default_rng(4), requests=400,
-                                prompt=serving.Lognormal(mean=1000, p90=1600),
-                                output=serving.Lognormal(mean=150, p90=260),
+    w = serving.sample_requests(np.random.default_rng(4), requests=400,
+                                prompt_tokens=serving.Lognormal(mean=1000, p90=1600),
+                                output_tokens=serving.Lognormal(mean=150, p90=260),
                                 arrivals=serving.Poisson(rate_per_s=12.0))
     cluster = serving.Cluster(pool=serving.Pool(engine=serving.engine_config(
         model, max_num_seqs=64)))

@@ -223,7 +223,7 @@ async def test_unloaded_request_takes_the_perf_models_prefill_and_decode_steps(l
     a busy shared machine; a missing or doubled step (7 ms) or a wrong prefill (45 ms) fails."""
     prompt, output = 2000, 16
     cfg = llama.perf_config
-    prefill = perf_estimate.prefill_ms(cfg, batch=1, prompt=prompt)
+    prefill = perf_estimate.prefill_ms(cfg, batch=1, prompt_tokens=prompt)
     decodes = sum(perf_estimate.decode_step_ms(cfg, batch=1, kv_len=prompt + i)
                   for i in range(1, output))
     overhead = llama.request_overhead_ms
@@ -298,7 +298,7 @@ class Recorder:
 
 
 def request(tokens: list[int], max_tokens: int, block: int = 16) -> SimRequest:
-    return SimRequest(prompt_len=len(tokens), block_hashes=block_hashes(tokens, block),
+    return SimRequest(prompt_tokens=len(tokens), block_hashes=block_hashes(tokens, block),
                       max_tokens=max_tokens, arrival=0.0)
 
 
@@ -466,3 +466,12 @@ def test_plan_file_serves_one_aggregated_replica_of_its_recommendation(tmp_path,
     assert served.worker == dataclasses.replace(decode, gpu="h200_sxm")
     assert (served.mode, served.replicas, served.prefill) == (Mode.AGGREGATED, 1, None)
     assert "disaggregated" in capsys.readouterr().err
+
+
+def test_the_old_predictability_flag_still_sets_output_predictability():
+    parser = argparse.ArgumentParser()
+    cli_server.add_arguments(parser)
+    assert parser.parse_args([]).output_predictability == 0.5
+    assert parser.parse_args(["--predictability", "0.8"]).output_predictability == 0.8
+    assert parser.parse_args(["--output-predictability", "0.2"]).output_predictability == 0.2
+    assert "--predictability" not in parser.format_help()

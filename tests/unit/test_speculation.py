@@ -158,7 +158,7 @@ def test_no_speculation_accepts_nothing():
 def test_predictability_outside_zero_to_one_is_an_input_error(p):
     with pytest.raises(InputError) as err:
         speculation.acceptance_rate(SpecMethod.EAGLE3, p)
-    assert err.value.field == "predictability"
+    assert err.value.field == "output_predictability"
 
 
 def test_a_learned_drafter_beats_prompt_lookup_on_chat():

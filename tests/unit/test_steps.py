@@ -38,15 +38,15 @@ def test_more_tensor_parallelism_shortens_a_weight_bound_decode_step():
 
 def test_prefill_time_grows_faster_than_linear_with_prompt_length():
     cfg, _ = _sm(tp=8)
-    short = est.prefill_ms(cfg, batch=1, prompt=4096)
-    long = est.prefill_ms(cfg, batch=1, prompt=32768)
+    short = est.prefill_ms(cfg, batch=1, prompt_tokens=4096)
+    long = est.prefill_ms(cfg, batch=1, prompt_tokens=32768)
     assert long > 8 * short  # attention's quadratic term on top of linear GEMMs
 
 
 def test_cached_prefix_tokens_are_not_recomputed():
     cfg, _ = _sm(tp=8)
-    cold = est.prefill_ms(cfg, batch=1, prompt=8192)
-    warm = est.prefill_ms(cfg, batch=1, prompt=8192, cached=7168)
+    cold = est.prefill_ms(cfg, batch=1, prompt_tokens=8192)
+    warm = est.prefill_ms(cfg, batch=1, prompt_tokens=8192, cached_tokens=7168)
     assert warm < cold / 4
 
 

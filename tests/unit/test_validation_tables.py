@@ -42,7 +42,7 @@ def test_maps_table_model_names_to_architectural_twins(name, expected):
 def test_llama3_twin_says_what_differs():
     alias, _ = vt.map_model("meta-llama3-8b-instruct")
     assert alias is not None and alias.note and "rope" in alias.note
-    assert alias.max_context == 8192
+    assert alias.max_position_embeddings == 8192
 
 
 @pytest.mark.parametrize("name", ["llama-2-7b-chat", "meta-llama/Llama-2-70b-hf", "llama2-13b"])

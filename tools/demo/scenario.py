@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from trilemma.simfleet.loadgen import Phase
+from trilemma.simfleet.loadgen import LoadStage
 
 if TYPE_CHECKING:
     from trilemma.operator.endpoint import OperatorConfig
@@ -103,12 +103,12 @@ def endpoint_manifest(prometheus_url: str) -> Obj:
     }
 
 
-def phases(options: DemoOptions) -> list[Phase]:
+def phases(options: DemoOptions) -> list[LoadStage]:
     """The steady phase (the spec's workload) and the shifted one."""
-    steady = Phase(duration_s=options.steady_s, name="steady", rate=RATE_RPS,
-                   prompt_mean=PROMPT_MEAN, prompt_p90=PROMPT_P90, output_mean=OUTPUT_MEAN,
-                   output_p90=OUTPUT_P90, prefix_share=PREFIX_SHARE,
-                   prefix_tokens=PREFIX_TOKENS)
+    steady = LoadStage(duration_s=options.steady_s, name="steady", rate=RATE_RPS,
+                       prompt_mean=PROMPT_MEAN, prompt_p90=PROMPT_P90, output_mean=OUTPUT_MEAN,
+                       output_p90=OUTPUT_P90, prefix_share=PREFIX_SHARE,
+                       prefix_tokens=PREFIX_TOKENS)
     if options.shift == "rate":
         shifted = dataclasses.replace(steady, name="shifted", duration_s=options.shift_s,
                                       rate=RATE_RPS * SHIFT_FACTOR)
@@ -119,7 +119,7 @@ def phases(options: DemoOptions) -> list[Phase]:
     return [steady, shifted]
 
 
-def describe_phase(phase: Phase) -> str:
+def describe_phase(phase: LoadStage) -> str:
     return (f"{phase.rate:g} req/s Poisson, prompts lognormal mean {phase.prompt_mean:.0f} / "
             f"p90 {phase.prompt_p90:.0f} tokens, outputs mean {phase.output_mean:.0f} / p90 "
             f"{phase.output_p90:.0f}, {phase.prefix_share:.0%} of requests open with a shared "

@@ -1,4 +1,4 @@
-"""ServingConfig -> RenderPlan: which pods a plan deploys and what each one runs.
+"""ServingConfig -> RenderPlan: which pods a plan deploys and what each one runs (`layout`).
 
 The first step of rendering, and the only one that reads the catalogs; the command line and
 the manifests (text.py, workloads.py) are pure functions of the RenderPlan it returns.
@@ -128,9 +128,9 @@ def served(config: ServingConfig, options: choices.RenderOptions) -> ServingConf
     return dataclasses.replace(config, model=options.served_model)
 
 
-def plan(config: ServingConfig, engine: str, *, name: str, namespace: str = "default",
-         image: str | None = None, options: choices.RenderOptions | None = None,
-         hf_token_secret: str | None = None, model_cache_pvc: str | None = None) -> RenderPlan:
+def layout(config: ServingConfig, engine: str, *, name: str, namespace: str = "default",
+           image: str | None = None, options: choices.RenderOptions | None = None,
+           hf_token_secret: str | None = None, model_cache_pvc: str | None = None) -> RenderPlan:
     """Resolve every choice of a deployment of `config`; InputError when none is possible."""
     options = options or choices.RenderOptions()
     eng = parse_engine(engine)
