@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from trilemma.optimizer.search import decoding
+
 
 class Mode(enum.Enum):
     AGGREGATED = "aggregated"        # every replica prefills and decodes
@@ -87,13 +89,15 @@ class ServingConfig:
         return _plain(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ServingConfig:
-        d = dict(data)
-        d["mode"] = Mode(d.get("mode", Mode.AGGREGATED.value))
-        d["worker"] = WorkerConfig(**d["worker"])
-        if d.get("prefill") is not None:
-            d["prefill"] = WorkerConfig(**d["prefill"])
-        return cls(**d)
+    def from_dict(cls, data: Any, where: str = "") -> ServingConfig:
+        """The inverse of `to_dict`; decoding.MalformedPlan naming the field that breaks."""
+        def worker(d: Any, at: str) -> WorkerConfig:
+            return decoding.record(WorkerConfig, d, at)
+
+        def prefill(d: Any, at: str) -> WorkerConfig | None:
+            return None if d is None else worker(d, at)
+
+        return decoding.record(cls, data, where, worker=worker, prefill=prefill)
 
     def config_hash(self) -> str:
         """First 8 hex digits of the SHA-256 of the canonical JSON: names a configuration."""
@@ -126,6 +130,10 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)
 
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> Prediction:
+        return decoding.record(cls, data, where)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Choice:
@@ -135,6 +143,19 @@ class Choice:
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "prediction": self.prediction.to_dict(),
                 "summary": self.config.summary(), "hash": self.config.config_hash()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> Choice:
+        """The inverse of `to_dict`. Its `hash` must be the decoded configuration's: one that
+        differs was written by another format (or edited), and would name other children."""
+        choice = decoding.record(cls, data, where, derived=("summary", "hash"),
+                                 config=ServingConfig.from_dict, prediction=Prediction.from_dict)
+        stored = decoding.obj(data, where).get("hash")
+        if stored is not None and stored != choice.config.config_hash():
+            raise decoding.MalformedPlan(f"{where}.hash" if where else "hash", stored,
+                                         f"not the configuration's hash "
+                                         f"({choice.config.config_hash()})")
+        return choice
 
 
 def _plain(obj: Any) -> Any:
