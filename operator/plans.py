@@ -9,7 +9,6 @@ in the ledger, planning again if another endpoint took them meanwhile.
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,13 @@ from trilemma.operator.optimize import (
 from trilemma.operator.resources import (
     ConditionType,
     HardwarePoolSpec,
+    Optimization,
     OptimizedEndpointSpec,
     Phase,
+    to_wire,
 )
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.search import InfeasibleSLO
+from trilemma.optimizer.search import InfeasibleSLO, Plan
 from trilemma.optimizer.spec import HardwarePool, Objective, Workload
 from trilemma.optimizer.spec.loading import spec_error_to_input_error
 
@@ -72,10 +73,18 @@ def calibrated(ep: Endpoint, spec: OptimizedEndpointSpec) -> OptimizedEndpointSp
     return spec.model_copy(update={"slo": calibration.apply(spec.slo, cal)})
 
 
-async def store_plan(rt: Runtime, ep: Endpoint, plan: Obj, digest: str) -> None:
+async def store_plan(rt: Runtime, ep: Endpoint, plan: Plan, digest: str) -> None:
     """The plan ConfigMap for `plan`, made for the request named by `digest`."""
     await applying.apply(rt.kube, children.plan_config_map(
-        ep.owner, plan, request_digest=digest, config_hash=plan["recommended"]["hash"]))
+        ep.owner, plan, request_digest=digest,
+        config_hash=plan.recommended.config.config_hash()))
+
+
+def optimization(plan: Plan, digest: str, seconds: float, *, reused: bool) -> Optimization:
+    """status.lastOptimization for `plan`, made (or found) now for the request `digest`."""
+    return Optimization(time=status.now_rfc3339(), duration_seconds=round(seconds, 3),
+                        candidates=plan.counts.enumerated, request_digest=digest,
+                        reused=reused)
 
 
 def check_host_path(spec: OptimizedEndpointSpec, pool_spec: HardwarePoolSpec) -> None:
@@ -144,7 +153,7 @@ async def availability(rt: Runtime, ep: Endpoint, pool_name: str,
 
 
 async def plan_and_reserve(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, models: Models,
-                           full_pool: HardwarePool) -> tuple[Obj, str, Obj]:
+                           full_pool: HardwarePool) -> tuple[Plan, str, Obj]:
     """The plan for the endpoint, its request digest and the lastOptimization status.
 
     Plans against what the pool has left, then reserves the plan's GPUs; if another endpoint
@@ -167,7 +176,7 @@ async def plan_and_reserve(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpe
         plan, optimization = await _stored_plan(rt, ep, digest)
         if plan is None:
             plan, optimization = await _search(rt, ep, request, digest, avail)
-        gpus = status.config_gpus(plan["recommended"]["config"])
+        gpus = status.config_gpus(plan.recommended.config)
         async with rt.ledger.lock:
             now = await availability(rt, ep, pool_name, full_pool)
             if pool.fits(gpus, now):
@@ -178,7 +187,7 @@ async def plan_and_reserve(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpe
                   "will retry on the next change")
 
 
-async def _stored_plan(rt: Runtime, ep: Endpoint, digest: str) -> tuple[Obj | None, Obj]:
+async def _stored_plan(rt: Runtime, ep: Endpoint, digest: str) -> tuple[Plan | None, Obj]:
     cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan"))
     ep.seen[f"ConfigMap/{ep.name}-plan"] = cm
     if cm is None or not owns(ep, cm):
@@ -186,20 +195,20 @@ async def _stored_plan(rt: Runtime, ep: Endpoint, digest: str) -> tuple[Obj | No
     notes = cm.get("metadata", {}).get("annotations") or {}
     if notes.get(naming.ANNOTATION_REQUEST_DIGEST) != digest:
         return None, {}
-    try:
-        plan = json.loads((cm.get("data") or {})["plan.json"])
-    except (KeyError, ValueError):
+    plan = children.stored_plan(cm)
+    if plan is None:
+        # Unreadable (another format, edited): plan again, and store the plan again even when
+        # it is the same one, which its applied-hash annotation would take as up to date.
+        ep.seen[f"ConfigMap/{ep.name}-plan"] = applying.without_hash(cm)
         return None, {}
     previous = ep.written.get("lastOptimization") or {}
     if previous.get("requestDigest") == digest:
         return plan, previous
-    return plan, {"time": status.now_rfc3339(), "durationSeconds": 0.0,
-                  "candidates": int(plan.get("counts", {}).get("enumerated", 0)),
-                  "requestDigest": digest, "reused": True}
+    return plan, to_wire(optimization(plan, digest, 0.0, reused=True))
 
 
 async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
-                  avail: pool.Availability) -> tuple[Obj, Obj]:
+                  avail: pool.Availability) -> tuple[Plan, Obj]:
     search = asyncio.ensure_future(rt.optimizer.run(request))
     # Say "Optimizing" only when the search takes long enough to be seen doing so: a quick
     # one (a small space, a warm cache) goes straight to its result, one write instead of two.
@@ -227,15 +236,13 @@ async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
         raise failed("OptimizationFailed", input_message(err),
                      ConditionType.OPTIMIZED) from None
     rt.metrics.optimized(run.seconds)
-    plan = run.plan
-    rec = plan["recommended"]
+    rec = run.plan.recommended
+    p = rec.prediction
     rt.events(ep.body, "Normal", "Planned",
-              f"{rec['summary']}: ${rec['prediction']['cost_per_hour']:.2f}/h, TTFT p90 "
-              f"{rec['prediction']['ttft_p90_ms']:.0f} ms, TPOT p90 "
-              f"{rec['prediction']['tpot_p90_ms']:.1f} ms ({run.seconds:.1f} s search)")
-    return plan, {"time": status.now_rfc3339(), "durationSeconds": round(run.seconds, 3),
-                  "candidates": int(plan.get("counts", {}).get("enumerated", 0)),
-                  "requestDigest": digest, "reused": False}
+              f"{rec.config.summary()}: ${p.cost_per_hour:.2f}/h, TTFT p90 "
+              f"{p.ttft_p90_ms:.0f} ms, TPOT p90 {p.tpot_p90_ms:.1f} ms "
+              f"({run.seconds:.1f} s search)")
+    return run.plan, to_wire(optimization(run.plan, digest, run.seconds, reused=False))
 
 
 # How much larger than the available pool the "nearest feasible" search may look.
@@ -253,10 +260,9 @@ async def _nearest_with_more_gpus(rt: Runtime, request: Any) -> str:
             "hardware": bigger, "objective": Objective.MIN_COST}))
     except InputError:
         return (f" Even {NEAREST_POOL_FACTOR}x the available GPUs would not meet it.")
-    rec = run.plan["recommended"]
-    needed = status.config_gpus(rec["config"])
-    (gpu, count), = needed.items()
+    rec = run.plan.recommended
+    (gpu, count), = status.config_gpus(rec.config).items()
     offered = next((g.count for g in request.hardware.gpus if g.gpu == gpu), 0)
-    return (f" Nearest feasible: {rec['summary']} (${rec['prediction']['cost_per_hour']:.2f}/h)"
+    return (f" Nearest feasible: {rec.config.summary()} (${rec.prediction.cost_per_hour:.2f}/h)"
             f" needs {count} {gpu}; {offered} available.")
 

@@ -16,17 +16,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
-from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.errors import TrilemmaError
 
 T = TypeVar("T")
 Decoder = Callable[[Any, str], Any]
 
 
-class MalformedPlan(InputError):
-    """Plan data that does not decode: `field` is the path (e.g. "front.2.config.worker.tp")."""
+class MalformedPlan(TrilemmaError, ValueError):
+    """Plan data that does not decode: `field` is the path (e.g. "front.2.config.worker.tp").
+
+    A ValueError, not an InputError: stored data is the program's own output gone stale or
+    edited, and callers that take it from a user (a CLI's plan file) say which input it was.
+    """
 
     def __init__(self, where: str, value: object, why: str) -> None:
-        super().__init__(where or "plan", value, why)
+        self.field = where or "plan"
+        self.value = value
+        self.why = why
+        super().__init__(f"{self.field}={value!r}: {why}")
 
 
 def obj(data: Any, where: str) -> Mapping[str, Any]:

@@ -45,13 +45,13 @@ def test_the_printer_summary_and_gpu_count_come_from_the_serving_config():
     from trilemma.optimizer.search import Mode, ServingConfig, WorkerConfig
 
     agg = ServingConfig(model="m", replicas=3, worker=WorkerConfig(
-        gpu="h100_sxm", tp=2, quant="fp8", spec_method="eagle3", spec_k=3)).to_dict()
+        gpu="h100_sxm", tp=2, quant="fp8", spec_method="eagle3", spec_k=3))
     assert status.short_summary(agg) == "fp8 TP2 eagle3x3"
     assert status.config_gpus(agg) == {"h100_sxm": 6}
     disagg = ServingConfig(model="m", mode=Mode.DISAGGREGATED, replicas=2,
                            worker=WorkerConfig(gpu="h100_sxm", tp=2),
                            prefill=WorkerConfig(gpu="h100_sxm", tp=4),
-                           prefill_replicas=1).to_dict()
+                           prefill_replicas=1)
     assert status.short_summary(disagg) == "bf16 TP2 disagg"
     assert status.config_gpus(disagg) == {"h100_sxm": 2 * 2 + 4}
 
