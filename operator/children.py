@@ -18,7 +18,6 @@ from trilemma.operator.resources import OptimizedEndpointSpec
 from trilemma.optimizer import render
 from trilemma.optimizer.catalog import Engine
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.render.workloads import CACHE_MOUNT
 from trilemma.optimizer.search import Plan, ServingConfig, canonical_json
 from trilemma.optimizer.spec import GpuGroup
 
@@ -84,7 +83,7 @@ def _env(container: Obj, spec: OptimizedEndpointSpec) -> None:
 def _host_path_cache(pod_spec: Obj, container: Obj, host_path: str) -> None:
     pod_spec["volumes"].append({"name": "model-cache",
                                 "hostPath": {"path": host_path, "type": "DirectoryOrCreate"}})
-    container["volumeMounts"].append({"name": "model-cache", "mountPath": CACHE_MOUNT})
+    container["volumeMounts"].append({"name": "model-cache", "mountPath": render.CACHE_MOUNT})
 
 
 def _pod_specs(workload: Obj) -> list[Obj]:

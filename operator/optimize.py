@@ -24,8 +24,12 @@ from trilemma.optimizer import catalog
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import Plan, SearchSettings, canonical_json
 from trilemma.optimizer.search import plan as search_plan
-from trilemma.optimizer.spec import HardwarePool, ModelChoice, PlanRequest
-from trilemma.optimizer.spec.loading import spec_error_to_input_error
+from trilemma.optimizer.spec import (
+    HardwarePool,
+    ModelChoice,
+    PlanRequest,
+    spec_error_to_input_error,
+)
 
 Obj = dict[str, Any]
 Planner = Callable[[PlanRequest], Plan]

@@ -41,8 +41,12 @@ from trilemma.operator.resources import (
 )
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import InfeasibleSLO, Plan
-from trilemma.optimizer.spec import HardwarePool, Objective, Workload
-from trilemma.optimizer.spec.loading import spec_error_to_input_error
+from trilemma.optimizer.spec import (
+    HardwarePool,
+    Objective,
+    Workload,
+    spec_error_to_input_error,
+)
 
 Obj = dict[str, Any]
 PLAN_ATTEMPTS = 3  # re-plans when another endpoint took the GPUs while this one searched

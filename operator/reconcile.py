@@ -55,7 +55,7 @@ from trilemma.operator.resources import (
 from trilemma.operator.rollout import delete_owned, deploy
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import Choice, Plan
-from trilemma.optimizer.spec.loading import spec_error_to_input_error
+from trilemma.optimizer.spec import spec_error_to_input_error
 
 Obj = dict[str, Any]
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

@@ -19,10 +19,17 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from trilemma.optimizer.catalog.engines import Engine
-from trilemma.optimizer.spec import HardwarePool, Objective, SearchBounds, Slo, Workload
-from trilemma.optimizer.spec.base import SpecModel, rule_error
-from trilemma.optimizer.spec.models import QualityScore
+from trilemma.optimizer.catalog import Engine
+from trilemma.optimizer.spec import (
+    HardwarePool,
+    Objective,
+    QualityScore,
+    SearchBounds,
+    Slo,
+    SpecModel,
+    Workload,
+    rule_error,
+)
 
 # RFC 1123 names: what Kubernetes accepts for ConfigMaps, Secrets, PVCs and pools.
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

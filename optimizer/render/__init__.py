@@ -14,6 +14,7 @@ from trilemma.optimizer.render import overrides, text, workloads
 from trilemma.optimizer.render.choices import RenderOptions
 from trilemma.optimizer.render.ir import Arg, RenderedWorker, RenderPlan, Role, Source
 from trilemma.optimizer.render.planning import DEFAULT_IMAGES, parse_engine, plan
+from trilemma.optimizer.render.workloads import CACHE_MOUNT
 from trilemma.optimizer.search.configs import ServingConfig
 
 
@@ -80,6 +81,7 @@ def render_text(config: ServingConfig, engine: str | None = None, *,
 
 
 __all__ = [
+    "CACHE_MOUNT",
     "DEFAULT_IMAGES",
     "Arg",
     "RenderOptions",

@@ -5,8 +5,8 @@ from trilemma.optimizer import render
 
 def test_the_render_facade_exports_exactly_these_names():
     assert set(render.__all__) == {
-        "DEFAULT_IMAGES", "Arg", "RenderOptions", "RenderPlan", "RenderedWorker", "Role",
-        "Source", "bootstrap_port", "decided_flags", "engine_args", "manifests",
+        "CACHE_MOUNT", "DEFAULT_IMAGES", "Arg", "RenderOptions", "RenderPlan", "RenderedWorker",
+        "Role", "Source", "bootstrap_port", "decided_flags", "engine_args", "manifests",
         "overridden_flag", "plan", "render_text", "render_yaml"}
 
 
