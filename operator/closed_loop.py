@@ -43,7 +43,7 @@ from trilemma.operator.estimator import (
 from trilemma.operator.kube import Ref
 from trilemma.operator.optimize import plan_request, request_digest
 from trilemma.operator.prometheus import PrometheusClient
-from trilemma.operator.resources import ConditionType, OptimizedEndpointSpec, to_wire
+from trilemma.operator.resources import ConditionType, OptimizedEndpointSpec, TunedWorkload
 from trilemma.optimizer import search
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import InfeasibleSLO, Plan
@@ -128,7 +128,7 @@ async def observe(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     async with PrometheusClient(url, token=token, timeout_s=PROMETHEUS_TIMEOUT_S) as client:
         observed = await estimate_workload(client, engine=engine, selector=selector(ep, spec),
                                            window_s=spec.retune.window_seconds)
-    ep.status["observedWorkload"] = observed.to_status()
+    ep.put(observed_workload=observed.to_status())
     ep.condition(ConditionType.METRICS_AVAILABLE, observed.availability.ok,
                  observed.availability.reason.value, observed.availability.message)
     return observed
@@ -173,7 +173,7 @@ async def check(rt: Runtime, namespace: str, name: str, *, now: float | None = N
         spec, active, state = due
         observed = await observe(rt, ep, spec, active["engine"])
         if observed is None:
-            ep.status["retune"] = dataclasses.replace(state, last_check=now).to_status()
+            ep.put(retune=dataclasses.replace(state, last_check=now).to_status())
             await commit(rt, ep)
             return
         await _decide(rt, ep, spec, state, observed, now)
@@ -200,14 +200,14 @@ async def _decide(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     serving = ep.written.get("servingHash")
     history = retune_history.append(ep.written.get("retuneHistory"),
                                     retune_history.RetuneEvent.of_decision(decision, now, serving))
-    ep.status["retuneHistory"] = history
+    ep.put(retune_history=history)
     state = decision.state
     kind = "Normal" if decision.action is not retune.Action.HOLD or decision.why in (
         retune.Why.NOT_DUE, retune.Why.COOLDOWN) else "Warning"
     rt.events(ep.body, kind, f"Retune{decision.action.value}", decision.message)
     if decision.action is retune.Action.REPLAN and decision.workload is not None:
         state = await _replan(rt, ep, spec, plan, observed, decision, violations, state, now)
-    ep.status["retune"] = state.to_status()
+    ep.put(retune=state.to_status())
     await commit(rt, ep)
 
 
@@ -228,9 +228,9 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
 
     def failed(reason: str) -> retune.RetuneState:
         rt.events(ep.body, "Warning", "RetuneFailed", reason)
-        ep.status["retuneHistory"] = retune_history.append(
+        ep.put(retune_history=retune_history.append(
             ep.status.get("retuneHistory"), retune_history.RetuneEvent(
-                time=now, action=retune_history.Step.KEEP, reason=reason))
+                time=now, action=retune_history.Step.KEEP, reason=reason)))
         return retune.record_failure(state, now, decision.workload, reason,  # type: ignore[arg-type]
                                      thresholds=thresholds, basis=basis)
 
@@ -257,8 +257,8 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
                                          request)
     verdict = acceptance.accept(current, run.plan, spec.objective,
                                 spec.retune.min_improvement, bool(violations))
-    ep.status["retuneHistory"] = retune_history.append(
-        ep.status.get("retuneHistory"), retune_history.RetuneEvent.of_acceptance(verdict, now))
+    ep.put(retune_history=retune_history.append(
+        ep.status.get("retuneHistory"), retune_history.RetuneEvent.of_acceptance(verdict, now)))
     if not verdict.roll_out or not spec.rollout.auto_apply:
         why = verdict.reason if verdict.roll_out is False else (
             "autoApply is false: the better plan is only recommended")
@@ -269,14 +269,11 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
     # finds it instead of searching again, and record the workload it was made for.
     digest = request_digest(request, models)
     rt.events(ep.body, "Normal", "RetuneRollout", verdict.reason)
-    ep.status["tunedWorkload"] = {
-        "specDigest": basis,
-        "workload": tuned.workload.model_dump(by_alias=True, mode="json", exclude_none=True)}
-    ep.status["lastOptimization"] = to_wire(
-        plans.optimization(run.plan, digest, run.seconds, reused=False))
+    ep.put(tuned_workload=TunedWorkload(spec_digest=basis, workload=tuned.workload),
+           last_optimization=plans.optimization(run.plan, digest, run.seconds, reused=False))
     await plans.store_plan(rt, ep, run.plan, digest)
     state = retune.rolled_out(state, now)
-    ep.status["retune"] = state.to_status()
+    ep.put(retune=state.to_status())
     await commit(rt, ep)
     await reconcile.reconcile_locked(rt, ep.ref)
     return state
@@ -308,4 +305,4 @@ async def _calibrate(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, sto
     cal = calibration.update(cal, predicted=predicted.choice.prediction,
                              observed=observed, config_hash=ep.written.get("servingHash"),
                              serving_since=since)
-    ep.status["calibration"] = cal.to_status()
+    ep.put(calibration=cal.to_status())

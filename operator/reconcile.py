@@ -47,10 +47,10 @@ from trilemma.operator.plans import (
 from trilemma.operator.resources import (
     ConditionType,
     HardwarePoolSpec,
+    Optimization,
     OptimizedEndpointSpec,
     Phase,
     RolloutState,
-    to_wire,
 )
 from trilemma.operator.rollout import delete_owned, deploy
 from trilemma.optimizer.errors import InputError
@@ -83,7 +83,7 @@ async def reconcile_locked(rt: Runtime, ref: Ref, *, force: bool = True) -> None
     digest = spec_digest(fresh)
     if not force and ep.written.get("specDigest") == digest:
         return
-    ep.status["specDigest"] = digest
+    ep.put(spec_digest=digest)
     try:
         try:
             await _reconcile(rt, ep)
@@ -99,10 +99,10 @@ async def reconcile_locked(rt: Runtime, ref: Ref, *, force: bool = True) -> None
     except Outcome as out:
         ep.phase(out.phase, out.message)
         ep.condition(out.condition, False, out.reason, out.message)
-        ep.status["observedGeneration"] = ep.generation
+        ep.put(observed_generation=ep.generation)
         if out.retry:
             # Not "done for this spec": the retry (or a replayed event) must do the work.
-            ep.status.pop("specDigest", None)
+            ep.put(spec_digest=None)
         # Whatever was reserved for this attempt is free again: a refused endpoint holds
         # no GPUs that another one could use.
         rt.ledger.release(ep.pool_name, ep.key)
@@ -202,22 +202,20 @@ def _render(ep: Endpoint, spec: OptimizedEndpointSpec, full_pool: HardwarePoolSp
                   engine_args=list(engine_args), plan_map=plan_map)
 
 
-def _record_plan(ep: Endpoint, spec: OptimizedEndpointSpec, plan: Plan, optimization: Obj,
-                 target: Target) -> None:
+def _record_plan(ep: Endpoint, spec: OptimizedEndpointSpec, plan: Plan,
+                 optimization: Optimization, target: Target) -> None:
     """The plan's part of status: what was planned, predicted and (to be) deployed."""
     choice = target.choice
-    ep.status["lastOptimization"] = optimization
-    ep.status["predictions"] = to_wire(status.predictions(choice))
-    ep.status["paretoFront"] = [to_wire(p) for p in status.pareto_front(plan)]
-    ep.status["observedGeneration"] = ep.generation
+    ep.put(last_optimization=optimization, predictions=status.predictions(choice),
+           pareto_front=status.pareto_front(plan), observed_generation=ep.generation)
     ep.condition(ConditionType.OPTIMIZED, True,
-                 "PlanReused" if optimization.get("reused") else "Planned",
-                 f"{choice.config.summary()}: {optimization['candidates']} configurations "
+                 "PlanReused" if optimization.reused else "Planned",
+                 f"{choice.config.summary()}: {optimization.candidates} configurations "
                  f"searched")
-    ep.status["activeConfiguration"] = to_wire(status.active_configuration(
+    ep.put(active_configuration=status.active_configuration(
         choice, config_hash=target.config_hash, served_model=target.served,
-        engine_args=target.engine_args, applied=spec.rollout.auto_apply))
-    ep.status["costPerHour"] = round(choice.prediction.cost_per_hour, 4)
+        engine_args=target.engine_args, applied=spec.rollout.auto_apply),
+        cost_per_hour=round(choice.prediction.cost_per_hour, 4))
 
 
 def _failed_before(ep: Endpoint, target: Target, digest: str) -> bool:

@@ -402,6 +402,14 @@ class RolloutStatus(SpecModel):
                     "(what a rollback keeps allocated).")
 
 
+class TunedWorkload(SpecModel):
+    """The observed workload the active plan was re-planned for (the closed loop's)."""
+
+    spec_digest: str = Field(description="Digest of the spec it applies to: a spec change "
+                                         "drops it (the user's word is newer).")
+    workload: Workload = Field(description="The workload planned for, in the spec's form.")
+
+
 class OptimizedEndpointStatus(SpecModel):
     phase: Phase = Phase.PENDING
     message: str = ""
@@ -423,7 +431,7 @@ class OptimizedEndpointStatus(SpecModel):
     observed_workload: dict[str, Any] | None = Field(
         default=None, description="The traffic Prometheus shows (rate, lengths, prefix share, "
                                   "latencies), each with its sample count and staleness.")
-    tuned_workload: dict[str, Any] | None = Field(
+    tuned_workload: TunedWorkload | None = Field(
         default=None, description="The observed workload the active plan was re-planned for, "
                                   "and the spec digest it applies to (a spec change drops it).")
     retune: dict[str, Any] | None = Field(
