@@ -105,13 +105,17 @@ async def _guarded(coro: Any, what: str, retry: int = 0, body: kopf.Body | None 
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
-    """Register every handler of the operator into `registry`."""
-    _register_lifecycle(registry)
-    _register_endpoints(registry)
-    _register_children_and_pools(registry)
+    """Register every handler of the operator into `registry`.
+
+    The parts are public names on purpose: Kopf names each handler by its qualified name
+    (e.g. "register_endpoints.<locals>.endpoint_created") and keeps its progress in an
+    annotation named after it, which must start with a letter or digit."""
+    register_lifecycle(registry)
+    register_endpoints(registry)
+    register_children_and_pools(registry)
 
 
-def _register_lifecycle(registry: kopf.OperatorRegistry) -> None:
+def register_lifecycle(registry: kopf.OperatorRegistry) -> None:
     """Start-up (settings, the runtime), clean-up, login and the liveness probe."""
 
     @kopf.on.startup(registry=registry)
@@ -160,7 +164,7 @@ def _register_lifecycle(registry: kopf.OperatorRegistry) -> None:
         return rt.optimizer.in_flight if rt is not None else 0
 
 
-def _register_endpoints(registry: kopf.OperatorRegistry) -> None:
+def register_endpoints(registry: kopf.OperatorRegistry) -> None:
     """An OptimizedEndpoint's life: created, changed, resumed, deleted, and its resync timer."""
 
     async def _reconcile(body: kopf.Body, memo: kopf.Memo, *, force: bool,
@@ -209,7 +213,7 @@ def _register_endpoints(registry: kopf.OperatorRegistry) -> None:
                           functools.partial(closed_loop.check, seen=dict(body)), logger)
 
 
-def _register_children_and_pools(registry: kopf.OperatorRegistry) -> None:
+def register_children_and_pools(registry: kopf.OperatorRegistry) -> None:
     """A child Deployment that became available moves its rollout on; a pool that appeared or
     changed retries the endpoints waiting for it."""
 
