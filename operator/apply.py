@@ -76,6 +76,14 @@ def with_hash(obj: Obj) -> Obj:
     return {**obj, "metadata": meta}
 
 
+def without_hash(obj: Obj) -> Obj:
+    """`obj` as if the operator had never applied it: the next `apply` writes it whole, even
+    when the desired object is what was last applied (the live one was changed since)."""
+    meta = dict(obj.get("metadata") or {})
+    notes = {k: v for k, v in (meta.get("annotations") or {}).items() if k != ANNOTATION_APPLIED}
+    return {**obj, "metadata": {**meta, "annotations": notes}}
+
+
 def _dig(obj: Obj, path: tuple[str, ...]) -> Any:
     for part in path:
         if not isinstance(obj, dict):

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trilemma.operator.estimator import ObservedWorkload
+from trilemma.optimizer.search import Prediction
 from trilemma.optimizer.spec import Slo
 
 Obj = dict[str, Any]
@@ -152,7 +153,7 @@ class Calibration:
                    config_hash=d.get("configHash"))
 
 
-def update(calibration: Calibration, *, predicted: Mapping[str, Any],
+def update(calibration: Calibration, *, predicted: Prediction,
            observed: ObservedWorkload, config_hash: str | None = None,
            serving_since: float | None = None, settings: Settings = SETTINGS) -> Calibration:
     """`calibration` with one more (predicted, observed) pair, or unchanged when the window
@@ -160,8 +161,8 @@ def update(calibration: Calibration, *, predicted: Mapping[str, Any],
     that began before `serving_since` (when the configuration took the traffic: earlier
     requests were served by another one).
 
-    `predicted` is a prediction dict (ttft_p90_ms, tpot_p90_ms) for the observed workload at
-    its observed rate; TTFT and TPOT update independently, each when both sides are known.
+    `predicted` is the serving configuration's prediction for the observed workload at its
+    observed rate; TTFT and TPOT update independently, each when both sides are known.
     """
     if not observed.availability.ok or observed.samples < settings.min_samples:
         return calibration
@@ -170,10 +171,10 @@ def update(calibration: Calibration, *, predicted: Mapping[str, Any],
     ttft, tpot = calibration.ttft, calibration.tpot
     changed = False
     for name, seen in (("ttft", observed.ttft_ms.p90), ("tpot", observed.itl_ms.p90)):
-        want = predicted.get(f"{name}_p90_ms")
-        if seen is None or want is None or not float(want) > 0 or not seen > 0:
+        want = predicted.ttft_p90_ms if name == "ttft" else predicted.tpot_p90_ms
+        if seen is None or not want > 0 or not seen > 0:
             continue
-        ratio = seen / float(want)
+        ratio = seen / want
         if name == "ttft":
             ttft = ttft.updated(ratio, settings)
         else:
@@ -215,15 +216,12 @@ def apply(slo: Slo, calibration: Calibration) -> Slo:
     return Slo.model_validate(data)
 
 
-def corrected(prediction: Mapping[str, Any], calibration: Calibration) -> Obj:
-    """A prediction dict with its latencies times the applied factors (for display: what the
+def corrected(prediction: Prediction, calibration: Calibration) -> Prediction:
+    """`prediction` with its latencies times the applied factors (for display: what the
     model, corrected, expects the endpoint to show)."""
     f_ttft, f_tpot = calibration.factors()
-    out = dict(prediction)
-    for key in ("ttft_p50_ms", "ttft_p90_ms"):
-        if key in out:
-            out[key] = float(out[key]) * f_ttft
-    for key in ("tpot_p50_ms", "tpot_p90_ms"):
-        if key in out:
-            out[key] = float(out[key]) * f_tpot
-    return out
+    p = prediction
+    return dataclasses.replace(p, ttft_p50_ms=p.ttft_p50_ms * f_ttft,
+                               ttft_p90_ms=p.ttft_p90_ms * f_ttft,
+                               tpot_p50_ms=p.tpot_p50_ms * f_tpot,
+                               tpot_p90_ms=p.tpot_p90_ms * f_tpot)

@@ -9,6 +9,7 @@ ConfigMap and the PodMonitor. Same inputs, same bytes: the children are what Git
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +18,7 @@ from trilemma.operator.resources import OptimizedEndpointSpec
 from trilemma.optimizer import render
 from trilemma.optimizer.catalog import Engine
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.render.workloads import CACHE_MOUNT
-from trilemma.optimizer.search import ServingConfig, canonical_json
+from trilemma.optimizer.search import Plan, ServingConfig, canonical_json
 from trilemma.optimizer.spec import GpuGroup
 
 Obj = dict[str, Any]
@@ -83,7 +83,7 @@ def _env(container: Obj, spec: OptimizedEndpointSpec) -> None:
 def _host_path_cache(pod_spec: Obj, container: Obj, host_path: str) -> None:
     pod_spec["volumes"].append({"name": "model-cache",
                                 "hostPath": {"path": host_path, "type": "DirectoryOrCreate"}})
-    container["volumeMounts"].append({"name": "model-cache", "mountPath": CACHE_MOUNT})
+    container["volumeMounts"].append({"name": "model-cache", "mountPath": render.CACHE_MOUNT})
 
 
 def _pod_specs(workload: Obj) -> list[Obj]:
@@ -148,7 +148,10 @@ def build(config: ServingConfig, spec: OptimizedEndpointSpec, owner: Owner,
     return Children(workloads=workloads, services=services, config_hash=hashes.pop())
 
 
-def plan_config_map(owner: Owner, plan: Obj, *, request_digest: str, config_hash: str) -> Obj:
+PLAN_KEY = "plan.json"
+
+
+def plan_config_map(owner: Owner, plan: Plan, *, request_digest: str, config_hash: str) -> Obj:
     """ConfigMap <name>-plan: the whole plan as canonical JSON, and what it was made from."""
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -161,8 +164,19 @@ def plan_config_map(owner: Owner, plan: Obj, *, request_digest: str, config_hash
             "annotations": {naming.ANNOTATION_REQUEST_DIGEST: request_digest},
             "ownerReferences": [owner.reference()],
         },
-        "data": {"plan.json": canonical_json(plan)},
+        "data": {PLAN_KEY: canonical_json(plan.to_dict())},
     }
+
+
+def stored_plan(config_map: Obj | None) -> Plan | None:
+    """The plan a plan ConfigMap holds, decoded: the one place the operator reads stored plans.
+    None when there is none that decodes (absent, written by an older format, edited by hand):
+    the caller then plans again, as for a missing one."""
+    try:
+        text = ((config_map or {}).get("data") or {})[PLAN_KEY]
+        return Plan.from_dict(json.loads(text))
+    except (KeyError, TypeError, ValueError):  # MalformedPlan and bad JSON are ValueErrors
+        return None
 
 
 def pod_monitor(owner: Owner) -> Obj:

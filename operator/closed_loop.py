@@ -1,9 +1,10 @@
 """The closed loop: observe an endpoint's traffic in Prometheus, decide, re-plan, roll out.
 
-Runs from the endpoint's periodic timer. The decisions are retune.py's (drift with
-hysteresis, SLO violations, cooldown, minimum improvement) and the latency corrections
-calibration.py's; this module only gathers their inputs (the estimator's queries, the stored
-plan, a re-plan in the worker pool) and writes the outcome: `status.observedWorkload`, the
+Runs from the endpoint's periodic timer. The decisions are pure and elsewhere: retune.py's
+state machine (drift with hysteresis, SLO violations, cooldown), acceptance.py's minimum
+improvement, calibration.py's latency corrections. This module is their I/O shell: it only
+gathers their inputs (the estimator's queries, the stored plan, a re-plan in the worker pool,
+the clock) and writes the outcome: `status.observedWorkload`, the
 MetricsAvailable condition, `status.retune`, `status.retuneHistory`, Events. A rollout reuses
 the reconciler's path: the accepted plan is stored for the tuned workload, then reconciled.
 """
@@ -12,15 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
-import json
 import re
 import time
 from typing import Any
 
 import pydantic
 
-from trilemma.operator import calibration, naming, plans, reconcile, retune, status
+from trilemma.operator import (
+    acceptance,
+    calibration,
+    children,
+    naming,
+    plans,
+    reconcile,
+    retune,
+    retune_history,
+    status,
+)
+from trilemma.operator.drift import WorkloadSummary
 from trilemma.operator.endpoint import Endpoint, Outcome, Runtime, commit
 from trilemma.operator.estimator import (
     MetricsReason,
@@ -31,10 +43,10 @@ from trilemma.operator.estimator import (
 from trilemma.operator.kube import Ref
 from trilemma.operator.optimize import plan_request, request_digest
 from trilemma.operator.prometheus import PrometheusClient
-from trilemma.operator.resources import ConditionType, OptimizedEndpointSpec
+from trilemma.operator.resources import ConditionType, OptimizedEndpointSpec, TunedWorkload
 from trilemma.optimizer import search
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.search import InfeasibleSLO, ServingConfig
+from trilemma.optimizer.search import InfeasibleSLO, Plan
 
 Obj = dict[str, Any]
 PROMETHEUS_TIMEOUT_S = 5.0
@@ -116,7 +128,7 @@ async def observe(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     async with PrometheusClient(url, token=token, timeout_s=PROMETHEUS_TIMEOUT_S) as client:
         observed = await estimate_workload(client, engine=engine, selector=selector(ep, spec),
                                            window_s=spec.retune.window_seconds)
-    ep.status["observedWorkload"] = observed.to_status()
+    ep.put(observed_workload=observed.to_status())
     ep.condition(ConditionType.METRICS_AVAILABLE, observed.availability.ok,
                  observed.availability.reason.value, observed.availability.message)
     return observed
@@ -161,7 +173,7 @@ async def check(rt: Runtime, namespace: str, name: str, *, now: float | None = N
         spec, active, state = due
         observed = await observe(rt, ep, spec, active["engine"])
         if observed is None:
-            ep.status["retune"] = retune.dataclasses.replace(state, last_check=now).to_status()
+            ep.put(retune=dataclasses.replace(state, last_check=now).to_status())
             await commit(rt, ep)
             return
         await _decide(rt, ep, spec, state, observed, now)
@@ -175,51 +187,50 @@ async def _decide(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     ok = observed.availability.ok
     if ok:
         await _calibrate(rt, ep, spec, plan, observed)
-    planned = retune.WorkloadSummary.of_plan(plan, peak_factor=spec.workload.peak_factor)
-    drift = retune.drift(planned, observed, spec.retune.drift) if ok else None
     violations = retune.slo_violations(observed, spec.slo) if ok else []
-    rolling = (ep.written.get("rollout") or {}).get("state") == "Progressing"
-    basis = str(ep.written.get("specDigest") or "")
-    started = (ep.written.get("rollout") or {}).get("started")
-    since = status.parse_time(started).timestamp() if started else None
-    decision = retune.decide(state, now, observed, observed.availability.reason, drift,
-                             violations, spec.retune, rolling_out=rolling, basis=basis,
-                             serving_since=since)
+    rollout = ep.written.get("rollout") or {}
+    started = rollout.get("started")
+    decision = retune.decide(state, retune.Check(
+        now=now, observed=observed, availability=observed.availability.reason,
+        planned=WorkloadSummary.of_plan(plan, peak_factor=spec.workload.peak_factor),
+        violations=tuple(violations), rolling_out=rollout.get("state") == "Progressing",
+        basis=str(ep.written.get("specDigest") or ""),
+        serving_since=status.parse_time(started).timestamp() if started else None),
+        spec.retune)
     serving = ep.written.get("servingHash")
-    history = retune.history_append(ep.written.get("retuneHistory"),
-                                    retune.RetuneEvent.of_decision(decision, now, serving))
-    ep.status["retuneHistory"] = history
+    history = retune_history.append(ep.written.get("retuneHistory"),
+                                    retune_history.RetuneEvent.of_decision(decision, now, serving))
+    ep.put(retune_history=history)
     state = decision.state
     kind = "Normal" if decision.action is not retune.Action.HOLD or decision.why in (
         retune.Why.NOT_DUE, retune.Why.COOLDOWN) else "Warning"
     rt.events(ep.body, kind, f"Retune{decision.action.value}", decision.message)
     if decision.action is retune.Action.REPLAN and decision.workload is not None:
         state = await _replan(rt, ep, spec, plan, observed, decision, violations, state, now)
-    ep.status["retune"] = state.to_status()
+    ep.put(retune=state.to_status())
     await commit(rt, ep)
 
 
-async def _stored_plan(rt: Runtime, ep: Endpoint) -> Obj | None:
-    cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan"))
-    try:
-        return json.loads(((cm or {}).get("data") or {})["plan.json"])
-    except (KeyError, ValueError):
-        return None
+async def _stored_plan(rt: Runtime, ep: Endpoint) -> Plan | None:
+    """The running plan; None when there is none that decodes (nothing to compare with: the
+    check waits for the reconciler to store one)."""
+    return children.stored_plan(
+        await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan")))
 
 
-async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored: Obj,
+async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored: Plan,
                   observed: ObservedWorkload, decision: retune.Decision, violations: list[str],
                   state: retune.RetuneState, now: float) -> retune.RetuneState:
-    """Plan for the observed workload; roll out if retune.accept says the plan is worth it."""
+    """Plan for the observed workload; roll out if acceptance.accept says the plan is worth it."""
     assert decision.workload is not None
     basis = str(ep.written.get("specDigest") or "")
     thresholds = spec.retune.drift
 
     def failed(reason: str) -> retune.RetuneState:
         rt.events(ep.body, "Warning", "RetuneFailed", reason)
-        ep.status["retuneHistory"] = retune.history_append(
-            ep.status.get("retuneHistory"), retune.RetuneEvent(
-                time=now, action=retune.Step.KEEP, reason=reason))
+        ep.put(retune_history=retune_history.append(
+            ep.status.get("retuneHistory"), retune_history.RetuneEvent(
+                time=now, action=retune_history.Step.KEEP, reason=reason)))
         return retune.record_failure(state, now, decision.workload, reason,  # type: ignore[arg-type]
                                      thresholds=thresholds, basis=basis)
 
@@ -241,16 +252,15 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
         return failed(str(err))
     # The running configuration, re-predicted at the observed workload: the old plan's figures
     # were for the old one, and a fair comparison puts both at the same traffic.
-    current_config = ServingConfig.from_dict(stored["recommended"]["config"])
     loop = asyncio.get_running_loop()
-    current = (await loop.run_in_executor(None, search.predict, current_config, request)
-               ).to_dict()
-    acceptance = retune.accept(current, run.plan, spec.objective, spec.retune.min_improvement,
-                               bool(violations))
-    ep.status["retuneHistory"] = retune.history_append(
-        ep.status.get("retuneHistory"), retune.RetuneEvent.of_acceptance(acceptance, now))
-    if not acceptance.roll_out or not spec.rollout.auto_apply:
-        why = acceptance.reason if acceptance.roll_out is False else (
+    current = await loop.run_in_executor(None, search.predict, stored.recommended.config,
+                                         request)
+    verdict = acceptance.accept(current, run.plan, spec.objective,
+                                spec.retune.min_improvement, bool(violations))
+    ep.put(retune_history=retune_history.append(
+        ep.status.get("retuneHistory"), retune_history.RetuneEvent.of_acceptance(verdict, now)))
+    if not verdict.roll_out or not spec.rollout.auto_apply:
+        why = verdict.reason if verdict.roll_out is False else (
             "autoApply is false: the better plan is only recommended")
         rt.events(ep.body, "Normal", "RetuneKept", why)
         return retune.record_failure(state, now, decision.workload, why,
@@ -258,23 +268,18 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
     # Store the accepted plan under the tuned request's digest, so that the reconcile below
     # finds it instead of searching again, and record the workload it was made for.
     digest = request_digest(request, models)
-    rt.events(ep.body, "Normal", "RetuneRollout", acceptance.reason)
-    ep.status["tunedWorkload"] = {
-        "specDigest": basis,
-        "workload": tuned.workload.model_dump(by_alias=True, mode="json", exclude_none=True)}
-    ep.status["lastOptimization"] = {
-        "time": status.now_rfc3339(), "durationSeconds": round(run.seconds, 3),
-        "candidates": int(run.plan.get("counts", {}).get("enumerated", 0)),
-        "requestDigest": digest, "reused": False}
+    rt.events(ep.body, "Normal", "RetuneRollout", verdict.reason)
+    ep.put(tuned_workload=TunedWorkload(spec_digest=basis, workload=tuned.workload),
+           last_optimization=plans.optimization(run.plan, digest, run.seconds, reused=False))
     await plans.store_plan(rt, ep, run.plan, digest)
     state = retune.rolled_out(state, now)
-    ep.status["retune"] = state.to_status()
+    ep.put(retune=state.to_status())
     await commit(rt, ep)
     await reconcile.reconcile_locked(rt, ep.ref)
     return state
 
 
-async def _calibrate(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored: Obj,
+async def _calibrate(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored: Plan,
                      observed: ObservedWorkload) -> None:
     """Fold one (predicted, observed) latency pair of the serving configuration into
     status.calibration: its prediction at the observed workload and rate (not the plan's
@@ -285,20 +290,19 @@ async def _calibrate(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, sto
     try:
         models = await plans.resolve_models(rt, ep, spec)
         full_pool = await plans.read_pool(rt.kube, spec.hardware_pool_ref.name)
-        request = retune.observed_request(plan_request(spec, models, full_pool), observed,
-                                          at_peak=False)
+        request = acceptance.observed_request(plan_request(spec, models, full_pool),
+                                              observed, at_peak=False)
     except (InputError, Outcome, pydantic.ValidationError):
         return  # the reconciler reports spec and pool problems
-    config = ServingConfig.from_dict(stored["recommended"]["config"])
     loop = asyncio.get_running_loop()
     # A few hundred simulated requests pin a p90 well enough for a smoothed factor, at a
     # fraction of the CPU the re-plan's comparison spends.
     predicted = await loop.run_in_executor(None, functools.partial(
-        search.predict, config, request, requests=CALIBRATION_REQUESTS))
+        search.predict, stored.recommended.config, request, requests=CALIBRATION_REQUESTS))
     rollout = ep.written.get("rollout") or {}
     since = (status.parse_time(rollout["started"]).timestamp()
              if rollout.get("started") else None)
-    cal = calibration.update(cal, predicted=predicted.choice.prediction.to_dict(),
+    cal = calibration.update(cal, predicted=predicted.choice.prediction,
                              observed=observed, config_hash=ep.written.get("servingHash"),
                              serving_since=since)
-    ep.status["calibration"] = cal.to_status()
+    ep.put(calibration=cal.to_status())

@@ -10,12 +10,15 @@ backoff). Failures of the periodic timer are written here too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
+
+import pydantic
 
 from trilemma.operator import apply as applying
 from trilemma.operator import children, naming, pool, status
@@ -28,6 +31,7 @@ from trilemma.operator.resources import (
     ConditionType,
     OptimizedEndpointStatus,
     Phase,
+    RolloutStatus,
     status_field_names,
 )
 from trilemma.optimizer.errors import InputError
@@ -159,15 +163,40 @@ class Endpoint:
         return children.Owner(self.name, self.namespace,
                               str(self.body["metadata"].get("uid") or ""))
 
+    def put(self, **fields: Any) -> None:
+        """Write status fields through the status models: each value (a model, a list of
+        them, a plain value) is validated as the OptimizedEndpointStatus field its snake_case
+        name names, and kept in its wire form; None removes the field. A value the models
+        refuse is a bug, raised here at its writer rather than at commit."""
+        for name, value in fields.items():
+            key, adapter = _status_field(name)
+            if value is None:
+                self.status.pop(key, None)
+            else:
+                self.status[key] = adapter.dump_python(
+                    adapter.validate_python(value), by_alias=True, mode="json",
+                    exclude_none=True)
+
+    def rollout(self) -> RolloutStatus | None:
+        """status.rollout as its model (as being built)."""
+        found = self.status.get("rollout")
+        return RolloutStatus.model_validate(found) if found else None
+
+    def update_rollout(self, **changes: Any) -> None:
+        """Change fields (snake_case) of the rollout in progress; there must be one."""
+        current = self.rollout()
+        assert current is not None, "no rollout to update"
+        self.put(rollout=RolloutStatus.model_validate(
+            {**current.model_dump(), **changes}))
+
     def condition(self, kind: ConditionType, ok: bool | None, reason: str,
                   message: str = "") -> None:
-        self.status["conditions"] = status.set_condition(
+        self.put(conditions=status.set_condition(
             self.status.get("conditions", []), kind, ok, reason, message,
-            generation=self.generation, now=status.now_rfc3339())
+            generation=self.generation, now=status.now_rfc3339()))
 
     def phase(self, phase: Phase, message: str = "") -> None:
-        self.status["phase"] = phase.value
-        self.status["message"] = message
+        self.put(phase=phase, message=message)
 
     @property
     def pool_name(self) -> str:
@@ -185,6 +214,13 @@ class Endpoint:
         await kube.patch(self.ref, {"status": patch}, subresource="status")
         self.written = json.loads(json.dumps(self.status))
         return True
+
+
+@functools.cache
+def _status_field(name: str) -> tuple[str, pydantic.TypeAdapter[Any]]:
+    """(camelCase key, validator of the field's type) of a status field."""
+    info = OptimizedEndpointStatus.model_fields[name]
+    return info.alias or name, pydantic.TypeAdapter(info.annotation)
 
 
 async def commit(rt: Runtime, ep: Endpoint) -> None:

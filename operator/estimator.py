@@ -22,8 +22,9 @@ from typing import Any, Protocol
 
 from trilemma.operator import promql
 from trilemma.operator.prometheus import PrometheusError, QueryResult
-from trilemma.optimizer.catalog.engines import Engine
+from trilemma.optimizer.catalog import Engine
 from trilemma.optimizer.spec import (
+    MAX_P90_OVER_MEAN,
     FixedLengths,
     GammaArrivals,
     LengthDistribution,
@@ -32,7 +33,6 @@ from trilemma.optimizer.spec import (
     PrefixReuse,
     Workload,
 )
-from trilemma.optimizer.spec.lengths import MAX_P90_OVER_MEAN
 
 QUANTILES = (0.5, 0.9, 0.99)
 # Burstiness within this distance of 1 is read as Poisson: with ~15 intervals per window the

@@ -105,7 +105,18 @@ async def _guarded(coro: Any, what: str, retry: int = 0, body: kopf.Body | None 
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
-    """Register every handler of the operator into `registry`."""
+    """Register every handler of the operator into `registry`.
+
+    The parts are public names on purpose: Kopf names each handler by its qualified name
+    (e.g. "register_endpoints.<locals>.endpoint_created") and keeps its progress in an
+    annotation named after it, which must start with a letter or digit."""
+    register_lifecycle(registry)
+    register_endpoints(registry)
+    register_children_and_pools(registry)
+
+
+def register_lifecycle(registry: kopf.OperatorRegistry) -> None:
+    """Start-up (settings, the runtime), clean-up, login and the liveness probe."""
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo,
@@ -152,6 +163,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
         rt = getattr(memo, "runtime", None)
         return rt.optimizer.in_flight if rt is not None else 0
 
+
+def register_endpoints(registry: kopf.OperatorRegistry) -> None:
+    """An OptimizedEndpoint's life: created, changed, resumed, deleted, and its resync timer."""
+
     async def _reconcile(body: kopf.Body, memo: kopf.Memo, *, force: bool,
                          retry: int) -> None:
         await _guarded(reconcile.reconcile(_runtime(memo), copy.deepcopy(dict(body)),
@@ -178,7 +193,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     async def endpoint_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         rt = _runtime(memo)
         await _guarded(rollout.delete_children(rt, copy.deepcopy(dict(body))), "delete",
-                       body)
+                       body=body)
         pool = (body.get("spec", {}).get("hardwarePoolRef") or {}).get("name")
         if pool:
             _retry_waiting(rt, pool)
@@ -196,6 +211,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
         # the watched body first: a check that is not due costs no read).
         await _timer_step(rt, namespace, name, "retune",
                           functools.partial(closed_loop.check, seen=dict(body)), logger)
+
+
+def register_children_and_pools(registry: kopf.OperatorRegistry) -> None:
+    """A child Deployment that became available moves its rollout on; a pool that appeared or
+    changed retries the endpoints waiting for it."""
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
     async def deployment_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -22,22 +22,25 @@ import pydantic
 from trilemma.operator.resources import ModelRef, OptimizedEndpointSpec
 from trilemma.optimizer import catalog
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.search import SearchSettings, canonical_json
+from trilemma.optimizer.search import Plan, SearchSettings, canonical_json
 from trilemma.optimizer.search import plan as search_plan
-from trilemma.optimizer.spec import HardwarePool, ModelChoice, PlanRequest
-from trilemma.optimizer.spec.loading import spec_error_to_input_error
+from trilemma.optimizer.spec import (
+    HardwarePool,
+    ModelChoice,
+    PlanRequest,
+    spec_error_to_input_error,
+)
 
 Obj = dict[str, Any]
-# A plan as JSON (Plan.to_dict()); the operator never needs more than the dict.
-Planner = Callable[[PlanRequest], Obj]
+Planner = Callable[[PlanRequest], Plan]
 # Bump when the operator starts reading plans differently: stored plans then count as stale.
 PLAN_FORMAT = 1
 
 
-def default_planner(request: PlanRequest) -> Obj:
+def default_planner(request: PlanRequest) -> Plan:
     """The real search. One process per plan: the operator runs several plans in threads, and
     the search's forked screening workers are not safe to start from a threaded process."""
-    return search_plan(request, settings=SearchSettings(workers=1)).to_dict()
+    return search_plan(request, settings=SearchSettings(workers=1))
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def request_digest(request: PlanRequest, models: Models) -> str:
 
 @dataclass(frozen=True)
 class PlanRun:
-    plan: Obj
+    plan: Plan
     seconds: float
 
 

@@ -9,7 +9,6 @@ in the ledger, planning again if another endpoint took them meanwhile.
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,18 @@ from trilemma.operator.optimize import (
 from trilemma.operator.resources import (
     ConditionType,
     HardwarePoolSpec,
+    Optimization,
     OptimizedEndpointSpec,
     Phase,
+    TunedWorkload,
 )
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.search import InfeasibleSLO
-from trilemma.optimizer.spec import HardwarePool, Objective, Workload
-from trilemma.optimizer.spec.loading import spec_error_to_input_error
+from trilemma.optimizer.search import InfeasibleSLO, Plan
+from trilemma.optimizer.spec import (
+    HardwarePool,
+    Objective,
+    spec_error_to_input_error,
+)
 
 Obj = dict[str, Any]
 PLAN_ATTEMPTS = 3  # re-plans when another endpoint took the GPUs while this one searched
@@ -51,16 +55,15 @@ OPTIMIZING_NOTICE_S = 0.5  # a search still running after this is reported in st
 def tuned(ep: Endpoint, spec: OptimizedEndpointSpec) -> OptimizedEndpointSpec:
     """The spec with the workload the closed loop re-planned for, while the spec it was
     observed under stands (a spec change drops it: the user's word is newer)."""
-    found = ep.written.get("tunedWorkload") or {}
-    if found.get("specDigest") != ep.status.get("specDigest") or not found.get("workload"):
-        ep.status.pop("tunedWorkload", None)
-        return spec
+    found = ep.written.get("tunedWorkload")
     try:
-        workload = Workload.model_validate(found["workload"])
+        tuned_for = TunedWorkload.model_validate(found) if found else None
     except pydantic.ValidationError:
-        ep.status.pop("tunedWorkload", None)  # unreadable: plan for the spec's own workload
+        tuned_for = None  # unreadable: plan for the spec's own workload
+    if tuned_for is None or tuned_for.spec_digest != ep.status.get("specDigest"):
+        ep.put(tuned_workload=None)
         return spec
-    return spec.model_copy(update={"workload": workload})
+    return spec.model_copy(update={"workload": tuned_for.workload})
 
 
 def calibrated(ep: Endpoint, spec: OptimizedEndpointSpec) -> OptimizedEndpointSpec:
@@ -72,10 +75,18 @@ def calibrated(ep: Endpoint, spec: OptimizedEndpointSpec) -> OptimizedEndpointSp
     return spec.model_copy(update={"slo": calibration.apply(spec.slo, cal)})
 
 
-async def store_plan(rt: Runtime, ep: Endpoint, plan: Obj, digest: str) -> None:
+async def store_plan(rt: Runtime, ep: Endpoint, plan: Plan, digest: str) -> None:
     """The plan ConfigMap for `plan`, made for the request named by `digest`."""
     await applying.apply(rt.kube, children.plan_config_map(
-        ep.owner, plan, request_digest=digest, config_hash=plan["recommended"]["hash"]))
+        ep.owner, plan, request_digest=digest,
+        config_hash=plan.recommended.config.config_hash()))
+
+
+def optimization(plan: Plan, digest: str, seconds: float, *, reused: bool) -> Optimization:
+    """status.lastOptimization for `plan`, made (or found) now for the request `digest`."""
+    return Optimization(time=status.now_rfc3339(), duration_seconds=round(seconds, 3),
+                        candidates=plan.counts.enumerated, request_digest=digest,
+                        reused=reused)
 
 
 def check_host_path(spec: OptimizedEndpointSpec, pool_spec: HardwarePoolSpec) -> None:
@@ -144,7 +155,7 @@ async def availability(rt: Runtime, ep: Endpoint, pool_name: str,
 
 
 async def plan_and_reserve(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, models: Models,
-                           full_pool: HardwarePool) -> tuple[Obj, str, Obj]:
+                           full_pool: HardwarePool) -> tuple[Plan, str, Optimization]:
     """The plan for the endpoint, its request digest and the lastOptimization status.
 
     Plans against what the pool has left, then reserves the plan's GPUs; if another endpoint
@@ -164,42 +175,46 @@ async def plan_and_reserve(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpe
                           f"{input_message(err)} (other endpoints hold the rest of the pool: "
                           f"{', '.join(sorted(avail.held)) or 'none'})") from None
         digest = request_digest(request, models)
-        plan, optimization = await _stored_plan(rt, ep, digest)
-        if plan is None:
-            plan, optimization = await _search(rt, ep, request, digest, avail)
-        gpus = status.config_gpus(plan["recommended"]["config"])
+        plan, made = await _stored_plan(rt, ep, digest)
+        if plan is None or made is None:
+            plan, made = await _search(rt, ep, request, digest, avail)
+        gpus = status.config_gpus(plan.recommended.config)
         async with rt.ledger.lock:
             now = await availability(rt, ep, pool_name, full_pool)
             if pool.fits(gpus, now):
                 rt.ledger.reserve(pool_name, ep.key, gpus)
-                return plan, digest, optimization
+                return plan, digest, made
     raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolContention",
                   f"other endpoints took the planned GPUs {PLAN_ATTEMPTS} times in a row; "
                   "will retry on the next change")
 
 
-async def _stored_plan(rt: Runtime, ep: Endpoint, digest: str) -> tuple[Obj | None, Obj]:
+async def _stored_plan(rt: Runtime, ep: Endpoint,
+                       digest: str) -> tuple[Plan | None, Optimization | None]:
     cm = await rt.kube.get(Ref("v1", "ConfigMap", ep.namespace, f"{ep.name}-plan"))
     ep.seen[f"ConfigMap/{ep.name}-plan"] = cm
     if cm is None or not owns(ep, cm):
-        return None, {}  # not ours: never read (and applying the plan reports the conflict)
+        return None, None  # not ours: never read (and applying the plan reports the conflict)
     notes = cm.get("metadata", {}).get("annotations") or {}
     if notes.get(naming.ANNOTATION_REQUEST_DIGEST) != digest:
-        return None, {}
-    try:
-        plan = json.loads((cm.get("data") or {})["plan.json"])
-    except (KeyError, ValueError):
-        return None, {}
+        return None, None
+    plan = children.stored_plan(cm)
+    if plan is None:
+        # Unreadable (another format, edited): plan again, and store the plan again even when
+        # it is the same one, which its applied-hash annotation would take as up to date.
+        ep.seen[f"ConfigMap/{ep.name}-plan"] = applying.without_hash(cm)
+        return None, None
     previous = ep.written.get("lastOptimization") or {}
     if previous.get("requestDigest") == digest:
-        return plan, previous
-    return plan, {"time": status.now_rfc3339(), "durationSeconds": 0.0,
-                  "candidates": int(plan.get("counts", {}).get("enumerated", 0)),
-                  "requestDigest": digest, "reused": True}
+        try:
+            return plan, Optimization.model_validate(previous)
+        except pydantic.ValidationError:
+            pass  # written by another version: said again below
+    return plan, optimization(plan, digest, 0.0, reused=True)
 
 
 async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
-                  avail: pool.Availability) -> tuple[Obj, Obj]:
+                  avail: pool.Availability) -> tuple[Plan, Optimization]:
     search = asyncio.ensure_future(rt.optimizer.run(request))
     # Say "Optimizing" only when the search takes long enough to be seen doing so: a quick
     # one (a small space, a warm cache) goes straight to its result, one write instead of two.
@@ -208,10 +223,10 @@ async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
         ep.phase(Phase.OPTIMIZING, "searching the configuration space")
         ep.condition(ConditionType.OPTIMIZED, None, "Optimizing", "search running")
         # Not the spec digest yet: it marks a finished reconcile.
-        done_marker = ep.status.pop("specDigest", None)
+        done_marker = ep.status.get("specDigest")
+        ep.put(spec_digest=None)
         await ep.commit(rt.kube)
-        if done_marker is not None:
-            ep.status["specDigest"] = done_marker
+        ep.put(spec_digest=done_marker)
     try:
         run = await search
     except InfeasibleSLO as err:
@@ -227,15 +242,13 @@ async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
         raise failed("OptimizationFailed", input_message(err),
                      ConditionType.OPTIMIZED) from None
     rt.metrics.optimized(run.seconds)
-    plan = run.plan
-    rec = plan["recommended"]
+    rec = run.plan.recommended
+    p = rec.prediction
     rt.events(ep.body, "Normal", "Planned",
-              f"{rec['summary']}: ${rec['prediction']['cost_per_hour']:.2f}/h, TTFT p90 "
-              f"{rec['prediction']['ttft_p90_ms']:.0f} ms, TPOT p90 "
-              f"{rec['prediction']['tpot_p90_ms']:.1f} ms ({run.seconds:.1f} s search)")
-    return plan, {"time": status.now_rfc3339(), "durationSeconds": round(run.seconds, 3),
-                  "candidates": int(plan.get("counts", {}).get("enumerated", 0)),
-                  "requestDigest": digest, "reused": False}
+              f"{rec.config.summary()}: ${p.cost_per_hour:.2f}/h, TTFT p90 "
+              f"{p.ttft_p90_ms:.0f} ms, TPOT p90 {p.tpot_p90_ms:.1f} ms "
+              f"({run.seconds:.1f} s search)")
+    return run.plan, optimization(run.plan, digest, run.seconds, reused=False)
 
 
 # How much larger than the available pool the "nearest feasible" search may look.
@@ -253,10 +266,9 @@ async def _nearest_with_more_gpus(rt: Runtime, request: Any) -> str:
             "hardware": bigger, "objective": Objective.MIN_COST}))
     except InputError:
         return (f" Even {NEAREST_POOL_FACTOR}x the available GPUs would not meet it.")
-    rec = run.plan["recommended"]
-    needed = status.config_gpus(rec["config"])
-    (gpu, count), = needed.items()
+    rec = run.plan.recommended
+    (gpu, count), = status.config_gpus(rec.config).items()
     offered = next((g.count for g in request.hardware.gpus if g.gpu == gpu), 0)
-    return (f" Nearest feasible: {rec['summary']} (${rec['prediction']['cost_per_hour']:.2f}/h)"
+    return (f" Nearest feasible: {rec.config.summary()} (${rec.prediction.cost_per_hour:.2f}/h)"
             f" needs {count} {gpu}; {offered} available.")
 

@@ -13,6 +13,8 @@ plans.py (pool, models, plan and GPU reservation), rollout.py (children and roll
 from __future__ import annotations
 
 import re
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic
@@ -33,9 +35,7 @@ from trilemma.operator.endpoint import (
     together,
 )
 from trilemma.operator.kube import KubeError, Ref
-from trilemma.operator.optimize import (
-    plan_request,
-)
+from trilemma.operator.optimize import Models, plan_request
 from trilemma.operator.plans import (
     calibrated,
     check_host_path,
@@ -46,14 +46,16 @@ from trilemma.operator.plans import (
 )
 from trilemma.operator.resources import (
     ConditionType,
+    HardwarePoolSpec,
+    Optimization,
     OptimizedEndpointSpec,
     Phase,
     RolloutState,
 )
 from trilemma.operator.rollout import delete_owned, deploy
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.search import ServingConfig
-from trilemma.optimizer.spec.loading import spec_error_to_input_error
+from trilemma.optimizer.search import Choice, Plan
+from trilemma.optimizer.spec import spec_error_to_input_error
 
 Obj = dict[str, Any]
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -81,7 +83,7 @@ async def reconcile_locked(rt: Runtime, ref: Ref, *, force: bool = True) -> None
     digest = spec_digest(fresh)
     if not force and ep.written.get("specDigest") == digest:
         return
-    ep.status["specDigest"] = digest
+    ep.put(spec_digest=digest)
     try:
         try:
             await _reconcile(rt, ep)
@@ -97,10 +99,10 @@ async def reconcile_locked(rt: Runtime, ref: Ref, *, force: bool = True) -> None
     except Outcome as out:
         ep.phase(out.phase, out.message)
         ep.condition(out.condition, False, out.reason, out.message)
-        ep.status["observedGeneration"] = ep.generation
+        ep.put(observed_generation=ep.generation)
         if out.retry:
             # Not "done for this spec": the retry (or a replayed event) must do the work.
-            ep.status.pop("specDigest", None)
+            ep.put(spec_digest=None)
         # Whatever was reserved for this attempt is free again: a refused endpoint holds
         # no GPUs that another one could use.
         rt.ledger.release(ep.pool_name, ep.key)
@@ -116,7 +118,58 @@ async def reconcile_locked(rt: Runtime, ref: Ref, *, force: bool = True) -> None
         rt.metrics.endpoint_cost(ep.key, cost if isinstance(cost, float | int) else None)
 
 
+@dataclass(frozen=True)
+class Target:
+    """What the plan deploys here: its configuration, rendered for this endpoint."""
+
+    choice: Choice
+    served: str  # the checkpoint the engine loads
+    kids: children.Children
+    engine_args: list[str]
+    plan_map: Obj  # the plan ConfigMap
+
+    @property
+    def config_hash(self) -> str:
+        return self.kids.config_hash
+
+
 async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
+    spec, full_pool, models = await _validate(rt, ep)
+    plan, digest, optimization = await plan_and_reserve(rt, ep, spec, models, full_pool)
+    target = _render(ep, spec, full_pool, models, plan, digest)
+    _record_plan(ep, spec, plan, optimization, target)
+    key = f"ConfigMap/{target.plan_map['metadata']['name']}"
+    # A new endpoint: no plan ConfigMap (read while planning) and no status about children.
+    # Its children are then created side by side, none of them read first.
+    new = key in ep.seen and ep.seen[key] is None and not any(
+        ep.written.get(k) for k in ("servingHash", "rollout", "activeConfiguration"))
+
+    async def write_plan() -> None:
+        if key in ep.seen:
+            await applying.apply(rt.kube, target.plan_map, current=ep.seen[key])
+        else:
+            await applying.apply(rt.kube, target.plan_map)
+
+    if not spec.rollout.auto_apply:
+        ep.phase(Phase.PENDING, f"recommend-only (autoApply false): "
+                                f"{target.choice.config.summary()}; the plan is in ConfigMap "
+                                f"{ep.name}-plan")
+        ep.condition(ConditionType.DEPLOYED, False, "RecommendOnly",
+                     "autoApply is false: nothing was deployed or changed")
+        await write_plan()
+    elif _failed_before(ep, target, digest):
+        # This exact plan already failed to become ready; retrying it would fail the same way.
+        ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed",
+                     (ep.status.get("rollout") or {}).get("message", ""))
+        await write_plan()
+    else:
+        await _deploy(rt, ep, spec, target, write_plan(), new=new)
+    await _finish(rt, ep, spec)
+
+
+async def _validate(rt: Runtime, ep: Endpoint) -> tuple[OptimizedEndpointSpec, HardwarePoolSpec,
+                                                         Models]:
+    """The spec (tuned and calibrated), its pool and models, checked against each other."""
     spec = _validate_spec(ep)
     spec = calibrated(ep, tuned(ep, spec))
     full_pool = await read_pool(rt.kube, spec.hardware_pool_ref.name)
@@ -129,80 +182,67 @@ async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
     except InputError as err:
         raise failed("InvalidSpec", input_message(err)) from None
     ep.condition(ConditionType.VALIDATED, True, "Valid", "spec, pool and models check out")
+    return spec, full_pool, models
 
-    plan, digest, optimization = await plan_and_reserve(rt, ep, spec, models, full_pool)
-    choice = plan["recommended"]
-    config = ServingConfig.from_dict(choice["config"])
+
+def _render(ep: Endpoint, spec: OptimizedEndpointSpec, full_pool: HardwarePoolSpec,
+            models: Models, plan: Plan, digest: str) -> Target:
+    config = plan.recommended.config
     served = models.checkpoints.get(config.model, config.model)
     group = full_pool.group(config.worker.gpu)
     try:
         kids = children.build(config, spec, ep.owner, group, served_model=served)
     except InputError as err:
         raise failed("RenderFailed", input_message(err), ConditionType.OPTIMIZED) from None
-    target = kids.config_hash
     engine_args = next(c["args"] for w in kids.workloads for c in _containers(w)
                        if c["name"] == "engine")
     plan_map = children.plan_config_map(ep.owner, plan, request_digest=digest,
-                                        config_hash=target)
-    key = f"ConfigMap/{plan_map['metadata']['name']}"
-    # A new endpoint: no plan ConfigMap (read while planning) and no status about children.
-    # Its children are then created side by side, none of them read first.
-    new = key in ep.seen and ep.seen[key] is None and not any(
-        ep.written.get(k) for k in ("servingHash", "rollout", "activeConfiguration"))
+                                        config_hash=kids.config_hash)
+    return Target(choice=plan.recommended, served=served, kids=kids,
+                  engine_args=list(engine_args), plan_map=plan_map)
 
-    async def write_plan() -> None:
-        if key in ep.seen:
-            await applying.apply(rt.kube, plan_map, current=ep.seen[key])
-        else:
-            await applying.apply(rt.kube, plan_map)
 
-    ep.status["lastOptimization"] = optimization
-    ep.status["predictions"] = status.predictions(choice, plan["request"]["design_rate_rps"])
-    ep.status["paretoFront"] = status.pareto_front(plan)
-    ep.status["observedGeneration"] = ep.generation
+def _record_plan(ep: Endpoint, spec: OptimizedEndpointSpec, plan: Plan,
+                 optimization: Optimization, target: Target) -> None:
+    """The plan's part of status: what was planned, predicted and (to be) deployed."""
+    choice = target.choice
+    ep.put(last_optimization=optimization, predictions=status.predictions(choice),
+           pareto_front=status.pareto_front(plan), observed_generation=ep.generation)
     ep.condition(ConditionType.OPTIMIZED, True,
-                 "PlanReused" if optimization.get("reused") else "Planned",
-                 f"{choice['summary']}: {optimization['candidates']} configurations "
+                 "PlanReused" if optimization.reused else "Planned",
+                 f"{choice.config.summary()}: {optimization.candidates} configurations "
                  f"searched")
-    applied = spec.rollout.auto_apply
-    ep.status["activeConfiguration"] = status.active_configuration(
-        choice, config_hash=target, served_model=served, engine_args=list(engine_args),
-        applied=applied)
-    ep.status["costPerHour"] = round(float(choice["prediction"]["cost_per_hour"]), 4)
-    gpus = status.config_gpus(choice["config"])
+    ep.put(active_configuration=status.active_configuration(
+        choice, config_hash=target.config_hash, served_model=target.served,
+        engine_args=target.engine_args, applied=spec.rollout.auto_apply),
+        cost_per_hour=round(choice.prediction.cost_per_hour, 4))
 
-    if not applied:
-        ep.phase(Phase.PENDING, f"recommend-only (autoApply false): {choice['summary']}; the "
-                                f"plan is in ConfigMap {ep.name}-plan")
-        ep.condition(ConditionType.DEPLOYED, False, "RecommendOnly",
-                     "autoApply is false: nothing was deployed or changed")
-        await write_plan()
-        await _finish(rt, ep, spec)
-        return
 
+def _failed_before(ep: Endpoint, target: Target, digest: str) -> bool:
+    """Whether this exact plan already failed to roll out (and the request is unchanged)."""
     rollout = ep.status.get("rollout") or {}
-    if (rollout.get("state") == RolloutState.FAILED.value and rollout.get("toHash") == target
-            and (ep.written.get("lastOptimization") or {}).get("requestDigest") == digest):
-        # This exact plan already failed to become ready; retrying it would fail the same way.
-        ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed", rollout.get("message", ""))
-        await write_plan()
-        await _finish(rt, ep, spec)
-        return
+    return (rollout.get("state") == RolloutState.FAILED.value
+            and rollout.get("toHash") == target.config_hash
+            and (ep.written.get("lastOptimization") or {}).get("requestDigest") == digest)
 
-    if new:
-        try:
-            await together(write_plan(), deploy(rt, ep, spec, kids, gpus, new=True))
-        except (applying.NotOwned, KubeError) as err:
-            if isinstance(err, KubeError) and is_transient(err):
-                raise
-            # Created side by side, so one child's conflict or refusal may come after the
-            # others exist: a new endpoint that failed keeps nothing it made (no GPUs held).
-            await delete_owned(rt.kube, ep, [*kids.workloads, *kids.services])
-            raise
-    else:
-        await write_plan()
+
+async def _deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, target: Target,
+                  write_plan: Coroutine[Any, Any, None], *, new: bool) -> None:
+    kids = target.kids
+    gpus = status.config_gpus(target.choice.config)
+    if not new:
+        await write_plan
         await deploy(rt, ep, spec, kids, gpus)
-    await _finish(rt, ep, spec)
+        return
+    try:
+        await together(write_plan, deploy(rt, ep, spec, kids, gpus, new=True))
+    except (applying.NotOwned, KubeError) as err:
+        if isinstance(err, KubeError) and is_transient(err):
+            raise
+        # Created side by side, so one child's conflict or refusal may come after the
+        # others exist: a new endpoint that failed keeps nothing it made (no GPUs held).
+        await delete_owned(rt.kube, ep, [*kids.workloads, *kids.services])
+        raise
 
 
 async def _finish(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec) -> None:

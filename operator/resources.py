@@ -19,10 +19,17 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from trilemma.optimizer.catalog.engines import Engine
-from trilemma.optimizer.spec import HardwarePool, Objective, SearchBounds, Slo, Workload
-from trilemma.optimizer.spec.base import SpecModel, rule_error
-from trilemma.optimizer.spec.models import QualityScore
+from trilemma.optimizer.catalog import Engine
+from trilemma.optimizer.spec import (
+    HardwarePool,
+    Objective,
+    QualityScore,
+    SearchBounds,
+    Slo,
+    SpecModel,
+    Workload,
+    rule_error,
+)
 
 # RFC 1123 names: what Kubernetes accepts for ConfigMaps, Secrets, PVCs and pools.
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -395,6 +402,14 @@ class RolloutStatus(SpecModel):
                     "(what a rollback keeps allocated).")
 
 
+class TunedWorkload(SpecModel):
+    """The observed workload the active plan was re-planned for (the closed loop's)."""
+
+    spec_digest: str = Field(description="Digest of the spec it applies to: a spec change "
+                                         "drops it (the user's word is newer).")
+    workload: Workload = Field(description="The workload planned for, in the spec's form.")
+
+
 class OptimizedEndpointStatus(SpecModel):
     phase: Phase = Phase.PENDING
     message: str = ""
@@ -416,7 +431,7 @@ class OptimizedEndpointStatus(SpecModel):
     observed_workload: dict[str, Any] | None = Field(
         default=None, description="The traffic Prometheus shows (rate, lengths, prefix share, "
                                   "latencies), each with its sample count and staleness.")
-    tuned_workload: dict[str, Any] | None = Field(
+    tuned_workload: TunedWorkload | None = Field(
         default=None, description="The observed workload the active plan was re-planned for, "
                                   "and the spec digest it applies to (a spec change drops it).")
     retune: dict[str, Any] | None = Field(

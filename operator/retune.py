@@ -1,18 +1,18 @@
-"""The closed loop's decisions: has traffic drifted from the plan, should the endpoint re-plan,
-and should the new plan replace the running one.
+"""The retune state machine: should the endpoint re-plan for the traffic it sees?
 
-Pure functions, no I/O. A Kopf timer feeds them: the active plan (its `request` digest and
-recommendation), the estimator's `ObservedWorkload` and the small `RetuneState` kept in
-`status.retune`; they return decisions and the next state, which the timer writes back.
+Pure: no I/O, no clock. `decide(state, check, spec)` takes the previous `RetuneState` (kept
+in `status.retune`), one `Check` (the time, the estimator's observation, what the running
+plan was made for, observed SLO misses, whether a rollout is in flight) and the endpoint's
+retune settings, and returns a `Decision`: the action, why, and the next state. The I/O
+shell, closed_loop.py, gathers the check's inputs (Prometheus, the stored plan), acts on the
+decision (re-plans, rolls out: acceptance.py judges the new plan) and writes the state back.
 
-    estimate_workload -> drift, slo_violations -> decide -> Replan?
-        -> plan(observed_request(...)) and repredict(current config, same request)
-        -> accept -> rolled_out / record_failure -> history_append(status.retuneHistory)
+    check -> decide -> Replan? -> plan + re-predict -> acceptance.accept
+        -> rolled_out / record_failure -> retune_history.append(status.retuneHistory)
 
-Rates: a plan is sized for `design_rate_rps` = mean rate x peakFactor, while Prometheus sees
-the mean rate. Drift therefore compares the observed mean with the design rate divided by the
-spec's peak factor (mean with mean), and a re-plan keeps the spec's peak factor
-(estimator.to_workload_spec does), so the loop never mistakes the planned headroom for drift.
+Hysteresis: a drift (drift.py) or SLO miss must persist for several checks; a drift episode
+ends only below the exit band; a cooldown follows each rollout; a workload whose re-plan
+failed is not re-planned again for a day.
 """
 
 from __future__ import annotations
@@ -20,16 +20,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from trilemma.operator import estimator
+from trilemma.operator.drift import Drift, WorkloadSummary, drift, num
 from trilemma.operator.estimator import MetricsReason, ObservedWorkload
 from trilemma.operator.resources import DriftThresholds, Retune
-from trilemma.optimizer.spec import Objective, PlanRequest, Slo
+from trilemma.optimizer.spec import Slo
 
 Obj = dict[str, Any]
 
@@ -62,198 +61,6 @@ class Policy:
 POLICY = Policy()
 
 
-# ---- workload summaries and drift ---------------------------------------------------------
-
-
-class Dimension(enum.Enum):
-    """The figures drift is measured on: label, unit, status key, threshold field, relative."""
-
-    RATE = ("request rate", "req/s", "rateRps", "rate", True)
-    PROMPT = ("prompt length", "tokens", "promptTokens", "prompt_tokens", True)
-    OUTPUT = ("output length", "tokens", "outputTokens", "output_tokens", True)
-    PREFIX = ("prefix hit share", "", "prefixShare", "prefix_share", False)
-
-    def __init__(self, label: str, unit: str, key: str, threshold_field: str,
-                 relative: bool) -> None:
-        self.label = label
-        self.unit = unit
-        self.key = key
-        self.threshold_field = threshold_field
-        self.relative = relative
-
-    def threshold(self, thresholds: DriftThresholds) -> float:
-        return float(getattr(thresholds, self.threshold_field))
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkloadSummary:
-    """The four figures drift compares: mean rate, mean prompt and output tokens, prefix share
-    (prompt tokens served from the cache, 0-1; None when unknown)."""
-
-    rate_rps: float
-    prompt_tokens: float
-    output_tokens: float
-    prefix_share: float | None = None
-
-    @classmethod
-    def of_plan(cls, plan: Mapping[str, Any], *, peak_factor: float) -> WorkloadSummary:
-        """What a plan dict (Plan.to_dict()) was made for; `peak_factor` is the spec's, since
-        the plan's design rate is the mean rate times it."""
-        request = plan["request"]
-        wl = request["workload"]
-        prompt = float(wl["prompt_tokens_mean"])
-        cached = float(wl.get("cached_tokens_mean") or 0.0)
-        return cls(rate_rps=float(request["design_rate_rps"]) / max(peak_factor, 1.0),
-                   prompt_tokens=prompt, output_tokens=float(wl["output_tokens_mean"]),
-                   prefix_share=cached / prompt if prompt > 0 else 0.0)
-
-    @classmethod
-    def of_observed(cls, observed: ObservedWorkload) -> WorkloadSummary:
-        """The observation's figures; ValueError when rate or a mean length is unknown."""
-        rate, prompt, output = (observed.rate_rps, observed.prompt_tokens.mean,
-                                observed.output_tokens.mean)
-        if rate is None or prompt is None or output is None:
-            raise ValueError(f"incomplete observation ({observed.availability.message})")
-        return cls(rate_rps=rate, prompt_tokens=prompt, output_tokens=output,
-                   prefix_share=observed.prefix_hit_share)
-
-    def value(self, dim: Dimension) -> float | None:
-        return {Dimension.RATE: self.rate_rps, Dimension.PROMPT: self.prompt_tokens,
-                Dimension.OUTPUT: self.output_tokens, Dimension.PREFIX: self.prefix_share}[dim]
-
-    def digest(self, thresholds: DriftThresholds) -> str:
-        """Names the workload coarsely: one bucket per threshold step (log-spaced for the
-        relative figures), so that noise inside a threshold mostly keeps the same name."""
-        parts = []
-        for dim in Dimension:
-            v = self.value(dim)
-            t = dim.threshold(thresholds)
-            if v is None:
-                parts.append("-")
-            elif dim.relative:
-                parts.append(str(math.floor(math.log(max(v, 1e-9)) / math.log1p(t))))
-            else:
-                parts.append(str(math.floor(v / t)))
-        return hashlib.sha256(".".join(parts).encode()).hexdigest()[:10]
-
-    def to_status(self) -> Obj:
-        return {d.key: _sig(v) for d in Dimension if (v := self.value(d)) is not None}
-
-    @classmethod
-    def from_status(cls, data: Mapping[str, Any]) -> WorkloadSummary:
-        share = data.get(Dimension.PREFIX.key)
-        return cls(rate_rps=float(data[Dimension.RATE.key]),
-                   prompt_tokens=float(data[Dimension.PROMPT.key]),
-                   output_tokens=float(data[Dimension.OUTPUT.key]),
-                   prefix_share=None if share is None else float(share))
-
-
-@dataclass(frozen=True, kw_only=True)
-class Change:
-    """One figure, planned against observed, and its threshold."""
-
-    dimension: Dimension
-    planned: float
-    observed: float | None
-    threshold: float
-
-    @property
-    def change(self) -> float | None:
-        """Relative (observed / planned - 1) or absolute (observed - planned); None: unknown."""
-        if self.observed is None:
-            return None
-        if not self.dimension.relative:
-            return self.observed - self.planned
-        if self.planned <= 0:
-            return math.inf if self.observed > 0 else 0.0
-        return self.observed / self.planned - 1.0
-
-    @property
-    def level(self) -> float:
-        """|change| / threshold: 1 is the threshold, 0 for unknown figures."""
-        c = self.change
-        return 0.0 if c is None else abs(c) / self.threshold
-
-    @property
-    def exceeded(self) -> bool:
-        return self.level > 1.0
-
-    def sentence(self) -> str:
-        d, c = self.dimension, self.change
-        if c is None:
-            return f"{d.label} not observed"
-        assert self.observed is not None
-        if d.relative:
-            figures = f"{_num(self.planned)} -> {_num(self.observed)} {d.unit}"
-            text = f"{d.label} {c:+.0%} ({figures})"
-            limit = f"{self.threshold:.0%}"
-        else:
-            text = (f"{d.label} {c * 100:+.0f} points ({self.planned:.0%} -> "
-                    f"{self.observed:.0%})")
-            limit = f"{self.threshold * 100:.0f} points"
-        return f"{text} {'exceeds' if self.exceeded else 'within'} {limit}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Drift:
-    """How far the observed workload is from the planned one, figure by figure."""
-
-    changes: tuple[Change, ...]
-
-    @property
-    def exceeded(self) -> tuple[Dimension, ...]:
-        return tuple(c.dimension for c in self.changes if c.exceeded)
-
-    @property
-    def level(self) -> float:
-        """The largest |change| / threshold: above 1 is drift, below the exit band is calm."""
-        return max((c.level for c in self.changes), default=0.0)
-
-    @property
-    def reason(self) -> str:
-        """One line: the figures over their thresholds, largest first, or the largest one."""
-        known = sorted((c for c in self.changes if c.change is not None),
-                       key=lambda c: -c.level)
-        if not known:
-            return "no workload figures observed"
-        over = [c.sentence() for c in known if c.exceeded]
-        if over:
-            return "; ".join(over)
-        return f"workload within thresholds (largest: {known[0].sentence()})"
-
-    def figures(self) -> dict[str, float]:
-        """Observed figures and their changes, for events and status."""
-        out: dict[str, float] = {}
-        for c in self.changes:
-            if c.observed is not None and c.change is not None and math.isfinite(c.change):
-                out[c.dimension.key] = _sig(c.observed)
-                out[f"{c.dimension.key}Change"] = round(c.change, 4)
-        return out
-
-
-def drift(planned: WorkloadSummary, observed: ObservedWorkload | WorkloadSummary,
-          thresholds: DriftThresholds) -> Drift:
-    """Each figure's change from the plan. Rate and lengths are relative changes, the prefix
-    share an absolute one (a share near 0 makes relative changes meaningless). A figure the
-    observation lacks (e.g. the engine exports no prefix-cache counters) is unknown, never
-    drift; a plan without prefix reuse is compared as a share of 0."""
-    if isinstance(observed, ObservedWorkload):
-        seen: Mapping[Dimension, float | None] = {
-            Dimension.RATE: observed.rate_rps, Dimension.PROMPT: observed.prompt_tokens.mean,
-            Dimension.OUTPUT: observed.output_tokens.mean,
-            Dimension.PREFIX: observed.prefix_hit_share}
-    else:
-        seen = {d: observed.value(d) for d in Dimension}
-    changes = []
-    for d in Dimension:
-        p = planned.value(d)
-        if p is None:
-            continue
-        changes.append(Change(dimension=d, planned=p, observed=seen[d],
-                              threshold=d.threshold(thresholds)))
-    return Drift(changes=tuple(changes))
-
-
 # ---- SLO check ----------------------------------------------------------------------------
 
 
@@ -273,7 +80,7 @@ def slo_violations(observed: ObservedWorkload, slo: Slo, *,
 
     def check(name: str, seen: float | None, target: float, what: str) -> None:
         if seen is not None and seen > target * (1.0 + tolerance):
-            out.append(f"{name} {_num(seen)} ms exceeds {what} {_num(target)} ms "
+            out.append(f"{name} {num(seen)} ms exceeds {what} {num(target)} ms "
                        f"({seen / target - 1:+.0%})")
 
     for pct, target in slo.ttft_ms.items() if slo.ttft_ms else ():
@@ -282,8 +89,9 @@ def slo_violations(observed: ObservedWorkload, slo: Slo, *,
         check(f"ITL {pct}", getattr(observed.itl_ms, pct), target, f"the TPOT {pct} target")
     if slo.min_tokens_per_second_per_user is not None:
         check("ITL p50", observed.itl_ms.p50, 1000.0 / slo.min_tokens_per_second_per_user,
-              f"{_num(slo.min_tokens_per_second_per_user)} tokens/s per user, i.e.")
+              f"{num(slo.min_tokens_per_second_per_user)} tokens/s per user, i.e.")
     return out
+
 
 
 # ---- state --------------------------------------------------------------------------------
@@ -303,13 +111,13 @@ class Failure:
     basis: str = ""
 
     def to_status(self) -> Obj:
-        return {"workload": self.digest, "time": _stamp(self.time), "reason": self.reason,
+        return {"workload": self.digest, "time": stamp(self.time), "reason": self.reason,
                 "basis": self.basis, "figures": self.workload.to_status()}
 
     @classmethod
     def from_status(cls, data: Mapping[str, Any]) -> Failure:
         return cls(workload=WorkloadSummary.from_status(data["figures"]),
-                   digest=str(data["workload"]), time=_unix(data["time"]),
+                   digest=str(data["workload"]), time=unix(data["time"]),
                    reason=str(data.get("reason", "")), basis=str(data.get("basis", "")))
 
 
@@ -330,7 +138,7 @@ class RetuneState:
         for key, t in (("lastCheckTime", self.last_check), ("lastReplanTime", self.last_replan),
                        ("lastRolloutTime", self.last_rollout)):
             if t is not None:
-                out[key] = _stamp(t)
+                out[key] = stamp(t)
         if self.last_replan_workload is not None:
             out["lastReplanWorkload"] = self.last_replan_workload
         if self.failed:
@@ -343,7 +151,7 @@ class RetuneState:
         d = data or {}
 
         def when(key: str) -> float | None:
-            return _unix(d[key]) if d.get(key) else None
+            return unix(d[key]) if d.get(key) else None
 
         return cls(last_check=when("lastCheckTime"), drift_checks=int(d.get("driftChecks", 0)),
                    violation_checks=int(d.get("violationChecks", 0)),
@@ -419,6 +227,26 @@ _METRICS_HOLD = {MetricsReason.MISSING: Why.METRICS_MISSING,
 
 
 @dataclass(frozen=True, kw_only=True)
+class Check:
+    """One traffic check's inputs, all gathered before deciding: `decide` reads nothing else.
+
+    `availability`: why there is no usable observation when `observed` is None (or the
+    observation's own reason otherwise); `planned`: the workload the running plan was made for
+    (None: no plan to compare with); `violations`: observed SLO misses (`slo_violations`);
+    `basis`: what else a failed re-plan depended on (the spec digest); `serving_since`: when
+    the serving configuration took the traffic (its rollout began)."""
+
+    now: float
+    observed: ObservedWorkload | None
+    availability: MetricsReason | str = MetricsReason.AVAILABLE
+    planned: WorkloadSummary | None = None
+    violations: tuple[str, ...] = ()
+    rolling_out: bool = False
+    basis: str = ""
+    serving_since: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Decision:
     action: Action
     why: Why
@@ -428,10 +256,8 @@ class Decision:
     figures: dict[str, float] = field(default_factory=dict)
 
 
-def decide(state: RetuneState, now: float, observed: ObservedWorkload | None,
-           availability: MetricsReason | str, drift: Drift | None, violations: Sequence[str],
-           spec: Retune, *, rolling_out: bool, basis: str = "",
-           serving_since: float | None = None, policy: Policy = POLICY) -> Decision:
+def decide(state: RetuneState, check: Check, spec: Retune,
+           policy: Policy = POLICY) -> Decision:
     """The periodic check: re-plan, hold (and why), or nothing to do.
 
     Holds first: retune disabled, not due, a rollout in flight (its window mixes two
@@ -443,90 +269,149 @@ def decide(state: RetuneState, now: float, observed: ObservedWorkload | None,
     seen in a window that began before the last rollout describe the old configuration and
     are ignored.
     """
+    held = _hold_before_counting(state, check, spec, policy)
+    if held is not None:
+        return held
+    assert check.observed is not None  # no hold: the observation is usable
+    counts = _count(state, check, spec, policy)
+    if not (counts.by_drift or counts.by_slo):
+        return _no_change(counts, policy)
+    return _replan_or_hold(state, check, spec, counts, policy)
+
+
+def _hold_before_counting(state: RetuneState, check: Check, spec: Retune,
+                          policy: Policy) -> Decision | None:
+    """A hold that leaves the counts alone: nothing to judge yet, or nothing judgeable."""
     if not spec.enabled:
         return Decision(action=Action.HOLD, why=Why.DISABLED, message="retune.enabled is false",
                         state=state)
-    if not due(state, now, spec, policy):
+    if not due(state, check.now, spec, policy):
         return Decision(action=Action.HOLD, why=Why.NOT_DUE,
                         message=f"next check {spec.interval_seconds}s after the last",
                         state=state)
-    checked = dataclasses.replace(state, last_check=now)
+    checked = dataclasses.replace(state, last_check=check.now)
+    observed = check.observed
+    measured = _drift(check, spec)
 
-    def hold(why: Why, message: str, st: RetuneState = checked) -> Decision:
-        return Decision(action=Action.HOLD, why=why, message=message, state=st,
-                        figures=drift.figures() if drift is not None else {})
+    def hold(why: Why, message: str) -> Decision:
+        return Decision(action=Action.HOLD, why=why, message=message, state=checked,
+                        figures=measured.figures() if measured is not None else {})
 
-    if rolling_out:
+    if check.rolling_out:
         return hold(Why.ROLLOUT_IN_FLIGHT, "a rollout is in flight: the metrics window mixes "
                                            "two configurations")
-    reason = MetricsReason(availability)
+    reason = MetricsReason(check.availability)
     if observed is not None and reason is MetricsReason.AVAILABLE:
         reason = observed.availability.reason
     if observed is None or reason is not MetricsReason.AVAILABLE:
         message = observed.availability.message if observed is not None else ""
-        why = _METRICS_HOLD.get(reason, Why.METRICS_MISSING)
-        return hold(why, message or f"no observation ({reason.value})")
+        return hold(_METRICS_HOLD.get(reason, Why.METRICS_MISSING),
+                    message or f"no observation ({reason.value})")
     if observed.samples < policy.min_samples:
         return hold(Why.NOT_ENOUGH_SAMPLES,
                     f"{observed.samples:.0f} requests in the window; drift and SLO checks "
                     f"need {policy.min_samples}")
+    return None
 
+
+def _drift(check: Check, spec: Retune) -> Drift | None:
+    """The drift from the running plan; None without a plan or a usable observation."""
+    if check.planned is None or check.observed is None or not check.observed.availability.ok:
+        return None
+    return drift(check.planned, check.observed, spec.drift)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Counts:
+    """A due check's drift and SLO counts, and what they add up to."""
+
+    state: RetuneState  # checked and counted
+    drift: Drift | None
+    stale: bool  # the window began before the serving configuration took the traffic
+    live: list[str]  # the violations that count
+    drifting: bool
+    needed: int  # drifted checks needed to re-plan
+    by_drift: bool
+    by_slo: bool
+
+    @property
+    def parts(self) -> list[str]:
+        return [*self.live, *([self.drift.reason] if self.drifting and self.drift else [])]
+
+    @property
+    def figures(self) -> dict[str, float]:
+        return self.drift.figures() if self.drift is not None else {}
+
+
+def _count(state: RetuneState, check: Check, spec: Retune, policy: Policy) -> _Counts:
+    assert check.observed is not None
+    measured = _drift(check, spec)
     # A window that began before the serving configuration took the traffic (the last
     # rollout, or the first deployment: `serving_since`) mixes in another configuration's
     # requests, or none at all: it judges neither latencies nor drift.
-    starts = [t for t in (state.last_rollout, serving_since) if t is not None]
-    stale = bool(starts) and observed.observed_at - observed.window_s < max(starts)
+    starts = [t for t in (state.last_rollout, check.serving_since) if t is not None]
+    stale = bool(starts) and check.observed.observed_at - check.observed.window_s < max(starts)
     drift_checks = state.drift_checks
-    if drift is not None and not stale:
-        if drift.exceeded:
+    if measured is not None and not stale:
+        if measured.exceeded:
             drift_checks += 1
-        elif drift.level < policy.exit_band:
+        elif measured.level < policy.exit_band:
             drift_checks = 0
-    live = [] if stale else list(violations)
-    counted = dataclasses.replace(checked, drift_checks=drift_checks,
+    live = [] if stale else list(check.violations)
+    counted = dataclasses.replace(state, last_check=check.now, drift_checks=drift_checks,
                                   violation_checks=state.violation_checks + 1 if live else 0)
-    drifting = drift is not None and bool(drift.exceeded) and not stale
+    drifting = measured is not None and bool(measured.exceeded) and not stale
     needed = drift_checks_needed(spec, policy)
-    by_drift = drifting and drift_checks >= needed
-    by_slo = counted.violation_checks >= policy.persist_checks
-    parts = [*live, *([drift.reason] if drifting and drift is not None else [])]
-    figures = drift.figures() if drift is not None else {}
+    return _Counts(state=counted, drift=measured, stale=stale, live=live, drifting=drifting,
+                   needed=needed, by_drift=drifting and drift_checks >= needed,
+                   by_slo=counted.violation_checks >= policy.persist_checks)
 
-    if not (by_drift or by_slo):
-        if drifting or live:
-            if drifting:
-                n, of = counted.drift_checks, needed
-            else:
-                n, of = counted.violation_checks, policy.persist_checks
-            message = f"{'; '.join(parts)} ({n} of {of} checks)"
-            return Decision(action=Action.NO_CHANGE, why=Why.PENDING, message=message,
-                            state=counted, figures=figures)
-        if drift is None:
-            return Decision(action=Action.NO_CHANGE, why=Why.NO_PLAN,
-                            message="no active plan to compare with", state=counted)
-        message = drift.reason + ("; no SLO violation observed" if not stale else
-                                  "; not judged: the window began before the serving "
-                                  "configuration took the traffic")
-        return Decision(action=Action.NO_CHANGE, why=Why.WITHIN_THRESHOLDS, message=message,
-                        state=counted, figures=figures)
 
-    why = Why.SLO_VIOLATION if by_slo else Why.DRIFT
-    message = "; ".join(parts)
+def _no_change(counts: _Counts, policy: Policy) -> Decision:
+    """Counted, but not (yet) enough to re-plan: pending, no plan, or within thresholds."""
+    st = counts.state
+    if counts.drifting or counts.live:
+        n, of = ((st.drift_checks, counts.needed) if counts.drifting
+                 else (st.violation_checks, policy.persist_checks))
+        return Decision(action=Action.NO_CHANGE, why=Why.PENDING,
+                        message=f"{'; '.join(counts.parts)} ({n} of {of} checks)",
+                        state=st, figures=counts.figures)
+    if counts.drift is None:
+        return Decision(action=Action.NO_CHANGE, why=Why.NO_PLAN,
+                        message="no active plan to compare with", state=st)
+    message = counts.drift.reason + ("; no SLO violation observed" if not counts.stale else
+                                     "; not judged: the window began before the serving "
+                                     "configuration took the traffic")
+    return Decision(action=Action.NO_CHANGE, why=Why.WITHIN_THRESHOLDS, message=message,
+                    state=st, figures=counts.figures)
+
+
+def _replan_or_hold(state: RetuneState, check: Check, spec: Retune, counts: _Counts,
+                    policy: Policy) -> Decision:
+    """Enough to re-plan: re-plan, unless the cooldown or an earlier failure holds it."""
+    assert check.observed is not None
+    now = check.now
+    why = Why.SLO_VIOLATION if counts.by_slo else Why.DRIFT
+    message = "; ".join(counts.parts)
+
+    def hold(why: Why, text: str) -> Decision:
+        return Decision(action=Action.HOLD, why=why, message=f"{message}; {text}",
+                        state=counts.state, figures=counts.figures)
+
     if state.last_rollout is not None and now - state.last_rollout < spec.cooldown_seconds:
         left = spec.cooldown_seconds - (now - state.last_rollout)
-        return hold(Why.COOLDOWN, f"{message}; the last rollout was "
-                                  f"{now - state.last_rollout:.0f}s ago, {left:.0f}s of the "
-                                  f"{spec.cooldown_seconds}s cooldown left", counted)
-    workload = WorkloadSummary.of_observed(observed)
-    failure = _failure_for(state.failed, workload, spec.drift, basis, now, policy)
+        return hold(Why.COOLDOWN, f"the last rollout was {now - state.last_rollout:.0f}s ago, "
+                                  f"{left:.0f}s of the {spec.cooldown_seconds}s cooldown left")
+    workload = WorkloadSummary.of_observed(check.observed)
+    failure = _failure_for(state.failed, workload, spec.drift, check.basis, now, policy)
     if failure is not None:
-        return hold(Why.ALREADY_FAILED, f"{message}; a re-plan for this workload failed at "
-                                        f"{_stamp(failure.time)}: {failure.reason}", counted)
-    replanned = dataclasses.replace(counted, drift_checks=0, violation_checks=0,
+        return hold(Why.ALREADY_FAILED, f"a re-plan for this workload failed at "
+                                        f"{stamp(failure.time)}: {failure.reason}")
+    replanned = dataclasses.replace(counts.state, drift_checks=0, violation_checks=0,
                                     last_replan=now,
                                     last_replan_workload=workload.digest(spec.drift))
     return Decision(action=Action.REPLAN, why=why, message=message, state=replanned,
-                    workload=workload, figures=figures)
+                    workload=workload, figures=counts.figures)
 
 
 def _failure_for(failed: Sequence[Failure], workload: WorkloadSummary,
@@ -539,198 +424,14 @@ def _failure_for(failed: Sequence[Failure], workload: WorkloadSummary,
     return None
 
 
-def observed_request(request: PlanRequest, observed: ObservedWorkload, *,
-                     at_peak: bool = True) -> PlanRequest:
-    """`request` with its workload replaced by the observed one (estimator.to_workload_spec,
-    which keeps the spec's peak factor and predictability). `at_peak=False` plans for the
-    observed mean rate itself: what calibration compares observed latencies with."""
-    workload = estimator.to_workload_spec(observed, base=request.workload)
-    if not at_peak:
-        workload = workload.model_copy(update={"peak_factor": 1.0})
-    data = request.model_dump(by_alias=True, mode="json", exclude_none=True)
-    data["workload"] = workload.model_dump(by_alias=True, mode="json", exclude_none=True)
-    # Validated again: the document-wide rules see the new workload.
-    return PlanRequest.model_validate(data)
-
-
-# ---- the running configuration under the new workload -------------------------------------
-
-
-# ---- accepting a new plan -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class Acceptance:
-    roll_out: bool
-    reason: str
-    improvement: float | None  # share by which the candidate beats the current on the objective
-    current_hash: str
-    candidate_hash: str
-    figures: dict[str, float] = field(default_factory=dict)
-
-
-def accept(current: Mapping[str, Any], candidate: Mapping[str, Any], objective: Objective | str,
-           min_improvement: float, current_violates_slo: bool) -> Acceptance:
-    """Whether the re-plan's recommendation should replace the running configuration.
-
-    `current` is the running configuration re-predicted at the new workload (`repredict`'s
-    dict: the old plan's figures were for the old workload); `candidate` is the new plan dict,
-    whose recommendation was predicted at that same workload and meets the SLO by
-    construction. Roll out when the current configuration violates the SLO (observed, as
-    `current_violates_slo`, or re-predicted, its `slo_miss`), else when the candidate beats it
-    on the objective by at least `min_improvement`:
-
-    - min_cost: $/hour (both carry the observed design rate);
-    - max_throughput: requests/s within the SLO;
-    - min_latency: TTFT p90 + TPOT p90 x (mean output - 1), the search's latency axis, with
-      the mean output of the new workload (the candidate plan's request);
-    - balanced: the geometric mean of the cost and latency ratios, which like the search's
-      knee distance weighs a share of dollars as much as the same share of milliseconds.
-    """
-    objective = Objective(objective)
-    rec = candidate["recommended"]
-    cur_hash, new_hash = str(current["hash"]), str(rec["hash"])
-    cur, new = current["prediction"], rec["prediction"]
-    osl = float(candidate["request"]["workload"]["output_tokens_mean"])
-    figures = {"currentCostPerHour": round(float(cur["cost_per_hour"]), 4),
-               "candidateCostPerHour": round(float(new["cost_per_hour"]), 4),
-               "currentTtftP90Ms": round(float(cur["ttft_p90_ms"]), 3),
-               "candidateTtftP90Ms": round(float(new["ttft_p90_ms"]), 3),
-               "currentTpotP90Ms": round(float(cur["tpot_p90_ms"]), 3),
-               "candidateTpotP90Ms": round(float(new["tpot_p90_ms"]), 3)}
-
-    def result(roll_out: bool, reason: str, improvement: float | None) -> Acceptance:
-        extra = {} if improvement is None else {"improvement": round(improvement, 4)}
-        return Acceptance(roll_out=roll_out, reason=reason, improvement=improvement,
-                          current_hash=cur_hash, candidate_hash=new_hash,
-                          figures={**figures, **extra})
-
-    if new_hash == cur_hash:
-        return result(False, f"the re-plan recommends the running configuration "
-                             f"{rec['summary']} ({cur_hash})", 0.0)
-    improvement, what = _improvement(objective, cur, new, osl)
-    miss = current.get("slo_miss")
-    if current_violates_slo or miss:
-        why = "violates the SLO as observed" if current_violates_slo else f"would miss {miss}"
-        return result(True, f"the running {current['summary']} {why}; {rec['summary']} is "
-                            f"planned to meet it", improvement)
-    if improvement is None:
-        return result(False, f"cannot compare {what} of {current['summary']} and "
-                             f"{rec['summary']}", None)
-    verdict = (f"{rec['summary']} improves {what} by {improvement:.1%} over the running "
-               f"{current['summary']}")
-    # Exactly the share asked for counts as enough, whatever the float rounding (1 - 9/10).
-    if improvement >= min_improvement - 1e-9:
-        return result(True, f"{verdict} (at least {min_improvement:.0%} needed)", improvement)
-    return result(False, f"{verdict}, less than the {min_improvement:.0%} needed", improvement)
-
-
-def _improvement(objective: Objective, cur: Mapping[str, Any], new: Mapping[str, Any],
-                 osl: float) -> tuple[float | None, str]:
-    """(share by which `new` beats `cur`, what was compared); None when undefined."""
-    def lat(p: Mapping[str, Any]) -> float:
-        return float(p["ttft_p90_ms"]) + float(p["tpot_p90_ms"]) * max(osl - 1.0, 0.0)
-
-    def gain(old: float, value: float) -> float | None:  # lower is better
-        return 1.0 - value / old if old > 0 and math.isfinite(old) else None
-
-    c_cost, n_cost = float(cur["cost_per_hour"]), float(new["cost_per_hour"])
-    if objective is Objective.MIN_COST:
-        return gain(c_cost, n_cost), "cost per hour"
-    if objective is Objective.MIN_LATENCY:
-        return gain(lat(cur), lat(new)), "latency"
-    if objective is Objective.MAX_THROUGHPUT:
-        c_cap, n_cap = cur.get("capacity_rps"), new.get("capacity_rps")
-        if c_cap is None or n_cap is None:
-            return None, "capacity"
-        if float(c_cap) <= 0:
-            return (math.inf if float(n_cap) > 0 else None), "capacity"
-        return float(n_cap) / float(c_cap) - 1.0, "capacity"
-    if c_cost <= 0 or lat(cur) <= 0:
-        return None, "cost and latency"
-    return 1.0 - math.sqrt(n_cost / c_cost * lat(new) / lat(cur)), "cost x latency"
-
-
-# ---- history --------------------------------------------------------------------------------
-
-
-class Step(enum.StrEnum):
-    """What a `status.retuneHistory` entry records."""
-
-    REPLAN = "Replan"  # a re-plan was started
-    ROLL_OUT = "RollOut"  # its recommendation is rolling out
-    KEEP = "Keep"  # its recommendation was not worth a rollout
-    FAILED = "Failed"  # the re-plan or its rollout failed
-    HOLD = "Hold"  # a re-plan was due but held (cooldown, same workload failed)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RetuneEvent:
-    time: float
-    action: Step
-    reason: str
-    cause: str | None = None  # the decision's Why, when the event comes from one
-    from_hash: str | None = None
-    to_hash: str | None = None
-    figures: Mapping[str, float] = field(default_factory=dict)
-
-    def to_status(self) -> Obj:
-        out: Obj = {"time": _stamp(self.time), "action": self.action.value,
-                    "reason": self.reason}
-        if self.cause is not None:
-            out["cause"] = self.cause
-        if self.from_hash is not None:
-            out["fromHash"] = self.from_hash
-        if self.to_hash is not None:
-            out["toHash"] = self.to_hash
-        if self.figures:
-            out["figures"] = {k: self.figures[k] for k in sorted(self.figures)}
-        return out
-
-    @classmethod
-    def of_decision(cls, decision: Decision, now: float,
-                    serving_hash: str | None = None) -> RetuneEvent:
-        step = Step.REPLAN if decision.action is Action.REPLAN else Step.HOLD
-        return cls(time=now, action=step, reason=decision.message, cause=decision.why.value,
-                   from_hash=serving_hash, figures=decision.figures)
-
-    @classmethod
-    def of_acceptance(cls, acceptance: Acceptance, now: float) -> RetuneEvent:
-        return cls(time=now, action=Step.ROLL_OUT if acceptance.roll_out else Step.KEEP,
-                   reason=acceptance.reason, from_hash=acceptance.current_hash,
-                   to_hash=acceptance.candidate_hash, figures=acceptance.figures)
-
-
-def history_append(history: Sequence[Mapping[str, Any]] | None, event: RetuneEvent,
-                   keep: int = 10) -> list[Obj]:
-    """`status.retuneHistory` with `event` added, oldest first, at most `keep` entries. A hold
-    with the same cause as the entry before it replaces that entry, so that a hold reported at
-    every check (a long cooldown) does not push the re-plans out of the history."""
-    entries = [dict(e) for e in history or ()]
-    new = event.to_status()
-    last = entries[-1] if entries else {}
-    if (new["action"] == Step.HOLD.value and last.get("action") == Step.HOLD.value
-            and last.get("cause") == new.get("cause")):
-        entries.pop()
-    return [*entries, new][-keep:] if keep > 0 else []
-
-
 # ---- small helpers --------------------------------------------------------------------------
 
 
-def _num(x: float) -> str:
-    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
-
-
-def _sig(value: float) -> float:
-    """Four significant digits, so that status patches do not churn on noise."""
-    return float(f"{value:.4g}")
-
-
-def _stamp(unix_s: float) -> str:
+def stamp(unix_s: float) -> str:
+    """RFC 3339 to the second, as status writes times."""
     stamp = datetime.datetime.fromtimestamp(round(unix_s), datetime.UTC)
     return stamp.isoformat().replace("+00:00", "Z")
 
 
-def _unix(text: str) -> float:
+def unix(text: str) -> float:
     return datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()

@@ -23,7 +23,6 @@ from trilemma.operator.resources import (
     Phase,
     RolloutState,
     RolloutStatus,
-    to_wire,
 )
 
 Obj = dict[str, Any]
@@ -115,8 +114,8 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
                 rt.events(ep.body, "Normal", "RolloutStarted",
                           f"configuration {target} created beside {serving}; the Service "
                           "moves when it is available")
-            ep.status["rollout"]["fromGpus"] = from_gpus
-            ep.status["allocatedGpus"] = dict(Counter(gpus) + Counter(from_gpus))
+            ep.update_rollout(from_gpus=from_gpus)
+            ep.put(allocated_gpus=dict(Counter(gpus) + Counter(from_gpus)))
             await _drop_others(kube, ep, keep={target, serving})
             ep.phase(Phase.DEPLOYING, f"rolling out {target}; {serving} serves meanwhile")
             ep.condition(ConditionType.DEPLOYED, True, "RollingOut",
@@ -130,18 +129,15 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
              (ep.written.get("activeConfiguration") or {}).get("hash")} - {None}
     if known - {target} or serving not in (None, target):
         await _drop_others(kube, ep, keep={target})
-    ep.status["servingHash"] = target
-    ep.status["allocatedGpus"] = dict(gpus)
+    ep.put(serving_hash=target, allocated_gpus=dict(gpus))
     in_flight = (rollout.get("toHash") == target
                  and rollout.get("state") == RolloutState.PROGRESSING.value)
     available = False if fresh else await _available(kube, ep, target)
     if not in_flight and not available:
         # Nothing else serves: the Service points here already; track the deadline.
         _start_rollout(ep, spec, None, target)
-        ep.status["rollout"]["fromGpus"] = {}
     elif in_flight and available:
-        ep.status["rollout"] = {**rollout, "state": RolloutState.COMPLETE.value,
-                                "message": "available"}
+        ep.update_rollout(state=RolloutState.COMPLETE, message="available")
     await _refresh_ready(rt, ep, target, ready=available)
     if serving != target:
         rt.events(ep.body, "Normal", "Deployed",
@@ -162,7 +158,7 @@ def _start_rollout(ep: Endpoint, spec: OptimizedEndpointSpec, from_hash: str | N
                    to_hash: str) -> None:
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     deadline = now + datetime.timedelta(seconds=spec.rollout.progress_deadline_seconds)
-    ep.status["rollout"] = to_wire(RolloutStatus(
+    ep.put(rollout=RolloutStatus(
         from_hash=from_hash, to_hash=to_hash, state=RolloutState.PROGRESSING,
         started=now.isoformat().replace("+00:00", "Z"),
         deadline=deadline.isoformat().replace("+00:00", "Z")))
@@ -238,8 +234,7 @@ def _late_rollout(ep: Endpoint, rollout: Obj) -> bool:
 
 def _recovered(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
     target = rollout["toHash"]
-    ep.status["rollout"] = {**rollout, "state": RolloutState.COMPLETE.value,
-                            "message": "available after its deadline"}
+    ep.update_rollout(state=RolloutState.COMPLETE, message="available after its deadline")
     ep.condition(ConditionType.DEPLOYED, True, "Recovered",
                  f"configuration {target} became available after its deadline")
     ep.condition(ConditionType.READY, True, "Available", f"configuration {target} is serving")
@@ -258,11 +253,9 @@ async def _progress(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
             await _delete_all(rt.kube, await _workloads(rt.kube, ep, old))
             rt.events(ep.body, "Normal", "RolledOut",
                       f"the Service moved from {old} to {target}; {old} removed")
-        ep.status["rollout"] = {**rollout, "state": RolloutState.COMPLETE.value,
-                                "message": "available"}
-        ep.status["servingHash"] = target
-        gpus = status.config_gpus_from_active(ep.status.get("activeConfiguration"))
-        ep.status["allocatedGpus"] = gpus
+        ep.update_rollout(state=RolloutState.COMPLETE, message="available")
+        ep.put(serving_hash=target,
+               allocated_gpus=status.config_gpus_from_active(ep.status.get("activeConfiguration")))
         await _refresh_ready(rt, ep, target)
         return
     deadline = status.parse_time(rollout["deadline"])
@@ -271,15 +264,14 @@ async def _progress(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
     why = _unavailable_reason(new)
     message = (f"configuration {target} did not become available within "
                f"{rollout['deadline']}: {why}")
-    ep.status["rollout"] = {**rollout, "state": RolloutState.FAILED.value, "message": message}
+    ep.update_rollout(state=RolloutState.FAILED, message=message)
     if old is not None:
         # Roll back: the old configuration never stopped serving; drop the new one.
         await _delete_all(rt.kube, new)
-        ep.status["allocatedGpus"] = dict(rollout.get("fromGpus") or {})
-        ep.status["servingHash"] = old
+        ep.put(allocated_gpus=dict(rollout.get("fromGpus") or {}), serving_hash=old)
         ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed", message)
         await _refresh_ready(rt, ep, old)
-        ep.status["message"] = f"rolled back to {old}: {message}"
+        ep.put(message=f"rolled back to {old}: {message}")
     else:
         ep.phase(Phase.FAILED, message)
         ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed", message)

@@ -1,6 +1,6 @@
-"""Status of an OptimizedEndpoint as plain dicts: conditions, the active plan, the front.
+"""Status of an OptimizedEndpoint: conditions, the active plan, the front.
 
-Pure functions of the plan and the previous status, so that a reconcile that changes nothing
+Pure functions of the (typed) plan and the previous status, so that a reconcile that changes nothing
 writes nothing (a condition keeps its lastTransitionTime while its status holds).
 """
 
@@ -17,7 +17,7 @@ from trilemma.operator.resources import (
     Predictions,
     to_wire,
 )
-from trilemma.optimizer.search import Mode, ServingConfig
+from trilemma.optimizer.search import Choice, Mode, Plan, ServingConfig
 
 Obj = dict[str, Any]
 FRONT_POINTS = 8
@@ -46,18 +46,16 @@ def set_condition(conditions: list[Obj], kind: ConditionType, ok: bool | None, r
     return sorted(out, key=lambda c: order.index(c["type"]) if c["type"] in order else 99)
 
 
-def short_summary(config: Obj) -> str:
+def short_summary(config: ServingConfig) -> str:
     """The printer column's form of a configuration: the (decode) worker's own summary,
     e.g. "fp8 TP2 eagle3x3", marked "disagg" for prefill/decode plans."""
-    served = ServingConfig.from_dict(config)
-    disagg = " disagg" if served.mode is Mode.DISAGGREGATED else ""
-    return served.worker.summary() + disagg
+    disagg = " disagg" if config.mode is Mode.DISAGGREGATED else ""
+    return config.worker.summary() + disagg
 
 
-def config_gpus(config: Obj) -> dict[str, int]:
-    """GPUs a configuration holds, by type (a plan's config dict)."""
-    served = ServingConfig.from_dict(config)
-    return {served.worker.gpu: served.gpus}
+def config_gpus(config: ServingConfig) -> dict[str, int]:
+    """GPUs a configuration holds, by type."""
+    return {config.worker.gpu: config.gpus}
 
 
 def config_gpus_from_active(active: Obj | None) -> dict[str, int]:
@@ -67,45 +65,51 @@ def config_gpus_from_active(active: Obj | None) -> dict[str, int]:
     return {active["gpu"]: int(active["gpus"])}
 
 
-def active_configuration(choice: Obj, *, config_hash: str, served_model: str,
-                         engine_args: list[str], applied: bool) -> Obj:
-    config = choice["config"]
-    return to_wire(ActiveConfiguration(
-        hash=config_hash, summary=choice["summary"], short=short_summary(config),
-        model=served_model, engine=config["engine"], gpu=config["worker"]["gpu"],
-        gpus=sum(config_gpus(config).values()), replicas=config["replicas"],
-        engine_args=engine_args, applied=applied))
+def active_configuration(choice: Choice, *, config_hash: str, served_model: str,
+                         engine_args: list[str], applied: bool) -> ActiveConfiguration:
+    config = choice.config
+    return ActiveConfiguration(
+        hash=config_hash, summary=config.summary(), short=short_summary(config),
+        model=served_model, engine=config.engine, gpu=config.worker.gpu,
+        gpus=sum(config_gpus(config).values()), replicas=config.replicas,
+        engine_args=engine_args, applied=applied)
 
 
-def predictions(choice: Obj, design_rate_rps: float) -> Obj:
-    p = choice["prediction"]
-    return to_wire(Predictions(
+def predictions(choice: Choice) -> Predictions:
+    # Rounded as stored plans round them (to 6 digits) first: the status of a plan read back
+    # from its ConfigMap must be the status of the plan that wrote it, digit for digit.
+    p = choice.prediction.to_dict()
+    return Predictions(
         ttft_p90_ms=round(p["ttft_p90_ms"], 3), tpot_p90_ms=round(p["tpot_p90_ms"], 3),
         capacity_rps=round(p["capacity_rps"], 3), cost_per_hour=round(p["cost_per_hour"], 4),
         cost_per_million_tokens=round(p["cost_per_mtok"], 4),
-        quality=None if p.get("quality") is None else round(p["quality"], 2),
-        simulated=bool(p.get("simulated"))))
+        quality=None if p["quality"] is None else round(p["quality"], 2),
+        simulated=bool(p["simulated"]))
 
 
-def pareto_front(plan: Obj) -> list[Obj]:
+def pareto_front(plan: Plan) -> list[FrontPoint]:
     """At most 8 points of the plan's front, cheapest first, the recommendation kept."""
-    front = plan["front"]
-    best = plan["recommended"]["hash"]
+    front = plan.front
+    best = plan.recommended.config.config_hash()
     if len(front) > FRONT_POINTS:
         # Keep the ends and spread the rest evenly; never drop the recommendation.
         step = (len(front) - 1) / (FRONT_POINTS - 1)
         picked = sorted({round(i * step) for i in range(FRONT_POINTS)})
         chosen = [front[i] for i in picked]
-        if not any(c["hash"] == best for c in chosen):
-            chosen[len(chosen) // 2] = next(c for c in front if c["hash"] == best)
-        front = sorted(chosen, key=lambda c: c["prediction"]["cost_per_hour"])
-    return [to_wire(FrontPoint(
-        hash=c["hash"], summary=c["summary"],
-        ttft_p90_ms=round(c["prediction"]["ttft_p90_ms"], 3),
-        tpot_p90_ms=round(c["prediction"]["tpot_p90_ms"], 3),
-        capacity_rps=round(c["prediction"]["capacity_rps"], 3),
-        cost_per_hour=round(c["prediction"]["cost_per_hour"], 4),
-        recommended=c["hash"] == best)) for c in front]
+        if not any(c.config.config_hash() == best for c in chosen):
+            chosen[len(chosen) // 2] = next(c for c in front if c.config.config_hash() == best)
+        front = sorted(chosen, key=lambda c: c.prediction.cost_per_hour)
+    return [_front_point(c, best) for c in front]
+
+
+def _front_point(choice: Choice, best: str) -> FrontPoint:
+    p = choice.prediction.to_dict()  # rounded as stored: see predictions()
+    config_hash = choice.config.config_hash()
+    return FrontPoint(
+        hash=config_hash, summary=choice.config.summary(),
+        ttft_p90_ms=round(p["ttft_p90_ms"], 3), tpot_p90_ms=round(p["tpot_p90_ms"], 3),
+        capacity_rps=round(p["capacity_rps"], 3), cost_per_hour=round(p["cost_per_hour"], 4),
+        recommended=config_hash == best)
 
 
 def patch_for(current: Obj, desired: Obj, owned: list[str]) -> Obj:

@@ -16,6 +16,7 @@ from trilemma.optimizer.render.choices import RenderOptions
 from trilemma.optimizer.render.inference_pool import InferencePoolOptions
 from trilemma.optimizer.render.ir import Arg, RenderedWorker, RenderPlan, Role, Source
 from trilemma.optimizer.render.layout import DEFAULT_IMAGES, layout, parse_engine
+from trilemma.optimizer.render.workloads import CACHE_MOUNT
 from trilemma.optimizer.search.configs import ServingConfig
 
 
@@ -89,6 +90,7 @@ def render_text(config: ServingConfig, engine: str | None = None, *,
 
 
 __all__ = [
+    "CACHE_MOUNT",
     "DEFAULT_IMAGES",
     "Arg",
     "InferencePoolOptions",

@@ -9,6 +9,7 @@ from trilemma.optimizer.search.configs import (
     WorkerConfig,
     canonical_json,
 )
+from trilemma.optimizer.search.decoding import MalformedPlan
 from trilemma.optimizer.search.explaining import Explanation, InfeasibleSLO, Limit, Scenario
 from trilemma.optimizer.search.pareto import Sense, pareto_front
 from trilemma.optimizer.search.planning import Counts, Plan, plan
@@ -21,6 +22,7 @@ __all__ = [
     "Explanation",
     "InfeasibleSLO",
     "Limit",
+    "MalformedPlan",
     "Mode",
     "Plan",
     "Predicted",

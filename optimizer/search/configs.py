@@ -17,6 +17,8 @@ from typing import Any
 from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe, parse_recipe
 from trilemma.optimizer.catalog.speculation import SpecMethod
+from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.search import decoding
 
 
 class Mode(enum.Enum):
@@ -64,14 +66,16 @@ class WorkerConfig:
         return " ".join(parts)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WorkerConfig:
+    def from_dict(cls, data: Any, where: str = "") -> WorkerConfig:
         """The inverse of to_dict's worker part: the closed sets back to their enums. A quant
         reads like user text (aliases such as "awq", any case), as the renderer always took it."""
-        d = dict(data)
-        d["quant"] = parse_recipe(d.get("quant", QuantRecipe.BF16.value))
-        d["kv_dtype"] = KvDtype(d.get("kv_dtype", KvDtype.BF16.value))
-        d["spec_method"] = SpecMethod(d.get("spec_method", SpecMethod.NONE.value))
-        return cls(**d)
+        def quant(d: Any, at: str) -> QuantRecipe:
+            try:
+                return parse_recipe(d)
+            except (InputError, ValueError, AttributeError) as err:
+                raise decoding.MalformedPlan(at, d, str(err)) from None
+
+        return decoding.record(cls, data, where, quant=quant)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,15 +106,15 @@ class ServingConfig:
         return plain
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ServingConfig:
-        """The inverse of to_dict: decodes the enums, so the result equals the original."""
-        d = dict(data)
-        d["mode"] = Mode(d.get("mode", Mode.AGGREGATED.value))
-        d["engine"] = Engine(d.get("engine", Engine.VLLM.value))
-        d["worker"] = WorkerConfig.from_dict(d["worker"])
-        if d.get("prefill") is not None:
-            d["prefill"] = WorkerConfig.from_dict(d["prefill"])
-        return cls(**d)
+    def from_dict(cls, data: Any, where: str = "") -> ServingConfig:
+        """The inverse of `to_dict`; decoding.MalformedPlan naming the field that breaks."""
+        def worker(d: Any, at: str) -> WorkerConfig:
+            return WorkerConfig.from_dict(d, at)
+
+        def prefill(d: Any, at: str) -> WorkerConfig | None:
+            return None if d is None else worker(d, at)
+
+        return decoding.record(cls, data, where, worker=worker, prefill=prefill)
 
     def config_hash(self) -> str:
         """First 8 hex digits of the SHA-256 of the canonical JSON: names a configuration."""
@@ -144,6 +148,10 @@ class Prediction:
         plain: dict[str, Any] = _plain(self)
         return plain
 
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> Prediction:
+        return decoding.record(cls, data, where)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Choice:
@@ -153,6 +161,19 @@ class Choice:
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "prediction": self.prediction.to_dict(),
                 "summary": self.config.summary(), "hash": self.config.config_hash()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> Choice:
+        """The inverse of `to_dict`. Its `hash` must be the decoded configuration's: one that
+        differs was written by another format (or edited), and would name other children."""
+        choice = decoding.record(cls, data, where, derived=("summary", "hash"),
+                                 config=ServingConfig.from_dict, prediction=Prediction.from_dict)
+        stored = decoding.obj(data, where).get("hash")
+        if stored is not None and stored != choice.config.config_hash():
+            raise decoding.MalformedPlan(f"{where}.hash" if where else "hash", stored,
+                                         f"not the configuration's hash "
+                                         f"({choice.config.config_hash()})")
+        return choice
 
 
 def _plain(obj: Any) -> Any:

@@ -7,13 +7,14 @@ learn which limit binds and by how much, without rerunning anything.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.search import ranking
+from trilemma.optimizer.search import decoding, ranking
 from trilemma.optimizer.search.configs import Choice, Prediction, _plain
 from trilemma.optimizer.search.screening import (
     PERCENTILE_FACTORS,
@@ -49,10 +50,13 @@ class Limit:
     used: float
     limit: float
     unit: str
+    # used / limit, computed when not given. A decoded plan passes its stored figure: `used`
+    # and `limit` are stored rounded, and their quotient may differ in the last digit.
+    ratio: float = field(default=math.nan)
 
-    @property
-    def ratio(self) -> float:
-        return self.used / self.limit
+    def __post_init__(self) -> None:
+        if math.isnan(self.ratio):
+            object.__setattr__(self, "ratio", self.used / self.limit)
 
     def sentence(self) -> str:
         return (f"{self.name}: {self.used:.4g} {self.unit} of {self.limit:.4g} {self.unit} "
@@ -78,8 +82,18 @@ class Explanation:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = _plain(self)
-        out["limits"] = [{**_plain(x), "ratio": round(x.ratio, 6)} for x in self.limits]
         return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> Explanation:
+        """The inverse of `to_dict`; decoding.MalformedPlan naming the field that breaks."""
+        def limits(d: Any, at: str) -> tuple[Limit, ...]:
+            return tuple(decoding.items(d, at, lambda x, a: decoding.record(Limit, x, a)))
+
+        def scenarios(d: Any, at: str) -> tuple[Scenario, ...]:
+            return tuple(decoding.items(d, at, lambda x, a: decoding.record(Scenario, x, a)))
+
+        return decoding.record(cls, data, where, limits=limits, sensitivity=scenarios)
 
 
 def term_value(t: Term, p: Prediction, wl: WorkloadMeans) -> float:

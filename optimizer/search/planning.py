@@ -23,6 +23,7 @@ from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.catalog.speculation import SpecMethod
 from trilemma.optimizer.search import (
     confirming,
+    decoding,
     explaining,
     parallel,
     ranking,
@@ -52,6 +53,10 @@ class Counts:
     feasible: int             # candidates meeting every SLO, pool and budget limit
     simulated: int            # configurations confirmed by the simulator
 
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> Counts:
+        return decoding.record(cls, data, where)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
@@ -72,6 +77,17 @@ class Plan:
         if timings:
             out["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
         return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plan:
+        """The inverse of `to_dict` (timings included when present): for a plan read back
+        from storage. decoding.MalformedPlan names the field that breaks, e.g. a plan written
+        by another format."""
+        def choices(d: Any, at: str) -> list[Choice]:
+            return decoding.items(d, at, Choice.from_dict)
+
+        return decoding.record(cls, data, "", recommended=Choice.from_dict, front=choices,
+                               explanation=Explanation.from_dict, counts=Counts.from_dict)
 
 
 def digest(request: PlanRequest) -> dict[str, Any]:

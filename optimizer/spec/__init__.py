@@ -16,6 +16,7 @@ from trilemma.optimizer.spec.arrivals import (
     TraceArrivals,
     load_trace,
 )
+from trilemma.optimizer.spec.base import SpecModel, rule_error
 from trilemma.optimizer.spec.hardware import (
     GpuGroup,
     HardwarePool,
@@ -24,6 +25,7 @@ from trilemma.optimizer.spec.hardware import (
     TolerationOperator,
 )
 from trilemma.optimizer.spec.lengths import (
+    MAX_P90_OVER_MEAN,
     FixedLengths,
     HistogramLengths,
     LengthDistribution,
@@ -52,6 +54,7 @@ from trilemma.optimizer.spec.workload import PrefixReuse, RequestSample, Workloa
 __all__ = [
     "API_VERSION",
     "KIND",
+    "MAX_P90_OVER_MEAN",
     "Arrivals",
     "Engine",
     "FixedLengths",
@@ -72,6 +75,7 @@ __all__ = [
     "SearchBounds",
     "Slo",
     "SpecError",
+    "SpecModel",
     "TaintEffect",
     "Toleration",
     "TolerationOperator",
@@ -85,6 +89,7 @@ __all__ = [
     "parse_spec",
     "quality",
     "quality_table",
+    "rule_error",
     "spec_error_to_input_error",
     "spec_json_schema",
 ]

@@ -46,7 +46,7 @@ from trilemma.operator import apply as applying
 from trilemma.operator import children
 from trilemma.operator.optimize import model_choice
 from trilemma.operator.resources import HardwarePoolSpec, OptimizedEndpointSpec
-from trilemma.optimizer.search import ServingConfig
+from trilemma.optimizer.search import Plan
 from trilemma.simfleet.cluster import LocalCluster, NodeGroup
 from trilemma.simfleet.prometheus_server import free_port
 
@@ -114,13 +114,13 @@ def _children_renderer(plan: dict[str, Any], pool: dict[str, Any],
     spec = OptimizedEndpointSpec.model_validate({**SPEC, "hardwarePoolRef": {"name": "gpus"}})
     assert spec.model is not None
     _, served = model_choice(spec.model, None, None, tmp)
-    config = ServingConfig.from_dict(plan["recommended"]["config"])
+    config = Plan.from_dict(plan).recommended.config
     group = HardwarePoolSpec.model_validate(pool).group(config.worker.gpu)
 
     def render(name: str, uid: str) -> list[dict[str, Any]]:
         owner = children.Owner(name, NS, uid)
         kids = children.build(config, spec, owner, group, served_model=served)
-        plan_map = children.plan_config_map(owner, plan, request_digest="floor",
+        plan_map = children.plan_config_map(owner, Plan.from_dict(plan), request_digest="floor",
                                             config_hash=kids.config_hash)
         return [applying.with_hash(o) for o in [plan_map, *kids.workloads, *kids.services]]
     return render
@@ -131,7 +131,7 @@ async def run(endpoints: int, timeout: float, *, floor: bool = False) -> dict[st
     if helm is None:
         raise SystemExit("helm not found: run .ci/fetch-helm")
     plan_dict, search_s = real_plan(SPEC, GPUS_PER_NODE)
-    gpus = ServingConfig.from_dict(plan_dict["recommended"]["config"]).gpus
+    gpus = Plan.from_dict(plan_dict).recommended.config.gpus
     nodes = [NodeGroup("h100", -(-endpoints * gpus // GPUS_PER_NODE) + 1, GPUS_PER_NODE)]
     with tempfile.TemporaryDirectory() as tmp, LocalCluster(nodes=nodes) as cluster:
         plan_file = Path(tmp) / "plan.json"

@@ -7,7 +7,6 @@ planner that returns one precomputed plan, so that the figures exclude search ti
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import kopf
 
 from trilemma.operator import handlers
 from trilemma.operator.endpoint import OperatorConfig
+from trilemma.optimizer.search import Plan
 
 
 def main() -> None:
@@ -24,10 +24,10 @@ def main() -> None:
     parser.add_argument("--liveness-port", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
-    plan = json.loads(args.plan.read_text())
+    plan = Plan.from_dict(json.loads(args.plan.read_text()))
 
-    def planner(_request: Any) -> dict[str, Any]:
-        return copy.deepcopy(plan)
+    def planner(_request: Any) -> Plan:
+        return plan  # frozen: every reconcile may share it
 
     registry = kopf.OperatorRegistry()
     handlers.register(registry)

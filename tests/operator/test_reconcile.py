@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import kmock
 
 from tests.support.kube import Api
+from trilemma.optimizer.search import Plan
 
 NS = "team-a"
 POOL = {"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
@@ -255,3 +257,27 @@ async def test_restart_reuses_the_plan_and_writes_nothing(api, operator_factory)
     owned = [r for r in list(api.server["patch"])[patches:]
              if "optimizedendpoints" not in r.path]
     assert owned == []
+
+
+async def test_a_stored_plan_that_does_not_decode_is_planned_again(api, operator_factory):
+    op = await operator_factory()
+    await api.create(POOL)
+    await api.create(endpoint())
+    first = await wait_phase(api, "Deploying")
+    await op.stop()
+    stored = json.loads(api.get("v1", "ConfigMap", NS, "chat-plan")["data"]["plan.json"])
+    # Another format, or a hand edit: the stored plan no longer decodes.
+    stored["recommended"]["config"]["worker"]["tp"] = "two"
+    await api.patch("v1", "ConfigMap", NS, "chat-plan",
+                    {"data": {"plan.json": json.dumps(stored)}})
+
+    again = await operator_factory()
+    # Treated as absent: searched again (the same input, so the same plan), stored again.
+    await api.wait(lambda: again.runtime.metrics.registry.get_sample_value(
+        "trilemma_optimization_duration_seconds_count") == 1, what="a new search")
+    rewritten = await api.wait(lambda: (lambda text: "\"two\"" not in text and text)(
+        api.get("v1", "ConfigMap", NS, "chat-plan")["data"]["plan.json"]),
+        what="the plan stored again")
+    plan = Plan.from_dict(json.loads(rewritten))
+    assert plan.recommended.config.config_hash() == first["activeConfiguration"]["hash"]
+    assert len(deployments(api)) == 1

@@ -3,13 +3,12 @@ the tightened SLO the next plan is searched against."""
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
+import dataclasses
 
 import numpy as np
 import pytest
-import yaml
 
+from tests.support.small_plan import SETTINGS, small_request
 from trilemma.operator import calibration
 from trilemma.operator.calibration import Calibration, Factor
 from trilemma.operator.estimator import (
@@ -20,11 +19,13 @@ from trilemma.operator.estimator import (
     ObservedWorkload,
 )
 from trilemma.optimizer.catalog.engines import Engine
-from trilemma.optimizer.search import planning, space
-from trilemma.optimizer.spec import Slo, parse_spec
+from trilemma.optimizer.search import Prediction, planning
+from trilemma.optimizer.spec import Slo
 
 NOW = 1_700_000_000.0
-PREDICTED = {"ttft_p90_ms": 200.0, "tpot_p90_ms": 25.0}
+PREDICTED = Prediction(ttft_p50_ms=150.0, ttft_p90_ms=200.0, tpot_p50_ms=20.0, tpot_p90_ms=25.0,
+                       e2e_p99_ms=6000.0, capacity_rps=5.0, cost_per_hour=10.0,
+                       cost_per_mtok=1.0, quality=None)
 
 
 def observed(ttft: float | None, itl: float | None, *, samples: float = 5000.0,
@@ -39,7 +40,7 @@ def observed(ttft: float | None, itl: float | None, *, samples: float = 5000.0,
 
 def feed(cal: Calibration, ratios: list[tuple[float, float]], **kw: object) -> Calibration:
     for i, (rt, rp) in enumerate(ratios):
-        obs = observed(PREDICTED["ttft_p90_ms"] * rt, PREDICTED["tpot_p90_ms"] * rp,
+        obs = observed(PREDICTED.ttft_p90_ms * rt, PREDICTED.tpot_p90_ms * rp,
                        at=NOW + 300 * i)
         cal = calibration.update(cal, predicted=PREDICTED, observed=obs, **kw)  # type: ignore[arg-type]
     return cal
@@ -179,29 +180,23 @@ def test_unit_factors_leave_the_slo_as_it_is() -> None:
 
 
 def test_corrected_predictions_scale_latencies_only() -> None:
-    out = calibration.corrected({**PREDICTED, "cost_per_hour": 3.0}, biased(1.3, 1.0))
-    assert out == {"ttft_p90_ms": pytest.approx(260.0), "tpot_p90_ms": 25.0,
-                   "cost_per_hour": 3.0}
-
-
-SMALL = Path(__file__).parent / "fixtures" / "cli" / "small.yaml"
-SETTINGS = space.SearchSettings(tp=(1, 2), pp=(1,), dp=(1,), ep=(False,), spec_k=(2,),
-                                max_num_seqs=(64, 256), max_num_batched_tokens=(4096, 8192),
-                                pd_ratios=((1, 1),), simulate_top_k=1, simulate_front=0,
-                                simulate_requests=300, front_size=8,
-                                explain_sensitivity=False, workers=1)
+    out = calibration.corrected(dataclasses.replace(PREDICTED, cost_per_hour=3.0),
+                                biased(1.3, 1.0))
+    assert (out.ttft_p50_ms, out.ttft_p90_ms) == (pytest.approx(195.0), pytest.approx(260.0))
+    assert (out.tpot_p50_ms, out.tpot_p90_ms, out.cost_per_hour) == (20.0, 25.0, 3.0)
+    assert dataclasses.replace(out, ttft_p50_ms=150.0, ttft_p90_ms=200.0,
+                               cost_per_hour=10.0) == PREDICTED
 
 
 def test_a_plan_against_the_tightened_slo_meets_the_real_one_once_corrected() -> None:
-    raw = copy.deepcopy(yaml.safe_load(SMALL.read_text()))
-    request = parse_spec(raw)
+    request = small_request()
     cal = biased(2.5, 2.5)  # the endpoint runs 2.5x slower than the model predicts
-    naive = planning.plan(request, settings=SETTINGS).to_dict()["recommended"]
+    naive = planning.plan(request, settings=SETTINGS).recommended
     tight = request.model_copy(update={"slo": calibration.apply(request.slo, cal)})
-    plan = planning.plan(tight, settings=SETTINGS).to_dict()["recommended"]
-    real = calibration.corrected(plan["prediction"], cal)
+    plan = planning.plan(tight, settings=SETTINGS).recommended
+    real = calibration.corrected(plan.prediction, cal)
     # The uncorrected plan's pick would be too slow in reality; the calibrated one is not
     # (within the 2% the search itself allows a sampled percentile).
-    assert calibration.corrected(naive["prediction"], cal)["tpot_p90_ms"] > 60.0
-    assert real["tpot_p90_ms"] <= 60.0 * 1.02 and real["ttft_p90_ms"] <= 2000.0 * 1.02
-    assert plan["hash"] != naive["hash"]
+    assert calibration.corrected(naive.prediction, cal).tpot_p90_ms > 60.0
+    assert real.tpot_p90_ms <= 60.0 * 1.02 and real.ttft_p90_ms <= 2000.0 * 1.02
+    assert plan.config.config_hash() != naive.config.config_hash()

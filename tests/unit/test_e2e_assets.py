@@ -41,9 +41,9 @@ from trilemma.operator.optimize import (
     plan_request,
     request_digest,
 )
-from trilemma.operator.resources import HardwarePoolSpec, OptimizedEndpointSpec
+from trilemma.operator.resources import HardwarePoolSpec, OptimizedEndpointSpec, to_wire
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.search import ServingConfig
+from trilemma.optimizer.search import Plan, ServingConfig
 from trilemma.simfleet import cli_server, engine_flags
 from trilemma.simfleet.cluster import DEFAULT_NODES
 
@@ -179,7 +179,7 @@ def test_the_invalid_endpoint_passes_the_schema_but_names_an_unknown_model(tmp_p
 @dataclass(frozen=True)
 class Deployed:
     spec: OptimizedEndpointSpec
-    plan: dict[str, Any]
+    plan: Plan
     config: ServingConfig
     digest: str
     served: str
@@ -198,7 +198,7 @@ def _deploy(doc: dict[str, Any], tmp: Path) -> Deployed:
     models = Models(choices=[choice], checkpoints={choice.id: served})
     request = plan_request(spec, models, POOL_SPEC)
     plan = default_planner(request)
-    config = ServingConfig.from_dict(plan["recommended"]["config"])
+    config = plan.recommended.config
     owner = children.Owner(doc["metadata"]["name"], doc["metadata"]["namespace"], "uid-1")
     kids = children.build(config, spec, owner, POOL_SPEC.group(config.worker.gpu),
                           served_model=served)
@@ -252,7 +252,7 @@ def test_both_plans_are_one_deployment_of_vllm_serve_on_fake_gpus(deployed):
 def test_the_spec_change_plans_a_new_configuration_and_the_pool_holds_both(deployed):
     old, new = deployed
     assert old.kids.config_hash != new.kids.config_hash
-    gpus = [sum(status.config_gpus(d.plan["recommended"]["config"]).values()) for d in deployed]
+    gpus = [sum(status.config_gpus(d.config).values()) for d in deployed]
     assert sum(gpus) <= POOL_SPEC.gpus[0].count  # both run during the rollout
     for d in deployed:
         per_pod = int(d.engine["resources"]["limits"][RESOURCE])
@@ -287,15 +287,15 @@ def test_the_rollout_check_gets_a_prompt_only_the_new_configuration_fits(deploye
 def _cluster_view(d: Deployed) -> tuple[dict[str, Any], list[Any], list[Any], list[Any]]:
     """The endpoint, Deployments, Services and ConfigMaps as a cluster would hold them once
     the operator has deployed `d` and the Deployment is available."""
-    choice = d.plan["recommended"]
+    choice = d.plan.recommended
     endpoint = json.loads(json.dumps(ENDPOINT))
     endpoint["metadata"]["uid"] = "uid-1"
     endpoint["metadata"]["generation"] = 1
     endpoint["status"] = {
         "phase": "Ready", "observedGeneration": 1, "servingHash": d.kids.config_hash,
-        "activeConfiguration": status.active_configuration(
+        "activeConfiguration": to_wire(status.active_configuration(
             choice, config_hash=d.kids.config_hash, served_model=d.served,
-            engine_args=list(d.engine["args"]), applied=True),
+            engine_args=list(d.engine["args"]), applied=True)),
         "lastOptimization": {"requestDigest": d.digest},
     }
     deploys = json.loads(json.dumps(d.kids.workloads))
@@ -808,12 +808,12 @@ class FakeCluster(drv.Cluster):
             owner = children.Owner(name, ns or "", UID)
             self._put(children.plan_config_map(owner, d.plan, request_digest=d.digest,
                                                config_hash=target))
-            choice = d.plan["recommended"]
+            choice = d.plan.recommended
             st.update({
                 "phase": "Deploying", "observedGeneration": gen, "servingHash": serving,
-                "activeConfiguration": status.active_configuration(
+                "activeConfiguration": to_wire(status.active_configuration(
                     choice, config_hash=target, served_model=d.served,
-                    engine_args=list(d.engine["args"]), applied=True),
+                    engine_args=list(d.engine["args"]), applied=True)),
                 "lastOptimization": {"requestDigest": d.digest, "candidates": 1000,
                                      "durationSeconds": 3.0},
                 "rollout": {"fromHash": None if serving == target else serving,

@@ -7,6 +7,7 @@ import pytest
 
 from trilemma.operator import status
 from trilemma.operator.endpoint import Endpoint
+from trilemma.operator.resources import RolloutState, RolloutStatus
 
 
 def test_a_patch_nulls_keys_that_vanished_inside_nested_objects():
@@ -47,13 +48,13 @@ def test_the_printer_summary_and_gpu_count_come_from_the_serving_config():
 
     agg = ServingConfig(model="m", replicas=3, worker=WorkerConfig(
         gpu="h100_sxm", tp=2, quant=QuantRecipe.FP8, spec_method=SpecMethod.EAGLE3,
-        spec_k=3)).to_dict()
+        spec_k=3))
     assert status.short_summary(agg) == "fp8 TP2 eagle3x3"
     assert status.config_gpus(agg) == {"h100_sxm": 6}
     disagg = ServingConfig(model="m", mode=Mode.DISAGGREGATED, replicas=2,
                            worker=WorkerConfig(gpu="h100_sxm", tp=2),
                            prefill=WorkerConfig(gpu="h100_sxm", tp=4),
-                           prefill_replicas=1).to_dict()
+                           prefill_replicas=1)
     assert status.short_summary(disagg) == "bf16 TP2 disagg"
     assert status.config_gpus(disagg) == {"h100_sxm": 2 * 2 + 4}
 
@@ -83,3 +84,26 @@ async def test_a_status_field_the_crd_does_not_declare_is_never_written():
     del ep.status["rollout"]["undeclared"]
     assert await ep.commit(kube)  # type: ignore[arg-type]
     assert kube.patches == [("status", {"status": {"rollout": ep.status["rollout"]}})]
+
+
+def test_status_fields_are_written_through_the_status_models():
+    ep = Endpoint.of({"metadata": {"name": "a", "generation": 2}, "status": {}})
+    ep.put(allocated_gpus={"h100_sxm": 2}, spec_digest="d", cost_per_hour=3)
+    assert ep.status == {"allocatedGpus": {"h100_sxm": 2}, "specDigest": "d",
+                         "costPerHour": 3.0}
+    # A value the models refuse fails at its writer, and nothing is written.
+    with pytest.raises(pydantic.ValidationError):
+        ep.put(allocated_gpus={"h100_sxm": "two"})
+    with pytest.raises(KeyError):
+        ep.put(no_such_field=1)
+    assert ep.status["allocatedGpus"] == {"h100_sxm": 2}
+    ep.put(spec_digest=None)
+    assert "specDigest" not in ep.status
+    ep.put(rollout=RolloutStatus(to_hash="bbbb", state=RolloutState.PROGRESSING,
+                                 started="2026-01-01T00:00:00Z",
+                                 deadline="2026-01-01T00:30:00Z"))
+    ep.update_rollout(state=RolloutState.COMPLETE, message="available")
+    assert ep.status["rollout"] == {"toHash": "bbbb", "state": "Complete",
+                                    "started": "2026-01-01T00:00:00Z",
+                                    "deadline": "2026-01-01T00:30:00Z",
+                                    "message": "available", "fromGpus": {}}

@@ -1,67 +1,43 @@
-"""The closed loop's decisions: drift against the plan, SLO violations, the re-tune policy
-(persistence, hysteresis, cooldown, holds, failed workloads), acceptance of a new plan, the
-running configuration re-predicted at a new workload, and the status forms."""
+"""The retune state machine and what it reads: drift against the plan, SLO violations, the
+policy (persistence, hysteresis, cooldown, holds, failed workloads), its state's status form,
+and the history of its decisions. Acceptance of a new plan: test_acceptance.py."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from trilemma.operator import retune
-from trilemma.operator.estimator import (
-    Availability,
-    LatencyStats,
-    LengthStats,
-    MetricsReason,
-    ObservedWorkload,
-)
+from tests.support.observations import NOW, observed
+from trilemma.operator import drift, retune, retune_history
+from trilemma.operator.acceptance import Acceptance
+from trilemma.operator.drift import WorkloadSummary
+from trilemma.operator.estimator import LatencyStats, MetricsReason, ObservedWorkload
 from trilemma.operator.resources import DriftThresholds, Retune
-from trilemma.operator.retune import Action, RetuneState, Why, WorkloadSummary
-from trilemma.optimizer import search
-from trilemma.optimizer.catalog.engines import Engine
-from trilemma.optimizer.search import planning, space
-from trilemma.optimizer.search.configs import Mode, ServingConfig
-from trilemma.optimizer.spec import Slo, parse_spec
+from trilemma.operator.retune import Action, RetuneState, Why
+from trilemma.optimizer.spec import Slo
 
-NOW = 1_700_000_000.0
 THRESHOLDS = DriftThresholds()
 # A window as long as the check interval: two drifted checks re-plan (see
 # test_a_long_window_needs_the_drift_to_last_a_whole_window for the general rule).
 SPEC = Retune(enabled=True, interval_seconds=300, window_seconds=300, cooldown_seconds=1800,
               min_improvement=0.1)
 # The plan was made for 10 req/s mean at a peak factor of 2: a design rate of 20.
-PLAN = {"request": {"workload": {"prompt_tokens_mean": 1000.0, "output_tokens_mean": 200.0,
-                                 "cached_tokens_mean": 300.0, "predictability": 0.5},
-                    "design_rate_rps": 20.0}}
-PLANNED = WorkloadSummary.of_plan(PLAN, peak_factor=2.0)
-
-
-def observed(*, rate: float = 10.0, prompt: float = 1000.0, output: float = 200.0,
-             prefix: float | None = 0.3, samples: float = 9000.0, at: float = NOW,
-             window: int = 900, ttft: LatencyStats | None = None,
-             itl: LatencyStats | None = None,
-             reason: MetricsReason = MetricsReason.AVAILABLE) -> ObservedWorkload:
-    return ObservedWorkload(
-        engine=Engine.VLLM, window_s=window, observed_at=at,
-        availability=Availability(reason=reason, message=f"{reason.value} (test)"),
-        rate_rps=rate, prompt_tokens=LengthStats(mean=prompt),
-        output_tokens=LengthStats(mean=output), prefix_hit_share=prefix,
-        ttft_ms=ttft or LatencyStats(), itl_ms=itl or LatencyStats(), samples=samples)
+REQUEST = {"workload": {"prompt_tokens_mean": 1000.0, "output_tokens_mean": 200.0,
+                        "cached_tokens_mean": 300.0, "predictability": 0.5},
+           "design_rate_rps": 20.0}
+PLANNED = WorkloadSummary.of_request(REQUEST, peak_factor=2.0)
 
 
 def check(state: RetuneState, obs: ObservedWorkload, *, violations: list[str] | None = None,
           rolling_out: bool = False, basis: str = "", spec: Retune = SPEC,
           planned: WorkloadSummary = PLANNED,
           serving_since: float | None = None) -> retune.Decision:
-    d = retune.drift(planned, obs, spec.drift)
-    return retune.decide(state, obs.observed_at, obs, obs.availability.reason, d,
-                         violations or [], spec, rolling_out=rolling_out, basis=basis,
-                         serving_since=serving_since)
+    return retune.decide(state, retune.Check(
+        now=obs.observed_at, observed=obs, availability=obs.availability.reason,
+        planned=planned, violations=tuple(violations or ()), rolling_out=rolling_out,
+        basis=basis, serving_since=serving_since), spec)
 
 
 # ---- summaries and drift --------------------------------------------------------------------
@@ -71,20 +47,20 @@ def test_plan_summary_compares_mean_rates_by_dividing_out_the_peak_factor() -> N
     assert PLANNED.rate_rps == pytest.approx(10.0)
     assert PLANNED.prefix_share == pytest.approx(0.3)
     # The plan's headroom for peaks is not drift: the mean it was sized from is observed.
-    assert not retune.drift(PLANNED, observed(rate=10.0), THRESHOLDS).exceeded
+    assert not drift.drift(PLANNED, observed(rate=10.0), THRESHOLDS).exceeded
 
 
 def test_drift_reason_names_the_figure_its_change_and_the_threshold() -> None:
-    d = retune.drift(PLANNED, observed(prompt=4120.0), THRESHOLDS)
-    assert d.exceeded == (retune.Dimension.PROMPT,)
+    d = drift.drift(PLANNED, observed(prompt=4120.0), THRESHOLDS)
+    assert d.exceeded == (drift.Dimension.PROMPT,)
     assert d.reason == "prompt length +312% (1000 -> 4120 tokens) exceeds 30%"
     assert d.figures()["promptTokensChange"] == pytest.approx(3.12)
 
 
 def test_drift_reason_lists_every_exceeded_figure_largest_first() -> None:
-    d = retune.drift(PLANNED, observed(rate=25.0, output=100.0, prefix=0.05), THRESHOLDS)
-    assert set(d.exceeded) == {retune.Dimension.RATE, retune.Dimension.OUTPUT,
-                               retune.Dimension.PREFIX}
+    d = drift.drift(PLANNED, observed(rate=25.0, output=100.0, prefix=0.05), THRESHOLDS)
+    assert set(d.exceeded) == {drift.Dimension.RATE, drift.Dimension.OUTPUT,
+                               drift.Dimension.PREFIX}
     parts = d.reason.split("; ")
     assert parts[0].startswith("request rate +150% (10 -> 25 req/s)")
     assert "prefix hit share -25 points (30% -> 5%) exceeds 15 points" in parts
@@ -92,22 +68,22 @@ def test_drift_reason_lists_every_exceeded_figure_largest_first() -> None:
 
 @pytest.mark.parametrize(("changes", "exceeded"), [
     ({"rate": 12.9}, ()),
-    ({"rate": 13.1}, (retune.Dimension.RATE,)),
-    ({"rate": 6.9}, (retune.Dimension.RATE,)),      # drops count as much as rises
+    ({"rate": 13.1}, (drift.Dimension.RATE,)),
+    ({"rate": 6.9}, (drift.Dimension.RATE,)),      # drops count as much as rises
     ({"output": 259.0}, ()),
-    ({"output": 261.0}, (retune.Dimension.OUTPUT,)),
+    ({"output": 261.0}, (drift.Dimension.OUTPUT,)),
     ({"prefix": 0.44}, ()),                          # prefix share: absolute points
-    ({"prefix": 0.46}, (retune.Dimension.PREFIX,)),
+    ({"prefix": 0.46}, (drift.Dimension.PREFIX,)),
     ({"prefix": None}, ()),                          # not exported: unknown, never drift
 ])
 def test_each_figure_drifts_exactly_past_its_threshold(changes: dict, exceeded: tuple) -> None:
-    assert retune.drift(PLANNED, observed(**changes), THRESHOLDS).exceeded == exceeded
+    assert drift.drift(PLANNED, observed(**changes), THRESHOLDS).exceeded == exceeded
 
 
 def test_thresholds_come_from_the_spec() -> None:
     loose = DriftThresholds(rate=1.0)
-    assert not retune.drift(PLANNED, observed(rate=19.0), loose).exceeded
-    assert retune.drift(PLANNED, observed(rate=21.0), loose).exceeded
+    assert not drift.drift(PLANNED, observed(rate=19.0), loose).exceeded
+    assert drift.drift(PLANNED, observed(rate=21.0), loose).exceeded
 
 
 def test_workload_digest_is_stable_under_noise_and_changes_with_drift() -> None:
@@ -273,8 +249,8 @@ def test_unavailable_metrics_hold_with_the_conditions_reason(reason: MetricsReas
 
 
 def test_no_observation_at_all_holds_with_the_given_availability() -> None:
-    d = retune.decide(RetuneState(), NOW, None, "PrometheusError", None, [], SPEC,
-                      rolling_out=False)
+    d = retune.decide(RetuneState(), retune.Check(now=NOW, observed=None,
+                                                  availability="PrometheusError"), SPEC)
     assert (d.action, d.why) == (Action.HOLD, Why.PROMETHEUS_ERROR)
 
 
@@ -343,80 +319,21 @@ def test_state_survives_its_status_form() -> None:
     assert RetuneState.from_status(None) == RetuneState()
 
 
-# ---- acceptance -------------------------------------------------------------------------------
-
-
-def choice(hash_: str, *, cost: float, ttft: float = 150.0, tpot: float = 25.0,
-           capacity: float = 6.0, miss: str | None = None) -> dict:
-    return {"hash": hash_, "summary": f"config {hash_}", "slo_miss": miss,
-            "prediction": {"cost_per_hour": cost, "ttft_p90_ms": ttft, "tpot_p90_ms": tpot,
-                           "capacity_rps": capacity}}
-
-
-def plan_of(rec: dict) -> dict:
-    return {"request": {"workload": {"output_tokens_mean": 201.0}}, "recommended": rec}
-
-
-@pytest.mark.parametrize(("cost", "roll_out"), [(8.9, True), (9.0, True), (9.5, False)])
-def test_min_cost_rolls_out_only_for_the_minimum_improvement(cost: float,
-                                                             roll_out: bool) -> None:
-    acc = retune.accept(choice("aaaa", cost=10.0), plan_of(choice("bbbb", cost=cost)),
-                        "min_cost", 0.1, False)
-    assert acc.roll_out is roll_out
-    assert acc.improvement == pytest.approx(1 - cost / 10.0)
-    assert acc.reason.startswith("config bbbb improves cost per hour by")
-    assert (acc.current_hash, acc.candidate_hash) == ("aaaa", "bbbb")
-
-
-def test_a_current_configuration_violating_the_slo_is_replaced_even_at_a_higher_cost() -> None:
-    cur, new = choice("aaaa", cost=10.0), plan_of(choice("bbbb", cost=30.0))
-    observed_miss = retune.accept(cur, new, "min_cost", 0.1, True)
-    assert observed_miss.roll_out and "violates the SLO as observed" in observed_miss.reason
-    predicted_miss = retune.accept(choice("aaaa", cost=10.0, miss="ttft p90 <= 2000 ms"), new,
-                                   "min_cost", 0.1, False)
-    assert predicted_miss.roll_out and "would miss ttft p90" in predicted_miss.reason
-    assert not retune.accept(cur, new, "min_cost", 0.1, False).roll_out
-
-
-def test_the_same_configuration_is_never_rolled_out_again() -> None:
-    acc = retune.accept(choice("aaaa", cost=10.0), plan_of(choice("aaaa", cost=10.0)),
-                        "min_cost", 0.0, True)
-    assert not acc.roll_out and "recommends the running configuration" in acc.reason
-
-
-@pytest.mark.parametrize(("objective", "new", "improvement", "roll_out"), [
-    ("max_throughput", {"capacity": 7.0}, 1 / 6, True),
-    ("max_throughput", {"capacity": 6.3, "cost": 5.0}, 0.05, False),  # cheaper is not the aim
-    # Latency axis: 150 + 25 x 200 = 5150 ms against 150 + 20 x 200 = 4150 ms.
-    ("min_latency", {"tpot": 20.0}, 1 - 4150 / 5150, True),
-    # Balanced: same latency at 81% of the cost, a geometric-mean gain of 10%...
-    ("balanced", {"cost": 8.1}, 0.1, True),
-    # ... and half the cost bought with twice the latency gains nothing.
-    ("balanced", {"cost": 5.0, "ttft": 300.0, "tpot": 50.0}, 0.0, False),
-])
-def test_other_objectives_compare_their_own_axis(objective: str, new: dict, improvement: float,
-                                                 roll_out: bool) -> None:
-    candidate = choice("bbbb", **{"cost": 10.0, **new})
-    acc = retune.accept(choice("aaaa", cost=10.0), plan_of(candidate), objective, 0.1, False)
-    assert acc.improvement == pytest.approx(improvement, abs=1e-12)
-    assert acc.roll_out is roll_out
-
-
 # ---- history ----------------------------------------------------------------------------------
 
 
 def test_history_keeps_the_newest_entries_and_folds_repeated_holds() -> None:
     history: list[dict] = []
     for i in range(12):
-        event = retune.RetuneEvent(time=NOW + i, action=retune.Step.REPLAN,
+        event = retune_history.RetuneEvent(time=NOW + i, action=retune_history.Step.REPLAN,
                                    reason=f"drift {i}", cause="WorkloadDrift",
                                    from_hash="aaaa")
-        history = retune.history_append(history, event)
+        history = retune_history.append(history, event)
     assert len(history) == 10 and history[-1]["reason"] == "drift 11"
     assert history[0]["time"] == "2023-11-14T22:13:22Z"
     hold = check(RetuneState(last_rollout=NOW - 1200, drift_checks=1), observed(prompt=4120.0))
     for t in (NOW, NOW + 300):
-        history = retune.history_append(history, retune.RetuneEvent.of_decision(hold, t))
+        history = retune_history.append(history, retune_history.RetuneEvent.of_decision(hold, t))
     assert len(history) == 10
     assert history[-1]["action"] == "Hold" and history[-1]["cause"] == "Cooldown"
     assert history[-2]["reason"] == "drift 11"
@@ -424,90 +341,12 @@ def test_history_keeps_the_newest_entries_and_folds_repeated_holds() -> None:
 
 
 def test_an_acceptance_becomes_a_history_entry_with_its_figures() -> None:
-    acc = retune.accept(choice("aaaa", cost=10.0), plan_of(choice("bbbb", cost=5.0)),
-                        "min_cost", 0.1, False)
-    entry = retune.RetuneEvent.of_acceptance(acc, NOW).to_status()
+    acc = Acceptance(roll_out=True, reason="cheaper", improvement=0.5, current_hash="aaaa",
+                     candidate_hash="bbbb", figures={"improvement": 0.5})
+    entry = retune_history.RetuneEvent.of_acceptance(acc, NOW).to_status()
     assert entry["action"] == "RollOut" and (entry["fromHash"], entry["toHash"]) == (
         "aaaa", "bbbb")
     assert entry["figures"]["improvement"] == 0.5
-
-
-# ---- re-prediction with the real optimizer ----------------------------------------------------
-
-SMALL = Path(__file__).parent / "fixtures" / "cli" / "small.yaml"
-SETTINGS = space.SearchSettings(tp=(1, 2), pp=(1,), dp=(1,), ep=(False,), spec_k=(2,),
-                                max_num_seqs=(64, 256), max_num_batched_tokens=(4096, 8192),
-                                pd_ratios=((1, 1),), simulate_top_k=1, simulate_front=0,
-                                simulate_requests=300, front_size=8,
-                                explain_sensitivity=False, workers=1)
-
-
-def small_request(rate: float = 4.0, **workload: object):
-    raw = copy.deepcopy(yaml.safe_load(SMALL.read_text()))
-    raw["workload"]["arrivals"]["requestsPerSecond"] = rate
-    raw["workload"].update(workload)
-    return parse_spec(raw)
-
-
-@pytest.fixture(scope="module")
-def small_plan() -> dict:
-    return planning.plan(small_request(), settings=SETTINGS).to_dict()
-
-
-def test_repredict_reproduces_the_plans_own_prediction(small_plan: dict) -> None:
-    rec = small_plan["recommended"]
-    again = search.predict(ServingConfig.from_dict(rec["config"]), small_request(),
-                           requests=300).to_dict()
-    assert again["hash"] == rec["hash"] and again["slo_miss"] is None
-    for key in ("ttft_p90_ms", "tpot_p90_ms", "capacity_rps", "cost_per_hour"):
-        assert again["prediction"][key] == pytest.approx(rec["prediction"][key], rel=1e-9)
-
-
-def test_a_configuration_overloaded_by_new_traffic_misses_and_is_replaced(
-        small_plan: dict) -> None:
-    heavier = small_request(rate=16.0)
-    current = search.predict(ServingConfig.from_dict(small_plan["recommended"]["config"]),
-                             heavier, requests=300).to_dict()
-    assert current["slo_miss"] is not None
-    assert current["prediction"]["cost_per_hour"] == small_plan["recommended"]["prediction"][
-        "cost_per_hour"]
-    candidate = planning.plan(heavier, settings=SETTINGS).to_dict()
-    acc = retune.accept(current, candidate, "min_cost", 0.1, False)
-    assert acc.roll_out and "would miss" in acc.reason
-
-
-def test_repredict_prices_a_disaggregated_configuration() -> None:
-    request = small_request()
-    cfg = ServingConfig.from_dict({
-        "model": "meta-llama/Llama-3.1-8B", "engine": "vllm", "mode": "disaggregated",
-        "worker": {"gpu": "l40s", "tp": 1, "quant": "fp8", "max_num_seqs": 64,
-                   "max_num_batched_tokens": 4096},
-        "replicas": 2,
-        "prefill": {"gpu": "l40s", "tp": 1, "quant": "fp8", "max_num_seqs": 64,
-                    "max_num_batched_tokens": 4096},
-        "prefill_replicas": 1})
-    assert cfg.mode is Mode.DISAGGREGATED
-    out = search.predict(cfg, request, requests=300).to_dict()
-    p = out["prediction"]
-    assert p["cost_per_hour"] == pytest.approx(3 * 1.9512)
-    assert 0 < p["capacity_rps"] < 1e6 and p["ttft_p90_ms"] > 0
-
-
-def test_observed_request_plans_for_the_observed_workload() -> None:
-    request = small_request(peakFactor=2.0)
-    obs = observed(rate=6.0, prompt=2048.0, output=128.0, prefix=None)
-    at_peak = retune.observed_request(request, obs)
-    assert at_peak.workload.design_rate() == pytest.approx(12.0)
-    assert at_peak.workload.prompt_distribution().mean_tokens() == pytest.approx(2048.0)
-    assert at_peak.slo == request.slo and at_peak.hardware == request.hardware
-    at_rate = retune.observed_request(request, obs, at_peak=False)
-    assert at_rate.workload.design_rate() == pytest.approx(6.0)
-
-
-def test_the_plans_own_summary_shows_no_drift_from_its_workload(small_plan: dict) -> None:
-    planned = WorkloadSummary.of_plan(small_plan, peak_factor=1.0)
-    same = observed(rate=4.0, prompt=1024.0, output=256.0, prefix=0.0)
-    assert retune.drift(planned, same, THRESHOLDS).level == pytest.approx(0.0)
 
 
 def test_a_long_window_needs_the_drift_to_last_a_whole_window() -> None:
@@ -521,3 +360,4 @@ def test_a_long_window_needs_the_drift_to_last_a_whole_window() -> None:
     assert [d.action for d in decisions] == [Action.NO_CHANGE] * 3 + [Action.REPLAN,
                                                                       Action.NO_CHANGE]
     assert "(3 of 4 checks)" in decisions[2].message
+

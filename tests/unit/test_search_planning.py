@@ -181,7 +181,8 @@ def test_counts_add_up_and_progress_is_reported() -> None:
 
 def test_public_names_are_pinned() -> None:
     assert sorted(search.__all__) == [
-        "Choice", "Counts", "Explanation", "InfeasibleSLO", "Limit", "Mode", "Plan",
+        "Choice", "Counts", "Explanation", "InfeasibleSLO", "Limit", "MalformedPlan", "Mode",
+        "Plan",
         "Predicted", "Prediction", "Scenario", "SearchSettings", "Sense", "ServingConfig",
         "WorkerConfig", "canonical_json", "pareto_front", "plan", "predict"]
 

@@ -7,11 +7,12 @@ from trilemma.optimizer import spec
 PUBLIC = {
     "API_VERSION", "KIND", "Arrivals", "Engine", "FixedLengths", "GammaArrivals", "GpuGroup",
     "HardwarePool", "HistogramLengths", "LatencyTarget", "LengthDistribution",
-    "LognormalLengths", "ModelChoice", "Objective", "PlanRequest", "PoissonArrivals",
-    "PrefixReuse", "QualityScore", "RequestSample", "SearchBounds", "Slo", "SpecError",
+    "LognormalLengths", "MAX_P90_OVER_MEAN", "ModelChoice", "Objective", "PlanRequest",
+    "PoissonArrivals", "PrefixReuse", "QualityScore", "RequestSample", "SearchBounds", "Slo",
+    "SpecError", "SpecModel",
     "TaintEffect", "Toleration", "TolerationOperator", "Trace", "TraceArrivals", "Workload",
     "base_quality", "describe", "load_spec", "load_trace", "parse_spec", "quality",
-    "quality_table", "spec_error_to_input_error", "spec_json_schema",
+    "quality_table", "rule_error", "spec_error_to_input_error", "spec_json_schema",
 }
 
 
