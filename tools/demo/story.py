@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -79,15 +78,17 @@ async def tell(watcher: Watcher, binary: str | None, tmp: Path,
 
 async def _serve(watcher: Watcher, binary: str, tmp: Path, prometheus_port: int) -> None:
     """The plan served by a simulated fleet that Prometheus scrapes, under the traffic."""
-    from trilemma.optimizer.search import ServingConfig
+    from trilemma.operator.children import stored_plan
     from trilemma.simfleet.fleet import SimFleet
 
     options, timeline, api = watcher.options, watcher.timeline, watcher.api
     result = watcher.result
     prometheus_url = f"http://127.0.0.1:{prometheus_port}"
     cm = api.get("v1", "ConfigMap", NAMESPACE, f"{NAME}-plan") or {}
-    plan = json.loads((cm.get("data") or {})["plan.json"])
-    config = ServingConfig.from_dict(plan["recommended"]["config"])
+    plan = stored_plan(cm)
+    if plan is None:  # the operator wrote it just before rolling out: a bug if unreadable
+        raise RuntimeError(f"{NAME}-plan holds no readable plan")
+    config = plan.recommended.config
     replicas = min(config.replicas, MAX_REPLICAS)
     served = (watcher.status.get("activeConfiguration") or {}).get("model") or config.model
     async with SimFleet(config, replicas=replicas, served_model_name=served,
@@ -96,7 +97,7 @@ async def _serve(watcher: Watcher, binary: str, tmp: Path, prometheus_port: int)
                   if replicas < config.replicas else "")
         limit = fleet.model.max_model_len
         timeline.add("fleet", f"{replicas} simulated vLLM replica(s){capped} of "
-                              f"{plan['recommended']['summary']} at "
+                              f"{config.summary()} at "
                               f"{', '.join(fleet.urls)}: step times from the same "
                               f"performance model, --max-model-len {limit}")
         labels = {"namespace": NAMESPACE, "trilemma_dev_endpoint": NAME}
