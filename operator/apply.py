@@ -85,11 +85,12 @@ def without_hash(obj: Obj) -> Obj:
 
 
 def _dig(obj: Obj, path: tuple[str, ...]) -> Any:
+    node: Any = obj
     for part in path:
-        if not isinstance(obj, dict):
+        if not isinstance(node, dict):
             return None
-        obj = obj.get(part)  # type: ignore[assignment]
-    return obj
+        node = node.get(part)
+    return node
 
 
 def _set(obj: Obj, path: tuple[str, ...], value: Any) -> None:

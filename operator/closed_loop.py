@@ -223,6 +223,7 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
                   state: retune.RetuneState, now: float) -> retune.RetuneState:
     """Plan for the observed workload; roll out if acceptance.accept says the plan is worth it."""
     assert decision.workload is not None
+    workload = decision.workload  # narrowed once, for the closures below too
     basis = str(ep.written.get("specDigest") or "")
     thresholds = spec.retune.drift
 
@@ -231,8 +232,8 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
         ep.put(retune_history=retune_history.append(
             ep.status.get("retuneHistory"), retune_history.RetuneEvent(
                 time=now, action=retune_history.Step.KEEP, reason=reason)))
-        return retune.record_failure(state, now, decision.workload, reason,  # type: ignore[arg-type]
-                                     thresholds=thresholds, basis=basis)
+        return retune.record_failure(state, now, workload, reason, thresholds=thresholds,
+                                     basis=basis)
 
     try:
         tuned = spec.model_copy(update={
@@ -263,7 +264,7 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
         why = verdict.reason if verdict.roll_out is False else (
             "autoApply is false: the better plan is only recommended")
         rt.events(ep.body, "Normal", "RetuneKept", why)
-        return retune.record_failure(state, now, decision.workload, why,
+        return retune.record_failure(state, now, workload, why,
                                      thresholds=thresholds, basis=basis)
     # Store the accepted plan under the tuned request's digest, so that the reconcile below
     # finds it instead of searching again, and record the workload it was made for.

@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import random
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes_asyncio.config import kube_config
@@ -56,8 +56,10 @@ def resync_seconds() -> float:
 
 
 def _post_event(body: dict[str, Any], kind: str, reason: str, message: str) -> None:
-    # Event messages are capped at 1 KiB by convention; the full text is in status.
-    kopf.event(body, type=kind, reason=reason, message=message[:1024])
+    # Event messages are capped at 1 KiB by convention; the full text is in status. The body
+    # is an API object as read; kopf.RawBody is the TypedDict Kopf declares for exactly that.
+    kopf.event(kopf.Body(cast(kopf.RawBody, body)), type=kind, reason=reason,
+               message=message[:1024])
 
 
 def build_runtime(config: OperatorConfig, *, planner: Planner | None = None,
@@ -69,7 +71,7 @@ def build_runtime(config: OperatorConfig, *, planner: Planner | None = None,
 
 def _runtime(memo: Any) -> Runtime:
     rt = getattr(memo, "runtime", None)
-    if rt is None:
+    if not isinstance(rt, Runtime):
         raise kopf.TemporaryError("the operator is still starting", delay=1)
     return rt
 
@@ -81,7 +83,7 @@ BACKOFF_MAX_S = 3600.0
 
 
 def backoff_s(retry: int) -> float:
-    return min(BACKOFF_FIRST_S * 2 ** min(retry, 16), BACKOFF_MAX_S)
+    return min(BACKOFF_FIRST_S * 2.0 ** min(retry, 16), BACKOFF_MAX_S)
 
 
 async def _guarded(coro: Any, what: str, retry: int = 0, body: kopf.Body | None = None) -> None:
@@ -120,7 +122,7 @@ def register_lifecycle(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo,
-                      logger: logging.Logger, **_: Any) -> None:
+                      logger: kopf.Logger, **_: Any) -> None:
         # Kopf's own bookkeeping under our group, not kopf.zalando.org.
         settings.persistence.finalizer = f"{naming.GROUP}/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
@@ -200,8 +202,10 @@ def register_endpoints(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.timer(*ENDPOINTS, interval=resync_seconds(), initial_delay=resync_seconds(),
                 registry=registry)
-    async def endpoint_resync(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
-                              logger: logging.Logger, **_: Any) -> None:
+    async def endpoint_resync(name: str, namespace: str | None, body: kopf.Body,
+                              memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+        if namespace is None:  # the resource is namespaced: Kopf always passes one
+            return
         rt = _runtime(memo)
         # Each step on its own: a failing traffic check must not stop rollouts from moving
         # on, and nothing a spec holds may raise out of the timer (Kopf would back the whole
@@ -241,7 +245,7 @@ def register_children_and_pools(registry: kopf.OperatorRegistry) -> None:
 
 
 async def _timer_step(rt: Runtime, namespace: str, name: str, what: str, step: Any,
-                      logger: logging.Logger) -> None:
+                      logger: kopf.Logger) -> None:
     try:
         await step(rt, namespace, name)
     except asyncio.CancelledError:

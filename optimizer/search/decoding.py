@@ -14,11 +14,15 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from trilemma.optimizer.errors import TrilemmaError
 
+if TYPE_CHECKING:  # typeshed's protocol of "a dataclass instance": what fields() accepts
+    from _typeshed import DataclassInstance
+
 T = TypeVar("T")
+D = TypeVar("D", bound="DataclassInstance")
 Decoder = Callable[[Any, str], Any]
 
 
@@ -43,8 +47,8 @@ def obj(data: Any, where: str) -> Mapping[str, Any]:
     return data
 
 
-def record(cls: type[T], data: Any, where: str, *, derived: tuple[str, ...] = (),
-           **decoders: Decoder) -> T:
+def record(cls: type[D], data: Any, where: str, *, derived: tuple[str, ...] = (),
+           **decoders: Decoder) -> D:
     """An instance of the dataclass `cls` from its `_plain` form.
 
     Every field is decoded by `decoders[name]` when given, else checked against its type
@@ -54,12 +58,12 @@ def record(cls: type[T], data: Any, where: str, *, derived: tuple[str, ...] = ()
     """
     d = obj(data, where)
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known - set(derived))
     if unknown:
         raise MalformedPlan(_at(where, unknown[0]), _short(d[unknown[0]]), "unknown field")
     values: dict[str, Any] = {}
-    for f in fields(cls):  # type: ignore[arg-type]
+    for f in fields(cls):
         at = _at(where, f.name)
         if f.name not in d:
             if f.default is MISSING and f.default_factory is MISSING:
