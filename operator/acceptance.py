@@ -64,7 +64,7 @@ def accept(current: Predicted, candidate: Plan, objective: Objective | str,
     cur_hash, new_hash = current.choice.config.config_hash(), rec.config.config_hash()
     cur_name, new_name = current.choice.config.summary(), rec.config.summary()
     cur, new = current.choice.prediction, rec.prediction
-    osl = float(candidate.request["workload"]["output_tokens_mean"])
+    output_tokens = candidate.request.workload.output_tokens_mean
     figures = {"currentCostPerHour": round(cur.cost_per_hour, 4),
                "candidateCostPerHour": round(new.cost_per_hour, 4),
                "currentTtftP90Ms": round(cur.ttft_p90_ms, 3),
@@ -81,7 +81,7 @@ def accept(current: Predicted, candidate: Plan, objective: Objective | str,
     if new_hash == cur_hash:
         return result(False, f"the re-plan recommends the running configuration "
                              f"{new_name} ({cur_hash})", 0.0)
-    improvement, what = _improvement(objective, cur, new, osl)
+    improvement, what = _improvement(objective, cur, new, output_tokens)
     miss = current.slo_miss
     if current_violates_slo or miss:
         why = "violates the SLO as observed" if current_violates_slo else f"would miss {miss}"
@@ -99,10 +99,10 @@ def accept(current: Predicted, candidate: Plan, objective: Objective | str,
 
 
 def _improvement(objective: Objective, cur: Prediction, new: Prediction,
-                 osl: float) -> tuple[float | None, str]:
+                 output_tokens: float) -> tuple[float | None, str]:
     """(share by which `new` beats `cur`, what was compared); None when undefined."""
     def lat(p: Prediction) -> float:
-        return p.ttft_p90_ms + p.tpot_p90_ms * max(osl - 1.0, 0.0)
+        return p.ttft_p90_ms + p.tpot_p90_ms * max(output_tokens - 1.0, 0.0)
 
     def gain(old: float, value: float) -> float | None:  # lower is better
         return 1.0 - value / old if old > 0 and math.isfinite(old) else None

@@ -19,7 +19,7 @@ from typing import Any
 
 from trilemma.operator.estimator import ObservedWorkload
 from trilemma.operator.resources import DriftThresholds
-from trilemma.optimizer.search import Plan
+from trilemma.optimizer.search import Plan, RequestDigest
 
 Obj = dict[str, Any]
 
@@ -61,13 +61,12 @@ class WorkloadSummary:
         return cls.of_request(plan.request, peak_factor=peak_factor)
 
     @classmethod
-    def of_request(cls, request: Mapping[str, Any], *, peak_factor: float) -> WorkloadSummary:
+    def of_request(cls, request: RequestDigest, *, peak_factor: float) -> WorkloadSummary:
         """`of_plan` from the plan's request digest (Plan.request)."""
-        wl = request["workload"]
-        prompt = float(wl["prompt_tokens_mean"])
-        cached = float(wl.get("cached_tokens_mean") or 0.0)
-        return cls(rate_rps=float(request["design_rate_rps"]) / max(peak_factor, 1.0),
-                   prompt_tokens=prompt, output_tokens=float(wl["output_tokens_mean"]),
+        wl = request.workload
+        prompt, cached = wl.prompt_tokens_mean, wl.cached_tokens_mean
+        return cls(rate_rps=request.design_rate_rps / max(peak_factor, 1.0),
+                   prompt_tokens=prompt, output_tokens=wl.output_tokens_mean,
                    prefix_share=cached / prompt if prompt > 0 else 0.0)
 
     @classmethod

@@ -29,8 +29,8 @@ from trilemma.operator.optimize import (
 )
 from trilemma.operator.resources import (
     ConditionType,
+    EndpointPhase,
     OptimizedEndpointStatus,
-    Phase,
     RolloutStatus,
     status_field_names,
 )
@@ -82,7 +82,7 @@ class Outcome(Exception):
     `retry`: the cause may go away without a spec change (a refusal by the API server, a
     conflicting object); the handler tries again with exponential backoff."""
 
-    def __init__(self, phase: Phase, condition: ConditionType, reason: str,
+    def __init__(self, phase: EndpointPhase, condition: ConditionType, reason: str,
                  message: str, *, retry: bool = False) -> None:
         self.phase = phase
         self.condition = condition
@@ -107,13 +107,13 @@ def _api_reason(err: KubeError) -> str:
 def api_refusal(err: KubeError) -> Outcome:
     """A permanent API error (403 RBAC or quota, 400, 422) as a Failed outcome that retries
     with backoff: the operator's rights, a quota or an admission policy may change."""
-    return Outcome(Phase.FAILED, ConditionType.DEPLOYED, _api_reason(err),
+    return Outcome(EndpointPhase.FAILED, ConditionType.DEPLOYED, _api_reason(err),
                    f"the API server refused a request: {err}", retry=True)
 
 
 def failed(reason: str, message: str, condition: ConditionType = ConditionType.VALIDATED
            ) -> Outcome:
-    return Outcome(Phase.FAILED, condition, reason, message)
+    return Outcome(EndpointPhase.FAILED, condition, reason, message)
 
 
 def input_message(err: InputError) -> str:
@@ -195,7 +195,7 @@ class Endpoint:
             self.status.get("conditions", []), kind, ok, reason, message,
             generation=self.generation, now=status.now_rfc3339()))
 
-    def phase(self, phase: Phase, message: str = "") -> None:
+    def phase(self, phase: EndpointPhase, message: str = "") -> None:
         self.put(phase=phase, message=message)
 
     @property

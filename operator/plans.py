@@ -33,10 +33,10 @@ from trilemma.operator.optimize import (
 )
 from trilemma.operator.resources import (
     ConditionType,
+    EndpointPhase,
     HardwarePoolSpec,
     Optimization,
     OptimizedEndpointSpec,
-    Phase,
     TunedWorkload,
 )
 from trilemma.optimizer.errors import InputError
@@ -166,12 +166,12 @@ async def plan_and_reserve(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpe
         async with rt.ledger.lock:
             avail = await availability(rt, ep, pool_name, full_pool)
         if avail.pool is None:
-            raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolExhausted",
+            raise Outcome(EndpointPhase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolExhausted",
                           avail.exhausted_message())
         try:
             request = plan_request(spec, models, avail.pool)
         except InputError as err:
-            raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolExhausted",
+            raise Outcome(EndpointPhase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolExhausted",
                           f"{input_message(err)} (other endpoints hold the rest of the pool: "
                           f"{', '.join(sorted(avail.held)) or 'none'})") from None
         digest = request_digest(request, models)
@@ -184,7 +184,7 @@ async def plan_and_reserve(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpe
             if pool.fits(gpus, now):
                 rt.ledger.reserve(pool_name, ep.key, gpus)
                 return plan, digest, made
-    raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolContention",
+    raise Outcome(EndpointPhase.INFEASIBLE, ConditionType.OPTIMIZED, "PoolContention",
                   f"other endpoints took the planned GPUs {PLAN_ATTEMPTS} times in a row; "
                   "will retry on the next change")
 
@@ -220,7 +220,7 @@ async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
     # one (a small space, a warm cache) goes straight to its result, one write instead of two.
     done, _ = await asyncio.wait({search}, timeout=OPTIMIZING_NOTICE_S)
     if not done:
-        ep.phase(Phase.OPTIMIZING, "searching the configuration space")
+        ep.phase(EndpointPhase.OPTIMIZING, "searching the configuration space")
         ep.condition(ConditionType.OPTIMIZED, None, "Optimizing", "search running")
         # Not the spec digest yet: it marks a finished reconcile.
         done_marker = ep.status.get("specDigest")
@@ -234,7 +234,7 @@ async def _search(rt: Runtime, ep: Endpoint, request: Any, digest: str,
         others = ", ".join(sorted(avail.held))
         held = f" Other endpoints hold part of the pool: {others}." if others else ""
         nearest = await _nearest_with_more_gpus(rt, request) if err.binding == "pool" else ""
-        raise Outcome(Phase.INFEASIBLE, ConditionType.OPTIMIZED,
+        raise Outcome(EndpointPhase.INFEASIBLE, ConditionType.OPTIMIZED,
                       "PoolTooSmall" if err.binding in ("pool", "budget") else "SLOUnreachable",
                       err.why + held + nearest) from None
     except InputError as err:

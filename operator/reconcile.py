@@ -46,10 +46,10 @@ from trilemma.operator.plans import (
 )
 from trilemma.operator.resources import (
     ConditionType,
+    EndpointPhase,
     HardwarePoolSpec,
     Optimization,
     OptimizedEndpointSpec,
-    Phase,
     RolloutState,
 )
 from trilemma.operator.rollout import delete_owned, deploy
@@ -92,7 +92,7 @@ async def reconcile_locked(rt: Runtime, ref: Ref, *, force: bool = True) -> None
                 raise
             raise api_refusal(err) from None
         except applying.NotOwned as err:
-            raise Outcome(Phase.FAILED, ConditionType.DEPLOYED, "Conflict",
+            raise Outcome(EndpointPhase.FAILED, ConditionType.DEPLOYED, "Conflict",
                           f"{err}: the operator neither changes nor adopts it; rename or "
                           "remove it, or rename the endpoint", retry=True) from None
         rt.metrics.reconciled("ok")
@@ -151,7 +151,7 @@ async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
             await applying.apply(rt.kube, target.plan_map)
 
     if not spec.rollout.auto_apply:
-        ep.phase(Phase.PENDING, f"recommend-only (autoApply false): "
+        ep.phase(EndpointPhase.PENDING, f"recommend-only (autoApply false): "
                                 f"{target.choice.config.summary()}; the plan is in ConfigMap "
                                 f"{ep.name}-plan")
         ep.condition(ConditionType.DEPLOYED, False, "RecommendOnly",

@@ -313,7 +313,7 @@ class HardwarePoolSpec(HardwarePool):
 # ---- status -------------------------------------------------------------------------------
 
 
-class Phase(enum.StrEnum):
+class EndpointPhase(enum.StrEnum):
     PENDING = "Pending"
     OPTIMIZING = "Optimizing"
     DEPLOYING = "Deploying"
@@ -411,7 +411,7 @@ class TunedWorkload(SpecModel):
 
 
 class OptimizedEndpointStatus(SpecModel):
-    phase: Phase = Phase.PENDING
+    phase: EndpointPhase = EndpointPhase.PENDING
     message: str = ""
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)

@@ -19,8 +19,8 @@ from trilemma.operator.endpoint import Endpoint, Runtime, commit, owns, together
 from trilemma.operator.kube import Kube, Ref
 from trilemma.operator.resources import (
     ConditionType,
+    EndpointPhase,
     OptimizedEndpointSpec,
-    Phase,
     RolloutState,
     RolloutStatus,
 )
@@ -117,7 +117,7 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
             ep.update_rollout(from_gpus=from_gpus)
             ep.put(allocated_gpus=dict(Counter(gpus) + Counter(from_gpus)))
             await _drop_others(kube, ep, keep={target, serving})
-            ep.phase(Phase.DEPLOYING, f"rolling out {target}; {serving} serves meanwhile")
+            ep.phase(EndpointPhase.DEPLOYING, f"rolling out {target}; {serving} serves meanwhile")
             ep.condition(ConditionType.DEPLOYED, True, "RollingOut",
                          f"new configuration {target} created")
             await _refresh_ready(rt, ep, serving)
@@ -185,13 +185,13 @@ async def _refresh_ready(rt: Runtime, ep: Endpoint, serving: str, *,
         ep.condition(ConditionType.READY, True, "Available",
                      f"configuration {serving} is serving")
         if not rolling:
-            ep.phase(Phase.READY, ep.status["activeConfiguration"]["summary"]
+            ep.phase(EndpointPhase.READY, ep.status["activeConfiguration"]["summary"]
                      if ep.status.get("activeConfiguration") else "")
     else:
         ep.condition(ConditionType.READY, False, "Unavailable",
                      f"configuration {serving} has no available replicas yet")
-        if not rolling or ep.status.get("phase") != Phase.DEPLOYING.value:
-            ep.phase(Phase.DEPLOYING, f"waiting for {serving} to become available")
+        if not rolling or ep.status.get("phase") != EndpointPhase.DEPLOYING.value:
+            ep.phase(EndpointPhase.DEPLOYING, f"waiting for {serving} to become available")
     return ready
 
 
@@ -213,8 +213,8 @@ async def advance(rt: Runtime, namespace: str, name: str) -> None:
                 await commit(rt, ep)
                 rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
             return
-        if ep.status.get("phase") in (Phase.FAILED.value, Phase.INFEASIBLE.value,
-                                      Phase.OPTIMIZING.value, None):
+        if ep.status.get("phase") in (EndpointPhase.FAILED.value, EndpointPhase.INFEASIBLE.value,
+                                      EndpointPhase.OPTIMIZING.value, None):
             return
         if rollout.get("state") == RolloutState.PROGRESSING.value:
             await _progress(rt, ep, rollout)
@@ -226,7 +226,7 @@ async def advance(rt: Runtime, namespace: str, name: str) -> None:
 
 def _late_rollout(ep: Endpoint, rollout: Obj) -> bool:
     """Failed because a first configuration (nothing to roll back to) passed its deadline."""
-    return (ep.status.get("phase") == Phase.FAILED.value
+    return (ep.status.get("phase") == EndpointPhase.FAILED.value
             and rollout.get("state") == RolloutState.FAILED.value
             and rollout.get("fromHash") is None and bool(rollout.get("toHash"))
             and ep.status.get("servingHash") == rollout.get("toHash"))
@@ -239,7 +239,7 @@ def _recovered(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
                  f"configuration {target} became available after its deadline")
     ep.condition(ConditionType.READY, True, "Available", f"configuration {target} is serving")
     active = ep.status.get("activeConfiguration") or {}
-    ep.phase(Phase.READY, str(active.get("summary") or ""))
+    ep.phase(EndpointPhase.READY, str(active.get("summary") or ""))
     rt.events(ep.body, "Normal", "Recovered",
               f"configuration {target} became available after its deadline")
 
@@ -273,7 +273,7 @@ async def _progress(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
         await _refresh_ready(rt, ep, old)
         ep.put(message=f"rolled back to {old}: {message}")
     else:
-        ep.phase(Phase.FAILED, message)
+        ep.phase(EndpointPhase.FAILED, message)
         ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed", message)
     rt.events(ep.body, "Warning", "RolloutFailed", message)
     rt.metrics.error("RolloutFailed")

@@ -199,7 +199,7 @@ def _plots(request: spec.PlanRequest, result: planning.Plan, base: ServingConfig
             label=f"{copies} copies of {base.summary()}", on_front=False, recommended=False,
             baseline=True))
     slo = request.slo
-    title = f"{result.request.get('models', '')}"
+    title = f"{result.request.models}"
     plotting.rate_latency_plot(lines, plot, title=f"rate vs p90 latency {title}",
                                ttft_slo_ms=getattr(slo.ttft_ms, "p90", None),
                                tpot_slo_ms=getattr(slo.tpot_ms, "p90", None))

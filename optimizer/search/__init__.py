@@ -12,7 +12,7 @@ from trilemma.optimizer.search.configs import (
 from trilemma.optimizer.search.decoding import MalformedPlan
 from trilemma.optimizer.search.explaining import Explanation, InfeasibleSLO, Limit, Scenario
 from trilemma.optimizer.search.pareto import Sense, pareto_front
-from trilemma.optimizer.search.planning import Counts, Plan, plan
+from trilemma.optimizer.search.planning import Counts, Plan, RequestDigest, WorkloadDigest, plan
 from trilemma.optimizer.search.predicting import Predicted, predict
 from trilemma.optimizer.search.space import SearchSettings
 
@@ -27,11 +27,13 @@ __all__ = [
     "Plan",
     "Predicted",
     "Prediction",
+    "RequestDigest",
     "Scenario",
     "SearchSettings",
     "Sense",
     "ServingConfig",
     "WorkerConfig",
+    "WorkloadDigest",
     "canonical_json",
     "pareto_front",
     "plan",

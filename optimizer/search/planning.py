@@ -59,8 +59,42 @@ class Counts:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WorkloadDigest:
+    """The workload's means at the design rate, as the plan saw them."""
+
+    prompt_tokens_mean: float
+    output_tokens_mean: float
+    cached_tokens_mean: float
+    predictability: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestDigest:
+    """What a plan was made for, stored with it: a later traffic check compares what it
+    observes with this (the keys are part of the stored plan's format; keep them)."""
+
+    models: list[str]
+    workload: WorkloadDigest
+    design_rate_rps: float
+    slo: dict[str, Any]       # the SLO as the spec states it (its JSON form)
+    pool: dict[str, int]      # GPUs the plan could use, by type
+    allow_disaggregation: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        plain: dict[str, Any] = _plain(self)
+        return plain
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> RequestDigest:
+        def workload(d: Any, at: str) -> WorkloadDigest:
+            return decoding.record(WorkloadDigest, d, at)
+
+        return decoding.record(cls, data, where, workload=workload)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Plan:
-    request: dict[str, Any]   # digest: models, workload summary, design rate, SLO, pool
+    request: RequestDigest
     objective: Objective
     recommended: Choice
     front: list[Choice]       # cost/latency Pareto front, cheapest first
@@ -70,7 +104,7 @@ class Plan:
 
     def to_dict(self, *, timings: bool = False) -> dict[str, Any]:
         """JSON-ready and deterministic; `timings=True` adds the (machine-dependent) timings."""
-        out = {"request": self.request, "objective": self.objective.value,
+        out = {"request": self.request.to_dict(), "objective": self.objective.value,
                "recommended": self.recommended.to_dict(),
                "front": [c.to_dict() for c in self.front],
                "explanation": self.explanation.to_dict(), "counts": _plain(self.counts)}
@@ -86,24 +120,24 @@ class Plan:
         def choices(d: Any, at: str) -> list[Choice]:
             return decoding.items(d, at, Choice.from_dict)
 
-        return decoding.record(cls, data, "", recommended=Choice.from_dict, front=choices,
+        return decoding.record(cls, data, "", request=RequestDigest.from_dict,
+                               recommended=Choice.from_dict, front=choices,
                                explanation=Explanation.from_dict, counts=Counts.from_dict)
 
 
-def digest(request: PlanRequest) -> dict[str, Any]:
+def digest(request: PlanRequest) -> RequestDigest:
     wl = screening.WorkloadMeans.of(request)
-    plain: dict[str, Any] = _plain({
-        "models": [c.id for c in request.candidates],
-        "workload": {"prompt_tokens_mean": wl.prompt_tokens,
-                     "output_tokens_mean": wl.output_tokens,
-                     "cached_tokens_mean": wl.cached_tokens,
-                     "predictability": wl.output_predictability},
-        "design_rate_rps": wl.design_rate,
-        "slo": request.slo.model_dump(mode="json", exclude_none=True),
-        "pool": {k: request.hardware.group(k).count for k in request.allowed_gpus()},
-        "allow_disaggregation": request.bounds.allow_disaggregation,
-    })
-    return plain
+    # Rounded as the stored form is, so that a decoded plan equals the one that was stored.
+    return RequestDigest.from_dict(_plain(RequestDigest(
+        models=[c.id for c in request.candidates],
+        workload=WorkloadDigest(prompt_tokens_mean=wl.prompt_tokens,
+                                output_tokens_mean=wl.output_tokens,
+                                cached_tokens_mean=wl.cached_tokens,
+                                predictability=wl.output_predictability),
+        design_rate_rps=wl.design_rate,
+        slo=request.slo.model_dump(mode="json", exclude_none=True),
+        pool={k: request.hardware.group(k).count for k in request.allowed_gpus()},
+        allow_disaggregation=request.bounds.allow_disaggregation)))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -50,7 +50,7 @@ from typing import Any
 import yaml
 
 from trilemma.operator import naming
-from trilemma.operator.resources import Phase
+from trilemma.operator.resources import EndpointPhase
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E = Path(__file__).resolve().parent
@@ -775,7 +775,7 @@ class E2E:
             if ep is None:
                 raise CheckFailed(f"OptimizedEndpoint {self.name} disappeared")
             st = ep.get("status") or {}
-            if st.get("phase") in (Phase.FAILED.value, Phase.INFEASIBLE.value):
+            if st.get("phase") in (EndpointPhase.FAILED.value, EndpointPhase.INFEASIBLE.value):
                 raise CheckFailed(f"OptimizedEndpoint {self.name} went {st['phase']}: "
                                   f"{st.get('message')}")
             active = (st.get("activeConfiguration") or {}).get("hash")
@@ -785,7 +785,7 @@ class E2E:
                 # will ever come, so say so now instead of at the timeout.
                 raise CheckFailed(f"{self.name}: the spec change was planned as the same "
                                   f"configuration {active}; nothing to roll out")
-            done = (current and st.get("phase") == Phase.READY.value
+            done = (current and st.get("phase") == EndpointPhase.READY.value
                     and active is not None and st.get("servingHash") == active)
             return done, state
         return probe
@@ -920,9 +920,9 @@ class E2E:
         def failed() -> tuple[bool, str]:
             ep = self._endpoint(name)
             st = (ep or {}).get("status") or {}
-            if st.get("phase") in (Phase.READY.value, Phase.DEPLOYING.value):
+            if st.get("phase") in (EndpointPhase.READY.value, EndpointPhase.DEPLOYING.value):
                 raise CheckFailed(f"{name} (unknown model {model}) reached {st['phase']}")
-            return st.get("phase") == Phase.FAILED.value, f"{name}: {_oe_state(ep)}"
+            return st.get("phase") == EndpointPhase.FAILED.value, f"{name}: {_oe_state(ep)}"
 
         self.k.wait_for(f"{name} Failed", failed, FAILED_TIMEOUT)
         ep = self._endpoint(name)
@@ -942,7 +942,7 @@ class E2E:
         if made:
             raise CheckFailed(f"{name} failed validation yet has children: {_names(made)}")
         healthy = self._endpoint()
-        if ((healthy or {}).get("status") or {}).get("phase") != Phase.READY.value:
+        if ((healthy or {}).get("status") or {}).get("phase") != EndpointPhase.READY.value:
             raise CheckFailed(f"{self.name} left Ready while {name} failed: "
                               f"{_oe_state(healthy)}")
         self.t.note(f"{name}: Failed, Validated=False UnknownModel: {message}")

@@ -20,8 +20,10 @@ from trilemma.optimizer.search import (
     Plan,
     Predicted,
     Prediction,
+    RequestDigest,
     ServingConfig,
     WorkerConfig,
+    WorkloadDigest,
     planning,
 )
 from trilemma.optimizer.spec import Objective
@@ -51,7 +53,11 @@ def choice(name: str, *, cost: float, ttft: float = 150.0, tpot: float = 25.0,
 
 
 def plan_of(rec: Predicted) -> Plan:
-    return Plan(request={"workload": {"output_tokens_mean": 201.0}},
+    digest = RequestDigest(
+        models=["m"], workload=WorkloadDigest(prompt_tokens_mean=1000.0, output_tokens_mean=201.0,
+                                              cached_tokens_mean=0.0, predictability=0.5),
+        design_rate_rps=1.0, slo={}, pool={}, allow_disaggregation=False)
+    return Plan(request=digest,
                 objective=Objective.MIN_COST, recommended=rec.choice, front=[rec.choice],
                 explanation=Explanation(binding="", limits=(), runners_up=(), sensitivity=()),
                 counts=Counts(enumerated=1, pruned={}, coarse_layouts=0, screened=1,

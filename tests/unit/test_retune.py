@@ -16,6 +16,7 @@ from trilemma.operator.drift import WorkloadSummary
 from trilemma.operator.estimator import LatencyStats, MetricsReason, ObservedWorkload
 from trilemma.operator.resources import DriftThresholds, Retune
 from trilemma.operator.retune import Action, RetuneState, Why
+from trilemma.optimizer.search import RequestDigest, WorkloadDigest
 from trilemma.optimizer.spec import Slo
 
 THRESHOLDS = DriftThresholds()
@@ -24,9 +25,10 @@ THRESHOLDS = DriftThresholds()
 SPEC = Retune(enabled=True, interval_seconds=300, window_seconds=300, cooldown_seconds=1800,
               min_improvement=0.1)
 # The plan was made for 10 req/s mean at a peak factor of 2: a design rate of 20.
-REQUEST = {"workload": {"prompt_tokens_mean": 1000.0, "output_tokens_mean": 200.0,
-                        "cached_tokens_mean": 300.0, "predictability": 0.5},
-           "design_rate_rps": 20.0}
+REQUEST = RequestDigest(
+    models=["m"], workload=WorkloadDigest(prompt_tokens_mean=1000.0, output_tokens_mean=200.0,
+                                          cached_tokens_mean=300.0, predictability=0.5),
+    design_rate_rps=20.0, slo={}, pool={}, allow_disaggregation=False)
 PLANNED = WorkloadSummary.of_request(REQUEST, peak_factor=2.0)
 
 

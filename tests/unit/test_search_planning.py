@@ -182,9 +182,9 @@ def test_counts_add_up_and_progress_is_reported() -> None:
 def test_public_names_are_pinned() -> None:
     assert sorted(search.__all__) == [
         "Choice", "Counts", "Explanation", "InfeasibleSLO", "Limit", "MalformedPlan", "Mode",
-        "Plan",
-        "Predicted", "Prediction", "Scenario", "SearchSettings", "Sense", "ServingConfig",
-        "WorkerConfig", "canonical_json", "pareto_front", "plan", "predict"]
+        "Plan", "Predicted", "Prediction", "RequestDigest", "Scenario", "SearchSettings",
+        "Sense", "ServingConfig", "WorkerConfig", "WorkloadDigest", "canonical_json",
+        "pareto_front", "plan", "predict"]
 
 
 def test_max_replicas_bounds_every_returned_deployment(tmp_path):
