@@ -360,11 +360,12 @@ def _calibrate_engine(args: argparse.Namespace) -> int:
               f"{ov['ttft']['median_ape']}% (p90 {ov['ttft']['p90_ape']}%), TPOT median APE "
               f"{ov['tpot']['median_ape']}% (p90 {ov['tpot']['p90_ape']}%)")
         return 0
-    fitted = engine_fit.main(args.csv, engine)
+    fitted, release = engine_fit.main(args.csv, engine)
     values = ", ".join(f"{k}={v}" for k, v in fitted.values.items())
-    print(f"{engine.value}: {values} (mean |log error| {fitted.loss} over {fitted.rows} rows)")
+    print(f"{engine.value}: {values} (mean |log error| {fitted.loss} over {fitted.rows} rows; "
+          f"release {release.version}, image {release.image})")
     if not args.dry_run:
-        print(f"wrote {engine_fit.write(fitted)}")
+        print(f"wrote {engine_fit.write(fitted, release)}")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -23,6 +24,7 @@ import numpy as np
 
 from trilemma.optimizer import validation
 from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.perf import releases
 from trilemma.optimizer.perf.engine import Engine, EngineFacts, engine_facts
 
 FITTED = ("step_overhead_ms", "request_overhead_ms", "benchmark_requests_per_concurrency")
@@ -45,6 +47,38 @@ class EngineFit:
     values: Mapping[str, float]
     loss: float                  # mean |log(pred / measured)| over TTFT and TPOT
     rows: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Release:
+    """The engine release a fit's rows ran, and the container image they name."""
+
+    version: str                 # e.g. "0.5.9"
+    image: str | None            # e.g. "lmsysorg/sglang:v0.5.9-cu130"; None: no row names one
+
+
+# A released version ("0.5.9", "0.5.8.post1", "1.2.0rc6"): nightly and unnamed builds are not
+# an engine anyone can pin.
+_RELEASE = re.compile(r"^\d+(\.\d+)+((\.post|rc)\d+)*$")
+# The image a row names in its provenance ("...; image=lmsysorg/sglang:v0.5.9-cu130; ...").
+_IMAGE = re.compile(r"(?:^|[;=\s])([a-z0-9._-]+/[a-z0-9._-]+:v[A-Za-z0-9._-]+)")
+# Per-architecture tags of one multi-arch image: the plain tag runs on either.
+_ARCH_SUFFIX = re.compile(r"-(amd64|arm64)$")
+
+
+def calibrated_release(rows: Sequence[Mapping[str, str]], engine: Engine) -> Release:
+    """The release most of `engine`'s fitted rows ran (ties: the newer), and the image most of
+    those rows name: the engine version the fitted figures describe, to deploy with."""
+    chosen = engine_rows(rows, engine)
+    counts = Counter(v for r in chosen if _RELEASE.match(v := (r.get("backend_version") or "")))
+    if not counts:
+        raise InputError("backend_version", engine.value, "no fitted row names a release")
+    version = max(counts, key=lambda v: (counts[v], releases.version_key(v)))
+    images = Counter(_ARCH_SUFFIX.sub("", m.group(1)) for r in chosen
+                     if r.get("backend_version") == version
+                     and (m := _IMAGE.search(r.get("silicon_data_source") or "")))
+    image = max(images, key=lambda i: (images[i], i)) if images else None
+    return Release(version=version, image=image)
 
 
 def with_values(base: EngineFacts, values: Mapping[str, float]) -> EngineFacts:
@@ -111,18 +145,25 @@ def fit(rows: Sequence[Mapping[str, str]], engine: Engine = Engine.VLLM) -> Engi
     return EngineFit(engine=engine, values=rounded, loss=round(best, 5), rows=len(chosen))
 
 
-def write(fitted: EngineFit, path: Path | None = None) -> Path:
-    """Rewrite the fitted values in engine.yaml in place, keeping its comments and sources."""
+def write(fitted: EngineFit, release: Release, path: Path | None = None) -> Path:
+    """Rewrite the fitted values and the release they were fitted on in engine.yaml in place,
+    keeping its comments and sources."""
     path = path or default_engine_yaml()
     text = path.read_text()
     section = f"\n{fitted.engine.value}:\n"
     start = text.index(section)
     end = _next_top_level_key(text, start + len(section))
     block = text[start:end]
-    for key, value in fitted.values.items():
-        block, count = re.subn(rf"(\n  {key}:\n    value: )[-0-9.e]+", rf"\g<1>{value}", block)
+    entries = [(rf"(\n  {key}:\n    value: )[-0-9.e]+", str(value))
+               for key, value in fitted.values.items()]
+    entries.append((r'(\n  calibrated_release:\n    version: )"[^"\n]*"', f'"{release.version}"'))
+    entries.append((r'(\n  calibrated_release:\n    version: "[^"\n]*"\n    image: )[^\n]*',
+                    f'"{release.image}"' if release.image else "null"))
+    for pattern, value in entries:
+        # Backslashes doubled: the value is literal text in the replacement template.
+        block, count = re.subn(pattern, r"\g<1>" + value.replace("\\", "\\\\"), block)
         if count != 1:
-            raise ValueError(f"{path}: no single '{key}: value:' entry under {fitted.engine.value}")
+            raise ValueError(f"{path}: no single '{pattern}' entry under {fitted.engine.value}")
     path.write_text(text[:start] + block + text[end:])
     return path
 
@@ -136,8 +177,9 @@ def default_engine_yaml() -> Path:
     return Path(str(resources.files("trilemma.optimizer.perf").joinpath("data/engine.yaml")))
 
 
-def main(csv_path: Path, engine: Engine = Engine.VLLM) -> EngineFit:
-    return fit(validation.read_rows(csv_path), engine)
+def main(csv_path: Path, engine: Engine = Engine.VLLM) -> tuple[EngineFit, Release]:
+    rows = validation.read_rows(csv_path)
+    return fit(rows, engine), calibrated_release(rows, engine)
 
 
 def holdout(csv_path: Path, engine: Engine, system: str) -> tuple[EngineFit, validation.Summary]:

@@ -40,6 +40,9 @@ class EngineFacts:
     step_overhead_ms: float
     request_overhead_ms: float
     benchmark_requests_per_concurrency: float
+    # (version, image) of the release the fitted overheads were measured on; image None
+    # where the rows name none.
+    calibrated_release: tuple[str, str | None]
 
     def _is_large(self, gpu: Gpu) -> bool:
         # vLLM keys its larger defaults on >= 70 GiB of memory, except on A100 (PR #17885).
@@ -92,4 +95,6 @@ def engine_facts(engine: Engine = Engine.VLLM) -> EngineFacts:
         request_overhead_ms=float(_value(raw["request_overhead_ms"])),
         benchmark_requests_per_concurrency=float(
             _value(raw["benchmark_requests_per_concurrency"])),
+        calibrated_release=(str(raw["calibrated_release"]["version"]),
+                            raw["calibrated_release"]["image"]),
     )

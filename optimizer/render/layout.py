@@ -12,13 +12,15 @@ from typing import NotRequired, TypedDict
 from trilemma.optimizer import catalog
 from trilemma.optimizer.catalog import Engine
 from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.perf import releases
 from trilemma.optimizer.render import choices, sglang_flags, vllm_flags
 from trilemma.optimizer.render.ir import Arg, RenderedWorker, RenderPlan, Role, Source
 from trilemma.optimizer.search.configs import Mode, ServingConfig, WorkerConfig
 from trilemma.optimizer.spec import hardware
 
-# Images the renderer uses when the caller names none; tags should be pinned for production.
-DEFAULT_IMAGES = {Engine.VLLM: "vllm/vllm-openai:latest", Engine.SGLANG: "lmsysorg/sglang:latest"}
+# Images the renderer uses when the caller names none: the engine releases the performance
+# model was calibrated on (perf/releases.py), so a deployment runs what its plan priced.
+DEFAULT_IMAGES = {eng: releases.calibrated_image(eng) for eng in Engine}
 _FLAGS = {Engine.VLLM: vllm_flags, Engine.SGLANG: sglang_flags}
 
 

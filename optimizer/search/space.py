@@ -29,6 +29,15 @@ from trilemma.optimizer.perf import memory, parallelism
 from trilemma.optimizer.spec.models import ModelChoice
 from trilemma.optimizer.spec.plan_request import PlanRequest
 
+# The context limit deployed is the planned p99 request (prompt + output) times this. Below
+# the limit a request reaches the engine and its length histograms, where the operator sees the
+# workload drift; above it the engine answers HTTP 400 before counting anything. 1.5 sits above
+# 1 + the operator's default length-drift threshold (0.3, DriftThresholds): a length shift big
+# enough to trigger a re-plan is still served and measured, with margin for the tail moving
+# further than the mean. Larger buys little and costs feasibility: the engine must hold one
+# sequence of the full limit in its KV cache, so the memory check sizes for the deployed value.
+CONTEXT_HEADROOM = 1.5
+
 
 @dataclass(frozen=True, kw_only=True)
 class SearchSettings:
@@ -85,7 +94,7 @@ class Group:
     gpus_per_node: int
     max_tp: int | None = None          # bounds.maxTensorParallel
     max_pp: int | None = None          # bounds.maxPipelineParallel
-    max_model_len: int | None = None   # the longest request the memory check sized for
+    max_model_len: int | None = None   # the deployed context limit; the memory check's length
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,12 +151,15 @@ def spec_configs(request: PlanRequest, arch: ModelArch,
     return out, counted
 
 
-def model_len(arch: ModelArch, tokens: float) -> int:
-    """The context limit to deploy with: the request length the memory check sized for,
-    rounded up to 256 tokens, within the model's own limit. Engines otherwise size for the
-    model's full context and refuse to start where that sequence's KV cache does not fit."""
-    want = int(math.ceil(tokens / 256.0) * 256)
-    return min(want, arch.max_position_embeddings) if arch.max_position_embeddings else want
+def model_len(arch: ModelArch, tokens: float, block: int | None = None) -> int:
+    """The context limit to deploy with: `tokens` (the planned longest request) times
+    CONTEXT_HEADROOM, rounded up to whole KV blocks (`block`; vLLM's default where None),
+    within the model's own window. Engines refuse to start where one sequence of this length
+    does not fit the KV cache: the search's memory check sizes for exactly this value."""
+    block = block or perf_engine.engine_facts().block_size
+    want = int(math.ceil(tokens * CONTEXT_HEADROOM / block) * block)
+    window = arch.max_position_embeddings
+    return min(want, window) if window else want
 
 
 def enumerate_space(request: PlanRequest, settings: SearchSettings) -> Space:
@@ -210,8 +222,10 @@ def enumerate_space(request: PlanRequest, settings: SearchSettings) -> Space:
                               pool_gpus=pool.count, gpus_per_node=pool.effective_gpus_per_node,
                               max_tp=request.bounds.max_tensor_parallel,
                               max_pp=request.bounds.max_pipeline_parallel,
-                              max_model_len=model_len(arch, seq_len + spec.k))
-                r = _rows(group, layouts, limits, seq_len, mean_len, prefix_reuse, settings, pruned,
+                              max_model_len=model_len(
+                                  arch, seq_len + spec.k,
+                                  perf_engine.engine_facts(eng).block_size))
+                r = _rows(group, layouts, limits, mean_len, prefix_reuse, settings, pruned,
                           per_row)
                 if r is not None:
                     rows.append(r)
@@ -226,8 +240,8 @@ def _quality(choice: ModelChoice, quant: QuantRecipe) -> float | None:
         return None
 
 
-def _rows(group: Group, layouts: np.ndarray, limits: np.ndarray, seq_len: float,
-          mean_len: float, prefix_reuse: bool, settings: SearchSettings, pruned: Counter[str],
+def _rows(group: Group, layouts: np.ndarray, limits: np.ndarray, mean_len: float,
+          prefix_reuse: bool, settings: SearchSettings, pruned: Counter[str],
           per_row: int) -> Rows | None:
     """Apply the layout rules, then memory, to one group's grid; count each rule's cuts."""
     tp, pp, dp, ep = (layouts[:, i] for i in range(4))
@@ -266,8 +280,11 @@ def _rows(group: Group, layouts: np.ndarray, limits: np.ndarray, seq_len: float,
         pruned["prefix_caching" if not prefix_reuse else "dominated"] += int(off.sum()) * per_row
         ok &= pc
     facts = perf_engine.engine_facts(group.engine)
+    # Sized for the deployed limit, not the planned p99: the engine checks at start-up that
+    # one sequence of --max-model-len fits its KV cache, and refuses to start otherwise.
+    assert group.max_model_len is not None, "enumerate_space sets the deployed limit"
     mem = memory.breakdown(group.arch, group.gpu, group.quant, group.kv, facts, tp=tp[L],
-                           pp=pp[L], dp=dp[L], seq_len=seq_len + group.spec.k,
+                           pp=pp[L], dp=dp[L], seq_len=group.max_model_len,
                            max_batched_tokens=budget, max_num_seqs=seqs)
     fits = ok & mem.fits
     pruned["memory"] += int((ok & ~mem.fits).sum()) * per_row
