@@ -2,11 +2,21 @@
 
 A registry per operator instance rather than the global one: tests and the benchmark run
 several operators in one process, and a metric registered twice in one registry raises.
+
+Per-endpoint gauges (labels namespace, name) carry what the operator predicts for the active
+plan, so a dashboard can draw it beside what the engines measure
+(charts/trilemma/dashboards/trilemma-endpoint.json); they are removed with the endpoint, so
+their cardinality is the number of endpoints. The configuration info gauge holds one series per
+endpoint whose `hash` label changes at each new configuration: the dashboard's annotations.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -14,8 +24,46 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 OPTIMIZATION_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 
+@dataclass(frozen=True)
+class EndpointFigures:
+    """What the per-endpoint gauges show, read from the endpoint's status (None: unset)."""
+
+    cost_per_hour: float | None = None
+    ttft_p90_s: float | None = None
+    tpot_p90_s: float | None = None
+    capacity_rps: float | None = None
+    replicas: int | None = None
+    config_hash: str | None = None
+    config_summary: str = ""
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any]) -> EndpointFigures:
+        """From the status's wire form: costPerHour, predictions, activeConfiguration."""
+        predictions = status.get("predictions") or {}
+        active = status.get("activeConfiguration") or {}
+        replicas = active.get("replicas")
+        config_hash = active.get("hash")
+        return cls(cost_per_hour=_number(status.get("costPerHour")),
+                   ttft_p90_s=_ms_to_s(predictions.get("ttftP90Ms")),
+                   tpot_p90_s=_ms_to_s(predictions.get("tpotP90Ms")),
+                   capacity_rps=_number(predictions.get("capacityRps")),
+                   replicas=replicas if isinstance(replicas, int) else None,
+                   config_hash=config_hash if isinstance(config_hash, str) else None,
+                   config_summary=str(active.get("summary") or ""))
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, float | int) and not isinstance(value, bool) else None
+
+
+def _ms_to_s(value: object) -> float | None:
+    ms = _number(value)
+    return None if ms is None else ms / 1000.0
+
+
 class OperatorMetrics:
-    """Reconciles, optimization durations, errors by reason, endpoints by phase, cost."""
+    """Reconciles, optimization durations, errors by reason, endpoints by phase, and per
+    endpoint its predicted cost, latencies and capacity, replicas and configuration."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -35,7 +83,25 @@ class OperatorMetrics:
         self._cost = Gauge("trilemma_endpoint_predicted_cost_dollars_per_hour",
                            "Predicted cost of each endpoint's active plan.",
                            ["namespace", "name"], registry=self.registry)
+        self._ttft = Gauge("trilemma_endpoint_predicted_ttft_p90_seconds",
+                           "Predicted p90 time to first token of the active plan.",
+                           ["namespace", "name"], registry=self.registry)
+        self._tpot = Gauge("trilemma_endpoint_predicted_tpot_p90_seconds",
+                           "Predicted p90 time per output token of the active plan.",
+                           ["namespace", "name"], registry=self.registry)
+        self._capacity = Gauge("trilemma_endpoint_predicted_capacity_requests_per_second",
+                               "Requests/s the active plan sustains within the SLO.",
+                               ["namespace", "name"], registry=self.registry)
+        self._replicas = Gauge("trilemma_endpoint_replicas",
+                               "Replicas of the active configuration.",
+                               ["namespace", "name"], registry=self.registry)
+        self._config = Gauge("trilemma_endpoint_configuration_info",
+                             "1 for the endpoint's active configuration (hash, summary).",
+                             ["namespace", "name", "hash", "summary"], registry=self.registry)
+        self._per_endpoint = (self._cost, self._ttft, self._tpot, self._capacity,
+                              self._replicas)
         self._phase_of: dict[str, str] = {}
+        self._config_of: dict[str, tuple[str, str]] = {}  # key -> its info series' labels
 
     def reconciled(self, result: str) -> None:
         self._reconciles.labels(result=result).inc()
@@ -55,21 +121,42 @@ class OperatorMetrics:
         self._phase_of[key] = phase
         self._recount()
 
-    def endpoint_cost(self, key: str, dollars_per_hour: float | None) -> None:
+    def endpoint_status(self, key: str, status: Mapping[str, Any]) -> None:
+        """The per-endpoint gauges from the endpoint's status; an unset figure removes its
+        series (no plan yet, or it failed) rather than leaving a stale value."""
+        self.endpoint_figures(key, EndpointFigures.from_status(status))
+
+    def endpoint_figures(self, key: str, figures: EndpointFigures) -> None:
         namespace, name = key.split("/", 1)
-        if dollars_per_hour is None:
-            self._remove_cost(namespace, name)
-        else:
-            self._cost.labels(namespace=namespace, name=name).set(dollars_per_hour)
+        values = (figures.cost_per_hour, figures.ttft_p90_s, figures.tpot_p90_s,
+                  figures.capacity_rps, figures.replicas)
+        for gauge, value in zip(self._per_endpoint, values, strict=True):
+            if value is None:
+                _remove(gauge, namespace, name)
+            else:
+                gauge.labels(namespace=namespace, name=name).set(value)
+        config = None if figures.config_hash is None else (figures.config_hash,
+                                                           figures.config_summary)
+        if config != self._config_of.get(key):
+            # One series per endpoint: the old hash goes as the new one comes, which is
+            # what the dashboard's annotation query detects.
+            self._forget_config(key)
+            if config is not None:
+                self._config.labels(namespace, name, *config).set(1)
+                self._config_of[key] = config
 
     def forget(self, key: str) -> None:
         self._phase_of.pop(key, None)
         self._recount()
-        self._remove_cost(*key.split("/", 1))
+        namespace, name = key.split("/", 1)
+        for gauge in self._per_endpoint:
+            _remove(gauge, namespace, name)
+        self._forget_config(key)
 
-    def _remove_cost(self, namespace: str, name: str) -> None:
-        with contextlib.suppress(KeyError):  # never set
-            self._cost.remove(namespace, name)
+    def _forget_config(self, key: str) -> None:
+        old = self._config_of.pop(key, None)
+        if old is not None:
+            _remove(self._config, *key.split("/", 1), *old)
 
     def _recount(self) -> None:
         counts: dict[str, int] = {}
@@ -78,5 +165,12 @@ class OperatorMetrics:
         for phase in ("Pending", "Optimizing", "Deploying", "Ready", "Infeasible", "Failed"):
             self._phases.labels(phase=phase).set(counts.get(phase, 0))
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0") -> WSGIServer:
+        """Serve /metrics from a thread; the server's shutdown() stops it."""
+        server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        return server
+
+
+def _remove(gauge: Gauge, *labels: str) -> None:
+    with contextlib.suppress(KeyError):  # never set
+        gauge.remove(*labels)

@@ -114,8 +114,7 @@ async def reconcile_locked(rt: Runtime, ref: Ref, *, force: bool = True) -> None
             raise RetryLater(f"{out.reason}: {out.message}") from None
     finally:
         rt.metrics.endpoint_phase(ep.key, ep.status.get("phase"))
-        cost = ep.status.get("costPerHour")
-        rt.metrics.endpoint_cost(ep.key, cost if isinstance(cost, float | int) else None)
+        rt.metrics.endpoint_status(ep.key, ep.status)
 
 
 @dataclass(frozen=True)

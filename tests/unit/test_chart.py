@@ -42,6 +42,7 @@ SCENARIOS: dict[str, list[str]] = {
     "peering-one-replica": ["--set", "peering.enabled=true"],
     "servicemonitor": ["--set", "serviceMonitor.enabled=true",
                        "--set", "prometheus.url=http://prometheus.monitoring:9090"],
+    "dashboards": ["--set", "dashboards.enabled=true"],
 }
 PEERING = {"ha", "ha-namespaces", "peering-one-replica"}
 NAMESPACED = {"namespaces", "ha-namespaces"}
@@ -156,6 +157,8 @@ def test_service_monitor_scrapes_the_metrics_service(rendered):
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == service["spec"]["ports"][0]["name"] == "metrics"
     assert endpoint["path"] == "/metrics"
+    # The per-endpoint series keep the endpoint's namespace label (the dashboard selects by it).
+    assert endpoint["honorLabels"] is True
     assert not of_kind(rendered["default"], "ServiceMonitor")
 
 

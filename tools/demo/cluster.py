@@ -58,7 +58,7 @@ async def run_on_cluster(options: DemoOptions, timeline: Timeline,
                                           f"(resync every {RESYNC_S:g} s)")
                     watcher = Watcher(options, timeline, ClusterApi(cluster),
                                       controllers=True)
-                    return await tell(watcher, binary, tmp, prometheus_port)
+                    return await tell(watcher, binary, tmp, prometheus_port, operator.metrics)
             finally:
                 await operator.stop()
     finally:

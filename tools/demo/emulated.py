@@ -62,6 +62,6 @@ async def run_on_kmock(options: DemoOptions, timeline: Timeline, binary: str | N
                                           f"{str(server.url).rstrip('/')}; the operator runs "
                                           f"in-process (resync every {RESYNC_S:g} s)")
                     watcher = Watcher(options, timeline, Api(server))
-                    return await tell(watcher, binary, tmp, prometheus_port)
+                    return await tell(watcher, binary, tmp, prometheus_port, operator.metrics)
             finally:
                 await operator.stop()

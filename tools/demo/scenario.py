@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trilemma.simfleet.loadgen import LoadStage
@@ -64,6 +65,9 @@ class DemoOptions:
     # "auto": a real control plane (trilemma.simfleet.cluster) when its binaries are built,
     # else KMock; "real" or "kmock" to insist on one.
     control_plane: str = "auto"
+    # Where Prometheus keeps its data, left there after the run (trilemma.tools.dashboard_render
+    # reads it back); None: a temporary folder, removed.
+    prometheus_dir: Path | None = None
 
 
 # ---- the spec and the traffic ----------------------------------------------------------------

@@ -10,9 +10,15 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trilemma.simfleet import loadgen
-from trilemma.simfleet.prometheus_server import INSTALL_HINT, PrometheusServer, ScrapeJob
+from trilemma.simfleet.prometheus_server import (
+    INSTALL_HINT,
+    PrometheusServer,
+    ScrapeJob,
+    free_port,
+)
 from trilemma.tools.demo.scenario import (
     INTERVAL_S,
     MAX_REPLICAS,
@@ -40,10 +46,19 @@ from trilemma.tools.demo.scoring import (
 )
 from trilemma.tools.demo.watcher import Watcher
 
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
-async def tell(watcher: Watcher, binary: str | None, tmp: Path,
-               prometheus_port: int) -> DemoResult:
-    """The story against the API server `watcher.api` serves, with the operator running."""
+    from trilemma.operator.metrics import OperatorMetrics
+
+# The scrape job of the operator's own /metrics (the chart's ServiceMonitor, in a cluster).
+OPERATOR_JOB = "trilemma-operator"
+
+
+async def tell(watcher: Watcher, binary: str | None, tmp: Path, prometheus_port: int,
+               operator_metrics: OperatorMetrics | None = None) -> DemoResult:
+    """The story against the API server `watcher.api` serves, with the operator running;
+    Prometheus also scrapes `operator_metrics` when given (the dashboard's operator series)."""
     options, timeline, api = watcher.options, watcher.timeline, watcher.api
     result = watcher.result
     prometheus_url = f"http://127.0.0.1:{prometheus_port}"
@@ -71,12 +86,13 @@ async def tell(watcher: Watcher, binary: str | None, tmp: Path,
     if not await watcher.poll_until(lambda: watcher.phase == "Ready", READY_TIMEOUT_S, "Ready"):
         result.message = "the endpoint did not become Ready"
         return result
-    await _serve(watcher, binary, tmp, prometheus_port)
+    await _serve(watcher, binary, tmp, prometheus_port, operator_metrics)
     result.exit_code = EXIT_ROLLED_OUT if result.rolled_out else EXIT_NO_ROLLOUT
     return result
 
 
-async def _serve(watcher: Watcher, binary: str, tmp: Path, prometheus_port: int) -> None:
+async def _serve(watcher: Watcher, binary: str, tmp: Path, prometheus_port: int,
+                 operator_metrics: OperatorMetrics | None) -> None:
     """The plan served by a simulated fleet that Prometheus scrapes, under the traffic."""
     from trilemma.operator.children import stored_plan
     from trilemma.simfleet.fleet import SimFleet
@@ -103,8 +119,13 @@ async def _serve(watcher: Watcher, binary: str, tmp: Path, prometheus_port: int)
         labels = {"namespace": NAMESPACE, "trilemma_dev_endpoint": NAME}
         jobs = [ScrapeJob(f"{NAME}-{i}", address, labels=labels)
                 for i, address in enumerate(fleet.addresses)]
-        prometheus = PrometheusServer(tmp / "prometheus", jobs, binary=binary,
-                                      port=prometheus_port)
+        exporter: WSGIServer | None = None
+        if operator_metrics is not None:
+            port = free_port()
+            exporter = operator_metrics.serve(port, addr="127.0.0.1")
+            jobs.append(ScrapeJob(OPERATOR_JOB, f"127.0.0.1:{port}"))
+        prometheus = PrometheusServer(options.prometheus_dir or tmp / "prometheus", jobs,
+                                      binary=binary, port=prometheus_port)
         loop = asyncio.get_running_loop()
         # Blocking calls (a subprocess, HTTP polls): off the loop the operator runs in.
         starting = loop.run_in_executor(None, _start_prometheus, prometheus)
@@ -115,9 +136,11 @@ async def _serve(watcher: Watcher, binary: str, tmp: Path, prometheus_port: int)
                 result.message = f"Prometheus did not start: {err}"
                 timeline.add("stop", result.message)
                 return
-            timeline.add("prom", f"Prometheus at {prometheus_url} scrapes the fleet every "
-                                 f"1 s, labelling the series namespace={NAMESPACE}, "
-                                 f"trilemma_dev_endpoint={NAME} (what a PodMonitor adds)")
+            also = " and the operator's own metrics" if exporter is not None else ""
+            timeline.add("prom", f"Prometheus at {prometheus_url} scrapes the fleet{also} "
+                                 f"every 1 s, labelling the fleet's series "
+                                 f"namespace={NAMESPACE}, trilemma_dev_endpoint={NAME} (what a "
+                                 f"PodMonitor adds)")
             await _traffic(watcher, fleet.urls, served)
         finally:
             # Cancelled (Ctrl-C) while starting, the thread may still be launching the
@@ -125,6 +148,13 @@ async def _serve(watcher: Watcher, binary: str, tmp: Path, prometheus_port: int)
             with contextlib.suppress(Exception):
                 await asyncio.shield(starting)
             await loop.run_in_executor(None, prometheus.stop)
+            if exporter is not None:
+                await loop.run_in_executor(None, _close, exporter)
+
+
+def _close(server: WSGIServer) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 def _start_prometheus(prometheus: PrometheusServer) -> None:
