@@ -250,7 +250,9 @@ async def _replan(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, stored
     except InfeasibleSLO as err:
         return failed(f"no configuration serves the observed workload: {err.why}")
     except (InputError, Outcome) as err:
+        rt.metrics.optimization_failed()
         return failed(str(err))
+    rt.metrics.optimized(run.seconds)  # a re-plan is a search too: the dashboard counts it
     # The running configuration, re-predicted at the observed workload: the old plan's figures
     # were for the old one, and a fair comparison puts both at the same traffic.
     loop = asyncio.get_running_loop()
