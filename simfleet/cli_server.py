@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # The spelling before the glossary (README), kept so scripts still run.
     p.add_argument("--predictability", dest="output_predictability", type=float,
                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--shutdown-timeout", type=float, default=None,
+                   help="vLLM's (>= 0.18): on SIGTERM, answer 503 and let the requests in "
+                        "flight finish for up to this many seconds (default 0: abort them)")
     p.add_argument("--request-overhead-ms", type=float, default=None,
                    help="API-server time per request (default: the fitted engine constant)")
     p.add_argument("engine_args", nargs="*", metavar="-- VLLM_FLAG",
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.time_scale > 0:
         raise InputError("time_scale", args.time_scale, "must be positive")
     host, port, name = args.host, args.port, args.served_model_name
+    shutdown_timeout = args.shutdown_timeout
     if args.plan is not None:
         config = _from_plan(args)
         host = host or "127.0.0.1"
@@ -95,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         host = host or flags.host or "0.0.0.0"
         port = port if port is not None else flags.port
         name = name or flags.served_model_name
+        if shutdown_timeout is None:
+            shutdown_timeout = flags.shutdown_timeout
     else:
         raise InputError("plan", None, "give --plan FILE or vLLM's serve flags after --")
     model = EngineModel(config, output_predictability=args.output_predictability,
@@ -102,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     for note in model.notes:
         _warn(note)
     server = SimServer(model, served_model_name=name, seed=args.seed,
-                       time_scale=args.time_scale)
+                       time_scale=args.time_scale, shutdown_timeout_s=shutdown_timeout or 0.0)
     asyncio.run(_serve(server, host, DEFAULT_PORT if port is None else port))
     return 0
 
@@ -120,7 +126,7 @@ async def _serve(server: SimServer, host: str, port: int) -> None:
     try:
         await stop.wait()
     finally:
-        await server.stop()
+        await server.shutdown()
 
 
 SUBCOMMAND = Subcommand(

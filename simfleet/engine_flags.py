@@ -46,6 +46,7 @@ class EngineFlags:
     served_model_name: str | None = None
     host: str | None = None
     port: int | None = None
+    shutdown_timeout: float | None = None  # vLLM >= 0.18: drain on SIGTERM (server.py)
     ignored: tuple[str, ...] = ()  # flags the simulator does not know: warn, then go on
     no_effect: tuple[str, ...] = ()  # known flags that a simulator has no use for
 
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", nargs="+", default=None)
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("--shutdown-timeout", type=float, default=None)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
@@ -125,7 +127,8 @@ def parse_vllm_args(argv: Sequence[str], *, gpu: str, engine: str = "vllm") -> E
     return EngineFlags(
         config=ServingConfig(model=model, engine=served_by, worker=worker),
         served_model_name=ns.served_model_name[0] if ns.served_model_name else None,
-        host=ns.host, port=ns.port, ignored=tuple(unknown), no_effect=no_effect)
+        host=ns.host, port=ns.port, shutdown_timeout=ns.shutdown_timeout,
+        ignored=tuple(unknown), no_effect=no_effect)
 
 
 def _quant(flag: str | None, arch: catalog.ModelArch) -> catalog.QuantRecipe:

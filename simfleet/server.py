@@ -10,6 +10,16 @@ Every request runs to its `max_tokens` (default 16): there is no end-of-sequence
 vLLM's `ignore_eos` changes nothing and `min_tokens` is always met; finish_reason is
 "length". A client that disconnects aborts its request, which then frees its KV blocks and
 is not recorded in the metrics.
+
+Shutdown (`shutdown`, what the CLI does on SIGTERM or SIGINT) is vLLM's API server's: with
+`shutdown_timeout_s` 0, vLLM's default and its only behaviour before v0.18, the listener
+closes (new connections are refused) and the requests in flight are aborted, their
+connections closed without an answer. With a positive timeout (vLLM >= 0.18's
+`--shutdown-timeout`, vllm-project/vllm#34730), every request but /live and /metrics is
+answered 503 (vLLM's ServiceUnavailableMiddleware, /health included) while the requests in
+flight finish, for at most that many wall-clock seconds (not scaled by time_scale); then the
+same stop. Either way no request in flight survives the stop, so a pod must drain before
+SIGTERM (optimizer/render/drain.py) unless the engine drains itself.
 """
 
 from __future__ import annotations
@@ -32,6 +42,9 @@ from trilemma.simfleet.vllm_metrics import EngineMetrics
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 # On stop, requests in flight get this long (s) to finish before their handlers are cancelled.
 SHUTDOWN_S = 2.0
+# Paths vLLM keeps answering while it drains (ServiceUnavailableMiddleware's _EXEMPT_PATHS).
+_DRAIN_EXEMPT = frozenset({"/live", "/metrics"})
+_DRAIN_POLL_S = 0.01
 
 
 def _version() -> str:
@@ -48,10 +61,12 @@ class SimServer:
     seed: fixes the filler text and the speculative acceptance draws.
     time_scale: multiplies every step and the request overhead (0.1 runs ten times faster);
         all times the server reports are measured, hence scaled too.
+    shutdown_timeout_s: vLLM's --shutdown-timeout, the longest `shutdown` drains (0: abort).
     """
 
     def __init__(self, model: EngineModel, *, served_model_name: str | None = None,
-                 seed: int = 0, time_scale: float = 1.0) -> None:
+                 seed: int = 0, time_scale: float = 1.0,
+                 shutdown_timeout_s: float = 0.0) -> None:
         self.model = model
         self.served_model_name = served_model_name or model.config.model
         self.seed = seed
@@ -59,7 +74,10 @@ class SimServer:
                                      engine=model.config.engine,
                                      max_model_len=model.max_model_len)
         self.replica = Replica(model, self.metrics, seed=seed, time_scale=time_scale)
-        self.app = web.Application()
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._draining = False
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self.app = web.Application(middlewares=[self._reject_while_draining])
         self.app.add_routes([
             web.post("/v1/completions", self._completions),
             web.post("/v1/chat/completions", self._chat_completions),
@@ -91,6 +109,26 @@ class SimServer:
             await self._runner.cleanup()
             self._runner = None
         await self.replica.stop()
+
+    async def shutdown(self) -> None:
+        """SIGTERM, as vLLM's API server handles it (module docstring): drain for up to
+        shutdown_timeout_s, answering 503 meanwhile, then stop and abort what is left."""
+        self._draining = True
+        deadline = asyncio.get_running_loop().time() + self.shutdown_timeout_s
+        while self._in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        for task in list(self._in_flight):
+            task.cancel()  # vLLM exits with them unanswered: their connections just close
+        await self.stop()
+
+    @web.middleware
+    async def _reject_while_draining(self, request: web.Request,
+                                     handler: Any) -> web.StreamResponse:
+        if self._draining and request.path not in _DRAIN_EXEMPT:
+            return web.json_response(
+                {"error": "Server is unavailable. Please try again later."}, status=503)
+        response: web.StreamResponse = await handler(request)
+        return response
 
     @property
     def port(self) -> int:
@@ -124,6 +162,9 @@ class SimServer:
         self.replica.submit(req)
         reply = _Reply(rid=rid, model=self.served_model_name, chat=chat,
                        start=prompts.first_filler(self.seed, prompt.tokens))
+        task = asyncio.current_task()
+        assert task is not None  # aiohttp runs every handler in a task of its own
+        self._in_flight.add(task)
         try:
             if prompt.stream:
                 return await self._stream(request, req, prompt, reply)
@@ -132,6 +173,7 @@ class SimServer:
             # The client went away mid-stream; its request is aborted below.
             return web.Response(status=499)
         finally:
+            self._in_flight.discard(task)
             if not req.finished:
                 self.replica.abort(req)
 

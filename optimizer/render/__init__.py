@@ -54,12 +54,14 @@ def manifests(config: ServingConfig, *, name: str, engine: str | None = None,
               options: RenderOptions | None = None, hf_token_secret: str | None = None,
               model_cache_pvc: str | None = None,
               inference_pool: InferencePoolOptions | None = None) -> list[dict[str, Any]]:
-    """The Kubernetes objects deploying `config`, in apply order; with `inference_pool`, an
-    InferencePool over the serving pods (and its endpoint picker) after them."""
+    """The Kubernetes objects deploying `config`, in apply order (workloads, Services, a
+    PodDisruptionBudget per workload); with `inference_pool`, an InferencePool over the
+    serving pods (and its endpoint picker) after them."""
     eng = engine or config.engine
     rendered = layout(config, eng, name=name, namespace=namespace, image=image, options=options,
                     hf_token_secret=hf_token_secret, model_cache_pvc=model_cache_pvc)
-    objects = workloads.build(rendered, bootstrap_port=bootstrap_port(eng))
+    objects = workloads.build(rendered, bootstrap_port=bootstrap_port(eng),
+                              e2e_p99_ms=(options or RenderOptions()).e2e_p99_ms)
     if inference_pool is not None:
         objects += gateway.objects(rendered, inference_pool)
     return objects

@@ -33,6 +33,9 @@ class RenderOptions:
     # What the engine loads when it is not the planned model id: a checkpoint path in the pod,
     # or the Hub id of a model planned from its config.json alone.
     served_model: str | None = None
+    # The plan's predicted p99 end-to-end latency (Prediction.e2e_p99_ms): sizes the pods'
+    # termination grace period so a drain outlasts the requests in flight (drain.py).
+    e2e_p99_ms: float | None = None
 
 
 def quant_flag(model: catalog.ModelArch, worker: WorkerConfig) -> str | None:

@@ -3,18 +3,21 @@
 Last step of rendering. One Deployment per single-node pod kind (a LeaderWorkerSet when a
 replica spans nodes), named <name>-<role>-<hash8>, and Services named after the endpoint that
 select the active config hash, so a new plan rolls out as new objects beside the old ones.
+Each workload gets a PodDisruptionBudget of the same name, and its pods a preStop drain and a
+grace period sized from the plan's predicted latency (drain.py says why).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from trilemma.optimizer.render.drain import Drain, plan_drain
 from trilemma.optimizer.render.ir import RenderedWorker, RenderPlan, Role
 
 STARTUP_BUDGET_S = 600     # weights download and CUDA graph capture: 10 minutes to first /health
 STARTUP_PERIOD_S = 10
-PRESTOP_SLEEP_S = 15       # let the Service drop the pod before the engine stops accepting
 LWS_API = "leaderworkerset.x-k8s.io/v1"
+PDB_API = "policy/v1"
 CACHE_MOUNT = "/root/.cache/huggingface"
 # What every engine container can give up and still serve: no privilege escalation, no Linux
 # capabilities (NCCL over NVLink/PCIe and CUDA IPC need none; shared memory is the dshm
@@ -36,9 +39,12 @@ def labels(plan: RenderPlan, role: Role, *, part: str | None = None) -> dict[str
     }
 
 
+def _config_pods(plan: RenderPlan) -> dict[str, str]:
+    return {"trilemma.dev/endpoint": plan.name, "trilemma.dev/config-hash": plan.config_hash}
+
+
 def selector(plan: RenderPlan, component: str) -> dict[str, str]:
-    return {"trilemma.dev/endpoint": plan.name, "trilemma.dev/config-hash": plan.config_hash,
-            "app.kubernetes.io/component": component}
+    return {**_config_pods(plan), "app.kubernetes.io/component": component}
 
 
 def object_name(plan: RenderPlan, role: Role) -> str:
@@ -72,7 +78,16 @@ def _env(plan: RenderPlan, worker: RenderedWorker) -> list[Obj]:
     return env
 
 
-def _container(plan: RenderPlan, worker: RenderedWorker, *, follower: bool = False) -> Obj:
+def _pre_stop(plan: RenderPlan, worker: RenderedWorker, drain: Drain, follower: bool) -> Obj:
+    if worker.role is Role.ROUTER:
+        return {"exec": {"command": drain.router_pre_stop()}}
+    # Followers serve nothing but must outlive their leader's drain: they watch the leader.
+    host = "$LWS_LEADER_ADDRESS" if follower else "127.0.0.1"
+    return {"exec": {"command": drain.pre_stop(plan.port, host=host)}}
+
+
+def _container(plan: RenderPlan, worker: RenderedWorker, drain: Drain, *,
+               follower: bool = False) -> Obj:
     gpus = {plan.gpu_resource: str(worker.gpus_per_pod)} if worker.gpus_per_pod else {}
     serves = worker.serves_http and not follower
     container: Obj = {
@@ -82,7 +97,7 @@ def _container(plan: RenderPlan, worker: RenderedWorker, *, follower: bool = Fal
         "args": worker.argv(follower=follower),
         "resources": {"limits": dict(gpus), "requests": dict(gpus)} if gpus else {},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+        "lifecycle": {"preStop": _pre_stop(plan, worker, drain, follower)},
         "securityContext": dict(CONTAINER_SECURITY),
     }
     if serves:
@@ -105,12 +120,12 @@ def _volumes(plan: RenderPlan, worker: RenderedWorker) -> list[Obj]:
     return volumes
 
 
-def pod_template(plan: RenderPlan, worker: RenderedWorker, *, part: str | None = None,
-                 follower: bool = False) -> Obj:
+def pod_template(plan: RenderPlan, worker: RenderedWorker, drain: Drain, *,
+                 part: str | None = None, follower: bool = False) -> Obj:
     spec: Obj = {
-        "containers": [_container(plan, worker, follower=follower)],
+        "containers": [_container(plan, worker, drain, follower=follower)],
         "volumes": _volumes(plan, worker),
-        "terminationGracePeriodSeconds": PRESTOP_SLEEP_S + 30,
+        "terminationGracePeriodSeconds": drain.grace_s,
         # The engines never call the Kubernetes API: no token for a compromised pod to use.
         "automountServiceAccountToken": False,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
@@ -123,18 +138,18 @@ def pod_template(plan: RenderPlan, worker: RenderedWorker, *, part: str | None =
     return {"metadata": {"labels": labels(plan, worker.role, part=part)}, "spec": spec}
 
 
-def deployment(plan: RenderPlan, worker: RenderedWorker) -> Obj:
+def deployment(plan: RenderPlan, worker: RenderedWorker, drain: Drain) -> Obj:
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": object_name(plan, worker.role), "namespace": plan.namespace,
                      "labels": labels(plan, worker.role)},
         "spec": {"replicas": worker.replicas,
                  "selector": {"matchLabels": selector(plan, worker.role.value)},
-                 "template": pod_template(plan, worker)},
+                 "template": pod_template(plan, worker, drain)},
     }
 
 
-def leader_worker_set(plan: RenderPlan, worker: RenderedWorker) -> Obj:
+def leader_worker_set(plan: RenderPlan, worker: RenderedWorker, drain: Drain) -> Obj:
     """One replica = a group of `nodes` pods; the leader serves HTTP, the others join it."""
     leader = f"{worker.role.value}-leader"
     follower = f"{worker.role.value}-worker"
@@ -148,8 +163,9 @@ def leader_worker_set(plan: RenderPlan, worker: RenderedWorker) -> Obj:
                 "size": worker.nodes,
                 # A lost node breaks the replica's collectives: restart the whole group.
                 "restartPolicy": "RecreateGroupOnPodRestart",
-                "leaderTemplate": pod_template(plan, worker, part=leader),
-                "workerTemplate": pod_template(plan, worker, part=follower, follower=True),
+                "leaderTemplate": pod_template(plan, worker, drain, part=leader),
+                "workerTemplate": pod_template(plan, worker, drain, part=follower,
+                                               follower=True),
             },
         },
     }
@@ -181,22 +197,51 @@ def front_component(plan: RenderPlan) -> str:
     return Role.ROUTER.value
 
 
-def workload(plan: RenderPlan, worker: RenderedWorker) -> Obj:
-    return leader_worker_set(plan, worker) if worker.nodes > 1 else deployment(plan, worker)
+def workload(plan: RenderPlan, worker: RenderedWorker, drain: Drain) -> Obj:
+    if worker.nodes > 1:
+        return leader_worker_set(plan, worker, drain)
+    return deployment(plan, worker, drain)
 
 
-def build(plan: RenderPlan, *, bootstrap_port: int = 0) -> list[Obj]:
-    """Every object, in apply order: workloads first, then the Services that front them.
+def disruption_budget(plan: RenderPlan, worker: RenderedWorker) -> Obj:
+    """At most one pod of the workload evicted at a time (drain.py: why 1, even for one
+    replica). A multi-node replica is one group of pods that fails as a whole, which a
+    pod-counting budget cannot express; one pod at a time over all its groups' pods keeps
+    at most one group down, and the group's recreation blocks the next eviction until it is
+    ready again. Unready pods serve nothing, so they may always go (AlwaysAllow)."""
+    if worker.nodes > 1:
+        parts = [f"{worker.role.value}-leader", f"{worker.role.value}-worker"]
+        match: Obj = {"matchLabels": _config_pods(plan),
+                      "matchExpressions": [{"key": "app.kubernetes.io/component",
+                                            "operator": "In", "values": parts}]}
+    else:
+        match = {"matchLabels": selector(plan, worker.role.value)}
+    return {
+        "apiVersion": PDB_API, "kind": "PodDisruptionBudget",
+        "metadata": {"name": object_name(plan, worker.role), "namespace": plan.namespace,
+                     "labels": labels(plan, worker.role)},
+        "spec": {"maxUnavailable": 1, "selector": match,
+                 "unhealthyPodEvictionPolicy": "AlwaysAllow"},
+    }
+
+
+def build(plan: RenderPlan, *, bootstrap_port: int = 0,
+          e2e_p99_ms: float | None = None) -> list[Obj]:
+    """Every object, in apply order: workloads, the Services that front them, then one
+    PodDisruptionBudget per workload. `e2e_p99_ms` (the plan's predicted p99 end-to-end
+    latency) sizes the pods' grace period.
 
     Disaggregated: the endpoint Service fronts the router; <name>-prefill and <name>-decode
     Services give the router stable addresses for the two pools.
     """
-    objects = [workload(plan, w) for w in plan.workers]
+    drain = plan_drain(e2e_p99_ms)
+    objects = [workload(plan, w, drain) for w in plan.workers]
+    budgets = [disruption_budget(plan, w) for w in plan.workers]
     front = service(plan, plan.name, front_component(plan))
     if len(plan.workers) == 1:
-        return [*objects, front]
+        return [*objects, front, *budgets]
     prefill, decode = plan.worker(Role.PREFILL), plan.worker(Role.DECODE)
     return [*objects, front,
             service(plan, f"{plan.name}-prefill", _serving_component(prefill),
                     extra_ports=bootstrap_port),
-            service(plan, f"{plan.name}-decode", _serving_component(decode))]
+            service(plan, f"{plan.name}-decode", _serving_component(decode)), *budgets]

@@ -158,7 +158,7 @@ def test_a_disaggregated_pool_fronts_the_router_not_the_prefill_or_decode_pods()
 
 def test_the_picker_is_rendered_beside_the_pool_and_referenced_by_it():
     objects = manifests(AGGREGATED, "vllm")
-    kinds = [(o["kind"], o["metadata"]["name"]) for o in objects[2:]]
+    kinds = [(o["kind"], o["metadata"]["name"]) for o in objects[3:]]
     assert kinds == [("ServiceAccount", "chat-epp"), ("Role", "chat-epp"),
                      ("RoleBinding", "chat-epp"), ("ConfigMap", "chat-epp"),
                      ("Deployment", "chat-epp"), ("Service", "chat-epp"),
@@ -201,7 +201,8 @@ def test_the_picker_scores_prefix_cache_and_load_reading_the_engines_metrics(
 def test_an_existing_picker_is_referenced_and_nothing_else_rendered():
     objects = manifests(AGGREGATED, "vllm", endpoint_picker="shared-epp",
                         endpoint_picker_port=9443, failure_mode="FailClose")
-    assert [o["kind"] for o in objects] == ["Deployment", "Service", "InferencePool"]
+    assert [o["kind"] for o in objects] == ["Deployment", "Service", "PodDisruptionBudget",
+                                           "InferencePool"]
     assert objects[-1]["spec"]["endpointPickerRef"] == {
         "kind": "Service", "name": "shared-epp", "port": {"number": 9443},
         "failureMode": "FailClose"}
@@ -258,7 +259,7 @@ def test_a_rollout_moves_the_pool_selector_and_leaves_the_picker_alone():
 
 def test_the_pool_is_off_by_default_and_the_yaml_is_byte_identical():
     assert [o["kind"] for o in render.manifests(AGGREGATED, name="chat")] == [
-        "Deployment", "Service"]
+        "Deployment", "Service", "PodDisruptionBudget"]
     options = render.InferencePoolOptions()
     first = render.render_yaml(DISAGGREGATED, name="chat", inference_pool=options)
     assert first == render.render_yaml(DISAGGREGATED, name="chat", inference_pool=options)
@@ -272,7 +273,8 @@ def test_render_command_and_cli_render_the_pool_on_request(tmp_path, capsys):
     render_command(path, "vllm", name="chat", namespace="llm", image=None, out=out,
                    inference_pool=render.InferencePoolOptions(endpoint_picker="epp"))
     docs = list(yaml.safe_load_all(out.getvalue()))
-    assert [d["kind"] for d in docs] == ["Deployment", "Service", "InferencePool"]
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "PodDisruptionBudget",
+                                        "InferencePool"]
     assert cli.main(["render", str(path), "--name", "chat", "--inference-pool"]) == 0
     kinds = [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)]
     assert kinds[-2:] == ["Service", "InferencePool"] and "Role" in kinds

@@ -38,13 +38,13 @@ def test_deployment_and_service_validate_against_the_kubernetes_schema(engine):
     objects = render.manifests(AGGREGATED, name="chat", engine=engine, namespace="llm",
                                options=render.RenderOptions(pool_group=POOL),
                                hf_token_secret="hf", model_cache_pvc="models")
-    assert [o["kind"] for o in objects] == ["Deployment", "Service"]
+    assert [o["kind"] for o in objects] == ["Deployment", "Service", "PodDisruptionBudget"]
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
 def test_deployment_carries_name_labels_gpus_probes_and_scheduling():
-    dep, svc = render.manifests(AGGREGATED, name="chat", engine="vllm",
+    dep, svc, _ = render.manifests(AGGREGATED, name="chat", engine="vllm",
                                 options=render.RenderOptions(pool_group=POOL),
                                 hf_token_secret="hf", model_cache_pvc="models")
     digest = AGGREGATED.layout_hash()
@@ -79,8 +79,9 @@ def test_amd_gpus_request_the_amd_resource():
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
 def test_a_replica_wider_than_a_node_becomes_a_leader_worker_set(engine):
     objects = render.manifests(MULTI_NODE, name="ds", engine=engine)
-    lws, svc = objects
+    lws, svc, pdb = objects
     kubernetes_validate.validate(svc, K8S_VERSION, strict=True)
+    kubernetes_validate.validate(pdb, K8S_VERSION, strict=True)
     assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
     assert lws["kind"] == "LeaderWorkerSet"
     template = lws["spec"]["leaderWorkerTemplate"]
@@ -111,8 +112,8 @@ def test_a_replica_only_change_keeps_the_deployment_name_and_scales_it():
 
     more = dataclasses.replace(AGGREGATED, replicas=AGGREGATED.replicas + 3)
     assert more.config_hash() != AGGREGATED.config_hash()
-    before, _ = render.manifests(AGGREGATED, name="chat", engine="vllm")
-    after, _ = render.manifests(more, name="chat", engine="vllm")
+    before, _, _ = render.manifests(AGGREGATED, name="chat", engine="vllm")
+    after, _, _ = render.manifests(more, name="chat", engine="vllm")
     assert after["metadata"]["name"] == before["metadata"]["name"]
     assert after["spec"]["template"] == before["spec"]["template"]
     assert after["spec"]["replicas"] == before["spec"]["replicas"] + 3
@@ -131,7 +132,10 @@ def test_disaggregated_sglang_renders_pools_router_and_services():
     assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
         ("Deployment", f"chat-prefill-{digest}"), ("Deployment", f"chat-decode-{digest}"),
         ("Deployment", f"chat-router-{digest}"), ("Service", "chat"),
-        ("Service", "chat-prefill"), ("Service", "chat-decode")]
+        ("Service", "chat-prefill"), ("Service", "chat-decode"),
+        ("PodDisruptionBudget", f"chat-prefill-{digest}"),
+        ("PodDisruptionBudget", f"chat-decode-{digest}"),
+        ("PodDisruptionBudget", f"chat-router-{digest}")]
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     router = objects[2]["spec"]["template"]["spec"]["containers"][0]
@@ -163,7 +167,7 @@ def test_render_command_reads_a_plan_file_and_prints_commands_then_manifests(tmp
     text = out.getvalue()
     assert text.startswith("# vllm serve Qwen/Qwen3-8B")
     docs = list(yaml.safe_load_all(text))
-    assert [d["kind"] for d in docs] == ["Deployment", "Service"]
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "PodDisruptionBudget"]
     assert docs[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "img:1"
 
 

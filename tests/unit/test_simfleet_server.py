@@ -213,6 +213,44 @@ async def test_client_that_disconnects_aborts_its_request(llama):
     assert m["vllm:request_success_total[length]"] == 0  # not recorded as served
 
 
+async def test_shutdown_with_a_timeout_answers_503_while_requests_in_flight_finish(llama):
+    """vLLM >= 0.18 with --shutdown-timeout: /metrics still answers, everything else is 503."""
+    server = SimServer(llama, served_model_name="sim", time_scale=0.1, shutdown_timeout_s=30)
+    url = await server.start()
+    async with aiohttp.ClientSession() as s:
+        body = {"prompt": list(range(100)), "max_tokens": 400}
+        in_flight = asyncio.create_task(s.post(url + "/v1/completions", json=body))
+        while not any(e.running for e in server.replica.engines):
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(server.shutdown())
+        await asyncio.sleep(0.05)
+        assert not stopping.done()
+        late = await s.post(url + "/v1/completions", json=body)
+        assert late.status == 503
+        assert (await s.get(url + "/health")).status == 503
+        assert (await s.get(url + "/metrics")).status == 200
+        finished = await in_flight
+        assert finished.status == 200
+        assert (await finished.json())["usage"]["completion_tokens"] == 400
+        await asyncio.wait_for(stopping, 10)
+        with pytest.raises(aiohttp.ClientConnectionError):  # the listener is closed
+            await s.get(url + "/health")
+
+
+async def test_shutdown_without_a_timeout_aborts_the_requests_in_flight(llama):
+    """vLLM's default (and its only behaviour before 0.18): in-flight requests are lost."""
+    server = SimServer(llama, served_model_name="sim", time_scale=0.1)
+    url = await server.start()
+    async with aiohttp.ClientSession() as s:
+        in_flight = asyncio.create_task(s.post(url + "/v1/completions", json={
+            "prompt": list(range(100)), "max_tokens": 400}))
+        while not any(e.running for e in server.replica.engines):
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(server.shutdown(), 5)
+        with pytest.raises(aiohttp.ClientError):
+            await in_flight
+
+
 # ---- timing --------------------------------------------------------------------------------
 
 
@@ -429,6 +467,13 @@ def test_unknown_vllm_flags_are_listed_and_defaults_are_vllms():
     # vLLM's own defaults for a < 70 GiB GPU, not WorkerConfig's.
     assert (w.max_num_seqs, w.max_num_batched_tokens, w.prefix_caching) == (256, 2048, True)
     assert (w.quant, w.kv_dtype, w.spec_method) == ("bf16", "bf16", "none")
+    assert parsed.shutdown_timeout is None
+
+
+def test_vllms_shutdown_timeout_flag_is_read_back():
+    parsed = engine_flags.parse_vllm_args(
+        ["meta-llama/Llama-3.1-8B-Instruct", "--shutdown-timeout", "30"], gpu="l40s")
+    assert parsed.shutdown_timeout == 30.0 and parsed.ignored == ()
 
 
 @pytest.mark.parametrize("argv, field", [
