@@ -49,6 +49,9 @@ class Children:
     workloads: list[Obj]   # Deployments / LeaderWorkerSets named <name>[-role]-<hash8>
     services: list[Obj]    # stable names; their selectors pick the active hash
     config_hash: str
+    # A PodDisruptionBudget per workload, of the workload's name: created with it, deleted
+    # with it, never counted in availability (the renderer's drain.py says why they exist).
+    budgets: list[Obj]
 
 
 def _extra_args(container: Obj, extra: list[str], engine: Engine,
@@ -118,10 +121,15 @@ def _customize(workload: Obj, spec: OptimizedEndpointSpec, owner: Owner, engine:
     return out
 
 
+PDB_API = "policy/v1"
+
+
 def build(config: ServingConfig, spec: OptimizedEndpointSpec, owner: Owner,
-          pool_group: GpuGroup, *, served_model: str | None = None) -> Children:
-    """The workloads and Services deploying `config`; `served_model` is what the engine
-    loads when it differs from the planned model id (a ConfigMap model's checkpoint).
+          pool_group: GpuGroup, *, served_model: str | None = None,
+          e2e_p99_ms: float | None = None) -> Children:
+    """The workloads, Services and disruption budgets deploying `config`; `served_model` is
+    what the engine loads when it differs from the planned model id (a ConfigMap model's
+    checkpoint); `e2e_p99_ms`, the plan's predicted p99 latency, sizes the pods' drain.
 
     Raises InputError when the configuration cannot be deployed as specified (a vLLM
     disaggregated plan without a router command, an extra argument overriding the plan).
@@ -132,7 +140,8 @@ def build(config: ServingConfig, spec: OptimizedEndpointSpec, owner: Owner,
         pool_group=pool_group,
         router_command=tuple(spec.engine.router_command) if spec.engine.router_command
         else None,
-        served_model=served_model if served_model != config.model else None)
+        served_model=served_model if served_model != config.model else None,
+        e2e_p99_ms=e2e_p99_ms)
     objects = render.manifests(
         config, name=owner.name, engine=engine.value, namespace=owner.namespace,
         image=spec.engine.image(engine), options=options,
@@ -140,12 +149,14 @@ def build(config: ServingConfig, spec: OptimizedEndpointSpec, owner: Owner,
         model_cache_pvc=cache.claim_name if cache is not None else None)
     decided = render.decided_flags(config, engine.value, options=options)
     workloads = [_customize(o, spec, owner, engine, decided) for o in objects
-                 if o["kind"] != "Service"]
+                 if o["kind"] not in ("Service", "PodDisruptionBudget")]
     services = [copy.deepcopy(o) for o in objects if o["kind"] == "Service"]
-    for svc in services:
-        svc["metadata"]["ownerReferences"] = [owner.reference()]
+    budgets = [copy.deepcopy(o) for o in objects if o["kind"] == "PodDisruptionBudget"]
+    for obj in [*services, *budgets]:
+        obj["metadata"]["ownerReferences"] = [owner.reference()]
     hashes = {w["metadata"]["labels"][naming.LABEL_CONFIG_HASH] for w in workloads}
-    return Children(workloads=workloads, services=services, config_hash=hashes.pop())
+    return Children(workloads=workloads, services=services, config_hash=hashes.pop(),
+                    budgets=budgets)
 
 
 PLAN_KEY = "plan.json"

@@ -70,6 +70,7 @@ NAMESPACED_RULES: Final[list[Rule]] = [
     {"apiGroups": ["trilemma.dev"], "resources": ["optimizedendpoints/status"],
      "verbs": ["get", "patch"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": [*OWN]},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": [*OWN]},
     {"apiGroups": [CORE], "resources": ["configmaps", "services"], "verbs": [*OWN]},
     {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": [*OWN]},
     # No watch: PodMonitors are write-mostly and read back only to compare with the rendering.

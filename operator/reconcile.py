@@ -190,7 +190,8 @@ def _render(ep: Endpoint, spec: OptimizedEndpointSpec, full_pool: HardwarePoolSp
     served = models.checkpoints.get(config.model, config.model)
     group = full_pool.group(config.worker.gpu)
     try:
-        kids = children.build(config, spec, ep.owner, group, served_model=served)
+        kids = children.build(config, spec, ep.owner, group, served_model=served,
+                              e2e_p99_ms=plan.recommended.prediction.e2e_p99_ms)
     except InputError as err:
         raise failed("RenderFailed", input_message(err), ConditionType.OPTIMIZED) from None
     engine_args = next(c["args"] for w in kids.workloads for c in _containers(w)
@@ -240,7 +241,7 @@ async def _deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, target
             raise
         # Created side by side, so one child's conflict or refusal may come after the
         # others exist: a new endpoint that failed keeps nothing it made (no GPUs held).
-        await delete_owned(rt.kube, ep, [*kids.workloads, *kids.services])
+        await delete_owned(rt.kube, ep, [*kids.workloads, *kids.budgets, *kids.services])
         raise
 
 

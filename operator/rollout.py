@@ -68,9 +68,15 @@ async def _available(kube: Kube, ep: Endpoint, config_hash: str) -> bool:
     return bool(live) and all(applying.is_available(w) for w in live)
 
 
-async def _delete_all(kube: Kube, objects: list[Obj]) -> None:
-    for obj in objects:
+async def _delete_workloads(kube: Kube, ep: Endpoint, workloads: list[Obj]) -> None:
+    """Each workload and its disruption budget (same name), if the endpoint owns it."""
+    for obj in workloads:
         await kube.delete(Ref.of(obj))
+        meta = obj["metadata"]
+        budget = Ref(children.PDB_API, "PodDisruptionBudget", meta["namespace"], meta["name"])
+        found = await kube.get(budget)
+        if found is not None and owns(ep, found):
+            await kube.delete(budget)
 
 
 async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
@@ -81,7 +87,7 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     made: list[applying.Applied] = []
     if new:
         made = await together(*(applying.apply(kube, obj, current=None)
-                                 for obj in [*kids.workloads, *kids.services]))
+                                 for obj in [*kids.workloads, *kids.budgets, *kids.services]))
     # All created: the endpoint was as new as it looked, so there is no Service serving
     # another configuration. Anything already there (a run cut short): the full pass below
     # reads the live objects (and writes nothing more, they are up to date now).
@@ -98,6 +104,8 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
             if problem is not None:
                 raise applying.NotOwned(Ref.of(desired), problem)
         results = [await applying.apply(kube, workload) for workload in kids.workloads]
+        for budget in kids.budgets:
+            await applying.apply(kube, budget)
         # Just created: certainly not available yet; spares reading them back.
         fresh = any(r is applying.Applied.CREATED for r in results)
     live_front = live_services[0]
@@ -166,7 +174,7 @@ def _start_rollout(ep: Endpoint, spec: OptimizedEndpointSpec, from_hash: str | N
 
 async def _drop_others(kube: Kube, ep: Endpoint, keep: set[str]) -> None:
     stale = [w for w in await _workloads(kube, ep) if applying.config_hash_of(w) not in keep]
-    await _delete_all(kube, stale)
+    await _delete_workloads(kube, ep, stale)
 
 
 async def _pod_monitor(rt: Runtime, ep: Endpoint) -> None:
@@ -250,7 +258,7 @@ async def _progress(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
     if new and all(applying.is_available(w) for w in new):  # _available, without a 2nd read
         if old is not None:
             await _switch_services(rt, ep, target)
-            await _delete_all(rt.kube, await _workloads(rt.kube, ep, old))
+            await _delete_workloads(rt.kube, ep, await _workloads(rt.kube, ep, old))
             rt.events(ep.body, "Normal", "RolledOut",
                       f"the Service moved from {old} to {target}; {old} removed")
         ep.update_rollout(state=RolloutState.COMPLETE, message="available")
@@ -267,7 +275,7 @@ async def _progress(rt: Runtime, ep: Endpoint, rollout: Obj) -> None:
     ep.update_rollout(state=RolloutState.FAILED, message=message)
     if old is not None:
         # Roll back: the old configuration never stopped serving; drop the new one.
-        await _delete_all(rt.kube, new)
+        await _delete_workloads(rt.kube, ep, new)
         ep.put(allocated_gpus=dict(rollout.get("fromGpus") or {}), serving_hash=old)
         ep.condition(ConditionType.DEPLOYED, False, "RolloutFailed", message)
         await _refresh_ready(rt, ep, old)
@@ -303,7 +311,7 @@ async def delete_children(rt: Runtime, body: Obj) -> None:
     ep = Endpoint.of(body)
     async with rt.lock(ep.key):
         kube = rt.kube
-        await _delete_all(kube, await _workloads(kube, ep))
+        await _delete_workloads(kube, ep, await _workloads(kube, ep))
         for svc in await kube.list("v1", "Service", ep.namespace,
                                    labels={naming.LABEL_ENDPOINT: ep.name}):
             if owns(ep, svc):

@@ -10,20 +10,21 @@ Part of rendering, used by workloads.py. What happens when Kubernetes deletes a 
    time after SIGTERM, then the kubelet sends SIGKILL (kubernetes.io/docs/concepts/workloads/
    pods/pod-lifecycle/#pod-termination and .../containers/container-lifecycle-hooks/).
 2. What the engines do on SIGTERM:
-   - vLLM before v0.18 (the 0.10-0.12 line whose flags the renderer emits, overrides.py)
-     terminates at once and aborts the requests in flight (vllm-project/vllm#34730:
-     "Previously, SIGTERM to the API server ... would cause immediate process termination
-     without coordinating request handling"). v0.18 added `--shutdown-timeout SECONDS`
-     (#34730, re-landed as #36666): reject new requests with 503 (every path but /live and
-     /metrics, ServiceUnavailableMiddleware) and wait up to SECONDS for the ones in flight;
-     its default 0 keeps the immediate abort. KServe (kserve/kserve#5496) and the vLLM
-     Kubernetes guide (vllm-project/vllm#43208) pair it with a 15 s preStop sleep and
-     terminationGracePeriodSeconds >= sleep + shutdown timeout.
+   - vLLM before v0.18 terminates at once and aborts the requests in flight
+     (vllm-project/vllm#34730: "Previously, SIGTERM to the API server ... would cause
+     immediate process termination without coordinating request handling"). v0.18 added
+     `--shutdown-timeout SECONDS` (#34730, re-landed as #36666): reject new requests with
+     503 (every path but /live and /metrics, ServiceUnavailableMiddleware) and wait up to
+     SECONDS for the ones in flight; its default 0 keeps the immediate abort. KServe
+     (kserve/kserve#5496) and the vLLM Kubernetes guide (vllm-project/vllm#43208) pair it
+     with a 15 s preStop sleep and terminationGracePeriodSeconds >= sleep + shutdown timeout.
    - SGLang's TokenizerManager handles SIGTERM itself (sglang/srt/managers/
      tokenizer_manager.py, sigterm_watchdog): every 5 s it checks whether a request is left
      (rid_to_state), and kills the process tree once none is; unbounded on its own.
 
-So a SIGTERM-only design drops requests on every vLLM the renderer targets. The preStop hook
+The default image is a later vLLM (the calibrated release, perf/releases.py), so the renderer
+also passes --shutdown-timeout (vllm_flags.shutdown_arg), but SIGTERM alone is not enough: an
+image pinned by the user may be older, and SGLang's wait is unbounded. The preStop hook
 therefore drains explicitly and engine-neutrally, before SIGTERM ever comes: it sleeps
 PRESTOP_SLEEP_S (the same 15 s as KServe's, for the endpoint removal to reach every proxy, so
 no new request arrives), then polls the engine's own /metrics on localhost until no request

@@ -13,7 +13,7 @@ from typing import Any
 
 from trilemma.optimizer import catalog
 from trilemma.optimizer.catalog import SpecMethod
-from trilemma.optimizer.render import choices
+from trilemma.optimizer.render import choices, drain
 from trilemma.optimizer.render.ir import Arg, Role, Source
 from trilemma.optimizer.search.configs import WorkerConfig
 
@@ -116,7 +116,18 @@ def worker_args(model_id: str, model: catalog.ModelArch, worker: WorkerConfig, r
         speculative_arg(spec),
         kv_transfer_arg(role),
         Arg(flag="--port", value=str(options.port), source=Source.RENDERER),
+        shutdown_arg(options),
     ]
+
+
+def shutdown_arg(options: choices.RenderOptions) -> Arg:
+    """--shutdown-timeout (vLLM >= 0.18, vllm-project/vllm#36666): on SIGTERM refuse new
+    requests and let those in flight finish for up to that long. The preStop drain (drain.py)
+    normally leaves nothing in flight by then; this covers a preStop that failed early (the
+    kubelet then sends SIGTERM at once), within the same grace period."""
+    budget = drain.plan_drain(options.e2e_p99_ms).budget_s
+    return Arg(flag="--shutdown-timeout", value=str(budget), source=Source.RENDERER,
+               note="drain in flight on SIGTERM too (drain.py)")
 
 
 def multinode_args(nodes: int) -> tuple[tuple[Arg, ...], tuple[Arg, ...]]:

@@ -122,7 +122,8 @@ def _children_renderer(plan: dict[str, Any], pool: dict[str, Any],
         kids = children.build(config, spec, owner, group, served_model=served)
         plan_map = children.plan_config_map(owner, Plan.from_dict(plan), request_digest="floor",
                                             config_hash=kids.config_hash)
-        return [applying.with_hash(o) for o in [plan_map, *kids.workloads, *kids.services]]
+        return [applying.with_hash(o)
+                for o in [plan_map, *kids.workloads, *kids.budgets, *kids.services]]
     return render
 
 
