@@ -24,6 +24,7 @@ MERGE_PATCH = "application/merge-patch+json"
 # plural of a kind without discovery; these are fixed by their API definitions.
 PLURALS = {
     "Deployment": "deployments",
+    "PodDisruptionBudget": "poddisruptionbudgets",
     "Service": "services",
     "ConfigMap": "configmaps",
     "Secret": "secrets",

@@ -44,7 +44,7 @@ DEPLOYMENTS = "apps/v1/deployments"
 PLURALS = {"OptimizedEndpoint": "optimizedendpoints", "HardwarePool": "hardwarepools",
            "Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps",
            "Event": "events", "CustomResourceDefinition": "customresourcedefinitions",
-           "PodMonitor": "podmonitors"}
+           "PodMonitor": "podmonitors", "PodDisruptionBudget": "poddisruptionbudgets"}
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -119,7 +119,8 @@ def declare_resources(server: kmock.KubernetesEmulator) -> None:
                                    verbs={"get", "list", "watch", "patch", "create"})
     verbs = {"get", "list", "watch", "create", "patch", "delete"}
     for res, kind in ((DEPLOYMENTS, "Deployment"), ("v1/services", "Service"),
-                      ("v1/configmaps", "ConfigMap"), ("v1/events", "Event")):
+                      ("v1/configmaps", "ConfigMap"), ("v1/events", "Event"),
+                      ("policy/v1/poddisruptionbudgets", "PodDisruptionBudget")):
         server.resources[res] = info(kind=kind, namespaced=True, verbs=verbs)
     # Kopf's backbone waits for these two to be discoverable before it watches anything.
     server.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=verbs)
