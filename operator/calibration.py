@@ -33,10 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from trilemma.operator.estimator import ObservedWorkload
+from trilemma.operator.status_models import CalibrationStatus, FactorStatus
 from trilemma.optimizer.search import Prediction
 from trilemma.optimizer.spec import Slo
-
-Obj = dict[str, Any]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,20 +94,15 @@ class Factor:
             applied = round(round(value / settings.step) * settings.step, 4)
         return Factor(value=value, pairs=n, applied=applied, last_ratio=ratio)
 
-    def to_status(self) -> Obj:
-        out: Obj = {"factor": float(f"{self.value:.4g}"), "pairs": self.pairs,
-                    "applied": self.applied}
-        if self.last_ratio is not None:
-            out["lastRatio"] = float(f"{self.last_ratio:.4g}")
-        return out
+    def to_status(self) -> FactorStatus:
+        last = None if self.last_ratio is None else float(f"{self.last_ratio:.4g}")
+        return FactorStatus(factor=float(f"{self.value:.4g}"), pairs=self.pairs,
+                            applied=self.applied, last_ratio=last)
 
     @classmethod
-    def from_status(cls, data: Mapping[str, Any] | None) -> Factor:
-        d = data or {}
-        last = d.get("lastRatio")
-        return cls(value=float(d.get("factor", 1.0)), pairs=int(d.get("pairs", 0)),
-                   applied=float(d.get("applied", 1.0)),
-                   last_ratio=None if last is None else float(last))
+    def from_status(cls, data: FactorStatus) -> Factor:
+        return cls(value=data.factor, pairs=data.pairs, applied=data.applied,
+                   last_ratio=data.last_ratio)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,23 +128,23 @@ class Calibration:
         t, p = self.factors()
         return f"ttft{t:.2f}-tpot{p:.2f}"
 
-    def to_status(self) -> Obj:
-        out: Obj = {"ttft": self.ttft.to_status(), "tpot": self.tpot.to_status()}
+    def to_status(self) -> CalibrationStatus:
+        updated = None
         if self.updated is not None:
             stamp = datetime.datetime.fromtimestamp(round(self.updated), datetime.UTC)
-            out["updated"] = stamp.isoformat().replace("+00:00", "Z")
-        if self.config_hash is not None:
-            out["configHash"] = self.config_hash
-        return out
+            updated = stamp.isoformat().replace("+00:00", "Z")
+        return CalibrationStatus(ttft=self.ttft.to_status(), tpot=self.tpot.to_status(),
+                                 updated=updated, config_hash=self.config_hash)
 
     @classmethod
-    def from_status(cls, data: Mapping[str, Any] | None) -> Calibration:
-        d = data or {}
-        updated = d.get("updated")
-        return cls(ttft=Factor.from_status(d.get("ttft")), tpot=Factor.from_status(d.get("tpot")),
-                   updated=None if not updated else datetime.datetime.fromisoformat(
-                       str(updated).replace("Z", "+00:00")).timestamp(),
-                   config_hash=d.get("configHash"))
+    def from_status(cls, data: CalibrationStatus | Mapping[str, Any] | None) -> Calibration:
+        """The calibration from `status.calibration` (its model or wire form); missing keys
+        (a new endpoint) take the neutral factor 1."""
+        d = CalibrationStatus.model_validate(data or {})
+        return cls(ttft=Factor.from_status(d.ttft), tpot=Factor.from_status(d.tpot),
+                   updated=None if not d.updated else datetime.datetime.fromisoformat(
+                       d.updated.replace("Z", "+00:00")).timestamp(),
+                   config_hash=d.config_hash)
 
 
 def update(calibration: Calibration, *, predicted: Prediction,

@@ -19,6 +19,7 @@ from typing import Any
 
 from trilemma.operator.estimator import ObservedWorkload
 from trilemma.operator.resources import DriftThresholds
+from trilemma.operator.status_models import WorkloadFigures
 from trilemma.optimizer.search import Plan, RequestDigest
 
 Obj = dict[str, Any]
@@ -98,16 +99,17 @@ class WorkloadSummary:
                 parts.append(str(math.floor(v / t)))
         return hashlib.sha256(".".join(parts).encode()).hexdigest()[:10]
 
-    def to_status(self) -> Obj:
-        return {d.key: sig(v) for d in Dimension if (v := self.value(d)) is not None}
+    def to_status(self) -> WorkloadFigures:
+        return WorkloadFigures(
+            rate_rps=sig(self.rate_rps), prompt_tokens=sig(self.prompt_tokens),
+            output_tokens=sig(self.output_tokens),
+            prefix_share=None if self.prefix_share is None else sig(self.prefix_share))
 
     @classmethod
-    def from_status(cls, data: Mapping[str, Any]) -> WorkloadSummary:
-        share = data.get(Dimension.PREFIX.key)
-        return cls(rate_rps=float(data[Dimension.RATE.key]),
-                   prompt_tokens=float(data[Dimension.PROMPT.key]),
-                   output_tokens=float(data[Dimension.OUTPUT.key]),
-                   prefix_share=None if share is None else float(share))
+    def from_status(cls, data: WorkloadFigures | Mapping[str, Any]) -> WorkloadSummary:
+        figures = WorkloadFigures.model_validate(data)
+        return cls(rate_rps=figures.rate_rps, prompt_tokens=figures.prompt_tokens,
+                   output_tokens=figures.output_tokens, prefix_share=figures.prefix_share)
 
 
 @dataclass(frozen=True, kw_only=True)

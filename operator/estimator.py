@@ -18,10 +18,11 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 from trilemma.operator import promql
 from trilemma.operator.prometheus import PrometheusError, QueryResult
+from trilemma.operator.status_models import LatencyFigures, LengthFigures, ObservedWorkloadStatus
 from trilemma.optimizer.catalog import Engine
 from trilemma.optimizer.spec import (
     MAX_P90_OVER_MEAN,
@@ -107,28 +108,34 @@ class ObservedWorkload:
     samples: float = 0.0  # requests finished in the window (extrapolated, so fractional)
     staleness_s: float | None = None  # age of the newest sample
 
-    def to_status(self) -> dict[str, Any]:
-        """`status.observedWorkload`: camelCase, 4 significant digits, unknowns left out."""
-        out: dict[str, Any] = {
-            "windowSeconds": self.window_s,
-            "observedAt": _rfc3339(self.observed_at),
-            "samples": round(self.samples),
-        }
-        scalars = (("rateRps", self.rate_rps), ("prefixHitShare", self.prefix_hit_share),
-                   ("burstinessCv", self.burstiness_cv),
-                   ("specAcceptance", self.spec_acceptance),
-                   ("queueWaitMs", self.queue_wait_ms), ("kvCacheUsage", self.kv_cache_usage),
-                   ("stalenessSeconds", self.staleness_s))
-        for key, value in scalars:
-            if value is not None:
-                out[key] = _sig(value)
-        for key, stats in (("promptTokens", self.prompt_tokens),
-                           ("outputTokens", self.output_tokens), ("ttftMs", self.ttft_ms),
-                           ("itlMs", self.itl_ms)):
-            figures = {k: _sig(v) for k, v in vars(stats).items() if v is not None}
-            if figures:
-                out[key] = figures
-        return out
+    def to_status(self) -> ObservedWorkloadStatus:
+        """`status.observedWorkload`: 4 significant digits, unknowns left out."""
+        return ObservedWorkloadStatus(
+            window_seconds=self.window_s, observed_at=_rfc3339(self.observed_at),
+            samples=round(self.samples), rate_rps=_sig_or_none(self.rate_rps),
+            prefix_hit_share=_sig_or_none(self.prefix_hit_share),
+            burstiness_cv=_sig_or_none(self.burstiness_cv),
+            spec_acceptance=_sig_or_none(self.spec_acceptance),
+            queue_wait_ms=_sig_or_none(self.queue_wait_ms),
+            kv_cache_usage=_sig_or_none(self.kv_cache_usage),
+            staleness_seconds=_sig_or_none(self.staleness_s),
+            prompt_tokens=_figures(LengthFigures, self.prompt_tokens),
+            output_tokens=_figures(LengthFigures, self.output_tokens),
+            ttft_ms=_figures(LatencyFigures, self.ttft_ms),
+            itl_ms=_figures(LatencyFigures, self.itl_ms))
+
+
+_Figures = TypeVar("_Figures", LengthFigures, LatencyFigures)
+
+
+def _figures(model: type[_Figures], stats: LengthStats | LatencyStats) -> _Figures | None:
+    """The stats as their status model, to 4 significant digits; None when all are unknown."""
+    known = {k: _sig(v) for k, v in vars(stats).items() if v is not None}
+    return model.model_validate(known) if known else None
+
+
+def _sig_or_none(value: float | None) -> float | None:
+    return None if value is None else _sig(value)
 
 
 def workload_queries(engine: Engine | str, selector: Mapping[str, str], window_s: int, *,

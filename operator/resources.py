@@ -19,6 +19,13 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
+from trilemma.operator.status_models import (
+    MAX_HISTORY,
+    CalibrationStatus,
+    ObservedWorkloadStatus,
+    RetuneHistoryEntry,
+    RetuneStatus,
+)
 from trilemma.optimizer.catalog import Engine
 from trilemma.optimizer.spec import (
     HardwarePool,
@@ -428,18 +435,18 @@ class OptimizedEndpointStatus(SpecModel):
         description="GPUs this endpoint's children hold, by type (both sides during a rollout).")
     spec_digest: str | None = Field(
         default=None, description="Digest of the spec the status describes (written last).")
-    observed_workload: dict[str, Any] | None = Field(
+    observed_workload: ObservedWorkloadStatus | None = Field(
         default=None, description="The traffic Prometheus shows (rate, lengths, prefix share, "
                                   "latencies), each with its sample count and staleness.")
     tuned_workload: TunedWorkload | None = Field(
         default=None, description="The observed workload the active plan was re-planned for, "
                                   "and the spec digest it applies to (a spec change drops it).")
-    retune: dict[str, Any] | None = Field(
+    retune: RetuneStatus | None = Field(
         default=None, description="The re-tune loop's state: checks, drift counts, cooldown.")
-    retune_history: list[dict[str, Any]] = Field(
-        default_factory=list, max_length=10,
+    retune_history: list[RetuneHistoryEntry] = Field(
+        default_factory=list, max_length=MAX_HISTORY,
         description="The last 10 re-tune decisions, no-change ones included, and why.")
-    calibration: dict[str, Any] | None = Field(
+    calibration: CalibrationStatus | None = Field(
         default=None, description="Correction factors fitted from predicted vs observed "
                                   "latency of the active configuration.")
 

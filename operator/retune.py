@@ -28,9 +28,8 @@ from typing import Any
 from trilemma.operator.drift import Drift, WorkloadSummary, drift, num
 from trilemma.operator.estimator import MetricsReason, ObservedWorkload
 from trilemma.operator.resources import DriftThresholds, Retune
+from trilemma.operator.status_models import MAX_FAILED, RetuneFailure, RetuneStatus
 from trilemma.optimizer.spec import Slo
-
-Obj = dict[str, Any]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +52,7 @@ class Policy:
     # A workload whose re-plan failed or was rejected is not re-planned again for this long
     # (unless its basis changes): the pool and prices that decided it change slowly.
     failed_ttl_s: float = 86400.0
-    max_failed: int = 5  # failure records kept in status
+    max_failed: int = MAX_FAILED  # failure records kept in status (the CRD's bound)
     # A timer that fires a little early still counts as on time (Kopf timers jitter).
     due_slack: float = 0.1
 
@@ -110,15 +109,14 @@ class Failure:
     reason: str
     basis: str = ""
 
-    def to_status(self) -> Obj:
-        return {"workload": self.digest, "time": stamp(self.time), "reason": self.reason,
-                "basis": self.basis, "figures": self.workload.to_status()}
+    def to_status(self) -> RetuneFailure:
+        return RetuneFailure(workload=self.digest, time=stamp(self.time), reason=self.reason,
+                             basis=self.basis, figures=self.workload.to_status())
 
     @classmethod
-    def from_status(cls, data: Mapping[str, Any]) -> Failure:
-        return cls(workload=WorkloadSummary.from_status(data["figures"]),
-                   digest=str(data["workload"]), time=unix(data["time"]),
-                   reason=str(data.get("reason", "")), basis=str(data.get("basis", "")))
+    def from_status(cls, data: RetuneFailure) -> Failure:
+        return cls(workload=WorkloadSummary.from_status(data.figures), digest=data.workload,
+                   time=unix(data.time), reason=data.reason, basis=data.basis)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,32 +131,24 @@ class RetuneState:
     last_rollout: float | None = None
     failed: tuple[Failure, ...] = ()
 
-    def to_status(self) -> Obj:
-        out: Obj = {"driftChecks": self.drift_checks, "violationChecks": self.violation_checks}
-        for key, t in (("lastCheckTime", self.last_check), ("lastReplanTime", self.last_replan),
-                       ("lastRolloutTime", self.last_rollout)):
-            if t is not None:
-                out[key] = stamp(t)
-        if self.last_replan_workload is not None:
-            out["lastReplanWorkload"] = self.last_replan_workload
-        if self.failed:
-            out["failed"] = [f.to_status() for f in self.failed]
-        return out
+    def to_status(self) -> RetuneStatus:
+        return RetuneStatus(
+            drift_checks=self.drift_checks, violation_checks=self.violation_checks,
+            last_check_time=_stamp(self.last_check), last_replan_time=_stamp(self.last_replan),
+            last_rollout_time=_stamp(self.last_rollout),
+            last_replan_workload=self.last_replan_workload,
+            failed=[f.to_status() for f in self.failed] or None)
 
     @classmethod
-    def from_status(cls, data: Mapping[str, Any] | None) -> RetuneState:
-        """The state from `status.retune`; missing keys (a new endpoint) take defaults."""
-        d = data or {}
-
-        def when(key: str) -> float | None:
-            return unix(d[key]) if d.get(key) else None
-
-        return cls(last_check=when("lastCheckTime"), drift_checks=int(d.get("driftChecks", 0)),
-                   violation_checks=int(d.get("violationChecks", 0)),
-                   last_replan=when("lastReplanTime"),
-                   last_replan_workload=d.get("lastReplanWorkload"),
-                   last_rollout=when("lastRolloutTime"),
-                   failed=tuple(Failure.from_status(f) for f in d.get("failed") or ()))
+    def from_status(cls, data: RetuneStatus | Mapping[str, Any] | None) -> RetuneState:
+        """The state from `status.retune` (its model or wire form); missing keys (a new
+        endpoint) take defaults."""
+        d = RetuneStatus.model_validate(data or {})
+        return cls(last_check=_unix(d.last_check_time), drift_checks=d.drift_checks,
+                   violation_checks=d.violation_checks, last_replan=_unix(d.last_replan_time),
+                   last_replan_workload=d.last_replan_workload,
+                   last_rollout=_unix(d.last_rollout_time),
+                   failed=tuple(Failure.from_status(f) for f in d.failed or ()))
 
 
 def drift_checks_needed(spec: Retune, policy: Policy = POLICY) -> int:
@@ -435,3 +425,11 @@ def stamp(unix_s: float) -> str:
 
 def unix(text: str) -> float:
     return datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+
+
+def _stamp(unix_s: float | None) -> str | None:
+    return None if unix_s is None else stamp(unix_s)
+
+
+def _unix(text: str | None) -> float | None:
+    return unix(text) if text else None

@@ -7,7 +7,6 @@ not push the re-plans out of the ten entries kept.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,18 +14,10 @@ from typing import Any
 from trilemma.operator import retune
 from trilemma.operator.acceptance import Acceptance
 from trilemma.operator.retune import stamp
+from trilemma.operator.status_models import MAX_HISTORY, RetuneHistoryEntry, RetuneStep
 
-Obj = dict[str, Any]
-
-
-class Step(enum.StrEnum):
-    """What a `status.retuneHistory` entry records."""
-
-    REPLAN = "Replan"  # a re-plan was started
-    ROLL_OUT = "RollOut"  # its recommendation is rolling out
-    KEEP = "Keep"  # its recommendation was not worth a rollout
-    FAILED = "Failed"  # the re-plan or its rollout failed
-    HOLD = "Hold"  # a re-plan was due but held (cooldown, same workload failed)
+# What an entry records; the enum is the status model's, so that the CRD lists its values.
+Step = RetuneStep
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,18 +30,11 @@ class RetuneEvent:
     to_hash: str | None = None
     figures: Mapping[str, float] = field(default_factory=dict)
 
-    def to_status(self) -> Obj:
-        out: Obj = {"time": stamp(self.time), "action": self.action.value,
-                    "reason": self.reason}
-        if self.cause is not None:
-            out["cause"] = self.cause
-        if self.from_hash is not None:
-            out["fromHash"] = self.from_hash
-        if self.to_hash is not None:
-            out["toHash"] = self.to_hash
-        if self.figures:
-            out["figures"] = {k: self.figures[k] for k in sorted(self.figures)}
-        return out
+    def to_status(self) -> RetuneHistoryEntry:
+        return RetuneHistoryEntry(
+            time=stamp(self.time), action=self.action, reason=self.reason, cause=self.cause,
+            from_hash=self.from_hash, to_hash=self.to_hash,
+            figures={k: self.figures[k] for k in sorted(self.figures)} or None)
 
     @classmethod
     def of_decision(cls, decision: retune.Decision, now: float,
@@ -66,15 +50,15 @@ class RetuneEvent:
                    to_hash=acceptance.candidate_hash, figures=acceptance.figures)
 
 
-def append(history: Sequence[Mapping[str, Any]] | None, event: RetuneEvent,
-           keep: int = 10) -> list[Obj]:
-    """`status.retuneHistory` with `event` added, oldest first, at most `keep` entries. A hold
-    with the same cause as the entry before it replaces that entry, so that a hold reported at
-    every check (a long cooldown) does not push the re-plans out of the history."""
-    entries = [dict(e) for e in history or ()]
+def append(history: Sequence[RetuneHistoryEntry | Mapping[str, Any]] | None,
+           event: RetuneEvent, keep: int = MAX_HISTORY) -> list[RetuneHistoryEntry]:
+    """`status.retuneHistory` (its models or wire form) with `event` added, oldest first, at
+    most `keep` entries. A hold with the same cause as the entry before it replaces that entry,
+    so that a hold reported at every check (a long cooldown) does not push the re-plans out of
+    the history."""
+    entries = [RetuneHistoryEntry.model_validate(e) for e in history or ()]
     new = event.to_status()
-    last = entries[-1] if entries else {}
-    if (new["action"] == Step.HOLD.value and last.get("action") == Step.HOLD.value
-            and last.get("cause") == new.get("cause")):
+    if (new.action is Step.HOLD and entries and entries[-1].action is Step.HOLD
+            and entries[-1].cause == new.cause):
         entries.pop()
     return [*entries, new][-keep:] if keep > 0 else []

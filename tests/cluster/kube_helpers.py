@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from tests.support.cluster import OPERATOR_NS
 from trilemma.simfleet.cluster import LocalCluster
 from trilemma.simfleet.prometheus_server import free_port
 
@@ -125,3 +126,45 @@ def endpoint_ips(cluster: LocalCluster, namespace: str, service: str) -> set[str
 def pod_ips(cluster: LocalCluster, namespace: str, config_hash: str) -> set[str]:
     pods = items(cluster, "pods", namespace, f"trilemma.dev/config-hash={config_hash}")
     return {p["status"]["podIP"] for p in pods if (p.get("status") or {}).get("podIP")}
+
+
+def _leaves(value: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(v, (*path, k))]
+    return [(path, value)]
+
+
+def _at(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return _MISSING
+        obj = obj[key]
+    return obj
+
+
+_MISSING = object()
+
+
+def assert_status_writes_read_back(cluster: LocalCluster) -> set[str]:
+    """Every leaf of every status merge-patch the operator sent is in the stored object the
+    server returned for that very request (null leaves delete, so they are skipped): a key
+    the CRD does not declare would be pruned silently. Returns the status keys written."""
+    operator_user = f"system:serviceaccount:{OPERATOR_NS}:"
+    patches = [e for e in cluster.audit()
+               if e.get("verb") == "patch" and e["objectRef"].get("subresource") == "status"
+               and e["objectRef"].get("resource") == "optimizedendpoints"
+               and e["user"]["username"].startswith(operator_user)
+               and e.get("responseStatus", {}).get("code") == 200]
+    assert len(patches) >= 5, "the audit log holds the operator's status writes"
+    dropped, written = set(), set()
+    for event in patches:
+        sent = (event.get("requestObject") or {}).get("status") or {}
+        stored = (event.get("responseObject") or {}).get("status") or {}
+        written |= {k for k, v in sent.items() if v is not None}
+        for path, value in _leaves(sent):
+            if value is None:
+                continue
+            if _at(stored, path) != value:
+                dropped.add(".".join(("status", *path)))
+    assert not dropped, f"written but not kept by the API server: {sorted(dropped)}"
+    return written

@@ -21,6 +21,7 @@ import pytest
 from tests.cluster.kube_helpers import (
     CLOSED_LOOP_PROMETHEUS_PORT,
     NO_PROMETHEUS,
+    assert_status_writes_read_back,
     chat_endpoint,
     deployments,
     endpoint_ips,
@@ -113,5 +114,9 @@ async def test_the_loop_replans_and_rolls_out_on_the_real_control_plane(
 
     await asyncio.to_thread(wait_for, settled, "the old Deployment gone, the Service's "
                             "endpoints on the new pods", timeout_s=120)
+    # The closed loop's status fields are declared by the CRD key for key: the server kept
+    # every one the operator wrote.
+    written = assert_status_writes_read_back(cluster)
+    assert {"observedWorkload", "retune", "retuneHistory"} <= written, written
     print(f"\nclosed loop on the real control plane: rate x4 -> new configuration serving in "
           f"{rolled_s:.0f} s (window {WINDOW_S} s)")

@@ -17,6 +17,7 @@ from typing import Any
 
 from tests.cluster.kube_helpers import (
     NO_PROMETHEUS,
+    assert_status_writes_read_back,
     chat_endpoint,
     deployments,
     endpoint_ips,
@@ -26,7 +27,7 @@ from tests.cluster.kube_helpers import (
     status,
     wait_for,
 )
-from tests.support.cluster import OPERATOR_NS, OperatorProcess
+from tests.support.cluster import OperatorProcess
 from trilemma.simfleet.cluster import LocalCluster
 
 # A pool whose GPUs no node has: its configurations schedule nowhere and never become Available.
@@ -109,46 +110,7 @@ def test_rollout_moves_the_service_and_a_stuck_one_rolls_back_across_a_restart(
     assert st["allocatedGpus"] == {"h100_sxm": st["activeConfiguration"]["gpus"]}
     assert operator.problems() == [], operator.problems()
 
-    _assert_status_writes_read_back(cluster)
-
-
-def _leaves(value: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
-    if isinstance(value, dict) and value:
-        return [leaf for k, v in value.items() for leaf in _leaves(v, (*path, k))]
-    return [(path, value)]
-
-
-def _at(obj: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(obj, dict) or key not in obj:
-            return _MISSING
-        obj = obj[key]
-    return obj
-
-
-_MISSING = object()
-
-
-def _assert_status_writes_read_back(cluster: LocalCluster) -> None:
-    """Every leaf of every status merge-patch the operator sent is in the stored object the
-    server returned for that very request (null leaves delete, so they are skipped)."""
-    operator_user = f"system:serviceaccount:{OPERATOR_NS}:"
-    patches = [e for e in cluster.audit()
-               if e.get("verb") == "patch" and e["objectRef"].get("subresource") == "status"
-               and e["objectRef"].get("resource") == "optimizedendpoints"
-               and e["user"]["username"].startswith(operator_user)
-               and e.get("responseStatus", {}).get("code") == 200]
-    assert len(patches) >= 5, "the audit log holds the operator's status writes"
-    dropped = set()
-    for event in patches:
-        sent = (event.get("requestObject") or {}).get("status") or {}
-        stored = (event.get("responseObject") or {}).get("status") or {}
-        for path, value in _leaves(sent):
-            if value is None:
-                continue
-            if _at(stored, path) != value:
-                dropped.add(".".join(("status", *path)))
-    assert not dropped, f"written but not kept by the API server: {sorted(dropped)}"
+    assert_status_writes_read_back(cluster)
 
 
 def test_a_restart_in_the_middle_of_a_search_plans_once_and_deploys_once(

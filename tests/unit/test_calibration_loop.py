@@ -18,6 +18,7 @@ from trilemma.operator.estimator import (
     MetricsReason,
     ObservedWorkload,
 )
+from trilemma.operator.resources import to_wire
 from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.search import Prediction, planning
 from trilemma.optimizer.spec import Slo
@@ -126,7 +127,7 @@ def test_ttft_and_tpot_update_independently() -> None:
 
 def test_calibration_survives_its_status_form() -> None:
     cal = feed(Calibration(), [(1.3, 1.1)] * 4, config_hash="abcd1234")
-    wire = cal.to_status()
+    wire = to_wire(cal.to_status())
     assert wire["configHash"] == "abcd1234" and wire["ttft"]["pairs"] == 4
     assert set(wire) == {"ttft", "tpot", "updated", "configHash"}
     back = Calibration.from_status(wire)

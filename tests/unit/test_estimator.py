@@ -25,6 +25,7 @@ from trilemma.operator.prometheus import (
     ResultType,
     Sample,
 )
+from trilemma.operator.resources import to_wire
 from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.spec import (
     FixedLengths,
@@ -282,7 +283,7 @@ async def test_runs_the_queries_concurrently():
 
 async def test_status_is_camel_case_rounded_and_omits_unknowns():
     observed = await observe({**HEALTHY, "rate": 10.123456, "spec": None, "itl_p99": None})
-    assert observed.to_status() == {
+    assert to_wire(observed.to_status()) == {
         "windowSeconds": 900, "observedAt": "2023-11-14T22:13:20Z", "samples": 9000,
         "rateRps": 10.12, "prefixHitShare": 0.3, "burstinessCv": 1.6, "queueWaitMs": 12.0,
         "kvCacheUsage": 0.45, "stalenessSeconds": 7.5,
@@ -298,8 +299,8 @@ async def test_nothing_matching_the_selector_is_metrics_missing():
     assert observed.availability.reason is MetricsReason.MISSING
     assert observed.availability.message == (
         'no vllm:request_success_total series match {model_name="m"} in the last 900s')
-    assert observed.to_status() == {"windowSeconds": 900, "observedAt": "2023-11-14T22:13:20Z",
-                                    "samples": 0}
+    assert to_wire(observed.to_status()) == {
+        "windowSeconds": 900, "observedAt": "2023-11-14T22:13:20Z", "samples": 0}
 
 
 async def test_an_old_newest_sample_is_metrics_stale():

@@ -14,7 +14,7 @@ from trilemma.operator import drift, retune, retune_history
 from trilemma.operator.acceptance import Acceptance
 from trilemma.operator.drift import WorkloadSummary
 from trilemma.operator.estimator import LatencyStats, MetricsReason, ObservedWorkload
-from trilemma.operator.resources import DriftThresholds, Retune
+from trilemma.operator.resources import DriftThresholds, Retune, to_wire
 from trilemma.operator.retune import Action, RetuneState, Why
 from trilemma.optimizer.search import RequestDigest, WorkloadDigest
 from trilemma.optimizer.spec import Slo
@@ -313,7 +313,7 @@ def test_state_survives_its_status_form() -> None:
                         last_rollout=NOW - 1800,
                         failed=(retune.Failure(workload=w, digest=w.digest(THRESHOLDS),
                                                time=NOW - 60, reason="why", basis="b"),))
-    wire = state.to_status()
+    wire = to_wire(state.to_status())
     assert wire["lastCheckTime"] == "2023-11-14T22:13:20Z"
     assert wire["failed"][0]["figures"] == {"rateRps": 12.5, "promptTokens": 4120.0,
                                             "outputTokens": 200.0}
@@ -325,17 +325,20 @@ def test_state_survives_its_status_form() -> None:
 
 
 def test_history_keeps_the_newest_entries_and_folds_repeated_holds() -> None:
-    history: list[dict] = []
+    entries: list[retune_history.RetuneHistoryEntry] = []
     for i in range(12):
         event = retune_history.RetuneEvent(time=NOW + i, action=retune_history.Step.REPLAN,
                                    reason=f"drift {i}", cause="WorkloadDrift",
                                    from_hash="aaaa")
-        history = retune_history.append(history, event)
+        entries = retune_history.append(entries, event)
+    history = [to_wire(e) for e in entries]
     assert len(history) == 10 and history[-1]["reason"] == "drift 11"
     assert history[0]["time"] == "2023-11-14T22:13:22Z"
     hold = check(RetuneState(last_rollout=NOW - 1200, drift_checks=1), observed(prompt=4120.0))
     for t in (NOW, NOW + 300):
-        history = retune_history.append(history, retune_history.RetuneEvent.of_decision(hold, t))
+        # The wire form read back from status is accepted as well as the models.
+        history = [to_wire(e) for e in retune_history.append(
+            history, retune_history.RetuneEvent.of_decision(hold, t))]
     assert len(history) == 10
     assert history[-1]["action"] == "Hold" and history[-1]["cause"] == "Cooldown"
     assert history[-2]["reason"] == "drift 11"
@@ -345,7 +348,7 @@ def test_history_keeps_the_newest_entries_and_folds_repeated_holds() -> None:
 def test_an_acceptance_becomes_a_history_entry_with_its_figures() -> None:
     acc = Acceptance(roll_out=True, reason="cheaper", improvement=0.5, current_hash="aaaa",
                      candidate_hash="bbbb", figures={"improvement": 0.5})
-    entry = retune_history.RetuneEvent.of_acceptance(acc, NOW).to_status()
+    entry = to_wire(retune_history.RetuneEvent.of_acceptance(acc, NOW).to_status())
     assert entry["action"] == "RollOut" and (entry["fromHash"], entry["toHash"]) == (
         "aaaa", "bbbb")
     assert entry["figures"]["improvement"] == 0.5
