@@ -220,7 +220,9 @@ class Endpoint:
 def _status_field(name: str) -> tuple[str, pydantic.TypeAdapter[Any]]:
     """(camelCase key, validator of the field's type) of a status field."""
     info = OptimizedEndpointStatus.model_fields[name]
-    return info.alias or name, pydantic.TypeAdapter(info.annotation)
+    # Every status field is annotated; pydantic's stubs type the annotation as optional.
+    annotation: Any = info.annotation
+    return info.alias or name, pydantic.TypeAdapter(annotation)
 
 
 async def commit(rt: Runtime, ep: Endpoint) -> None:
