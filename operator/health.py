@@ -101,7 +101,8 @@ def with_kstatus(wire: Obj, *, generation: int | None, now: str) -> list[Obj]:
     """The conditions of a status (wire form) with Reconciling and Stalled made to agree with
     the rest of it: the one that holds set True (its lastTransitionTime kept while it holds),
     the other absent. Absent rather than False, as Flux's own controllers do: kstatus reads
-    both the same, and a False abnormal-true condition only reads as a failing one."""
+    both the same, and tools (and tests) that list an object's False conditions as its
+    problems would list these too."""
     derived = {ConditionType.RECONCILING.value, ConditionType.STALLED.value}
     verdict = kstatus_verdict(OptimizedEndpointStatus.model_validate(wire))
     conditions: list[Obj] = list(wire.get("conditions") or [])
