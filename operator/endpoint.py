@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 import pydantic
 
 from trilemma.operator import apply as applying
-from trilemma.operator import children, naming, pool, status
+from trilemma.operator import children, health, naming, pool, status
 from trilemma.operator.kube import Kube, KubeError, Ref
 from trilemma.operator.metrics import OperatorMetrics
 from trilemma.operator.optimize import (
@@ -204,6 +204,10 @@ class Endpoint:
 
     async def commit(self, kube: Kube) -> bool:
         """Write what changed in status; False when nothing did (no request is sent)."""
+        # kstatus's Reconciling and Stalled follow from the rest of status: derived at the one
+        # place status is written, so that no write can leave them disagreeing with the phase.
+        self.put(conditions=health.with_kstatus(self.status, generation=self.generation,
+                                                now=status.now_rfc3339()))
         patch = status.patch_for(self.written, self.status, status_field_names())
         if not patch:
             return False

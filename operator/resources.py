@@ -335,6 +335,10 @@ class ConditionType(enum.StrEnum):
     DEPLOYED = "Deployed"
     READY = "Ready"
     METRICS_AVAILABLE = "MetricsAvailable"
+    # kstatus's "abnormal-true" pair, derived from the rest of status (operator/health.py):
+    # True while the operator works towards the spec, True when it cannot get there alone.
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
 
 
 class Condition(SpecModel):
@@ -420,7 +424,10 @@ class TunedWorkload(SpecModel):
 class OptimizedEndpointStatus(SpecModel):
     phase: EndpointPhase = EndpointPhase.PENDING
     message: str = ""
-    observed_generation: int | None = None
+    observed_generation: int | None = Field(
+        default=None, ge=0,
+        description="metadata.generation the operator last acted on (planned, or refused): "
+                    "kstatus and GitOps tools wait while it is behind.")
     conditions: list[Condition] = Field(default_factory=list)
     active_configuration: ActiveConfiguration | None = None
     predictions: Predictions | None = None

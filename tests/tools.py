@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 # Environment variables that name a binary explicitly, per tool.
-TOOL_ENV_VARS: dict[str, str] = {"helm": "HELM", "prometheus": "PROMETHEUS"}
+TOOL_ENV_VARS: dict[str, str] = {"helm": "HELM", "prometheus": "PROMETHEUS", "lua5.1": "LUA"}
 
 # Per tool, the repository script that installs it (into tools_dir() or onto PATH).
-FETCH_SCRIPTS: dict[str, str] = {"helm": ".ci/fetch-helm", "prometheus": ".ci/install-prometheus"}
+FETCH_SCRIPTS: dict[str, str] = {"helm": ".ci/fetch-helm", "prometheus": ".ci/install-prometheus",
+                                 "lua5.1": ".ci/install-lua"}
 
 
 def tools_dir() -> Path:

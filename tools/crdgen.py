@@ -145,7 +145,10 @@ def crd_documents() -> list[Schema]:
         spec_schema=model_schema(resources.HardwarePoolSpec),
         status_schema={
             "type": "object",
-            "description": "Written by the operator: GPUs allocated to endpoints, per type.",
+            # Nothing writes it: a pool has nothing to reconcile (what endpoints hold is in
+            # their own status.allocatedGpus), so existing is its health (docs: GitOps).
+            "description": "Unused: the operator keeps no HardwarePool status (GPUs held are "
+                           "in each endpoint's status.allocatedGpus).",
             PRESERVE_UNKNOWN: True,
         },
         columns=[

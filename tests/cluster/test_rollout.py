@@ -8,7 +8,9 @@ EndpointSlice controller do their own part, and the API server keeps what its sc
   killed in the middle of that rollout and started again;
 - every status field the operator wrote reads back identical from the server (the audit log
   holds each status patch with the object stored after it): an undeclared field would be
-  pruned silently.
+  pruned silently;
+- the chart's Argo CD health checks (lua5.1) read the objects the server holds: Healthy once
+  the edited spec (generation 2, counted by the server) serves, Degraded after the rollback.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tests.cluster.kube_helpers import (
     assert_status_writes_read_back,
     chat_endpoint,
     deployments,
+    endpoint,
     endpoint_ips,
     h100_pool,
     phase_is,
@@ -27,6 +30,7 @@ from tests.cluster.kube_helpers import (
     status,
     wait_for,
 )
+from tests.support.argocd import Health, health
 from tests.support.cluster import OperatorProcess
 from trilemma.simfleet.cluster import LocalCluster
 
@@ -84,6 +88,11 @@ def test_rollout_moves_the_service_and_a_stuck_one_rolls_back_across_a_restart(
     wait_for(lambda: [d["metadata"]["name"] for d in deployments(cluster, ns, "chat")]
              == [f"chat-{second}"], "the old Deployment removed", timeout_s=60)
     phase_is(cluster, ns, "chat", "Ready")
+    ready = endpoint(cluster, ns, "chat")
+    assert ready["status"]["observedGeneration"] == ready["metadata"]["generation"] == 2
+    assert health(ready) == Health("Healthy", ready["status"]["message"])
+    assert health(cluster.get("hardwarepool", "h100-pool")) == Health("Healthy",
+                                                                      "offers 16 h100_sxm")
 
     # A pool nobody's nodes match: the new pods stay Pending. The operator dies mid-rollout and
     # comes back; the rollout still ends in a rollback at its deadline, and the second
@@ -109,6 +118,10 @@ def test_rollout_moves_the_service_and_a_stuck_one_rolls_back_across_a_restart(
     # The GPUs held are the configuration still serving, nothing more and nothing less.
     assert st["allocatedGpus"] == {"h100_sxm": st["activeConfiguration"]["gpus"]}
     assert operator.problems() == [], operator.problems()
+    rolled_back = endpoint(cluster, ns, "chat")
+    assert [c["type"] for c in rolled_back["status"]["conditions"]
+            if c["status"] == "True" and c["type"] in ("Reconciling", "Stalled")] == ["Stalled"]
+    assert health(rolled_back).status == "Degraded"
 
     assert_status_writes_read_back(cluster)
 

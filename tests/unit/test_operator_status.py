@@ -83,7 +83,9 @@ async def test_a_status_field_the_crd_does_not_declare_is_never_written():
     assert kube.patches == []
     del ep.status["rollout"]["undeclared"]
     assert await ep.commit(kube)  # type: ignore[arg-type]
-    assert kube.patches == [("status", {"status": {"rollout": ep.status["rollout"]}})]
+    # With the kstatus conditions every write derives (operator/health.py).
+    assert kube.patches == [("status", {"status": {"rollout": ep.status["rollout"],
+                                                   "conditions": ep.status["conditions"]}})]
 
 
 def test_status_fields_are_written_through_the_status_models():
