@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trilemma.operator import naming
@@ -52,6 +52,17 @@ class Children:
     # A PodDisruptionBudget per workload, of the workload's name: created with it, deleted
     # with it, never counted in availability (the renderer's drain.py says why they exist).
     budgets: list[Obj]
+    # spec.gateway.inferencePool enabled: the InferencePool <name> goes with the Services
+    # (stable name, its selector moved to the new hash on rollout like theirs)...
+    pool: Obj | None = None
+    # ...and the endpoint picker <name>-epp (unless the spec names one), applied like the plan
+    # ConfigMap: owned by the endpoint, outside the hashed objects rollouts prune.
+    picker: list[Obj] = field(default_factory=list)
+
+    def owned(self) -> list[Obj]:
+        """Every object this configuration creates, for removing a half-made new endpoint."""
+        return [*self.workloads, *self.budgets, *self.services, *self.picker,
+                *([self.pool] if self.pool is not None else [])]
 
 
 def _extra_args(container: Obj, extra: list[str], engine: Engine,
@@ -146,17 +157,35 @@ def build(config: ServingConfig, spec: OptimizedEndpointSpec, owner: Owner,
         config, name=owner.name, engine=engine.value, namespace=owner.namespace,
         image=spec.engine.image(engine), options=options,
         hf_token_secret=spec.serving.hf_token_secret,
-        model_cache_pvc=cache.claim_name if cache is not None else None)
+        model_cache_pvc=cache.claim_name if cache is not None else None,
+        inference_pool=_pool_options(spec))
+    # The picker's objects first: its Deployment and Service are no workload or endpoint
+    # Service (labelled for the picker, not with the endpoint and a hash).
+    picker = [copy.deepcopy(o) for o in objects if _is_picker(o)]
+    objects = [o for o in objects if not _is_picker(o)]
+    pool = next((copy.deepcopy(o) for o in objects if o["kind"] == "InferencePool"), None)
     decided = render.decided_flags(config, engine.value, options=options)
     workloads = [_customize(o, spec, owner, engine, decided) for o in objects
-                 if o["kind"] not in ("Service", "PodDisruptionBudget")]
+                 if o["kind"] not in ("Service", "PodDisruptionBudget", "InferencePool")]
     services = [copy.deepcopy(o) for o in objects if o["kind"] == "Service"]
     budgets = [copy.deepcopy(o) for o in objects if o["kind"] == "PodDisruptionBudget"]
-    for obj in [*services, *budgets]:
+    for obj in [*services, *budgets, *picker, *([pool] if pool is not None else [])]:
         obj["metadata"]["ownerReferences"] = [owner.reference()]
     hashes = {w["metadata"]["labels"][naming.LABEL_CONFIG_HASH] for w in workloads}
     return Children(workloads=workloads, services=services, config_hash=hashes.pop(),
-                    budgets=budgets)
+                    budgets=budgets, pool=pool, picker=picker)
+
+
+def _pool_options(spec: OptimizedEndpointSpec) -> render.InferencePoolOptions | None:
+    wanted = spec.gateway.inference_pool if spec.gateway is not None else None
+    if wanted is None or not wanted.enabled:
+        return None
+    return render.InferencePoolOptions(endpoint_picker=wanted.endpoint_picker,
+                                       failure_mode=wanted.failure_mode)
+
+
+def _is_picker(obj: Obj) -> bool:
+    return render.gateway.LABEL_PICKER_FOR in (obj["metadata"].get("labels") or {})
 
 
 PLAN_KEY = "plan.json"
@@ -209,6 +238,11 @@ def pod_monitor(owner: Owner) -> Obj:
     }
 
 
+def service_selector(service: Obj | None) -> dict[str, str] | None:
+    """The pods a live Service sends traffic to (None: no Service)."""
+    return None if service is None else dict(service.get("spec", {}).get("selector") or {})
+
+
 def service_hash(service: Obj) -> str | None:
     """The configuration hash a Service currently sends traffic to."""
-    return (service.get("spec", {}).get("selector") or {}).get(naming.LABEL_CONFIG_HASH)
+    return (service_selector(service) or {}).get(naming.LABEL_CONFIG_HASH)

@@ -34,6 +34,11 @@ PLURALS = {
     "OptimizedEndpoint": "optimizedendpoints",
     "HardwarePool": "hardwarepools",
     "CustomResourceDefinition": "customresourcedefinitions",
+    # An endpoint's Gateway API pool and its endpoint picker's identity (gateway.py).
+    "InferencePool": "inferencepools",
+    "ServiceAccount": "serviceaccounts",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
 }
 
 

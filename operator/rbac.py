@@ -79,6 +79,22 @@ NAMESPACED_RULES: Final[list[Rule]] = [
     # Kopf's peering when serving a list of namespaces: one KopfPeering per served namespace.
     {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"],
      "verbs": ["get", "list", "watch", "patch"]},
+    # spec.gateway.inferencePool: the endpoint's InferencePool, a child like its Services.
+    {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"],
+     "verbs": [*OWN]},
+    # The endpoint picker's identity: its ServiceAccount, a Role and the RoleBinding granting
+    # it. Applied, read back and removed by name or label, never watched.
+    {"apiGroups": [CORE], "resources": ["serviceaccounts"],
+     "verbs": ["get", "list", "create", "patch", "delete"]},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
+     "verbs": ["get", "list", "create", "patch", "delete"]},
+    # What the picker's Role grants (read the pool's pods, and the alpha objectives and
+    # rewrites where installed; inferencepools are above): RBAC lets no one grant a right it
+    # lacks, and holding these is narrower than `escalate` or `bind`, which would let the
+    # operator grant anything. Read-only; the operator itself reads none of them.
+    {"apiGroups": [CORE], "resources": ["pods"], "verbs": [*READ]},
+    {"apiGroups": ["inference.networking.x-k8s.io"],
+     "resources": ["inferenceobjectives", "inferencemodelrewrites"], "verbs": [*READ]},
 ]
 
 EVENT_RULES: Final[list[Rule]] = [

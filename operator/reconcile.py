@@ -241,7 +241,7 @@ async def _deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, target
             raise
         # Created side by side, so one child's conflict or refusal may come after the
         # others exist: a new endpoint that failed keeps nothing it made (no GPUs held).
-        await delete_owned(rt.kube, ep, [*kids.workloads, *kids.budgets, *kids.services])
+        await delete_owned(rt.kube, ep, kids.owned())
         raise
 
 

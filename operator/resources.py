@@ -26,6 +26,7 @@ from trilemma.operator.status_models import (
     RetuneHistoryEntry,
     RetuneStatus,
 )
+from trilemma.optimizer import render
 from trilemma.optimizer.catalog import Engine
 from trilemma.optimizer.spec import (
     HardwarePool,
@@ -259,6 +260,35 @@ class PrometheusSpec(SpecModel):
         return selector
 
 
+# RFC 1123 label: what a Service name must be (shorter and dot-free, unlike ObjectName).
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class InferencePoolSpec(SpecModel):
+    """A Gateway API InferencePool over the endpoint's serving pods (Inference Extension
+    v1.5.0), so a Gateway routes each request to the pod an endpoint picker chooses."""
+
+    enabled: bool = Field(
+        default=False, description="Deploy an InferencePool named after the endpoint; it "
+                                   "needs the InferencePool CRD (inference.networking.k8s.io).")
+    # A name only, never a namespace: the pool's endpointPickerRef has no namespace field, so
+    # a tenant can point its pool at a picker of its own namespace and nowhere else.
+    endpoint_picker: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=_DNS_LABEL.pattern,
+        description="An endpoint picker Service already running in the endpoint's namespace; "
+                    "default: the operator deploys one (<name>-epp).")
+    failure_mode: render.gateway.FailureMode = Field(
+        default="FailOpen", description="When the picker does not answer: FailOpen routes "
+                                        "anyway, FailClose refuses the request.")
+
+
+class GatewaySpec(SpecModel):
+    """Routing through the Gateway API, beside the endpoint Service."""
+
+    inference_pool: InferencePoolSpec = Field(
+        default_factory=InferencePoolSpec, description="The InferencePool and its picker.")
+
+
 class OptimizedEndpointSpec(SpecModel):
     """An inference endpoint described by what it must do; the operator picks how."""
 
@@ -281,6 +311,8 @@ class OptimizedEndpointSpec(SpecModel):
     retune: Retune = Field(default_factory=Retune, description="Re-planning from traffic.")
     prometheus: PrometheusSpec = Field(default_factory=PrometheusSpec,
                                        description="Where the endpoint's metrics are.")
+    gateway: GatewaySpec | None = Field(
+        default=None, description="Gateway API routing (an InferencePool); default: none.")
 
     @model_validator(mode="after")
     def _one_model_field(self) -> OptimizedEndpointSpec:

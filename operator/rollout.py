@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 from trilemma.operator import apply as applying
-from trilemma.operator import children, naming, pool, status
+from trilemma.operator import children, gateway, naming, pool, status
 from trilemma.operator.endpoint import Endpoint, Runtime, commit, owns, together
 from trilemma.operator.kube import Kube, Ref
 from trilemma.operator.resources import (
@@ -103,6 +103,7 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
             problem = applying.ownership_problem(live, desired) if live is not None else None
             if problem is not None:
                 raise applying.NotOwned(Ref.of(desired), problem)
+        await gateway.check_pool_name(kube, kids)
         results = [await applying.apply(kube, workload) for workload in kids.workloads]
         for budget in kids.budgets:
             await applying.apply(kube, budget)
@@ -125,13 +126,16 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
             ep.update_rollout(from_gpus=from_gpus)
             ep.put(allocated_gpus=dict(Counter(gpus) + Counter(from_gpus)))
             await _drop_others(kube, ep, keep={target, serving})
+            # The pool selects what the Service still selects; both move when it is available.
+            note = await gateway.apply(kube, kids, selector=children.service_selector(live_front))
             ep.phase(EndpointPhase.DEPLOYING, f"rolling out {target}; {serving} serves meanwhile")
             ep.condition(ConditionType.DEPLOYED, True, "RollingOut",
-                         f"new configuration {target} created")
+                         _with_note(f"new configuration {target} created", note))
             await _refresh_ready(rt, ep, serving)
             return
     for service, live in zip([] if new else kids.services, live_services, strict=False):
         await applying.apply(kube, service, current=live)
+    note = await gateway.apply(kube, kids)
     await _pod_monitor(rt, ep)
     known = {ep.written.get("servingHash"), (ep.written.get("rollout") or {}).get("toHash"),
              (ep.written.get("activeConfiguration") or {}).get("hash")} - {None}
@@ -150,7 +154,14 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     if serving != target:
         rt.events(ep.body, "Normal", "Deployed",
                   f"{ep.status['activeConfiguration']['summary']} as {target}")
-    ep.condition(ConditionType.DEPLOYED, True, "Applied", f"configuration {target} applied")
+        if note:  # once per configuration, not every reconcile; the condition keeps saying it
+            rt.events(ep.body, "Warning", "InferencePoolCRDMissing", note)
+    ep.condition(ConditionType.DEPLOYED, True, "Applied",
+                 _with_note(f"configuration {target} applied", note))
+
+
+def _with_note(message: str, note: str) -> str:
+    return f"{message}; {note}" if note else message
 
 
 def _from_gpus(ep: Endpoint, serving: str | None) -> dict[str, int]:
@@ -303,6 +314,7 @@ async def _switch_services(rt: Runtime, ep: Endpoint, target: str) -> None:
         selector = dict(svc.get("spec", {}).get("selector") or {})
         selector[naming.LABEL_CONFIG_HASH] = target
         await rt.kube.patch(Ref.of(svc), {"spec": {"selector": selector}})
+    await gateway.retarget(rt.kube, ep, target)
 
 
 async def delete_children(rt: Runtime, body: Obj) -> None:
@@ -324,6 +336,7 @@ async def delete_children(rt: Runtime, body: Obj) -> None:
             found = await kube.get(ref)
             if found is not None and owns(ep, found):
                 await kube.delete(ref)
+        await gateway.delete(kube, ep)
         rt.ledger.forget(ep.key)
         rt.metrics.forget(ep.key)
 

@@ -44,7 +44,9 @@ DEPLOYMENTS = "apps/v1/deployments"
 PLURALS = {"OptimizedEndpoint": "optimizedendpoints", "HardwarePool": "hardwarepools",
            "Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps",
            "Event": "events", "CustomResourceDefinition": "customresourcedefinitions",
-           "PodMonitor": "podmonitors", "PodDisruptionBudget": "poddisruptionbudgets"}
+           "PodMonitor": "podmonitors", "PodDisruptionBudget": "poddisruptionbudgets",
+           "InferencePool": "inferencepools", "ServiceAccount": "serviceaccounts",
+           "Role": "roles", "RoleBinding": "rolebindings"}
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -120,7 +122,10 @@ def declare_resources(server: kmock.KubernetesEmulator) -> None:
     verbs = {"get", "list", "watch", "create", "patch", "delete"}
     for res, kind in ((DEPLOYMENTS, "Deployment"), ("v1/services", "Service"),
                       ("v1/configmaps", "ConfigMap"), ("v1/events", "Event"),
-                      ("policy/v1/poddisruptionbudgets", "PodDisruptionBudget")):
+                      ("policy/v1/poddisruptionbudgets", "PodDisruptionBudget"),
+                      ("v1/serviceaccounts", "ServiceAccount"),
+                      ("rbac.authorization.k8s.io/v1/roles", "Role"),
+                      ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding")):
         server.resources[res] = info(kind=kind, namespaced=True, verbs=verbs)
     # Kopf's backbone waits for these two to be discoverable before it watches anything.
     server.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=verbs)

@@ -104,6 +104,7 @@ __all__ = [
     "bootstrap_port",
     "decided_flags",
     "engine_args",
+    "gateway",
     "layout",
     "manifests",
     "overridden_flag",

@@ -129,6 +129,18 @@ def condition(st: dict, kind: str) -> dict:
     return next(c for c in st["conditions"] if c["type"] == kind)
 
 
+async def start_rollout(api: Api) -> dict:
+    """Prompts four times longer (generation 2): a different plan, so a new hashed
+    Deployment; returns the status once its rollout is Progressing."""
+    longer = {"kind": "lognormal", "mean": 4000, "p90": 8000}
+    await api.patch("trilemma.dev/v1alpha1", "OptimizedEndpoint", NS, "chat",
+                    {"metadata": {"generation": 2},
+                     "spec": {"workload": {**ENDPOINT["spec"]["workload"],
+                                           "promptTokens": longer}}})
+    return await api.wait(lambda: (status(api).get("rollout") or {}).get("state")
+                          == "Progressing" and status(api), what="a rollout")
+
+
 async def test_spec_change_rolls_out_beside_the_old_configuration(api, operator_factory):
     await operator_factory()
     await api.create(POOL)
@@ -138,14 +150,7 @@ async def test_spec_change_rolls_out_beside_the_old_configuration(api, operator_
     await make_available(api, api.get("apps/v1", "Deployment", NS, f"chat-{old}"))
     await wait_phase(api, "Ready")
 
-    # Prompts four times longer: a different plan, so a new hashed Deployment.
-    longer = {"kind": "lognormal", "mean": 4000, "p90": 8000}
-    await api.patch("trilemma.dev/v1alpha1", "OptimizedEndpoint", NS, "chat",
-                    {"metadata": {"generation": 2},
-                     "spec": {"workload": {**ENDPOINT["spec"]["workload"],
-                                           "promptTokens": longer}}})
-    rolling = await api.wait(lambda: (status(api).get("rollout") or {}).get("state")
-                             == "Progressing" and status(api), what="a rollout")
+    rolling = await start_rollout(api)
     new = rolling["activeConfiguration"]["hash"]
     assert new != old and rolling["rollout"] == {**rolling["rollout"], "fromHash": old,
                                                  "toHash": new}

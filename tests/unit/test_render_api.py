@@ -7,7 +7,8 @@ def test_the_render_facade_exports_exactly_these_names():
     assert set(render.__all__) == {
         "CACHE_MOUNT", "DEFAULT_IMAGES", "Arg", "InferencePoolOptions", "RenderOptions",
         "RenderPlan", "RenderedWorker", "Role", "Source", "bootstrap_port", "decided_flags",
-        "engine_args", "layout", "manifests", "overridden_flag", "render_text", "render_yaml"}
+        "engine_args", "gateway", "layout", "manifests", "overridden_flag", "render_text",
+        "render_yaml"}
 
 
 def test_every_rendered_flag_records_where_it_came_from():
