@@ -70,10 +70,13 @@ async def apply(kube: Kube, kids: Children, *, selector: dict[str, str] | None =
     return ""
 
 
+# Retargeting and removal read the pool by name instead of asking whether the CRD exists: the
+# API answers 404 without it too, and asking for every endpoint would cache "missing" for a
+# minute, delaying the pool of an endpoint created just after the CRD was installed.
+
+
 async def retarget(kube: Kube, ep: Endpoint, config_hash: str) -> None:
     """Point the endpoint's pool at `config_hash`, as the rollout does the Services' selectors."""
-    if not await kube.crd_exists(POOL_CRD):
-        return
     live = await kube.get(pool_ref(ep))
     if live is None or not owns(ep, live):
         return
@@ -83,10 +86,9 @@ async def retarget(kube: Kube, ep: Endpoint, config_hash: str) -> None:
 async def delete(kube: Kube, ep: Endpoint) -> None:
     """Remove the endpoint's pool and picker: only objects it owns (a user's of the same
     name or label stays)."""
-    if await kube.crd_exists(POOL_CRD):
-        live = await kube.get(pool_ref(ep))
-        if live is not None and owns(ep, live):
-            await kube.delete(pool_ref(ep))
+    live = await kube.get(pool_ref(ep))
+    if live is not None and owns(ep, live):
+        await kube.delete(pool_ref(ep))
     labels = {render.gateway.LABEL_PICKER_FOR: ep.name,
               "app.kubernetes.io/managed-by": naming.MANAGED_BY}
     for api_version, kind in PICKER_KINDS:

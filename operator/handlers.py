@@ -24,7 +24,7 @@ from typing import Any, cast
 import kopf
 from kubernetes_asyncio.config import kube_config
 
-from trilemma.operator import closed_loop, endpoint, naming, reconcile, rollout
+from trilemma.operator import closed_loop, endpoint, gateway, naming, reconcile, rollout
 from trilemma.operator.apply import is_available
 from trilemma.operator.endpoint import OperatorConfig, Runtime
 from trilemma.operator.kube import Kube, KubeError
@@ -215,6 +215,8 @@ def register_endpoints(registry: kopf.OperatorRegistry) -> None:
         # the watched body first: a check that is not due costs no read).
         await _timer_step(rt, namespace, name, "retune",
                           functools.partial(closed_loop.check, seen=dict(body)), logger)
+        await _timer_step(rt, namespace, name, "gateway",
+                          functools.partial(_pool_crd_arrived, seen=dict(body)), logger)
 
 
 def register_children_and_pools(registry: kopf.OperatorRegistry) -> None:
@@ -258,6 +260,19 @@ async def _timer_step(rt: Runtime, namespace: str, name: str, what: str, step: A
             await endpoint.record_timer_failure(rt, namespace, name, what, err)
         except Exception as report_err:  # e.g. the status write was refused too
             logger.warning("could not report it in status: %s", report_err)
+
+
+async def _pool_crd_arrived(rt: Runtime, namespace: str, name: str, *, seen: dict[str, Any]
+                            ) -> None:
+    """An endpoint deployed without its InferencePool (the CRD was missing) gets it once the
+    CRD is installed: nothing else would reconcile it again, its spec being unchanged. Costs
+    no request unless its Deployed condition says the pool is missing."""
+    conditions = (seen.get("status") or {}).get("conditions") or []
+    if not any(c.get("type") == "Deployed" and gateway.MISSING_CRD in (c.get("message") or "")
+               for c in conditions):
+        return
+    if await rt.kube.crd_exists(gateway.POOL_CRD):
+        await reconcile.reconcile(rt, seen, force=True)
 
 
 def _retry_waiting(rt: Runtime, pool_name: str) -> None:

@@ -1,6 +1,7 @@
 """spec.gateway.inferencePool: the endpoint gets an InferencePool (beside its Service, moved
 with it on rollout) and an endpoint picker (kept across rollouts, removed with the endpoint);
-without the InferencePool CRD, it serves through its Service and says why there is no pool."""
+without the InferencePool CRD, it serves through its Service, says why there is no pool, and
+gets it once the CRD is installed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tests.operator.test_reconcile import (
     endpoint,
     make_available,
     start_rollout,
+    status,
     wait_phase,
 )
 from tests.support.kube import Api
@@ -105,9 +107,9 @@ async def test_a_named_picker_is_referenced_not_deployed(api, operator_factory):
     assert picker(api) == {}
 
 
-async def test_without_the_crd_the_endpoint_serves_and_says_why_there_is_no_pool(
+async def test_without_the_crd_the_endpoint_serves_says_why_and_gets_the_pool_later(
         api, operator_factory):
-    await operator_factory()
+    op = await operator_factory()
     await api.create(POOL)
     await api.create(endpoint(gateway=GATEWAY))
     st = await wait_phase(api, "Deploying")
@@ -117,3 +119,13 @@ async def test_without_the_crd_the_endpoint_serves_and_says_why_there_is_no_pool
     assert picker(api) == {}
     await api.wait(lambda: "InferencePoolCRDMissing" in {
         e.get("reason") for e in api.events(NS)}, what="the Warning Event")
+
+    # The CRD is installed later; once the operator's minute-long memory of its absence
+    # lapses (cleared here), the resync reconciles the endpoint and the pool appears.
+    await install_pool_crd(api)
+    op.runtime.kube._crds.clear()
+    await api.wait(lambda: api.get(POOL_API, "InferencePool", NS, "chat"), timeout=30,
+                   what="the InferencePool, after the CRD")
+    await api.wait(lambda: len(picker(api)) == len(PICKER), what="the endpoint picker")
+    await api.wait(lambda: "not installed" not in condition(status(api), "Deployed")["message"],
+                   what="the Deployed condition without the note")
