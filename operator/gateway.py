@@ -51,12 +51,18 @@ async def check_pool_name(kube: Kube, kids: Children) -> None:
         raise applying.NotOwned(Ref.of(kids.pool), problem)
 
 
-async def apply(kube: Kube, kids: Children, *, selector: dict[str, str] | None = None) -> str:
-    """Apply the picker, then the pool that references it. `selector`: what the endpoint
-    Service selects now, while a rollout keeps it on the old configuration; the pool selects
-    the same until the Service moves. Returns why nothing was applied ("" when it was, or when
-    the spec asks for no pool)."""
+async def apply(kube: Kube, ep: Endpoint, kids: Children, *,
+                selector: dict[str, str] | None = None) -> str:
+    """Apply the picker, then the pool that references it; remove what the spec no longer
+    asks for (the pool and picker once disabled, the picker once the spec names another).
+    `selector`: what the endpoint Service selects now, while a rollout keeps it on the old
+    configuration; the pool selects the same until the Service moves. Returns why nothing
+    was applied ("" when it was, or when the spec asks for no pool)."""
     if kids.pool is None:
+        # One read (a 404 without the CRD), and only when the spec changed or on resume.
+        live = await kube.get(pool_ref(ep))
+        if live is not None and owns(ep, live):
+            await delete(kube, ep)
         return ""
     if not await kube.crd_exists(POOL_CRD):
         return MISSING_CRD
@@ -66,8 +72,17 @@ async def apply(kube: Kube, kids: Children, *, selector: dict[str, str] | None =
     if selector is not None:
         pool = copy.deepcopy(pool)
         pool["spec"]["selector"] = {"matchLabels": dict(selector)}
-    await applying.apply(kube, pool)
+    live = await kube.get(Ref.of(pool))
+    await applying.apply(kube, pool, current=live)
+    if not kids.picker and live is not None and _picker_of(live) != _picker_of(pool):
+        # The pool now references a picker of the user's: the one deployed for it goes
+        # (after the pool moved off it, so it never references a missing one).
+        await _delete_picker(kube, ep)
     return ""
+
+
+def _picker_of(pool: Obj) -> str | None:
+    return (pool.get("spec", {}).get("endpointPickerRef") or {}).get("name")
 
 
 # Retargeting and removal read the pool by name instead of asking whether the CRD exists: the
@@ -89,6 +104,10 @@ async def delete(kube: Kube, ep: Endpoint) -> None:
     live = await kube.get(pool_ref(ep))
     if live is not None and owns(ep, live):
         await kube.delete(pool_ref(ep))
+    await _delete_picker(kube, ep)
+
+
+async def _delete_picker(kube: Kube, ep: Endpoint) -> None:
     labels = {render.gateway.LABEL_PICKER_FOR: ep.name,
               "app.kubernetes.io/managed-by": naming.MANAGED_BY}
     for api_version, kind in PICKER_KINDS:

@@ -127,7 +127,8 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
             ep.put(allocated_gpus=dict(Counter(gpus) + Counter(from_gpus)))
             await _drop_others(kube, ep, keep={target, serving})
             # The pool selects what the Service still selects; both move when it is available.
-            note = await gateway.apply(kube, kids, selector=children.service_selector(live_front))
+            note = await gateway.apply(kube, ep, kids,
+                                       selector=children.service_selector(live_front))
             ep.phase(EndpointPhase.DEPLOYING, f"rolling out {target}; {serving} serves meanwhile")
             ep.condition(ConditionType.DEPLOYED, True, "RollingOut",
                          _with_note(f"new configuration {target} created", note))
@@ -135,7 +136,7 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
             return
     for service, live in zip([] if new else kids.services, live_services, strict=False):
         await applying.apply(kube, service, current=live)
-    note = await gateway.apply(kube, kids)
+    note = await gateway.apply(kube, ep, kids)
     await _pod_monitor(rt, ep)
     known = {ep.written.get("servingHash"), (ep.written.get("rollout") or {}).get("toHash"),
              (ep.written.get("activeConfiguration") or {}).get("hash")} - {None}

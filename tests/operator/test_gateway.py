@@ -36,6 +36,14 @@ async def install_pool_crd(api: Api) -> None:
                       "spec": {"group": "inference.networking.k8s.io"}})
 
 
+async def start_with_pool(api: Api, operator_factory) -> None:
+    """The CRD installed, the operator started, an endpoint asking for a pool created."""
+    await install_pool_crd(api)
+    await operator_factory()
+    await api.create(POOL)
+    await api.create(endpoint(gateway=GATEWAY))
+
+
 def pool_selector(api: Api) -> dict:
     return api.get(POOL_API, "InferencePool", NS, "chat")["spec"]["selector"]["matchLabels"]
 
@@ -48,10 +56,7 @@ def picker(api: Api) -> dict[str, dict]:
 
 async def test_the_pool_follows_the_service_and_the_picker_outlives_rollouts(
         api, operator_factory):
-    await install_pool_crd(api)
-    await operator_factory()
-    await api.create(POOL)
-    await api.create(endpoint(gateway=GATEWAY))
+    await start_with_pool(api, operator_factory)
     old = (await wait_phase(api, "Deploying"))["activeConfiguration"]["hash"]
     pool = await api.wait(lambda: api.get(POOL_API, "InferencePool", NS, "chat"),
                           what="the InferencePool")
@@ -129,3 +134,21 @@ async def test_without_the_crd_the_endpoint_serves_says_why_and_gets_the_pool_la
     await api.wait(lambda: len(picker(api)) == len(PICKER), what="the endpoint picker")
     await api.wait(lambda: "not installed" not in condition(status(api), "Deployed")["message"],
                    what="the Deployed condition without the note")
+
+
+async def test_naming_a_picker_then_disabling_removes_what_is_no_longer_asked_for(
+        api, operator_factory):
+    await start_with_pool(api, operator_factory)
+    await api.wait(lambda: len(picker(api)) == len(PICKER), what="the endpoint picker")
+
+    await api.patch("trilemma.dev/v1alpha1", "OptimizedEndpoint", NS, "chat", {"spec": {
+        "gateway": {"inferencePool": {"enabled": True, "endpointPicker": "shared-epp"}}}})
+    await api.wait(lambda: picker(api) == {}, what="the deployed picker removed")
+    assert api.get(POOL_API, "InferencePool", NS, "chat")["spec"]["endpointPickerRef"][
+        "name"] == "shared-epp"
+
+    await api.patch("trilemma.dev/v1alpha1", "OptimizedEndpoint", NS, "chat",
+                    {"spec": {"gateway": None}})
+    await api.wait(lambda: api.get(POOL_API, "InferencePool", NS, "chat") is None,
+                   what="the pool removed")
+    assert api.get("v1", "Service", NS, "chat") is not None
