@@ -163,5 +163,13 @@ def is_available(workload: Obj) -> bool:
     return want > 0 and have >= want
 
 
+def is_serving(workload: Obj) -> bool:
+    """At least one replica available (a scaled workload whose new replicas are still loading
+    serves with the others: that is no rollout, and no loss of readiness)."""
+    status = workload.get("status") or {}
+    key = "readyReplicas" if workload.get("kind") == "LeaderWorkerSet" else "availableReplicas"
+    return int(status.get(key) or 0) >= 1
+
+
 def config_hash_of(obj: Obj) -> str | None:
     return (obj.get("metadata", {}).get("labels") or {}).get(naming.LABEL_CONFIG_HASH)

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from trilemma.operator import naming
 from trilemma.operator.resources import OptimizedEndpointSpec
 from trilemma.optimizer import render
@@ -189,10 +191,14 @@ def _is_picker(obj: Obj) -> bool:
 
 
 PLAN_KEY = "plan.json"
+# With replicas.owner external: a KEDA ScaledObject for the endpoint (keda.py), ready to apply.
+KEDA_KEY = "keda-scaledobject.yaml"
 
 
-def plan_config_map(owner: Owner, plan: Plan, *, request_digest: str, config_hash: str) -> Obj:
-    """ConfigMap <name>-plan: the whole plan as canonical JSON, and what it was made from."""
+def plan_config_map(owner: Owner, plan: Plan, *, request_digest: str, config_hash: str,
+                    keda: Obj | None = None) -> Obj:
+    """ConfigMap <name>-plan: the whole plan as canonical JSON, and what it was made from;
+    and `keda`, a ScaledObject sample, as YAML."""
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {
@@ -204,7 +210,8 @@ def plan_config_map(owner: Owner, plan: Plan, *, request_digest: str, config_has
             "annotations": {naming.ANNOTATION_REQUEST_DIGEST: request_digest},
             "ownerReferences": [owner.reference()],
         },
-        "data": {PLAN_KEY: canonical_json(plan.to_dict())},
+        "data": {PLAN_KEY: canonical_json(plan.to_dict()),
+                 **({KEDA_KEY: yaml.safe_dump(keda, sort_keys=False)} if keda else {})},
     }
 
 

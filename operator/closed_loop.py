@@ -33,7 +33,7 @@ from trilemma.operator import (
     status,
 )
 from trilemma.operator.drift import WorkloadSummary
-from trilemma.operator.endpoint import Endpoint, Outcome, Runtime, commit
+from trilemma.operator.endpoint import Endpoint, Outcome, Runtime, commit, live_spec
 from trilemma.operator.estimator import (
     MetricsReason,
     ObservedWorkload,
@@ -109,13 +109,20 @@ def prometheus_url(rt: Runtime, spec: OptimizedEndpointSpec) -> str | None:
     return spec.prometheus.url
 
 
+async def access(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec
+                 ) -> tuple[str | None, str | None]:
+    """(URL, bearer token) of the Prometheus the endpoint's queries go to: URL None when there
+    is none; InputError when the spec names one (or a Secret) it may not."""
+    url = prometheus_url(rt, spec)
+    return url, (await _token(rt, ep, spec) if url else None)
+
+
 async def observe(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
                   engine: str) -> ObservedWorkload | None:
     """The traffic over the retune window, or None (and the condition says why) when there
     is no Prometheus to ask."""
     try:
-        url = prometheus_url(rt, spec)
-        token = await _token(rt, ep, spec) if url else None
+        url, token = await access(rt, ep, spec)
     except InputError as err:
         ep.condition(ConditionType.METRICS_AVAILABLE, False,
                      MetricsReason.PROMETHEUS_ERROR.value, f"{err.field}={err.value!r}: {err.why}")
@@ -138,12 +145,9 @@ def _due(body: Obj, now: float) -> tuple[OptimizedEndpointSpec, Obj,
                                           retune.RetuneState] | None:
     """(spec, active configuration, retune state) when a traffic check of the endpoint is
     due at `now`; None when it is not (retune off, nothing applied yet, too soon)."""
-    if body.get("metadata", {}).get("deletionTimestamp"):
+    spec = live_spec(body)
+    if spec is None:
         return None
-    try:
-        spec = OptimizedEndpointSpec.model_validate(body.get("spec") or {})
-    except pydantic.ValidationError:
-        return None  # the reconciler reports it
     written = body.get("status") or {}
     active = written.get("activeConfiguration")
     if not spec.retune.enabled or not active or not active.get("applied"):

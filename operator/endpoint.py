@@ -30,6 +30,7 @@ from trilemma.operator.optimize import (
 from trilemma.operator.resources import (
     ConditionType,
     EndpointPhase,
+    OptimizedEndpointSpec,
     OptimizedEndpointStatus,
     RolloutStatus,
     status_field_names,
@@ -235,8 +236,26 @@ async def commit(rt: Runtime, ep: Endpoint) -> None:
     rt.ledger.record(ep.pool_name, ep.key, ep.written.get("allocatedGpus") or {})
 
 
+def live_spec(body: Obj) -> OptimizedEndpointSpec | None:
+    """The spec of an endpoint a periodic check may act on: None while it is being deleted
+    or when its spec does not validate (the reconciler reports that)."""
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return None
+    try:
+        return OptimizedEndpointSpec.model_validate(body.get("spec") or {})
+    except pydantic.ValidationError:
+        return None
+
+
 def spec_digest(body: Obj) -> str:
-    return hashlib.sha256(canonical_json(body.get("spec") or {}).encode()).hexdigest()[:16]
+    """The spec's digest, less replicas.count: the scale subresource's field, which an HPA
+    writes every few seconds. It changes how many replicas run, never the plan, so it must not
+    drop the closed loop's tuned workload, which is tied to this digest (the reconciler
+    compares the count itself: scale.count_changed)."""
+    spec = dict(body.get("spec") or {})
+    if isinstance(spec.get("replicas"), dict):
+        spec["replicas"] = {k: v for k, v in spec["replicas"].items() if k != "count"}
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:16]
 
 
 def _pool_name(body: Obj) -> str:

@@ -24,7 +24,15 @@ from typing import Any, cast
 import kopf
 from kubernetes_asyncio.config import kube_config
 
-from trilemma.operator import closed_loop, endpoint, gateway, naming, reconcile, rollout
+from trilemma.operator import (
+    closed_loop,
+    endpoint,
+    gateway,
+    naming,
+    reconcile,
+    rollout,
+    scaler,
+)
 from trilemma.operator.apply import is_available
 from trilemma.operator.endpoint import OperatorConfig, Runtime
 from trilemma.operator.kube import Kube, KubeError
@@ -215,6 +223,10 @@ def register_endpoints(registry: kopf.OperatorRegistry) -> None:
         # the watched body first: a check that is not due costs no read).
         await _timer_step(rt, namespace, name, "retune",
                           functools.partial(closed_loop.check, seen=dict(body)), logger)
+        # The operator-owned replica count follows the rate every tick (owner external: the
+        # HPA's or KEDA's count, nothing to do here).
+        await _timer_step(rt, namespace, name, "scale",
+                          functools.partial(scaler.check, seen=dict(body)), logger)
         await _timer_step(rt, namespace, name, "gateway",
                           functools.partial(_pool_crd_arrived, seen=dict(body)), logger)
 

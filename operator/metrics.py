@@ -33,6 +33,7 @@ class EndpointFigures:
     tpot_p90_s: float | None = None
     capacity_rps: float | None = None
     replicas: int | None = None
+    replica_capacity_rps: float | None = None
     config_hash: str | None = None
     config_summary: str = ""
 
@@ -48,6 +49,8 @@ class EndpointFigures:
                    tpot_p90_s=_ms_to_s(predictions.get("tpotP90Ms")),
                    capacity_rps=_number(predictions.get("capacityRps")),
                    replicas=replicas if isinstance(replicas, int) else None,
+                   replica_capacity_rps=_number(
+                       (status.get("scaling") or {}).get("replicaCapacityRps")),
                    config_hash=config_hash if isinstance(config_hash, str) else None,
                    config_summary=str(active.get("summary") or ""))
 
@@ -95,11 +98,16 @@ class OperatorMetrics:
         self._replicas = Gauge("trilemma_endpoint_replicas",
                                "Replicas of the active configuration.",
                                ["namespace", "name"], registry=self.registry)
+        # What a KEDA or HPA target divides the observed rate by (keda.py's sample does).
+        self._replica_capacity = Gauge(
+            "trilemma_endpoint_replica_capacity_requests_per_second",
+            "Requests/s one replica of the active configuration sustains within the SLO.",
+            ["namespace", "name"], registry=self.registry)
         self._config = Gauge("trilemma_endpoint_configuration_info",
                              "1 for the endpoint's active configuration (hash, summary).",
                              ["namespace", "name", "hash", "summary"], registry=self.registry)
         self._per_endpoint = (self._cost, self._ttft, self._tpot, self._capacity,
-                              self._replicas)
+                              self._replicas, self._replica_capacity)
         self._phase_of: dict[str, str] = {}
         self._config_of: dict[str, tuple[str, str]] = {}  # key -> its info series' labels
 
@@ -129,7 +137,7 @@ class OperatorMetrics:
     def endpoint_figures(self, key: str, figures: EndpointFigures) -> None:
         namespace, name = key.split("/", 1)
         values = (figures.cost_per_hour, figures.ttft_p90_s, figures.tpot_p90_s,
-                  figures.capacity_rps, figures.replicas)
+                  figures.capacity_rps, figures.replicas, figures.replica_capacity_rps)
         for gauge, value in zip(self._per_endpoint, values, strict=True):
             if value is None:
                 _remove(gauge, namespace, name)

@@ -20,7 +20,7 @@ from typing import Any
 import pydantic
 
 from trilemma.operator import apply as applying
-from trilemma.operator import children, status
+from trilemma.operator import children, keda, scale, status
 from trilemma.operator.endpoint import (
     Endpoint,
     Outcome,
@@ -50,6 +50,7 @@ from trilemma.operator.resources import (
     HardwarePoolSpec,
     Optimization,
     OptimizedEndpointSpec,
+    ReplicaOwner,
     RolloutState,
 )
 from trilemma.operator.rollout import delete_owned, deploy
@@ -81,7 +82,7 @@ async def reconcile_locked(rt: Runtime, ref: Ref, *, force: bool = True) -> None
         return
     ep = Endpoint.of(fresh)
     digest = spec_digest(fresh)
-    if not force and ep.written.get("specDigest") == digest:
+    if not force and ep.written.get("specDigest") == digest and not scale.count_changed(fresh):
         return
     ep.put(spec_digest=digest)
     try:
@@ -135,8 +136,12 @@ class Target:
 async def _reconcile(rt: Runtime, ep: Endpoint) -> None:
     spec, full_pool, models = await _validate(rt, ep)
     plan, digest, optimization = await plan_and_reserve(rt, ep, spec, models, full_pool)
-    target = _render(ep, spec, full_pool, models, plan, digest)
-    _record_plan(ep, spec, plan, optimization, target)
+    planned = plan.recommended.config
+    sized = await scale.size(rt, ep, spec, full_pool, plan.recommended,
+                             models.checkpoints.get(planned.model, planned.model))
+    target = _render(ep, spec, full_pool, models, plan, digest, sized.choice,
+                     sample=_keda_sample(rt, ep, spec, sized))
+    _record_plan(ep, spec, plan, optimization, target, sized)
     key = f"ConfigMap/{target.plan_map['metadata']['name']}"
     # A new endpoint: no plan ConfigMap (read while planning) and no status about children.
     # Its children are then created side by side, none of them read first.
@@ -185,28 +190,34 @@ async def _validate(rt: Runtime, ep: Endpoint) -> tuple[OptimizedEndpointSpec, H
 
 
 def _render(ep: Endpoint, spec: OptimizedEndpointSpec, full_pool: HardwarePoolSpec,
-            models: Models, plan: Plan, digest: str) -> Target:
-    config = plan.recommended.config
+            models: Models, plan: Plan, digest: str, choice: Choice, *,
+            sample: Obj | None = None) -> Target:
+    """The children of `choice`: the plan's recommendation at the count to deploy."""
+    config = choice.config
     served = models.checkpoints.get(config.model, config.model)
     group = full_pool.group(config.worker.gpu)
     try:
         kids = children.build(config, spec, ep.owner, group, served_model=served,
-                              e2e_p99_ms=plan.recommended.prediction.e2e_p99_ms)
+                              e2e_p99_ms=choice.prediction.e2e_p99_ms)
     except InputError as err:
         raise failed("RenderFailed", input_message(err), ConditionType.OPTIMIZED) from None
     engine_args = next(c["args"] for w in kids.workloads for c in _containers(w)
                        if c["name"] == "engine")
     plan_map = children.plan_config_map(ep.owner, plan, request_digest=digest,
-                                        config_hash=kids.config_hash)
-    return Target(choice=plan.recommended, served=served, kids=kids,
+                                        config_hash=kids.config_hash, keda=sample)
+    return Target(choice=choice, served=served, kids=kids,
                   engine_args=list(engine_args), plan_map=plan_map)
 
 
 def _record_plan(ep: Endpoint, spec: OptimizedEndpointSpec, plan: Plan,
-                 optimization: Optimization, target: Target) -> None:
-    """The plan's part of status: what was planned, predicted and (to be) deployed."""
+                 optimization: Optimization, target: Target, sized: scale.Sized) -> None:
+    """The plan's part of status: what was planned, predicted and (to be) deployed, at the
+    count deployed (predictions stay the plan's, made for its count at the planned rate)."""
     choice = target.choice
-    ep.put(last_optimization=optimization, predictions=status.predictions(choice),
+    applied = spec.rollout.auto_apply
+    ep.put(scaling=sized.scaling, replicas=sized.scaling.replicas if applied else 0,
+           selector=scale.selector(target.kids.services[0] if target.kids.services else None))
+    ep.put(last_optimization=optimization, predictions=status.predictions(plan.recommended),
            pareto_front=status.pareto_front(plan), observed_generation=ep.generation)
     ep.condition(ConditionType.OPTIMIZED, True,
                  "PlanReused" if optimization.reused else "Planned",
@@ -216,6 +227,19 @@ def _record_plan(ep: Endpoint, spec: OptimizedEndpointSpec, plan: Plan,
         choice, config_hash=target.config_hash, served_model=target.served,
         engine_args=target.engine_args, applied=spec.rollout.auto_apply),
         cost_per_hour=round(choice.prediction.cost_per_hour, 4))
+
+
+def _keda_sample(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
+                 sized: scale.Sized) -> Obj | None:
+    """With replicas.owner external, the ScaledObject the plan ConfigMap offers; it names
+    the spec's Prometheus only where the operator could query it too (else the operator's)."""
+    if spec.replicas.owner is not ReplicaOwner.EXTERNAL:
+        return None
+    url = spec.prometheus.url
+    if url is None or not rt.config.allows_prometheus_url(url):
+        url = rt.config.prometheus_url
+    return keda.scaled_object(ep.name, ep.namespace, spec, prometheus_url=url,
+                              max_replicas=sized.scaling.max_replicas)
 
 
 def _failed_before(ep: Endpoint, target: Target, digest: str) -> bool:

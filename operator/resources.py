@@ -19,12 +19,19 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from trilemma.operator.status_models import (
-    MAX_HISTORY,
-    CalibrationStatus,
-    ObservedWorkloadStatus,
-    RetuneHistoryEntry,
-    RetuneStatus,
+from trilemma.operator.endpoint_status import (
+    ActiveConfiguration,
+    Condition,
+    ConditionType,
+    EndpointPhase,
+    FrontPoint,
+    Optimization,
+    OptimizedEndpointStatus,
+    Predictions,
+    RolloutState,
+    RolloutStatus,
+    TunedWorkload,
+    status_field_names,
 )
 from trilemma.optimizer import render
 from trilemma.optimizer.catalog import Engine
@@ -38,6 +45,23 @@ from trilemma.optimizer.spec import (
     Workload,
     rule_error,
 )
+
+# The status models are declared in endpoint_status.py; re-exported for the callers that read
+# spec and status from one module.
+__all__ = [  # noqa: RUF022 (grouped: re-exported first)
+    "ActiveConfiguration",
+    "Condition",
+    "ConditionType",
+    "EndpointPhase",
+    "FrontPoint",
+    "OptimizedEndpointStatus",
+    "Optimization",
+    "Predictions",
+    "RolloutState",
+    "RolloutStatus",
+    "TunedWorkload",
+    "status_field_names",
+]
 
 # RFC 1123 names: what Kubernetes accepts for ConfigMaps, Secrets, PVCs and pools.
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -289,6 +313,58 @@ class GatewaySpec(SpecModel):
         default_factory=InferencePoolSpec, description="The InferencePool and its picker.")
 
 
+class ReplicaOwner(enum.StrEnum):
+    OPERATOR = "operator"
+    EXTERNAL = "external"
+
+
+# The most replicas of one configuration a spec may ask for: bounds the objects and GPUs one
+# tenant's number can make the operator request.
+MAX_REPLICAS = 512
+
+
+class ReplicaPolicy(SpecModel):
+    """Who sets the replica count of the planned configuration (never two writers of one
+    field). The plan decides the configuration; the count moves between re-plans."""
+
+    owner: ReplicaOwner = Field(
+        default=ReplicaOwner.OPERATOR,
+        description="operator: the operator scales from the observed rate against the plan's "
+                    "per-replica capacity at the SLO. external: kubectl scale, an HPA or KEDA "
+                    "own replicas.count (the scale subresource) and the operator follows it.")
+    count: int | None = Field(
+        default=None, ge=0, le=MAX_REPLICAS,
+        description="The scale subresource's spec.replicas. With owner external, the count "
+                    "deployed (0 stops every replica); unset: the plan's count. With owner "
+                    "operator it is ignored (status.scaling says so).")
+    min_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS,
+                              description="owner operator: the fewest replicas.")
+    max_replicas: int | None = Field(
+        default=None, ge=1, le=MAX_REPLICAS,
+        description="owner operator: the most replicas; default: as many as the pool has room "
+                    "for.")
+    target_utilization: float = Field(
+        default=0.8, ge=0.1, le=1.0,
+        description="owner operator: the share of a replica's capacity at the SLO it is "
+                    "scaled to carry (headroom for bursts).")
+    window_seconds: int = Field(default=120, ge=30, le=3600,
+                                description="owner operator: the rate window read each check.")
+    scale_up_stabilization_seconds: int = Field(
+        default=0, ge=0, le=3600,
+        description="owner operator: scale up to the lowest count recommended over this long.")
+    scale_down_stabilization_seconds: int = Field(
+        default=300, ge=0, le=3600,
+        description="owner operator: scale down to the highest count recommended over this "
+                    "long (down slowly: a replica takes minutes to load a model).")
+
+    @model_validator(mode="after")
+    def _range(self) -> ReplicaPolicy:
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise rule_error(f"below minReplicas ({self.min_replicas})",
+                             field="maxReplicas", value=self.max_replicas)
+        return self
+
+
 class OptimizedEndpointSpec(SpecModel):
     """An inference endpoint described by what it must do; the operator picks how."""
 
@@ -313,6 +389,10 @@ class OptimizedEndpointSpec(SpecModel):
                                        description="Where the endpoint's metrics are.")
     gateway: GatewaySpec | None = Field(
         default=None, description="Gateway API routing (an InferencePool); default: none.")
+    replicas: ReplicaPolicy = Field(
+        default_factory=ReplicaPolicy,
+        description="Who owns the replica count (the scale subresource's spec.replicas is "
+                    "replicas.count) and, when the operator does, how it scales.")
 
     @model_validator(mode="after")
     def _one_model_field(self) -> OptimizedEndpointSpec:
@@ -347,152 +427,6 @@ class HardwarePoolSpec(HardwarePool):
     def search_pool(self) -> HardwarePool:
         """The pool as the optimizer takes it (without the Kubernetes-only fields)."""
         return HardwarePool(gpus=self.gpus)
-
-
-# ---- status -------------------------------------------------------------------------------
-
-
-class EndpointPhase(enum.StrEnum):
-    PENDING = "Pending"
-    OPTIMIZING = "Optimizing"
-    DEPLOYING = "Deploying"
-    READY = "Ready"
-    INFEASIBLE = "Infeasible"
-    FAILED = "Failed"
-
-
-class ConditionType(enum.StrEnum):
-    VALIDATED = "Validated"
-    OPTIMIZED = "Optimized"
-    DEPLOYED = "Deployed"
-    READY = "Ready"
-    METRICS_AVAILABLE = "MetricsAvailable"
-    # kstatus's "abnormal-true" pair, derived from the rest of status (operator/health.py):
-    # True while the operator works towards the spec, True when it cannot get there alone.
-    RECONCILING = "Reconciling"
-    STALLED = "Stalled"
-
-
-class Condition(SpecModel):
-    type: ConditionType
-    status: str = Field(pattern=r"^(True|False|Unknown)$")
-    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
-    message: str = Field(default="", max_length=32768)
-    last_transition_time: str = Field(description="RFC 3339 time of the last status change.")
-    observed_generation: int | None = Field(default=None, ge=0)
-
-
-class Predictions(SpecModel):
-    ttft_p90_ms: float
-    tpot_p90_ms: float
-    capacity_rps: float = Field(description="Requests/s the deployment sustains in the SLO.")
-    cost_per_hour: float
-    cost_per_million_tokens: float
-    quality: float | None = None
-    simulated: bool = False
-
-
-class FrontPoint(SpecModel):
-    hash: str
-    summary: str
-    ttft_p90_ms: float
-    tpot_p90_ms: float
-    capacity_rps: float
-    cost_per_hour: float
-    recommended: bool = False
-
-
-class ActiveConfiguration(SpecModel):
-    hash: str = Field(description="Hash of the configuration (names its Deployment).")
-    summary: str = Field(description='Short form, e.g. "2x [fp8 TP2 eagle3x3] on h100_sxm".')
-    short: str = Field(description='Printer column form, e.g. "fp8 TP2 eagle3x3".')
-    model: str
-    engine: str
-    gpu: str
-    gpus: int = Field(ge=0, description="GPUs the configuration holds in the pool.")
-    replicas: int = Field(ge=0)
-    engine_args: list[str] = Field(default_factory=list)
-    applied: bool = Field(description="false: recommended only (autoApply false).")
-
-
-class Optimization(SpecModel):
-    time: str = Field(description="RFC 3339 time the plan was made.")
-    duration_seconds: float = Field(ge=0)
-    candidates: int = Field(ge=0, description="Configurations enumerated.")
-    request_digest: str = Field(description="Hash of the planning input (spec + pool).")
-    reused: bool = Field(default=False,
-                         description="true: an earlier plan for the same input was reused.")
-
-
-class RolloutState(enum.StrEnum):
-    PROGRESSING = "Progressing"
-    COMPLETE = "Complete"
-    FAILED = "Failed"
-
-
-class RolloutStatus(SpecModel):
-    """The move of the Service from one configuration hash to another."""
-
-    from_hash: str | None = Field(default=None, description="Hash serving before.")
-    to_hash: str = Field(description="Hash being rolled out.")
-    state: RolloutState
-    started: str = Field(description="RFC 3339 time the new configuration was created.")
-    deadline: str = Field(description="RFC 3339 time after which it counts as failed.")
-    message: str = ""
-    from_gpus: dict[str, int] = Field(
-        default_factory=dict,
-        description="GPUs the configuration serving before holds, by type, until it is gone "
-                    "(what a rollback keeps allocated).")
-
-
-class TunedWorkload(SpecModel):
-    """The observed workload the active plan was re-planned for (the closed loop's)."""
-
-    spec_digest: str = Field(description="Digest of the spec it applies to: a spec change "
-                                         "drops it (the user's word is newer).")
-    workload: Workload = Field(description="The workload planned for, in the spec's form.")
-
-
-class OptimizedEndpointStatus(SpecModel):
-    phase: EndpointPhase = EndpointPhase.PENDING
-    message: str = ""
-    observed_generation: int | None = Field(
-        default=None, ge=0,
-        description="metadata.generation the operator last acted on (planned, or refused): "
-                    "kstatus and GitOps tools wait while it is behind.")
-    conditions: list[Condition] = Field(default_factory=list)
-    active_configuration: ActiveConfiguration | None = None
-    predictions: Predictions | None = None
-    pareto_front: list[FrontPoint] = Field(default_factory=list, max_length=8)
-    last_optimization: Optimization | None = None
-    cost_per_hour: float | None = Field(default=None, description="Of the active plan, $/hour.")
-    serving_hash: str | None = Field(
-        default=None, description="Configuration hash the Service sends traffic to.")
-    rollout: RolloutStatus | None = None
-    allocated_gpus: dict[str, int] = Field(
-        default_factory=dict,
-        description="GPUs this endpoint's children hold, by type (both sides during a rollout).")
-    spec_digest: str | None = Field(
-        default=None, description="Digest of the spec the status describes (written last).")
-    observed_workload: ObservedWorkloadStatus | None = Field(
-        default=None, description="The traffic Prometheus shows (rate, lengths, prefix share, "
-                                  "latencies), each with its sample count and staleness.")
-    tuned_workload: TunedWorkload | None = Field(
-        default=None, description="The observed workload the active plan was re-planned for, "
-                                  "and the spec digest it applies to (a spec change drops it).")
-    retune: RetuneStatus | None = Field(
-        default=None, description="The re-tune loop's state: checks, drift counts, cooldown.")
-    retune_history: list[RetuneHistoryEntry] = Field(
-        default_factory=list, max_length=MAX_HISTORY,
-        description="The last 10 re-tune decisions, no-change ones included, and why.")
-    calibration: CalibrationStatus | None = Field(
-        default=None, description="Correction factors fitted from predicted vs observed "
-                                  "latency of the active configuration.")
-
-
-def status_field_names() -> list[str]:
-    """The status keys the operator owns (camelCase), so that patches can clear stale ones."""
-    return [f.alias or name for name, f in OptimizedEndpointStatus.model_fields.items()]
 
 
 def to_wire(model: SpecModel) -> dict[str, Any]:

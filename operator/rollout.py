@@ -68,6 +68,12 @@ async def _available(kube: Kube, ep: Endpoint, config_hash: str) -> bool:
     return bool(live) and all(applying.is_available(w) for w in live)
 
 
+async def _serving(kube: Kube, ep: Endpoint, config_hash: str) -> bool:
+    """Every workload of the configuration has a replica available (some may be starting)."""
+    live = await _workloads(kube, ep, config_hash)
+    return bool(live) and all(applying.is_serving(w) for w in live)
+
+
 async def _delete_workloads(kube: Kube, ep: Endpoint, workloads: list[Obj]) -> None:
     """Each workload and its disruption budget (same name), if the endpoint owns it."""
     for obj in workloads:
@@ -146,12 +152,15 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     in_flight = (rollout.get("toHash") == target
                  and rollout.get("state") == RolloutState.PROGRESSING.value)
     available = False if fresh else await _available(kube, ep, target)
-    if not in_flight and not available:
+    # Scaled while serving (the same configuration, more replicas starting): no rollout.
+    scaled = (not available and not in_flight and serving == target
+              and await _serving(kube, ep, target))
+    if not in_flight and not available and not scaled:
         # Nothing else serves: the Service points here already; track the deadline.
         _start_rollout(ep, spec, None, target)
     elif in_flight and available:
         ep.update_rollout(state=RolloutState.COMPLETE, message="available")
-    await _refresh_ready(rt, ep, target, ready=available)
+    await _refresh_ready(rt, ep, target, ready=available or scaled)
     if serving != target:
         rt.events(ep.body, "Normal", "Deployed",
                   f"{ep.status['activeConfiguration']['summary']} as {target}")
@@ -198,9 +207,11 @@ async def _refresh_ready(rt: Runtime, ep: Endpoint, serving: str, *,
                          ready: bool | None = None) -> bool:
     """Sets phase and the Ready condition from the serving configuration's workloads
     (`ready`: already known, not read again)."""
-    if ready is None:
-        ready = await _available(rt.kube, ep, serving)
     rolling = (ep.status.get("rollout") or {}).get("state") == "Progressing"
+    if ready is None:
+        # Outside a rollout, a configuration with a replica of each workload up serves, the
+        # replicas a scale-up added still loading; a rollout waits for all of them.
+        ready = await (_available if rolling else _serving)(rt.kube, ep, serving)
     if ready:
         ep.condition(ConditionType.READY, True, "Available",
                      f"configuration {serving} is serving")

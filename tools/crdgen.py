@@ -139,7 +139,9 @@ def crd_documents() -> list[Schema]:
             _column("Phase", "string", ".status.phase"),
             _column("$/hour", "number", ".status.costPerHour"),
             _column("Age", "date", ".metadata.creationTimestamp"),
-        ])
+        ],  # /scale: what kubectl scale, HPA and KEDA read and write (replicas.owner external)
+        scale={"specReplicasPath": ".spec.replicas.count", "statusReplicasPath":
+               ".status.replicas", "labelSelectorPath": ".status.selector"})
     pool = _crd(
         kind="HardwarePool", plural="hardwarepools", short_names=["hwpool"], scope="Cluster",
         spec_schema=model_schema(resources.HardwarePoolSpec),
@@ -154,13 +156,13 @@ def crd_documents() -> list[Schema]:
         columns=[
             # JSONPath cannot count; the GPU types read almost as well.
             _column("GPUs", "string", ".spec.gpus[*].gpu"),
-            _column("Age", "date", ".metadata.creationTimestamp"),
-        ])
+            _column("Age", "date", ".metadata.creationTimestamp")])
     return [endpoint, pool]
 
 
 def _crd(*, kind: str, plural: str, short_names: list[str], scope: str, spec_schema: Schema,
-         status_schema: Schema, columns: list[dict[str, str]]) -> dict[str, Any]:
+         status_schema: Schema, columns: list[dict[str, str]], scale: Schema | None = None
+         ) -> dict[str, Any]:
     root = {
         "type": "object",
         "description": spec_schema["description"],
@@ -192,7 +194,7 @@ def _crd(*, kind: str, plural: str, short_names: list[str], scope: str, spec_sch
                 "name": naming.VERSION,
                 "served": True,
                 "storage": True,
-                "subresources": {"status": {}},
+                "subresources": {"status": {}, **({"scale": scale} if scale else {})},
                 "additionalPrinterColumns": columns,
                 "schema": {"openAPIV3Schema": root},
             }],

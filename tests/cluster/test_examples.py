@@ -48,6 +48,9 @@ def test_samples_deploy_onto_fake_gpu_nodes_and_become_ready(cluster: LocalClust
     cluster.apply(_storage("llm"))
     cluster.apply(load_examples("hardwarepool.yaml", "chatbot-endpoint.yaml",
                                 "configmap-model.yaml", "recommend-only.yaml"))
+    # The autoscaled sample's endpoint (its ScaledObject needs KEDA, which this cluster lacks).
+    cluster.apply([d for d in load_examples("autoscaled-endpoint.yaml")
+                   if d["kind"] == "OptimizedEndpoint"])
 
     st = phase_is(cluster, "llm", "support-chat", "Ready", timeout_s=240)
     active = st["activeConfiguration"]
@@ -77,6 +80,14 @@ def test_samples_deploy_onto_fake_gpu_nodes_and_become_ready(cluster: LocalClust
         "activeConfiguration") and s, "the recommend-only plan", timeout_s=240)
     assert research["phase"] == "Pending" and "recommend-only" in research["message"]
     assert deployments(cluster, "research", "research-assistant") == []
+
+    # The externally owned count is deployed as written, and /scale reports it.
+    scaled = phase_is(cluster, "llm", "summarizer", "Ready", timeout_s=240)
+    assert scaled["replicas"] == 2 and scaled["scaling"]["owner"] == "external"
+    assert [d["spec"]["replicas"] for d in deployments(cluster, "llm", "summarizer")] == [2]
+    cm = json.loads(cluster.kubectl("get", "configmap", "summarizer-plan", "-n", "llm", "-o",
+                                    "json").stdout)
+    assert "keda-scaledobject.yaml" in cm["data"]
 
     # What `kubectl get oe` shows: the printer columns the CRD declares.
     table = cluster.kubectl("get", "oe", "-n", "llm").stdout.splitlines()

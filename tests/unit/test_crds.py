@@ -211,7 +211,11 @@ def test_names_scope_versions_and_printer_columns():
     for crd in (oe, pool):
         (version,) = crd["versions"]
         assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
-        assert version["subresources"] == {"status": {}}
+    # An endpoint scales (kubectl scale, HPA, KEDA) through replicas.count; a pool does not.
+    assert oe["versions"][0]["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.replicas.count", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector"}}
+    assert pool["versions"][0]["subresources"] == {"status": {}}
     columns = {c["name"]: (c["type"], c["jsonPath"])
                for c in oe["versions"][0]["additionalPrinterColumns"]}
     assert columns == {
@@ -349,7 +353,7 @@ def test_colliding_union_keys_merge_to_the_looser_schema():
 def test_samples_cover_both_kinds_and_every_feature_asked_for():
     names = {p.name for p in EXAMPLES.glob("*.yaml")}
     assert names == {"hardwarepool.yaml", "chatbot-endpoint.yaml", "recommend-only.yaml",
-                     "configmap-model.yaml"}
+                     "configmap-model.yaml", "autoscaled-endpoint.yaml"}
     for _, doc in CUSTOM:
         assert doc["apiVersion"] == "trilemma.dev/v1alpha1"
         assert doc["metadata"]["name"]
