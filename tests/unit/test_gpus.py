@@ -169,7 +169,7 @@ def test_get_gpu_returns_the_same_cached_object():
 def test_nvidia_figures_match_the_aiconfigurator_system_file(gpu):
     if not (AIC_SYSTEMS / f"{gpu.key}.yaml").is_file():
         # ../shared holds the calibrated GPUs' files and a few more; B300/GB300 are cited
-        # from the same AIC commit upstream (and checked against it in test_blackwell.py).
+        # from the system files of the same AIC commit upstream.
         assert gpu.key in EXTRAPOLATED and "095f58a5" in gpu.sources["sm_version"]
         return
     aic = yaml.safe_load((AIC_SYSTEMS / f"{gpu.key}.yaml").read_text())
