@@ -260,6 +260,9 @@ def _print_provenance(prov: dict[str, str]) -> None:
     if "datasheet" in prov.values():
         print("UNCALIBRATED: no measured kernel profiles for this GPU; datasheet rooflines at "
               "the calibrated GPUs' median efficiencies")
+    elif "kernels" in prov:
+        print(f"EXTRAPOLATED: no measured kernel profiles for this GPU; {prov['kernels']}'s "
+              "fitted kernels at this GPU's datasheet rates".replace("extrapolated from ", ""))
 
 
 def _validate(args: argparse.Namespace) -> int:

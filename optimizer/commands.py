@@ -84,6 +84,9 @@ def print_plan(p: planning.Plan, out: TextIO) -> None:
     if rec not in {ch.config.config_hash() for ch in p.front}:
         out.write(_row(p.recommended, "* ") + "\n")
     out.write(f"\nrecommended ({p.objective.value}): {p.recommended.config.summary()}\n")
+    kernels = p.recommended.prediction.provenance.get("kernels")
+    if kernels:
+        out.write(f"  kernels: {kernels} (no measured kernel tables for this GPU)\n")
     for line in _explanation_lines(p.explanation.to_dict()):
         out.write(f"  {line}\n")
 

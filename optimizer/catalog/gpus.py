@@ -64,12 +64,41 @@ class Gpu:
     intra_node_bw: float
     inter_node_bw: float
     gpus_per_node: int
-    scale_up_gpus: int  # GPUs reachable at intra_node_bw (72 for a GB200 NVL72 rack)
+    scale_up_gpus: int  # the NVLink domain: GPUs reached at intra_node_bw (72 for NVL72)
     tdp_watts: float
     price_per_hour: float
     calibrated: bool
     aliases: tuple[str, ...] = ()
     sources: Mapping[str, str]
+    # Between NVLink domains; where the domain is one node, the same as inter_node_bw.
+    scale_out_bw: float = 0.0
+    # A calibrated sibling whose fitted kernel efficiencies this GPU is priced with, its rates
+    # scaled by the datasheet ratio (perf/kernels.py); None: its own fits or the datasheet.
+    extrapolated_from: str | None = None
+    # Published SFU exponential (softmax) rate relative to that sibling, beyond the clock
+    # ratio the tensor rates already carry: 2.0 on Blackwell Ultra.
+    softmax_exp_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.scale_out_bw:
+            object.__setattr__(self, "scale_out_bw", self.inter_node_bw)
+
+    @property
+    def kernels(self) -> str:
+        """How perf/ prices this GPU's kernels: fitted, extrapolated from a sibling, or
+        datasheet rooflines (the label plans and estimates carry)."""
+        if self.calibrated:
+            return "fitted"
+        if self.extrapolated_from:
+            return f"extrapolated from {self.extrapolated_from}"
+        return "datasheet"
+
+    def nvlink_reach(self, gpus_per_node: int) -> int:
+        """GPUs one NVLink domain joins when a node holds `gpus_per_node`: the whole rack where
+        the domain spans nodes (NVL72), else the node (never beyond the switch's reach)."""
+        if self.scale_up_gpus > self.gpus_per_node:
+            return self.scale_up_gpus
+        return min(gpus_per_node, self.scale_up_gpus)
 
     def supports(self, precision_key: str) -> bool:
         """True when the tensor cores run `precision_key` ("bf16", "fp8", "int8", "fp4")."""
@@ -102,6 +131,11 @@ def _parse(key: str, raw: Mapping[str, Any]) -> Gpu:
     if "sm_version" in raw:
         sm, sources["sm_version"] = _figure(raw["sm_version"], f"{key}.sm_version")
         sm_version = int(sm)
+    optional: dict[str, Any] = {}
+    for name in ("scale_out_bw", "softmax_exp_ratio"):
+        if name in raw:
+            value, sources[name] = _figure(raw[name], f"{key}.{name}")
+            optional[name] = float(value)
     return Gpu(
         key=key,
         name=str(raw["name"]),
@@ -110,9 +144,11 @@ def _parse(key: str, raw: Mapping[str, Any]) -> Gpu:
         sm_version=sm_version,
         dense_flops=MappingProxyType(flops),
         calibrated=bool(raw["calibrated"]),
+        extrapolated_from=raw.get("extrapolated_from"),
         aliases=tuple(_normalize(a) for a in raw.get("aliases", ())),
         sources=MappingProxyType(sources),
         **values,
+        **optional,
     )
 
 
@@ -125,6 +161,11 @@ def load_raw() -> dict[str, Any]:
 def _catalog() -> tuple[dict[str, Gpu], dict[str, str]]:
     raw = load_raw()["gpus"]
     by_key = {key: _parse(key, entry) for key, entry in raw.items()}
+    for gpu in by_key.values():
+        base = by_key.get(gpu.extrapolated_from or gpu.key)
+        if base is None or (gpu.extrapolated_from and not base.calibrated):
+            raise ValueError(f"{DATA_FILE}: {gpu.key} extrapolates from "
+                             f"{gpu.extrapolated_from!r}, not a calibrated GPU")
     names: dict[str, str] = {}
     for gpu in by_key.values():
         for name in (gpu.key, *gpu.aliases):

@@ -176,8 +176,8 @@ _RECIPES: dict[QuantRecipe, _RecipeFacts] = {
         weight_precision=Precision.FP4,
         archs=frozenset({Arch.BLACKWELL}),
         unsupported_why=(
-            "nvfp4 W4A4 needs Blackwell fp4 tensor cores (B200, GB200, RTX PRO 6000); "
-            "use fp8 or int4 instead"
+            "nvfp4 W4A4 needs Blackwell fp4 tensor cores (B200, B300, GB200, GB300, "
+            "RTX PRO 6000); use fp8 or int4 instead"
         ),
     ),
     QuantRecipe.MXFP4: _RecipeFacts(

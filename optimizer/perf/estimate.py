@@ -128,6 +128,8 @@ def provenance(cfg: Config, sm: StepModel | None = None) -> dict[str, str]:
     }
     if cfg.arch.moe is not None:
         out["moe"] = km.provenance("moe", sm.moe_kernel)
+    if cfg.gpu.extrapolated_from:
+        out["kernels"] = cfg.gpu.kernels  # which calibrated GPU every figure rests on
     return out
 
 

@@ -12,9 +12,13 @@ Provenance of a (family, kernel) on a GPU:
   a compute rate scaled by the datasheet peak ratio (int8 from fp8 or bf16), fp8 KV from
   the bf16-KV fit with half the KV bytes, MLA on A100 = measured attention kernel + GEMMs,
   intra-node p2p from the 2-GPU all-gather.
+  A GPU with a calibrated sibling (`extrapolate_from`: B300/GB200/GB300 from B200) is
+  "extrapolated" throughout: the sibling's fits, rates scaled by the datasheets' ratio.
 - "datasheet": a GPU without calibration; every form runs with the median efficiencies of
   the calibrated GPUs (`datasheet_defaults` in the JSON) times the caller's datasheet rates.
   Inter-node p2p is "datasheet" everywhere: no inter-node table was measured.
+
+Collectives inside an NVLink domain wider than a node (NVL72) keep the NVLink rate.
 """
 
 from __future__ import annotations
@@ -55,17 +59,30 @@ class DatasheetRates:
     dense_flops: FLOP/s per precision key ("bf16", "fp8", "int8", "fp4"); a key that is
     absent is not native and its kernels fall back to weight-only bf16 GEMMs.
     memory_bw, intra_node_bw, inter_node_bw: bytes/s (per GPU, one direction for links).
+    nvlink_domain: GPUs one NVLink domain joins (72 for an NVL72 rack); scale_out_bw: bytes/s
+    between domains (None: inter_node_bw). extrapolate_from: a calibrated GPU whose fits carry
+    over at these rates; softmax_exp_ratio: its published SFU exponential-rate change.
     """
 
     dense_flops: Mapping[str, float]
     memory_bw: float
     intra_node_bw: float
     inter_node_bw: float
+    nvlink_domain: int = GPUS_PER_NODE
+    scale_out_bw: float | None = None
+    extrapolate_from: str | None = None
+    softmax_exp_ratio: float = 1.0
 
     def as_sheet(self) -> dict[str, Any]:
         return {"dense_flops": dict(self.dense_flops), "memory_bw": self.memory_bw,
                 "intra_node_bw": self.intra_node_bw, "inter_node_bw": self.inter_node_bw,
-                "gpus_per_node": GPUS_PER_NODE, "p2p_latency_ms": P2P_LATENCY_MS}
+                "gpus_per_node": GPUS_PER_NODE, "p2p_latency_ms": P2P_LATENCY_MS,
+                "nvlink_domain": self.nvlink_domain, "scale_out_bw": self.scale_out_bw}
+
+    def key(self) -> tuple[Any, ...]:
+        return (tuple(sorted(self.dense_flops.items())), self.memory_bw, self.intra_node_bw,
+                self.inter_node_bw, self.nvlink_domain, self.scale_out_bw,
+                self.extrapolate_from, self.softmax_exp_ratio)
 
 
 def _f64(x: Any) -> FloatArray:
@@ -86,9 +103,10 @@ class KernelModel:
     """Kernel times (ms) on one GPU; every numeric argument may be an array (broadcast)."""
 
     def __init__(self, gpu: str, *, calibrated: bool, fits: Mapping[str, Fit],
-                 sheet: Mapping[str, Any]) -> None:
+                 sheet: Mapping[str, Any], extrapolated: bool = False) -> None:
         self.gpu = gpu
         self.calibrated = calibrated
+        self._own = "extrapolated" if extrapolated else "fitted"  # a sibling's fits
         self._fits = dict(fits)
         self._sheet = sheet
         self._resolved: dict[tuple[str, str], Fit | None] = {}
@@ -145,7 +163,7 @@ class KernelModel:
                 return "datasheet"
             return "extrapolated" if self.calibrated else "datasheet"
         if family in _COLLECTIVES:
-            return "fitted" if self.calibrated else "datasheet"
+            return self._own if self.calibrated else "datasheet"
         fit = self._resolve(family, _normalize(family, kernel))
         if fit is None:
             raise InputError("kernel", kernel, f"no {family} model for it on {self.gpu}")
@@ -279,11 +297,12 @@ class KernelModel:
         return self._collective("alltoall", n_gpus, message_bytes)
 
     def p2p_ms(self, message_bytes: Any, inter_node: Any) -> FloatArray:
-        """Send message_bytes to one peer: inside a node from the 2-GPU all-gather (which
-        moves half its buffer each way), across nodes at the datasheet inter-node rate."""
+        """Send message_bytes to one peer: inside the NVLink domain from the 2-GPU all-gather
+        (which moves half its buffer each way), across domains at the datasheet scale-out
+        rate (`inter_node` says which)."""
         b = _f64(message_bytes)
         intra = self._collective("allgather", 2.0, 2.0 * b)
-        inter = self._sheet["p2p_latency_ms"] + 1e3 * b / self._sheet["inter_node_bw"]
+        inter = self._sheet["p2p_latency_ms"] + 1e3 * b / _scale_out(self._sheet)
         return _out(np.where(np.asarray(inter_node, dtype=bool), inter, intra))
 
     def _collective(self, op: str, n_gpus: Any, message_bytes: Any) -> FloatArray:
@@ -296,38 +315,50 @@ class KernelModel:
 
     def _comm_table(self, op: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray,
                                             np.ndarray]:
-        """Per GPU count 0..MAX_GPUS: form parameters, inter-node offset and slope, and n <= 1.
+        """Per GPU count 0..MAX_GPUS: form parameters, inter-domain offset and slope, n <= 1.
 
-        Inside a node the parameters interpolate in log2(n) between the measured counts
-        (2, 4, 8). Past one node the ring also crosses the inter-node links: their bandwidth
-        term and one hop latency per doubling (datasheet figures; nothing multi-node was
-        measured).
+        The parameters interpolate in log2(n) between the measured counts (2, 4, 8). Past 8 in
+        an NVLink domain (NVL72) NCCL keeps the NVLink bus rate: each GPU moves (n-1)/n of the
+        buffer (measured: 7/8), one hop latency per doubling. Past the domain the ring crosses
+        the scale-out links: their bandwidth and a hop latency per doubling (datasheet).
         """
         table = self._comm.get(op)
         if table is None:
-            names = ["custom_allreduce", "allreduce"] if op == "allreduce" else [op]
-            rows: list[tuple[int, Fit]] = []
-            for name in names:
-                prefix = f"comm/{name}/"
-                rows = sorted((int(k[len(prefix):]), f) for k, f in self._fits.items()
-                              if k.startswith(prefix))
-                if rows:
-                    break
-            if not rows:
-                raise InputError("gpu", self.gpu, f"no {op} model")
+            rows = self._comm_rows(op)
             grid = np.log2([float(n) for n, _ in rows])
             gpn = float(self._sheet["gpus_per_node"])
+            top = min(2.0 ** grid[-1], gpn)
+            domain = max(float(self._sheet.get("nvlink_domain", gpn)), top)
             n = np.arange(MAX_GPUS + 1, dtype=np.float64)
-            inside = np.log2(np.clip(n, 2.0 ** grid[0], min(2.0 ** grid[-1], gpn)))
+            inside = np.log2(np.clip(n, 2.0 ** grid[0], top))
             params = [np.interp(inside, grid, [f.params[i] for _, f in rows])
                       for i in range(len(kf.COMM_PARAMS))]
-            across = n > gpn
-            hops = np.log2(np.maximum(n / gpn, 1.0))
-            offset = np.where(across, self._sheet["p2p_latency_ms"] * hops, 0.0)
-            slope = np.where(across, 1e3 * _RING_FACTOR[op] / self._sheet["inter_node_bw"], 0.0)
+            wide = np.clip(n, top, domain)
+            for i in (kf.COMM_PARAMS.index("alg_bw"), kf.COMM_PARAMS.index("alg_bw2")):
+                params[i] = params[i] * ((top - 1.0) / top) / ((wide - 1.0) / wide)
+            lat = self._sheet["p2p_latency_ms"]
+            across = n > domain
+            hops = np.log2(np.maximum(n / domain, 1.0))
+            offset = lat * np.log2(wide / top) + np.where(across, lat * hops, 0.0)
+            slope = np.where(across, 1e3 * _RING_FACTOR[op] / _scale_out(self._sheet), 0.0)
             table = (params, offset, slope, n <= 1.0)
             self._comm[op] = table
         return table
+
+    def _comm_rows(self, op: str) -> list[tuple[int, Fit]]:
+        names = ["custom_allreduce", "allreduce"] if op == "allreduce" else [op]
+        for name in names:
+            prefix = f"comm/{name}/"
+            rows = sorted((int(k[len(prefix):]), f) for k, f in self._fits.items()
+                          if k.startswith(prefix))
+            if rows:
+                return rows
+        raise InputError("gpu", self.gpu, f"no {op} model")
+
+
+def _scale_out(sheet: Mapping[str, Any]) -> float:
+    """Bytes/s between NVLink domains: the sheet's scale-out rate, else its inter-node one."""
+    return float(sheet.get("scale_out_bw") or sheet["inter_node_bw"])
 
 
 def _weakest(a: str, b: str) -> str:
@@ -403,6 +434,29 @@ def _datasheet_fits(sheet: dict[str, Any], cuda_graphs: bool) -> dict[str, Fit]:
     return fits
 
 
+def _extrapolated_fits(base: Mapping[str, Any], sheet: dict[str, Any], exp_ratio: float,
+                       cuda_graphs: bool) -> dict[str, Fit]:
+    """A calibrated sibling's fits, its efficiencies kept, each rate times the ratio of the
+    datasheet figure it scales with (kf.RATE_REFERENCE: 1.5x the fp4 peak, 1.5x the fp4 GEMM
+    roofline). The softmax exponential rate (SFUs) follows the clock like bf16, times
+    `exp_ratio` (2x on Blackwell Ultra). A fit of a precision this GPU lacks is dropped: the
+    resolution rules fall back as on any GPU."""
+    fits: dict[str, Fit] = {}
+    for key, entry in base["fits"].items():
+        params = dict(entry["params"])
+        for name in params:
+            if name not in kf.RATE_REFERENCE:
+                continue
+            new = kf.rate_reference(name, key, sheet)
+            old = kf.rate_reference(name, key, base["datasheet"])
+            if not new or not old:
+                break
+            params[name] *= new / old * (exp_ratio if name == "exp_rate" else 1.0)
+        else:
+            fits[key] = _to_fit(entry, "extrapolated", params, cuda_graphs=cuda_graphs)
+    return fits
+
+
 _MODELS: dict[tuple[Any, ...], KernelModel] = {}
 
 
@@ -422,8 +476,7 @@ def kernel_model(gpu_key: str, *, datasheet: DatasheetRates | None = None,
         if datasheet is None:
             raise InputError("gpu", gpu_key, "no calibration for it and no datasheet rates; "
                              f"calibrated GPUs: {', '.join(sorted(gpus))}")
-        sheet_key = (tuple(sorted(datasheet.dense_flops.items())), datasheet.memory_bw,
-                     datasheet.intra_node_bw, datasheet.inter_node_bw)
+        sheet_key = datasheet.key()
     cache_key = (gpu_key, cuda_graphs, *sheet_key)
     model = _MODELS.get(cache_key)
     if model is None:
@@ -435,7 +488,13 @@ def kernel_model(gpu_key: str, *, datasheet: DatasheetRates | None = None,
         else:
             assert datasheet is not None
             sheet = datasheet.as_sheet()
-            model = KernelModel(gpu_key, calibrated=False,
-                                fits=_datasheet_fits(sheet, cuda_graphs), sheet=sheet)
+            base = gpus.get(datasheet.extrapolate_from or "")
+            if base is not None:
+                fits = _extrapolated_fits(base, sheet, datasheet.softmax_exp_ratio, cuda_graphs)
+                model = KernelModel(gpu_key, calibrated=True, fits=fits, sheet=sheet,
+                                    extrapolated=True)
+            else:
+                model = KernelModel(gpu_key, calibrated=False,
+                                    fits=_datasheet_fits(sheet, cuda_graphs), sheet=sheet)
         _MODELS[cache_key] = model
     return model

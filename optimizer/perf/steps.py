@@ -158,8 +158,9 @@ class StepModel:
                                                                                      dp_msg)
             comm = comm + np.where(dp > 1, L.moe * dp_comm, 0.0)
         if np.any(pp > 1):
-            # Pipeline: each stage boundary sends the hidden states of the micro-batch.
-            inter_node = tp * dp * pp > self.gpu.gpus_per_node
+            # Pipeline: each stage boundary sends the hidden states of the micro-batch, over
+            # NVLink inside the domain (an NVL72 rack spans trays), else the scale-out network.
+            inter_node = tp * dp * pp > self.gpu.nvlink_reach(self.gpu.gpus_per_node)
             comm = comm + np.where(pp > 1, (pp - 1) * self.km.p2p_ms(msg, inter_node), 0.0)
 
         logits_rows = dec_seqs * q + pf_seqs
@@ -310,4 +311,8 @@ def _has_dsv3_geometry(arch: ModelArch) -> bool:
 def kernels_datasheet(gpu: Gpu) -> kernels.DatasheetRates:
     return kernels.DatasheetRates(dense_flops=gpu.dense_flops, memory_bw=gpu.memory_bw,
                                   intra_node_bw=gpu.intra_node_bw,
-                                  inter_node_bw=gpu.inter_node_bw)
+                                  inter_node_bw=gpu.inter_node_bw,
+                                  nvlink_domain=gpu.scale_up_gpus,
+                                  scale_out_bw=gpu.scale_out_bw,
+                                  extrapolate_from=gpu.extrapolated_from,
+                                  softmax_exp_ratio=gpu.softmax_exp_ratio)

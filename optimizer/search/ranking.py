@@ -8,6 +8,7 @@ that leave the search become `Choice`s (the plan IR the renderer and operator co
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,7 +158,12 @@ def prediction(c: Candidates, i: int, wl: WorkloadMeans) -> Prediction:
 
 def choice(c: Candidates, i: int, screens: list[RowScreen], settings: SearchSettings,
            wl: WorkloadMeans) -> Choice:
-    return Choice(config=config(c, i, screens, settings), prediction=prediction(c, i, wl))
+    pred = prediction(c, i, wl)
+    gpu = screens[int(c.screen[i])].rows.group.gpu
+    if not gpu.calibrated:
+        # A plan on a GPU without measured kernel tables says what its numbers rest on.
+        pred = dataclasses.replace(pred, provenance={**pred.provenance, "kernels": gpu.kernels})
+    return Choice(config=config(c, i, screens, settings), prediction=pred)
 
 
 def worker_of_group(g: Group) -> WorkerConfig:

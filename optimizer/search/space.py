@@ -43,7 +43,8 @@ CONTEXT_HEADROOM = 1.5
 class SearchSettings:
     """The ladders the search walks, and its budgets. Inert data; defaults say why."""
 
-    tp: tuple[int, ...] = (1, 2, 4, 8)            # NVLink domains of 8: larger TP crosses nodes
+    # TP stays inside an NVLink domain: 8 GPUs on HGX; TP16 only on an NVL72 rack's trays.
+    tp: tuple[int, ...] = (1, 2, 4, 8, 16)
     pp: tuple[int, ...] = (1, 2, 4)               # PP is how a replica spans nodes
     dp: tuple[int, ...] = (1, 2, 4, 8)            # attention DP (MoE models only)
     ep: tuple[bool, ...] = (False, True)
@@ -254,10 +255,16 @@ def _rows(group: Group, layouts: np.ndarray, limits: np.ndarray, mean_len: float
         alive &= pp <= group.max_pp
     pruned["parallelism"] += int((~alive).sum()) * n_lim * per_row
     g = tp * pp * dp
-    # TP and DP communicate every layer: keep them inside one NVLink domain; PP may cross.
-    nodes = np.ceil(g / group.gpus_per_node)
-    bad_nodes = alive & ((tp * dp > group.gpu.scale_up_gpus) | (tp * dp > group.gpus_per_node)
-                         | (nodes > settings.max_nodes_per_replica))
+    # TP and DP communicate every layer: keep them inside one NVLink domain (the node, or the
+    # whole NVL72 rack of trays); PP may cross. The node limit counts NVLink domains, which
+    # are nodes except where one domain joins several (a replica over trays of one rack).
+    reach = group.gpu.nvlink_reach(group.gpus_per_node)
+    nodes = np.ceil(g / max(reach, group.gpus_per_node))
+    bad_nodes = alive & ((tp * dp > reach) | (nodes > settings.max_nodes_per_replica))
+    if group.engine is Engine.VLLM:
+        # vLLM's data-parallel ranks over several pods need per-pod start ranks the renderer
+        # does not wire (render/layout.py refuses them): not a deployable plan.
+        bad_nodes |= alive & (dp > 1) & (g > group.gpus_per_node)
     pruned["nodes"] += int(bad_nodes.sum()) * n_lim * per_row
     alive &= ~bad_nodes
     bad_pool = alive & (g > group.pool_gpus)

@@ -227,6 +227,12 @@ def test_an_uncalibrated_gpu_is_labelled_as_such(capsys):
     assert code == 0 and "UNCALIBRATED" in out and "datasheet" in out
 
 
+def test_an_extrapolated_gpu_names_the_calibrated_gpu_it_rests_on(capsys):
+    code, out, _ = run(capsys, "estimate", "--gpu", "b300")
+    assert code == 0 and "UNCALIBRATED" not in out
+    assert "EXTRAPOLATED" in out and "b200_sxm's fitted kernels" in out
+
+
 @pytest.mark.skipif(not (SHARED / "latency_tables.csv").exists(),
                     reason="needs ../shared/data/validation")
 def test_validate_recognises_latency_vs_load_tables(capsys):

@@ -14,7 +14,7 @@ from trilemma.optimizer.catalog.quantization import KvDtype, Precision, QuantRec
 from trilemma.optimizer.errors import InputError
 
 ALL_GPUS = gpus.all_gpus()
-BLACKWELL = {"b200_sxm", "gb200", "rtx_pro_6000_server"}
+BLACKWELL = {"b200_sxm", "b300_sxm", "gb200", "gb300", "rtx_pro_6000_server"}
 EVERY = {g.key for g in ALL_GPUS}
 # Where vLLM runs each recipe (the module docstrings cite why).
 SUPPORTED = {
