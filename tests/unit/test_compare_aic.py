@@ -70,9 +70,11 @@ def test_a_renamed_model_asks_for_aics_bundled_twin():
 
 
 def test_a_model_aic_does_not_bundle_is_skipped_instead_of_downloaded():
-    reason = compare_aic.aic_query(row(model_path="zhipuai/GLM-5"), bundled)
-    assert isinstance(reason, str)
-    assert "not bundled with AIConfigurator" in reason
+    for model in ("nvidia/DeepSeek-R1-NVFP4",  # no twin at all
+                  "zhipuai/GLM-5"):            # a twin, but not in this AIConfigurator
+        reason = compare_aic.aic_query(row(model_path=model), bundled)
+        assert isinstance(reason, str)
+        assert "not bundled with AIConfigurator" in reason
 
 
 def test_fp4_on_an_mxfp4_checkpoint_leaves_the_quant_to_the_checkpoint():
