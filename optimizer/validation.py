@@ -1,10 +1,10 @@
 """Score the performance model against measured serving runs (`trilemma validate`).
 
 Reads rows in the schema of NVIDIA AIConfigurator's silicon samples (model_path, system,
-backend, precision, gemm_quant_mode, isl, osl, batch_size = concurrency, tp/pp/attention-dp/
-moe-tp/moe-ep sizes, mode, silicon_ttft_ms, silicon_tpot_ms), predicts TTFT and TPOT for every
-aggregated row it can model, and summarises the absolute percentage errors. Rows it cannot
-model are kept with the reason, never dropped silently.
+backend, precision, gemm_quant_mode, isl, osl, batch_size = concurrency per attention-DP rank,
+tp/pp/attention-dp/moe-tp/moe-ep sizes, mode, silicon_ttft_ms, silicon_tpot_ms), predicts
+TTFT and TPOT for every aggregated row it can model, and summarises the absolute percentage
+errors. Rows it cannot model are kept with the reason, never dropped silently.
 """
 
 from __future__ import annotations
@@ -195,7 +195,11 @@ def _member(i: int, row: Mapping[str, str]) -> _Member | RowResult:
         cfg = estimate.resolve(model=row["model_path"], gpu=gpu.key, tp=tp, pp=pp, dp=dp,
                                ep=ep, quant=recipe.value, kv_dtype=KvDtype.BF16.value,
                                engine=engine.value)
-        conc, isl, osl = _int(row, "batch_size"), _int(row, "isl"), _int(row, "osl")
+        # AIConfigurator's `batch_size` is the concurrency of ONE attention-DP rank: the run's
+        # closed-loop concurrency is batch_size x attention_dp_size (its provenance column
+        # `silicon_concurrency=` says so on every DP row). closed_loop takes the total.
+        conc = _int(row, "batch_size") * dp
+        isl, osl = _int(row, "isl"), _int(row, "osl")
     except (TrilemmaError, ValueError, KeyError) as exc:
         return skip(str(exc))
     return _Member(index=i, rid=base.id, group=base.group,
