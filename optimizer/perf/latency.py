@@ -16,6 +16,9 @@ Model, per attention replica (DP rank), vectorized over candidates:
     sequences that fit;
   * the benchmark's first wave (all C requests at once) queues its prefills; it is one in
     `benchmark_requests_per_concurrency` of the requests and enters the means with that weight.
+
+A prefill-first engine (SGLang: `prefill_first` in engine.yaml) never mixes prefill chunks into
+decode steps, so its closed loop runs in waves instead (`_prefill_first_waves`).
 """
 
 from __future__ import annotations
