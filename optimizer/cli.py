@@ -116,6 +116,9 @@ def _add_validate_and_calibrate(sub: _Subparsers[argparse.ArgumentParser]) -> No
     p = sub.add_parser("validate", help="score predictions against measured serving runs")
     p.add_argument("csv", type=Path, help="rows in the AIConfigurator silicon-sample schema")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--compare", choices=["aiconfigurator"], default=None,
+                   help="also run NVIDIA AIConfigurator on the same rows and compare "
+                        "(pip install 'trilemma[compare]')")
 
     p = sub.add_parser("calibrate", help="refit the kernel calibration from measured profiles")
     p.add_argument("--aic", type=Path, default=Path("../shared/data/aic"),
@@ -267,30 +270,62 @@ def _print_provenance(prov: dict[str, str]) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     if _is_latency_table(args.csv):
+        if args.compare:
+            raise InputError("--compare", args.compare,
+                             "compares on silicon-sample rows only, not latency tables")
         return _validate_tables(args)
     rows = validation.read_rows(args.csv)
     results = validation.predict_rows(rows)
     summary = validation.summarize(results)
+    if args.compare:
+        return _validate_compare(args, rows, results, summary)
     if args.json:
         print(json.dumps({"rows": [r.as_json() for r in results], "summary": summary},
                          indent=1, sort_keys=True))
         return 0
-    print(f"{summary['rows']} rows: {summary['modelled']} modelled, "
-          f"{summary['skipped']} skipped")
-    ov = summary["overall"]
-    print(f"overall  TTFT median APE {ov['ttft']['median_ape']}%  p90 {ov['ttft']['p90_ape']}%"
-          f"   TPOT median APE {ov['tpot']['median_ape']}%  p90 {ov['tpot']['p90_ape']}%")
-    for name, block in summary["by_backend"].items():
-        print(f"{name:<8} n={block['ttft']['n']:<4} TTFT median {block['ttft']['median_ape']}% "
-              f"p90 {block['ttft']['p90_ape']}%   TPOT median {block['tpot']['median_ape']}% "
-              f"p90 {block['tpot']['p90_ape']}%")
-    print(f"\n{'system':<10}{'backend':<8}{'model':<30}{'n':>5}"
-          f"{'TTFT med':>10}{'p90':>8}{'TPOT med':>10}{'p90':>8}")
-    for g in summary["groups"]:
-        print(f"{g['system']:<10}{g['backend']:<8}{g['model']:<30}{g['ttft']['n']:>5}"
-              f"{g['ttft']['median_ape']:>9}%{g['ttft']['p90_ape']:>7}%"
-              f"{g['tpot']['median_ape']:>9}%{g['tpot']['p90_ape']:>7}%")
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: validation.Summary) -> None:
+    print("\n".join(validation.summary_lines(summary)))
     _print_skips(summary)
+
+
+def _validate_compare(args: argparse.Namespace, rows: list[dict[str, str]],
+                      results: list[validation.RowResult], summary: validation.Summary) -> int:
+    """`validate --compare aiconfigurator`: both models' tables, then the head-to-head."""
+    from importlib import metadata
+
+    from trilemma.optimizer import compare_aic
+
+    try:
+        aic_version = metadata.version("aiconfigurator")
+    except metadata.PackageNotFoundError:
+        raise InputError("--compare", args.compare, "AIConfigurator is not installed: "
+                         "pip install 'trilemma[compare]'") from None
+    run = compare_aic.predict_aic(rows)
+    aic_summary = validation.summarize(run.results)
+    pairs = compare_aic.compare(results, run.results, run.versions)
+    databases = {f"{s}/{b}": v for (s, b), v in sorted(run.versions.items())}
+    if args.json:
+        print(json.dumps({"rows": [r.as_json() for r in results], "summary": summary,
+                          "aiconfigurator": {"version": aic_version, "databases": databases,
+                                             "rows": [r.as_json() for r in run.results],
+                                             "summary": aic_summary},
+                          "compare": pairs}, indent=1, sort_keys=True))
+        return 0
+    print("== trilemma ==")
+    _print_summary(summary)
+    print(f"\n== AIConfigurator {aic_version} (aggregated estimate, SILICON database) ==")
+    print(f"AIConfigurator {aic_version} answers only its queryable database versions and "
+          "rejects the rows' own engine builds (e.g. vLLM '0.19.0'): every row was estimated "
+          f"against its system's {compare_aic.DATABASE_SLOT!r} database: "
+          + ", ".join(f"{k} {v}" for k, v in databases.items()))
+    _print_summary(aic_summary)
+    print("\n== head to head: median APE on the rows both predict ==")
+    for line in compare_aic.comparison_lines(pairs):
+        print(line)
     return 0
 
 

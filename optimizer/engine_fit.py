@@ -12,6 +12,7 @@ comes from kernel fits or datasheets. Deterministic: a fixed grid, then coordina
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections import Counter
@@ -108,6 +109,14 @@ def engine_rows(rows: Sequence[Mapping[str, str]], engine: Engine) -> list[Mappi
             and (r.get("mode") or "").strip() == "agg"]
 
 
+def fitted_keys(base: EngineFacts) -> tuple[str, ...]:
+    """The FITTED constants the engine's scheduler model uses: a prefill-first engine's
+    closed loop moves in whole waves, so the first-wave weight has nothing to fit there."""
+    if base.prefill_first:
+        return tuple(k for k in FITTED if k != "benchmark_requests_per_concurrency")
+    return FITTED
+
+
 def fit(rows: Sequence[Mapping[str, str]], engine: Engine = Engine.VLLM) -> EngineFit:
     """Fit FITTED on the aggregated rows of `engine`."""
     chosen = engine_rows(rows, engine)
@@ -116,19 +125,19 @@ def fit(rows: Sequence[Mapping[str, str]], engine: Engine = Engine.VLLM) -> Engi
     def facts_for(values: Mapping[str, float]) -> EngineFacts:
         return with_values(base, values)
 
+    keys = fitted_keys(base)
     best_values: dict[str, float] = {}
     best = math.inf
-    for s in _GRID["step_overhead_ms"]:
-        for q in _GRID["request_overhead_ms"]:
-            for n in _GRID["benchmark_requests_per_concurrency"]:
-                values = dict(zip(FITTED, (s, q, n), strict=True))
-                loss = _loss(chosen, facts_for(values))
-                if loss < best:
-                    best, best_values = loss, values
+    for point in itertools.product(*(_GRID[k] if k in keys else (getattr(base, k),)
+                                     for k in FITTED)):
+        values = dict(zip(FITTED, point, strict=True))
+        loss = _loss(chosen, facts_for(values))
+        if loss < best:
+            best, best_values = loss, values
     # Coordinate refinement: shrink a step per parameter until it stops helping.
     steps = {k: (hi - lo) / 8.0 for k, (lo, hi) in _BOUNDS.items()}
     for _ in range(4):
-        for key in FITTED:
+        for key in keys:
             lo, hi = _BOUNDS[key]
             for direction in (-1.0, 1.0):
                 while True:

@@ -1,10 +1,10 @@
 """Score the performance model against measured serving runs (`trilemma validate`).
 
 Reads rows in the schema of NVIDIA AIConfigurator's silicon samples (model_path, system,
-backend, precision, gemm_quant_mode, isl, osl, batch_size = concurrency, tp/pp/attention-dp/
-moe-tp/moe-ep sizes, mode, silicon_ttft_ms, silicon_tpot_ms), predicts TTFT and TPOT for every
-aggregated row it can model, and summarises the absolute percentage errors. Rows it cannot
-model are kept with the reason, never dropped silently.
+backend, precision, gemm_quant_mode, isl, osl, batch_size = concurrency per attention-DP rank,
+tp/pp/attention-dp/moe-tp/moe-ep sizes, mode, silicon_ttft_ms, silicon_tpot_ms), predicts
+TTFT and TPOT for every aggregated row it can model, and summarises the absolute percentage
+errors. Rows it cannot model are kept with the reason, never dropped silently.
 """
 
 from __future__ import annotations
@@ -161,16 +161,23 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
     return [results[i] for i in range(len(rows))]
 
 
+def row_result(i: int, row: Mapping[str, str], pred_ttft_ms: float | None,
+               pred_tpot_ms: float | None, skipped: str | None) -> RowResult:
+    """Row `i` (0-based) with a prediction or the reason for none; any model's, not only ours."""
+    return RowResult(id=row.get("id") or f"row{i + 1}",
+                     group=(row.get("system", ""), row.get("backend", ""),
+                            row.get("model_path", "")),
+                     measured_ttft_ms=_float(row, "silicon_ttft_ms"),
+                     measured_tpot_ms=_float(row, "silicon_tpot_ms"),
+                     pred_ttft_ms=pred_ttft_ms, pred_tpot_ms=pred_tpot_ms, skipped=skipped)
+
+
 def _member(i: int, row: Mapping[str, str]) -> _Member | RowResult:
     """The row resolved onto a configuration, or its skipped result saying why it cannot be."""
-    rid = row.get("id") or f"row{i + 1}"
-    group = (row.get("system", ""), row.get("backend", ""), row.get("model_path", ""))
-    ttft_m, tpot_m = _float(row, "silicon_ttft_ms"), _float(row, "silicon_tpot_ms")
+    base = row_result(i, row, None, None, None)
 
     def skip(reason: str) -> RowResult:
-        return RowResult(id=rid, group=group, measured_ttft_ms=ttft_m,
-                         measured_tpot_ms=tpot_m, pred_ttft_ms=None, pred_tpot_ms=None,
-                         skipped=reason)
+        return row_result(i, row, None, None, reason)
 
     if (row.get("mode") or "").strip() != "agg":
         return skip("disaggregated run: validate models aggregated serving only")
@@ -188,11 +195,16 @@ def _member(i: int, row: Mapping[str, str]) -> _Member | RowResult:
         cfg = estimate.resolve(model=row["model_path"], gpu=gpu.key, tp=tp, pp=pp, dp=dp,
                                ep=ep, quant=recipe.value, kv_dtype=KvDtype.BF16.value,
                                engine=engine.value)
-        conc, isl, osl = _int(row, "batch_size"), _int(row, "isl"), _int(row, "osl")
+        # AIConfigurator's `batch_size` is the concurrency of ONE attention-DP rank: the run's
+        # closed-loop concurrency is batch_size x attention_dp_size (its provenance column
+        # `silicon_concurrency=` says so on every DP row). closed_loop takes the total.
+        conc = _int(row, "batch_size") * dp
+        isl, osl = _int(row, "isl"), _int(row, "osl")
     except (TrilemmaError, ValueError, KeyError) as exc:
         return skip(str(exc))
-    return _Member(index=i, rid=rid, group=group, measured_ttft_ms=ttft_m,
-                   measured_tpot_ms=tpot_m, conc=conc, isl=isl, osl=osl, cfg=cfg)
+    return _Member(index=i, rid=base.id, group=base.group,
+                   measured_ttft_ms=base.measured_ttft_ms,
+                   measured_tpot_ms=base.measured_tpot_ms, conc=conc, isl=isl, osl=osl, cfg=cfg)
 
 
 class MetricErrors(TypedDict):
@@ -253,3 +265,24 @@ def summarize(results: list[RowResult]) -> Summary:
             for g, v in sorted(groups.items())
         ],
     }
+
+
+def summary_lines(summary: Summary) -> list[str]:
+    """The report as `trilemma validate` prints it: overall, by backend, by group."""
+    ov = summary["overall"]
+    lines = [f"{summary['rows']} rows: {summary['modelled']} modelled, "
+             f"{summary['skipped']} skipped",
+             f"overall  TTFT median APE {ov['ttft']['median_ape']}%  p90 {ov['ttft']['p90_ape']}%"
+             f"   TPOT median APE {ov['tpot']['median_ape']}%  p90 {ov['tpot']['p90_ape']}%"]
+    for name, block in summary["by_backend"].items():
+        lines.append(f"{name:<8} n={block['ttft']['n']:<4} TTFT median "
+                     f"{block['ttft']['median_ape']}% p90 {block['ttft']['p90_ape']}%   "
+                     f"TPOT median {block['tpot']['median_ape']}% "
+                     f"p90 {block['tpot']['p90_ape']}%")
+    lines.append(f"\n{'system':<10}{'backend':<8}{'model':<30}{'n':>5}"
+                 f"{'TTFT med':>10}{'p90':>8}{'TPOT med':>10}{'p90':>8}")
+    for g in summary["groups"]:
+        lines.append(f"{g['system']:<10}{g['backend']:<8}{g['model']:<30}{g['ttft']['n']:>5}"
+                     f"{g['ttft']['median_ape']:>9}%{g['ttft']['p90_ape']:>7}%"
+                     f"{g['tpot']['median_ape']:>9}%{g['tpot']['p90_ape']:>7}%")
+    return lines

@@ -40,6 +40,9 @@ class EngineFacts:
     step_overhead_ms: float
     request_overhead_ms: float
     benchmark_requests_per_concurrency: float
+    # True: prefill batches run alone, ahead of the decodes (SGLang); False: prefill chunks
+    # ride in the decode steps under the token budget (vLLM's chunked prefill).
+    prefill_first: bool
     # (version, image) of the release the fitted overheads were measured on; image None
     # where the rows name none.
     calibrated_release: tuple[str, str | None]
@@ -95,6 +98,7 @@ def engine_facts(engine: Engine = Engine.VLLM) -> EngineFacts:
         request_overhead_ms=float(_value(raw["request_overhead_ms"])),
         benchmark_requests_per_concurrency=float(
             _value(raw["benchmark_requests_per_concurrency"])),
+        prefill_first=bool(_value(raw["prefill_first"])),
         calibrated_release=(str(raw["calibrated_release"]["version"]),
                             raw["calibrated_release"]["image"]),
     )

@@ -50,6 +50,7 @@ PHYSICAL_RATES = ("flops", "gemm_flops", "attn_flops", "mem_bw")
 # Bounds in the parameters' own units (ms, FLOP/s, bytes/s, elements); wide on purpose.
 BOUNDS: dict[str, tuple[float, float]] = {
     "host_ms": (1e-4, 2.0), "host_large_ms": (1e-4, 2.0), "launch_ms": (1e-4, 2.0),
+    "ep_launch_ms": (1e-5, 2.0),
     "flops": (1e11, 1e17), "gemm_flops": (1e11, 1e17), "attn_flops": (1e11, 1e17),
     "exp_rate": (1e9, 1e17), "mem_bw": (1e9, 1e14), "sharpness": (1.0, 20.0),
     "m_half": (1e-2, 1e4), "prep_bytes": (1e-3, 32.0), "tile_s": (1e-13, 1e-4),

@@ -247,7 +247,10 @@ def moe_problems(df: Any, table: Path, aic_root: Path, version: str) -> Iterator
         yield FitProblem(
             key=f"moe/{key}", form="moe", predict=predict, latency_ms=ms,
             constants={"w_bytes": w_bytes},
-            x0={"launch_ms": float(ms.min()), "flops": flops0, "mem_bw": bw0, "sharpness": 3.0,
+            # A table without EP rows cannot see the EP floor: pinned to none.
+            fixed={} if np.any(ep > 1) else {"ep_launch_ms": 1e-5},
+            x0={"launch_ms": float(ms.min()), "ep_launch_ms": 0.1 * float(ms.min()),
+                "flops": flops0, "mem_bw": bw0, "sharpness": 3.0,
                 "m_half": 16.0, "act_bytes": 1.0, "skew_pl101": 2.0, "skew_pl12": 2.0},
             meta=_meta(d, table, aic_root, version,
                        f"engine version {version} rows, all distributions"))

@@ -243,7 +243,7 @@ def mla_module_ms(x: Params, tokens: Array, weights: Array, attn_flop: Array,
 # --- MoE ----------------------------------------------------------------------------------------
 
 MOE_PARAMS = ("launch_ms", "flops", "mem_bw", "sharpness", "m_half", "act_bytes",
-              "skew_pl101", "skew_pl12")
+              "skew_pl101", "skew_pl12", "ep_launch_ms")
 DISTRIBUTIONS = ("balanced", "power_law_1.01", "power_law_1.2")
 
 
@@ -260,8 +260,13 @@ def moe_ms(x: Params, tokens: Array, hidden: Array, inter: Array, topk: Array,
     touched expert the tile fill. `act_bytes` per (pick x (hidden + inter))
     element is the traffic of the permute, activation and un-permute passes, which run over
     all picks, not only the local ones (a local-only variant fitted worse on 19 of 21 tables).
+    `ep_launch_ms` is the fixed cost expert parallelism adds (mapping global expert ids to
+    local ones and masking the picks other ranks own): the tables' EP rows sit at a floor up
+    to 1.7x their TP rows' (gpt-oss MXFP4 on H100: 67 vs 39 us), which one launch term
+    cannot hold for both.
     """
-    launch, flops, bw, p, m_half, act_bytes, _, _ = x
+    launch, flops, bw, p, m_half, act_bytes, _, _, ep_launch = x
+    launch = launch + np.where(moe_ep > 1.0, ep_launch, 0.0)
     local_experts = experts / moe_ep
     local_inter = inter / moe_tp
     fair = tokens * topk / moe_ep

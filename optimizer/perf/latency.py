@@ -16,6 +16,9 @@ Model, per attention replica (DP rank), vectorized over candidates:
     sequences that fit;
   * the benchmark's first wave (all C requests at once) queues its prefills; it is one in
     `benchmark_requests_per_concurrency` of the requests and enters the means with that weight.
+
+A prefill-first engine (SGLang: `prefill_first` in engine.yaml) never mixes prefill chunks into
+decode steps, so its closed loop runs in waves instead (`_prefill_first_waves`).
 """
 
 from __future__ import annotations
@@ -100,14 +103,18 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
                  budget=budget, mb=np.maximum(pp, 1.0), overhead=facts.request_overhead_ms)
     steps = _Steps(sm=sm, draft=draft, spec=spec, tp=tp, dp=dp, ep=ep, pp=pp,
                    ctx=isl + 0.5 * osl, q=1.0 + k)
-    steady = _steady_state(steps, load)
-    # First wave: all requests of a rank arrive together and their prefills queue.
-    weight = (1.0 / facts.benchmark_requests_per_concurrency
-              if first_wave_weight is None else first_wave_weight)
-    ttft_wave, tpot_wave_extra = _first_wave(steps, load, steady, osl)
-    tpot = steady.tau / per_step
-    ttft_mean = (1.0 - weight) * steady.ttft + weight * np.maximum(ttft_wave, steady.ttft)
-    tpot_mean = tpot + weight * tpot_wave_extra
+    if facts.prefill_first:
+        steady = _prefill_first_waves(steps, load, osl)
+        ttft_mean, tpot_mean = steady.ttft, steady.tau
+    else:
+        steady = _steady_state(steps, load)
+        # First wave: all requests of a rank arrive together and their prefills queue.
+        weight = (1.0 / facts.benchmark_requests_per_concurrency
+                  if first_wave_weight is None else first_wave_weight)
+        ttft_wave, tpot_wave_extra = _first_wave(steps, load, steady, osl)
+        tpot = steady.tau / per_step
+        ttft_mean = (1.0 - weight) * steady.ttft + weight * np.maximum(ttft_wave, steady.ttft)
+        tpot_mean = tpot + weight * tpot_wave_extra
 
     requests = steady.rate * dp
     out_tps = requests * osl
@@ -209,6 +216,40 @@ def _steady_state(steps: _Steps, load: _Load) -> _Steady:
         target = running * decode_ms / np.maximum(decode_ms + in_slot, 1e-9)
         n_dec = 0.5 * n_dec + 0.5 * np.clip(target, 0.0, running)
     return _Steady(tau=tau, t_dec=t_dec, t_mix=t_mix, ttft=ttft, rate=rate, n_dec=n_dec)
+
+
+def _prefill_first_waves(steps: _Steps, load: _Load, osl: np.ndarray) -> _Steady:
+    """A prefill-first engine (SGLang) under a closed loop: the requests move in waves.
+
+    SGLang runs a prefill batch whenever requests wait, pausing the decodes, and never mixes
+    prefill chunks into decode steps (`enable_mixed_chunk` is off by default). Requests that
+    start together finish together (same output length), so their successors arrive
+    together: each cycle prefills the whole wave in budget-sized prefill-only steps, then
+    decodes it at full batch. A request's TTFT runs to the end of the chunk holding its
+    prompt; the chunks after it stall its decode, which enters its TPOT. `tau` carries the
+    mean TPOT (per accepted token), `t_mix` a prefill step.
+    """
+    running, prefill = load.running, load.prefill
+    wave_tokens = running * prefill
+    chunks = np.ceil(wave_tokens / load.budget)
+    chunk = wave_tokens / chunks
+    t_chunk = steps.step(np.zeros_like(running), chunk, np.maximum(chunk / prefill, 1.0),
+                         load.cached + 0.5 * prefill)
+    dec = running / load.mb
+    t_dec = steps.step(dec) + steps.draft_ms(dec)
+    prefill_ms = chunks * t_chunk
+    decode_ms = load.decode_steps * t_dec
+    # Mean over the wave's chunks of the time to (and after) the one holding a prompt.
+    before = t_chunk * (chunks + 1.0) / 2.0
+    after = t_chunk * (chunks - 1.0) / 2.0
+    # Per output token after the first (a step can accept several under speculation).
+    tpot = np.where(osl > 1.0, (decode_ms + after) / np.maximum(osl - 1.0, 1.0), t_dec)
+    cycle = load.overhead + prefill_ms + decode_ms
+    rate = running / cycle
+    # Requests beyond the slots that fit wait for a later wave.
+    ttft = (load.overhead + before
+            + np.maximum(load.per_rank - running, 0.0) / np.maximum(rate, 1e-12))
+    return _Steady(tau=tpot, t_dec=t_dec, t_mix=t_chunk, ttft=ttft, rate=rate, n_dec=running)
 
 
 def _first_wave(steps: _Steps, load: _Load, steady: _Steady,

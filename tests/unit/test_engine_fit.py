@@ -87,3 +87,10 @@ def test_the_shipped_release_is_the_one_the_rows_give():
         release = engine_fit.calibrated_release(rows, engine)
         shipped = engine_facts(engine).calibrated_release
         assert (release.version, release.image) == shipped, engine
+
+
+def test_a_prefill_first_engine_fits_no_first_wave_weight():
+    # SGLang's closed loop runs in waves: the first-wave weight enters none of its means.
+    assert "benchmark_requests_per_concurrency" not in engine_fit.fitted_keys(
+        engine_facts(Engine.SGLANG))
+    assert engine_fit.fitted_keys(engine_facts(Engine.VLLM)) == engine_fit.FITTED
