@@ -263,8 +263,11 @@ def _rows(group: Group, layouts: np.ndarray, limits: np.ndarray, mean_len: float
     g = tp * pp * dp
     # TP and DP communicate every layer: keep them inside one NVLink domain; PP may cross.
     nodes = np.ceil(g / group.gpus_per_node)
+    # vLLM's data parallel ranks over several nodes need per-node wiring the renderer refuses
+    # to guess (render/layout.py): such a replica could be planned but never deployed.
+    vllm_dp_nodes = (dp > 1) & (nodes > 1) & (group.engine is Engine.VLLM)
     bad_nodes = alive & ((tp * dp > group.gpu.scale_up_gpus) | (tp * dp > group.gpus_per_node)
-                         | (nodes > settings.max_nodes_per_replica))
+                         | (nodes > settings.max_nodes_per_replica) | vllm_dp_nodes)
     pruned["nodes"] += int(bad_nodes.sum()) * n_lim * per_row
     alive &= ~bad_nodes
     bad_pool = alive & (g > group.pool_gpus)
