@@ -101,7 +101,8 @@ def decode_split(tp: np.ndarray, cp: np.ndarray, kv_len: np.ndarray) -> tuple[Fl
     """(head divisor, KV tokens) one rank's attention kernel sees: the heads of tp/cp ranks
     (queries gathered over the DCP group) against 1/cp of the context."""
     div: FloatArray = tp / cp
-    tokens: FloatArray = np.ceil(kv_len / cp)
+    # A mean, not a count: vLLM interleaves tokens over the ranks, so shards differ by <= 1.
+    tokens: FloatArray = kv_len / cp
     return div, tokens
 
 
