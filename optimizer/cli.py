@@ -150,6 +150,9 @@ def _add_optimize_and_simulate(sub: _Subparsers[argparse.ArgumentParser]) -> Non
     p.add_argument("--baseline-key", default=None,
                    help="which entry of a multi-baseline file (e.g. chatbot)")
     p.add_argument("--seed", type=int, default=0, help="seed of the confirming simulations")
+    p.add_argument("--no-context-parallel", action="store_true",
+                   help="leave decode context parallelism out of the search (offered by "
+                        "default for mean prompts of 16k tokens and more, on vLLM)")
 
     p = sub.add_parser("simulate", help="simulate one configuration under a spec's workload")
     p.add_argument("spec", type=Path)
@@ -412,7 +415,8 @@ def _optimize(args: argparse.Namespace) -> int:
 
     fmt = "json" if args.json else "yaml" if args.yaml else "table"
     return commands.optimize(args.spec, fmt=fmt, plot=args.plot, baseline=args.baseline,
-                             baseline_key=args.baseline_key, seed=args.seed, out=sys.stdout)
+                             baseline_key=args.baseline_key, seed=args.seed, out=sys.stdout,
+                             context_parallel=not args.no_context_parallel)
 
 
 def _simulate(args: argparse.Namespace) -> int:

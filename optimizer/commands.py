@@ -19,7 +19,7 @@ import yaml
 from trilemma.optimizer import spec
 from trilemma.optimizer.catalog import gpus
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.search import confirming, curves, planning
+from trilemma.optimizer.search import confirming, curves, planning, space
 from trilemma.optimizer.search.configs import Choice, ServingConfig
 from trilemma.optimizer.serving.requests import LoadMode
 
@@ -109,11 +109,13 @@ def _short(value: Any) -> str:
 
 
 def optimize(spec_path: Path, *, fmt: str, plot: Path | None, baseline: Path | None,
-             baseline_key: str | None, seed: int, out: TextIO) -> int:
+             baseline_key: str | None, seed: int, out: TextIO,
+             context_parallel: bool = True) -> int:
     request = spec.load_spec(spec_path)
     base = load_config(baseline, baseline_key) if baseline else None
+    settings = None if context_parallel else space.SearchSettings(cp=(1,))
     try:
-        result = planning.plan(request, seed=seed,
+        result = planning.plan(request, seed=seed, settings=settings,
                                progress=_progress(sys.stderr) if fmt == "table" else None)
     except InputError:
         if fmt == "table":

@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
     p.add_argument("--enable-expert-parallel", action="store_true")
+    p.add_argument("--decode-context-parallel-size", "-dcp", type=int, default=1)
     p.add_argument("--quantization", "-q", default=None)
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
@@ -121,7 +122,7 @@ def parse_vllm_args(argv: Sequence[str], *, gpu: str, engine: str = "vllm") -> E
         gpu_memory_utilization=(facts.gpu_memory_utilization
                                 if ns.gpu_memory_utilization is None
                                 else ns.gpu_memory_utilization),
-        max_model_len=ns.max_model_len)
+        max_model_len=ns.max_model_len, cp=ns.decode_context_parallel_size)
     no_effect = tuple("--" + name.replace("_", "-") for name in _NO_EFFECT
                       if getattr(ns, name) is not None)
     return EngineFlags(

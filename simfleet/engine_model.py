@@ -66,7 +66,7 @@ class EngineModel:
         self.engine = serving.engine_config(
             self.step_model, tp=w.tp, pp=w.pp, dp=w.dp, ep=w.ep, max_num_seqs=w.max_num_seqs,
             max_num_batched_tokens=w.max_num_batched_tokens, speculation=speculation,
-            gpu_memory_utilization=w.gpu_memory_utilization)
+            gpu_memory_utilization=w.gpu_memory_utilization, cp=w.cp)
         if kv_blocks is not None:
             self.engine = dataclasses.replace(self.engine, kv_blocks=kv_blocks)
         self.speculation = speculation

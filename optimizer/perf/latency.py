@@ -67,8 +67,10 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
                 max_batched_tokens: npt.ArrayLike | None = None,
                 max_num_seqs: npt.ArrayLike | None = None, spec: SpecConfig | None = None,
                 output_predictability: float = 0.5, draft: StepModel | None = None,
-                first_wave_weight: float | None = None) -> ClosedLoopResult:
-    """Scalars or arrays in (broadcast together), arrays over candidates out.
+                first_wave_weight: float | None = None,
+                cp: npt.ArrayLike = 1) -> ClosedLoopResult:
+    """Scalars or arrays in (broadcast together), arrays over candidates out. `cp`: decode
+    context parallel ranks within TP (its KV shard and collectives; no extra GPUs).
 
     Lengths are per-request means in tokens (glossary names); after broadcasting the
     arithmetic calls them isl, osl and cached for short.
@@ -79,11 +81,12 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
         max_batched_tokens = facts.default_max_num_batched_tokens(sm.gpu)
     if max_num_seqs is None:
         max_num_seqs = facts.default_max_num_seqs(sm.gpu)
-    tp, pp, dp, ep, conc, isl, osl, cached, budget, seqs_cap = np.broadcast_arrays(
+    tp, pp, dp, ep, conc, isl, osl, cached, budget, seqs_cap, cp = np.broadcast_arrays(
         np.asarray(tp, f64), np.asarray(pp, f64), np.asarray(dp, f64), np.asarray(ep, bool),
         np.asarray(concurrency, f64), np.asarray(prompt_tokens, f64),
         np.asarray(output_tokens, f64), np.asarray(cached_tokens, f64),
-        np.asarray(max_batched_tokens, f64), np.asarray(max_num_seqs, f64))
+        np.asarray(max_batched_tokens, f64), np.asarray(max_num_seqs, f64),
+        np.asarray(cp, f64))
     spec = spec or SpecConfig(method=SpecMethod.NONE, k=0)
     k = float(spec.k)
     if spec.method is SpecMethod.NONE:
@@ -94,14 +97,14 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
 
     mem = memory.breakdown(sm.arch, sm.gpu, sm.recipe, sm.kv, facts, tp=tp, pp=pp, dp=dp,
                            seq_len=isl + osl + k, max_batched_tokens=budget,
-                           max_num_seqs=seqs_cap)
+                           max_num_seqs=seqs_cap, cp=cp)
     per_rank = np.maximum(conc / dp, 1.0)
     slots = np.maximum(np.minimum(seqs_cap, mem.max_seqs), 1.0)
     running = np.minimum(per_rank, slots)
     load = _Load(per_rank=per_rank, running=running, prefill=np.maximum(isl - cached, 1.0),
                  cached=cached, decode_steps=np.maximum(osl - 1.0, 0.0) / per_step,
                  budget=budget, mb=np.maximum(pp, 1.0), overhead=facts.request_overhead_ms)
-    steps = _Steps(sm=sm, draft=draft, spec=spec, tp=tp, dp=dp, ep=ep, pp=pp,
+    steps = _Steps(sm=sm, draft=draft, spec=spec, tp=tp, dp=dp, ep=ep, pp=pp, cp=cp,
                    ctx=isl + 0.5 * osl, q=1.0 + k)
     if facts.prefill_first:
         steady = _prefill_first_waves(steps, load, osl)
@@ -152,6 +155,7 @@ class _Steps:
     dp: FloatArray
     ep: FloatArray
     pp: FloatArray
+    cp: FloatArray
     ctx: FloatArray
     q: float
 
@@ -159,11 +163,11 @@ class _Steps:
              pf_seqs: npt.ArrayLike = 0.0, pf_kv: npt.ArrayLike = 0.0) -> FloatArray:
         return self.sm.step(tp=self.tp, dp=self.dp, ep=self.ep, pp=self.pp, dec_seqs=dec,
                             dec_kv=self.ctx, q=self.q, pf_tokens=pf_tokens, pf_seqs=pf_seqs,
-                            pf_kv=pf_kv).total
+                            pf_kv=pf_kv, cp=self.cp).total
 
     def draft_ms(self, dec: np.ndarray) -> FloatArray:
         return _draft_ms(self.sm, self.draft, self.spec, tp=self.tp, dp=self.dp, ep=self.ep,
-                         pp=self.pp, dec=dec, ctx=self.ctx)
+                         pp=self.pp, dec=dec, ctx=self.ctx, cp=self.cp)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,7 +273,7 @@ def _first_wave(steps: _Steps, load: _Load, steady: _Steady,
 
 def _draft_ms(sm: StepModel | None, draft: StepModel | None, spec: SpecConfig, *,
               tp: np.ndarray, dp: np.ndarray, ep: np.ndarray, pp: np.ndarray, dec: np.ndarray,
-              ctx: np.ndarray) -> FloatArray:
+              ctx: np.ndarray, cp: npt.ArrayLike = 1.0) -> FloatArray:
     """Time to propose k draft tokens for `dec` sequences, per step. `sm` is the target's
     model, None for a perf model without layers (the simulator's toy models): enough for a
     draft model, not for a layer drafter."""
@@ -286,7 +290,8 @@ def _draft_ms(sm: StepModel | None, draft: StepModel | None, spec: SpecConfig, *
     if sm is None:
         raise ValueError(f"{spec.method.value} drafting is priced from the target's layers: "
                          "it needs the target's StepModel")
-    full = sm.step(tp=tp, dp=dp, ep=ep, pp=pp, dec_seqs=dec, dec_kv=ctx)
+    # The drafter's layers attend to the target's (sharded) cache with its collectives.
+    full = sm.step(tp=tp, dp=dp, ep=ep, pp=pp, dec_seqs=dec, dec_kv=ctx, cp=cp)
     lm_head = sm.km.gemm_ms("bf16", np.maximum(dec, 1.0), sm.arch.vocab_size / tp,
                             sm.arch.hidden_size)
     per_layer = (full.total - full.other - lm_head) / sm.arch.num_layers

@@ -88,10 +88,12 @@ def weights_per_gpu(arch: ModelArch, recipe: QuantRecipe, tp: npt.ArrayLike,
 
 
 def kv_bytes_per_token_per_gpu(arch: ModelArch, kv: KvDtype, tp: npt.ArrayLike,
-                               pp: npt.ArrayLike) -> FloatArray:
-    """KV bytes one token costs on one GPU, summed over the full-attention layers of a stage."""
+                               pp: npt.ArrayLike, cp: npt.ArrayLike = 1) -> FloatArray:
+    """KV bytes one token costs on one GPU, summed over the full-attention layers of a stage.
+    Decode context parallelism spreads a sequence's tokens over cp ranks: 1/cp per GPU."""
     full_layers = arch.num_layers - arch.sliding_layers
-    return per_layer_kv_bytes(arch, kv, tp) * full_layers / np.asarray(pp, dtype=np.float64)
+    return (per_layer_kv_bytes(arch, kv, tp) * full_layers
+            / (np.asarray(pp, dtype=np.float64) * np.asarray(cp, dtype=np.float64)))
 
 
 def per_layer_kv_bytes(arch: ModelArch, kv: KvDtype, tp: npt.ArrayLike) -> FloatArray:
@@ -104,9 +106,10 @@ def per_layer_kv_bytes(arch: ModelArch, kv: KvDtype, tp: npt.ArrayLike) -> Float
 
 
 def kv_bytes_per_seq(arch: ModelArch, kv: KvDtype, tp: npt.ArrayLike, pp: npt.ArrayLike,
-                     seq_len: npt.ArrayLike, block: int) -> FloatArray:
-    """Bytes one sequence of `seq_len` tokens holds on one GPU; sliding layers keep a window."""
-    seq_len = np.asarray(seq_len, dtype=np.float64)
+                     seq_len: npt.ArrayLike, block: int, cp: npt.ArrayLike = 1) -> FloatArray:
+    """Bytes one sequence of `seq_len` tokens holds on one GPU; sliding layers keep a window.
+    Under decode context parallelism each of cp ranks holds 1/cp of its tokens, in blocks."""
+    seq_len = np.asarray(seq_len, dtype=np.float64) / np.asarray(cp, dtype=np.float64)
     blocks = np.ceil(seq_len / block) * block
     per_layer = per_layer_kv_bytes(arch, kv, tp)
     full = (arch.num_layers - arch.sliding_layers) * blocks
@@ -145,7 +148,10 @@ def breakdown(arch: ModelArch, gpu: Gpu, recipe: QuantRecipe, kv: KvDtype, facts
               *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.ArrayLike,
               seq_len: npt.ArrayLike, max_batched_tokens: npt.ArrayLike,
               max_num_seqs: npt.ArrayLike,
-              gpu_memory_utilization: float | None = None) -> MemoryBreakdown:
+              gpu_memory_utilization: float | None = None,
+              cp: npt.ArrayLike = 1) -> MemoryBreakdown:
+    """Per-GPU memory of the layouts. `cp` (decode context parallel ranks, within TP) shards
+    the KV cache only: weights, activations and buffers are those of the TP layout."""
     util = facts.gpu_memory_utilization if gpu_memory_utilization is None \
         else gpu_memory_utilization
     tp, pp, dp, seq_len, max_batched_tokens, max_num_seqs = np.broadcast_arrays(
@@ -156,7 +162,7 @@ def breakdown(arch: ModelArch, gpu: Gpu, recipe: QuantRecipe, kv: KvDtype, facts
     acts = activations_per_gpu(arch, tp, dp, max_batched_tokens, max_num_seqs)
     runtime = facts.runtime_memory_bytes + facts.nccl_bytes(tp * dp)
     kv_cache = capacity - weights - acts - runtime
-    per_seq = kv_bytes_per_seq(arch, kv, tp, pp, seq_len, facts.block_size)
+    per_seq = kv_bytes_per_seq(arch, kv, tp, pp, seq_len, facts.block_size, cp)
     max_seqs = np.floor(np.maximum(kv_cache, 0.0) / per_seq)
     return MemoryBreakdown(
         capacity=capacity,
@@ -164,7 +170,7 @@ def breakdown(arch: ModelArch, gpu: Gpu, recipe: QuantRecipe, kv: KvDtype, facts
         activations=acts,
         runtime=runtime,
         kv_cache=kv_cache,
-        kv_bytes_per_token=kv_bytes_per_token_per_gpu(arch, kv, tp, pp),
+        kv_bytes_per_token=kv_bytes_per_token_per_gpu(arch, kv, tp, pp, cp),
         max_seqs=max_seqs,
         kv_tokens=max_seqs * seq_len,
     )

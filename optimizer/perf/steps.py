@@ -23,7 +23,7 @@ import numpy.typing as npt
 from trilemma.optimizer.catalog.gpus import Gpu
 from trilemma.optimizer.catalog.models import ModelArch
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
-from trilemma.optimizer.perf import kernel_forms, kernels
+from trilemma.optimizer.perf import context_parallel, kernel_forms, kernels, memory
 from trilemma.optimizer.perf.arrays import FloatArray
 from trilemma.optimizer.perf.engine import EngineFacts
 
@@ -115,8 +115,10 @@ class StepModel:
     def step(self, *, tp: npt.ArrayLike, dp: npt.ArrayLike, ep: npt.ArrayLike,
              pp: npt.ArrayLike, dec_seqs: npt.ArrayLike, dec_kv: npt.ArrayLike,
              q: npt.ArrayLike = 1.0, pf_tokens: npt.ArrayLike = 0.0,
-             pf_seqs: npt.ArrayLike = 0.0, pf_kv: npt.ArrayLike = 0.0) -> StepTime:
-        """Scalars or arrays in (they broadcast), arrays out."""
+             pf_seqs: npt.ArrayLike = 0.0, pf_kv: npt.ArrayLike = 0.0,
+             cp: npt.ArrayLike = 1.0) -> StepTime:
+        """Scalars or arrays in (they broadcast), arrays out. `cp`: decode context parallel
+        ranks within the TP group (perf/context_parallel.py); 1 is none."""
         a = self.arch
         L = self.layers
         f64 = np.float64
@@ -130,15 +132,20 @@ class StepModel:
         pf_tokens = np.asarray(pf_tokens, dtype=f64)
         pf_seqs = np.asarray(pf_seqs, dtype=f64)
         pf_kv = np.asarray(pf_kv, dtype=f64)
+        cp = np.asarray(cp, dtype=f64)
         tokens = np.maximum(dec_seqs * q + pf_tokens, 1.0)
+        # DCP: the decode attention kernels see the heads of tp/cp ranks over 1/cp of the KV.
+        dec_div, dec_kv_rank = context_parallel.decode_split(tp, cp, dec_kv)
         h = a.hidden_size
 
         if self.mla_module:
             gemm = np.zeros_like(tokens)
-            attn = self._mla_module(tp, dec_seqs, dec_kv, q, pf_tokens, pf_seqs, pf_kv)
+            attn = self._mla_module(tp, dec_seqs, (dec_div, dec_kv_rank), q, pf_tokens,
+                                    pf_seqs, pf_kv)
         else:
             gemm = self._attention_gemms(tokens, tp)
-            attn = self._attention_core(tp, dec_seqs, dec_kv, q, pf_tokens, pf_seqs, pf_kv)
+            attn = self._attention_core(tp, dec_seqs, (dec_div, dec_kv_rank), q, pf_tokens,
+                                        pf_seqs, pf_kv)
         mlp_dense = self._dense_mlp(tokens, tp, a.intermediate_size, self.mlp_kernel)
         gemm = gemm * a.num_layers + mlp_dense * L.dense
         moe = self._moe_layer(tokens, tp, dp, ep) * L.moe
@@ -162,6 +169,10 @@ class StepModel:
             # NVLink inside the domain (an NVL72 rack spans trays), else the scale-out network.
             inter_node = tp * dp * pp > self.gpu.nvlink_reach(self.gpu.gpus_per_node)
             comm = comm + np.where(pp > 1, (pp - 1) * self.km.p2p_ms(msg, inter_node), 0.0)
+        if np.any(cp > 1):
+            cached = pf_seqs * np.maximum(pf_kv - pf_tokens / np.maximum(pf_seqs, 1.0), 0.0)
+            comm = comm + np.where(cp > 1, self._context_parallel_comm(
+                tp, cp, tokens, dec_seqs * q, cached), 0.0)
 
         logits_rows = dec_seqs * q + pf_seqs
         lm_head = self.km.gemm_ms("bf16", np.maximum(logits_rows, 1.0), a.vocab_size / tp, h)
@@ -200,10 +211,14 @@ class StepModel:
         out = self.km.gemm_ms(k, tokens, a.hidden_size, heads * m.v_head_dim)
         return q + kv_down + kv_up + out
 
-    def _attention_core(self, tp: np.ndarray, dec_seqs: np.ndarray, dec_kv: np.ndarray,
-                        q: np.ndarray, pf_tokens: np.ndarray, pf_seqs: np.ndarray,
+    def _attention_core(self, tp: np.ndarray, dec_seqs: np.ndarray,
+                        dec_split: tuple[np.ndarray, np.ndarray], q: np.ndarray,
+                        pf_tokens: np.ndarray, pf_seqs: np.ndarray,
                         pf_kv: np.ndarray) -> FloatArray:
+        """Attention kernels per step; `dec_split` is (head divisor, KV tokens per rank) of
+        the decode kernel, (tp, dec_kv) without context parallelism."""
         a = self.arch
+        dec_div, dec_kv = dec_split
         L = self.layers
         kv = self.kv.value
         if a.mla is not None:
@@ -231,16 +246,22 @@ class StepModel:
                 continue
             ctx = self.km.context_attention_ms(pf_b, pf_q, pf_ctx, heads, kv_heads, head_dim,
                                                kv, window)
-            dec = self.km.decode_attention_ms(dec_b, dec_kv, heads, kv_heads, head_dim, kv,
-                                              window) * dec_scale
+            dec_heads = a.num_heads / dec_div
+            dec_kv_heads = np.ones_like(dec_heads) if a.mla is not None else np.maximum(
+                a.num_kv_heads / dec_div, 1.0)
+            dec = self.km.decode_attention_ms(dec_b, dec_kv, dec_heads, dec_kv_heads, head_dim,
+                                              kv, window) * dec_scale
             total = total + layers * (np.where(has_pf, ctx, 0.0) + np.where(has_dec, dec, 0.0))
         return total
 
-    def _mla_module(self, tp: np.ndarray, dec_seqs: np.ndarray, dec_kv: np.ndarray,
-                    q: np.ndarray, pf_tokens: np.ndarray, pf_seqs: np.ndarray,
+    def _mla_module(self, tp: np.ndarray, dec_seqs: np.ndarray,
+                    dec_split: tuple[np.ndarray, np.ndarray], q: np.ndarray,
+                    pf_tokens: np.ndarray, pf_seqs: np.ndarray,
                     pf_kv: np.ndarray) -> FloatArray:
-        """Whole MLA attention modules per layer, from the measured DeepSeek-V3 tables."""
+        """Whole MLA attention modules per layer, from the measured DeepSeek-V3 tables;
+        `dec_split` as in _attention_core."""
         a = self.arch
+        dec_div, dec_kv = dec_split
         m = a.mla
         assert m is not None
         kv = self.kv.value
@@ -255,10 +276,29 @@ class StepModel:
         prefix = (self.km.context_attention_ms(pf_b, pf_q, pf_ctx, heads, heads, qk, kv)
                   - self.km.context_attention_ms(pf_b, pf_q, pf_q, heads, heads, qk, kv))
         ctx = ctx + np.maximum(prefix, 0.0)
-        dec = self.km.mla_decode_ms(self.attn_kernel, np.maximum(dec_seqs, 1.0), dec_kv, heads,
-                                    kv) * (1.0 + 0.1 * (q - 1.0))
+        dec = self.km.mla_decode_ms(self.attn_kernel, np.maximum(dec_seqs, 1.0), dec_kv,
+                                    a.num_heads / dec_div, kv) * (1.0 + 0.1 * (q - 1.0))
         per_layer = np.where(pf_seqs > 0, ctx, 0.0) + np.where(dec_seqs > 0, dec, 0.0)
         return per_layer * a.num_layers
+
+    def _context_parallel_comm(self, tp: np.ndarray, cp: np.ndarray, tokens: np.ndarray,
+                               dec_tokens: np.ndarray, cached: np.ndarray) -> FloatArray:
+        """DCP's collectives over the cp ranks, every layer (vLLM's default ag_rs backend):
+        the query all-gather and partial-output reduce-scatter around the sharded-cache
+        attention. MLA runs it for the decode tokens (absorbed) and gathers the cached
+        context's latent for prefill (mla_attention.py); GQA runs every token through it
+        (flash_attn.py _forward_with_dcp)."""
+        a = self.arch
+        rows = dec_tokens if a.mla is not None else tokens
+        gather, scatter = context_parallel.exchange_bytes(a, tp, cp, rows)
+        ms = np.where(rows > 0, self.km.allgather_ms(cp, gather)
+                      + self.km.reduce_scatter_ms(cp, scatter), 0.0)
+        per_layer_kv = memory.per_layer_kv_bytes(a, self.kv, tp)
+        gathered = context_parallel.context_gather_bytes(a, per_layer_kv, cached)
+        if np.any(gathered > 0):
+            ms = ms + np.where(gathered > 0, self.km.allgather_ms(cp, gathered), 0.0)
+        out: FloatArray = self.layers.full_attention * ms
+        return out
 
     def _dense_mlp(self, tokens: np.ndarray, tp: np.ndarray, width: float,
                    kernel: str) -> FloatArray:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from trilemma.optimizer import catalog
 from trilemma.optimizer.catalog import QuantRecipe, SpecMethod, quantization
+from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.perf import context_parallel
 from trilemma.optimizer.render import drafts
 from trilemma.optimizer.render.ir import Arg, Source
 from trilemma.optimizer.search.configs import WorkerConfig
@@ -116,3 +118,12 @@ def nodes_per_replica(worker: WorkerConfig, options: RenderOptions) -> int:
 def require_moe_for_ep(model: catalog.ModelArch, worker: WorkerConfig) -> None:
     if worker.ep and model.moe is None:
         raise InputError("ep", worker.ep, f"{model.id} is dense: expert parallel needs MoE")
+
+
+def require_context_parallel(model: catalog.ModelArch, worker: WorkerConfig,
+                             engine: Engine) -> None:
+    """A cp the engine's pinned release cannot run is refused here, never rendered as a flag
+    the engine lacks (or one it would reject at start-up)."""
+    why = context_parallel.reason(model, engine, worker.tp, worker.cp)
+    if why:
+        raise InputError("cp", worker.cp, why)

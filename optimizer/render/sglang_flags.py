@@ -117,6 +117,9 @@ def worker_args(model_id: str, model: catalog.ModelArch, worker: WorkerConfig, r
                 options: choices.RenderOptions) -> list[Arg]:
     """Every flag of one `sglang.launch_server` process."""
     choices.require_moe_for_ep(model, worker)
+    # SGLang v0.5.9's --attn-cp-size serves DeepSeek sparse-attention prefill only
+    # (perf/context_parallel.py): a plan's decode KV shard has no SGLang flag, so it is refused.
+    choices.require_context_parallel(model, worker, catalog.Engine.SGLANG)
     spec = choices.speculation(model, worker, options)
     return [
         Arg(flag="--model-path", value=model_id, source=Source.PLAN),

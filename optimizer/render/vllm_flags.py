@@ -48,6 +48,12 @@ def parallel_args(worker: WorkerConfig) -> list[Arg]:
         Source.PLAN if worker.dp > 1 else Source.ENGINE_DEFAULT), emit=worker.dp > 1))
     args.append(Arg(flag="--enable-expert-parallel", source=(
         Source.PLAN if worker.ep else Source.ENGINE_DEFAULT), emit=worker.ep))
+    # vLLM v0.24.0 vllm/engine/arg_utils.py (ParallelConfig.decode_context_parallel_size):
+    # shards the KV cache over cp of the TP ranks; the world size stays tp*pp.
+    cp = worker.cp > 1
+    args.append(Arg(flag="--decode-context-parallel-size", value=str(worker.cp),
+                    source=Source.PLAN if cp else Source.ENGINE_DEFAULT, emit=cp,
+                    note="KV cache sharded over TP ranks" if cp else ""))
     return args
 
 
@@ -107,6 +113,7 @@ def worker_args(model_id: str, model: catalog.ModelArch, worker: WorkerConfig, r
                 options: choices.RenderOptions) -> list[Arg]:
     """Every flag of one `vllm serve` process, model first (a positional argument)."""
     choices.require_moe_for_ep(model, worker)
+    choices.require_context_parallel(model, worker, catalog.Engine.VLLM)
     spec = choices.speculation(model, worker, options)
     return [
         Arg(flag="model", value=model_id, source=Source.PLAN, positional=True),

@@ -20,6 +20,10 @@ from trilemma.optimizer.catalog.speculation import SpecMethod
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import decoding
 
+# Field metadata: a field added after plans were stored, omitted from `_plain` while it holds
+# its default, so that older configurations keep their canonical JSON and hash.
+OMIT_AT_DEFAULT = "omit_at_default"
+
 
 class Mode(enum.Enum):
     AGGREGATED = "aggregated"        # every replica prefills and decodes
@@ -45,6 +49,10 @@ class WorkerConfig:
     prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None  # context limit to deploy with; None: the model's own
+    # Decode context parallel ranks: the KV cache sharded token-wise over cp of the tp ranks
+    # (no extra GPUs; perf/context_parallel.py). Left out of the JSON form at 1, so that the
+    # plans, hashes and Deployment names of every configuration without it stay as they were.
+    cp: int = field(default=1, metadata={OMIT_AT_DEFAULT: True})
 
     @property
     def gpus(self) -> int:
@@ -59,6 +67,8 @@ class WorkerConfig:
             parts.append(f"DP{self.dp}")
         if self.ep:
             parts.append("EP")
+        if self.cp > 1:
+            parts.append(f"DCP{self.cp}")
         if self.kv_dtype is not KvDtype.BF16:
             parts.append(f"kv-{self.kv_dtype}")
         if self.spec_method is not SpecMethod.NONE:
@@ -181,7 +191,8 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, enum.Enum):
         return obj.value
     if hasattr(obj, "__dataclass_fields__"):
-        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)
+                if not (f.metadata.get(OMIT_AT_DEFAULT) and getattr(obj, f.name) == f.default)}
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

@@ -148,7 +148,7 @@ def _engine(sm: steps.StepModel, w: WorkerConfig,
                                  max_num_seqs=w.max_num_seqs,
                                  max_num_batched_tokens=w.max_num_batched_tokens,
                                  speculation=spec,
-                                 gpu_memory_utilization=w.gpu_memory_utilization)
+                                 gpu_memory_utilization=w.gpu_memory_utilization, cp=w.cp)
 
 
 def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictability: float,
@@ -167,7 +167,7 @@ def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictab
                                replicas=cfg.prefill_replicas)
         # Pools sit on different nodes, as the screen assumes.
         transfer = serving.kv_transfer(sm, tp=cfg.prefill.tp, pp=cfg.prefill.pp,
-                                       inter_node=True)
+                                       inter_node=True, cp=cfg.prefill.cp)
     cluster = serving.Cluster(pool=pool, prefill=prefill, transfer=transfer,
                               request_overhead_ms=sm.facts.request_overhead_ms)
     return serving.simulate(cluster, sample, sm, np.random.default_rng(seed),

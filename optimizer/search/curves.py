@@ -53,7 +53,8 @@ def latency_curve(request: PlanRequest, config: ServingConfig) -> LatencyCurve:
                             max_batched_tokens=w.max_num_batched_tokens,
                             max_num_seqs=w.max_num_seqs, spec=parse_spec(spec_text),
                             output_predictability=wl.output_predictability,
-                            draft=estimate.draft_step_model(cfg), first_wave_weight=0.0)
+                            draft=estimate.draft_step_model(cfg), first_wave_weight=0.0,
+                            cp=w.cp)
     ttft = screening.percentile(SloMetric.TTFT, "p90", r.ttft_ms, r.tpot_ms, wl)
     tpot = screening.percentile(SloMetric.TPOT, "p90", r.ttft_ms, r.tpot_ms, wl)
     rates = r.requests_per_s * config.replicas

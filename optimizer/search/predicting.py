@@ -123,4 +123,5 @@ def _rows_of(config: ServingConfig, request: PlanRequest) -> space.Rows:
                       dp=one(w.dp, np.int64), ep=one(w.ep, np.bool_),
                       max_num_seqs=one(w.max_num_seqs, np.int64),
                       max_num_batched_tokens=one(w.max_num_batched_tokens, np.int64),
-                      prefix_caching=one(w.prefix_caching, np.bool_))
+                      prefix_caching=one(w.prefix_caching, np.bool_),
+                      cp=one(w.cp, np.int64))

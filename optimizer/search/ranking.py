@@ -118,7 +118,8 @@ def worker(rs: RowScreen, row: int, *, prefill: bool = False) -> WorkerConfig:
         spec_method=method, spec_k=int(k), draft_model=spec.draft_model,
         max_num_seqs=int(rows.max_num_seqs[row]),
         max_num_batched_tokens=int(rows.max_num_batched_tokens[row]),
-        prefix_caching=bool(rows.prefix_caching[row]), max_model_len=g.max_model_len)
+        prefix_caching=bool(rows.prefix_caching[row]), max_model_len=g.max_model_len,
+        cp=int(rows.cp[row]))
 
 
 def config(c: Candidates, i: int, screens: list[RowScreen],

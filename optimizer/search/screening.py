@@ -247,7 +247,7 @@ def screen_rows(rows: Rows, request: PlanRequest, wl: WorkloadMeans, terms: list
     mem = memory.breakdown(g.arch, g.gpu, g.quant, g.kv, facts, tp=rows.tp, pp=rows.pp,
                            dp=rows.dp, seq_len=wl.prompt_tokens + wl.output_tokens + k,
                            max_batched_tokens=rows.max_num_batched_tokens,
-                           max_num_seqs=rows.max_num_seqs)
+                           max_num_seqs=rows.max_num_seqs, cp=rows.cp)
     seats = np.minimum(rows.max_num_seqs, rows.max_num_batched_tokens // (1 + spec.k))
     cmax = rows.dp * np.maximum(np.minimum(seats, mem.max_seqs), 1.0)
 
@@ -263,7 +263,8 @@ def screen_rows(rows: Rows, request: PlanRequest, wl: WorkloadMeans, terms: list
             max_batched_tokens=col(rows.max_num_batched_tokens),
             max_num_seqs=col(rows.max_num_seqs), spec=spec,
             output_predictability=wl.output_predictability,
-            first_wave_weight=0.0)  # open-loop serving has no synchronized first wave
+            first_wave_weight=0.0,  # open-loop serving has no synchronized first wave
+            cp=col(rows.cp))
         return r.ttft_ms, r.tpot_ms, r.requests_per_s
 
     if coarse:
@@ -289,14 +290,15 @@ def screen_rows(rows: Rows, request: PlanRequest, wl: WorkloadMeans, terms: list
 
     def pf(tokens: np.ndarray, seqs: np.ndarray, kv: np.ndarray) -> np.ndarray:
         return sm.step(tp=rows.tp, dp=rows.dp, ep=rows.ep, pp=rows.pp, dec_seqs=0.0 * ones,
-                       dec_kv=0.0 * ones, pf_tokens=tokens, pf_seqs=seqs, pf_kv=kv).total
+                       dec_kv=0.0 * ones, pf_tokens=tokens, pf_seqs=seqs, pf_kv=kv,
+                       cp=rows.cp).total
 
     t_chunk = pf(chunk, ones, cached + 0.5 * (prefill + chunk))
     service = prefill / chunk * t_chunk
     batch = np.maximum(np.floor(budget / prefill), 1.0)
     t_batch = pf(batch * prefill, batch, cached + prefill)
     per_rank = np.where(batch > 1, batch / t_batch, 1.0 / service)  # requests/ms
-    per_token = memory.kv_bytes_per_token_per_gpu(g.arch, g.kv, rows.tp, rows.pp)
+    per_token = memory.kv_bytes_per_token_per_gpu(g.arch, g.kv, rows.tp, rows.pp, rows.cp)
     # Pools sit on different nodes: the KV crosses the scale-out network.
     transfer = KV_TRANSFER_LATENCY_MS + wl.prompt_tokens * per_token / g.gpu.inter_node_bw * 1e3
     return RowScreen(rows=rows, cached_tokens=cached, agg=agg_curve, decode=decode,
@@ -341,7 +343,7 @@ def subset(rows: Rows, keep: np.ndarray) -> Rows:
     return Rows(group=rows.group, tp=rows.tp[keep], pp=rows.pp[keep], dp=rows.dp[keep],
                 ep=rows.ep[keep], max_num_seqs=rows.max_num_seqs[keep],
                 max_num_batched_tokens=rows.max_num_batched_tokens[keep],
-                prefix_caching=rows.prefix_caching[keep])
+                prefix_caching=rows.prefix_caching[keep], cp=rows.cp[keep])
 
 
 # Coarse pass: one engine-limit setting per layout, a 4-point ladder. Layouts whose $ per
@@ -354,7 +356,8 @@ _REPRESENTATIVE = (256, 8192)
 
 
 def _layout_keys(rows: Rows) -> np.ndarray:
-    keys = rows.tp * 1_000_000 + rows.pp * 10_000 + rows.dp * 100 + rows.ep
+    keys = (rows.cp * 100_000_000 + rows.tp * 1_000_000 + rows.pp * 10_000 + rows.dp * 100
+            + rows.ep)
     return np.asarray(keys).astype(np.int64)
 
 

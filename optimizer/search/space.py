@@ -2,7 +2,8 @@
 
 First stage of the search's data flow (space -> screening -> pareto -> confirming ->
 explaining). A *group* fixes what needs its own step model (model, GPU, engine, quantization,
-KV dtype, speculation); inside a group the layouts (TP, PP, attention DP, EP), engine limits
+KV dtype, speculation); inside a group the layouts (TP, PP, attention DP, EP, decode context
+parallel), engine limits
 and prefix caching are numpy arrays, so that screening prices a whole group in a few calls.
 Serving modes (aggregated or a prefill:decode ratio) and replica counts multiply each row in
 screening. Every candidate is counted before pruning, and every pruned one is counted under
@@ -24,8 +25,8 @@ from trilemma.optimizer.catalog.gpus import Gpu
 from trilemma.optimizer.catalog.models import ModelArch
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
+from trilemma.optimizer.perf import context_parallel, memory, parallelism
 from trilemma.optimizer.perf import engine as perf_engine
-from trilemma.optimizer.perf import memory, parallelism
 from trilemma.optimizer.spec.models import ModelChoice
 from trilemma.optimizer.spec.plan_request import PlanRequest
 
@@ -48,6 +49,9 @@ class SearchSettings:
     pp: tuple[int, ...] = (1, 2, 4)               # PP is how a replica spans nodes
     dp: tuple[int, ...] = (1, 2, 4, 8)            # attention DP (MoE models only)
     ep: tuple[bool, ...] = (False, True)
+    # Decode context parallel ranks (KV sharded within TP), tried only for long prompts and
+    # on engines that run it: perf/context_parallel.py says when and why.
+    cp: tuple[int, ...] = (1, 2, 4, 8)
     # Beyond 5 drafts acceptance^k is small; 2 and 4 bracket the optimum for chat-like and
     # edit-like outputs, and each extra k costs a whole group of step-model calls.
     spec_k: tuple[int, ...] = (2, 4)
@@ -110,6 +114,7 @@ class Rows:
     max_num_seqs: np.ndarray
     max_num_batched_tokens: np.ndarray
     prefix_caching: np.ndarray
+    cp: np.ndarray                # decode context parallel ranks (1: none)
 
     def __len__(self) -> int:
         return len(self.tp)
@@ -173,8 +178,9 @@ def enumerate_space(request: PlanRequest, settings: SearchSettings) -> Space:
     modes = 1 + (len(settings.pd_ratios) if request.bounds.allow_disaggregation else 0)
     reps = len(settings.replica_factors)
     per_row = modes * reps
+    cps = context_parallel.ladder(settings.cp, wl.prompt_distribution().mean_tokens())
     layouts = np.array(list(itertools.product(settings.tp, settings.pp, settings.dp,
-                                              settings.ep)), dtype=np.int64)
+                                              settings.ep, cps)), dtype=np.int64)
     limits = np.array(list(itertools.product(settings.max_num_seqs,
                                              settings.max_num_batched_tokens, (True, False))),
                       dtype=np.int64)
@@ -245,9 +251,10 @@ def _rows(group: Group, layouts: np.ndarray, limits: np.ndarray, mean_len: float
           prefix_reuse: bool, settings: SearchSettings, pruned: Counter[str],
           per_row: int) -> Rows | None:
     """Apply the layout rules, then memory, to one group's grid; count each rule's cuts."""
-    tp, pp, dp, ep = (layouts[:, i] for i in range(4))
+    tp, pp, dp, ep, cp = (layouts[:, i] for i in range(5))
     n_lim = len(limits)
     alive = parallelism.feasible(group.arch, tp, pp, dp, ep.astype(bool))
+    alive &= context_parallel.feasible(group.arch, group.engine, tp, cp)
     # The spec's bounds on the layout are rules the user set: prune as "parallelism".
     if group.max_tp is not None:
         alive &= tp <= group.max_tp
@@ -292,14 +299,14 @@ def _rows(group: Group, layouts: np.ndarray, limits: np.ndarray, mean_len: float
     assert group.max_model_len is not None, "enumerate_space sets the deployed limit"
     mem = memory.breakdown(group.arch, group.gpu, group.quant, group.kv, facts, tp=tp[L],
                            pp=pp[L], dp=dp[L], seq_len=group.max_model_len,
-                           max_batched_tokens=budget, max_num_seqs=seqs)
+                           max_batched_tokens=budget, max_num_seqs=seqs, cp=cp[L])
     fits = ok & mem.fits
     pruned["memory"] += int((ok & ~mem.fits).sum()) * per_row
     # A max_num_seqs above what the KV cache holds at the mean length changes nothing but a
     # larger sampler buffer: keep the smallest setting at or above the cache's capacity.
     at_mean = memory.breakdown(group.arch, group.gpu, group.quant, group.kv, facts, tp=tp[L],
                                pp=pp[L], dp=dp[L], seq_len=mean_len + group.spec.k,
-                               max_batched_tokens=budget, max_num_seqs=seqs)
+                               max_batched_tokens=budget, max_num_seqs=seqs, cp=cp[L])
     smaller = np.asarray(sorted(settings.max_num_seqs))
     below = smaller[None, :] < seqs[:, None]
     prev = np.where(below, smaller[None, :], 0).max(1)
@@ -310,7 +317,7 @@ def _rows(group: Group, layouts: np.ndarray, limits: np.ndarray, mean_len: float
         return None
     L, seqs, budget, pc = L[fits], seqs[fits], budget[fits], pc[fits]
     return Rows(group=group, tp=tp[L], pp=pp[L], dp=dp[L], ep=ep[L].astype(bool),
-                max_num_seqs=seqs, max_num_batched_tokens=budget, prefix_caching=pc)
+                max_num_seqs=seqs, max_num_batched_tokens=budget, prefix_caching=pc, cp=cp[L])
 
 
 def nodes_of(gpus_per_replica: int, gpus_per_node: int) -> int:

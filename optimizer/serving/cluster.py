@@ -101,10 +101,11 @@ class EngineConfig:
     dp: int = 1
     ep: bool = False
     speculation: Speculation | None = None
+    cp: int = 1                       # decode context parallel ranks (KV sharded within TP)
 
     def __post_init__(self) -> None:
         for name in ("kv_blocks", "max_num_seqs", "max_num_batched_tokens", "block_size", "tp",
-                     "pp", "dp"):
+                     "pp", "dp", "cp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise InputError(name, value, "must be a positive integer")
@@ -245,27 +246,33 @@ class ModelOnGpu(Protocol):
 def engine_config(sm: ModelOnGpu, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: bool = False,
                   max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
                   speculation: Speculation | None = None,
-                  gpu_memory_utilization: float | None = None) -> EngineConfig:
-    """An engine whose KV capacity and limits are what vLLM would have on this layout."""
+                  gpu_memory_utilization: float | None = None, cp: int = 1) -> EngineConfig:
+    """An engine whose KV capacity and limits are what vLLM would have on this layout.
+
+    Under decode context parallelism a block of the scheduler holds block_size tokens on each
+    of the cp ranks (vLLM schedules in blocks of block_size * dcp), so the engine's blocks are
+    that large and as many as one GPU's cache holds."""
     facts = sm.facts
     seqs = max_num_seqs or facts.default_max_num_seqs(sm.gpu)
     budget = max_num_batched_tokens or facts.default_max_num_batched_tokens(sm.gpu)
     mem = memory.breakdown(sm.arch, sm.gpu, sm.recipe, sm.kv, facts, tp=tp, pp=pp, dp=dp,
                            seq_len=facts.block_size, max_batched_tokens=budget,
-                           max_num_seqs=seqs, gpu_memory_utilization=gpu_memory_utilization)
-    per_block = float(mem.kv_bytes_per_token) * facts.block_size
+                           max_num_seqs=seqs, gpu_memory_utilization=gpu_memory_utilization,
+                           cp=cp)
+    per_block = float(mem.kv_bytes_per_token) * facts.block_size * cp
     blocks = math.floor(max(float(mem.kv_cache), 0.0) / per_block)
     if blocks < 1:
         raise InputError("tp", tp, "the weights leave no memory for a KV cache on this layout")
     return EngineConfig(kv_blocks=blocks, max_num_seqs=seqs, max_num_batched_tokens=budget,
-                        block_size=facts.block_size, tp=tp, pp=pp, dp=dp, ep=ep,
-                        speculation=speculation)
+                        block_size=facts.block_size * cp, tp=tp, pp=pp, dp=dp, ep=ep,
+                        speculation=speculation, cp=cp)
 
 
 def kv_transfer(sm: StepModel, *, tp: int, pp: int = 1, inter_node: bool,
-                latency_ms: float = DEFAULT_TRANSFER_LATENCY_MS) -> KvTransfer:
-    """The KV link between pools: NVLink within a node, the scale-out NIC across nodes."""
+                latency_ms: float = DEFAULT_TRANSFER_LATENCY_MS, cp: int = 1) -> KvTransfer:
+    """The KV link between pools: NVLink within a node, the scale-out NIC across nodes. Each
+    GPU sends its own shard in parallel: 1/cp of a token's KV under context parallelism."""
     per_token = float(memory.kv_bytes_per_token_per_gpu(sm.arch, sm.kv, np.float64(tp),
-                                                        np.float64(pp)))
+                                                        np.float64(pp), np.float64(cp)))
     bw = sm.gpu.inter_node_bw if inter_node else sm.gpu.intra_node_bw
     return KvTransfer(bytes_per_token=per_token, bandwidth=bw, latency_ms=latency_ms)

@@ -49,7 +49,7 @@ class StepCost(Protocol):
 
     def step(self, *, tp: Any, dp: Any, ep: Any, pp: Any, dec_seqs: Any, dec_kv: Any,
              q: Any = 1.0, pf_tokens: Any = 0.0, pf_seqs: Any = 0.0,
-             pf_kv: Any = 0.0) -> Any: ...
+             pf_kv: Any = 0.0, cp: Any = 1.0) -> Any: ...
 
 
 def step_ms(perf_model: StepCost, engine: EngineConfig, d: Any, kv: Any, p: Any, s: Any,
@@ -61,7 +61,7 @@ def step_ms(perf_model: StepCost, engine: EngineConfig, d: Any, kv: Any, p: Any,
                             q=float(engine.tokens_per_decode),
                             pf_tokens=np.asarray(p, dtype=np.float64),
                             pf_seqs=np.asarray(s, dtype=np.float64),
-                            pf_kv=np.asarray(c, dtype=np.float64)).total
+                            pf_kv=np.asarray(c, dtype=np.float64), cp=engine.cp).total
     return np.asarray(total, dtype=np.float64) + _drafting_ms(perf_model, engine, d, kv)
 
 
@@ -80,7 +80,7 @@ def _drafting_ms(perf_model: StepCost, engine: EngineConfig, d: np.ndarray,
                            dp=np.asarray(engine.dp, dtype=np.float64),
                            ep=np.asarray(engine.ep, dtype=bool),
                            pp=np.asarray(engine.pp, dtype=np.float64), dec=d,
-                           ctx=np.asarray(kv, dtype=np.float64))
+                           ctx=np.asarray(kv, dtype=np.float64), cp=engine.cp)
     return np.where(d > 0, ms, 0.0)
 
 

@@ -3,7 +3,8 @@
 For the simulator's tests and benchmark, which need step times with the right shape (memory-
 bound decode, compute-bound prefill, attention growing with the KV read) but not calibrated
 ones, and must run where the fitted kernel tables are absent. Never use it for a prediction:
-it knows no kernel efficiencies, communication or MoE.
+it knows no kernel efficiencies, communication or MoE (nor context parallelism: `cp` is taken
+for the call's sake and changes nothing).
 
 It carries the attributes the perf layer reads from a step model (`arch`, `gpu`, `recipe`,
 `kv`, `facts`), so `perf.latency.closed_loop` and `cluster.engine_config` accept it too.
@@ -57,7 +58,7 @@ class RooflineStepModel:
 
     def step(self, *, tp: Any, dp: Any, ep: Any, pp: Any, dec_seqs: Any, dec_kv: Any,
              q: Any = 1.0, pf_tokens: Any = 0.0, pf_seqs: Any = 0.0,
-             pf_kv: Any = 0.0) -> ToyStepTime:
+             pf_kv: Any = 0.0, cp: Any = 1.0) -> ToyStepTime:
         f64 = np.float64
         tp = np.asarray(tp, dtype=f64)
         dec = np.asarray(dec_seqs, dtype=f64)
@@ -93,7 +94,7 @@ class LinearStepModel:
 
     def step(self, *, tp: Any, dp: Any, ep: Any, pp: Any, dec_seqs: Any, dec_kv: Any,
              q: Any = 1.0, pf_tokens: Any = 0.0, pf_seqs: Any = 0.0,
-             pf_kv: Any = 0.0) -> ToyStepTime:
+             pf_kv: Any = 0.0, cp: Any = 1.0) -> ToyStepTime:
         dec = np.asarray(dec_seqs, dtype=np.float64)
         tokens = dec * np.asarray(q, dtype=np.float64) + np.asarray(pf_tokens, dtype=np.float64)
         gemm = self.per_token_ms * tokens

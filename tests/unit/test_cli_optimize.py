@@ -86,3 +86,20 @@ def test_optimize_compares_the_recommendation_with_a_baseline(capsys, tmp_path):
     assert code == 0
     lines = [ln for ln in out.splitlines() if "req/s at the SLO" in ln]
     assert len(lines) == 2 and lines[0].strip().startswith("recommended")
+
+
+def test_no_context_parallel_takes_the_lever_out_of_the_search(capsys, monkeypatch):
+    from trilemma.optimizer import commands
+    from trilemma.optimizer.errors import InputError
+
+    seen = []
+
+    def plan(request, *, settings=None, **_):
+        seen.append(settings)
+        raise InputError("spec", "stop", "captured the settings")
+
+    monkeypatch.setattr(commands.planning, "plan", plan)
+    run(capsys, "optimize", SMALL, "--json")
+    run(capsys, "optimize", SMALL, "--json", "--no-context-parallel")
+    assert seen[0] is None  # the defaults: context parallelism offered where it applies
+    assert seen[1].cp == (1,)

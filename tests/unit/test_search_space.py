@@ -75,3 +75,12 @@ def test_prefix_caching_off_is_pruned_as_redundant_without_prefix_reuse() -> Non
     sp = _space("code_rewriting.yaml")
     assert sp.pruned["prefix_caching"] > 0
     assert all(np.all(r.prefix_caching) for r in sp.rows)
+
+
+def test_vllm_rows_never_spread_data_parallel_ranks_over_nodes() -> None:
+    # The renderer refuses them (per-node --data-parallel-start-rank wiring): never planned.
+    sp = _space("code_completion.yaml")
+    for r in sp.rows:
+        nodes = np.ceil(r.tp * r.pp * r.dp / r.group.gpus_per_node)
+        assert not ((r.dp > 1) & (nodes > 1)).any()
+    assert any((r.dp > 1).any() for r in sp.rows)

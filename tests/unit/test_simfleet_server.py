@@ -444,6 +444,8 @@ ROUND_TRIP = [
     ServingConfig(model="deepseek-ai/DeepSeek-V3", worker=WorkerConfig(
         gpu="h200_sxm", tp=8, ep=True, quant=QuantRecipe.FP8, spec_method=SpecMethod.MTP,
         spec_k=1)),
+    ServingConfig(model="deepseek-ai/DeepSeek-V3", worker=WorkerConfig(
+        gpu="h200_sxm", tp=8, quant=QuantRecipe.FP8, cp=4)),
 ]
 
 
