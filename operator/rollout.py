@@ -149,18 +149,7 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     if known - {target} or serving not in (None, target):
         await _drop_others(kube, ep, keep={target})
     ep.put(serving_hash=target, allocated_gpus=dict(gpus))
-    in_flight = (rollout.get("toHash") == target
-                 and rollout.get("state") == RolloutState.PROGRESSING.value)
-    available = False if fresh else await _available(kube, ep, target)
-    # Scaled while serving (the same configuration, more replicas starting): no rollout.
-    scaled = (not available and not in_flight and serving == target
-              and await _serving(kube, ep, target))
-    if not in_flight and not available and not scaled:
-        # Nothing else serves: the Service points here already; track the deadline.
-        _start_rollout(ep, spec, None, target)
-    elif in_flight and available:
-        ep.update_rollout(state=RolloutState.COMPLETE, message="available")
-    await _refresh_ready(rt, ep, target, ready=available or scaled)
+    await _track(rt, ep, spec, target, fresh=fresh, serving=serving)
     if serving != target:
         rt.events(ep.body, "Normal", "Deployed",
                   f"{ep.status['activeConfiguration']['summary']} as {target}")
@@ -168,6 +157,25 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
             rt.events(ep.body, "Warning", "InferencePoolCRDMissing", note)
     ep.condition(ConditionType.DEPLOYED, True, "Applied",
                  _with_note(f"configuration {target} applied", note))
+
+
+async def _track(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, target: str, *,
+                 fresh: bool, serving: str | None) -> None:
+    """The Service points at `target` now: a rollout with a deadline until it is available
+    (none for a serving configuration that was only scaled), and Ready from its workloads."""
+    rollout = ep.status.get("rollout") or {}
+    in_flight = (rollout.get("toHash") == target
+                 and rollout.get("state") == RolloutState.PROGRESSING.value)
+    available = False if fresh else await _available(rt.kube, ep, target)
+    # Scaled while serving (the same configuration, more replicas starting): no rollout.
+    scaled = (not available and not in_flight and serving == target
+              and await _serving(rt.kube, ep, target))
+    if not in_flight and not available and not scaled:
+        # Nothing else serves: the Service points here already; track the deadline.
+        _start_rollout(ep, spec, None, target)
+    elif in_flight and available:
+        ep.update_rollout(state=RolloutState.COMPLETE, message="available")
+    await _refresh_ready(rt, ep, target, ready=available or scaled)
 
 
 def _with_note(message: str, note: str) -> str:
