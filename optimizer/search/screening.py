@@ -410,7 +410,7 @@ def screen_space(space: Space, request: PlanRequest, settings: SearchSettings,
     chosen[np.argsort(all_fast, kind="stable")[:min(COARSE_KEEP_FASTEST, int(finite.sum()))]] \
         = True
     # Keep something to explain an infeasible SLO: the layouts nearest to meeting it.
-    if not chosen.any():
+    if not chosen.any() or not settings.coarse_screen:
         chosen[:] = True
     keeps: dict[int, np.ndarray] = {}
     dropped = 0
