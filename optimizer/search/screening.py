@@ -383,6 +383,24 @@ def coarse_scores(rows: Rows, request: PlanRequest, wl: WorkloadMeans,
     return keys[first], eff, np.where(rs.agg.capacity > 0, light, np.inf)
 
 
+# Each GPU type and engine keeps its own cheapest and fastest layouts, however far another
+# undercuts it: the plan's alternatives show the best on each, and when one GPU type is much
+# cheaper at the pool's prices the global cut would leave nothing of the others to show.
+COARSE_KEEP_PER_KIND = 4
+
+
+def _keep_each_kind(space: Space, sizes: list[int], eff: np.ndarray, fast: np.ndarray,
+                    chosen: np.ndarray) -> None:
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    for kind in ("gpu", "engine"):
+        names = np.array([g.gpu.key if kind == "gpu" else g.engine.value
+                          for g in (space.rows[i].group for i in range(len(sizes)))])[owner]
+        for name in np.unique(names):
+            for score in (eff, fast):
+                idx = np.flatnonzero((names == name) & np.isfinite(score))
+                chosen[idx[np.argsort(score[idx], kind="stable")[:COARSE_KEEP_PER_KIND]]] = True
+
+
 def screen_space(space: Space, request: PlanRequest, settings: SearchSettings,
                  mapper: Mapper = _serial) -> tuple[list[RowScreen], int, int]:
     """Coarse-screen every layout, fully screen the promising ones.
@@ -409,7 +427,9 @@ def screen_space(space: Space, request: PlanRequest, settings: SearchSettings,
     finite = np.isfinite(all_fast)
     chosen[np.argsort(all_fast, kind="stable")[:min(COARSE_KEEP_FASTEST, int(finite.sum()))]] \
         = True
-    # Keep something to explain an infeasible SLO: the layouts nearest to meeting it.
+    _keep_each_kind(space, [len(e) for e in effs], all_eff, all_fast, chosen)
+    # Keep something to explain an infeasible SLO: the layouts nearest to meeting it. And
+    # everything when the coarse cut is off (the exhaustive reference that regret measures).
     if not chosen.any() or not settings.coarse_screen:
         chosen[:] = True
     keeps: dict[int, np.ndarray] = {}
