@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,21 +135,19 @@ def describe(raw: dict[str, Any]) -> str:
             f"TTFT<={slo['ttftMs']['p90']} TPOT<={slo['tpotMs']['p90']}")
 
 
-def run(n: int, seed: int, settings: SearchSettings) -> list[Outcome]:
-    """`n` random specs with a feasible SLO, drawn from `seed`, each measured."""
+def run(n: int, seed: int, settings: SearchSettings) -> Iterator[Outcome]:
+    """`n` random specs with a feasible SLO, drawn from `seed`, each measured as it comes."""
     rng = np.random.default_rng(seed)
-    out: list[Outcome] = []
-    while len(out) < n:
+    for _ in range(n):
         for _ in range(_TRIES):
             raw = random_raw(rng)
             try:
-                out.append(measure(parse_spec(raw), settings, seed, describe(raw)))
+                yield measure(parse_spec(raw), settings, seed, describe(raw))
                 break
             except InfeasibleSLO:
                 continue
         else:
             raise RuntimeError(f"no feasible spec in {_TRIES} draws: widen the SLO ranges")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,15 +159,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="requests per confirming simulation")
     args = ap.parse_args(argv)
     settings = SearchSettings(simulate_requests=args.requests)
-    outcomes = run(args.specs, args.seed, settings)
     print(f"{'#':>3} {'objective':<15} {'regret':>8} {'cut':>7} {'feasible':>8}  "
           f"{'pipeline pick':<34} "
           f"{'exhaustive pick':<34} spec")
-    for i, o in enumerate(outcomes):
+    regrets = []
+    for i, o in enumerate(run(args.specs, args.seed, settings)):
+        regrets.append(o.regret)
         print(f"{i:>3} {o.objective.value:<15} {o.regret:>8.2%} {o.cut:>7} {o.candidates:>8}  "
               f"{o.pipeline.config.summary():<34} {o.exhaustive.config.summary():<34} "
-              f"{o.label}")
-    r = np.array([o.regret for o in outcomes])
+              f"{o.label}", flush=True)
+    r = np.array(regrets)
     print(f"\nregret over {len(r)} specs: median {np.median(r):.2%}, worst {r.max():.2%}")
     return 0
 

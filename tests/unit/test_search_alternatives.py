@@ -97,6 +97,7 @@ def test_the_coarse_screen_keeps_every_gpu_type_and_engine(monkeypatch) -> None:
     # must still reach the full screen, or their alternatives vanish.
     monkeypatch.setattr(screening, "COARSE_KEEP_FACTOR", 1.0)
     monkeypatch.setattr(screening, "COARSE_KEEP_FASTEST", 0)
+    monkeypatch.setattr(screening, "COARSE_KEEP_DEPLOY_FACTOR", 1.0)
     req = load_spec(TWO)
     screens, dropped, _ = screening.screen_space(space.enumerate_space(req, SETTINGS), req,
                                                  SETTINGS)
