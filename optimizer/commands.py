@@ -20,6 +20,7 @@ from trilemma.optimizer import spec
 from trilemma.optimizer.catalog import gpus
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.search import confirming, curves, planning, space
+from trilemma.optimizer.search.alternatives import By
 from trilemma.optimizer.search.configs import Choice, ServingConfig
 from trilemma.optimizer.serving.requests import LoadMode
 
@@ -83,12 +84,34 @@ def print_plan(p: planning.Plan, out: TextIO) -> None:
         out.write(_row(choice, "* " if choice.config.config_hash() == rec else "  ") + "\n")
     if rec not in {ch.config.config_hash() for ch in p.front}:
         out.write(_row(p.recommended, "* ") + "\n")
+    _print_alternatives(p, out)
     out.write(f"\nrecommended ({p.objective.value}): {p.recommended.config.summary()}\n")
     kernels = p.recommended.prediction.provenance.get("kernels")
     if kernels:
         out.write(f"  kernels: {kernels} (no measured kernel tables for this GPU)\n")
     for line in _explanation_lines(p.explanation.to_dict()):
         out.write(f"  {line}\n")
+
+
+def _print_alternatives(p: planning.Plan, out: TextIO) -> None:
+    """The best meeting the SLO on each GPU type and engine, against the recommendation; GPU
+    types of the pool with none are named (the front alone would hide both)."""
+    if not p.alternatives:
+        return
+    out.write("\nbest meeting the SLO on each GPU type / engine, against the recommendation:\n")
+    rec = p.recommended.config.config_hash()
+    for a in p.alternatives:
+        if a.choice.config.config_hash() == rec:
+            out.write(f"  {a.by.value} {a.value}: the recommendation (*)\n")
+            continue
+        out.write(f"  {a.by.value} {a.value}: {a.cost_ratio:.2f}x the cost, "
+                  f"{a.latency_ratio:.2f}x the latency, "
+                  f"{'dominated by the front' if a.dominated else 'on the front'}\n")
+        out.write(_row(a.choice, "  ") + "\n")
+    shown = {a.value for a in p.alternatives if a.by is By.GPU}
+    none = [g for g in p.request.pool if g not in shown]
+    if shown and none:
+        out.write(f"  gpu {', '.join(none)}: nothing meets the SLO within the pool and budget\n")
 
 
 def _explanation_lines(doc: dict[str, Any]) -> list[str]:
@@ -184,6 +207,17 @@ def _plots(request: spec.PlanRequest, result: planning.Plan, base: ServingConfig
                                    recommended=c.config.config_hash()
                                    == result.recommended.config.config_hash(), baseline=False)
               for c in result.front]
+    # Beside the front, the best on each GPU type and engine: faded where the front dominates.
+    seen = {c.config.config_hash() for c in result.front}
+    for a in result.alternatives:
+        if a.choice.config.config_hash() in seen:
+            continue
+        seen.add(a.choice.config.config_hash())
+        points.append(plotting.ParetoPoint(
+            cost_per_hour=a.choice.prediction.cost_per_hour,
+            latency_ms=a.choice.prediction.ttft_p90_ms,
+            label=f"best on {a.value}: {a.choice.config.summary()}", on_front=False,
+            recommended=False, baseline=False, alternative=True, dominated=a.dominated))
     if base is not None:
         curve = curves.latency_curve(request, base)
         lines.append(plotting.Curve(label=f"baseline: {base.summary()}",

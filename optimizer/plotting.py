@@ -61,6 +61,8 @@ class ParetoPoint:
     on_front: bool = False
     recommended: bool = False
     baseline: bool = False
+    alternative: bool = False  # the best on one GPU type or engine, off the front
+    dominated: bool = False    # (alternatives) the front is no worse on both axes: faded
 
 
 @contextmanager
@@ -149,7 +151,8 @@ def pareto_plot(points: Sequence[ParetoPoint], path: Path, *, title: str,
         _positive("latency_ms", [p.latency_ms], p.label)
     with _figure(path, PARETO_FIGSIZE_IN) as fig:
         ax = fig.subplots()
-        others = [p for p in points if not (p.on_front or p.recommended or p.baseline)]
+        others = [p for p in points
+                  if not (p.on_front or p.recommended or p.baseline or p.alternative)]
         front = sorted((p for p in points if p.on_front), key=lambda p: p.cost_per_hour)
         if others:
             ax.scatter([p.cost_per_hour for p in others], [p.latency_ms for p in others],
@@ -168,6 +171,7 @@ def pareto_plot(points: Sequence[ParetoPoint], path: Path, *, title: str,
                 ax.scatter([p.cost_per_hour], [p.latency_ms], marker="X", s=110,
                            color="#d62728", edgecolor="black", linewidth=0.6, zorder=5,
                            label=f"baseline: {p.label}")
+        _alternatives(ax, [p for p in points if p.alternative and not p.recommended])
         for p in front:
             if not p.recommended:
                 ax.annotate(p.label, (p.cost_per_hour, p.latency_ms), textcoords="offset points",
@@ -184,3 +188,18 @@ def pareto_plot(points: Sequence[ParetoPoint], path: Path, *, title: str,
         ax.set_title(title, fontsize=11)
         ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
     return path
+
+
+def _alternatives(ax: Any, points: Sequence[ParetoPoint]) -> None:
+    """Diamonds, labelled: solid where nothing on the front beats them, faded where it does."""
+    for faded in (False, True):
+        group = [p for p in points if p.dominated is faded]
+        if not group:
+            continue
+        alpha = 0.35 if faded else 0.9
+        ax.scatter([p.cost_per_hour for p in group], [p.latency_ms for p in group], marker="D",
+                   s=30, color=_COLOURS[4], alpha=alpha, zorder=3,
+                   label="best per GPU / engine" + (" (dominated)" if faded else ""))
+        for p in group:
+            ax.annotate(p.label, (p.cost_per_hour, p.latency_ms), textcoords="offset points",
+                        xytext=(5, -9), fontsize=7, color="#333333", alpha=alpha)

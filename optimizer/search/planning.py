@@ -22,6 +22,7 @@ from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.catalog.speculation import SpecMethod
 from trilemma.optimizer.search import (
+    alternatives,
     confirming,
     decoding,
     explaining,
@@ -31,6 +32,7 @@ from trilemma.optimizer.search import (
     sizing,
     space,
 )
+from trilemma.optimizer.search.alternatives import Alternative, By
 from trilemma.optimizer.search.configs import Choice, WorkerConfig, _plain
 from trilemma.optimizer.search.explaining import Explanation
 from trilemma.optimizer.search.space import SearchSettings
@@ -100,6 +102,9 @@ class Plan:
     front: list[Choice]       # cost/latency Pareto front, cheapest first
     explanation: Explanation
     counts: Counts
+    # Best per GPU type and per engine, beside the front. Plans stored before alternatives
+    # existed have none: written only when there are some, so those plans keep their bytes.
+    alternatives: list[Alternative] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase; not canonical
 
     def to_dict(self, *, timings: bool = False) -> dict[str, Any]:
@@ -108,6 +113,8 @@ class Plan:
                "recommended": self.recommended.to_dict(),
                "front": [c.to_dict() for c in self.front],
                "explanation": self.explanation.to_dict(), "counts": _plain(self.counts)}
+        if self.alternatives:
+            out["alternatives"] = [a.to_dict() for a in self.alternatives]
         if timings:
             out["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
         return out
@@ -120,9 +127,13 @@ class Plan:
         def choices(d: Any, at: str) -> list[Choice]:
             return decoding.items(d, at, Choice.from_dict)
 
+        def alts(d: Any, at: str) -> list[Alternative]:
+            return decoding.items(d, at, Alternative.from_dict)
+
         return decoding.record(cls, data, "", request=RequestDigest.from_dict,
                                recommended=Choice.from_dict, front=choices,
-                               explanation=Explanation.from_dict, counts=Counts.from_dict)
+                               explanation=Explanation.from_dict, counts=Counts.from_dict,
+                               alternatives=alts)
 
 
 def digest(request: PlanRequest) -> RequestDigest:
@@ -219,6 +230,13 @@ def plan(request: PlanRequest, *, settings: SearchSettings | None = None,
     sim_ok = [c for c in pool if c.prediction.simulated]
     recommended, front = select(request.objective, sim_ok or pool, pool, wl,
                                 settings.front_size)
+    alts = alternatives.alternatives(
+        alternatives.Context(objective=request.objective, candidates=s.candidates,
+                             screens=s.screens, settings=settings, wl=wl,
+                             recommended=recommended, front=front, simulated=done,
+                             failed=failed),
+        {By.GPU: list(request.allowed_gpus()),
+         By.ENGINE: [e.value for e in request.bounds.engines or [Engine.VLLM]]})
     t = time.perf_counter()
     # Runners-up: the next distinct configurations by the objective, simulated or not.
     ranked = [pool[int(i)] for i in ranking.order(request.objective, choice_metrics(pool, wl))]
@@ -237,7 +255,8 @@ def plan(request: PlanRequest, *, settings: SearchSettings | None = None,
     report("done", 1.0)
     counts = Counts(**{**_plain(s.counts), "simulated": confirmed.simulated})
     return Plan(request=digest(request), objective=request.objective, recommended=recommended,
-                front=front, explanation=explanation, counts=counts, timings=timings)
+                front=front, explanation=explanation, counts=counts, alternatives=alts,
+                timings=timings)
 
 
 def choice_metrics(choices: list[Choice], wl: screening.WorkloadMeans) -> ranking.Metrics:

@@ -347,9 +347,12 @@ def subset(rows: Rows, keep: np.ndarray) -> Rows:
 
 
 # Coarse pass: one engine-limit setting per layout, a 4-point ladder. Layouts whose $ per
-# request/s is within this factor of the best, or among the fastest at light load, go on to
-# the full screen with every engine limit and serving mode.
+# request/s or $/hour at the design rate is within this factor of the best, or among the
+# fastest at light load, go on to the full screen with every engine limit and serving mode.
 COARSE_KEEP_FACTOR = 2.0
+# Tighter on $/hour at the design rate: it is what min_cost ranks on, less the engine limits'
+# effect; at high rates it tracks $ per request/s, at low rates many layouts need one replica.
+COARSE_KEEP_DEPLOY_FACTOR = 1.25
 COARSE_KEEP_FASTEST = 48
 COARSE_KEEP_MAX = 400
 _REPRESENTATIVE = (256, 8192)
@@ -369,9 +372,10 @@ def _serial(fn: Callable[[int], Any], items: list[int]) -> list[Any]:
 
 
 def coarse_scores(rows: Rows, request: PlanRequest, wl: WorkloadMeans,
-                  terms: list[Term]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  terms: list[Term]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One representative row per layout, 4-point ladder: (layout keys, $ per request/s,
-    light-load e2e ms). Infinite where the layout meets no SLO."""
+    light-load e2e ms, $/hour of the fewest replicas that carry the design rate). Infinite
+    where the layout meets no SLO."""
     keys = _layout_keys(rows)
     # The row closest to vLLM's defaults stands for its layout.
     dist = (np.abs(np.log2(rows.max_num_seqs / _REPRESENTATIVE[0]))
@@ -383,7 +387,29 @@ def coarse_scores(rows: Rows, request: PlanRequest, wl: WorkloadMeans,
     gpus = rep.tp * rep.pp * rep.dp * rows.group.price_per_gpu_hour
     eff = np.where(rs.agg.capacity > 0, gpus / np.maximum(rs.agg.capacity, 1e-12), np.inf)
     light = rs.agg.ttft[:, 0] + wl.output_tokens * rs.agg.tpot[:, 0]
-    return keys[first], eff, np.where(rs.agg.capacity > 0, light, np.inf)
+    # Replicas are whole: at a low design rate one small replica can cost less than one of a
+    # layout far cheaper per request/s, which the rate leaves mostly idle.
+    deploy = np.where(rs.agg.capacity > 0,
+                      np.ceil(wl.design_rate / np.maximum(rs.agg.capacity, 1e-12)) * gpus, np.inf)
+    return keys[first], eff, np.where(rs.agg.capacity > 0, light, np.inf), deploy
+
+
+# Each GPU type and engine keeps its own cheapest and fastest layouts, however far another
+# undercuts it: the plan's alternatives show the best on each, and when one GPU type is much
+# cheaper at the pool's prices the global cut would leave nothing of the others to show.
+COARSE_KEEP_PER_KIND = 2
+
+
+def _keep_each_kind(space: Space, sizes: list[int], scores: tuple[np.ndarray, ...],
+                    chosen: np.ndarray) -> None:
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    for kind in ("gpu", "engine"):
+        names = np.array([g.gpu.key if kind == "gpu" else g.engine.value
+                          for g in (space.rows[i].group for i in range(len(sizes)))])[owner]
+        for name in np.unique(names):
+            for score in scores:
+                idx = np.flatnonzero((names == name) & np.isfinite(score))
+                chosen[idx[np.argsort(score[idx], kind="stable")[:COARSE_KEEP_PER_KIND]]] = True
 
 
 def screen_space(space: Space, request: PlanRequest, settings: SearchSettings,
@@ -401,9 +427,10 @@ def screen_space(space: Space, request: PlanRequest, settings: SearchSettings,
         return [], 0, 0
     scored = mapper(lambda i: coarse_scores(space.rows[i], request, wl, terms),
                     list(range(len(space.rows))))
-    effs = [e for _, e, _ in scored]
+    effs = [e for _, e, _, _ in scored]
     all_eff = np.concatenate(effs)
-    all_fast = np.concatenate([f for _, _, f in scored])
+    all_fast = np.concatenate([f for _, _, f, _ in scored])
+    all_deploy = np.concatenate([d for *_, d in scored])
     best = all_eff.min()
     chosen = all_eff <= best * COARSE_KEEP_FACTOR
     if chosen.sum() > COARSE_KEEP_MAX:
@@ -412,14 +439,17 @@ def screen_space(space: Space, request: PlanRequest, settings: SearchSettings,
     finite = np.isfinite(all_fast)
     chosen[np.argsort(all_fast, kind="stable")[:min(COARSE_KEEP_FASTEST, int(finite.sum()))]] \
         = True
-    # Keep something to explain an infeasible SLO: the layouts nearest to meeting it.
-    if not chosen.any():
+    chosen |= all_deploy <= all_deploy.min() * COARSE_KEEP_DEPLOY_FACTOR
+    _keep_each_kind(space, [len(e) for e in effs], (all_eff, all_fast, all_deploy), chosen)
+    # Keep something to explain an infeasible SLO: the layouts nearest to meeting it. And
+    # everything when the coarse cut is off (the exhaustive reference that regret measures).
+    if not chosen.any() or not settings.coarse_screen:
         chosen[:] = True
     keeps: dict[int, np.ndarray] = {}
     dropped = 0
     per_row = space.modes * space.replica_options
     start = 0
-    for i, (keys, eff, _) in enumerate(scored):
+    for i, (keys, eff, *_) in enumerate(scored):
         mask = chosen[start:start + len(eff)]
         start += len(eff)
         keep = np.isin(_layout_keys(space.rows[i]), keys[mask])

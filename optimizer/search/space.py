@@ -73,6 +73,9 @@ class SearchSettings:
     # False keeps rows the space would prune as dominated (max_num_seqs above the KV cache's
     # capacity, prefix caching off): exhaustive reference searches in tests.
     prune_dominated: bool = True
+    # False screens every layout fully (the coarse pass prices them but cuts none): the
+    # exhaustive reference that `regret` measures the pipeline's pick against.
+    coarse_screen: bool = True
     workers: int = 2                              # screening processes; 1 = serial
     explain_sensitivity: bool = True              # re-screen the front's groups at 2x rate/prompt
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -29,6 +30,10 @@ POINTS = [
     ParetoPoint(cost_per_hour=30.2, latency_ms=180, label="bf16 TP8 x2", on_front=True),
     ParetoPoint(cost_per_hour=20.0, latency_ms=700, label="int4 TP4"),
     ParetoPoint(cost_per_hour=30.2, latency_ms=650, label="naive bf16 TP8", baseline=True),
+    ParetoPoint(cost_per_hour=24.0, latency_ms=800, label="best on a100_sxm: bf16 TP4",
+                alternative=True, dominated=True),
+    ParetoPoint(cost_per_hour=40.0, latency_ms=150, label="best on sglang: fp8 TP8",
+                alternative=True),
 ]
 
 
@@ -50,6 +55,14 @@ def test_same_input_gives_the_same_bytes(tmp_path):
     first, second = draw_both(tmp_path, "a"), draw_both(tmp_path, "b")
     for a, b in zip(first, second, strict=True):
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_dominated_alternatives_are_drawn_differently(tmp_path):
+    # Faded when the front dominates them: the flag must reach the picture.
+    solid = [dataclasses.replace(p, dominated=False) for p in POINTS]
+    a = plotting.pareto_plot(POINTS, tmp_path / "faded.png", title="front")
+    b = plotting.pareto_plot(solid, tmp_path / "solid.png", title="front")
+    assert a.read_bytes() != b.read_bytes()
 
 
 def test_png_carries_no_software_or_date_metadata(tmp_path):
