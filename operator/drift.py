@@ -32,6 +32,9 @@ class Dimension(enum.Enum):
     PROMPT = ("prompt length", "tokens", "promptTokens", "prompt_tokens", True)
     OUTPUT = ("output length", "tokens", "outputTokens", "output_tokens", True)
     PREFIX = ("prefix hit share", "", "prefixShare", "prefix_share", False)
+    # Requests the engine refused (a prompt past the deployed context limit): a plan expects
+    # none, so any share over the threshold is drift (engines that do not count them: unknown).
+    REFUSED = ("refused share", "", "refusedShare", "refused_share", False)
 
     def __init__(self, label: str, unit: str, key: str, threshold_field: str,
                  relative: bool) -> None:
@@ -47,13 +50,14 @@ class Dimension(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class WorkloadSummary:
-    """The four figures drift compares: mean rate, mean prompt and output tokens, prefix share
-    (prompt tokens served from the cache, 0-1; None when unknown)."""
+    """The figures drift compares: mean rate, mean prompt and output tokens, prefix share
+    (prompt tokens served from the cache, 0-1) and refused share (0-1); None when unknown."""
 
     rate_rps: float
     prompt_tokens: float
     output_tokens: float
     prefix_share: float | None = None
+    refused_share: float | None = None
 
     @classmethod
     def of_plan(cls, plan: Plan, *, peak_factor: float) -> WorkloadSummary:
@@ -68,7 +72,7 @@ class WorkloadSummary:
         prompt, cached = wl.prompt_tokens_mean, wl.cached_tokens_mean
         return cls(rate_rps=request.design_rate_rps / max(peak_factor, 1.0),
                    prompt_tokens=prompt, output_tokens=wl.output_tokens_mean,
-                   prefix_share=cached / prompt if prompt > 0 else 0.0)
+                   prefix_share=cached / prompt if prompt > 0 else 0.0, refused_share=0.0)
 
     @classmethod
     def of_observed(cls, observed: ObservedWorkload) -> WorkloadSummary:
@@ -78,11 +82,13 @@ class WorkloadSummary:
         if rate is None or prompt is None or output is None:
             raise ValueError(f"incomplete observation ({observed.availability.message})")
         return cls(rate_rps=rate, prompt_tokens=prompt, output_tokens=output,
-                   prefix_share=observed.prefix_hit_share)
+                   prefix_share=observed.prefix_hit_share,
+                   refused_share=observed.refused_share)
 
     def value(self, dim: Dimension) -> float | None:
         return {Dimension.RATE: self.rate_rps, Dimension.PROMPT: self.prompt_tokens,
-                Dimension.OUTPUT: self.output_tokens, Dimension.PREFIX: self.prefix_share}[dim]
+                Dimension.OUTPUT: self.output_tokens, Dimension.PREFIX: self.prefix_share,
+                Dimension.REFUSED: self.refused_share}[dim]
 
     def digest(self, thresholds: DriftThresholds) -> str:
         """Names the workload coarsely: one bucket per threshold step (log-spaced for the
@@ -91,6 +97,12 @@ class WorkloadSummary:
         for dim in Dimension:
             v = self.value(dim)
             t = dim.threshold(thresholds)
+            if dim is Dimension.REFUSED:
+                # Named only while refusals are over a threshold step: a workload without
+                # them keeps the name it had before refusals were counted.
+                if v is not None and math.floor(v / t) > 0:
+                    parts.append(f"r{math.floor(v / t)}")
+                continue
             if v is None:
                 parts.append("-")
             elif dim.relative:
@@ -103,13 +115,15 @@ class WorkloadSummary:
         return WorkloadFigures(
             rate_rps=sig(self.rate_rps), prompt_tokens=sig(self.prompt_tokens),
             output_tokens=sig(self.output_tokens),
-            prefix_share=None if self.prefix_share is None else sig(self.prefix_share))
+            prefix_share=None if self.prefix_share is None else sig(self.prefix_share),
+            refused_share=None if self.refused_share is None else sig(self.refused_share))
 
     @classmethod
     def from_status(cls, data: WorkloadFigures | Mapping[str, Any]) -> WorkloadSummary:
         figures = WorkloadFigures.model_validate(data)
         return cls(rate_rps=figures.rate_rps, prompt_tokens=figures.prompt_tokens,
-                   output_tokens=figures.output_tokens, prefix_share=figures.prefix_share)
+                   output_tokens=figures.output_tokens, prefix_share=figures.prefix_share,
+                   refused_share=figures.refused_share)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,7 +219,8 @@ def drift(planned: WorkloadSummary, observed: ObservedWorkload | WorkloadSummary
         seen: Mapping[Dimension, float | None] = {
             Dimension.RATE: observed.rate_rps, Dimension.PROMPT: observed.prompt_tokens.mean,
             Dimension.OUTPUT: observed.output_tokens.mean,
-            Dimension.PREFIX: observed.prefix_hit_share}
+            Dimension.PREFIX: observed.prefix_hit_share,
+            Dimension.REFUSED: observed.refused_share}
     else:
         seen = {d: observed.value(d) for d in Dimension}
     changes = []

@@ -107,6 +107,15 @@ class ObservedWorkload:
     kv_cache_usage: float | None = None  # mean, 0-1
     samples: float = 0.0  # requests finished in the window (extrapolated, so fractional)
     staleness_s: float | None = None  # age of the newest sample
+    refused_rps: float | None = None  # generation requests answered 4xx; None: not counted
+
+    @property
+    def refused_share(self) -> float | None:
+        """Refused requests over all generation requests answered (served or refused)."""
+        if self.refused_rps is None or self.rate_rps is None:
+            return None
+        total = self.refused_rps + self.rate_rps
+        return self.refused_rps / total if total > 0 else 0.0
 
     def to_status(self) -> ObservedWorkloadStatus:
         """`status.observedWorkload`: 4 significant digits, unknowns left out."""
@@ -122,7 +131,8 @@ class ObservedWorkload:
             prompt_tokens=_figures(LengthFigures, self.prompt_tokens),
             output_tokens=_figures(LengthFigures, self.output_tokens),
             ttft_ms=_figures(LatencyFigures, self.ttft_ms),
-            itl_ms=_figures(LatencyFigures, self.itl_ms))
+            itl_ms=_figures(LatencyFigures, self.itl_ms),
+            refused_rps=_sig_or_none(self.refused_rps))
 
 
 _Figures = TypeVar("_Figures", LengthFigures, LatencyFigures)
@@ -161,6 +171,9 @@ def workload_queries(engine: Engine | str, selector: Mapping[str, str], window_s
         "queue": promql.mean_queue_wait_seconds(s),
         "kv": promql.mean_kv_cache_usage(s),
     }
+    refused = promql.refused_rate(s)
+    if refused is not None:
+        queries["refused"] = refused
     for q in QUANTILES:
         tag = _tag(q)
         queries[f"prompt_{tag}"] = promql.prompt_tokens_quantile(s, q)
@@ -227,6 +240,7 @@ def _assemble(engine: Engine, window_s: int, at: float,
         prefix_hit_share=v["prefix"], burstiness_cv=v["burstiness"], spec_acceptance=v["spec"],
         ttft_ms=millis("ttft"), itl_ms=millis("itl"), queue_wait_ms=_scaled(v["queue"], 1000.0),
         kv_cache_usage=v["kv"], samples=max(v["samples"] or 0.0, 0.0),
+        refused_rps=v.get("refused"),
         # The subquery's resolution can put the newest sample a little after `at`.
         staleness_s=None if staleness is None else max(staleness, 0.0))
 
@@ -276,6 +290,7 @@ def to_workload_spec(observed: ObservedWorkload, *, base: Workload) -> Workload:
     - prefix: hitRate 1 and the sharedTokens whose expected cover E[min(prompt, shared)]
       equals the observed share x mean prompt, so the perf model prices the same cached tokens
       per request (the share the cache actually achieved, not an upper bound).
+    - rate: served plus refused requests (a prompt past the context limit was demand too).
     - peakFactor and outputPredictability come from `base`: no metric shows peaks to plan for
       or how predictable outputs are.
     """
@@ -286,7 +301,9 @@ def to_workload_spec(observed: ObservedWorkload, *, base: Workload) -> Workload:
         prompt_tokens=prompt,
         output_tokens=_length_distribution(observed.output_tokens, "output"),
         prefix=_prefix(observed.prefix_hit_share, prompt),
-        arrivals=_arrivals(observed.rate_rps, observed.burstiness_cv),
+        # Refused requests were demand too: the re-plan serves them.
+        arrivals=_arrivals(observed.rate_rps + (observed.refused_rps or 0.0),
+                           observed.burstiness_cv),
         peak_factor=base.peak_factor,
         output_predictability=base.output_predictability)
 

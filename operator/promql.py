@@ -45,6 +45,9 @@ class MetricNames:
     spec_accepted: str | None = None  # counter: draft tokens accepted
     spec_drafted: str | None = None  # counter: draft tokens proposed
     spec_accept_rate: str | None = None  # gauge, for an engine without the two counters
+    # counter: the API server's answers by handler and status class ("4xx"); None for an
+    # engine whose server does not count them (its refusals stay unseen)
+    http_requests: str | None = None
 
 
 VLLM_NAMES = MetricNames(
@@ -69,6 +72,8 @@ VLLM_NAMES = MetricNames(
     kv_usage="vllm:kv_cache_usage_perc",
     spec_accepted="vllm:spec_decode_num_accepted_tokens_total",
     spec_drafted="vllm:spec_decode_num_draft_tokens_total",
+    # prometheus-fastapi-instrumentator on vLLM's OpenAI server (vLLM PR #15894, 0.8.3 on).
+    http_requests="http_requests_total",
 )
 
 SGLANG_NAMES = MetricNames(
@@ -169,6 +174,21 @@ def request_rate(s: Scope) -> str:
     Completions, not arrivals: equal over a window much longer than a request's latency.
     """
     return _sum_rate(s, s.names.requests)
+
+
+GENERATION_HANDLERS = "/v1/completions|/v1/chat/completions"
+
+
+def refused_rate(s: Scope) -> str | None:
+    """Generation requests/s the API server answered with a 4xx: a prompt past the deployed
+    context limit is one (so are malformed requests: the status class cannot tell them
+    apart). 0 when none were refused; None for an engine that does not count them."""
+    if s.names.http_requests is None:
+        return None
+    matchers = [label_matchers(s.selector)[1:-1], f'handler=~"{GENERATION_HANDLERS}"',
+                'status="4xx"']
+    series = s.names.http_requests + "{" + ",".join(m for m in matchers if m) + "}"
+    return f"sum(rate({series}[{s.window}])) or vector(0)"
 
 
 def finished_requests(s: Scope) -> str:

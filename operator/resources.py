@@ -234,6 +234,10 @@ class DriftThresholds(SpecModel):
                                  description="Mean output length, relative.")
     prefix_share: float = Field(default=0.15, gt=0, le=1,
                                 description="Prefix-cache hit share, absolute.")
+    refused_share: float = Field(
+        default=0.02, gt=0, le=1,
+        description="Share of requests the engine refused (prompts past the deployed context "
+                    "limit), absolute; a plan expects none.")
 
 
 class Retune(SpecModel):

@@ -69,6 +69,10 @@ class ObservedWorkloadStatus(SpecModel):
     output_tokens: LengthFigures | None = None
     ttft_ms: LatencyFigures | None = None
     itl_ms: LatencyFigures | None = None
+    refused_rps: float | None = Field(
+        default=None, description="Generation requests/s the engine refused (HTTP 4xx: a "
+                                  "prompt past the context limit is one); absent where the "
+                                  "engine does not count them (SGLang).")
 
 
 # ---- retune -------------------------------------------------------------------------------
@@ -81,6 +85,7 @@ class WorkloadFigures(SpecModel):
     prompt_tokens: float
     output_tokens: float
     prefix_share: float | None = None
+    refused_share: float | None = None
 
 
 class RetuneFailure(SpecModel):

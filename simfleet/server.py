@@ -44,6 +44,7 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 SHUTDOWN_S = 2.0
 # Paths vLLM keeps answering while it drains (ServiceUnavailableMiddleware's _EXEMPT_PATHS).
 _DRAIN_EXEMPT = frozenset({"/live", "/metrics"})
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
 _DRAIN_POLL_S = 0.01
 
 
@@ -77,7 +78,8 @@ class SimServer:
         self.shutdown_timeout_s = shutdown_timeout_s
         self._draining = False
         self._in_flight: set[asyncio.Task[Any]] = set()
-        self.app = web.Application(middlewares=[self._reject_while_draining])
+        self.app = web.Application(middlewares=[self._count_http,
+                                                self._reject_while_draining])
         self.app.add_routes([
             web.post("/v1/completions", self._completions),
             web.post("/v1/chat/completions", self._chat_completions),
@@ -135,6 +137,15 @@ class SimServer:
         return int(self.url.rsplit(":", 1)[1]) if self.url else 0
 
     # ---- handlers ----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _count_http(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        # The generation routes' answers by status, as vLLM's instrumented server counts them:
+        # how refusals (a prompt past max_model_len is a 400) reach Prometheus.
+        response = await handler(request)
+        if request.path in GENERATION_ROUTES:
+            self.metrics.http_request(request.path, request.method, response.status)
+        return response
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)

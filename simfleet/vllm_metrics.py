@@ -127,6 +127,13 @@ class EngineMetrics:
         self._families.spec_decode(drafts=drafts, draft_tokens=draft_tokens,
                                    accepted_tokens=accepted_tokens)
 
+    def http_request(self, handler: str, method: str, status: int) -> None:
+        """Count one HTTP request the API server answered. vLLM's server counts them with
+        prometheus-fastapi-instrumentator (http_requests_total, status grouped as "2xx",
+        "4xx": vLLM PR #15894); a prompt past --max-model-len is a 400 there and nowhere else.
+        SGLang's server exports no such counter, so its refusals stay unseen."""
+        self._families.http_request(handler, method, status)
+
     def set_load(self, *, running: int, waiting: int, kv_cache_usage: float) -> None:
         """Set the scheduler gauges; call it once per scheduler logging interval."""
         if running < 0 or waiting < 0:
@@ -168,6 +175,9 @@ class _VllmFamilies:
             return Histogram(name, doc, labels, registry=registry,
                              buckets=buckets).labels(*values)
 
+        self.http_requests = Counter("http_requests_total",
+                                     "Total number of requests by method, status and handler.",
+                                     ("handler", "method", "status"), registry=registry)
         self.running = gauge("vllm:num_requests_running",
                              "Number of requests in model execution batches.")
         self.waiting = gauge("vllm:num_requests_waiting",
@@ -241,6 +251,9 @@ class _VllmFamilies:
         for counter, value in zip(self._spec, (drafts, draft_tokens, accepted_tokens),
                                   strict=True):
             counter.inc(value)
+
+    def http_request(self, handler: str, method: str, status: int) -> None:
+        self.http_requests.labels(handler, method, f"{status // 100}xx").inc()
 
     def set_load(self, *, running: int, waiting: int, kv_cache_usage: float) -> None:
         self.running.set(running)
@@ -336,6 +349,9 @@ class _SglangFamilies:
         self.accept_length.labels(**self.sched).set((accepted_tokens + drafts) / drafts)
         self.accept_rate.labels(**self.sched).set(
             (accepted_tokens + drafts) / (draft_tokens + drafts))
+
+    def http_request(self, handler: str, method: str, status: int) -> None:
+        pass  # SGLang's HTTP server counts no requests by status (EngineMetrics.http_request)
 
     def set_load(self, *, running: int, waiting: int, kv_cache_usage: float) -> None:
         self.running.labels(**self.sched).set(running)

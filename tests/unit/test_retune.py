@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.support.observations import NOW, observed
-from trilemma.operator import drift, retune, retune_history
+from tests.unit.test_estimator import BASE as BASE_WORKLOAD
+from trilemma.operator import drift, estimator, retune, retune_history
 from trilemma.operator.acceptance import Acceptance
 from trilemma.operator.drift import WorkloadSummary
 from trilemma.operator.estimator import LatencyStats, MetricsReason, ObservedWorkload
@@ -66,6 +67,26 @@ def test_drift_reason_lists_every_exceeded_figure_largest_first() -> None:
     parts = d.reason.split("; ")
     assert parts[0].startswith("request rate +150% (10 -> 25 req/s)")
     assert "prefix hit share -25 points (30% -> 5%) exceeds 15 points" in parts
+
+
+def test_refused_requests_are_drift_a_plan_never_expects() -> None:
+    # 0.5 req/s refused beside 9.5 served: 5 % of the demand over a 2-point threshold.
+    obs = dataclasses.replace(observed(rate=9.5), refused_rps=0.5)
+    assert obs.refused_share == pytest.approx(0.05)
+    d = drift.drift(PLANNED, obs, THRESHOLDS)
+    assert d.exceeded == (drift.Dimension.REFUSED,)
+    assert "refused share +5 points (0% -> 5%) exceeds 2 points" in d.reason
+    # None refused, or an engine that does not count refusals: no drift, and no new name.
+    assert not drift.drift(PLANNED, dataclasses.replace(obs, refused_rps=0.0),
+                           THRESHOLDS).exceeded
+    assert not drift.drift(PLANNED, observed(rate=10.0), THRESHOLDS).exceeded
+    calm = WorkloadSummary.of_observed(observed(rate=10.0))
+    assert calm.digest(THRESHOLDS) == dataclasses.replace(
+        calm, refused_share=0.0).digest(THRESHOLDS)
+    assert calm.digest(THRESHOLDS) != WorkloadSummary.of_observed(obs).digest(THRESHOLDS)
+    # A re-plan serves the refused demand too.
+    assert estimator.to_workload_spec(obs, base=BASE_WORKLOAD).arrivals.requests_per_second == (
+        pytest.approx(10.0))
 
 
 @pytest.mark.parametrize(("changes", "exceeded"), [

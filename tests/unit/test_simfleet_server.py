@@ -166,6 +166,28 @@ async def test_bad_requests_get_openai_errors(llama):
             assert doc["error"]["message"]
 
 
+async def test_refusals_are_counted_by_status_class_as_vllms_server_does(llama):
+    # A prompt past max_model_len is a 400 that reaches no engine metric: only the HTTP
+    # counter (vLLM's prometheus-fastapi-instrumentator) shows it, as status "4xx".
+    limit = llama.max_model_len
+    async with serving(llama, time_scale=0.05) as (url, _), aiohttp.ClientSession() as s:
+        too_long = await s.post(url + "/v1/completions",
+                                json={"prompt": list(range(limit + 1)), "max_tokens": 1})
+        assert too_long.status == 400
+        await stream(s, url, {"prompt": [1, 2, 3], "max_tokens": 2})
+        await s.post(url + "/v1/chat/completions", json={"model": "sim", "messages": []})
+        async with s.get(url + "/metrics") as resp:
+            text = await resp.text()
+        m = await metrics(s, url)
+    counted = {(x.labels["handler"], x.labels["status"]): x.value
+               for f in text_string_to_metric_families(text) if f.name == "http_requests"
+               for x in f.samples if x.name == "http_requests_total"}
+    assert counted == {("/v1/completions", "4xx"): 1, ("/v1/completions", "2xx"): 1,
+                       ("/v1/chat/completions", "4xx"): 1}
+    # The refusals finished no request: only the served one is in vLLM's own counter.
+    assert sum(v for k, v in m.items() if k.startswith("vllm:request_success_total")) == 1
+
+
 async def test_models_health_and_version(llama):
     async with serving(llama) as (url, _), aiohttp.ClientSession() as s:
         models = await (await s.get(url + "/v1/models")).json()
