@@ -23,9 +23,10 @@ from trilemma.tools.demo.timeline import Timeline
 from trilemma.tools.demo.watcher import Watcher
 from trilemma.tools.devcluster import install_crds
 
-# One node of the pool the demo declares (8x h100_sxm), labelled and tainted as NVIDIA's GPU
-# operator does.
-NODES = (NodeGroup("h100", 1, 8, {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+# The nodes of the pool the demo declares (2 x 8 h100_sxm), labelled and tainted as NVIDIA's GPU
+# operator does. Two: a rollout runs the new configuration beside the old one, and the re-plan
+# after the prompt shift may take a whole node while the old one still holds a GPU.
+NODES = (NodeGroup("h100", 2, 8, {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                    (GPU_TAINT,)),)
 
 

@@ -77,7 +77,7 @@ def pool_manifest() -> Obj:
     return {"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
             "metadata": {"name": POOL},
             # Tolerates the taint GPU nodes carry (the real control plane's fake nodes do).
-            "spec": {"gpus": [{"gpu": "h100_sxm", "count": 8, "gpusPerNode": 8,
+            "spec": {"gpus": [{"gpu": "h100_sxm", "count": 16, "gpusPerNode": 8,
                                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
                                                 "effect": "NoSchedule"}]}]}}
 

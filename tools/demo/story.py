@@ -63,7 +63,7 @@ async def tell(watcher: Watcher, binary: str | None, tmp: Path, prometheus_port:
     result = watcher.result
     prometheus_url = f"http://127.0.0.1:{prometheus_port}"
     await api.create(pool_manifest())
-    timeline.add("create", f"HardwarePool {POOL}: 8x h100_sxm")
+    timeline.add("create", f"HardwarePool {POOL}: 16x h100_sxm")
     await api.create(endpoint_manifest(prometheus_url))
     timeline.add("create", f"OptimizedEndpoint {NAMESPACE}/{NAME}: {MODEL} on vLLM; "
                            f"{describe_phase(phases(options)[0])}; SLO TTFT p90 "
