@@ -17,9 +17,10 @@ So when a request starts decoding, its whole decode is planned at once:
 Per step the engine then reads the block need of all decodes in one lookup, allocates it in
 one go, and moves the sum of KV lengths forward by the tokens of the step. Only when blocks
 run out does it fall back to the core's request-by-request pass to pick the victims. The KV
-blocks and prefix cache are the core's own `blockpool.BlockPool`, driven the same way (a
-request's cached blocks are a leading run of its prefix hashes, so a count per request says
-which it holds).
+blocks and prefix cache are `prefixruns.PrefixRuns`, which takes the core's
+`blockpool.BlockPool` decisions (a request's cached blocks are a leading run of its prefix's
+chain, so a count per request says which it holds, and the pool needs a few integers per
+prefix instead of a dict entry per block).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from collections import deque
 
 import numpy as np
 
-from trilemma.optimizer.serving.blockpool import BlockHash, BlockPool, prefix_hashes
 from trilemma.optimizer.serving.cluster import EngineConfig
+from trilemma.optimizer.serving.prefixruns import PrefixRuns
 from trilemma.optimizer.serving.requests import RequestStream
 from trilemma.optimizer.serving.results import Trace
 from trilemma.optimizer.serving.scheduler import Role, verify_yields
@@ -64,15 +65,6 @@ class SeqState:
         self.finish_step = [0] * n
         self.plan_tokens: list[np.ndarray | None] = [None] * n
         self.plan_blocks: list[np.ndarray | None] = [None] * n
-        self._hashes: dict[tuple[int, int], tuple[BlockHash, ...]] = {}
-
-    def hashes(self, i: int, block: int) -> tuple[BlockHash, ...]:
-        """Request i's prefix block hashes (shared by every request of its prefix)."""
-        key = (self.prefix_id[i], self.prefix_tokens[i] // block)
-        found = self._hashes.get(key)
-        if found is None:
-            found = self._hashes[key] = prefix_hashes(*key)
-        return found
 
 
 class FastEngine:
@@ -89,7 +81,7 @@ class FastEngine:
         self.q = cfg.tokens_per_decode
         self.block = cfg.block_size
         self.seats = cfg.seats
-        self.kv = BlockPool(cfg.kv_blocks)
+        self.kv = PrefixRuns(cfg.kv_blocks)
         self.running: dict[int, None] = {}  # insertion order = scheduling priority
         self.waiting: deque[int] = deque()
         self.prefilling: list[int] = []  # running requests still prefilling, oldest first
@@ -128,7 +120,7 @@ class FastEngine:
     def _free(self, i: int) -> None:
         st = self.st
         if st.held[i]:
-            self.kv.release(st.hashes(i, self.block)[:st.held[i]])
+            self.kv.release(st.prefix_id[i], st.held[i])
         self.kv.give_back(st.own[i])
         st.own[i] = st.held[i] = 0
 
@@ -359,13 +351,13 @@ class FastEngine:
             st.computed[i] = 0
             st.own[i] = need
             return new
-        hashes = st.hashes(i, block)
+        prefix = st.prefix_id[i]
         # At least the last prompt token is computed: its logits give the first token.
-        hit = self.kv.lookup(hashes[:(target - 1) // block])
+        hit = self.kv.lookup(prefix, min(st.prefix_tokens[i] // block, (target - 1) // block))
         start = hit * block
         new = min(target - start, budget)
         need = -(-(start + new) // block) - hit
-        if not self.kv.admit(hashes[:hit], need):
+        if not self.kv.admit(prefix, hit, need):
             return None
         st.held[i] = hit
         st.computed[i] = start
@@ -438,9 +430,9 @@ class FastEngine:
     def _register_blocks(self, i: int) -> None:
         """The prefix blocks request i has computed so far go into the prefix cache."""
         st = self.st
-        hashes = st.hashes(i, self.block)
-        if st.held[i] < len(hashes):
+        blocks = st.prefix_tokens[i] // self.block
+        if st.held[i] < blocks:
             full = min(st.computed[i], st.prompt[i]) // self.block
-            held = self.kv.register_computed(hashes, st.held[i], full)
+            held = self.kv.register_computed(st.prefix_id[i], blocks, st.held[i], full)
             st.own[i] -= held - st.held[i]
             st.held[i] = held
