@@ -261,6 +261,42 @@ class FastEngine:
             first_decodes, first_ctx = self._admit_waiting(chunks, budget, now)
         return self._price(chunks, first_decodes, first_ctx)
 
+    def ahead(self, end: float, limit: float) -> float:
+        """Run the steps after the one in flight (ending at `end`) for as long as they would
+        only decode: no chunk, nothing waiting, nobody finishing, their blocks available,
+        and each starting before `limit` (the first event that could bring this engine
+        work). Stepping one by one through the event heap takes exactly these decisions and
+        times (same sums in the same order) at several times the cost; returns the end of
+        the step now in flight."""
+        n = self.n_dec
+        if self.chunks or self.waiting or self.prefilling or not n or not end < limit:
+            return end
+        t, last = self.tick, min(self.finishing)  # `last` finishes a request: run it for real
+        if last <= t:
+            return end
+        price, spec, block, residues = self.price, self.spec, self.block, self.residues
+        ctx, busy, taken = self.ctx_sum, self.busy_ms, 0
+        room = self.kv.free + self.kv.evictable
+        tokens, blocks = self.plan_tokens, self.plan_blocks
+        start = t
+        while t < last and end < limit:
+            made = n if spec is None else int(tokens[t])  # step t's tokens
+            need = residues[-(t + 1) % block] if spec is None else int(blocks[t + 1])
+            if taken + need > room:
+                break  # someone would be preempted: the step-by-step path picks who
+            taken += need
+            ctx += made
+            t += 1
+            duration = price(n, ctx / n, 0, 0, 0.0)
+            busy += duration
+            end += duration
+        if t > start:
+            ok = self.kv.allocate(taken)
+            assert ok  # one allocation of the sum evicts what one per step would
+            self.ctx_sum, self.busy_ms, self.tick = ctx, busy, t
+            self.steps += t - start
+        return end
+
     def _allocate_decodes(self) -> bool:
         """Blocks for every running decode in one go; True if someone had to be preempted."""
         tick = self.tick

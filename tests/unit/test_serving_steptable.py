@@ -152,3 +152,4 @@ def test_drafting_is_priced_by_the_perf_layer_and_only_in_steps_that_decode():
         float(steptable.step_ms(model, plain, 0, 0.0, 1024, 1, 1024.0)))
     err = _table_errors(model, spec, n=400)
     assert np.percentile(err, 99) < 0.02
+
