@@ -60,12 +60,15 @@ def confirm(request: PlanRequest, choices: list[Choice], settings: SearchSetting
     wl = screening.WorkloadMeans.of(request)
     terms = screening.slo_terms(request)
     sample = workload(request, settings.simulate_requests, seed)
+    # Finalists often share an engine (replica counts differ): its step table is built once.
+    # All see the same sample, so a shared table is the one each would have built.
+    tables: dict[serving.EngineConfig, serving.StepTable] = {}
     ok: list[Choice] = []
     failed: list[tuple[Choice, str]] = []
     simulated = 0
     for n, ch in enumerate(choices):
         try:
-            res = simulate(ch.config, sample, wl.output_predictability, seed)
+            res = simulate(ch.config, sample, wl.output_predictability, seed, tables)
         except InputError as err:
             # The simulator refuses configurations it cannot hold (a request longer than the
             # KV cache); the screen's answer stands, marked as unconfirmed.
@@ -152,7 +155,9 @@ def _engine(sm: steps.StepModel, w: WorkerConfig,
 
 
 def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictability: float,
-             seed: int) -> serving.SimResult:
+             seed: int,
+             tables: dict[serving.EngineConfig, serving.StepTable] | None = None
+             ) -> serving.SimResult:
     w = cfg.worker
     sm = step_model(cfg, w)
     if not w.prefix_caching:
@@ -171,4 +176,4 @@ def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictab
     cluster = serving.Cluster(pool=pool, prefill=prefill, transfer=transfer,
                               request_overhead_ms=sm.facts.request_overhead_ms)
     return serving.simulate(cluster, sample, sm, np.random.default_rng(seed),
-                            method=serving.Method.FAST)
+                            method=serving.Method.FAST, tables=tables)

@@ -35,7 +35,7 @@ from trilemma.optimizer.serving.prefixruns import PrefixRuns
 from trilemma.optimizer.serving.requests import RequestStream
 from trilemma.optimizer.serving.results import Trace
 from trilemma.optimizer.serving.scheduler import Role, verify_yields
-from trilemma.optimizer.serving.steptable import Pricer
+from trilemma.optimizer.serving.steptable import DirectPricer, StepTable
 
 __all__ = ["FastEngine", "Role", "SeqState"]
 
@@ -69,7 +69,7 @@ class SeqState:
 
 class FastEngine:
     def __init__(self, cfg: EngineConfig, *, role: Role, index: int, state: SeqState,
-                 trace: Trace, price: Pricer, rng: np.random.Generator) -> None:
+                 trace: Trace, price: DirectPricer | StepTable, rng: np.random.Generator) -> None:
         self.cfg = cfg
         self.role = role
         self.index = index
@@ -274,7 +274,8 @@ class FastEngine:
         t, last = self.tick, min(self.finishing)  # `last` finishes a request: run it for real
         if last <= t:
             return end
-        price, spec, block, residues = self.price, self.spec, self.block, self.residues
+        price = self.price.decode_cursor(n)
+        spec, block, residues = self.spec, self.block, self.residues
         ctx, busy, taken = self.ctx_sum, self.busy_ms, 0
         room = self.kv.free + self.kv.evictable
         tokens, blocks = self.plan_tokens, self.plan_blocks
@@ -287,7 +288,7 @@ class FastEngine:
             taken += need
             ctx += made
             t += 1
-            duration = price(n, ctx / n, 0, 0, 0.0)
+            duration = price(ctx / n)
             busy += duration
             end += duration
         if t > start:

@@ -27,7 +27,7 @@ from trilemma.optimizer.serving.reference import ReferenceEngine
 from trilemma.optimizer.serving.requests import LoadMode, RequestStream
 from trilemma.optimizer.serving.results import SimResult, Trace
 from trilemma.optimizer.serving.scheduler import Role
-from trilemma.optimizer.serving.steptable import DirectPricer, Pricer, StepCost, StepTable
+from trilemma.optimizer.serving.steptable import DirectPricer, StepCost, StepTable
 
 _ARRIVE, _DISPATCH, _KICK, _STEP, _TRANSFER = range(5)
 
@@ -98,7 +98,7 @@ class _Pricers:
         self.tables = tables
         self.used: list[DirectPricer | StepTable] = []
 
-    def __call__(self, cfg: EngineConfig) -> Pricer:
+    def __call__(self, cfg: EngineConfig) -> DirectPricer | StepTable:
         if self.method is not Method.FAST:
             direct = DirectPricer(self.perf_model, cfg)
             self.used.append(direct)
