@@ -63,12 +63,18 @@ def confirm(request: PlanRequest, choices: list[Choice], settings: SearchSetting
     # Finalists often share an engine (replica counts differ): its step table is built once.
     # All see the same sample, so a shared table is the one each would have built.
     tables: dict[serving.EngineConfig, serving.StepTable] = {}
+    # And equal clusters give equal runs (same sample, same seed): each is simulated once.
+    runs: dict[tuple[serving.Cluster, int, bool], serving.SimResult] = {}
     ok: list[Choice] = []
     failed: list[tuple[Choice, str]] = []
     simulated = 0
     for n, ch in enumerate(choices):
         try:
-            res = simulate(ch.config, sample, wl.output_predictability, seed, tables)
+            cluster, sm = cluster_of(ch.config, wl.output_predictability)
+            key = (cluster, id(sm), ch.config.worker.prefix_caching)
+            res = runs.get(key)
+            if res is None:
+                res = runs[key] = run(cluster, sm, key[2], sample, seed, tables)
         except InputError as err:
             # The simulator refuses configurations it cannot hold (a request longer than the
             # KV cache); the screen's answer stands, marked as unconfirmed.
@@ -158,13 +164,17 @@ def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictab
              seed: int,
              tables: dict[serving.EngineConfig, serving.StepTable] | None = None
              ) -> serving.SimResult:
+    cluster, sm = cluster_of(cfg, output_predictability)
+    return run(cluster, sm, cfg.worker.prefix_caching, sample, seed, tables)
+
+
+def cluster_of(cfg: ServingConfig,
+               output_predictability: float) -> tuple[serving.Cluster, steps.StepModel]:
+    """What the simulator runs for `cfg`, and the step model that prices it. Configurations
+    that differ only where the simulator does not look (a summary field it has no model of)
+    give equal clusters: confirm simulates them once."""
     w = cfg.worker
     sm = step_model(cfg, w)
-    if not w.prefix_caching:
-        sample = serving.RequestStream(
-            prompt_tokens=sample.prompt_tokens, output_tokens=sample.output_tokens,
-            prefix_id=np.full(len(sample), -1), prefix_tokens=np.zeros(len(sample), np.int64),
-            arrival_ms=sample.arrival_ms)
     pool = serving.Pool(engine=_engine(sm, w, output_predictability), replicas=cfg.replicas)
     prefill = transfer = None
     if cfg.mode is Mode.DISAGGREGATED and cfg.prefill is not None:
@@ -175,5 +185,17 @@ def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictab
                                        inter_node=True, cp=cfg.prefill.cp)
     cluster = serving.Cluster(pool=pool, prefill=prefill, transfer=transfer,
                               request_overhead_ms=sm.facts.request_overhead_ms)
+    return cluster, sm
+
+
+def run(cluster: serving.Cluster, sm: steps.StepModel, prefix_caching: bool,
+        sample: serving.RequestStream, seed: int,
+        tables: dict[serving.EngineConfig, serving.StepTable] | None = None
+        ) -> serving.SimResult:
+    if not prefix_caching:
+        sample = serving.RequestStream(
+            prompt_tokens=sample.prompt_tokens, output_tokens=sample.output_tokens,
+            prefix_id=np.full(len(sample), -1), prefix_tokens=np.zeros(len(sample), np.int64),
+            arrival_ms=sample.arrival_ms)
     return serving.simulate(cluster, sample, sm, np.random.default_rng(seed),
                             method=serving.Method.FAST, tables=tables)
