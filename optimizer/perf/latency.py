@@ -194,9 +194,9 @@ def _steady_state(steps: _Steps, load: _Load) -> _Steady:
         chunk = np.minimum(room, np.maximum(np.minimum(prefill, room), need))
         share = np.clip(need / chunk, 0.0, 1.0)
         pf_seqs = np.maximum(chunk / prefill, 1.0)
-        t_dec = steps.step(dec_mb) + steps.draft_ms(dec_mb)
-        t_mix = (steps.step(dec_mb, chunk, pf_seqs, load.cached + 0.5 * (prefill + chunk))
-                 + steps.draft_ms(dec_mb))
+        draft = steps.draft_ms(dec_mb)  # the same drafts in either step: priced once
+        t_dec = steps.step(dec_mb) + draft
+        t_mix = steps.step(dec_mb, chunk, pf_seqs, load.cached + 0.5 * (prefill + chunk)) + draft
         tau = share * t_mix + (1.0 - share) * t_dec
         # A request's own prefill: one step when it fits beside the decodes (possibly
         # shared with other prefills), else full chunks at the room left, then the rest,
