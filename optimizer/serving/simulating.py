@@ -177,6 +177,7 @@ class _Run:
         self.steps: list[tuple[float, int, int, int]] = []  # step ends of main-pool engines
         # Main-pool engines run ahead (the reference engine steps one by one).
         self.n_ahead = 0 if fleet.method is Method.REFERENCE else fleet.main_engines
+        self.live = [-1] * len(fleet.engines)  # each engine's current step event (push order)
         self.source = [-1] * n  # prefill engine of each request (disaggregated)
         self.in_system = 0
 
@@ -186,9 +187,11 @@ class _Run:
 
     def push_step(self, now: float, duration: float, e: int) -> None:
         """Engine e started a step. A main-pool engine then runs ahead through its
-        decode-only steps up to the first event that could bring it work (FastEngine.ahead);
-        its step ends wait in their own heap, as they create no event in open loop."""
+        decode-only steps (FastEngine.ahead): for sure up to the first event that could
+        bring it work, tentatively beyond (`cut` takes back what work overtakes). Its step
+        ends wait in their own heap: in open loop they create no event."""
         end = now + duration
+        self.live[e] = self.counter
         if e < self.n_ahead:
             heap, steps = self.heap, self.steps
             limit = heap[0][0] if heap else math.inf
@@ -202,17 +205,31 @@ class _Run:
             heapq.heappush(self.heap, (end, self.counter, _STEP, e))
         self.counter += 1
 
+    def cut(self, now: float, e: int) -> None:
+        """Work reaches main-pool engine e: its tentative steps after `now` are taken back
+        and its step event moves to the end of the step in flight (the old one goes stale)."""
+        eng = self.fleet.engines[e]
+        if e < self.n_ahead and eng.busy:
+            assert isinstance(eng, FastEngine)
+            end = eng.rewind(now)
+            if end is not None:
+                self.live[e] = self.counter
+                heapq.heappush(self.steps, (end, self.counter, _STEP, e))
+                self.counter += 1
+
     def loop(self) -> None:
         heap, steps, pop = self.heap, self.steps, heapq.heappop
         on_step, on_arrive, on_transfer = self.on_step, self.on_arrive, self.on_transfer
-        engines = self.fleet.engines
+        engines, live = self.fleet.engines, self.live
         while heap or steps:
             # Both heaps as one: (time, push order) is unique.
             if steps and (not heap or steps[0] < heap[0]):
-                now, _, kind, a = pop(steps)
+                now, c, kind, a = pop(steps)
             else:
-                now, _, kind, a = pop(heap)
+                now, c, kind, a = pop(heap)
             if kind == _STEP:
+                if c != live[a]:
+                    continue  # moved earlier by `cut`
                 eng = engines[a]
                 eng.busy = False
                 finished, handed = eng.finish_step(now)
@@ -283,6 +300,7 @@ class _Run:
         """Request i reaches the front end: its pool's balancer picks the engine."""
         fleet = self.fleet
         e = fleet.entry_lb.pick() + fleet.first_prefill
+        self.cut(now, e)
         fleet.engines[e].submit(i)
         self.kick(now, e)
 
@@ -292,5 +310,6 @@ class _Run:
         fleet.engines[self.source[i]].release(i)
         self.kick(now, self.source[i])
         e = fleet.main_lb.pick()
+        self.cut(now, e)
         fleet.engines[e].submit_transferred(i)
         self.kick(now, e)
