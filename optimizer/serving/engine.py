@@ -144,14 +144,16 @@ class FastEngine:
             last = t0 + left - 1
         else:
             tokens = verify_yields(self.spec, self.rng, left)
-            cum = np.cumsum(tokens)
-            m = int(np.searchsorted(cum, left)) + 1
-            tokens = tokens[:m]
-            tokens[-1] -= int(cum[m - 1]) - left
-            before = g0 + np.concatenate(([0], cum[:m - 1]))
-            slots = prompt + before - 1 + self.q
+            cum = tokens.cumsum()
+            m = int(cum.searchsorted(left)) + 1
+            tokens, cum = tokens[:m], cum[:m]
+            # KV slots at each step: what was generated before it, plus the verify tokens.
+            slots = cum - tokens + (prompt + g0 - 1 + self.q)
+            tokens[-1] -= int(cum[-1]) - left
             blocks = -(-slots // self.block) - st.held[i]
-            need = np.diff(blocks, prepend=st.own[i])
+            need = np.empty_like(blocks)  # per-step differences (np.diff costs ~10x more)
+            need[0] = blocks[0] - st.own[i]
+            np.subtract(blocks[1:], blocks[:-1], out=need[1:])
             if t0 + m > len(self.plan_tokens):
                 self._grow_plan(t0 + m)
             self.plan_tokens[t0:t0 + m] += tokens
