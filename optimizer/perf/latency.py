@@ -114,10 +114,16 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
         # First wave: all requests of a rank arrive together and their prefills queue.
         weight = (1.0 / facts.benchmark_requests_per_concurrency
                   if first_wave_weight is None else first_wave_weight)
-        ttft_wave, tpot_wave_extra = _first_wave(steps, load, steady, osl)
         tpot = steady.tau / per_step
-        ttft_mean = (1.0 - weight) * steady.ttft + weight * np.maximum(ttft_wave, steady.ttft)
-        tpot_mean = tpot + weight * tpot_wave_extra
+        if weight == 0.0:
+            # No first wave (open loop, as the search screens): skip pricing it; the
+            # weighted sums below would add exactly 0.0.
+            ttft_mean, tpot_mean = steady.ttft, tpot
+        else:
+            ttft_wave, tpot_wave_extra = _first_wave(steps, load, steady, osl)
+            ttft_mean = ((1.0 - weight) * steady.ttft
+                         + weight * np.maximum(ttft_wave, steady.ttft))
+            tpot_mean = tpot + weight * tpot_wave_extra
 
     requests = steady.rate * dp
     out_tps = requests * osl
