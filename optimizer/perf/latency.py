@@ -114,10 +114,16 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
         # First wave: all requests of a rank arrive together and their prefills queue.
         weight = (1.0 / facts.benchmark_requests_per_concurrency
                   if first_wave_weight is None else first_wave_weight)
-        ttft_wave, tpot_wave_extra = _first_wave(steps, load, steady, osl)
         tpot = steady.tau / per_step
-        ttft_mean = (1.0 - weight) * steady.ttft + weight * np.maximum(ttft_wave, steady.ttft)
-        tpot_mean = tpot + weight * tpot_wave_extra
+        if weight == 0.0:
+            # No first wave (open loop, as the search screens): skip pricing it; the
+            # weighted sums below would add exactly 0.0.
+            ttft_mean, tpot_mean = steady.ttft, tpot
+        else:
+            ttft_wave, tpot_wave_extra = _first_wave(steps, load, steady, osl)
+            ttft_mean = ((1.0 - weight) * steady.ttft
+                         + weight * np.maximum(ttft_wave, steady.ttft))
+            tpot_mean = tpot + weight * tpot_wave_extra
 
     requests = steady.rate * dp
     out_tps = requests * osl
@@ -194,9 +200,9 @@ def _steady_state(steps: _Steps, load: _Load) -> _Steady:
         chunk = np.minimum(room, np.maximum(np.minimum(prefill, room), need))
         share = np.clip(need / chunk, 0.0, 1.0)
         pf_seqs = np.maximum(chunk / prefill, 1.0)
-        t_dec = steps.step(dec_mb) + steps.draft_ms(dec_mb)
-        t_mix = (steps.step(dec_mb, chunk, pf_seqs, load.cached + 0.5 * (prefill + chunk))
-                 + steps.draft_ms(dec_mb))
+        draft = steps.draft_ms(dec_mb)  # the same drafts in either step: priced once
+        t_dec = steps.step(dec_mb) + draft
+        t_mix = steps.step(dec_mb, chunk, pf_seqs, load.cached + 0.5 * (prefill + chunk)) + draft
         tau = share * t_mix + (1.0 - share) * t_dec
         # A request's own prefill: one step when it fits beside the decodes (possibly
         # shared with other prefills), else full chunks at the room left, then the rest,

@@ -23,7 +23,7 @@ from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import engine as perf_engine
 from trilemma.optimizer.perf import steps
-from trilemma.optimizer.search import screening
+from trilemma.optimizer.search import parallel, screening
 from trilemma.optimizer.search.configs import Choice, Mode, ServingConfig, WorkerConfig
 from trilemma.optimizer.search.screening import RowScreen, SloMetric, Term
 from trilemma.optimizer.search.sizing import Candidates
@@ -60,21 +60,19 @@ def confirm(request: PlanRequest, choices: list[Choice], settings: SearchSetting
     wl = screening.WorkloadMeans.of(request)
     terms = screening.slo_terms(request)
     sample = workload(request, settings.simulate_requests, seed)
+    outcomes = _simulate_all([c.config for c in choices], sample, wl, seed, settings.workers)
     ok: list[Choice] = []
     failed: list[tuple[Choice, str]] = []
     simulated = 0
-    for n, ch in enumerate(choices):
-        try:
-            res = simulate(ch.config, sample, wl.output_predictability, seed)
-        except InputError as err:
+    for n, (ch, summ) in enumerate(zip(choices, outcomes, strict=True)):
+        if isinstance(summ, str):
             # The simulator refuses configurations it cannot hold (a request longer than the
             # KV cache); the screen's answer stands, marked as unconfirmed.
-            prov = {**ch.prediction.provenance, "simulation": f"not run: {err.why}"}
+            prov = {**ch.prediction.provenance, "simulation": f"not run: {summ}"}
             ok.append(dataclasses.replace(
                 ch, prediction=dataclasses.replace(ch.prediction, provenance=prov)))
             continue
         simulated += 1
-        summ = res.summary(res.steady(warmup=_WARMUP, cooldown=_COOLDOWN))
         miss = worst_miss(terms, summ, wl)
         pred = dataclasses.replace(
             ch.prediction, ttft_p50_ms=summ.ttft_ms.p50, ttft_p90_ms=summ.ttft_ms.p90,
@@ -91,6 +89,47 @@ def confirm(request: PlanRequest, choices: list[Choice], settings: SearchSetting
         if progress is not None:
             progress((n + 1) / len(choices))
     return Confirmed(choices=ok, failed=failed, simulated=simulated)
+
+
+_Key = tuple[serving.Cluster, int, bool]
+
+
+def _simulate_all(configs: list[ServingConfig], sample: serving.RequestStream,
+                  wl: screening.WorkloadMeans, seed: int,
+                  workers: int) -> list[serving.Summary | str]:
+    """The steady-state summary of each configuration's run, or why it could not run.
+
+    Equal clusters give equal runs (same sample, same seed): each distinct one is simulated
+    once. Runs are independent, so they spread over `workers` processes with the same
+    results as one after the other.
+    """
+    keys: list[_Key | str] = []
+    models: dict[_Key, steps.StepModel] = {}
+    for cfg in configs:
+        try:
+            cluster, sm = cluster_of(cfg, wl.output_predictability)
+        except InputError as err:
+            keys.append(err.why)
+            continue
+        key = (cluster, id(sm), cfg.worker.prefix_caching)
+        models[key] = sm
+        keys.append(key)
+    todo = list(models)
+    # Finalists often share an engine (replica counts differ): its step table is built once
+    # per process. All see the same sample, so a shared table is the one each would build.
+    tables: dict[serving.EngineConfig, serving.StepTable] = {}
+
+    def one(j: int) -> serving.Summary | str:
+        cluster, _, prefix_caching = todo[j]
+        try:
+            res = run(cluster, models[todo[j]], prefix_caching, sample, seed, tables)
+        except InputError as err:
+            return err.why
+        return res.summary(res.steady(warmup=_WARMUP, cooldown=_COOLDOWN))
+
+    done = dict(zip(todo, parallel.mapper(workers, min_items=2)(one, list(range(len(todo)))),
+                    strict=True))
+    return [k if isinstance(k, str) else done[k] for k in keys]
 
 
 def worst_miss(terms: list[Term], s: serving.Summary, wl: screening.WorkloadMeans) -> str | None:
@@ -152,14 +191,20 @@ def _engine(sm: steps.StepModel, w: WorkerConfig,
 
 
 def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictability: float,
-             seed: int) -> serving.SimResult:
+             seed: int,
+             tables: dict[serving.EngineConfig, serving.StepTable] | None = None
+             ) -> serving.SimResult:
+    cluster, sm = cluster_of(cfg, output_predictability)
+    return run(cluster, sm, cfg.worker.prefix_caching, sample, seed, tables)
+
+
+def cluster_of(cfg: ServingConfig,
+               output_predictability: float) -> tuple[serving.Cluster, steps.StepModel]:
+    """What the simulator runs for `cfg`, and the step model that prices it. Configurations
+    that differ only where the simulator does not look (a summary field it has no model of)
+    give equal clusters: confirm simulates them once."""
     w = cfg.worker
     sm = step_model(cfg, w)
-    if not w.prefix_caching:
-        sample = serving.RequestStream(
-            prompt_tokens=sample.prompt_tokens, output_tokens=sample.output_tokens,
-            prefix_id=np.full(len(sample), -1), prefix_tokens=np.zeros(len(sample), np.int64),
-            arrival_ms=sample.arrival_ms)
     pool = serving.Pool(engine=_engine(sm, w, output_predictability), replicas=cfg.replicas)
     prefill = transfer = None
     if cfg.mode is Mode.DISAGGREGATED and cfg.prefill is not None:
@@ -170,5 +215,17 @@ def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictab
                                        inter_node=True, cp=cfg.prefill.cp)
     cluster = serving.Cluster(pool=pool, prefill=prefill, transfer=transfer,
                               request_overhead_ms=sm.facts.request_overhead_ms)
+    return cluster, sm
+
+
+def run(cluster: serving.Cluster, sm: steps.StepModel, prefix_caching: bool,
+        sample: serving.RequestStream, seed: int,
+        tables: dict[serving.EngineConfig, serving.StepTable] | None = None
+        ) -> serving.SimResult:
+    if not prefix_caching:
+        sample = serving.RequestStream(
+            prompt_tokens=sample.prompt_tokens, output_tokens=sample.output_tokens,
+            prefix_id=np.full(len(sample), -1), prefix_tokens=np.zeros(len(sample), np.int64),
+            arrival_ms=sample.arrival_ms)
     return serving.simulate(cluster, sample, sm, np.random.default_rng(seed),
-                            method=serving.Method.FAST)
+                            method=serving.Method.FAST, tables=tables)

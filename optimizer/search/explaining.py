@@ -18,6 +18,7 @@ from trilemma.optimizer.search import decoding, ranking
 from trilemma.optimizer.search.configs import Choice, Prediction, _plain
 from trilemma.optimizer.search.screening import (
     PERCENTILE_FACTORS,
+    Mapper,
     RowScreen,
     SloMetric,
     Term,
@@ -165,18 +166,26 @@ def _pct(x: float, ref: float) -> str:
 Replan = Callable[[PlanRequest], Choice | None]
 
 
-def sensitivity(request: PlanRequest, replan: Replan) -> list[Scenario]:
-    """The recommendation if the design rate doubles, and if prompts double in length."""
+def sensitivity(request: PlanRequest, replan: Replan,
+                mapper: Mapper | None = None) -> list[Scenario]:
+    """The recommendation if the design rate doubles, and if prompts double in length.
+
+    The scenarios are independent replans: `mapper` (e.g. parallel.mapper) may run them in
+    other processes; results come back in order, so the explanation is the same."""
     wl = request.workload
-    out = [_scenario("rate x2", request.model_copy(update={"workload": wl.model_copy(
-        update={"peak_factor": wl.peak_factor * 2.0})}), replan)]
+    scenarios = [("rate x2", request.model_copy(update={"workload": wl.model_copy(
+        update={"peak_factor": wl.peak_factor * 2.0})}))]
     doubled = _double(wl.prompt_tokens)
+    if doubled is not None:
+        scenarios.append(("prompt x2", request.model_copy(update={"workload": wl.model_copy(
+            update={"prompt_tokens": doubled})})))
+    items = list(range(len(scenarios)))
+    found = (mapper(lambda i: replan(scenarios[i][1]), items) if mapper is not None
+             else [replan(req) for _, req in scenarios])
+    out = [_scenario(name, c) for (name, _), c in zip(scenarios, found, strict=True)]
     if doubled is None:
         out.append(Scenario(name="prompt x2", summary=None, cost_per_hour=None,
                             note="not evaluated: prompt lengths come from a trace"))
-    else:
-        out.append(_scenario("prompt x2", request.model_copy(update={"workload": wl.model_copy(
-            update={"prompt_tokens": doubled})}), replan))
     return out
 
 
@@ -193,8 +202,7 @@ def _double(d: Any) -> Any:
     return None
 
 
-def _scenario(name: str, req: PlanRequest, replan: Replan) -> Scenario:
-    c = replan(req)
+def _scenario(name: str, c: Choice | None) -> Scenario:
     if c is None:
         return Scenario(name=name, summary=None, cost_per_hour=None,
                         note="nothing in the current front's groups meets the SLO")
@@ -204,11 +212,12 @@ def _scenario(name: str, req: PlanRequest, replan: Replan) -> Scenario:
 
 
 def explain(request: PlanRequest, best: Choice, ranked: list[Choice], terms: list[Term],
-            wl: WorkloadMeans, replan: Replan | None) -> Explanation:
+            wl: WorkloadMeans, replan: Replan | None,
+            mapper: Mapper | None = None) -> Explanation:
     lim = limits(request, best, terms, wl)
     top = lim[0]
     binding = f"closest to binding: {top.sentence()}"
-    sens = tuple(sensitivity(request, replan)) if replan is not None else ()
+    sens = tuple(sensitivity(request, replan, mapper)) if replan is not None else ()
     return Explanation(binding=binding, limits=tuple(lim),
                        runners_up=tuple(runners_up(request.objective, best, ranked, wl)),
                        sensitivity=sens)

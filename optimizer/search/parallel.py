@@ -33,12 +33,14 @@ def _run(i: int) -> Any:
     return _TASK(i)
 
 
-def mapper(workers: int) -> screening.Mapper:
+def mapper(workers: int, min_items: int = _MIN_ITEMS) -> screening.Mapper:
+    """`min_items`: fewer items run serially (worth lowering for items of ~0.1 s or more,
+    such as confirming simulations)."""
     def run(fn: Callable[[int], Any], items: list[int]) -> list[Any]:
         global _TASK
         n = min(workers, len(items), os.cpu_count() or 1)
         forks = "fork" in multiprocessing.get_all_start_methods()
-        if n < 2 or len(items) < _MIN_ITEMS or not forks:
+        if n < 2 or len(items) < min_items or not forks:
             return [fn(i) for i in items]
         _TASK = fn
         try:

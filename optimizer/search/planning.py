@@ -249,7 +249,8 @@ def plan(request: PlanRequest, *, settings: SearchSettings | None = None,
     replan = (restricted_replan(request, settings, front)
               if settings.explain_sensitivity else None)
     explanation = explaining.explain(request, recommended, others,
-                                     screening.slo_terms(request), wl, replan)
+                                     screening.slo_terms(request), wl, replan,
+                                     parallel.mapper(settings.workers, min_items=2))
     timings["explain"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
     report("done", 1.0)

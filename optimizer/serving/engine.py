@@ -17,67 +17,38 @@ So when a request starts decoding, its whole decode is planned at once:
 Per step the engine then reads the block need of all decodes in one lookup, allocates it in
 one go, and moves the sum of KV lengths forward by the tokens of the step. Only when blocks
 run out does it fall back to the core's request-by-request pass to pick the victims. The KV
-blocks and prefix cache are the core's own `blockpool.BlockPool`, driven the same way (a
-request's cached blocks are a leading run of its prefix hashes, so a count per request says
-which it holds).
+blocks and prefix cache are `prefixruns.PrefixRuns`, which takes the core's
+`blockpool.BlockPool` decisions (a request's cached blocks are a leading run of its prefix's
+chain, so a count per request says which it holds, and the pool needs a few integers per
+prefix instead of a dict entry per block).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
-from trilemma.optimizer.serving.blockpool import BlockHash, BlockPool, prefix_hashes
 from trilemma.optimizer.serving.cluster import EngineConfig
-from trilemma.optimizer.serving.requests import RequestStream
+from trilemma.optimizer.serving.prefixruns import PrefixRuns
 from trilemma.optimizer.serving.results import Trace
 from trilemma.optimizer.serving.scheduler import Role, verify_yields
-from trilemma.optimizer.serving.steptable import Pricer
+from trilemma.optimizer.serving.seqstate import SeqState
+from trilemma.optimizer.serving.steptable import DirectPricer, StepTable
 
-__all__ = ["FastEngine", "Role", "SeqState"]
-
-
-class SeqState:
-    """Scheduler state per request, shared by all fast engines of a run (a request is on one
-    engine at a time; the prefill engine only frees its blocks after the hand-off). `prompt`
-    and `output` hold the requests' prompt_tokens and output_tokens, short as in Seq."""
-
-    def __init__(self, workload: RequestStream) -> None:
-        n = len(workload)
-        self.prompt: list[int] = workload.prompt_tokens.tolist()
-        self.output: list[int] = workload.output_tokens.tolist()
-        self.prefix_id: list[int] = workload.prefix_id.tolist()
-        self.prefix_tokens: list[int] = workload.prefix_tokens.tolist()
-        self.generated = [0] * n
-        self.computed = [0] * n  # tokens whose KV the current engine holds
-        self.target = [0] * n  # tokens to prefill before the next token is sampled
-        self.own = [0] * n  # blocks owned (lazily updated while decoding)
-        self.held = [0] * n  # cached blocks in use: the first `held` of its prefix hashes
-        self.kv_ready = [False] * n
-        self.decoding = [False] * n
-        # The decode plan, set when a request starts decoding.
-        self.t0 = [0] * n  # the engine step of its first decode
-        self.g0 = [0] * n  # tokens generated before it
-        self.residue = [0] * n
-        self.finish_step = [0] * n
-        self.plan_tokens: list[np.ndarray | None] = [None] * n
-        self.plan_blocks: list[np.ndarray | None] = [None] * n
-        self._hashes: dict[tuple[int, int], tuple[BlockHash, ...]] = {}
-
-    def hashes(self, i: int, block: int) -> tuple[BlockHash, ...]:
-        """Request i's prefix block hashes (shared by every request of its prefix)."""
-        key = (self.prefix_id[i], self.prefix_tokens[i] // block)
-        found = self._hashes.get(key)
-        if found is None:
-            found = self._hashes[key] = prefix_hashes(*key)
-        return found
+__all__ = ["FastEngine", "Role", "SeqState"]  # SeqState lives in seqstate.py
+# Tentative steps past the last sure one: enough to skip the arrivals that go to other
+# replicas, few enough that the ones taken back (work came first) stay cheap. Measured on
+# the bench cases: 24-32 beats none by ~10% and unlimited by ~10%.
+_TENTATIVE = 32
 
 
 class FastEngine:
     def __init__(self, cfg: EngineConfig, *, role: Role, index: int, state: SeqState,
-                 trace: Trace, price: Pricer, rng: np.random.Generator) -> None:
+                 trace: Trace, price: DirectPricer | StepTable, rng: np.random.Generator) -> None:
         self.cfg = cfg
         self.role = role
         self.index = index
@@ -89,7 +60,7 @@ class FastEngine:
         self.q = cfg.tokens_per_decode
         self.block = cfg.block_size
         self.seats = cfg.seats
-        self.kv = BlockPool(cfg.kv_blocks)
+        self.kv = PrefixRuns(cfg.kv_blocks)
         self.running: dict[int, None] = {}  # insertion order = scheduling priority
         self.waiting: deque[int] = deque()
         self.prefilling: list[int] = []  # running requests still prefilling, oldest first
@@ -103,6 +74,7 @@ class FastEngine:
         self.plan_blocks = np.zeros(0, dtype=np.int64)
         self.busy = False
         self.kick_pending = False
+        self._run: tuple[int, list[tuple[float, int, float, int]]] | None = None  # tentative
         self.steps = 0
         self.busy_ms = 0.0
 
@@ -128,7 +100,7 @@ class FastEngine:
     def _free(self, i: int) -> None:
         st = self.st
         if st.held[i]:
-            self.kv.release(st.hashes(i, self.block)[:st.held[i]])
+            self.kv.release(st.prefix_id[i], st.held[i])
         self.kv.give_back(st.own[i])
         st.own[i] = st.held[i] = 0
 
@@ -172,14 +144,16 @@ class FastEngine:
             last = t0 + left - 1
         else:
             tokens = verify_yields(self.spec, self.rng, left)
-            cum = np.cumsum(tokens)
-            m = int(np.searchsorted(cum, left)) + 1
-            tokens = tokens[:m]
-            tokens[-1] -= int(cum[m - 1]) - left
-            before = g0 + np.concatenate(([0], cum[:m - 1]))
-            slots = prompt + before - 1 + self.q
+            cum = tokens.cumsum()
+            m = int(cum.searchsorted(left)) + 1
+            tokens, cum = tokens[:m], cum[:m]
+            # KV slots at each step: what was generated before it, plus the verify tokens.
+            slots = cum - tokens + (prompt + g0 - 1 + self.q)
+            tokens[-1] -= int(cum[-1]) - left
             blocks = -(-slots // self.block) - st.held[i]
-            need = np.diff(blocks, prepend=st.own[i])
+            need = np.empty_like(blocks)  # per-step differences (np.diff costs ~10x more)
+            need[0] = blocks[0] - st.own[i]
+            np.subtract(blocks[1:], blocks[:-1], out=need[1:])
             if t0 + m > len(self.plan_tokens):
                 self._grow_plan(t0 + m)
             self.plan_tokens[t0:t0 + m] += tokens
@@ -268,6 +242,81 @@ class FastEngine:
         if not preempted and self.waiting and budget > 0 and len(self.running) < self.seats:
             first_decodes, first_ctx = self._admit_waiting(chunks, budget, now)
         return self._price(chunks, first_decodes, first_ctx)
+
+    def ahead(self, end: float, limit: float) -> float:
+        """Run the steps after the one in flight (ending at `end`) for as long as they would
+        only decode: no chunk, nothing waiting, nobody finishing, their blocks available.
+        Stepping one by one through the event heap takes exactly these decisions and times
+        (same sums in the same order) at several times the cost. Steps starting before
+        `limit` (the first event that could bring this engine work) are final; later ones
+        are tentative, taken back by `rewind` if work comes first. Returns the end of the
+        step now in flight."""
+        self._run = None
+        n = self.n_dec
+        if self.chunks or self.waiting or self.prefilling or not n:
+            return end
+        last = min(self.finishing)  # this step finishes a request: it runs for real
+        if last <= self.tick:
+            return end
+        at = self.price.decode_cursor(n)
+        kv = self.kv
+        end = self._walk(last, end, limit, kv.free + kv.evictable, at, None)
+        if self.tick < last:
+            # Free blocks only: giving them back undoes the allocation, an eviction would not.
+            trail = [(end, self.ctx_sum, self.busy_ms, 0)]
+            first = self.tick
+            end = self._walk(min(last, first + _TENTATIVE), end, math.inf, kv.free, at, trail)
+            if self.tick > first:
+                self._run = (first, trail)
+        return end
+
+    def _walk(self, last: int, end: float, limit: float, room: int,
+              at: Callable[[float], float],
+              trail: list[tuple[float, int, float, int]] | None) -> float:
+        """Take decode-only steps up to tick `last` while they start before `limit` and
+        their blocks fit in `room`; `trail` records (end, KV sum, busy, blocks) after each."""
+        n, spec, block, residues = self.n_dec, self.spec, self.block, self.residues
+        tokens, blocks = self.plan_tokens, self.plan_blocks
+        t = start = self.tick
+        ctx, busy, taken = self.ctx_sum, self.busy_ms, 0
+        while t < last and end < limit:
+            made = n if spec is None else int(tokens[t])  # step t's tokens
+            need = residues[-(t + 1) % block] if spec is None else int(blocks[t + 1])
+            if taken + need > room:
+                break  # someone would be preempted: the step-by-step path picks who
+            taken += need
+            ctx += made
+            t += 1
+            duration = at(ctx / n)
+            busy += duration
+            end += duration
+            if trail is not None:
+                trail.append((end, ctx, busy, taken))
+        if t > start:
+            ok = self.kv.allocate(taken)
+            assert ok  # one allocation of the sum evicts what one per step would
+            self.ctx_sum, self.busy_ms, self.tick = ctx, busy, t
+            self.steps += t - start
+        return end
+
+    def rewind(self, now: float) -> float | None:
+        """Work reaches this engine at `now`: take back the tentative steps that would have
+        started after it (they would have admitted it). Returns the new end of the step in
+        flight, or None when nothing changes."""
+        run, self._run = self._run, None
+        if run is None:
+            return None
+        first, trail = run
+        taken = len(trail) - 1
+        # Tentative step m (1..taken) starts when step m - 1 ends: trail[m - 1][0].
+        kept = bisect.bisect_left([r[0] for r in trail], now, 0, taken)
+        if kept == taken:
+            return None
+        end, ctx, busy, _ = trail[kept]
+        self.kv.give_back(trail[taken][3] - trail[kept][3])
+        self.steps -= taken - kept
+        self.ctx_sum, self.busy_ms, self.tick = ctx, busy, first + kept
+        return end
 
     def _allocate_decodes(self) -> bool:
         """Blocks for every running decode in one go; True if someone had to be preempted."""
@@ -359,13 +408,13 @@ class FastEngine:
             st.computed[i] = 0
             st.own[i] = need
             return new
-        hashes = st.hashes(i, block)
+        prefix = st.prefix_id[i]
         # At least the last prompt token is computed: its logits give the first token.
-        hit = self.kv.lookup(hashes[:(target - 1) // block])
+        hit = self.kv.lookup(prefix, min(st.prefix_tokens[i] // block, (target - 1) // block))
         start = hit * block
         new = min(target - start, budget)
         need = -(-(start + new) // block) - hit
-        if not self.kv.admit(hashes[:hit], need):
+        if not self.kv.admit(prefix, hit, need):
             return None
         st.held[i] = hit
         st.computed[i] = start
@@ -438,9 +487,9 @@ class FastEngine:
     def _register_blocks(self, i: int) -> None:
         """The prefix blocks request i has computed so far go into the prefix cache."""
         st = self.st
-        hashes = st.hashes(i, self.block)
-        if st.held[i] < len(hashes):
+        blocks = st.prefix_tokens[i] // self.block
+        if st.held[i] < blocks:
             full = min(st.computed[i], st.prompt[i]) // self.block
-            held = self.kv.register_computed(hashes, st.held[i], full)
+            held = self.kv.register_computed(st.prefix_id[i], blocks, st.held[i], full)
             st.own[i] -= held - st.held[i]
             st.held[i] = held

@@ -27,7 +27,7 @@ from trilemma.optimizer.serving.reference import ReferenceEngine
 from trilemma.optimizer.serving.requests import LoadMode, RequestStream
 from trilemma.optimizer.serving.results import SimResult, Trace
 from trilemma.optimizer.serving.scheduler import Role
-from trilemma.optimizer.serving.steptable import DirectPricer, Pricer, StepCost, StepTable
+from trilemma.optimizer.serving.steptable import DirectPricer, StepCost, StepTable
 
 _ARRIVE, _DISPATCH, _KICK, _STEP, _TRANSFER = range(5)
 
@@ -98,7 +98,7 @@ class _Pricers:
         self.tables = tables
         self.used: list[DirectPricer | StepTable] = []
 
-    def __call__(self, cfg: EngineConfig) -> Pricer:
+    def __call__(self, cfg: EngineConfig) -> DirectPricer | StepTable:
         if self.method is not Method.FAST:
             direct = DirectPricer(self.perf_model, cfg)
             self.used.append(direct)
@@ -130,6 +130,7 @@ class _Fleet:
         self.rng = rng
         main_role = Role.DECODE if cluster.disaggregated else Role.COMBINED
         self.engines = self._build(cluster.pool, main_role, 0)
+        self.main_engines = len(self.engines)
         self.main_lb = LoadBalancer(cluster.pool.balancer, len(self.engines))
         self.entry_lb, self.first_prefill = self.main_lb, 0
         if cluster.prefill is not None:
@@ -173,6 +174,10 @@ class _Run:
         self.next_row = self.counter  # closed loop: the next request a client sends
         self.closed = workload.mode is LoadMode.CLOSED
         self.n = n
+        self.steps: list[tuple[float, int, int, int]] = []  # step ends of main-pool engines
+        # Main-pool engines run ahead (the reference engine steps one by one).
+        self.n_ahead = 0 if fleet.method is Method.REFERENCE else fleet.main_engines
+        self.live = [-1] * len(fleet.engines)  # each engine's current step event (push order)
         self.source = [-1] * n  # prefill engine of each request (disaggregated)
         self.in_system = 0
 
@@ -180,24 +185,60 @@ class _Run:
         heapq.heappush(self.heap, (t, self.counter, kind, a))
         self.counter += 1
 
+    def push_step(self, now: float, duration: float, e: int) -> None:
+        """Engine e started a step. A main-pool engine then runs ahead through its
+        decode-only steps (FastEngine.ahead): for sure up to the first event that could
+        bring it work, tentatively beyond (`cut` takes back what work overtakes). Its step
+        ends wait in their own heap: in open loop they create no event."""
+        end = now + duration
+        self.live[e] = self.counter
+        if e < self.n_ahead:
+            heap, steps = self.heap, self.steps
+            limit = heap[0][0] if heap else math.inf
+            if self.closed and steps:
+                limit = min(limit, steps[0][0])  # a finish sends the next request
+            eng = self.fleet.engines[e]
+            assert isinstance(eng, FastEngine)
+            end = eng.ahead(end, limit)
+            heapq.heappush(steps, (end, self.counter, _STEP, e))
+        else:
+            heapq.heappush(self.heap, (end, self.counter, _STEP, e))
+        self.counter += 1
+
+    def cut(self, now: float, e: int) -> None:
+        """Work reaches main-pool engine e: its tentative steps after `now` are taken back
+        and its step event moves to the end of the step in flight (the old one goes stale)."""
+        eng = self.fleet.engines[e]
+        if e < self.n_ahead and eng.busy:
+            assert isinstance(eng, FastEngine)
+            end = eng.rewind(now)
+            if end is not None:
+                self.live[e] = self.counter
+                heapq.heappush(self.steps, (end, self.counter, _STEP, e))
+                self.counter += 1
+
     def loop(self) -> None:
-        heap, pop = self.heap, heapq.heappop
+        heap, steps, pop = self.heap, self.steps, heapq.heappop
         on_step, on_arrive, on_transfer = self.on_step, self.on_arrive, self.on_transfer
-        engines = self.fleet.engines
-        while heap:
-            now, _, kind, a = pop(heap)
+        engines, live = self.fleet.engines, self.live
+        while heap or steps:
+            # Both heaps as one: (time, push order) is unique.
+            if steps and (not heap or steps[0] < heap[0]):
+                now, c, kind, a = pop(steps)
+            else:
+                now, c, kind, a = pop(heap)
             if kind == _STEP:
+                if c != live[a]:
+                    continue  # moved earlier by `cut`
                 eng = engines[a]
                 eng.busy = False
                 finished, handed = eng.finish_step(now)
                 if finished or handed:
                     on_step(now, a, finished, handed)
-                # Inlined `start`: most events are steps, and a call costs ~5% of a run.
                 duration = eng.start_step(now)
                 if duration is not None:
                     eng.busy = True
-                    heapq.heappush(heap, (now + duration, self.counter, _STEP, a))
-                    self.counter += 1
+                    self.push_step(now, duration, a)
             elif kind == _ARRIVE:
                 on_arrive(now, a)
             elif kind == _DISPATCH:
@@ -216,7 +257,7 @@ class _Run:
         duration = eng.start_step(now)
         if duration is not None:
             eng.busy = True
-            self.push(now + duration, _STEP, e)
+            self.push_step(now, duration, e)
 
     def kick(self, now: float, e: int) -> None:
         """Engine e got work: if idle, let it step once every event of this instant is in."""
@@ -259,6 +300,7 @@ class _Run:
         """Request i reaches the front end: its pool's balancer picks the engine."""
         fleet = self.fleet
         e = fleet.entry_lb.pick() + fleet.first_prefill
+        self.cut(now, e)
         fleet.engines[e].submit(i)
         self.kick(now, e)
 
@@ -268,5 +310,6 @@ class _Run:
         fleet.engines[self.source[i]].release(i)
         self.kick(now, self.source[i])
         e = fleet.main_lb.pick()
+        self.cut(now, e)
         fleet.engines[e].submit_transferred(i)
         self.kick(now, e)

@@ -96,6 +96,10 @@ class DirectPricer:
         self.calls += 1
         return float(step_ms(self.perf_model, self.engine, d, kv, p, s, c))
 
+    def decode_cursor(self, d: int) -> Callable[[float], float]:
+        """StepTable.decode_cursor's counterpart: one perf-model call per step."""
+        return lambda kv: self(d, kv, 0, 0, 0.0)
+
 
 def _int_axis(top: int, start: int, ratio: float = _AXIS_RATIO) -> list[int]:
     """start, start+1, ... then `ratio` apart, ending exactly at `top`."""
@@ -139,6 +143,7 @@ class StepTable:
         self.u_axis = _float_axis(1.0, float(top), _AXIS_RATIO)
         self._rows: list[list[float] | None] = [None] * (seats + 1)
         self._slabs: dict[tuple[int, int], list[list[float]]] = {}
+        self._alone: np.ndarray | None = None  # decode steps on the d axis at _KV_REF
         self.evaluations = 0  # batch shapes priced by the perf model so far
 
     def _eval(self, d: Any, kv: Any, p: Any, s: Any, c: Any) -> np.ndarray:
@@ -164,8 +169,9 @@ class StepTable:
             p = np.maximum(np.asarray(self.p_axis, dtype=np.float64), s)[None, :]
             c = self.u_axis[m] * p / s
             mixed = self._eval(d, _KV_REF, p, s, c)
-            alone = self._eval(d, _KV_REF, 0.0, 0.0, 0.0)
-            slab = (mixed - alone).tolist()
+            if self._alone is None:  # the same for every slab: priced once
+                self._alone = self._eval(d, _KV_REF, 0.0, 0.0, 0.0)
+            slab = (mixed - self._alone).tolist()
             self._slabs[(k, m)] = slab
         return slab
 
@@ -177,6 +183,28 @@ class StepTable:
             assert row is not None
         i, w = _locate(self.kv_axis, kv)
         return row[i] + w * (row[i + 1] - row[i])
+
+    def decode_cursor(self, d: int) -> Callable[[float], float]:
+        """decode_ms(d, .) for a run of increasing kv (a decode-only stretch): the cell only
+        moves forward, so no search; the same arithmetic, so the same bits."""
+        if self._rows[d] is None:
+            self._fill_rows(d)
+        row, axis = self._rows[d], self.kv_axis
+        assert row is not None
+        last = len(axis) - 2
+        i = 0
+
+        def at(kv: float) -> float:
+            nonlocal i
+            if kv < axis[i]:
+                i = 0  # not increasing after all: start over
+            while i < last and axis[i + 1] <= kv:
+                i += 1
+            lo = axis[i]
+            w = (kv - lo) / (axis[i + 1] - lo)
+            return row[i] + w * (row[i + 1] - row[i])
+
+        return at
 
     def chunk_ms(self, d: int, p: int, s: int, c: float) -> float:
         """What a prefill chunk adds to a step of d decodes."""

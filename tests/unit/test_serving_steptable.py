@@ -152,3 +152,20 @@ def test_drafting_is_priced_by_the_perf_layer_and_only_in_steps_that_decode():
         float(steptable.step_ms(model, plain, 0, 0.0, 1024, 1, 1024.0)))
     err = _table_errors(model, spec, n=400)
     assert np.percentile(err, 99) < 0.02
+
+
+
+@pytest.mark.parametrize("spec", [None, NGRAM3])
+def test_a_decode_cursor_prices_each_step_to_the_bit_as_one_call_would(spec):
+    engine = serving.EngineConfig(kv_blocks=4000, max_num_seqs=64, speculation=spec)
+    table = steptable.StepTable(ROOFLINE_8B, engine, max_context=20_000)
+    rng = np.random.default_rng(5)
+    for d in (1, 7, 33, 64):
+        # Increasing as in a decode run, from below the grid's second point to past its end
+        # (extrapolated), with exact grid points among them; then one step back.
+        kv = np.sort(np.concatenate([table.kv_axis[:6], rng.uniform(1.0, 30_000, 300)]))
+        at = table.decode_cursor(d)
+        for x in [*kv.tolist(), 50.0]:
+            assert at(x) == table(d, x, 0, 0, 0.0)
+    direct = steptable.DirectPricer(ROOFLINE_8B, engine)
+    assert direct.decode_cursor(3)(900.0) == direct(3, 900.0, 0, 0, 0.0)
