@@ -14,7 +14,14 @@ from trilemma.optimizer.catalog import Engine
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import releases
 from trilemma.optimizer.render import choices, sglang_flags, vllm_flags
-from trilemma.optimizer.render.ir import Arg, RenderedWorker, RenderPlan, Role, Source
+from trilemma.optimizer.render.ir import (
+    Arg,
+    RenderedWorker,
+    RenderPlan,
+    Role,
+    Scheduling,
+    Source,
+)
 from trilemma.optimizer.search.configs import Mode, ServingConfig, WorkerConfig
 from trilemma.optimizer.spec import hardware
 
@@ -84,6 +91,8 @@ def _router(name: str, engine: Engine, options: choices.RenderOptions) -> Render
 
 def _workers(config: ServingConfig, engine: Engine, name: str,
              options: choices.RenderOptions) -> tuple[RenderedWorker, ...]:
+    if config.mixed:
+        return _mixed(config, engine, options)
     if config.mode is Mode.AGGREGATED:
         return (_worker(config, engine, config.worker, Role.SERVER, config.replicas, options),)
     if config.prefill is None or config.prefill_replicas < 1:
@@ -93,6 +102,23 @@ def _workers(config: ServingConfig, engine: Engine, name: str,
         _worker(config, engine, config.worker, Role.DECODE, config.replicas, options),
         _router(name, engine, options),
     )
+
+
+def _mixed(config: ServingConfig, engine: Engine,
+           options: choices.RenderOptions) -> tuple[RenderedWorker, ...]:
+    """One server workload per GPU type, each placed on its own type's nodes (its pool
+    group's node size, resource name, nodeSelector and tolerations)."""
+    groups = {g.gpu: g for g in (*options.pool_groups,
+                                 *([options.pool_group] if options.pool_group else []))}
+    out = []
+    for i, part in enumerate(config.parts()):
+        gpu = catalog.get_gpu(part.worker.gpu).key
+        opts = dataclasses.replace(options, pool_group=groups.get(gpu))
+        one = dataclasses.replace(config, worker=part.worker, replicas=part.replicas, mixed=())
+        worker = _worker(one, engine, part.worker, Role.SERVER, part.replicas, opts)
+        out.append(dataclasses.replace(worker, part=f"p{i}",
+                                       scheduling=Scheduling(**_scheduling(one, opts))))
+    return tuple(out)
 
 
 class _Scheduling(TypedDict):

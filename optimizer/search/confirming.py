@@ -23,7 +23,7 @@ from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import engine as perf_engine
 from trilemma.optimizer.perf import steps
-from trilemma.optimizer.search import screening
+from trilemma.optimizer.search import mixing, screening
 from trilemma.optimizer.search.configs import Choice, Mode, ServingConfig, WorkerConfig
 from trilemma.optimizer.search.screening import RowScreen, SloMetric, Term
 from trilemma.optimizer.search.sizing import Candidates
@@ -65,7 +65,7 @@ def confirm(request: PlanRequest, choices: list[Choice], settings: SearchSetting
     simulated = 0
     for n, ch in enumerate(choices):
         try:
-            res = simulate(ch.config, sample, wl.output_predictability, seed)
+            summ = summary(ch.config, sample, wl.output_predictability, seed)
         except InputError as err:
             # The simulator refuses configurations it cannot hold (a request longer than the
             # KV cache); the screen's answer stands, marked as unconfirmed.
@@ -74,7 +74,6 @@ def confirm(request: PlanRequest, choices: list[Choice], settings: SearchSetting
                 ch, prediction=dataclasses.replace(ch.prediction, provenance=prov)))
             continue
         simulated += 1
-        summ = res.summary(res.steady(warmup=_WARMUP, cooldown=_COOLDOWN))
         miss = worst_miss(terms, summ, wl)
         pred = dataclasses.replace(
             ch.prediction, ttft_p50_ms=summ.ttft_ms.p50, ttft_p90_ms=summ.ttft_ms.p90,
@@ -149,6 +148,23 @@ def _engine(sm: steps.StepModel, w: WorkerConfig,
                                  max_num_batched_tokens=w.max_num_batched_tokens,
                                  speculation=spec,
                                  gpu_memory_utilization=w.gpu_memory_utilization, cp=w.cp)
+
+
+def summary(cfg: ServingConfig, sample: serving.RequestStream, output_predictability: float,
+            seed: int) -> serving.Summary:
+    """The steady-state summary of `cfg` on `sample`; a mixed configuration's GPU types each
+    simulated on their share of the arrivals (mixing.split), summarised as one mixture."""
+    runs = []
+    parts = [(cfg, np.arange(len(sample)))] if not cfg.mixed else [
+        (mixing.part_config(cfg, p), idx)
+        for p, idx in zip(cfg.parts(), mixing.split(cfg, len(sample)), strict=True)]
+    for part, idx in parts:
+        if len(idx) == 0:
+            continue
+        res = simulate(part, sample if not cfg.mixed else mixing.part_stream(sample, idx),
+                       output_predictability, seed)
+        runs.append((res, res.steady(warmup=_WARMUP, cooldown=_COOLDOWN)))
+    return runs[0][0].summary(runs[0][1]) if len(runs) == 1 else mixing.mixture(runs)
 
 
 def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictability: float,

@@ -1,0 +1,195 @@
+"""Mixed plans: one model's replicas over several GPU types (search/mixing.py), through the
+search, the simulator, the renderer and the operator's accounting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from trilemma.operator import pool, replicas, status
+from trilemma.optimizer import render
+from trilemma.optimizer.search import (
+    Choice,
+    Part,
+    Plan,
+    SearchSettings,
+    ServingConfig,
+    WorkerConfig,
+    mixing,
+    plan,
+)
+from trilemma.optimizer.spec import HardwarePool, parse_spec
+
+SPEC = Path(__file__).parent / "fixtures" / "search" / "mixed_pool.yaml"
+FAST = SearchSettings(workers=1, explain_sensitivity=False)
+SELECTORS = {"h100_sxm": {"gpu.example/type": "h100"}, "l40s": {"gpu.example/type": "l40s"}}
+
+
+def _raw(**changes: Any) -> dict[str, Any]:
+    raw = yaml.safe_load(SPEC.read_text())
+    raw.update(changes)
+    for g in raw["hardware"]["gpus"]:
+        g["nodeSelector"] = SELECTORS[g["gpu"]]
+        g["tolerations"] = [{"key": f"{g['gpu']}-only", "operator": "Exists",
+                             "effect": "NoSchedule"}]
+    return raw
+
+
+@pytest.fixture(scope="module")
+def mixed() -> tuple[Any, Plan]:
+    request = parse_spec(_raw())
+    return request, plan(request, settings=FAST)
+
+
+def _single(gpu: str, tp: int = 1, replicas: int = 1) -> ServingConfig:
+    return ServingConfig(model="meta-llama/Llama-3.1-8B", worker=WorkerConfig(gpu=gpu, tp=tp),
+                         replicas=replicas)
+
+
+def test_single_type_configurations_keep_their_json_and_hash() -> None:
+    config = _single("h100_sxm", tp=2, replicas=3)
+    assert "mixed" not in config.to_dict()
+    # Pinned: the hashes this configuration had before mixed plans existed (main at 6e30a46).
+    assert (config.config_hash(), config.layout_hash()) == ("b47ab5b9", "97eda4dd")
+    assert ServingConfig.from_dict(config.to_dict()) == config
+    assert config.gpus_by_type() == {"h100_sxm": 6}
+    assert config.summary() == "3x [bf16 TP2] on h100_sxm"
+
+
+def test_a_mixed_configuration_round_trips_and_names_its_layout_without_counts() -> None:
+    config = ServingConfig(model="m", worker=WorkerConfig(gpu="h100_sxm"), replicas=2,
+                           mixed=(Part(worker=WorkerConfig(gpu="l40s"), replicas=4,
+                                       weight=0.25),))
+    back = ServingConfig.from_dict(config.to_dict())
+    assert back == config and back.config_hash() == config.config_hash()
+    assert config.gpus_by_type() == {"h100_sxm": 2, "l40s": 4}
+    assert config.shares() == pytest.approx((2 / 3, 1 / 3))
+    more = replicas.scaled(config, 4)
+    assert more.layout_hash() == config.layout_hash() != more.config_hash()
+
+
+def test_rate_no_single_type_carries_yields_a_mixed_plan_split_by_capacity(mixed) -> None:
+    request, p = mixed
+    rec = p.recommended
+    config = rec.config
+    assert config.mixed and {x.worker.gpu for x in config.parts()} == {"h100_sxm", "l40s"}
+    assert p.counts.mixed >= 1 and p.counts.feasible == 0  # no single type carries 90 req/s
+    for gpu, n in config.gpus_by_type().items():
+        assert n <= request.hardware.group(gpu).count
+    assert rec.prediction.capacity_rps >= 90.0 and rec.prediction.simulated
+    # Each type's share is its replicas x per-replica capacity at the SLO over the total.
+    lays = {lay.gpu: lay for lays in mixing.best_layouts(
+        planning_screens(request)).values() for lay in lays}
+    caps = [x.replicas * lays[x.worker.gpu].capacity for x in config.parts()]
+    assert config.shares() == pytest.approx([c / sum(caps) for c in caps], rel=1e-5)
+    assert "split" in rec.prediction.provenance
+    cost = sum(x.replicas * x.worker.gpus * request.hardware.group(x.worker.gpu)
+               .effective_price_per_gpu_hour for x in config.parts())
+    assert rec.prediction.cost_per_hour == pytest.approx(cost)
+    # The plan stores and reads back byte-identically.
+    assert Plan.from_dict(p.to_dict()).to_dict() == p.to_dict()
+
+
+def planning_screens(request: Any) -> list[Any]:
+    from trilemma.optimizer.search import planning
+
+    return planning.search(request, FAST, lambda _p, _f: None, {}).screens
+
+
+def test_mixing_off_or_a_single_type_pool_gives_no_mixed_plan() -> None:
+    from trilemma.optimizer.search import InfeasibleSLO
+
+    request = parse_spec(_raw())
+    with pytest.raises(InfeasibleSLO):
+        plan(request, settings=SearchSettings(workers=1, explain_sensitivity=False,
+                                              mixed=False))
+    raw = _raw()
+    raw["workload"]["arrivals"]["requestsPerSecond"] = 20
+    small = plan(parse_spec(raw), settings=FAST)
+    assert not small.recommended.config.mixed
+
+
+def test_the_mixture_is_simulated_per_type_on_its_share_of_arrivals() -> None:
+    config = ServingConfig(model="m", worker=WorkerConfig(gpu="h100_sxm"), replicas=1,
+                           mixed=(Part(worker=WorkerConfig(gpu="l40s"), replicas=3,
+                                       weight=1 / 3),))
+    idx = mixing.split(config, 1000)
+    assert [len(i) for i in idx] == [500, 500]
+    assert sorted(int(x) for i in idx for x in i) == list(range(1000))
+
+
+def test_render_gives_one_workload_per_gpu_type_on_its_nodes(mixed) -> None:
+    request, p = mixed
+    config = p.recommended.config
+    groups = {g.gpu: g for g in request.hardware.gpus}
+    opts = render.RenderOptions(pool_group=groups[config.worker.gpu],
+                                pool_groups=tuple(groups[x.worker.gpu] for x in config.mixed))
+    objs = render.manifests(config, name="x" * 45, options=opts)
+    deployments = [o for o in objs if o["kind"] == "Deployment"]
+    assert len(deployments) == len(config.parts()) == 2
+    names = [o["metadata"]["name"] for o in objs if o["kind"] != "Service"]
+    assert len(set(names)) == len(names) - len(deployments)  # a PDB per workload, same name
+    assert all(len(n) <= 63 for n in names)
+    for d, part in zip(deployments, config.parts(), strict=True):
+        pod = d["spec"]["template"]["spec"]
+        assert d["spec"]["replicas"] == part.replicas
+        assert pod["nodeSelector"] == SELECTORS[part.worker.gpu]
+        assert pod["tolerations"][0]["key"] == f"{part.worker.gpu}-only"
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(
+            part.worker.gpus)
+    service, = (o for o in objs if o["kind"] == "Service")
+    for d in deployments:
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert all(labels[k] == v for k, v in service["spec"]["selector"].items())
+    selectors = [tuple(sorted(d["spec"]["selector"]["matchLabels"].items()))
+                 for d in deployments]
+    assert len(set(selectors)) == len(selectors)
+    assert render.render_yaml(config, name="chat", options=opts) == render.render_yaml(
+        config, name="chat", options=opts)
+
+
+def test_operator_accounts_each_gpu_type_and_scales_them_together(mixed) -> None:
+    request, p = mixed
+    choice: Choice = p.recommended
+    gpus = status.config_gpus(choice.config)
+    assert set(gpus) == {"h100_sxm", "l40s"}
+    active = status.active_configuration(choice, config_hash="h", served_model="m",
+                                         engine_args=[], applied=True)
+    from trilemma.operator.resources import to_wire
+
+    wire = to_wire(active)
+    assert wire["gpusByType"] == gpus and wire["gpus"] == sum(gpus.values())
+    assert status.config_gpus_from_active(wire) == gpus
+    ledger = pool.Ledger()
+    ledger.record("gpus", "ns/chat", status.config_gpus_from_active(wire))
+    held = ledger.others("gpus", "ns/other")
+    assert held["ns/chat"] == gpus
+    avail = pool.available(HardwarePool(gpus=list(request.hardware.gpus)), held)
+    left = {g.gpu: g.count for g in (avail.pool.gpus if avail.pool else [])}
+    for gpu, n in gpus.items():
+        assert left.get(gpu, 0) == request.hardware.group(gpu).count - n
+    assert not pool.fits(gpus, avail) or sum(left.values()) >= sum(gpus.values())
+    config = choice.config
+    double = replicas.scaled(config, config.replicas * 2)
+    assert [x.replicas for x in double.parts()] == [x.replicas * 2 for x in config.parts()]
+    assert replicas.scaled(config, 0).gpus == 0
+
+
+def test_a_single_type_status_is_unchanged() -> None:
+    choice = Choice(config=_single("l40s", replicas=2), prediction=_prediction())
+    from trilemma.operator.resources import to_wire
+
+    wire = to_wire(status.active_configuration(choice, config_hash="h", served_model="m",
+                                               engine_args=[], applied=True))
+    assert "gpusByType" not in wire and status.config_gpus_from_active(wire) == {"l40s": 2}
+
+
+def _prediction() -> Any:
+    from trilemma.optimizer.search import Prediction
+
+    return Prediction(ttft_p50_ms=1, ttft_p90_ms=2, tpot_p50_ms=1, tpot_p90_ms=2,
+                      e2e_p99_ms=3, capacity_rps=1, cost_per_hour=1, cost_per_mtok=1,
+                      quality=None)
