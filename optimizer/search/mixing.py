@@ -3,12 +3,12 @@
 A pool of 2 H100s and 8 L40Ss may carry a rate that neither type carries alone, or carry it
 cheaper than either: the cheapest type per req/s fills its GPUs and another type serves the
 rest. Composed after sizing from the screen's per-replica figures (no new rows are screened):
-per (model, engine) and GPU type, the layout with the lowest $/hour per req/s it carries
-within the SLO; then, in that order, each type takes as many replicas as the rate still needs
-and its pool (and the budget) allow. Two fills per (model, engine): "to the pool" (the best
-type fills its GPUs first) and "remainder" (the best type takes the whole replicas the rate
-needs, the rest goes on whichever type serves it cheapest). The work is bounded by GPU types
-x (model, engine) pairs, whatever the space's size.
+per (model, engine) and GPU type, the one-node layout with the lowest $/hour per req/s it
+carries within the SLO; then, in that order, each type takes as many replicas as the rate
+still needs and its pool (and the budget) allow. Two fills per (model, engine): "to the
+pool" (the best type fills its GPUs first) and "remainder" (the best type takes the whole
+replicas the rate needs, the rest goes on whichever type serves it cheapest). The work is
+bounded by GPU types x (model, engine) pairs, whatever the space's size.
 
 The traffic split is in proportion to each type's capacity at the SLO (Part.weight): every
 replica then runs at the same fraction of its own capacity, the split a load-aware router
@@ -64,8 +64,12 @@ def best_layouts(screens: list[RowScreen]) -> dict[tuple[str, str], list[Layout]
         if not (cap > 0).any():
             continue
         gpus = (rs.rows.tp * rs.rows.pp * rs.rows.dp).astype(np.float64)
-        per = np.where(cap > 0, gpus * g.price_per_gpu_hour / np.where(cap > 0, cap, 1.0),
-                       np.inf)
+        # One node per replica: every part is then a Deployment serving the same component,
+        # which the endpoint Service selects as one (a LeaderWorkerSet's leaders differ).
+        fits = (cap > 0) & (gpus <= g.gpus_per_node)
+        per = np.where(fits, gpus * g.price_per_gpu_hour / np.where(fits, cap, 1.0), np.inf)
+        if not np.isfinite(per).any():
+            continue
         r = int(np.argmin(per))  # first of equals: the space's order decides ties
         lay = Layout(screen=i, row=r, gpu=g.gpu.key, capacity=float(cap[r]),
                      unit_cost=float(gpus[r] * g.price_per_gpu_hour), unit_gpus=int(gpus[r]),

@@ -193,3 +193,17 @@ def _prediction() -> Any:
     return Prediction(ttft_p50_ms=1, ttft_p90_ms=2, tpot_p50_ms=1, tpot_p90_ms=2,
                       e2e_p99_ms=3, capacity_rps=1, cost_per_hour=1, cost_per_mtok=1,
                       quality=None)
+
+
+def test_optimize_prints_the_mixed_plan_and_its_split(mixed) -> None:
+    import io
+
+    from trilemma.optimizer import commands
+
+    _, p = mixed
+    out = io.StringIO()
+    commands.print_plan(p, out)
+    text = out.getvalue()
+    assert "mixed over GPU types" in text
+    assert f"* {p.recommended.config.summary()}" in text and " + " in text
+    assert "traffic split by capacity at the SLO: h100_sxm" in text
