@@ -94,8 +94,9 @@ _MAX_TRIES = 32  # candidates tried past simulated misses before giving a value 
 
 def _best(ctx: Context, idx: np.ndarray, by: By, value: str) -> Choice | None:
     rec = ctx.recommended
-    if key_of_choice(rec, by) == value and not (by is By.GPU and rec.config.mixed):
-        # The best of its own kind by construction (a mixed plan is no one GPU type's).
+    spans = len(rec.config.gpus_by_type()) > 1
+    if key_of_choice(rec, by) == value and not (by is By.GPU and spans):
+        # The best of its own kind by construction (a plan over GPU types is no one type's).
         return rec
     if len(idx) == 0:
         return None

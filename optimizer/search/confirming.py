@@ -179,11 +179,15 @@ def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictab
     pool = serving.Pool(engine=_engine(sm, w, output_predictability), replicas=cfg.replicas)
     prefill = transfer = None
     if cfg.mode is Mode.DISAGGREGATED and cfg.prefill is not None:
-        prefill = serving.Pool(engine=_engine(sm, cfg.prefill, output_predictability),
+        sm_p = step_model(cfg, cfg.prefill)  # its own GPU type's, when it differs
+        prefill = serving.Pool(engine=_engine(sm_p, cfg.prefill, output_predictability),
                                replicas=cfg.prefill_replicas)
-        # Pools sit on different nodes, as the screen assumes.
-        transfer = serving.kv_transfer(sm, tp=cfg.prefill.tp, pp=cfg.prefill.pp,
+        # Pools sit on different nodes, as the screen assumes; between two node types the
+        # slower NIC sets the pace (crossing.py).
+        transfer = serving.kv_transfer(sm_p, tp=cfg.prefill.tp, pp=cfg.prefill.pp,
                                        inter_node=True, cp=cfg.prefill.cp)
+        transfer = dataclasses.replace(transfer, bandwidth=min(
+            sm_p.gpu.inter_node_bw, sm.gpu.inter_node_bw))
     cluster = serving.Cluster(pool=pool, prefill=prefill, transfer=transfer,
                               request_overhead_ms=sm.facts.request_overhead_ms)
     return serving.simulate(cluster, sample, sm, np.random.default_rng(seed),

@@ -24,6 +24,7 @@ from trilemma.optimizer.catalog.speculation import SpecMethod
 from trilemma.optimizer.search import (
     alternatives,
     confirming,
+    crossing,
     decoding,
     explaining,
     mixing,
@@ -56,8 +57,8 @@ class Counts:
     screened: int             # candidates (rows x modes x replica options) fully screened
     feasible: int             # candidates meeting every SLO, pool and budget limit
     simulated: int            # configurations confirmed by the simulator
-    # Plans spanning GPU types composed (mixing.py); left out of the JSON form at 0, so that
-    # plans without any keep their bytes.
+    # Plans spanning GPU types composed (mixing.py, crossing.py); left out of the JSON form
+    # at 0, so that plans without any keep their bytes.
     mixed: int = field(default=0, metadata={OMIT_AT_DEFAULT: True})
 
     @classmethod
@@ -166,7 +167,8 @@ class Search:
     ranked: np.ndarray
     front: np.ndarray
     counts: Counts
-    mixes: list[Choice] = field(default_factory=list)  # mixing.compose's, analytic
+    # Plans spanning GPU types (mixing.py, crossing.py), analytic.
+    mixes: list[Choice] = field(default_factory=list)
 
 
 def search(request: PlanRequest, settings: SearchSettings,
@@ -186,8 +188,9 @@ def search(request: PlanRequest, settings: SearchSettings,
     wl = screening.WorkloadMeans.of(request)
     terms = screening.slo_terms(request)
     cands, nearest = sizing.size_all(screens, request, settings, wl, terms, pruned)
-    mixes = (mixing.compose(screens, request, wl, terms, settings.replica_factors)
-             if settings.mixed else [])
+    mixes = [*mixing.compose(screens, request, wl, terms, settings.replica_factors),
+             *crossing.compose(screens, request, wl, terms, settings.pd_ratios)
+             ] if settings.mixed else []
     if len(cands) == 0 and not mixes:
         raise explaining.infeasible(request, screens, nearest, terms, pruned)
     m = ranking.metrics(cands, wl)

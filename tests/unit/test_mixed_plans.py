@@ -3,6 +3,7 @@ search, the simulator, the renderer and the operator's accounting."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,75 @@ def test_optimize_prints_the_mixed_plan_and_its_split(mixed) -> None:
     assert "mixed over GPU types" in text
     assert f"* {p.recommended.config.summary()}" in text and " + " in text
     assert "traffic split by capacity at the SLO: h100_sxm" in text
+
+
+# ---- crossed: prefill on one GPU type, decode on another (search/crossing.py) -------------
+
+CROSS = {"model": {"id": "meta-llama/Llama-3.1-8B"},
+         "workload": {"promptTokens": {"kind": "fixed", "value": 4096},
+                      "outputTokens": {"kind": "fixed", "value": 256},
+                      "arrivals": {"kind": "poisson", "requestsPerSecond": 20}},
+         "slo": {"ttftMs": {"p90": 1500}, "tpotMs": {"p90": 40}},
+         "hardware": {"gpus": [
+             {"gpu": "h100_sxm", "count": 16, "nodeSelector": {"pool": "h100"}},
+             {"gpu": "l40s", "count": 16, "nodeSelector": {"pool": "l40s"}}]},
+         "objective": "min_cost",
+         "bounds": {"quantizations": ["fp8"], "kvDtypes": ["bf16"], "speculation": ["none"],
+                    "maxTensorParallel": 4, "maxPipelineParallel": 1,
+                    "allowDisaggregation": True}}
+
+
+@pytest.fixture(scope="module")
+def crossed() -> tuple[Any, list[Choice]]:
+    from trilemma.optimizer.search import planning
+
+    request = parse_spec(copy.deepcopy(CROSS))
+    found = planning.search(request, FAST, lambda _p, _f: None, {}).mixes
+    return request, [c for c in found if c.config.prefill is not None]
+
+
+def test_crossed_plans_put_prefill_and_decode_on_different_types_within_each_pool(
+        crossed) -> None:
+    request, plans = crossed
+    pairs = {(c.config.prefill.gpu, c.config.worker.gpu) for c in plans
+             if c.config.prefill is not None}
+    assert pairs == {("h100_sxm", "l40s"), ("l40s", "h100_sxm")}
+    for c in plans:
+        by_type = c.config.gpus_by_type()
+        assert set(by_type) == {"h100_sxm", "l40s"}
+        assert all(n <= request.hardware.group(g).count for g, n in by_type.items())
+        assert c.prediction.capacity_rps >= 20.0
+        # The KV crosses at the slower NIC of the two node types.
+        assert "KV over the network between" in c.prediction.provenance["transfer"]
+        assert c.config.summary().endswith(f"on {c.config.prefill.gpu} -> "
+                                           f"{c.config.worker.gpu}")
+
+
+def test_a_crossed_plan_is_simulated_with_each_sides_gpu(crossed) -> None:
+    from trilemma.optimizer.search import confirming
+
+    request, plans = crossed
+    cheapest = min(plans, key=lambda c: c.prediction.cost_per_hour)
+    done = confirming.confirm(request, [cheapest], SearchSettings(simulate_requests=300),
+                              seed=0)
+    assert done.simulated == 1
+
+
+def test_render_places_crossed_prefill_and_decode_on_their_own_nodes(crossed) -> None:
+    request, plans = crossed
+    config = min(plans, key=lambda c: c.prediction.cost_per_hour).config
+    assert config.prefill is not None
+    groups = {g.gpu: g for g in request.hardware.gpus}
+    opts = render.RenderOptions(pool_group=groups[config.worker.gpu],
+                                pool_groups=(groups[config.prefill.gpu],),
+                                router_command=("router",))
+    objs = render.manifests(config, name="chat", options=opts)
+    placed = {o["metadata"]["labels"]["app.kubernetes.io/component"]:
+              o["spec"]["template"]["spec"].get("nodeSelector", {}).get("pool")
+              for o in objs if o["kind"] == "Deployment"}
+    assert placed["prefill"] == groups[config.prefill.gpu].node_selector["pool"]
+    assert placed["decode"] == groups[config.worker.gpu].node_selector["pool"]
+    assert placed["router"] is None  # the router holds no GPU
+    assert any("NixlConnector" in a for o in objs if o["kind"] == "Deployment"
+               for c in o["spec"]["template"]["spec"]["containers"] for a in c["args"])
+    assert status.config_gpus(config) == config.gpus_by_type()
