@@ -33,9 +33,10 @@ from trilemma.optimizer.search.screening import RowScreen, SloMetric, Term, Work
 from trilemma.optimizer.spec.plan_request import PlanRequest
 
 _SLO_SLACK = 1.0 + 1e-6
-_PCTS = (("ttft_p50_ms", SloMetric.TTFT, "p50"), ("ttft_p90_ms", SloMetric.TTFT, "p90"),
-         ("tpot_p50_ms", SloMetric.TPOT, "p50"), ("tpot_p90_ms", SloMetric.TPOT, "p90"),
-         ("e2e_p99_ms", SloMetric.E2E, "p99"))
+# The Prediction fields the screen fills, and the percentile each is.
+PERCENTILES = (("ttft_p50_ms", SloMetric.TTFT, "p50"), ("ttft_p90_ms", SloMetric.TTFT, "p90"),
+               ("tpot_p50_ms", SloMetric.TPOT, "p50"), ("tpot_p90_ms", SloMetric.TPOT, "p90"),
+               ("e2e_p99_ms", SloMetric.E2E, "p99"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,7 +164,7 @@ def choice(parts: list[tuple[Layout, int]], screens: list[RowScreen], wl: Worklo
         ratio, _ = screening.worst(terms, ttft, tpot, wl)
         if terms and float(ratio.ravel()[0]) > _SLO_SLACK:
             return None
-        for name, metric, q in _PCTS:
+        for name, metric, q in PERCENTILES:
             v = float(screening.percentile(metric, q, ttft, tpot, wl).ravel()[0])
             pcts[name] = max(pcts.get(name, 0.0), v)
     first, n0 = parts[0]

@@ -280,3 +280,20 @@ def test_render_places_crossed_prefill_and_decode_on_their_own_nodes(crossed) ->
     assert any("NixlConnector" in a for o in objs if o["kind"] == "Deployment"
                for c in o["spec"]["template"]["spec"]["containers"] for a in c["args"])
     assert status.config_gpus(config) == config.gpus_by_type()
+
+
+def test_a_running_mixed_or_crossed_plan_is_re_predicted_per_gpu_type(mixed, crossed) -> None:
+    from trilemma.optimizer.search import predict
+
+    request, p = mixed
+    again = predict(p.recommended.config, request, requests=300)
+    assert again.choice.prediction.cost_per_hour == pytest.approx(
+        p.recommended.prediction.cost_per_hour)
+    assert again.choice.prediction.capacity_rps == pytest.approx(
+        p.recommended.prediction.capacity_rps)
+    assert again.slo_miss is None
+    request, plans = crossed
+    c = min(plans, key=lambda x: x.prediction.cost_per_hour)
+    again = predict(c.config, request, requests=300)
+    assert again.choice.prediction.cost_per_hour == pytest.approx(c.prediction.cost_per_hour)
+    assert again.choice.prediction.capacity_rps == pytest.approx(c.prediction.capacity_rps)
