@@ -48,9 +48,12 @@ def set_condition(conditions: list[Obj], kind: ConditionType, ok: bool | None, r
 
 def short_summary(config: ServingConfig) -> str:
     """The printer column's form of a configuration: the (decode) worker's own summary,
-    e.g. "fp8 TP2 eagle3x3", marked "disagg" for prefill/decode plans."""
+    e.g. "fp8 TP2 eagle3x3", marked "disagg" for prefill/decode plans and "+N type(s)" for
+    plans spanning GPU types (the GPU column names the worker's)."""
     disagg = " disagg" if config.mode is Mode.DISAGGREGATED else ""
-    return config.worker.summary() + disagg
+    more = len(config.gpus_by_type()) - 1
+    return config.worker.summary() + disagg + (
+        f" +{more} type{'s' if more > 1 else ''}" if more else "")
 
 
 def config_gpus(config: ServingConfig) -> dict[str, int]:

@@ -150,6 +150,15 @@ def test_render_gives_one_workload_per_gpu_type_on_its_nodes(mixed) -> None:
     assert len(set(selectors)) == len(selectors)
     assert render.render_yaml(config, name="chat", options=opts) == render.render_yaml(
         config, name="chat", options=opts)
+    # The load-aware route a capacity split needs: the InferencePool selects every type's pods.
+    routed = render.manifests(config, name="chat", options=opts,
+                              inference_pool=render.InferencePoolOptions())
+    pool_obj, = (o for o in routed if o["kind"] == "InferencePool")
+    wanted = pool_obj["spec"]["selector"]["matchLabels"]
+    for d in (o for o in routed if o["kind"] == "Deployment" and "engine" in {
+            c["name"] for c in o["spec"]["template"]["spec"]["containers"]}):
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in wanted.items())
 
 
 def test_operator_accounts_each_gpu_type_and_scales_them_together(mixed) -> None:
@@ -163,6 +172,7 @@ def test_operator_accounts_each_gpu_type_and_scales_them_together(mixed) -> None
 
     wire = to_wire(active)
     assert wire["gpusByType"] == gpus and wire["gpus"] == sum(gpus.values())
+    assert wire["short"].endswith(" +1 type") and " + " in wire["summary"]
     assert status.config_gpus_from_active(wire) == gpus
     ledger = pool.Ledger()
     ledger.record("gpus", "ns/chat", status.config_gpus_from_active(wire))
