@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from tests.operator.test_reconcile import ENDPOINT, NS, deployments, status
+from tests.operator.test_reconcile import ENDPOINT, NS, deployments, make_available, status
 
 POOL = {"apiVersion": "trilemma.dev/v1alpha1", "kind": "HardwarePool",
         "metadata": {"name": "gpus"},
@@ -52,3 +52,9 @@ async def test_a_mixed_plan_deploys_one_workload_per_gpu_type(api, operator_fact
     for d in deps:
         labels = d["spec"]["template"]["metadata"]["labels"]
         assert all(labels[k] == v for k, v in service["spec"]["selector"].items())
+    # Both types' workloads available: the endpoint is Ready and still holds both types.
+    for d in deps:
+        await make_available(api, d)
+    st = await api.wait(lambda: status(api).get("phase") == "Ready" and status(api),
+                        timeout=120, what="phase Ready")
+    assert st["allocatedGpus"] == active["gpusByType"]
