@@ -90,8 +90,9 @@ def test_rate_no_single_type_carries_yields_a_mixed_plan_split_by_capacity(mixed
     cost = sum(x.replicas * x.worker.gpus * request.hardware.group(x.worker.gpu)
                .effective_price_per_gpu_hour for x in config.parts())
     assert rec.prediction.cost_per_hour == pytest.approx(cost)
-    # The plan stores and reads back byte-identically.
+    # The plan stores and reads back byte-identically, and the same spec plans the same.
     assert Plan.from_dict(p.to_dict()).to_dict() == p.to_dict()
+    assert plan(parse_spec(_raw()), settings=FAST).to_dict() == p.to_dict()
 
 
 def planning_screens(request: Any) -> list[Any]:
