@@ -139,10 +139,11 @@ PDB_API = "policy/v1"
 
 def build(config: ServingConfig, spec: OptimizedEndpointSpec, owner: Owner,
           pool_group: GpuGroup, *, served_model: str | None = None,
-          e2e_p99_ms: float | None = None) -> Children:
+          e2e_p99_ms: float | None = None, other_groups: tuple[GpuGroup, ...] = ()) -> Children:
     """The workloads, Services and disruption budgets deploying `config`; `served_model` is
     what the engine loads when it differs from the planned model id (a ConfigMap model's
-    checkpoint); `e2e_p99_ms`, the plan's predicted p99 latency, sizes the pods' drain.
+    checkpoint); `e2e_p99_ms`, the plan's predicted p99 latency, sizes the pods' drain;
+    `other_groups`, a mixed plan's other GPU types' pool groups (their nodes' scheduling).
 
     Raises InputError when the configuration cannot be deployed as specified (a vLLM
     disaggregated plan without a router command, an extra argument overriding the plan).
@@ -150,7 +151,7 @@ def build(config: ServingConfig, spec: OptimizedEndpointSpec, owner: Owner,
     engine = Engine(config.engine)
     cache = spec.serving.model_cache
     options = render.RenderOptions(
-        pool_group=pool_group,
+        pool_group=pool_group, pool_groups=other_groups,
         router_command=tuple(spec.engine.router_command) if spec.engine.router_command
         else None,
         served_model=served_model if served_model != config.model else None,

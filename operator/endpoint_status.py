@@ -80,6 +80,10 @@ class ActiveConfiguration(SpecModel):
     engine: str
     gpu: str
     gpus: int = Field(ge=0, description="GPUs the configuration holds in the pool.")
+    gpus_by_type: dict[str, int] | None = Field(
+        default=None, description="A configuration spanning GPU types (a mixed plan, or "
+        "prefill on another type than decode): the GPUs it holds of each type; `gpu` is its "
+        "(decode) worker's type.")
     replicas: int = Field(ge=0)
     engine_args: list[str] = Field(default_factory=list)
     applied: bool = Field(description="false: recommended only (autoApply false).")

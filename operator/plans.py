@@ -267,8 +267,9 @@ async def _nearest_with_more_gpus(rt: Runtime, request: Any) -> str:
     except InputError:
         return (f" Even {NEAREST_POOL_FACTOR}x the available GPUs would not meet it.")
     rec = run.plan.recommended
-    (gpu, count), = status.config_gpus(rec.config).items()
-    offered = next((g.count for g in request.hardware.gpus if g.gpu == gpu), 0)
+    offered = {g.gpu: g.count for g in request.hardware.gpus}
+    needs = status.config_gpus(rec.config).items()
     return (f" Nearest feasible: {rec.config.summary()} (${rec.prediction.cost_per_hour:.2f}/h)"
-            f" needs {count} {gpu}; {offered} available.")
+            f" needs {' + '.join(f'{n} {gpu}' for gpu, n in needs)}; "
+            f"{' + '.join(f'{offered.get(gpu, 0)} {gpu}' for gpu, _ in needs)} available.")
 

@@ -196,9 +196,12 @@ def _render(ep: Endpoint, spec: OptimizedEndpointSpec, full_pool: HardwarePoolSp
     config = choice.config
     served = models.checkpoints.get(config.model, config.model)
     group = full_pool.group(config.worker.gpu)
+    # The other GPU types' groups: a mixed plan's parts, a crossed plan's prefill.
+    others = tuple(full_pool.group(gpu) for gpu in config.gpus_by_type()
+                   if gpu != config.worker.gpu)
     try:
         kids = children.build(config, spec, ep.owner, group, served_model=served,
-                              e2e_p99_ms=choice.prediction.e2e_p99_ms)
+                              e2e_p99_ms=choice.prediction.e2e_p99_ms, other_groups=others)
     except InputError as err:
         raise failed("RenderFailed", input_message(err), ConditionType.OPTIMIZED) from None
     engine_args = next(c["args"] for w in kids.workloads for c in _containers(w)

@@ -33,12 +33,21 @@ def unit_capacity(choice: Choice) -> float:
 def scaled(config: ServingConfig, count: int) -> ServingConfig:
     """`config` with `count` replicas; a disaggregated plan's prefill pool keeps its ratio to
     the decode pool (rounded up: prefill short-changed is TTFT lost), at least one while any
-    decode worker runs."""
+    decode worker runs. A mixed plan's other GPU types keep theirs to its own worker's the
+    same way: its "replica" is one of its worker's with its share of the other types'."""
+    if config.mixed:
+        return dataclasses.replace(config, replicas=count, mixed=tuple(
+            dataclasses.replace(p, replicas=_share(count, p.replicas, config.replicas))
+            for p in config.mixed))
     if config.prefill is None or config.prefill_replicas < 1:
         return dataclasses.replace(config, replicas=count)
-    ratio = config.prefill_replicas / max(config.replicas, 1)
-    prefill = 0 if count == 0 else max(1, math.ceil(count * ratio - 1e-9))
+    prefill = _share(count, config.prefill_replicas, config.replicas)
     return dataclasses.replace(config, replicas=count, prefill_replicas=prefill)
+
+
+def _share(count: int, part: int, whole: int) -> int:
+    """`part` per `whole` at `count`: rounded up, at least one while count is not 0."""
+    return 0 if count == 0 else max(1, math.ceil(count * part / max(whole, 1) - 1e-9))
 
 
 def carried(count: int, old_capacity: float, new_capacity: float) -> int:

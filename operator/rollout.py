@@ -41,9 +41,12 @@ LWS_API = "leaderworkerset.x-k8s.io/v1"
 
 async def _workloads(kube: Kube, ep: Endpoint, config_hash: str | None = None) -> list[Obj]:
     """The endpoint's Deployments and LeaderWorkerSets: of one configuration hash (read by
-    name: the renderer names them <name>[-role]-<hash>), or all of them (listed)."""
+    name: the renderer names them <name>[-role]-<hash>; listed by that hash's label when none
+    is found so: a plan spanning GPU types names one per type, <name>-p<i>-<hash>), or all of
+    them (listed)."""
     lws = await kube.crd_exists(LWS_CRD)
     kinds = [("apps/v1", "Deployment")] + ([(LWS_API, "LeaderWorkerSet")] if lws else [])
+    labels = {naming.LABEL_ENDPOINT: ep.name, "app.kubernetes.io/managed-by": naming.MANAGED_BY}
     if config_hash is not None:
         found = []
         for middle in ("", "-prefill", "-decode", "-router"):
@@ -54,8 +57,9 @@ async def _workloads(kube: Kube, ep: Endpoint, config_hash: str | None = None) -
                     found.append(obj)
             if found and not middle:
                 break  # aggregated: one workload, no roles to look for
-        return [w for w in found if owns(ep, w)]
-    labels = {naming.LABEL_ENDPOINT: ep.name, "app.kubernetes.io/managed-by": naming.MANAGED_BY}
+        if found:
+            return [w for w in found if owns(ep, w)]
+        labels = {**labels, naming.LABEL_CONFIG_HASH: config_hash}
     found = []
     for api_version, kind in kinds:
         found += await kube.list(api_version, kind, ep.namespace, labels=labels)

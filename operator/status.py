@@ -48,20 +48,27 @@ def set_condition(conditions: list[Obj], kind: ConditionType, ok: bool | None, r
 
 def short_summary(config: ServingConfig) -> str:
     """The printer column's form of a configuration: the (decode) worker's own summary,
-    e.g. "fp8 TP2 eagle3x3", marked "disagg" for prefill/decode plans."""
+    e.g. "fp8 TP2 eagle3x3", marked "disagg" for prefill/decode plans and "+N type(s)" for
+    plans spanning GPU types (the GPU column names the worker's)."""
     disagg = " disagg" if config.mode is Mode.DISAGGREGATED else ""
-    return config.worker.summary() + disagg
+    more = len(config.gpus_by_type()) - 1
+    return config.worker.summary() + disagg + (
+        f" +{more} type{'s' if more > 1 else ''}" if more else "")
 
 
 def config_gpus(config: ServingConfig) -> dict[str, int]:
-    """GPUs a configuration holds, by type."""
-    return {config.worker.gpu: config.gpus}
+    """GPUs a configuration holds, by type (a mixed plan holds several: the pool's accounting
+    and the ledger count each type apart)."""
+    return config.gpus_by_type()
 
 
 def config_gpus_from_active(active: Obj | None) -> dict[str, int]:
     """GPUs the status's active configuration holds, by type."""
     if not active:
         return {}
+    by_type = active.get("gpusByType")
+    if by_type:
+        return {str(g): int(n) for g, n in by_type.items()}
     return {active["gpu"]: int(active["gpus"])}
 
 
@@ -71,7 +78,9 @@ def active_configuration(choice: Choice, *, config_hash: str, served_model: str,
     return ActiveConfiguration(
         hash=config_hash, summary=config.summary(), short=short_summary(config),
         model=served_model, engine=config.engine, gpu=config.worker.gpu,
-        gpus=sum(config_gpus(config).values()), replicas=config.replicas,
+        gpus=sum(config_gpus(config).values()),
+        gpus_by_type=by_type if len(by_type := config_gpus(config)) > 1 else None,
+        replicas=config.replicas,
         engine_args=engine_args, applied=applied)
 
 

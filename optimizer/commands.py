@@ -75,8 +75,9 @@ def _row(c: Choice, mark: str) -> str:
 
 def print_plan(p: planning.Plan, out: TextIO) -> None:
     c = p.counts
+    mixed = f" on one GPU type, {c.mixed:,} mixed over GPU types" if c.mixed else ""
     out.write(f"searched {c.enumerated:,} candidate configurations: {c.screened:,} screened, "
-              f"{c.feasible:,} meet the SLO, {c.simulated} simulated\n\n")
+              f"{c.feasible:,} meet the SLO{mixed}, {c.simulated} simulated\n\n")
     out.write(f"  {'configuration':<58} {'GPUs':>5} {'$/hour':>9} {'$/Mtok':>8} "
               f"{'TTFT p90':>9} {'TPOT p90':>8} {'req/s':>8} {'qual':>6} {'src':>5}\n")
     rec = p.recommended.config.config_hash()
@@ -86,6 +87,9 @@ def print_plan(p: planning.Plan, out: TextIO) -> None:
         out.write(_row(p.recommended, "* ") + "\n")
     _print_alternatives(p, out)
     out.write(f"\nrecommended ({p.objective.value}): {p.recommended.config.summary()}\n")
+    split = p.recommended.prediction.provenance.get("split")
+    if split:
+        out.write(f"  traffic split {split}\n")
     kernels = p.recommended.prediction.provenance.get("kernels")
     if kernels:
         out.write(f"  kernels: {kernels} (no measured kernel tables for this GPU)\n")

@@ -142,7 +142,7 @@ class SimServer:
     async def _count_http(self, request: web.Request, handler: Any) -> web.StreamResponse:
         # The generation routes' answers by status, as vLLM's instrumented server counts them:
         # how refusals (a prompt past max_model_len is a 400) reach Prometheus.
-        response = await handler(request)
+        response: web.StreamResponse = await handler(request)
         if request.path in GENERATION_ROUTES:
             self.metrics.http_request(request.path, request.method, response.status)
         return response

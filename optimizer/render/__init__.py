@@ -17,7 +17,7 @@ from trilemma.optimizer.render.inference_pool import InferencePoolOptions
 from trilemma.optimizer.render.ir import Arg, RenderedWorker, RenderPlan, Role, Source
 from trilemma.optimizer.render.layout import DEFAULT_IMAGES, layout, parse_engine
 from trilemma.optimizer.render.workloads import CACHE_MOUNT
-from trilemma.optimizer.search.configs import ServingConfig
+from trilemma.optimizer.search.configs import Mode, ServingConfig
 
 
 def bootstrap_port(engine: str) -> int:
@@ -31,7 +31,7 @@ def engine_args(config: ServingConfig, engine: str, *,
                 options: RenderOptions | None = None) -> list[str]:
     """argv after the command of the (decode or aggregated) worker's leader process."""
     rendered = layout(config, engine, name="render", options=options)
-    aggregated = len(rendered.workers) == 1
+    aggregated = config.mode is Mode.AGGREGATED
     return rendered.worker(Role.SERVER if aggregated else Role.DECODE).argv()
 
 

@@ -31,6 +31,8 @@ class RenderOptions:
     max_model_len: int | None = None   # tokens; None leaves the model's own limit
     draft_model: str | None = None     # eagle/eagle3 head, overriding data/draft_heads.yaml
     pool_group: GpuGroup | None = None  # node size, resource name, scheduling constraints
+    # A mixed plan's other GPU types' groups (by their `gpu`); pool_group is the worker's.
+    pool_groups: tuple[GpuGroup, ...] = ()
     router_command: tuple[str, ...] | None = None  # disaggregated: the request router
     # What the engine loads when it is not the planned model id: a checkpoint path in the pod,
     # or the Hub id of a model planned from its config.json alone.

@@ -54,6 +54,15 @@ class Arg:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Scheduling:
+    """Where a GPU type's pods go: its extended resource, nodeSelector and tolerations."""
+
+    gpu_resource: str = "nvidia.com/gpu"
+    node_selector: tuple[tuple[str, str], ...] = ()
+    tolerations: tuple[tuple[tuple[str, object], ...], ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class RenderedWorker:
     """One kind of pod: the process it runs and the hardware it asks for.
 
@@ -71,6 +80,10 @@ class RenderedWorker:
     leader_args: tuple[Arg, ...] = ()
     follower_args: tuple[Arg, ...] = ()
     serves_http: bool = True           # followers of a multi-node replica serve nothing
+    # A mixed plan's replicas on one GPU type (search/mixing.py): "p0", "p1", ... names the
+    # workload and its pods; its GPUs' scheduling replaces the plan's. Empty: single type.
+    part: str = ""
+    scheduling: Scheduling | None = None
 
     @property
     def provenance(self) -> dict[str, str]:
@@ -106,6 +119,13 @@ class RenderPlan:
     @property
     def provenance(self) -> dict[str, dict[str, str]]:
         return {w.role.value: w.provenance for w in self.workers}
+
+    def scheduling(self, worker: RenderedWorker) -> Scheduling:
+        """Where `worker`'s pods go: its own GPU type's placement, else the plan's."""
+        if worker.scheduling is not None:
+            return worker.scheduling
+        return Scheduling(gpu_resource=self.gpu_resource, node_selector=self.node_selector,
+                          tolerations=self.tolerations)
 
     def worker(self, role: Role) -> RenderedWorker:
         for w in self.workers:

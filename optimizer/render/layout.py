@@ -14,7 +14,14 @@ from trilemma.optimizer.catalog import Engine
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import releases
 from trilemma.optimizer.render import choices, sglang_flags, vllm_flags
-from trilemma.optimizer.render.ir import Arg, RenderedWorker, RenderPlan, Role, Source
+from trilemma.optimizer.render.ir import (
+    Arg,
+    RenderedWorker,
+    RenderPlan,
+    Role,
+    Scheduling,
+    Source,
+)
 from trilemma.optimizer.search.configs import Mode, ServingConfig, WorkerConfig
 from trilemma.optimizer.spec import hardware
 
@@ -84,15 +91,54 @@ def _router(name: str, engine: Engine, options: choices.RenderOptions) -> Render
 
 def _workers(config: ServingConfig, engine: Engine, name: str,
              options: choices.RenderOptions) -> tuple[RenderedWorker, ...]:
+    if config.mixed:
+        return _mixed(config, engine, options)
     if config.mode is Mode.AGGREGATED:
         return (_worker(config, engine, config.worker, Role.SERVER, config.replicas, options),)
     if config.prefill is None or config.prefill_replicas < 1:
         raise InputError("prefill", None, "a disaggregated plan needs a prefill worker")
     return (
-        _worker(config, engine, config.prefill, Role.PREFILL, config.prefill_replicas, options),
+        _prefill(config, engine, options),
         _worker(config, engine, config.worker, Role.DECODE, config.replicas, options),
         _router(name, engine, options),
     )
+
+
+def _type_options(options: choices.RenderOptions, gpu: str) -> choices.RenderOptions:
+    """`options` with the pool group of the GPU type `gpu` (None when none is given)."""
+    groups = {g.gpu: g for g in (*options.pool_groups,
+                                 *([options.pool_group] if options.pool_group else []))}
+    return dataclasses.replace(options, pool_group=groups.get(catalog.get_gpu(gpu).key))
+
+
+def _prefill(config: ServingConfig, engine: Engine,
+             options: choices.RenderOptions) -> RenderedWorker:
+    """The prefill workers; on another GPU type than decode (search/crossing.py), placed on
+    that type's nodes. The KV connector flags are the same either way: NIXL and Mooncake
+    move the KV over the network between any two nodes."""
+    assert config.prefill is not None
+    if config.prefill.gpu == config.worker.gpu:
+        return _worker(config, engine, config.prefill, Role.PREFILL, config.prefill_replicas,
+                       options)
+    opts = _type_options(options, config.prefill.gpu)
+    one = dataclasses.replace(config, worker=config.prefill)
+    worker = _worker(config, engine, config.prefill, Role.PREFILL, config.prefill_replicas,
+                     opts)
+    return dataclasses.replace(worker, scheduling=Scheduling(**_scheduling(one, opts)))
+
+
+def _mixed(config: ServingConfig, engine: Engine,
+           options: choices.RenderOptions) -> tuple[RenderedWorker, ...]:
+    """One server workload per GPU type, each placed on its own type's nodes (its pool
+    group's node size, resource name, nodeSelector and tolerations)."""
+    out = []
+    for i, part in enumerate(config.parts()):
+        opts = _type_options(options, part.worker.gpu)
+        one = dataclasses.replace(config, worker=part.worker, replicas=part.replicas, mixed=())
+        worker = _worker(one, engine, part.worker, Role.SERVER, part.replicas, opts)
+        out.append(dataclasses.replace(worker, part=f"p{i}",
+                                       scheduling=Scheduling(**_scheduling(one, opts))))
+    return tuple(out)
 
 
 class _Scheduling(TypedDict):

@@ -47,9 +47,31 @@ def selector(plan: RenderPlan, component: str) -> dict[str, str]:
     return {**_config_pods(plan), "app.kubernetes.io/component": component}
 
 
-def object_name(plan: RenderPlan, role: Role) -> str:
+LABEL_PART = "trilemma.dev/part"
+
+
+def object_name(plan: RenderPlan, role: Role, part: str = "") -> str:
+    """<name>[-role][-part]-<hash8>: a mixed plan's part ("p1", at most 3 characters up to
+    p99) is shorter than "-prefill", so children.MAX_NAME holds for it too."""
     middle = "" if role is Role.SERVER else f"-{role.value}"
+    middle += f"-{part}" if part else ""
     return f"{plan.name}{middle}-{plan.config_hash}"
+
+
+def _own(plan: RenderPlan, worker: RenderedWorker, part: str | None = None) -> dict[str, str]:
+    """A workload's (or its pods') labels: a mixed plan's part labelled, so that each GPU
+    type's workload selects its own pods while the Service selects them all."""
+    out = labels(plan, worker.role, part=part)
+    if worker.part:
+        out[LABEL_PART] = worker.part
+    return out
+
+
+def _own_selector(plan: RenderPlan, worker: RenderedWorker, component: str) -> dict[str, str]:
+    out = selector(plan, component)
+    if worker.part:
+        out[LABEL_PART] = worker.part
+    return out
 
 
 def _probe(path: str, period: int, failures: int) -> Obj:
@@ -88,7 +110,8 @@ def _pre_stop(plan: RenderPlan, worker: RenderedWorker, drain: Drain, follower: 
 
 def _container(plan: RenderPlan, worker: RenderedWorker, drain: Drain, *,
                follower: bool = False) -> Obj:
-    gpus = {plan.gpu_resource: str(worker.gpus_per_pod)} if worker.gpus_per_pod else {}
+    resource = plan.scheduling(worker).gpu_resource
+    gpus = {resource: str(worker.gpus_per_pod)} if worker.gpus_per_pod else {}
     serves = worker.serves_http and not follower
     container: Obj = {
         "name": "engine" if worker.role is not Role.ROUTER else "router",
@@ -130,21 +153,22 @@ def pod_template(plan: RenderPlan, worker: RenderedWorker, drain: Drain, *,
         "automountServiceAccountToken": False,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
     }
+    where = plan.scheduling(worker)
     if worker.gpus_per_pod:
-        if plan.node_selector:
-            spec["nodeSelector"] = dict(plan.node_selector)
-        if plan.tolerations:
-            spec["tolerations"] = [dict(t) for t in plan.tolerations]
-    return {"metadata": {"labels": labels(plan, worker.role, part=part)}, "spec": spec}
+        if where.node_selector:
+            spec["nodeSelector"] = dict(where.node_selector)
+        if where.tolerations:
+            spec["tolerations"] = [dict(t) for t in where.tolerations]
+    return {"metadata": {"labels": _own(plan, worker, part)}, "spec": spec}
 
 
 def deployment(plan: RenderPlan, worker: RenderedWorker, drain: Drain) -> Obj:
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": object_name(plan, worker.role), "namespace": plan.namespace,
-                     "labels": labels(plan, worker.role)},
+        "metadata": {"name": object_name(plan, worker.role, worker.part),
+                     "namespace": plan.namespace, "labels": _own(plan, worker)},
         "spec": {"replicas": worker.replicas,
-                 "selector": {"matchLabels": selector(plan, worker.role.value)},
+                 "selector": {"matchLabels": _own_selector(plan, worker, worker.role.value)},
                  "template": pod_template(plan, worker, drain)},
     }
 
@@ -155,8 +179,8 @@ def leader_worker_set(plan: RenderPlan, worker: RenderedWorker, drain: Drain) ->
     follower = f"{worker.role.value}-worker"
     return {
         "apiVersion": LWS_API, "kind": "LeaderWorkerSet",
-        "metadata": {"name": object_name(plan, worker.role), "namespace": plan.namespace,
-                     "labels": labels(plan, worker.role)},
+        "metadata": {"name": object_name(plan, worker.role, worker.part),
+                     "namespace": plan.namespace, "labels": _own(plan, worker)},
         "spec": {
             "replicas": worker.replicas,
             "leaderWorkerTemplate": {
@@ -192,9 +216,14 @@ def _serving_component(worker: RenderedWorker) -> str:
 def front_component(plan: RenderPlan) -> str:
     """The component the endpoint Service <name> selects: the serving pods (a multi-node
     replica's leaders) of an aggregated plan, the router of a disaggregated one."""
-    if len(plan.workers) == 1:
+    if _aggregated(plan):
         return _serving_component(plan.workers[0])
     return Role.ROUTER.value
+
+
+def _aggregated(plan: RenderPlan) -> bool:
+    """Every workload serves (one, or a mixed plan's one per GPU type): no router."""
+    return all(w.role is Role.SERVER for w in plan.workers)
 
 
 def workload(plan: RenderPlan, worker: RenderedWorker, drain: Drain) -> Obj:
@@ -211,15 +240,16 @@ def disruption_budget(plan: RenderPlan, worker: RenderedWorker) -> Obj:
     ready again. Unready pods serve nothing, so they may always go (AlwaysAllow)."""
     if worker.nodes > 1:
         parts = [f"{worker.role.value}-leader", f"{worker.role.value}-worker"]
-        match: Obj = {"matchLabels": _config_pods(plan),
+        match: Obj = {"matchLabels": {**_config_pods(plan), **(
+                          {LABEL_PART: worker.part} if worker.part else {})},
                       "matchExpressions": [{"key": "app.kubernetes.io/component",
                                             "operator": "In", "values": parts}]}
     else:
-        match = {"matchLabels": selector(plan, worker.role.value)}
+        match = {"matchLabels": _own_selector(plan, worker, worker.role.value)}
     return {
         "apiVersion": PDB_API, "kind": "PodDisruptionBudget",
-        "metadata": {"name": object_name(plan, worker.role), "namespace": plan.namespace,
-                     "labels": labels(plan, worker.role)},
+        "metadata": {"name": object_name(plan, worker.role, worker.part),
+                     "namespace": plan.namespace, "labels": _own(plan, worker)},
         "spec": {"maxUnavailable": 1, "selector": match,
                  "unhealthyPodEvictionPolicy": "AlwaysAllow"},
     }
@@ -238,7 +268,7 @@ def build(plan: RenderPlan, *, bootstrap_port: int = 0,
     objects = [workload(plan, w, drain) for w in plan.workers]
     budgets = [disruption_budget(plan, w) for w in plan.workers]
     front = service(plan, plan.name, front_component(plan))
-    if len(plan.workers) == 1:
+    if _aggregated(plan):
         return [*objects, front, *budgets]
     prefill, decode = plan.worker(Role.PREFILL), plan.worker(Role.DECODE)
     return [*objects, front,

@@ -4,6 +4,7 @@ with the simulator, and return a Pareto front with an explained recommendation."
 from trilemma.optimizer.search.configs import (
     Choice,
     Mode,
+    Part,
     Prediction,
     ServingConfig,
     WorkerConfig,
@@ -24,6 +25,7 @@ __all__ = [
     "Limit",
     "MalformedPlan",
     "Mode",
+    "Part",
     "Plan",
     "Predicted",
     "Prediction",

@@ -94,8 +94,10 @@ _MAX_TRIES = 32  # candidates tried past simulated misses before giving a value 
 
 def _best(ctx: Context, idx: np.ndarray, by: By, value: str) -> Choice | None:
     rec = ctx.recommended
-    if key_of_choice(rec, by) == value:
-        return rec  # the recommendation is the best of its own kind by construction
+    spans = len(rec.config.gpus_by_type()) > 1
+    if key_of_choice(rec, by) == value and not (by is By.GPU and spans):
+        # The best of its own kind by construction (a plan over GPU types is no one type's).
+        return rec
     if len(idx) == 0:
         return None
     m = ranking.metrics(ctx.candidates.take(idx), ctx.wl)

@@ -89,8 +89,27 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Part:
+    """Replicas of an aggregated worker on another GPU type, beside the configuration's own.
+
+    `weight` is what one of its replicas carries within the SLO relative to one replica of
+    the configuration's `worker`: traffic splits over the types in proportion to replicas x
+    weight, i.e. to each type's capacity at the SLO (mixing.py says why that split)."""
+
+    worker: WorkerConfig
+    replicas: int = 1
+    weight: float = 1.0
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> Part:
+        return decoding.record(cls, data, where,
+                               worker=lambda d, at: WorkerConfig.from_dict(d, at))
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServingConfig:
-    """A whole deployment of one model: replicas of a worker, or prefill + decode pools."""
+    """A whole deployment of one model: replicas of a worker, or prefill + decode pools;
+    an aggregated one may add replicas on other GPU types (`mixed`)."""
 
     model: str                        # catalog id or config.json path
     engine: Engine = Engine.VLLM
@@ -99,17 +118,48 @@ class ServingConfig:
     replicas: int = 1                 # of `worker`
     prefill: WorkerConfig | None = None
     prefill_replicas: int = 0
+    # Aggregated replicas on other GPU types (a mixed plan), one Part per type. Left out of
+    # the JSON form when empty, so every single-type configuration keeps its hash.
+    mixed: tuple[Part, ...] = field(default=(), metadata={OMIT_AT_DEFAULT: True})
+
+    def __post_init__(self) -> None:
+        if self.mixed and self.mode is not Mode.AGGREGATED:
+            raise ValueError("a mixed configuration is aggregated")
 
     @property
     def gpus(self) -> int:
         extra = self.prefill.gpus * self.prefill_replicas if self.prefill else 0
-        return self.worker.gpus * self.replicas + extra
+        return self.worker.gpus * self.replicas + extra + sum(
+            p.worker.gpus * p.replicas for p in self.mixed)
+
+    def gpus_by_type(self) -> dict[str, int]:
+        """GPUs the configuration holds, by catalog key (what a pool's accounting counts)."""
+        out: dict[str, int] = {}
+        workers = [(p.worker, p.replicas) for p in self.parts()]
+        if self.prefill is not None:
+            workers.append((self.prefill, self.prefill_replicas))
+        for w, n in workers:
+            out[w.gpu] = out.get(w.gpu, 0) + w.gpus * n
+        return out
+
+    def parts(self) -> tuple[Part, ...]:
+        """Every type's replicas, the configuration's own worker first (weight 1)."""
+        return (Part(worker=self.worker, replicas=self.replicas), *self.mixed)
+
+    def shares(self) -> tuple[float, ...]:
+        """The traffic share of each of `parts()`: replicas x weight, normalised."""
+        loads = [p.replicas * p.weight for p in self.parts()]
+        total = sum(loads)
+        return tuple(x / total if total > 0 else 0.0 for x in loads)
 
     def summary(self) -> str:
         if self.mode is Mode.DISAGGREGATED and self.prefill is not None:
+            where = (self.worker.gpu if self.prefill.gpu == self.worker.gpu
+                     else f"{self.prefill.gpu} -> {self.worker.gpu}")
             return (f"{self.prefill_replicas}x prefill[{self.prefill.summary()}] + "
-                    f"{self.replicas}x decode[{self.worker.summary()}] on {self.worker.gpu}")
-        return f"{self.replicas}x [{self.worker.summary()}] on {self.worker.gpu}"
+                    f"{self.replicas}x decode[{self.worker.summary()}] on {where}")
+        return " + ".join(f"{p.replicas}x [{p.worker.summary()}] on {p.worker.gpu}"
+                          for p in self.parts())
 
     def to_dict(self) -> dict[str, Any]:
         plain: dict[str, Any] = _plain(self)
@@ -124,7 +174,17 @@ class ServingConfig:
         def prefill(d: Any, at: str) -> WorkerConfig | None:
             return None if d is None else worker(d, at)
 
-        return decoding.record(cls, data, where, worker=worker, prefill=prefill)
+        def mixed(d: Any, at: str) -> tuple[Part, ...]:
+            return tuple(decoding.items(d, at, Part.from_dict))
+
+        try:
+            return decoding.record(cls, data, where, worker=worker, prefill=prefill,
+                                   mixed=mixed)
+        except ValueError as err:
+            if isinstance(err, decoding.MalformedPlan):
+                raise
+            raise decoding.MalformedPlan(f"{where}.mixed" if where else "mixed",
+                                         None, str(err)) from None
 
     def config_hash(self) -> str:
         """First 8 hex digits of the SHA-256 of the canonical JSON: names a configuration."""
@@ -134,7 +194,9 @@ class ServingConfig:
         """config_hash of everything but the replica counts: names Deployments, so that a
         replica-only change scales the running Deployment instead of rolling out a new one."""
         one = dataclasses.replace(self, replicas=1,
-                                  prefill_replicas=min(self.prefill_replicas, 1))
+                                  prefill_replicas=min(self.prefill_replicas, 1),
+                                  mixed=tuple(dataclasses.replace(p, replicas=1)
+                                              for p in self.mixed))
         return one.config_hash()
 
 

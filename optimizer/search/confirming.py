@@ -23,7 +23,7 @@ from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import engine as perf_engine
 from trilemma.optimizer.perf import steps
-from trilemma.optimizer.search import parallel, screening
+from trilemma.optimizer.search import mixing, parallel, screening
 from trilemma.optimizer.search.configs import Choice, Mode, ServingConfig, WorkerConfig
 from trilemma.optimizer.search.screening import RowScreen, SloMetric, Term
 from trilemma.optimizer.search.sizing import Candidates
@@ -101,8 +101,26 @@ def _simulate_all(configs: list[ServingConfig], sample: serving.RequestStream,
 
     Equal clusters give equal runs (same sample, same seed): each distinct one is simulated
     once. Runs are independent, so they spread over `workers` processes with the same
-    results as one after the other.
+    results as one after the other. A configuration spanning GPU types runs its parts in
+    turn (`summary`), here in this process.
     """
+    plain = iter(_simulate_plain([c for c in configs if not c.mixed], sample, wl, seed,
+                                 workers))
+    out: list[serving.Summary | str] = []
+    for cfg in configs:
+        if not cfg.mixed:
+            out.append(next(plain))
+            continue
+        try:
+            out.append(summary(cfg, sample, wl.output_predictability, seed))
+        except InputError as err:
+            out.append(err.why)
+    return out
+
+
+def _simulate_plain(configs: list[ServingConfig], sample: serving.RequestStream,
+                    wl: screening.WorkloadMeans, seed: int,
+                    workers: int) -> list[serving.Summary | str]:
     keys: list[_Key | str] = []
     models: dict[_Key, steps.StepModel] = {}
     for cfg in configs:
@@ -190,6 +208,23 @@ def _engine(sm: steps.StepModel, w: WorkerConfig,
                                  gpu_memory_utilization=w.gpu_memory_utilization, cp=w.cp)
 
 
+def summary(cfg: ServingConfig, sample: serving.RequestStream, output_predictability: float,
+            seed: int) -> serving.Summary:
+    """The steady-state summary of `cfg` on `sample`; a mixed configuration's GPU types each
+    simulated on their share of the arrivals (mixing.split), summarised as one mixture."""
+    runs = []
+    parts = [(cfg, np.arange(len(sample)))] if not cfg.mixed else [
+        (mixing.part_config(cfg, p), idx)
+        for p, idx in zip(cfg.parts(), mixing.split(cfg, len(sample)), strict=True)]
+    for part, idx in parts:
+        if len(idx) == 0:
+            continue
+        res = simulate(part, sample if not cfg.mixed else mixing.part_stream(sample, idx),
+                       output_predictability, seed)
+        runs.append((res, res.steady(warmup=_WARMUP, cooldown=_COOLDOWN)))
+    return runs[0][0].summary(runs[0][1]) if len(runs) == 1 else mixing.mixture(runs)
+
+
 def simulate(cfg: ServingConfig, sample: serving.RequestStream, output_predictability: float,
              seed: int,
              tables: dict[serving.EngineConfig, serving.StepTable] | None = None
@@ -208,11 +243,15 @@ def cluster_of(cfg: ServingConfig,
     pool = serving.Pool(engine=_engine(sm, w, output_predictability), replicas=cfg.replicas)
     prefill = transfer = None
     if cfg.mode is Mode.DISAGGREGATED and cfg.prefill is not None:
-        prefill = serving.Pool(engine=_engine(sm, cfg.prefill, output_predictability),
+        sm_p = step_model(cfg, cfg.prefill)  # its own GPU type's, when it differs
+        prefill = serving.Pool(engine=_engine(sm_p, cfg.prefill, output_predictability),
                                replicas=cfg.prefill_replicas)
-        # Pools sit on different nodes, as the screen assumes.
-        transfer = serving.kv_transfer(sm, tp=cfg.prefill.tp, pp=cfg.prefill.pp,
+        # Pools sit on different nodes, as the screen assumes; between two node types the
+        # slower NIC sets the pace (crossing.py).
+        transfer = serving.kv_transfer(sm_p, tp=cfg.prefill.tp, pp=cfg.prefill.pp,
                                        inter_node=True, cp=cfg.prefill.cp)
+        transfer = dataclasses.replace(transfer, bandwidth=min(
+            sm_p.gpu.inter_node_bw, sm.gpu.inter_node_bw))
     cluster = serving.Cluster(pool=pool, prefill=prefill, transfer=transfer,
                               request_overhead_ms=sm.facts.request_overhead_ms)
     return cluster, sm

@@ -118,9 +118,9 @@ def term_value(t: Term, p: Prediction, wl: WorkloadMeans) -> float:
 def limits(request: PlanRequest, c: Choice, terms: list[Term], wl: WorkloadMeans) -> list[Limit]:
     out = [Limit(name=t.name, used=term_value(t, c.prediction, wl), limit=t.target_ms,
                  unit="ms") for t in terms]
-    key = c.config.worker.gpu
-    out.append(Limit(name=f"{key} pool", used=float(c.config.gpus),
-                     limit=float(request.hardware.group(key).count), unit="GPUs"))
+    for key, used in c.config.gpus_by_type().items():  # a mixed plan: each type's pool
+        out.append(Limit(name=f"{key} pool", used=float(used),
+                         limit=float(request.hardware.group(key).count), unit="GPUs"))
     if request.slo.max_cost_per_hour is not None:
         out.append(Limit(name="budget", used=c.prediction.cost_per_hour,
                          limit=request.slo.max_cost_per_hour, unit="$/h"))

@@ -24,8 +24,10 @@ from trilemma.optimizer.catalog.speculation import SpecMethod
 from trilemma.optimizer.search import (
     alternatives,
     confirming,
+    crossing,
     decoding,
     explaining,
+    mixing,
     parallel,
     ranking,
     screening,
@@ -33,7 +35,7 @@ from trilemma.optimizer.search import (
     space,
 )
 from trilemma.optimizer.search.alternatives import Alternative, By
-from trilemma.optimizer.search.configs import Choice, WorkerConfig, _plain
+from trilemma.optimizer.search.configs import OMIT_AT_DEFAULT, Choice, WorkerConfig, _plain
 from trilemma.optimizer.search.explaining import Explanation
 from trilemma.optimizer.search.space import SearchSettings
 from trilemma.optimizer.spec.objective import Objective
@@ -41,6 +43,7 @@ from trilemma.optimizer.spec.plan_request import PlanRequest
 
 Progress = Callable[[str, float], None]
 _KEEP_TOP = 8  # analytic best by the objective kept beside the front
+_SIMULATE_MIXES = 2  # mixed plans confirmed, best by the objective first (mixing.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +57,9 @@ class Counts:
     screened: int             # candidates (rows x modes x replica options) fully screened
     feasible: int             # candidates meeting every SLO, pool and budget limit
     simulated: int            # configurations confirmed by the simulator
+    # Plans spanning GPU types composed (mixing.py, crossing.py); left out of the JSON form
+    # at 0, so that plans without any keep their bytes.
+    mixed: int = field(default=0, metadata={OMIT_AT_DEFAULT: True})
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> Counts:
@@ -161,6 +167,8 @@ class Search:
     ranked: np.ndarray
     front: np.ndarray
     counts: Counts
+    # Plans spanning GPU types (mixing.py, crossing.py), analytic.
+    mixes: list[Choice] = field(default_factory=list)
 
 
 def search(request: PlanRequest, settings: SearchSettings,
@@ -180,7 +188,10 @@ def search(request: PlanRequest, settings: SearchSettings,
     wl = screening.WorkloadMeans.of(request)
     terms = screening.slo_terms(request)
     cands, nearest = sizing.size_all(screens, request, settings, wl, terms, pruned)
-    if len(cands) == 0:
+    mixes = [*mixing.compose(screens, request, wl, terms, settings.replica_factors),
+             *crossing.compose(screens, request, wl, terms, settings.pd_ratios)
+             ] if settings.mixed else []
+    if len(cands) == 0 and not mixes:
         raise explaining.infeasible(request, screens, nearest, terms, pruned)
     m = ranking.metrics(cands, wl)
     ranked = ranking.order(request.objective, m)
@@ -191,9 +202,9 @@ def search(request: PlanRequest, settings: SearchSettings,
                     pruned={k: int(v) for k, v in sorted(pruned.items()) if v},
                     coarse_layouts=coarse,
                     screened=sum(len(rs.rows) for rs in screens) * sp.modes * sp.replica_options,
-                    feasible=len(cands), simulated=0)
+                    feasible=len(cands), simulated=0, mixed=len(mixes))
     return Search(screens=screens, candidates=cands, metrics=m, ranked=ranked, front=fr,
-                  counts=counts)
+                  counts=counts, mixes=mixes)
 
 
 def plan(request: PlanRequest, *, settings: SearchSettings | None = None,
@@ -216,12 +227,15 @@ def plan(request: PlanRequest, *, settings: SearchSettings | None = None,
     keep = list(dict.fromkeys([*picked, *(int(i) for i in s.ranked[:_KEEP_TOP]),
                                *(int(i) for i in s.front)]))
     analytic = {i: ranking.choice(s.candidates, i, s.screens, settings, wl) for i in keep}
-    confirmed = confirming.confirm(request, [analytic[i] for i in picked], settings, seed=seed,
-                                   progress=lambda f: report("simulate", f))
+    mixes = best_mixes(request.objective, s.mixes, wl)
+    top = [analytic[i] for i in picked[:settings.simulate_top_k]]
+    confirmed = confirming.confirm(request, [*(analytic[i] for i in picked),
+                                             *contenders(request.objective, top, mixes, wl)],
+                                   settings, seed=seed, progress=lambda f: report("simulate", f))
     timings["simulate"] = time.perf_counter() - t
     done = {c.config.config_hash(): c for c in confirmed.choices}
     failed = {c.config.config_hash() for c, _ in confirmed.failed}
-    pool = [done.get(c.config.config_hash(), c) for c in analytic.values()
+    pool = [done.get(c.config.config_hash(), c) for c in [*analytic.values(), *mixes]
             if c.config.config_hash() not in failed]
     if not pool:
         # Everything simulated missed the SLO and nothing else was kept: the screen was too
@@ -258,6 +272,31 @@ def plan(request: PlanRequest, *, settings: SearchSettings | None = None,
     return Plan(request=digest(request), objective=request.objective, recommended=recommended,
                 front=front, explanation=explanation, counts=counts, alternatives=alts,
                 timings=timings)
+
+
+def best_mixes(objective: Objective, mixes: list[Choice],
+               wl: screening.WorkloadMeans) -> list[Choice]:
+    """The mixed plans best first by the objective, the first `_KEEP_TOP`: the best
+    `_SIMULATE_MIXES` are simulated beside the single-type picks, the others stay in the
+    running analytic."""
+    if not mixes:
+        return []
+    return [mixes[int(i)] for i in ranking.order(objective, choice_metrics(mixes, wl))][
+        :_KEEP_TOP]
+
+
+def contenders(objective: Objective, top: list[Choice], mixes: list[Choice],
+               wl: screening.WorkloadMeans) -> list[Choice]:
+    """The best `_SIMULATE_MIXES` mixed plans that rank among the single-type plans the
+    objective simulates first (`top`): a mix that loses to all of them analytically is not
+    worth a simulation (it stays in the running, unconfirmed, like the rest of the front)."""
+    head = mixes[:_SIMULATE_MIXES]
+    if not top:
+        return head
+    everything = [*top, *head]
+    order = ranking.order(objective, choice_metrics(everything, wl))
+    ahead = {int(i) for i in order[:len(top)]}
+    return [m for j, m in enumerate(head) if len(top) + j in ahead]
 
 
 def choice_metrics(choices: list[Choice], wl: screening.WorkloadMeans) -> ranking.Metrics:

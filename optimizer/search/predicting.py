@@ -9,6 +9,7 @@ method at the same workload. One predictor: this reuses the search's own stages.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +18,8 @@ import numpy as np
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.speculation import SpecConfig
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.search import confirming, screening, space
+from trilemma.optimizer.search import confirming, mixing, screening, space
 from trilemma.optimizer.search.configs import Choice, Mode, Prediction, ServingConfig
-from trilemma.optimizer.search.screening import SloMetric
 from trilemma.optimizer.spec.plan_request import PlanRequest
 
 
@@ -47,32 +47,16 @@ def predict(config: ServingConfig, request: PlanRequest, *, requests: int = 1000
     """
     wl = screening.WorkloadMeans.of(request)
     terms = screening.slo_terms(request)
-    rows = _rows_of(config, request)
-    disaggregated = config.mode is Mode.DISAGGREGATED and config.prefill is not None
-    rs = screening.screen_rows(rows, request, wl, terms, disaggregated)
-    if disaggregated:
-        assert rs.decode is not None and rs.prefill_rate is not None
-        prefill, decode = config.prefill_replicas, config.replicas
-        rho_max = screening.prefill_rho_max(rs, terms, rs.decode.tpot[:, 0])
-        _, tpot = rs.decode.at(np.array([[wl.design_rate / decode]]))
-        rho = np.array([[wl.design_rate / (prefill * float(rs.prefill_rate[0]))]])
-        ttft = screening.prefill_ttft(rs, rho) + tpot
-        capacity = min(prefill * float(rho_max[0] * rs.prefill_rate[0]),
-                       decode * float(rs.decode.capacity[0]))
-    else:
-        ttft, tpot = rs.agg.at(np.array([[wl.design_rate / config.replicas]]))
-        capacity = float(rs.agg.capacity[0]) * config.replicas
-
-    def pct(metric: SloMetric, q: str) -> float:
-        return float(screening.percentile(metric, q, ttft, tpot, wl).ravel()[0])
-
-    cost = config.gpus * rows.group.price_per_gpu_hour
+    f = _figures(config, request, wl, terms)
+    capacity, cost = f.capacity, f.cost
+    pcts = {name: max(float(screening.percentile(metric, q, t, p, wl).ravel()[0])
+                      for t, p in f.latencies) for name, metric, q in mixing.PERCENTILES}
     prediction = Prediction(
-        ttft_p50_ms=pct(SloMetric.TTFT, "p50"), ttft_p90_ms=pct(SloMetric.TTFT, "p90"),
-        tpot_p50_ms=pct(SloMetric.TPOT, "p50"), tpot_p90_ms=pct(SloMetric.TPOT, "p90"),
-        e2e_p99_ms=pct(SloMetric.E2E, "p99"), capacity_rps=capacity, cost_per_hour=cost,
+        ttft_p50_ms=pcts["ttft_p50_ms"], ttft_p90_ms=pcts["ttft_p90_ms"],
+        tpot_p50_ms=pcts["tpot_p50_ms"], tpot_p90_ms=pcts["tpot_p90_ms"],
+        e2e_p99_ms=pcts["e2e_p99_ms"], capacity_rps=capacity, cost_per_hour=cost,
         cost_per_mtok=cost / max(wl.design_rate * wl.output_tokens * 3600.0, 1e-12) * 1e6,
-        quality=rows.group.quality,
+        quality=f.quality,
         provenance={"latency": "analytic: closed-loop step model (re-predicted)",
                     "capacity": "analytic: largest load meeting the SLO"})
     analytic = Choice(config=config, prediction=prediction)
@@ -83,15 +67,89 @@ def predict(config: ServingConfig, request: PlanRequest, *, requests: int = 1000
         return Predicted(choice=failed, slo_miss=why)
     choice = confirmed.choices[0]
     miss = None
-    if not choice.prediction.simulated:
-        ratio, term = screening.worst(terms, ttft, tpot, wl)
-        if terms and float(ratio.ravel()[0]) > 1.0:
-            t = terms[int(term.ravel()[0])]
-            miss = f"{t.name}: predicted {float(ratio.ravel()[0]) - 1:.0%} over"
+    if not choice.prediction.simulated and terms:
+        # The worst part's worst term (a mixed configuration's types each checked).
+        ratio, term = max((float(r.ravel()[0]), int(k.ravel()[0])) for r, k in (
+            screening.worst(terms, t, p, wl) for t, p in f.latencies))
+        if ratio > 1.0:
+            miss = f"{terms[term].name}: predicted {ratio - 1:.0%} over"
     if miss is None and capacity < wl.design_rate:
         miss = (f"capacity {capacity:.3g} req/s within the SLO is below the design rate "
                 f"{wl.design_rate:.3g} req/s")
     return Predicted(choice=choice, slo_miss=miss)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Figures:
+    """A configuration's analytic figures; `latencies` holds (mean TTFT, mean TPOT) arrays,
+    one pair per GPU type of a mixed configuration (its percentiles are the worst's)."""
+
+    latencies: list[tuple[np.ndarray, np.ndarray]]
+    capacity: float
+    cost: float
+    quality: float | None
+
+
+def _figures(config: ServingConfig, request: PlanRequest, wl: screening.WorkloadMeans,
+             terms: list[screening.Term]) -> _Figures:
+    if config.mixed:
+        return _mixed_figures(config, request, wl, terms)
+    rows = _rows_of(config, request)
+    disaggregated = config.mode is Mode.DISAGGREGATED and config.prefill is not None
+    rs = screening.screen_rows(rows, request, wl, terms, disaggregated)
+    if not disaggregated:
+        ttft, tpot = rs.agg.at(np.array([[wl.design_rate / config.replicas]]))
+        return _Figures(latencies=[(ttft, tpot)], capacity=float(rs.agg.capacity[0])
+                        * config.replicas, cost=config.gpus * rows.group.price_per_gpu_hour,
+                        quality=rows.group.quality)
+    assert rs.decode is not None and config.prefill is not None
+    prefill, decode = config.prefill_replicas, config.replicas
+    rp, price_p = rs, rows.group.price_per_gpu_hour
+    if config.prefill.gpu != config.worker.gpu:
+        # Prefill on its own GPU type (crossing.py): its rows, its price, and the KV over the
+        # slower of the two node types' NICs.
+        rows_p = _rows_of(dataclasses.replace(config, worker=config.prefill), request)
+        rp = screening.screen_rows(rows_p, request, wl, terms, True)
+        assert rp.transfer_ms is not None
+        lat = screening.KV_TRANSFER_LATENCY_MS
+        bw_p, bw_d = rows_p.group.gpu.inter_node_bw, rows.group.gpu.inter_node_bw
+        rp = dataclasses.replace(rp, transfer_ms=lat + (rp.transfer_ms - lat) * bw_p / min(
+            bw_p, bw_d))
+        price_p = rows_p.group.price_per_gpu_hour
+    assert rp.prefill_rate is not None
+    rho_max = screening.prefill_rho_max(rp, terms, rs.decode.tpot[:, 0])
+    _, tpot = rs.decode.at(np.array([[wl.design_rate / decode]]))
+    rho = np.array([[wl.design_rate / (prefill * float(rp.prefill_rate[0]))]])
+    ttft = screening.prefill_ttft(rp, rho) + tpot
+    capacity = min(prefill * float(rho_max[0] * rp.prefill_rate[0]),
+                   decode * float(rs.decode.capacity[0]))
+    cost = config.gpus * rows.group.price_per_gpu_hour if rp is rs else (
+        config.prefill.gpus * prefill * price_p
+        + config.worker.gpus * decode * rows.group.price_per_gpu_hour)
+    return _Figures(latencies=[(ttft, tpot)], capacity=capacity, cost=cost,
+                    quality=rows.group.quality)
+
+
+def _mixed_figures(config: ServingConfig, request: PlanRequest, wl: screening.WorkloadMeans,
+                   terms: list[screening.Term]) -> _Figures:
+    """Each GPU type screened on its own; the rate split by their capacities at the SLO
+    (mixing.py: what the load-aware router converges to)."""
+    screens, qualities = [], []
+    for part in config.parts():
+        rows = _rows_of(mixing.part_config(config, part), request)
+        screens.append((screening.screen_rows(rows, request, wl, terms, False), rows.group))
+        qualities.append(rows.group.quality)
+    caps = [float(rs.agg.capacity[0]) * p.replicas
+            for (rs, _), p in zip(screens, config.parts(), strict=True)]
+    total = sum(caps)
+    shares = [c / total for c in caps] if total > 0 else list(config.shares())
+    latencies = [rs.agg.at(np.array([[wl.design_rate * share / max(p.replicas, 1)]]))
+                 for (rs, _), p, share in zip(screens, config.parts(), shares, strict=True)]
+    cost = sum(p.worker.gpus * p.replicas * g.price_per_gpu_hour
+               for (_, g), p in zip(screens, config.parts(), strict=True))
+    quality = None if any(q is None for q in qualities) else min(
+        q for q in qualities if q is not None)
+    return _Figures(latencies=latencies, capacity=total, cost=cost, quality=quality)
 
 
 def _rows_of(config: ServingConfig, request: PlanRequest) -> space.Rows:

@@ -78,6 +78,9 @@ class SearchSettings:
     coarse_screen: bool = True
     workers: int = 2                              # screening processes; 1 = serial
     explain_sensitivity: bool = True              # re-screen the front's groups at 2x rate/prompt
+    # Compose plans spanning GPU types when the pool has several: aggregated replicas on
+    # several types (mixing.py), prefill on one type and decode on another (crossing.py).
+    mixed: bool = True
 
 
 PRUNE_REASONS = ("context", "dtype", "checkpoint", "quality", "parallelism", "nodes", "pool",

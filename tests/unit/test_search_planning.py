@@ -182,7 +182,7 @@ def test_counts_add_up_and_progress_is_reported() -> None:
 def test_public_names_are_pinned() -> None:
     assert sorted(search.__all__) == [
         "Choice", "Counts", "Explanation", "InfeasibleSLO", "Limit", "MalformedPlan", "Mode",
-        "Plan", "Predicted", "Prediction", "RequestDigest", "Scenario", "SearchSettings",
+        "Part", "Plan", "Predicted", "Prediction", "RequestDigest", "Scenario", "SearchSettings",
         "Sense", "ServingConfig", "WorkerConfig", "WorkloadDigest", "canonical_json",
         "pareto_front", "plan", "predict"]
 
