@@ -33,7 +33,7 @@ def _nothing_deployed(api) -> None:
      ["no configuration meets the SLO", "Nearest:"]),
     ({"workload": {**ENDPOINT["spec"]["workload"],
                    "arrivals": {"kind": "poisson", "requestsPerSecond": 400}}},
-     "Infeasible", "PoolTooSmall", ["more GPUs", "Nearest feasible:", "h100_sxm; 8 available"]),
+     "Infeasible", "PoolTooSmall", ["more GPUs", "Nearest feasible:", "h100_sxm; 8 h100_sxm available"]),
     ({"workload": {**ENDPOINT["spec"]["workload"],
                    "promptTokens": {"kind": "lognormal", "mean": 1000, "p90": 500}}},
      "Failed", "InvalidSpec", ["workload.promptTokens.p90", "must exceed the mean"]),
