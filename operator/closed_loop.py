@@ -27,6 +27,7 @@ from trilemma.operator import (
     children,
     naming,
     plans,
+    promql,
     reconcile,
     retune,
     retune_history,
@@ -54,12 +55,8 @@ CALIBRATION_REQUESTS = 300
 
 
 def selector(ep: Endpoint, spec: OptimizedEndpointSpec) -> dict[str, str]:
-    """The endpoint's series: the PodMonitor copies the pods' endpoint label onto them
-    (podTargetLabels), and Prometheus adds the namespace. The spec's matchers narrow them
-    (ANDed), never replace them: the operator's own keys are written last, and the spec's
-    schema refuses those keys anyway."""
-    return {**spec.prometheus.label_selector, "namespace": ep.namespace,
-            "trilemma_dev_endpoint": ep.name}
+    """The endpoint's series (promql.endpoint_selector)."""
+    return promql.endpoint_selector(ep.namespace, ep.name, spec.prometheus.label_selector)
 
 
 # A bearer token goes into an HTTP header: visible ASCII only (no CR/LF to inject headers),

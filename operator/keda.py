@@ -27,8 +27,7 @@ DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
 def query(name: str, namespace: str, spec: OptimizedEndpointSpec) -> str:
     """Finished requests/s of the endpoint's pods over the replica window, divided by what one
     replica carries within the SLO: the replicas the rate needs at 100 % utilization."""
-    selector = {**spec.prometheus.label_selector, "namespace": namespace,
-                "trilemma_dev_endpoint": name}
+    selector = promql.endpoint_selector(namespace, name, spec.prometheus.label_selector)
     rates = " or ".join(
         promql.request_rate(promql.scope(engine, selector, spec.replicas.window_seconds))
         for engine in (Engine.VLLM, Engine.SGLANG))

@@ -117,6 +117,15 @@ def label_matchers(selector: Mapping[str, str]) -> str:
     return "{" + inner + "}"
 
 
+def endpoint_selector(namespace: str, name: str,
+                      label_selector: Mapping[str, str]) -> dict[str, str]:
+    """An endpoint's engine series: the PodMonitor copies the pods' endpoint label onto them
+    (podTargetLabels), and Prometheus adds the namespace. The spec's matchers narrow them
+    (ANDed), never replace them: the operator's own keys are written last, and the spec's
+    schema refuses those keys anyway."""
+    return {**label_selector, "namespace": namespace, "trilemma_dev_endpoint": name}
+
+
 def duration(seconds: float) -> str:
     """A PromQL duration in whole seconds: 900 -> "900s"."""
     whole = round(seconds)

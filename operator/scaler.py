@@ -42,8 +42,16 @@ def _due(body: Obj) -> OptimizedEndpointSpec | None:
 
 async def check(rt: Runtime, namespace: str, name: str, *, seen: Obj,
                 now: float | None = None) -> None:
-    """One look at an operator-owned endpoint's traffic; quiet when nothing changed."""
-    if _due(seen) is None:
+    """One look at an operator-owned endpoint's traffic; quiet when nothing changed.
+
+    `seen`: the endpoint as the timer's watch last saw it. An endpoint that cannot be scaled
+    and says so already (no Prometheus to ask) costs no read."""
+    spec = _due(seen)
+    if spec is None:
+        return
+    blocked = _unreadable(rt, spec)
+    said = ((seen.get("status") or {}).get("scaling") or {}).get("reading")
+    if blocked is not None and blocked == said:
         return
     now = time.time() if now is None else now
     async with rt.lock(f"{namespace}/{name}"):
@@ -94,21 +102,34 @@ def _decide(spec: OptimizedEndpointSpec, last: ScalingStatus, reading: autoscale
            "stabilization")
     return last.model_copy(update={
         "desired_replicas": desired, "observed_rps": round(reading.rate_rps, 4),
-        "recommendations": [ScaleRecommendation(time=_rfc3339(r.since), replicas=r.count)
+        "recommendations": [ScaleRecommendation(time=status.rfc3339(r.since), replicas=r.count)
                             for r in runs],
         "reading": why})
 
 
-async def _read(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
-                engine: str) -> autoscale.Reading | str:
-    """The reading, or the sentence saying why there is none."""
+def _unreadable(rt: Runtime, spec: OptimizedEndpointSpec) -> str | None:
+    """Why the endpoint has no Prometheus to read, decided without I/O; None when it has."""
     try:
-        url, token = await closed_loop.access(rt, ep, spec)
+        url = closed_loop.prometheus_url(rt, spec)
     except InputError as err:
         return f"not scaling: {err.field}={err.value!r}: {err.why}"
     if not url:
         return ("not scaling: no Prometheus URL (chart value prometheus.url); the plan's count "
                 "stands")
+    return None
+
+
+async def _read(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
+                engine: str) -> autoscale.Reading | str:
+    """The reading, or the sentence saying why there is none."""
+    blocked = _unreadable(rt, spec)
+    if blocked is not None:
+        return blocked
+    try:
+        url, token = await closed_loop.access(rt, ep, spec)
+    except InputError as err:
+        return f"not scaling: {err.field}={err.value!r}: {err.why}"
+    assert url is not None  # _unreadable said there is one
     scope = promql.scope(engine, closed_loop.selector(ep, spec), spec.replicas.window_seconds)
     try:
         async with PrometheusClient(url, token=token,
@@ -121,7 +142,3 @@ async def _read(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
         # No series at all is not zero traffic: the engines may not be scraped yet.
         return "not scaling: no request-rate series for the endpoint in Prometheus yet"
     return autoscale.Reading(rate_rps=rate, waiting=waiting or 0.0)
-
-
-def _rfc3339(unix_s: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))

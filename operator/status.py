@@ -28,6 +28,12 @@ def now_rfc3339() -> str:
         "+00:00", "Z")
 
 
+def rfc3339(unix_s: float) -> str:
+    """`unix_s` as status writes times: RFC 3339, UTC, whole seconds."""
+    stamp = datetime.datetime.fromtimestamp(int(unix_s), datetime.UTC)
+    return stamp.isoformat().replace("+00:00", "Z")
+
+
 def parse_time(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
