@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TypedDict
 
-from trilemma.optimizer import errorstats, validation
+from trilemma.optimizer import errorstats, validation, validation_layout
 from trilemma.optimizer.catalog import models
 from trilemma.optimizer.catalog.quantization import QuantRecipe
 from trilemma.optimizer.errors import TrilemmaError
@@ -166,7 +166,8 @@ def predict_aic(rows: Iterable[Mapping[str, str]]) -> AicRun:
     versions: dict[tuple[str, str], str] = {}
     out: list[validation.RowResult] = []
     with _quiet(["aiconfigurator", "aiconfigurator_core"]):
-        for i, row in enumerate(rows):
+        # The same layout trilemma models: a row's launch flags over contradicting columns.
+        for i, (row, _) in enumerate(validation_layout.corrected_rows(list(rows))):
             query = aic_query(row, bundled)
             if isinstance(query, str):
                 out.append(validation.row_result(i, row, None, None, query))

@@ -19,7 +19,7 @@ from typing import TypedDict
 
 import numpy as np
 
-from trilemma.optimizer import errorstats
+from trilemma.optimizer import errorstats, validation_layout
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.errors import InputError, TrilemmaError
@@ -42,10 +42,16 @@ class RowResult:
     pred_ttft_ms: float | None
     pred_tpot_ms: float | None
     skipped: str | None
+    # How the row was read where its columns were not taken as written (validation_layout).
+    note: str | None = None
 
     def as_json(self) -> dict[str, object]:
-        return {"id": self.id, "pred_ttft_ms": errorstats.rounded(self.pred_ttft_ms),
-                "pred_tpot_ms": errorstats.rounded(self.pred_tpot_ms), "skipped": self.skipped}
+        out: dict[str, object] = {
+            "id": self.id, "pred_ttft_ms": errorstats.rounded(self.pred_ttft_ms),
+            "pred_tpot_ms": errorstats.rounded(self.pred_tpot_ms), "skipped": self.skipped}
+        if self.note:
+            out["note"] = self.note
+        return out
 
 
 
@@ -113,12 +119,13 @@ class _Member:
     isl: int
     osl: int
     cfg: estimate.Config
+    note: str | None
 
     def result(self, ttft_ms: float | None, tpot_ms: float | None,
                skipped: str | None) -> RowResult:
         return RowResult(id=self.rid, group=self.group, measured_ttft_ms=self.measured_ttft_ms,
                          measured_tpot_ms=self.measured_tpot_ms, pred_ttft_ms=ttft_ms,
-                         pred_tpot_ms=tpot_ms, skipped=skipped)
+                         pred_tpot_ms=tpot_ms, skipped=skipped, note=self.note)
 
 
 _BatchKey = tuple[str, str, QuantRecipe, Engine, int, int, int, bool]
@@ -133,8 +140,9 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
     results: dict[int, RowResult] = {}
     batches: dict[_BatchKey, list[_Member]] = defaultdict(list)
     rows = list(rows)
-    for i, row in enumerate(rows):
-        planned = _member(i, row)
+    # A layout the id's launch flags (or a flagged copy's) contradict is read from the flags.
+    for i, (row, note) in enumerate(validation_layout.corrected_rows(rows)):
+        planned = _member(i, row, note)
         if isinstance(planned, RowResult):
             results[i] = planned
             continue
@@ -172,7 +180,7 @@ def row_result(i: int, row: Mapping[str, str], pred_ttft_ms: float | None,
                      pred_ttft_ms=pred_ttft_ms, pred_tpot_ms=pred_tpot_ms, skipped=skipped)
 
 
-def _member(i: int, row: Mapping[str, str]) -> _Member | RowResult:
+def _member(i: int, row: Mapping[str, str], note: str | None) -> _Member | RowResult:
     """The row resolved onto a configuration, or its skipped result saying why it cannot be."""
     base = row_result(i, row, None, None, None)
 
@@ -204,7 +212,8 @@ def _member(i: int, row: Mapping[str, str]) -> _Member | RowResult:
         return skip(str(exc))
     return _Member(index=i, rid=base.id, group=base.group,
                    measured_ttft_ms=base.measured_ttft_ms,
-                   measured_tpot_ms=base.measured_tpot_ms, conc=conc, isl=isl, osl=osl, cfg=cfg)
+                   measured_tpot_ms=base.measured_tpot_ms, conc=conc, isl=isl, osl=osl, cfg=cfg,
+                   note=note)
 
 
 class MetricErrors(TypedDict):
@@ -225,6 +234,7 @@ class Summary(TypedDict):
     modelled: int
     skipped: int
     skip_reasons: dict[str, int]
+    launch_flag_layouts: int  # rows modelled by their id's launch flags (validation_layout)
     overall: MetricErrors
     by_backend: dict[str, MetricErrors]
     groups: list[GroupErrors]
@@ -254,6 +264,7 @@ def summarize(results: list[RowResult]) -> Summary:
         "modelled": modelled,
         "skipped": len(results) - modelled,
         "skip_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "launch_flag_layouts": sum(1 for r in results if r.note and not r.skipped),
         "overall": {"ttft": errorstats.stats(overall["ttft"]),
                     "tpot": errorstats.stats(overall["tpot"])},
         "by_backend": {b: {"ttft": errorstats.stats(v["ttft"]),
@@ -271,7 +282,10 @@ def summary_lines(summary: Summary) -> list[str]:
     """The report as `trilemma validate` prints it: overall, by backend, by group."""
     ov = summary["overall"]
     lines = [f"{summary['rows']} rows: {summary['modelled']} modelled, "
-             f"{summary['skipped']} skipped",
+             f"{summary['skipped']} skipped"
+             + (f" ({summary['launch_flag_layouts']} modelled by the SGLang launch flags of "
+                "their id, or of a byte-identical copy's, which their columns contradict)"
+                if summary["launch_flag_layouts"] else ""),
              f"overall  TTFT median APE {ov['ttft']['median_ape']}%  p90 {ov['ttft']['p90_ape']}%"
              f"   TPOT median APE {ov['tpot']['median_ape']}%  p90 {ov['tpot']['p90_ape']}%"]
     for name, block in summary["by_backend"].items():
