@@ -32,7 +32,8 @@ class EngineFacts:
     batched_tokens_small: int
     seqs_large: int
     seqs_small: int
-    large_gpu_min_memory_gib: float
+    large_gpu_min_memory_gib: float          # where max_num_seqs turns large
+    batched_tokens_min_memory_gib: float     # where the token budget turns large
     runtime_memory_bytes: float
     nccl_memory_bytes: Mapping[int, float]
     kernel_launch_us: float
@@ -47,15 +48,20 @@ class EngineFacts:
     # where the rows name none.
     calibrated_release: tuple[str, str | None]
 
-    def _is_large(self, gpu: Gpu) -> bool:
-        # vLLM keys its larger defaults on >= 70 GiB of memory, except on A100 (PR #17885).
-        return gpu.memory_bytes >= self.large_gpu_min_memory_gib * GIB and "a100" not in gpu.key
+    @staticmethod
+    def _is_large(gpu: Gpu, min_memory_gib: float) -> bool:
+        # vLLM keys its larger defaults on >= 70 GiB of memory, except on A100 (PR #17885);
+        # SGLang its larger chunked_prefill_size on >= 160 GiB (B200), where A100 never is.
+        return gpu.memory_bytes >= min_memory_gib * GIB and "a100" not in gpu.key
 
     def default_max_num_batched_tokens(self, gpu: Gpu) -> int:
-        return self.batched_tokens_large if self._is_large(gpu) else self.batched_tokens_small
+        return (self.batched_tokens_large
+                if self._is_large(gpu, self.batched_tokens_min_memory_gib)
+                else self.batched_tokens_small)
 
     def default_max_num_seqs(self, gpu: Gpu) -> int:
-        return self.seqs_large if self._is_large(gpu) else self.seqs_small
+        return (self.seqs_large if self._is_large(gpu, self.large_gpu_min_memory_gib)
+                else self.seqs_small)
 
     def nccl_bytes(self, group_size: np.ndarray) -> np.ndarray:
         """NCCL buffer bytes per GPU for communicators of `group_size` GPUs (1: none)."""
@@ -89,7 +95,12 @@ def engine_facts(engine: Engine = Engine.VLLM) -> EngineFacts:
         batched_tokens_small=int(raw["max_num_batched_tokens"]["small_gpu"]),
         seqs_large=int(raw["max_num_seqs"]["large_gpu"]),
         seqs_small=int(raw["max_num_seqs"]["small_gpu"]),
-        large_gpu_min_memory_gib=float(raw["max_num_batched_tokens"]["large_gpu_min_memory_gib"]),
+        # max_num_seqs keys on vLLM's memory threshold unless the engine gives its own.
+        large_gpu_min_memory_gib=float(raw["max_num_seqs"].get(
+            "large_gpu_min_memory_gib",
+            doc["vllm"]["max_num_batched_tokens"]["large_gpu_min_memory_gib"])),
+        batched_tokens_min_memory_gib=float(
+            raw["max_num_batched_tokens"]["large_gpu_min_memory_gib"]),
         runtime_memory_bytes=float(_value(raw["runtime_memory_bytes"])),
         nccl_memory_bytes=nccl,
         kernel_launch_us=float(_value(raw["kernel_launch_us"])),
