@@ -82,20 +82,21 @@ def corrected(row: Mapping[str, str]) -> tuple[Mapping[str, str], str | None]:
     return fixed, note
 
 
-_Run = tuple[str, str, str, str, str, str, str]
+_RUN_COLUMNS = ("backend", "system", "isl", "osl", "batch_size", "silicon_ttft_ms",
+                "silicon_tpot_ms")
 
 
-def _run_key(row: Mapping[str, str]) -> _Run:
-    """What identifies one measured run: engine, GPU, lengths, load and both measurements."""
-    return tuple((row.get(k) or "").strip() for k in (  # type: ignore[return-value]
-        "backend", "system", "isl", "osl", "batch_size", "silicon_ttft_ms", "silicon_tpot_ms"))
+def _run_key(row: Mapping[str, str]) -> tuple[str, ...]:
+    """What identifies one measured run: engine, GPU, lengths, load and both measurements
+    (two runs do not share a TTFT and a TPOT to the last of 15 digits)."""
+    return tuple((row.get(k) or "").strip() for k in _RUN_COLUMNS)
 
 
 def corrected_rows(rows: Sequence[Mapping[str, str]]
                    ) -> list[tuple[Mapping[str, str], str | None]]:
     """`corrected` for every row, then the flagless copies of a flagged run take its layout."""
     out = [corrected(row) for row in rows]
-    flagged: dict[_Run, tuple[str, Mapping[str, str]]] = {}
+    flagged: dict[tuple[str, ...], tuple[str, Mapping[str, str]]] = {}
     for row, (fixed, _) in zip(rows, out, strict=True):
         if launch_flags(row) is not None:
             flagged.setdefault(_run_key(row), (row.get("id") or "", fixed))
@@ -109,7 +110,7 @@ def corrected_rows(rows: Sequence[Mapping[str, str]]
             continue
         fixed = dict(row)
         fixed.update({k: str(_size(layout, k)) for k in keys})
-        out[i] = (fixed, f"layout of {rid}, whose launch flags it shares a byte-identical "
-                         "measurement with: the columns say "
+        out[i] = (fixed, f"layout from the launch flags of {rid}, the same run (byte-identical "
+                         "TTFT and TPOT): the columns say "
                          + ", ".join(f"{k} {_size(row, k)}" for k in keys))
     return out
