@@ -23,7 +23,7 @@ from trilemma.optimizer import errorstats, validation_layout
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.errors import InputError, TrilemmaError
-from trilemma.optimizer.perf import estimate, latency
+from trilemma.optimizer.perf import estimate, hybrid_layers, latency
 from trilemma.optimizer.perf.engine import Engine, EngineFacts
 from trilemma.optimizer.perf.steps import StepModel
 
@@ -200,8 +200,9 @@ def _member(i: int, row: Mapping[str, str], note: str | None) -> _Member | RowRe
         tp, pp = _int(row, "tp_size"), _int(row, "pp_size")
         dp = _int(row, "attention_dp_size")
         ep = _int(row, "moe_ep_size") > 1
+        kv = hybrid_layers.engine_kv_dtype(engine, arch, gpu, KvDtype.BF16)
         cfg = estimate.resolve(model=row["model_path"], gpu=gpu.key, tp=tp, pp=pp, dp=dp,
-                               ep=ep, quant=recipe.value, kv_dtype=KvDtype.BF16.value,
+                               ep=ep, quant=recipe.value, kv_dtype=kv.value,
                                engine=engine.value)
         # AIConfigurator's `batch_size` is the concurrency of ONE attention-DP rank: the run's
         # closed-loop concurrency is batch_size x attention_dp_size (its provenance column

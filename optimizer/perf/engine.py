@@ -47,6 +47,9 @@ class EngineFacts:
     # (version, image) of the release the fitted overheads were measured on; image None
     # where the rows name none.
     calibrated_release: tuple[str, str | None]
+    # Hybrid (linear-attention) models: the engine's up-front split of the memory left after
+    # weights between recurrent states and KV (state : KV); None where both share one pool.
+    state_memory_ratio: float | None = None
 
     @staticmethod
     def _is_large(gpu: Gpu, min_memory_gib: float) -> bool:
@@ -112,4 +115,6 @@ def engine_facts(engine: Engine = Engine.VLLM) -> EngineFacts:
         prefill_first=bool(_value(raw["prefill_first"])),
         calibrated_release=(str(raw["calibrated_release"]["version"]),
                             raw["calibrated_release"]["image"]),
+        state_memory_ratio=(None if raw.get("state_memory_ratio") is None
+                            else float(_value(raw["state_memory_ratio"]))),
     )

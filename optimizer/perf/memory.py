@@ -14,6 +14,7 @@ import numpy.typing as npt
 from trilemma.optimizer.catalog.gpus import Gpu
 from trilemma.optimizer.catalog.models import ModelArch
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
+from trilemma.optimizer.perf import hybrid_layers
 from trilemma.optimizer.perf.arrays import BoolArray, FloatArray
 from trilemma.optimizer.perf.engine import EngineFacts
 
@@ -89,9 +90,10 @@ def weights_per_gpu(arch: ModelArch, recipe: QuantRecipe, tp: npt.ArrayLike,
 
 def kv_bytes_per_token_per_gpu(arch: ModelArch, kv: KvDtype, tp: npt.ArrayLike,
                                pp: npt.ArrayLike, cp: npt.ArrayLike = 1) -> FloatArray:
-    """KV bytes one token costs on one GPU, summed over the full-attention layers of a stage.
-    Decode context parallelism spreads a sequence's tokens over cp ranks: 1/cp per GPU."""
-    full_layers = arch.num_layers - arch.sliding_layers
+    """KV bytes one token costs on one GPU, summed over the full-attention layers of a stage
+    (linear-attention layers keep no KV). Decode context parallelism spreads a sequence's
+    tokens over cp ranks: 1/cp per GPU."""
+    full_layers = _full_layers(arch)
     return (per_layer_kv_bytes(arch, kv, tp) * full_layers
             / (np.asarray(pp, dtype=np.float64) * np.asarray(cp, dtype=np.float64)))
 
@@ -99,8 +101,10 @@ def kv_bytes_per_token_per_gpu(arch: ModelArch, kv: KvDtype, tp: npt.ArrayLike,
 def per_layer_kv_bytes(arch: ModelArch, kv: KvDtype, tp: npt.ArrayLike) -> FloatArray:
     tp = np.asarray(tp, dtype=np.float64)
     if arch.mla is not None:
-        # The MLA latent has no heads to slice: every TP rank keeps the whole of it.
-        return np.full(tp.shape, (arch.mla.kv_lora_rank + arch.mla.qk_rope_head_dim) * kv.bytes)
+        # The MLA latent has no heads to slice: every TP rank keeps the whole of it, and the
+        # replicated DSA indexer its FP8 index keys beside it.
+        latent = (arch.mla.kv_lora_rank + arch.mla.qk_rope_head_dim) * kv.bytes
+        return np.full(tp.shape, latent + hybrid_layers.index_cache_bytes_per_token(arch))
     kv_heads = np.maximum(arch.num_kv_heads / tp, 1.0)
     return 2.0 * kv_heads * arch.head_dim * kv.bytes
 
@@ -112,11 +116,32 @@ def kv_bytes_per_seq(arch: ModelArch, kv: KvDtype, tp: npt.ArrayLike, pp: npt.Ar
     seq_len = np.asarray(seq_len, dtype=np.float64) / np.asarray(cp, dtype=np.float64)
     blocks = np.ceil(seq_len / block) * block
     per_layer = per_layer_kv_bytes(arch, kv, tp)
-    full = (arch.num_layers - arch.sliding_layers) * blocks
+    full = _full_layers(arch) * blocks
     window = arch.sliding_window or 0
     sliding = arch.sliding_layers * np.minimum(blocks, window + block)
     held: FloatArray = full + sliding
     return per_layer * held / np.asarray(pp, dtype=np.float64)
+
+
+def _full_layers(arch: ModelArch) -> int:
+    return arch.num_layers - arch.sliding_layers - hybrid_layers.counts(arch).linear
+
+
+def seqs_that_fit(kv_cache: FloatArray, per_seq_kv: FloatArray, per_seq_state: FloatArray,
+                  state_ratio: float | None) -> FloatArray:
+    """Sequences the memory left after weights holds: each needs its KV and, in a hybrid
+    model, its linear-attention state. SGLang splits that memory up front, `state_ratio` :
+    1 between the state pool and the KV pool (`--mamba-full-memory-ratio`, 0.9); vLLM's
+    hybrid allocator keeps both in one pool (None)."""
+    room = np.maximum(kv_cache, 0.0)
+    if state_ratio is None or not np.any(per_seq_state > 0):
+        out: FloatArray = np.floor(room / (per_seq_kv + per_seq_state))
+        return out
+    kv_room = room / (1.0 + state_ratio)
+    state_room = room - kv_room
+    out = np.minimum(np.floor(kv_room / per_seq_kv),
+                     np.floor(state_room / np.maximum(per_seq_state, 1e-9)))
+    return np.where(per_seq_state > 0, out, np.floor(room / per_seq_kv))
 
 
 def activations_per_gpu(arch: ModelArch, tp: npt.ArrayLike, dp: npt.ArrayLike,
@@ -163,7 +188,8 @@ def breakdown(arch: ModelArch, gpu: Gpu, recipe: QuantRecipe, kv: KvDtype, facts
     runtime = facts.runtime_memory_bytes + facts.nccl_bytes(tp * dp)
     kv_cache = capacity - weights - acts - runtime
     per_seq = kv_bytes_per_seq(arch, kv, tp, pp, seq_len, facts.block_size, cp)
-    max_seqs = np.floor(np.maximum(kv_cache, 0.0) / per_seq)
+    state = hybrid_layers.recurrent_state_bytes_per_gpu(arch, tp) / pp
+    max_seqs = seqs_that_fit(kv_cache, per_seq, state, facts.state_memory_ratio)
     return MemoryBreakdown(
         capacity=capacity,
         weights=weights,

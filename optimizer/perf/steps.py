@@ -23,7 +23,7 @@ import numpy.typing as npt
 from trilemma.optimizer.catalog.gpus import Gpu
 from trilemma.optimizer.catalog.models import ModelArch
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
-from trilemma.optimizer.perf import context_parallel, kernel_forms, kernels, memory
+from trilemma.optimizer.perf import context_parallel, hybrid_layers, kernel_forms, kernels, memory
 from trilemma.optimizer.perf.arrays import FloatArray
 from trilemma.optimizer.perf.engine import EngineFacts
 
@@ -53,6 +53,9 @@ class LayerCounts:
     moe: int
     full_attention: int
     sliding_attention: int
+    linear_attention: int = 0  # Gated DeltaNet layers: no KV cache, priced in hybrid_layers
+
+
 
 
 def layer_counts(arch: ModelArch) -> LayerCounts:
@@ -61,9 +64,10 @@ def layer_counts(arch: ModelArch) -> LayerCounts:
     else:
         interval = max(arch.moe.moe_layer_interval, 1)
         moe_layers = (arch.num_layers - arch.moe.first_dense_layers) // interval
+    linear = hybrid_layers.counts(arch).linear
     return LayerCounts(dense=arch.num_layers - moe_layers, moe=moe_layers,
-                       full_attention=arch.num_layers - arch.sliding_layers,
-                       sliding_attention=arch.sliding_layers)
+                       full_attention=arch.num_layers - arch.sliding_layers - linear,
+                       sliding_attention=arch.sliding_layers, linear_attention=linear)
 
 
 def gemm_kernel(arch: ModelArch, recipe: QuantRecipe, gpu: Gpu, part: str = "") -> str:
@@ -103,6 +107,7 @@ class StepModel:
         self.km = kernels.kernel_model(gpu.key, datasheet=kernels_datasheet(gpu),
                                        cuda_graphs=True)
         self.layers = layer_counts(arch)
+        self.hybrid = hybrid_layers.counts(arch)
         self.attn_kernel = gemm_kernel(arch, recipe, gpu, "attention")
         self.mlp_kernel = gemm_kernel(arch, recipe, gpu, "dense_mlp")
         self.shared_kernel = gemm_kernel(arch, recipe, gpu, "shared_experts")
@@ -143,11 +148,13 @@ class StepModel:
             attn = self._mla_module(tp, dec_seqs, (dec_div, dec_kv_rank), q, pf_tokens,
                                     pf_seqs, pf_kv)
         else:
-            gemm = self._attention_gemms(tokens, tp)
+            gemm = self._attention_gemms(tokens, tp) * (a.num_layers - L.linear_attention)
             attn = self._attention_core(tp, dec_seqs, (dec_div, dec_kv_rank), q, pf_tokens,
                                         pf_seqs, pf_kv)
+        gemm = gemm + self._hybrid_gemms(tokens, tp)
+        attn = attn + self._hybrid_core(tp, dec_seqs * q, dec_kv, pf_tokens, pf_seqs, pf_kv)
         mlp_dense = self._dense_mlp(tokens, tp, a.intermediate_size, self.mlp_kernel)
-        gemm = gemm * a.num_layers + mlp_dense * L.dense
+        gemm = gemm + mlp_dense * L.dense
         moe = self._moe_layer(tokens, tp, dp, ep) * L.moe
 
         # Two all-reduces per layer over the TP group (after attention, after the MLP).
@@ -188,7 +195,9 @@ class StepModel:
             return self._mla_gemms(tokens, tp)
         heads = a.num_heads / tp
         kv_heads = np.maximum(a.num_kv_heads / tp, 1.0)
-        qkv = self.km.gemm_ms(k, tokens, (heads + 2.0 * kv_heads) * a.head_dim, a.hidden_size)
+        # Qwen3.5's gated attention: q_proj also emits a sigmoid gate as wide as the queries.
+        q_heads = heads * (2.0 if a.attention_output_gate else 1.0)
+        qkv = self.km.gemm_ms(k, tokens, (q_heads + 2.0 * kv_heads) * a.head_dim, a.hidden_size)
         out = self.km.gemm_ms(k, tokens, a.hidden_size, heads * a.head_dim)
         return qkv + out
 
@@ -240,8 +249,9 @@ class StepModel:
         # query rows cost compute that is small next to the KV read at decode batch sizes.
         dec_scale = 1.0 + 0.1 * (q - 1.0)
         total = np.zeros(np.broadcast(tp, dec_seqs, pf_tokens).shape)
-        for layers, window in ((L.full_attention, 0), (L.sliding_attention,
-                                                       a.sliding_window or 0)):
+        # DSA: the MLA reads only the indexer's top-k keys, a window of topk keys per query.
+        for layers, window in ((L.full_attention, hybrid_layers.sparse_window(a)),
+                               (L.sliding_attention, a.sliding_window or 0)):
             if not layers:
                 continue
             ctx = self.km.context_attention_ms(pf_b, pf_q, pf_ctx, heads, kv_heads, head_dim,
@@ -280,6 +290,38 @@ class StepModel:
                                     a.num_heads / dec_div, kv) * (1.0 + 0.1 * (q - 1.0))
         per_layer = np.where(pf_seqs > 0, ctx, 0.0) + np.where(dec_seqs > 0, dec, 0.0)
         return per_layer * a.num_layers
+
+    def _hybrid_gemms(self, tokens: np.ndarray, tp: np.ndarray) -> FloatArray:
+        """Projections of the Gated DeltaNet layers and of the DSA indexer (hybrid_layers)."""
+        a, H = self.arch, self.hybrid
+        out: FloatArray = np.zeros(np.broadcast(tp, tokens).shape)
+        if H.linear:
+            out = out + H.linear * hybrid_layers.gdn_gemms_ms(self.km, self.attn_kernel, a,
+                                                              tokens, tp)
+        if H.indexed:
+            out = out + H.indexed * hybrid_layers.indexer_gemms_ms(self.km, self.attn_kernel,
+                                                                   a, tokens)
+        return out
+
+    def _hybrid_core(self, tp: np.ndarray, dec_rows: np.ndarray, dec_kv: np.ndarray,
+                     pf_tokens: np.ndarray, pf_seqs: np.ndarray,
+                     pf_kv: np.ndarray) -> FloatArray:
+        """The delta rule of the linear-attention layers and the indexer's scoring and top-k
+        (hybrid_layers); `dec_rows` counts verified tokens, each a state update or a scan."""
+        a, H = self.arch, self.hybrid
+        launch = self.facts.kernel_launch_us / 1e3
+        out: FloatArray = np.zeros(np.broadcast(tp, dec_rows, pf_tokens).shape)
+        if H.linear:
+            out = out + H.linear * hybrid_layers.gdn_core_ms(self.km, self.gpu, a, tp,
+                                                             pf_tokens, dec_rows, launch)
+        if H.indexed:
+            # A prefill query scores its cached prefix and, causally, half its own prompt.
+            per_seq = pf_tokens / np.maximum(pf_seqs, 1.0)
+            keys = np.maximum(pf_kv - 0.5 * per_seq, 0.5 * per_seq)
+            out = out + H.indexed * hybrid_layers.indexer_core_ms(
+                self.km, self.gpu, a, pf_tokens=pf_tokens, pf_keys=keys, dec_seqs=dec_rows,
+                dec_kv=dec_kv, launch_ms=launch)
+        return out
 
     def _context_parallel_comm(self, tp: np.ndarray, cp: np.ndarray, tokens: np.ndarray,
                                dec_tokens: np.ndarray, cached: np.ndarray) -> FloatArray:
