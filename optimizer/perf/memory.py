@@ -32,6 +32,7 @@ class MemoryBreakdown:
     activations: FloatArray
     runtime: FloatArray           # CUDA context, graphs, NCCL buffers
     kv_cache: FloatArray          # what remains for KV blocks (may be negative)
+    state_pool: FloatArray        # SGLang's recurrent-state pool of a hybrid model (else 0)
     kv_bytes_per_token: FloatArray  # per GPU, full-attention layers of one stage
     max_seqs: FloatArray          # sequences of the given length that fit in the KV cache
     kv_tokens: FloatArray         # KV capacity in tokens at that length
@@ -127,21 +128,29 @@ def _full_layers(arch: ModelArch) -> int:
     return arch.num_layers - arch.sliding_layers - hybrid_layers.counts(arch).linear
 
 
-def seqs_that_fit(kv_cache: FloatArray, per_seq_kv: FloatArray, per_seq_state: FloatArray,
-                  state_ratio: float | None) -> FloatArray:
-    """Sequences the memory left after weights holds: each needs its KV and, in a hybrid
-    model, its linear-attention state. SGLang splits that memory up front, `state_ratio` :
-    1 between the state pool and the KV pool (`--mamba-full-memory-ratio`, 0.9); vLLM's
-    hybrid allocator keeps both in one pool (None)."""
-    room = np.maximum(kv_cache, 0.0)
-    if state_ratio is None or not np.any(per_seq_state > 0):
-        out: FloatArray = np.floor(room / (per_seq_kv + per_seq_state))
-        return out
-    kv_room = room / (1.0 + state_ratio)
-    state_room = room - kv_room
-    out = np.minimum(np.floor(kv_room / per_seq_kv),
-                     np.floor(state_room / np.maximum(per_seq_state, 1e-9)))
-    return np.where(per_seq_state > 0, out, np.floor(room / per_seq_kv))
+def state_pool_bytes(rest: FloatArray, per_seq_state: FloatArray,
+                     state_ratio: float | None) -> FloatArray:
+    """The recurrent-state pool a hybrid (linear-attention) model sets aside out of the
+    memory left after weights. SGLang splits that memory up front, `state_ratio` : 1 between
+    the state pool and the KV pool (`--mamba-full-memory-ratio`, 0.9); vLLM's hybrid
+    allocator keeps states in the KV pool itself (None: no separate pool)."""
+    rest = np.maximum(rest, 0.0)
+    if state_ratio is None:
+        return np.zeros_like(rest)
+    out: FloatArray = np.where(per_seq_state > 0, rest * state_ratio / (1.0 + state_ratio), 0.0)
+    return out
+
+
+def seqs_that_fit(kv_pool: FloatArray, state_pool: FloatArray, per_seq_kv: FloatArray,
+                  per_seq_state: FloatArray) -> FloatArray:
+    """Sequences that fit: each holds its KV and, in a hybrid model, its recurrent state,
+    either in their own pools (SGLang) or in one shared pool (`state_pool` 0)."""
+    kv_pool = np.maximum(kv_pool, 0.0)
+    shared = np.floor(kv_pool / (per_seq_kv + per_seq_state))
+    split = np.minimum(np.floor(kv_pool / per_seq_kv),
+                       np.floor(state_pool / np.maximum(per_seq_state, 1e-9)))
+    out: FloatArray = np.where(state_pool > 0, split, shared)
+    return out
 
 
 def activations_per_gpu(arch: ModelArch, tp: npt.ArrayLike, dp: npt.ArrayLike,
@@ -186,16 +195,19 @@ def breakdown(arch: ModelArch, gpu: Gpu, recipe: QuantRecipe, kv: KvDtype, facts
     weights = weights_per_gpu(arch, recipe, tp, pp, dp)
     acts = activations_per_gpu(arch, tp, dp, max_batched_tokens, max_num_seqs)
     runtime = facts.runtime_memory_bytes + facts.nccl_bytes(tp * dp)
-    kv_cache = capacity - weights - acts - runtime
+    rest = capacity - weights - acts - runtime
     per_seq = kv_bytes_per_seq(arch, kv, tp, pp, seq_len, facts.block_size, cp)
     state = hybrid_layers.recurrent_state_bytes_per_gpu(arch, tp) / pp
-    max_seqs = seqs_that_fit(kv_cache, per_seq, state, facts.state_memory_ratio)
+    state_pool = state_pool_bytes(rest, state, facts.state_memory_ratio)
+    kv_cache = rest - state_pool
+    max_seqs = seqs_that_fit(kv_cache, state_pool, per_seq, state)
     return MemoryBreakdown(
         capacity=capacity,
         weights=weights,
         activations=acts,
         runtime=runtime,
         kv_cache=kv_cache,
+        state_pool=state_pool,
         kv_bytes_per_token=kv_bytes_per_token_per_gpu(arch, kv, tp, pp, cp),
         max_seqs=max_seqs,
         kv_tokens=max_seqs * seq_len,

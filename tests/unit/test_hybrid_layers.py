@@ -97,11 +97,15 @@ def test_linear_layers_hold_no_kv_and_the_dsa_cache_holds_index_keys():
 
 
 def test_sglang_splits_the_free_memory_between_states_and_kv():
-    kv_cache, kv, state = np.float64(100.0), np.float64(1.0), np.float64(0.5)
-    # SGLang: 100 / 1.9 for KV -> 52 sequences; vLLM's one pool: 100 / 1.5 -> 66.
-    assert float(memory.seqs_that_fit(kv_cache, kv, state, 0.9)) == 52
-    assert float(memory.seqs_that_fit(kv_cache, kv, state, None)) == 66
-    assert float(memory.seqs_that_fit(kv_cache, kv, np.float64(0.0), 0.9)) == 100
+    rest, kv, state = np.float64(190.0), np.float64(1.0), np.float64(0.5)
+    pool = memory.state_pool_bytes(rest, state, 0.9)
+    assert float(pool) == pytest.approx(90.0)  # 0.9 : 1
+    # SGLang: 100 bytes of KV pool -> 100 sequences; vLLM's one pool: 190 / 1.5 -> 126.
+    assert float(memory.seqs_that_fit(rest - pool, pool, kv, state)) == 100
+    assert float(memory.state_pool_bytes(rest, state, None)) == 0.0
+    assert float(memory.seqs_that_fit(rest, np.float64(0.0), kv, state)) == 126
+    # No state (not a hybrid model): no pool is set aside.
+    assert float(memory.state_pool_bytes(rest, np.float64(0.0), 0.9)) == 0.0
 
 
 def test_the_recurrent_state_limits_sglang_sequences_of_a_hybrid_model():
@@ -111,8 +115,9 @@ def test_the_recurrent_state_limits_sglang_sequences_of_a_hybrid_model():
     sglang = memory.breakdown(sm.arch, sm.gpu, sm.recipe, sm.kv, sm.facts, **kw)
     state = float(hybrid_layers.recurrent_state_bytes_per_gpu(sm.arch, np.float64(4.0)))
     assert state > 0
-    room = float(sglang.kv_cache) * 0.9 / 1.9
-    assert float(sglang.max_seqs) <= room / state
+    assert float(sglang.state_pool) == pytest.approx(
+        0.9 * float(sglang.kv_cache + sglang.state_pool) / 1.9)
+    assert float(sglang.max_seqs) <= float(sglang.state_pool) / state
 
 
 def test_sglang_runs_dsa_models_on_blackwell_with_an_fp8_kv_cache():
