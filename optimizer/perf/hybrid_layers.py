@@ -41,9 +41,13 @@ MEMORY_EFFICIENCY = 0.7  # as the element-wise kernels in steps.py: streaming at
 # Decode: conv1d update, fused gating + recurrent update, gated RMSNorm.
 GDN_PREFILL_KERNELS = 11
 GDN_DECODE_KERNELS = 3
-# The indexer's kernels beyond its GEMMs: k LayerNorm, rope, q and k quantization, index-cache
-# store, logits, top-k and its index transform.
-INDEXER_KERNELS = 8
+# The indexer's kernels beyond its GEMMs and logits (SGLang nsa_indexer.py forward_cuda): k
+# LayerNorm, rope, two rope write-backs, Hadamard rotation and FP8 quantization of q and k, the
+# head gates, the index-cache store and the top-k transform. A prefill whose context fits in
+# the top-k skips the scoring (`_forward_cuda_k_only`): k's norm, rope, write-back, rotation,
+# quantization and store only.
+INDEXER_KERNELS = 11
+INDEXER_K_ONLY_KERNELS = 6
 INDEX_SCALE_BYTES = 4.0  # one float32 scale per FP8 index key
 LOGIT_BYTES = 4.0
 
@@ -110,22 +114,36 @@ def gdn_core_ms(km: KernelModel, gpu: Gpu, arch: ModelArch, tp: np.ndarray,
     return out
 
 
-def indexer_gemms_ms(km: KernelModel, kernel: str, arch: ModelArch,
-                     tokens: np.ndarray) -> FloatArray:
-    """One layer's indexer projections; replicated, so every TP rank runs all of them."""
+def scores(arch: ModelArch, context: np.ndarray) -> np.ndarray:
+    """Whether a prefill reaching `context` tokens runs the indexer's scoring: SGLang skips
+    the logits and top-k of a batch whose longest context fits in the top-k (every key is
+    kept), computing and caching only the index keys."""
+    assert arch.indexer is not None
+    return np.asarray(context > arch.indexer.topk)
+
+
+def indexer_gemms_ms(km: KernelModel, kernel: str, arch: ModelArch, tokens: np.ndarray,
+                     scoring: np.ndarray) -> FloatArray:
+    """One layer's indexer projections; replicated, so every TP rank runs all of them. Every
+    token's index key (wk); the queries (wq_b) and head gates (weights_proj) of the
+    `scoring` tokens only."""
     ix = arch.indexer
     assert ix is not None
     q_in = arch.mla.q_lora_rank if arch.mla and arch.mla.q_lora_rank else arch.hidden_size
     h = arch.hidden_size
-    return (km.gemm_ms(kernel, tokens, ix.num_heads * ix.head_dim, q_in)
-            + km.gemm_ms(kernel, tokens, ix.head_dim + ix.num_heads, h))
+    key = km.gemm_ms(kernel, tokens, ix.head_dim, h)
+    query = (km.gemm_ms(kernel, np.maximum(scoring, 1.0), ix.num_heads * ix.head_dim, q_in)
+             + km.gemm_ms("bf16", np.maximum(scoring, 1.0), ix.num_heads, h))
+    out: FloatArray = key + np.where(scoring > 0, query, 0.0)
+    return out
 
 
 def indexer_core_ms(km: KernelModel, gpu: Gpu, arch: ModelArch, *, pf_tokens: np.ndarray,
-                    pf_keys: np.ndarray, dec_seqs: np.ndarray, dec_kv: np.ndarray,
-                    launch_ms: float) -> FloatArray:
+                    pf_keys: np.ndarray, pf_scored: np.ndarray, dec_seqs: np.ndarray,
+                    dec_kv: np.ndarray, launch_ms: float) -> FloatArray:
     """One layer's indexer scoring and top-k. `pf_keys`: mean keys a prefill query scores
-    (causal over its sequence and cached prefix); decode scores the whole context."""
+    (causal over its sequence and cached prefix); `pf_scored`: whether the prefill scores at
+    all (`scores`). Decode always scans the whole index cache."""
     ix = arch.indexer
     assert ix is not None
     logits_kernel = "fp8" if gpu.supports("fp8") else "bf16"
@@ -138,7 +156,8 @@ def indexer_core_ms(km: KernelModel, gpu: Gpu, arch: ModelArch, *, pf_tokens: np
     keys = np.maximum(pf_keys, 1.0)
     logits = km.gemm_ms(logits_kernel, m, keys, width)
     moved = pf_tokens * keys * 2.0 * LOGIT_BYTES
-    prefill = logits + moved / bw * 1e3 + INDEXER_KERNELS * launch_ms
+    scored = logits + moved / bw * 1e3 + INDEXER_KERNELS * launch_ms
+    prefill = np.where(pf_scored, scored, INDEXER_K_ONLY_KERNELS * launch_ms)
     # Decode: each sequence's whole index cache read, its logits written and top-k'd.
     decode = (dec_seqs * dec_kv * (key_bytes + 2.0 * LOGIT_BYTES) / bw * 1e3
               + INDEXER_KERNELS * launch_ms)

@@ -151,8 +151,10 @@ class StepModel:
             gemm = self._attention_gemms(tokens, tp) * (a.num_layers - L.linear_attention)
             attn = self._attention_core(tp, dec_seqs, (dec_div, dec_kv_rank), q, pf_tokens,
                                         pf_seqs, pf_kv)
-        gemm = gemm + self._hybrid_gemms(tokens, tp)
-        attn = attn + self._hybrid_core(tp, dec_seqs * q, dec_kv, pf_tokens, pf_seqs, pf_kv)
+        # Where the prefill chunk's sequences end (pf_kv may be a mean below one prompt).
+        pf_end = np.maximum(pf_kv, pf_tokens / np.maximum(pf_seqs, 1.0))
+        gemm = gemm + self._hybrid_gemms(tokens, tp, dec_seqs * q, pf_tokens, pf_end)
+        attn = attn + self._hybrid_core(tp, dec_seqs * q, dec_kv, pf_tokens, pf_seqs, pf_end)
         mlp_dense = self._dense_mlp(tokens, tp, a.intermediate_size, self.mlp_kernel)
         gemm = gemm + mlp_dense * L.dense
         moe = self._moe_layer(tokens, tp, dp, ep) * L.moe
@@ -291,21 +293,24 @@ class StepModel:
         per_layer = np.where(pf_seqs > 0, ctx, 0.0) + np.where(dec_seqs > 0, dec, 0.0)
         return per_layer * a.num_layers
 
-    def _hybrid_gemms(self, tokens: np.ndarray, tp: np.ndarray) -> FloatArray:
-        """Projections of the Gated DeltaNet layers and of the DSA indexer (hybrid_layers)."""
+    def _hybrid_gemms(self, tokens: np.ndarray, tp: np.ndarray, dec_rows: np.ndarray,
+                      pf_tokens: np.ndarray, pf_end: np.ndarray) -> FloatArray:
+        """Projections of the Gated DeltaNet layers and of the DSA indexer (hybrid_layers);
+        `pf_end`: the context the prefill chunk's sequences reach."""
         a, H = self.arch, self.hybrid
         out: FloatArray = np.zeros(np.broadcast(tp, tokens).shape)
         if H.linear:
             out = out + H.linear * hybrid_layers.gdn_gemms_ms(self.km, self.attn_kernel, a,
                                                               tokens, tp)
         if H.indexed:
+            scoring = dec_rows + np.where(hybrid_layers.scores(a, pf_end), pf_tokens, 0.0)
             out = out + H.indexed * hybrid_layers.indexer_gemms_ms(self.km, self.attn_kernel,
-                                                                   a, tokens)
+                                                                   a, tokens, scoring)
         return out
 
     def _hybrid_core(self, tp: np.ndarray, dec_rows: np.ndarray, dec_kv: np.ndarray,
                      pf_tokens: np.ndarray, pf_seqs: np.ndarray,
-                     pf_kv: np.ndarray) -> FloatArray:
+                     pf_end: np.ndarray) -> FloatArray:
         """The delta rule of the linear-attention layers and the indexer's scoring and top-k
         (hybrid_layers); `dec_rows` counts verified tokens, each a state update or a scan."""
         a, H = self.arch, self.hybrid
@@ -317,10 +322,11 @@ class StepModel:
         if H.indexed:
             # A prefill query scores its cached prefix and, causally, half its own prompt.
             per_seq = pf_tokens / np.maximum(pf_seqs, 1.0)
-            keys = np.maximum(pf_kv - 0.5 * per_seq, 0.5 * per_seq)
+            keys = np.maximum(pf_end - 0.5 * per_seq, 0.5 * per_seq)
             out = out + H.indexed * hybrid_layers.indexer_core_ms(
-                self.km, self.gpu, a, pf_tokens=pf_tokens, pf_keys=keys, dec_seqs=dec_rows,
-                dec_kv=dec_kv, launch_ms=launch)
+                self.km, self.gpu, a, pf_tokens=pf_tokens, pf_keys=keys,
+                pf_scored=hybrid_layers.scores(a, pf_end), dec_seqs=dec_rows, dec_kv=dec_kv,
+                launch_ms=launch)
         return out
 
     def _context_parallel_comm(self, tp: np.ndarray, cp: np.ndarray, tokens: np.ndarray,

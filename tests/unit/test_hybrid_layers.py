@@ -72,7 +72,8 @@ def test_dsa_decode_attention_stops_growing_past_topk_except_for_the_index_scan(
     short, long = (_attention(sm, 8, dec_seqs=16.0, dec_kv=n) for n in (8192.0, 65536.0))
     scan = [float(hybrid_layers.indexer_core_ms(
         sm.km, sm.gpu, arch, pf_tokens=np.float64(0.0), pf_keys=np.float64(0.0),
-        dec_seqs=np.float64(16.0), dec_kv=np.float64(n), launch_ms=0.0)) for n in (8192, 65536)]
+        pf_scored=np.bool_(False), dec_seqs=np.float64(16.0), dec_kv=np.float64(n),
+        launch_ms=0.0)) for n in (8192, 65536)]
     assert long - short == pytest.approx(arch.num_layers * (scan[1] - scan[0]), rel=1e-6)
 
 
@@ -83,8 +84,33 @@ def test_the_indexer_adds_its_replicated_projections_to_every_layer():
     kw = dict(tp=8.0, dp=1, ep=False, pp=1, dec_seqs=8.0, dec_kv=1024.0)
     extra = float(with_ix.step(**kw).gemm - without.step(**kw).gemm)
     per_layer = hybrid_layers.indexer_gemms_ms(with_ix.km, with_ix.attn_kernel, arch,
-                                               np.float64(8.0))
+                                               np.float64(8.0), np.float64(8.0))
     assert extra == pytest.approx(arch.num_layers * float(per_layer), rel=1e-6)
+
+
+def test_a_prefill_within_the_topk_only_caches_index_keys():
+    # SGLang skips the indexer's scoring when every key would be kept anyway: a 2048-token
+    # prompt pays wk and the key-only kernels; a 4096-token one pays queries and logits too.
+    sm = _sm(GLM5)
+    arch = sm.arch
+    no_ix = _sm(GLM5, arch=dataclasses.replace(arch, indexer=None))
+
+    def extra(prompt):
+        kw = dict(tp=8.0, dp=1, ep=False, pp=1, dec_seqs=0.0, dec_kv=0.0, pf_tokens=prompt,
+                  pf_seqs=1.0, pf_kv=prompt)
+        a, b = sm.step(**kw), no_ix.step(**kw)
+        return float(a.gemm - b.gemm), float(a.attention - b.attention)
+
+    assert not hybrid_layers.scores(arch, np.float64(2048.0))
+    assert hybrid_layers.scores(arch, np.float64(2049.0))
+    gemm, core = extra(2048.0)
+    key_only = sm.km.gemm_ms(sm.attn_kernel, 2048.0, arch.indexer.head_dim, arch.hidden_size)
+    assert gemm == pytest.approx(arch.num_layers * float(key_only), rel=1e-9)
+    launch = sm.facts.kernel_launch_us / 1e3
+    assert core == pytest.approx(
+        arch.num_layers * hybrid_layers.INDEXER_K_ONLY_KERNELS * launch, rel=1e-9)
+    long_gemm, long_core = extra(4096.0)
+    assert long_gemm > 2.0 * gemm and long_core > 2.0 * core
 
 
 def test_linear_layers_hold_no_kv_and_the_dsa_cache_holds_index_keys():
