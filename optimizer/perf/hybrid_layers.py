@@ -114,11 +114,14 @@ def gdn_core_ms(km: KernelModel, gpu: Gpu, arch: ModelArch, tp: np.ndarray,
     return out
 
 
-def scores(arch: ModelArch, context: np.ndarray) -> np.ndarray:
-    """Whether a prefill reaching `context` tokens runs the indexer's scoring: SGLang skips
+def scores(arch: ModelArch, context: np.ndarray, engine: Engine) -> np.ndarray:
+    """Whether a prefill reaching `context` tokens runs the indexer's scoring. SGLang skips
     the logits and top-k of a batch whose longest context fits in the top-k (every key is
-    kept), computing and caching only the index keys."""
+    kept; nsa_indexer.py `skip_logits_computation`), computing and caching only the index
+    keys; vLLM's sparse_attn_indexer scores every prefill chunk."""
     assert arch.indexer is not None
+    if engine is not Engine.SGLANG:
+        return np.ones_like(np.asarray(context), dtype=bool)
     return np.asarray(context > arch.indexer.topk)
 
 

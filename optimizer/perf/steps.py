@@ -303,7 +303,8 @@ class StepModel:
             out = out + H.linear * hybrid_layers.gdn_gemms_ms(self.km, self.attn_kernel, a,
                                                               tokens, tp)
         if H.indexed:
-            scoring = dec_rows + np.where(hybrid_layers.scores(a, pf_end), pf_tokens, 0.0)
+            scored = hybrid_layers.scores(a, pf_end, self.facts.engine)
+            scoring = dec_rows + np.where(scored, pf_tokens, 0.0)
             out = out + H.indexed * hybrid_layers.indexer_gemms_ms(self.km, self.attn_kernel,
                                                                    a, tokens, scoring)
         return out
@@ -325,8 +326,8 @@ class StepModel:
             keys = np.maximum(pf_end - 0.5 * per_seq, 0.5 * per_seq)
             out = out + H.indexed * hybrid_layers.indexer_core_ms(
                 self.km, self.gpu, a, pf_tokens=pf_tokens, pf_keys=keys,
-                pf_scored=hybrid_layers.scores(a, pf_end), dec_seqs=dec_rows, dec_kv=dec_kv,
-                launch_ms=launch)
+                pf_scored=hybrid_layers.scores(a, pf_end, self.facts.engine),
+                dec_seqs=dec_rows, dec_kv=dec_kv, launch_ms=launch)
         return out
 
     def _context_parallel_comm(self, tp: np.ndarray, cp: np.ndarray, tokens: np.ndarray,
