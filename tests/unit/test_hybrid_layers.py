@@ -155,3 +155,18 @@ def test_sglang_runs_dsa_models_on_blackwell_with_an_fp8_kv_cache():
     assert pick(Engine.SGLANG, glm, h100, KvDtype.BF16) is KvDtype.BF16
     assert pick(Engine.VLLM, glm, b200, KvDtype.BF16) is KvDtype.BF16
     assert pick(Engine.SGLANG, qwen, b200, KvDtype.BF16) is KvDtype.BF16
+
+
+def test_linear_layer_prefill_is_linear_in_tokens_and_reads_no_prefix():
+    # The chunked delta rule carries a state, not a cache: a cached prefix costs nothing and
+    # twice the tokens cost about twice as much (attention's pairs would grow fourfold).
+    sm = _sm(QWEN35)
+
+    def linear_layers(tokens, context):
+        return float(sm._hybrid_core(np.float64(8.0), np.float64(0.0), np.float64(0.0),
+                                     np.float64(tokens), np.float64(1.0),
+                                     np.float64(context)))
+
+    short = linear_layers(8192.0, 8192.0)
+    assert linear_layers(8192.0, 65536.0) == short
+    assert 1.5 * short < linear_layers(16384.0, 16384.0) < 2.2 * short
