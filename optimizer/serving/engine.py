@@ -83,6 +83,7 @@ class FastEngine(DecodePlan, PrefillFirst):
         # Prefill-first (SGLang) state: the core's `ratio`, `full`; whether the step in
         # flight moves the decodes; their prompt and output totals, and the decodes whose
         # max output to go is past the reservation's clip (fastfirst.py).
+        self.prefill_first = cfg.policy.prefill_first
         reservation = cfg.policy.reservation
         self.ratio = TokenRatio(reservation) if reservation is not None else None
         self.full = False
@@ -135,7 +136,7 @@ class FastEngine(DecodePlan, PrefillFirst):
         st.computed[i] = 0
         st.target[i] = st.prompt[i] + st.generated[i]
         st.kv_ready[i] = False
-        if self.cfg.policy.prefill_first:
+        if self.prefill_first:
             self.full = False  # SGLang retracts to the back of the queue
             self.waiting.append(i)
         else:
@@ -164,7 +165,7 @@ class FastEngine(DecodePlan, PrefillFirst):
     # ---- one step ----------------------------------------------------------------------------
 
     def start_step(self, now: float) -> float | None:
-        if self.cfg.policy.prefill_first:
+        if self.prefill_first:
             return self._start_prefill_first(now)
         budget = self.cfg.max_num_batched_tokens
         preempted = False
@@ -191,7 +192,10 @@ class FastEngine(DecodePlan, PrefillFirst):
         step now in flight."""
         self._run = None
         n = self.n_dec
-        if self.chunks or self.waiting or self.prefilling or not n:
+        # Waiting requests stop the run, except on a prefill-first engine whose batch is full:
+        # it tries no prefill until a request finishes, which ends the run anyway.
+        blocked = self.waiting and not (self.prefill_first and self.full)
+        if self.chunks or blocked or self.prefilling or not n:
             return end
         last = min(self.finishing)  # this step finishes a request: it runs for real
         if last <= self.tick:
