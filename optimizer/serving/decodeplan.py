@@ -29,10 +29,12 @@ class DecodePlan:
         st.g0[i] = g0
         self.n_dec += 1
         self.ctx_sum += prompt + g0
-        self.p_sum += prompt
-        self.o_sum += st.output[i]
-        if self.ratio is not None and left > self.ratio.r.clip:
-            self.long[i] = None
+        pf = self.pf
+        if pf is not None:
+            pf.p_sum += prompt
+            pf.o_sum += st.output[i]
+            if left > pf.ratio.r.clip:
+                pf.long[i] = None
         if self.spec is None:
             # Needs a block at step t iff (prompt + g0 + (t - t0) - 1) % block == 0.
             r = (prompt + g0 - 1 - t0) % self.block
@@ -80,9 +82,11 @@ class DecodePlan:
         prompt = st.prompt[i]
         st.decoding[i] = False
         self.n_dec -= 1
-        self.p_sum -= prompt
-        self.o_sum -= st.output[i]
-        self.long.pop(i, None)
+        pf = self.pf
+        if pf is not None:
+            pf.p_sum -= prompt
+            pf.o_sum -= st.output[i]
+            pf.long.pop(i, None)
         if self.spec is None:
             g = st.g0[i] + done
             self.residues[st.residue[i]] -= 1

@@ -27,40 +27,56 @@ if TYPE_CHECKING:
     from trilemma.optimizer.serving.engine import FastEngine
 
 
+class PrefillFirstState:
+    """The core's `ratio` and `full`; whether the step in flight moves the decodes; the
+    decodes' prompt and output totals, and those whose max output to go is past the
+    reservation's clip (`long`)."""
+
+    __slots__ = ("decoded", "full", "long", "o_sum", "p_sum", "ratio")
+
+    def __init__(self, ratio: TokenRatio) -> None:
+        self.ratio = ratio
+        self.full = False
+        self.decoded = True
+        self.p_sum = self.o_sum = 0
+        self.long: dict[int, None] = {}
+
+
 class PrefillFirst:
     """FastEngine's prefill-first methods; `self` is the FastEngine."""
 
-    def _start_prefill_first(self: FastEngine, now: float) -> float | None:
+    def _start_prefill_first(self: FastEngine, now: float,
+                             pf: PrefillFirstState) -> float | None:
         chunks: list[tuple[int, int]] = []
-        first = self._prefill_batch(chunks, now)
-        self.decoded = first is None or self.cfg.policy.mixed_chunk
-        if self.decoded and self.n_dec:
-            self._decode_step(decay=first is None)
+        if not self.n_dec:
+            pf.full = False  # an empty running batch is never full
+        # Most steps only decode: skip the prefill batch's call when it would return at once.
+        first = (self._prefill_batch(chunks, now, pf)
+                 if self.prefilling or (self.waiting and not pf.full) else None)
+        pf.decoded = first is None or self.cfg.policy.mixed_chunk
+        if pf.decoded and self.n_dec:
+            self._decode_step(pf, decay=first is None)
         first_decodes, first_ctx = first or (0, 0)
-        duration = self._price(chunks, first_decodes, first_ctx, decodes=self.decoded)
+        duration = self._price(chunks, first_decodes, first_ctx, decodes=pf.decoded)
         if duration is None:
-            assert self.ratio is not None
-            self.ratio.reset()  # SGLang re-inits new_token_ratio when idle
+            pf.ratio.reset()  # SGLang re-inits new_token_ratio when idle
         return duration
 
-    def _prefill_batch(self: FastEngine, chunks: list[tuple[int, int]],
-                       now: float) -> tuple[int, int] | None:
+    def _prefill_batch(self: FastEngine, chunks: list[tuple[int, int]], now: float,
+                       pf: PrefillFirstState) -> tuple[int, int] | None:
         """Admissions of a prefill batch as (transferred requests, their KV) like
         `_admit_waiting`, or None when no prefill batch runs."""
         st = self.st
         chunked = self.prefilling[0] if self.prefilling else None
-        if not self.n_dec:
-            self.full = False  # an empty running batch is never full
-        if chunked is None and (self.full or not self.waiting):
+        if chunked is None and (pf.full or not self.waiting):
             return None
         room = self.seats - self.n_dec
         if room <= 0 and chunked is None:
-            self.full = True
+            pf.full = True
             return None
         policy = self.cfg.policy
-        assert self.ratio is not None
         budget = PrefillBudget.for_step(
-            policy, self.ratio.value, self._left(),
+            policy, pf.ratio.value, self._left(pf),
             free_tokens=(self.kv.free + self.kv.evictable) * self.block,
             mixed_tokens=self.n_dec * self.q if policy.mixed_chunk else 0,
             token_budget=self.cfg.max_num_batched_tokens)
@@ -71,7 +87,7 @@ class PrefillFirst:
         first_decodes = first_ctx = 0
         while self.waiting and not budget.stop:
             if budget.admitted >= room:
-                self.full = True
+                pf.full = True
                 break
             i = self.waiting[0]
             left = st.output[i] - st.generated[i]
@@ -89,22 +105,22 @@ class PrefillFirst:
             d, ctx = self._take_in(i, taken, now, chunks)
             first_decodes += d
             first_ctx += ctx
-        self.full = self.full or budget.full
+        pf.full = pf.full or budget.full
         return (first_decodes, first_ctx) if chunks else None
 
-    def _left(self: FastEngine) -> int:
+    def _left(self: FastEngine, pf: PrefillFirstState) -> int:
         """The decodes' max output tokens to go, each clipped (the core sums them one by one):
         the sum from the running totals, less what the clip takes off the long ones."""
         st = self.st
         r = self.cfg.policy.reservation
         assert r is not None
-        left = self.o_sum + self.p_sum - self.ctx_sum
-        for i in list(self.long):
+        left = pf.o_sum + pf.p_sum - self.ctx_sum
+        for i in list(pf.long):
             over = st.output[i] - self._generated_now(i) - r.clip
             if over > 0:
                 left -= over
             else:
-                del self.long[i]  # never long again while it decodes
+                del pf.long[i]  # never long again while it decodes
         return left
 
     def _generated_now(self: FastEngine, i: int) -> int:
@@ -153,14 +169,13 @@ class PrefillFirst:
         order = lpm_order(hits, shares, policy.in_batch_prefix_tokens)
         self.waiting = deque(waiting[j] for j in order)
 
-    def _decode_step(self: FastEngine, *, decay: bool) -> None:
+    def _decode_step(self: FastEngine, pf: PrefillFirstState, *, decay: bool) -> None:
         tick = self.tick
         if self.spec is None:
             need = self.residues[-tick % self.block]
         else:
             need = int(self.plan_blocks[tick]) if tick < len(self.plan_blocks) else 0
-        ratio = self.ratio
-        assert ratio is not None
+        ratio = pf.ratio
         if need > self.kv.free + self.kv.evictable:
             self._retract(ratio)
             return

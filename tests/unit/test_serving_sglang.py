@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from tests.support.simruns import assert_fast_matches_reference
 from trilemma.optimizer import serving
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
@@ -21,8 +22,6 @@ SGLANG = policy.sglang()
 FACTS = engine_facts(Engine.SGLANG)
 ROOFLINE = toy.RooflineStepModel(models.load_model("meta-llama/Llama-3.1-8B"),
                                  gpus.get_gpu("h100_sxm"), FACTS)
-FIELDS = ("arrival_ms", "first_scheduled_ms", "first_token_ms", "finish_ms", "preemptions",
-          "cached_tokens", "engine", "occupancy_ms", "occupancy", "engine_steps")
 
 
 def _core(kv=200, budget=512, seats=16, pol=SGLANG):
@@ -217,13 +216,7 @@ POLICIES = {"sglang": SGLANG, "mixed chunk": policy.sglang(mixed_chunk=True),
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_fast_engine_takes_the_reference_engines_every_decision_under_sglang(name, pol):
     workload, kw = SCENARIOS[name]
-    cluster = _cluster(POLICIES[pol], **kw)
-    ref = serving.simulate(cluster, workload, ROOFLINE, np.random.default_rng(11),
-                           method=serving.Method.REFERENCE)
-    fast = serving.simulate(cluster, workload, ROOFLINE, np.random.default_rng(11),
-                            method=serving.Method.EXACT)
-    for field in FIELDS:
-        np.testing.assert_array_equal(getattr(fast, field), getattr(ref, field), err_msg=field)
+    assert_fast_matches_reference(_cluster(POLICIES[pol], **kw), workload, ROOFLINE)
 
 
 def test_the_sglang_scenarios_exercise_what_they_are_named_for():
