@@ -65,8 +65,8 @@ def _best(run: Callable[[], object], repeats: int) -> float:
 
 def bench(*, requests_n: int = 2000, prompt_tokens: float = 1000.0, output_tokens: float = 200.0,
           max_num_seqs: int = 64, slow_requests: int = 200, repeats: int = 3,
-          seed: int = 0, engine: Engine = Engine.VLLM) -> tuple[list[BenchResult], str]:
-    sm, source = step_model(engine)
+          seed: int = 0, server: Engine = Engine.VLLM) -> tuple[list[BenchResult], str]:
+    sm, source = step_model(server)
     engine = cluster.engine_config(sm, max_num_seqs=max_num_seqs)
     endpoint = cluster.Cluster(pool=cluster.Pool(engine=engine))
     out: list[BenchResult] = []
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine", choices=[e.value for e in Engine], default="vllm")
     args = parser.parse_args(argv)
     results, source = bench(requests_n=args.requests, repeats=args.repeats,
-                            engine=Engine(args.engine))
+                            server=Engine(args.engine))
     print(f"step model: {source}; {args.engine}; ISL ~1000, OSL ~200, one replica, "
           "max_num_seqs 64")
     for r in results:

@@ -32,9 +32,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from trilemma.optimizer.serving import decodeplan, fastfirst
 from trilemma.optimizer.serving.cluster import EngineConfig
-from trilemma.optimizer.serving.decodeplan import DecodePlan
-from trilemma.optimizer.serving.fastfirst import PrefillFirst, PrefillFirstState
+from trilemma.optimizer.serving.decodeplan import decoder_need, drop_decoder
+from trilemma.optimizer.serving.fastfirst import PrefillFirstState
 from trilemma.optimizer.serving.policy import TokenRatio
 from trilemma.optimizer.serving.prefixruns import PrefixRuns
 from trilemma.optimizer.serving.results import Trace
@@ -49,7 +50,7 @@ __all__ = ["FastEngine", "Role", "SeqState"]  # SeqState lives in seqstate.py
 _TENTATIVE = 32
 
 
-class FastEngine(DecodePlan, PrefillFirst):
+class FastEngine:
     def __init__(self, cfg: EngineConfig, *, role: Role, index: int, state: SeqState,
                  trace: Trace, price: DirectPricer | StepTable, rng: np.random.Generator) -> None:
         self.cfg = cfg
@@ -125,7 +126,7 @@ class FastEngine(DecodePlan, PrefillFirst):
         st = self.st
         if st.decoding[i]:
             self.finishing[st.finish_step[i]].remove(i)
-            self._drop_decoder(i, self.tick - st.t0[i])
+            drop_decoder(self, i, self.tick - st.t0[i])
         else:
             self.prefilling.remove(i)
         del self.running[i]
@@ -148,7 +149,7 @@ class FastEngine(DecodePlan, PrefillFirst):
         for i in list(self.running):
             if i not in self.running or not self.st.decoding[i]:
                 continue
-            need = self._decoder_need(i, self.tick)
+            need = decoder_need(self, i, self.tick)
             while not self.kv.allocate(need):
                 victim = next(reversed(self.running))
                 self._preempt(victim)
@@ -163,7 +164,7 @@ class FastEngine(DecodePlan, PrefillFirst):
 
     def start_step(self, now: float) -> float | None:
         if self.pf is not None:
-            return self._start_prefill_first(now, self.pf)
+            return fastfirst.start_prefill_first(self, now, self.pf)
         budget = self.cfg.max_num_batched_tokens
         preempted = False
         if self.n_dec:
@@ -405,7 +406,7 @@ class FastEngine(DecodePlan, PrefillFirst):
             done = self.finishing.pop(tick, None)
             if done:
                 for i in done:
-                    self._drop_decoder(i, tick + 1 - st.t0[i])
+                    drop_decoder(self, i, tick + 1 - st.t0[i])
                     self._finish(i, now)
                     finished.append(i)
         for i, new in self.chunks:
@@ -433,7 +434,7 @@ class FastEngine(DecodePlan, PrefillFirst):
                 self._finish(i, now)
                 finished.append(i)
             else:
-                self._add_decoder(i, next_tick)
+                decodeplan.add_decoder(self, i, next_tick)
         self.chunks = []
         self.tick = next_tick
         return finished, handed
