@@ -92,7 +92,7 @@ def limits(model: EngineModel) -> Limits:
     return Limits(kv_blocks=model.kv_blocks, block_size=model.block_size,
                   token_budget=model.token_budget, seats=model.seats,
                   tokens_per_decode=model.tokens_per_decode,
-                  prefix_caching=model.prefix_caching)
+                  prefix_caching=model.prefix_caching, policy=model.engine.policy)
 
 
 class Engine:

@@ -1,10 +1,10 @@
-"""Discrete-event serving simulator: replicas running vLLM-style continuous batching.
+"""Discrete-event serving simulator: replicas running vLLM's or SGLang's continuous batching.
 
 Data flow: a `RequestStream` (requests.py) and a `Cluster` (cluster.py) go into `simulate`
 (simulating.py), which runs one engine per attention DP rank (engine.py, checked against the
 scheduler core of scheduler.py and its KV model blockpool.py, which reference.py drives and
-the sim-server runs too), prices every step with the perf layer's step model (steptable.py),
-and returns a `SimResult` (results.py).
+the sim-server runs too; each engine's scheduling policy is policy.py's), prices every step
+with the perf layer's step model (steptable.py), and returns a `SimResult` (results.py).
 
     wl = serving.sample_requests(rng, requests=2000,
                                  prompt_tokens=serving.Lognormal(mean=1000, p90=1800),

@@ -5,6 +5,7 @@ one replica, for each Method: the fast path with a fresh step table (what a sing
 pays), with a table shared from an earlier run (what a search sweeping rates pays), and the
 one-call-per-step paths on a shorter run. Steps are priced by the calibrated Llama-3.1-8B /
 H100 step model when the kernel tables are installed, else by the roofline stand-in (said so).
+`--engine sglang` runs SGLang's scheduler (prefill-first, policy.py) with SGLang's constants.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from trilemma.optimizer.catalog import gpus, models
-from trilemma.optimizer.perf.engine import engine_facts
+from trilemma.optimizer.perf.engine import Engine, engine_facts
 from trilemma.optimizer.serving import cluster, requests, simulating, toy
 from trilemma.optimizer.serving.steptable import StepTable
 
@@ -41,13 +42,15 @@ class BenchResult:
         return self.requests / self.seconds
 
 
-def step_model() -> tuple[StepModel | toy.RooflineStepModel, str]:
+def step_model(engine: Engine = Engine.VLLM) -> tuple[StepModel | toy.RooflineStepModel, str]:
     """The calibrated step model if its kernel tables load, else the roofline stand-in."""
     try:
         from trilemma.optimizer.perf import estimate
-        return estimate.step_model(estimate.resolve(model=MODEL, gpu=GPU)), "calibrated"
+        return (estimate.step_model(estimate.resolve(model=MODEL, gpu=GPU, engine=engine.value)),
+                "calibrated")
     except (AttributeError, ImportError, FileNotFoundError, KeyError) as e:
-        sm = toy.RooflineStepModel(models.load_model(MODEL), gpus.get_gpu(GPU), engine_facts())
+        sm = toy.RooflineStepModel(models.load_model(MODEL), gpus.get_gpu(GPU),
+                                   engine_facts(engine))
         return sm, f"roofline stand-in ({type(e).__name__}: calibrated kernels unavailable)"
 
 
@@ -62,8 +65,8 @@ def _best(run: Callable[[], object], repeats: int) -> float:
 
 def bench(*, requests_n: int = 2000, prompt_tokens: float = 1000.0, output_tokens: float = 200.0,
           max_num_seqs: int = 64, slow_requests: int = 200, repeats: int = 3,
-          seed: int = 0) -> tuple[list[BenchResult], str]:
-    sm, source = step_model()
+          seed: int = 0, server: Engine = Engine.VLLM) -> tuple[list[BenchResult], str]:
+    sm, source = step_model(server)
     engine = cluster.engine_config(sm, max_num_seqs=max_num_seqs)
     endpoint = cluster.Cluster(pool=cluster.Pool(engine=engine))
     out: list[BenchResult] = []
@@ -98,9 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engine", choices=[e.value for e in Engine], default="vllm")
     args = parser.parse_args(argv)
-    results, source = bench(requests_n=args.requests, repeats=args.repeats)
-    print(f"step model: {source}; ISL ~1000, OSL ~200, one replica, max_num_seqs 64")
+    results, source = bench(requests_n=args.requests, repeats=args.repeats,
+                            server=Engine(args.engine))
+    print(f"step model: {source}; {args.engine}; ISL ~1000, OSL ~200, one replica, "
+          "max_num_seqs 64")
     for r in results:
         print(f"{r.label:<60} {r.requests:>6} requests  {r.requests_per_s:>10,.0f} req/s")
 

@@ -17,9 +17,12 @@ import numpy as np
 import numpy.typing as npt
 
 from trilemma.optimizer.catalog import speculation
+from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import memory
+from trilemma.optimizer.serving import policy as scheduling
+from trilemma.optimizer.serving.policy import Policy
 
 if TYPE_CHECKING:
     # Only for annotations: importing steps pulls in the kernel tables, which the fakes in
@@ -102,6 +105,7 @@ class EngineConfig:
     ep: bool = False
     speculation: Speculation | None = None
     cp: int = 1                       # decode context parallel ranks (KV sharded within TP)
+    policy: Policy = scheduling.VLLM  # how the engine composes its steps (policy.py)
 
     def __post_init__(self) -> None:
         for name in ("kv_blocks", "max_num_seqs", "max_num_batched_tokens", "block_size", "tp",
@@ -247,14 +251,18 @@ def engine_config(sm: ModelOnGpu, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
                   max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
                   speculation: Speculation | None = None,
                   gpu_memory_utilization: float | None = None, cp: int = 1) -> EngineConfig:
-    """An engine whose KV capacity and limits are what vLLM would have on this layout.
+    """An engine whose KV capacity, limits and scheduling policy are what its serving engine
+    (`sm.facts.engine`: vLLM, or SGLang with its defaults) would have on this layout.
 
     Under decode context parallelism a block of the scheduler holds block_size tokens on each
     of the cp ranks (vLLM schedules in blocks of block_size * dcp), so the engine's blocks are
     that large and as many as one GPU's cache holds."""
     facts = sm.facts
+    sglang = facts.engine is Engine.SGLANG
     seqs = max_num_seqs or facts.default_max_num_seqs(sm.gpu)
-    budget = max_num_batched_tokens or facts.default_max_num_batched_tokens(sm.gpu)
+    budget = max_num_batched_tokens or (
+        scheduling.sglang_chunked_prefill_size(sm.gpu.memory_bytes) if sglang
+        else facts.default_max_num_batched_tokens(sm.gpu))
     mem = memory.breakdown(sm.arch, sm.gpu, sm.recipe, sm.kv, facts, tp=tp, pp=pp, dp=dp,
                            seq_len=facts.block_size, max_batched_tokens=budget,
                            max_num_seqs=seqs, gpu_memory_utilization=gpu_memory_utilization,
@@ -265,7 +273,8 @@ def engine_config(sm: ModelOnGpu, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
         raise InputError("tp", tp, "the weights leave no memory for a KV cache on this layout")
     return EngineConfig(kv_blocks=blocks, max_num_seqs=seqs, max_num_batched_tokens=budget,
                         block_size=facts.block_size * cp, tp=tp, pp=pp, dp=dp, ep=ep,
-                        speculation=speculation, cp=cp)
+                        speculation=speculation, cp=cp,
+                        policy=scheduling.sglang() if sglang else scheduling.VLLM)
 
 
 def kv_transfer(sm: StepModel, *, tp: int, pp: int = 1, inter_node: bool,

@@ -32,10 +32,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from trilemma.optimizer.serving import decodeplan, fastfirst
 from trilemma.optimizer.serving.cluster import EngineConfig
+from trilemma.optimizer.serving.decodeplan import decoder_need, drop_decoder
+from trilemma.optimizer.serving.fastfirst import PrefillFirstState
+from trilemma.optimizer.serving.policy import TokenRatio
 from trilemma.optimizer.serving.prefixruns import PrefixRuns
 from trilemma.optimizer.serving.results import Trace
-from trilemma.optimizer.serving.scheduler import Role, verify_yields
+from trilemma.optimizer.serving.scheduler import Role
 from trilemma.optimizer.serving.seqstate import SeqState
 from trilemma.optimizer.serving.steptable import DirectPricer, StepTable
 
@@ -77,6 +81,12 @@ class FastEngine:
         self._run: tuple[int, list[tuple[float, int, float, int]]] | None = None  # tentative
         self.steps = 0
         self.busy_ms = 0.0
+        # Prefill-first (SGLang) state, None under vLLM. One attribute: past 30 instance
+        # attributes CPython stops sharing their keys and every `self.x` gets slower (the
+        # vLLM path measured 7% slower with them spread out).
+        reservation = cfg.policy.reservation
+        self.pf = (PrefillFirstState(TokenRatio(reservation))
+                   if cfg.policy.prefill_first and reservation is not None else None)
 
     # ---- requests in and out -----------------------------------------------------------------
 
@@ -105,6 +115,8 @@ class FastEngine:
         st.own[i] = st.held[i] = 0
 
     def _finish(self, i: int, now: float) -> None:
+        if self.pf is not None:
+            self.pf.full = False  # the running batch shrank
         del self.running[i]
         self._free(i)
         self.trace.finish[i] = now
@@ -114,7 +126,7 @@ class FastEngine:
         st = self.st
         if st.decoding[i]:
             self.finishing[st.finish_step[i]].remove(i)
-            self._drop_decoder(i, self.tick - st.t0[i])
+            drop_decoder(self, i, self.tick - st.t0[i])
         else:
             self.prefilling.remove(i)
         del self.running[i]
@@ -122,91 +134,14 @@ class FastEngine:
         st.computed[i] = 0
         st.target[i] = st.prompt[i] + st.generated[i]
         st.kv_ready[i] = False
-        self.waiting.appendleft(i)
+        if self.pf is not None:
+            self.pf.full = False  # SGLang retracts to the back of the queue
+            self.waiting.append(i)
+        else:
+            self.waiting.appendleft(i)
         self.trace.preemptions[i] += 1
 
-    # ---- the decode plan ---------------------------------------------------------------------
-
-    def _add_decoder(self, i: int, t0: int) -> None:
-        st = self.st
-        prompt, g0 = st.prompt[i], st.generated[i]
-        left = st.output[i] - g0
-        st.decoding[i] = True
-        st.t0[i] = t0
-        st.g0[i] = g0
-        self.n_dec += 1
-        self.ctx_sum += prompt + g0
-        if self.spec is None:
-            # Needs a block at step t iff (prompt + g0 + (t - t0) - 1) % block == 0.
-            r = (prompt + g0 - 1 - t0) % self.block
-            st.residue[i] = r
-            self.residues[r] += 1
-            last = t0 + left - 1
-        else:
-            tokens = verify_yields(self.spec, self.rng, left)
-            cum = tokens.cumsum()
-            m = int(cum.searchsorted(left)) + 1
-            tokens, cum = tokens[:m], cum[:m]
-            # KV slots at each step: what was generated before it, plus the verify tokens.
-            slots = cum - tokens + (prompt + g0 - 1 + self.q)
-            tokens[-1] -= int(cum[-1]) - left
-            blocks = -(-slots // self.block) - st.held[i]
-            need = np.empty_like(blocks)  # per-step differences (np.diff costs ~10x more)
-            need[0] = blocks[0] - st.own[i]
-            np.subtract(blocks[1:], blocks[:-1], out=need[1:])
-            if t0 + m > len(self.plan_tokens):
-                self._grow_plan(t0 + m)
-            self.plan_tokens[t0:t0 + m] += tokens
-            self.plan_blocks[t0:t0 + m] += need
-            st.plan_tokens[i] = tokens
-            st.plan_blocks[i] = need
-            last = t0 + m - 1
-        st.finish_step[i] = last
-        waiting = self.finishing.get(last)
-        if waiting is None:
-            self.finishing[last] = [i]
-        else:
-            waiting.append(i)
-
-    def _grow_plan(self, size: int) -> None:
-        size = max(2 * len(self.plan_tokens), size + 1024)
-        for name in ("plan_tokens", "plan_blocks"):
-            old = getattr(self, name)
-            grown = np.zeros(size, dtype=np.int64)
-            grown[:len(old)] = old
-            setattr(self, name, grown)
-
-    def _drop_decoder(self, i: int, done: int) -> None:
-        """Take request i out of the plan after `done` decode steps; settle its tokens and
-        blocks."""
-        st = self.st
-        prompt = st.prompt[i]
-        st.decoding[i] = False
-        self.n_dec -= 1
-        if self.spec is None:
-            g = st.g0[i] + done
-            self.residues[st.residue[i]] -= 1
-            st.own[i] = -(-(prompt + g - 1) // self.block) - st.held[i]
-        else:
-            tokens, need = st.plan_tokens[i], st.plan_blocks[i]
-            assert tokens is not None and need is not None
-            g = st.g0[i] + int(tokens[:done].sum())
-            st.own[i] += int(need[:done].sum())
-            if done < len(tokens):
-                t0 = st.t0[i]
-                self.plan_tokens[t0 + done:t0 + len(tokens)] -= tokens[done:]
-                self.plan_blocks[t0 + done:t0 + len(tokens)] -= need[done:]
-            st.plan_tokens[i] = st.plan_blocks[i] = None
-        st.generated[i] = g
-        self.ctx_sum -= prompt + g
-
-    def _decoder_need(self, i: int, tick: int) -> int:
-        st = self.st
-        if self.spec is None:
-            return 1 if (st.residue[i] + tick) % self.block == 0 else 0
-        need = st.plan_blocks[i]
-        j = tick - st.t0[i]
-        return int(need[j]) if need is not None and 0 <= j < len(need) else 0
+    # ---- the decode plan: decodeplan.py ------------------------------------------------------
 
     def _decoders_one_by_one(self) -> bool:
         """The reference pass over running decodes, for when their blocks do not all fit."""
@@ -214,7 +149,7 @@ class FastEngine:
         for i in list(self.running):
             if i not in self.running or not self.st.decoding[i]:
                 continue
-            need = self._decoder_need(i, self.tick)
+            need = decoder_need(self, i, self.tick)
             while not self.kv.allocate(need):
                 victim = next(reversed(self.running))
                 self._preempt(victim)
@@ -228,6 +163,8 @@ class FastEngine:
     # ---- one step ----------------------------------------------------------------------------
 
     def start_step(self, now: float) -> float | None:
+        if self.pf is not None:
+            return fastfirst.start_prefill_first(self, now, self.pf)
         budget = self.cfg.max_num_batched_tokens
         preempted = False
         if self.n_dec:
@@ -253,7 +190,10 @@ class FastEngine:
         step now in flight."""
         self._run = None
         n = self.n_dec
-        if self.chunks or self.waiting or self.prefilling or not n:
+        # Waiting requests stop the run, except on a prefill-first engine whose batch is full:
+        # it tries no prefill until a request finishes, which ends the run anyway.
+        blocked = self.waiting and not (self.pf is not None and self.pf.full)
+        if self.chunks or blocked or self.prefilling or not n:
             return end
         last = min(self.finishing)  # this step finishes a request: it runs for real
         if last <= self.tick:
@@ -297,6 +237,8 @@ class FastEngine:
             assert ok  # one allocation of the sum evicts what one per step would
             self.ctx_sum, self.busy_ms, self.tick = ctx, busy, t
             self.steps += t - start
+            if self.pf is not None:
+                self.pf.ratio.steps += t - start  # decode steps: SGLang's ratio decays
         return end
 
     def rewind(self, now: float) -> float | None:
@@ -315,6 +257,8 @@ class FastEngine:
         end, ctx, busy, _ = trail[kept]
         self.kv.give_back(trail[taken][3] - trail[kept][3])
         self.steps -= taken - kept
+        if self.pf is not None:
+            self.pf.ratio.steps -= taken - kept
         self.ctx_sum, self.busy_ms, self.tick = ctx, busy, first + kept
         return end
 
@@ -364,25 +308,31 @@ class FastEngine:
         first_decodes = first_ctx = 0
         while waiting and budget > 0 and len(running) < self.seats:
             i = waiting[0]
-            if st.kv_ready[i]:
-                new = self._admit_transferred(i, budget)
-                if new is None:
-                    break
-                first_decodes += 1
-                first_ctx += st.prompt[i]
-            else:
-                new = self._admit_prefill(i, budget)
-                if new is None:
-                    break
-                self.trace.cached_tokens[i] += st.computed[i]
-                self.prefilling.append(i)
-            waiting.popleft()
-            running[i] = None
-            if math.isnan(self.trace.first_scheduled[i]):
-                self.trace.first_scheduled[i] = now
+            new = (self._admit_transferred(i, budget) if st.kv_ready[i]
+                   else self._admit_prefill(i, budget))
+            if new is None:
+                break
+            d, ctx = self._take_in(i, new, now, chunks)
+            first_decodes += d
+            first_ctx += ctx
             budget -= new
-            chunks.append((i, new))
         return first_decodes, first_ctx
+
+    def _take_in(self, i: int, new: int, now: float,
+                 chunks: list[tuple[int, int]]) -> tuple[int, int]:
+        """Waiting request i was admitted for `new` tokens: it runs. Returns (1, its KV) when
+        it arrived with its KV (it decodes this step), else (0, 0)."""
+        st = self.st
+        self.waiting.popleft()
+        self.running[i] = None
+        if math.isnan(self.trace.first_scheduled[i]):
+            self.trace.first_scheduled[i] = now
+        chunks.append((i, new))
+        if st.kv_ready[i]:
+            return 1, st.prompt[i]
+        self.trace.cached_tokens[i] += st.computed[i]
+        self.prefilling.append(i)
+        return 0, 0
 
     def _admit_transferred(self, i: int, budget: int) -> int | None:
         # Its first step recomputes the last prompt token and samples the first one.
@@ -422,9 +372,10 @@ class FastEngine:
         return new
 
     def _price(self, chunks: list[tuple[int, int]], first_decodes: int,
-               first_ctx: int) -> float | None:
+               first_ctx: int, *, decodes: bool = True) -> float | None:
+        """The step's time; `decodes`: the running decodes are in it."""
         st = self.st
-        d = self.n_dec + first_decodes
+        d = (self.n_dec if decodes else 0) + first_decodes
         p = s = ctx = 0
         for i, new in chunks:
             if not st.kv_ready[i]:
@@ -434,8 +385,8 @@ class FastEngine:
         if d == 0 and s == 0:
             return None
         self.chunks = chunks
-        duration = self.price(d, (self.ctx_sum + first_ctx) / d if d else 0.0, p, s,
-                              ctx / s if s else 0.0)
+        kv = (self.ctx_sum if decodes else 0) + first_ctx
+        duration = self.price(d, kv / d if d else 0.0, p, s, ctx / s if s else 0.0)
         self.steps += 1
         self.busy_ms += duration
         return duration
@@ -445,7 +396,9 @@ class FastEngine:
         tick = self.tick
         finished: list[int] = []
         handed: list[int] = []
-        if self.n_dec:
+        decoded = self.pf is None or self.pf.decoded
+        next_tick = tick + 1 if decoded else tick  # a prefill-only step: decodes wait
+        if self.n_dec and decoded:
             if self.spec is None:
                 self.ctx_sum += self.n_dec
             else:
@@ -453,7 +406,7 @@ class FastEngine:
             done = self.finishing.pop(tick, None)
             if done:
                 for i in done:
-                    self._drop_decoder(i, tick + 1 - st.t0[i])
+                    drop_decoder(self, i, tick + 1 - st.t0[i])
                     self._finish(i, now)
                     finished.append(i)
         for i, new in self.chunks:
@@ -471,6 +424,8 @@ class FastEngine:
                 if self.role is Role.PREFILL:
                     del self.running[i]
                     handed.append(i)
+                    if self.pf is not None:
+                        self.pf.full = False
                     continue
                 st.generated[i] += 1
                 if st.generated[i] == 1:
@@ -479,9 +434,9 @@ class FastEngine:
                 self._finish(i, now)
                 finished.append(i)
             else:
-                self._add_decoder(i, tick + 1)
+                decodeplan.add_decoder(self, i, next_tick)
         self.chunks = []
-        self.tick = tick + 1
+        self.tick = next_tick
         return finished, handed
 
     def _register_blocks(self, i: int) -> None:

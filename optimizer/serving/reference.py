@@ -34,7 +34,7 @@ def limits(cfg: EngineConfig) -> Limits:
     """The scheduler's view of an engine configuration."""
     return Limits(kv_blocks=cfg.kv_blocks, block_size=cfg.block_size,
                   token_budget=cfg.max_num_batched_tokens, seats=cfg.seats,
-                  tokens_per_decode=cfg.tokens_per_decode)
+                  tokens_per_decode=cfg.tokens_per_decode, policy=cfg.policy)
 
 
 class ReferenceEngine:

@@ -1,4 +1,4 @@
-"""vLLM V1's scheduler with no clock: admission, preemption, prefix cache and step composition.
+"""The engines' scheduler with no clock: admission, preemption, prefix cache and step composition.
 
 The one specification of the simulated scheduler. It decides what a step computes and moves
 its requests forward when told the step is over; when that happens is its driver's business:
@@ -25,6 +25,12 @@ tests compare whole runs step for step). Each step (`schedule`):
    in the prefix cache, and a finished prefill samples the next token (the first of the
    request, unless it was preempted after streaming some). A prefill-only engine hands such
    a request off instead and frees its blocks when `release` says its KV has arrived.
+
+That is vLLM V1. Under a prefill-first policy (`policy.Policy`, SGLang; the rules and their
+sources are in policy.py) steps 1-2 become: a prefill batch (the unfinished chunk, then
+waiting requests in the policy's order under SGLang's token and KV budgets) when requests wait
+and the batch is not full, the decodes pausing; else a decode step, which retracts requests
+when their next tokens find no KV. Step 3 is the same.
 """
 
 from __future__ import annotations
@@ -34,10 +40,23 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from trilemma.optimizer.serving.blockpool import BlockHash, BlockPool
-from trilemma.optimizer.serving.cluster import Speculation
+from trilemma.optimizer.serving.policy import (
+    VLLM,
+    Policy,
+    PrefillBudget,
+    QueueOrder,
+    TokenRatio,
+    lpm_order,
+    retract_order,
+)
+
+# The draws of speculative verify steps, which every driver of this core hands to `complete`,
+# live in verify.py; re-exported here where the drivers import the core.
+from trilemma.optimizer.serving.verify import VerifyDraws, verify_yields
+
+__all__ = ["Batch", "Limits", "Outcome", "Role", "Scheduler", "Seq", "VerifyDraws",
+           "verify_yields"]
 
 
 class Role(enum.Enum):
@@ -58,6 +77,7 @@ class Limits:
     seats: int  # max_num_seqs
     tokens_per_decode: int  # 1, or k + 1 when verifying k drafts
     prefix_caching: bool = True
+    policy: Policy = VLLM
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -129,6 +149,11 @@ class Scheduler:
         self.running: dict[Seq, None] = {}  # insertion order = scheduling priority
         self.waiting: deque[Seq] = deque()
         self.handed_off: dict[int, Seq] = {}
+        self.policy = limits.policy
+        reservation = self.policy.reservation
+        self.ratio = TokenRatio(reservation) if reservation is not None else None
+        self.full = False  # prefill-first: no prefill batch until a running request leaves
+        self.chunked: Seq | None = None  # prefill-first: the request prefilled chunk by chunk
 
     # ---- requests in and out -----------------------------------------------------------------
 
@@ -145,9 +170,12 @@ class Scheduler:
     def abort(self, seq: Seq) -> None:
         """Drop the request wherever it is (the client went away)."""
         seq.aborted = True
+        if seq is self.chunked:
+            self.chunked = None
         if seq in self.running:
             del self.running[seq]
             self._free(seq)
+            self.full = False
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
@@ -162,12 +190,22 @@ class Scheduler:
         seq.computed = 0
         seq.target = seq.prompt + seq.generated
         seq.decoding = seq.kv_ready = False
-        self.waiting.appendleft(seq)
+        if self.policy.prefill_first:
+            # SGLang queues retracted requests behind the waiting ones
+            # (Scheduler._extend_requests_to_queue); vLLM puts them in front.
+            self.full = False
+            if seq is self.chunked:
+                self.chunked = None
+            self.waiting.append(seq)
+        else:
+            self.waiting.appendleft(seq)
 
     # ---- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> Batch | None:
         """This step's work (its KV blocks taken), or None when there is none."""
+        if self.policy.prefill_first:
+            return self._schedule_prefill_first()
         batch = Batch()
         budget = self._schedule_running(batch)
         if not batch.preempted:  # vLLM admits nothing new in a step that had to preempt
@@ -241,6 +279,145 @@ class Scheduler:
         seq.held, seq.own, seq.computed = hit, need, start
         return new
 
+    # ---- prefill-first (SGLang; see policy.py) -------------------------------------------------
+
+    def _schedule_prefill_first(self) -> Batch | None:
+        batch = Batch()
+        if self._prefill_batch(batch):
+            if self.policy.mixed_chunk:
+                self._decode_step(batch, decay=False)
+        else:
+            self._decode_step(batch, decay=True)
+        if not batch.work:
+            assert self.ratio is not None
+            self.ratio.reset()  # SGLang re-inits new_token_ratio when idle
+            return None
+        return batch
+
+    def _prefill_batch(self, batch: Batch) -> bool:
+        """SGLang's get_new_batch_prefill; True when a prefill batch runs."""
+        decoders = [s for s in self.running if s is not self.chunked]
+        if not decoders:
+            self.full = False  # an empty running batch is never full
+        if self.chunked is None and (self.full or not self.waiting):
+            return False
+        room = self.limits.seats - len(decoders)
+        if room <= 0 and self.chunked is None:
+            self.full = True
+            return False
+        budget = self._prefill_budget(decoders)
+        if self.chunked is not None:
+            self._resume_chunk(self.chunked, budget, batch)
+        if self.role is not Role.DECODE:
+            self._order_waiting()
+        while self.waiting and not budget.stop:
+            if budget.admitted >= room:
+                self.full = True
+                break
+            seq = self.waiting[0]
+            new = self._admit_budgeted(seq, budget)
+            if not new:
+                break
+            self.waiting.popleft()
+            self.running[seq] = None
+            batch.work.append((seq, new))
+            batch.admitted.append(seq)
+            if not seq.kv_ready and seq.computed + new < seq.target:
+                self.chunked = seq
+        self.full = self.full or budget.full
+        return bool(batch.work)
+
+    def _prefill_budget(self, decoders: list[Seq]) -> PrefillBudget:
+        r = self.policy.reservation
+        assert r is not None and self.ratio is not None
+        left = sum(min(s.output - s.generated, r.clip) for s in decoders)
+        return PrefillBudget.for_step(
+            self.policy, self.ratio.value, left,
+            free_tokens=(self.pool.free + self.pool.evictable) * self.block,
+            mixed_tokens=len(decoders) * self.q if self.policy.mixed_chunk else 0,
+            token_budget=self.limits.token_budget)
+
+    def _resume_chunk(self, seq: Seq, budget: PrefillBudget, batch: Batch) -> None:
+        new = budget.resume(seq.target - seq.computed, seq.output - seq.generated)
+        if not new:
+            return
+        need = _ceil_div(seq.computed + new, self.block) - seq.held - seq.own
+        if not self.pool.allocate(need):
+            self._preempt(seq)  # SGLang would run out of memory here; the budget rarely lets it
+            batch.preempted.append(seq)
+            return
+        seq.own += need
+        batch.work.append((seq, new))
+        if seq.computed + new >= seq.target:
+            self.chunked = None
+
+    def _cached_blocks(self, seq: Seq) -> int:
+        if not self.limits.prefix_caching:
+            return 0
+        return self.pool.lookup(seq.hashes[:(seq.target - 1) // self.block])
+
+    def _admit_budgeted(self, seq: Seq, budget: PrefillBudget) -> int:
+        """Admit `seq` under SGLang's budgets: its tokens this step, or 0 (nothing changed)."""
+        if seq.kv_ready:
+            new = budget.admit(self.q, seq.output - seq.generated)
+        else:
+            new = budget.admit(seq.target - self._cached_blocks(seq) * self.block,
+                               seq.output - seq.generated)
+        if not new:
+            return 0
+        taken = self._admit(seq, new)
+        if taken is None:
+            budget.refuse()
+            return 0
+        return taken
+
+    def _order_waiting(self) -> None:
+        p = self.policy
+        if (p.order is not QueueOrder.LPM or not self.limits.prefix_caching
+                or not 1 < len(self.waiting) <= p.lpm_queue_limit):
+            return
+        k = _ceil_div(p.in_batch_prefix_tokens, self.block)
+        hits = [self._cached_blocks(s) * self.block for s in self.waiting]
+        shares = [s.hashes[k - 1] if len(s.hashes) >= k else None for s in self.waiting]
+        waiting = list(self.waiting)
+        self.waiting = deque(waiting[j] for j in lpm_order(hits, shares, p.in_batch_prefix_tokens))
+
+    def _decode_step(self, batch: Batch, *, decay: bool) -> None:
+        """SGLang's update_running_batch: the decodes' next tokens, retracting requests when
+        their KV is not there."""
+        decoders = [s for s in self.running if s.decoding]
+        if not decoders:
+            return
+        needs = [_ceil_div(s.prompt + s.generated - 1 + self.q, self.block) - s.held - s.own
+                 for s in decoders]
+        total = sum(needs)
+        assert self.ratio is not None
+        if total > self.pool.free + self.pool.evictable:
+            left = len(decoders)
+            for j in retract_order([s.generated for s in decoders],
+                                   [s.prompt for s in decoders], self.q > 1):
+                if left == 1 or (left < len(decoders)
+                                 and total <= self.pool.free + self.pool.evictable):
+                    break
+                self._preempt(decoders[j])
+                batch.preempted.append(decoders[j])
+                total -= needs[j]
+                left -= 1
+            if total > self.pool.free + self.pool.evictable and self.chunked is not None:
+                batch.preempted.append(self.chunked)
+                self._preempt(self.chunked)
+            kept = [s for s in decoders if s in self.running]
+            self.ratio.retracted(sum(s.generated for s in kept), sum(s.output for s in kept),
+                                 len(kept))
+        elif decay:
+            self.ratio.steps += 1
+        ok = self.pool.allocate(total)
+        assert ok, "a lone decode always fits (simulate checks every request fits alone)"
+        for s, need in zip(decoders, needs, strict=True):
+            if s in self.running:
+                s.own += need
+                batch.work.append((s, self.q))
+
     # ---- the step is over --------------------------------------------------------------------
 
     def complete(self, batch: Batch, draw: Callable[[Seq], int]) -> Outcome:
@@ -260,6 +437,7 @@ class Scheduler:
                 del self.running[seq]
                 self._free(seq)
                 out.finished.append(seq)
+                self.full = False  # the running batch shrank
         return out
 
     def _prefilled(self, seq: Seq, new: int, out: Outcome) -> bool:
@@ -279,6 +457,7 @@ class Scheduler:
             del self.running[seq]
             self.handed_off[seq.index] = seq
             out.handed.append(seq)
+            self.full = False
             return False
         seq.kv_ready = False
         seq.generated += 1
@@ -287,46 +466,3 @@ class Scheduler:
             seq.decoding = True
             out.started.append(seq)
         return True
-
-
-# ---- speculative acceptances -----------------------------------------------------------------
-
-
-def verify_yields(spec: Speculation, rng: np.random.Generator, left: int) -> np.ndarray:
-    """The tokens of every verify step of a decode with `left` tokens to go, drawn at once:
-    one uniform per remaining token (a step yields at least one, so that is enough; the tail
-    past the last step goes unused). Drawing a request's steps when it starts decoding has
-    the step-by-step distribution and lets the fast engine plan the whole decode ahead on the
-    same random numbers as the core's drivers."""
-    return spec.step_tokens(rng.random(left))
-
-
-class VerifyDraws:
-    """The `draw` that drivers hand to `Scheduler.complete`, and its random stream.
-
-    `settle` each step's outcome: a request that started decoding draws its verify steps
-    (`verify_yields`, in `Outcome.started` order, so one seed gives every driver one run); a
-    preempted one draws afresh when it decodes again, its old draws replaced. Without
-    speculation every verify step yields one token and nothing is drawn.
-    """
-
-    def __init__(self, spec: Speculation | None, rng: np.random.Generator) -> None:
-        self.spec = spec
-        self.rng = rng
-        self._pending: dict[Seq, deque[int]] = {}
-
-    def __call__(self, seq: Seq) -> int:
-        drawn = self._pending.get(seq)
-        return drawn.popleft() if drawn else 1
-
-    def settle(self, out: Outcome) -> None:
-        if self.spec is not None:
-            for seq in out.started:
-                steps = verify_yields(self.spec, self.rng, seq.output - seq.generated)
-                self._pending[seq] = deque(steps.tolist())
-        for seq in out.finished:
-            self._pending.pop(seq, None)
-
-    def forget(self, seq: Seq) -> None:
-        """`seq` left without finishing (aborted)."""
-        self._pending.pop(seq, None)

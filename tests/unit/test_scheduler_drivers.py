@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from trilemma.optimizer import serving
+from trilemma.optimizer.catalog.engines import Engine as ServingEngine
 from trilemma.optimizer.search.configs import ServingConfig, WorkerConfig
 from trilemma.optimizer.serving.blockpool import prefix_hashes
 from trilemma.optimizer.serving.reference import ReferenceEngine
@@ -225,3 +226,12 @@ def test_the_scenario_exercises_preemption_and_partial_prefix_hits(model):
     assert len(hits) > 10
     # 300-token prefixes cache 18 full blocks; eviction takes tails, so some hits are partial.
     assert np.any(hits % (18 * 16) != 0)
+
+
+def test_an_sglang_sim_server_engine_schedules_as_the_simulators_sglang_does():
+    """The sim-server runs the policy of its engine (SGLang: prefill-first batches, the
+    reservation's retractions, lpm order), through the same core as the simulator."""
+    model = _small_cache(dataclasses.replace(LLAMA, engine=ServingEngine.SGLANG))
+    assert model.engine.policy.prefill_first
+    sim = _assert_same_run(model, _workload(0))
+    assert sum(sim.trace.preemptions) > 0

@@ -4,6 +4,7 @@ vLLM V1's (preemption, prefix cache, chunked prefill, speculation, disaggregatio
 import numpy as np
 import pytest
 
+from tests.support.simruns import FIELDS, assert_fast_matches_reference
 from trilemma.optimizer import serving
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod, expected_tokens_per_step
@@ -16,8 +17,6 @@ ROOFLINE = toy.RooflineStepModel(models.load_model("meta-llama/Llama-3.1-8B"),
 LINEAR = toy.LinearStepModel(base_ms=5.0, per_token_ms=0.02, per_kv_token_ms=1e-5)
 NGRAM3 = serving.Speculation(config=SpecConfig(method=SpecMethod.NGRAM, k=3), acceptance=0.7)
 LINK = serving.KvTransfer(bytes_per_token=131_072, bandwidth=50e9, latency_ms=2.0)
-FIELDS = ("arrival_ms", "first_scheduled_ms", "first_token_ms", "finish_ms", "preemptions",
-          "cached_tokens", "engine", "occupancy_ms", "occupancy", "engine_steps")
 
 
 def _workload(seed=0, *, requests=150, prompt=None, output=None, arrivals=None, prefix=None):
@@ -73,12 +72,7 @@ SCENARIOS = {
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_fast_engine_takes_the_reference_engines_every_decision(name):
     workload, cluster = SCENARIOS[name]
-    ref = serving.simulate(cluster, workload, ROOFLINE, np.random.default_rng(11),
-                           method=serving.Method.REFERENCE)
-    fast = serving.simulate(cluster, workload, ROOFLINE, np.random.default_rng(11),
-                            method=serving.Method.EXACT)
-    for field in FIELDS:
-        np.testing.assert_array_equal(getattr(fast, field), getattr(ref, field), err_msg=field)
+    assert_fast_matches_reference(cluster, workload, ROOFLINE)
 
 
 def test_the_scenarios_exercise_what_they_are_named_for():
