@@ -6,6 +6,7 @@ Loaded from data/engine.yaml, where every figure carries its source; the figures
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -34,6 +35,9 @@ class EngineFacts:
     seqs_small: int
     large_gpu_min_memory_gib: float          # where max_num_seqs turns large
     batched_tokens_min_memory_gib: float     # where the token budget turns large
+    # (upper bound in MiB, exclusive; inf for the last, token budget): an engine whose default
+    # budget steps through several memory tiers (SGLang); empty: the large/small rule above.
+    batched_tokens_tiers: tuple[tuple[float, int], ...] = ()
     runtime_memory_bytes: float
     nccl_memory_bytes: Mapping[int, float]
     kernel_launch_us: float
@@ -54,10 +58,13 @@ class EngineFacts:
     @staticmethod
     def _is_large(gpu: Gpu, min_memory_gib: float) -> bool:
         # vLLM keys its larger defaults on >= 70 GiB of memory, except on A100 (PR #17885);
-        # SGLang its larger chunked_prefill_size on >= 160 GiB (B200), where A100 never is.
         return gpu.memory_bytes >= min_memory_gib * GIB and "a100" not in gpu.key
 
     def default_max_num_batched_tokens(self, gpu: Gpu) -> int:
+        mib = gpu.memory_bytes / 2**20
+        for bound, size in self.batched_tokens_tiers:
+            if mib < bound:
+                return size
         return (self.batched_tokens_large
                 if self._is_large(gpu, self.batched_tokens_min_memory_gib)
                 else self.batched_tokens_small)
@@ -89,13 +96,18 @@ def engine_facts(engine: Engine = Engine.VLLM) -> EngineFacts:
     text = resources.files("trilemma.optimizer.perf").joinpath("data/engine.yaml").read_text()
     doc = yaml.safe_load(text)
     raw = {**doc["vllm"], **doc.get(engine.value, {})}
+    tokens, vllm_tokens = raw["max_num_batched_tokens"], doc["vllm"]["max_num_batched_tokens"]
     nccl = {int(k): float(v) for k, v in raw["nccl_memory_bytes"].items() if k != "source"}
     return EngineFacts(
         engine=engine,
         gpu_memory_utilization=float(_value(raw["gpu_memory_utilization"])),
         block_size=int(_value(raw["block_size"])),
-        batched_tokens_large=int(raw["max_num_batched_tokens"]["large_gpu"]),
-        batched_tokens_small=int(raw["max_num_batched_tokens"]["small_gpu"]),
+        # An engine with memory tiers (SGLang) still carries vLLM's pair, never consulted.
+        batched_tokens_large=int({**vllm_tokens, **tokens}["large_gpu"]),
+        batched_tokens_small=int({**vllm_tokens, **tokens}["small_gpu"]),
+        batched_tokens_tiers=tuple(
+            (math.inf if bound is None else float(bound), int(size))
+            for bound, size in tokens.get("tiers_by_gpu_memory_mib", ())),
         seqs_large=int(raw["max_num_seqs"]["large_gpu"]),
         seqs_small=int(raw["max_num_seqs"]["small_gpu"]),
         # max_num_seqs keys on vLLM's memory threshold unless the engine gives its own.
@@ -103,7 +115,7 @@ def engine_facts(engine: Engine = Engine.VLLM) -> EngineFacts:
             "large_gpu_min_memory_gib",
             doc["vllm"]["max_num_batched_tokens"]["large_gpu_min_memory_gib"])),
         batched_tokens_min_memory_gib=float(
-            raw["max_num_batched_tokens"]["large_gpu_min_memory_gib"]),
+            {**vllm_tokens, **tokens}["large_gpu_min_memory_gib"]),
         runtime_memory_bytes=float(_value(raw["runtime_memory_bytes"])),
         nccl_memory_bytes=nccl,
         kernel_launch_us=float(_value(raw["kernel_launch_us"])),

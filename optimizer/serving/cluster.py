@@ -260,9 +260,7 @@ def engine_config(sm: ModelOnGpu, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
     facts = sm.facts
     sglang = facts.engine is Engine.SGLANG
     seqs = max_num_seqs or facts.default_max_num_seqs(sm.gpu)
-    budget = max_num_batched_tokens or (
-        scheduling.sglang_chunked_prefill_size(sm.gpu.memory_bytes) if sglang
-        else facts.default_max_num_batched_tokens(sm.gpu))
+    budget = max_num_batched_tokens or facts.default_max_num_batched_tokens(sm.gpu)
     mem = memory.breakdown(sm.arch, sm.gpu, sm.recipe, sm.kv, facts, tp=tp, pp=pp, dp=dp,
                            seq_len=facts.block_size, max_batched_tokens=budget,
                            max_num_seqs=seqs, gpu_memory_utilization=gpu_memory_utilization,

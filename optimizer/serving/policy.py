@@ -108,15 +108,6 @@ def sglang(*, mixed_chunk: bool = False, order: QueueOrder | None = None,
         in_batch_prefix_tokens=int(_value("in_batch_prefix_threshold")))
 
 
-def sglang_chunked_prefill_size(gpu_memory_bytes: float) -> int:
-    """SGLang's default --chunked-prefill-size on a GPU with this much memory."""
-    mib = gpu_memory_bytes / 2**20
-    for bound, size in _sglang_block()["chunked_prefill_size_by_gpu_memory_mib"]["tiers"]:
-        if bound is None or mib < bound:
-            return int(size)
-    raise AssertionError("the last tier has no bound")
-
-
 # ---- runtime state shared by the scheduler core and the fast engine -----------------------------
 
 
