@@ -26,7 +26,7 @@ import numpy as np
 from trilemma.optimizer import validation
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import releases
-from trilemma.optimizer.perf.engine import Engine, EngineFacts, engine_facts
+from trilemma.optimizer.perf.engine import RELEASE_PATTERN, Engine, EngineFacts, engine_facts
 
 FITTED = ("step_overhead_ms", "request_overhead_ms", "benchmark_requests_per_concurrency")
 # Search ranges: physically plausible bounds, not tuning knobs.
@@ -60,7 +60,7 @@ class Release:
 
 # A released version ("0.5.9", "0.5.8.post1", "1.2.0rc6"): nightly and unnamed builds are not
 # an engine anyone can pin.
-_RELEASE = re.compile(r"^\d+(\.\d+)+((\.post|rc)\d+)*$")
+_RELEASE = RELEASE_PATTERN
 # The image a row names in its provenance ("...; image=lmsysorg/sglang:v0.5.9-cu130; ...").
 _IMAGE = re.compile(r"(?:^|[;=\s])([a-z0-9._-]+/[a-z0-9._-]+:v[A-Za-z0-9._-]+)")
 # Per-architecture tags of one multi-arch image: the plain tag runs on either.

@@ -99,7 +99,8 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
                            seq_len=isl + osl + k, max_batched_tokens=budget,
                            max_num_seqs=seqs_cap, cp=cp)
     per_rank = np.maximum(conc / dp, 1.0)
-    slots = np.maximum(np.minimum(seqs_cap, mem.max_seqs), 1.0)
+    slots = np.maximum(np.minimum(seqs_cap, _kv_slots(sm, mem, tp=tp, pp=pp, cp=cp, isl=isl,
+                                                      osl=osl, k=k)), 1.0)
     running = np.minimum(per_rank, slots)
     load = _Load(per_rank=per_rank, running=running, prefill=np.maximum(isl - cached, 1.0),
                  cached=cached, decode_steps=np.maximum(osl - 1.0, 0.0) / per_step,
@@ -134,6 +135,25 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
         output_tokens_per_s_per_gpu=out_tps * 1e3 / (tp * pp * dp),
         decode_step_ms=steady.t_dec, mixed_step_ms=steady.t_mix, running=steady.n_dec,
         tokens_per_step=per_step, memory=mem)
+
+
+def _kv_slots(sm: StepModel, mem: memory.MemoryBreakdown, *, tp: np.ndarray, pp: np.ndarray,
+              cp: np.ndarray, isl: np.ndarray, osl: np.ndarray, k: float) -> FloatArray:
+    """Sequences the KV cache keeps resident in the steady closed loop.
+
+    A prefill-first engine (SGLang) is left at `mem.max_seqs`, sequences at their full
+    length. vLLM's paged cache allocates a block only when a sequence's tokens reach it and
+    admits a request when its prompt's blocks are free (KVCacheManager.allocate_slots), so
+    it holds sequences at their current length: in a steady closed loop the running ones
+    are spread evenly over their decode, isl + osl/2 tokens each on average. Past that
+    capacity the scheduler preempts the newest and queues the rest; capacity at the full
+    length (`max_seqs`) would queue requests that in fact run.
+    """
+    if sm.facts.prefill_first:
+        return mem.max_seqs
+    resident = memory.kv_bytes_per_seq(sm.arch, sm.kv, tp, pp, isl + 0.5 * osl + k,
+                                       sm.facts.block_size, cp)
+    return np.maximum(np.floor(np.maximum(mem.kv_cache, 0.0) / resident), mem.max_seqs)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -178,7 +178,8 @@ class StepModel:
         lm_head = self.km.gemm_ms("bf16", np.maximum(logits_rows, 1.0), a.vocab_size / tp, h)
         gemm = gemm + lm_head
 
-        other = self._elementwise(tokens, tp) * a.num_layers + self.facts.step_overhead_ms
+        other = self._elementwise(tokens, tp) * a.num_layers
+        other = other + self.facts.exposed_step_overhead_ms(gemm + attn + moe + comm + other)
         return StepTime(gemm=gemm, attention=attn, moe=moe, comm=comm, other=other)
 
     def _attention_gemms(self, tokens: np.ndarray, tp: np.ndarray) -> FloatArray:

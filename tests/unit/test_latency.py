@@ -101,3 +101,23 @@ def test_a_prefill_first_tpot_carries_the_stall_of_the_chunks_after_it():
     r = _engine_loop("sglang", 64, [128, 512, 4096])
     assert np.all(np.diff(r.tpot_ms) < 0)
     assert float(r.tpot_ms[-1]) == pytest.approx(float(r.decode_step_ms[-1]), rel=0.1)
+
+
+def test_vllm_keeps_sequences_resident_at_their_current_length():
+    # vLLM's paged cache holds a running sequence at its current length, isl + osl/2 on
+    # average in a closed loop: a load that fits that way does not queue although it would
+    # not fit at the full length (Llama-70B fp8 on two H100s, 1024/8192: ~24 at full length).
+    cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=2, quant="fp8")
+    r = latency.closed_loop(est.step_model(cfg), tp=2, pp=1, dp=1, ep=False,
+                            concurrency=np.array([16.0, 32.0]), prompt_tokens=1024,
+                            output_tokens=8192)
+    assert float(r.memory.max_seqs[1]) < 32
+    assert float(r.running[1]) > float(r.memory.max_seqs[1])
+    assert float(r.ttft_ms[1]) < 3.0 * float(r.ttft_ms[0])
+
+
+def test_a_prefill_first_engine_still_reserves_the_full_length():
+    cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=2, quant="fp8", engine="sglang")
+    r = latency.closed_loop(est.step_model(cfg), tp=2, pp=1, dp=1, ep=False, concurrency=32.0,
+                            prompt_tokens=1024, output_tokens=8192)
+    assert float(r.running) <= float(r.memory.max_seqs)

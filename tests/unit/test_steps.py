@@ -100,3 +100,21 @@ def test_uncalibrated_gpus_are_priced_from_datasheets_and_labelled():
 def test_calibrated_gpus_say_their_kernels_were_fitted():
     cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=2, quant="fp8")
     assert est.provenance(cfg)["gemm"] == "fitted"
+
+
+def test_async_scheduling_hides_the_step_overhead_behind_a_longer_gpu_step():
+    import dataclasses
+
+    import numpy as np
+
+    from trilemma.optimizer.perf.engine import engine_facts
+    facts = engine_facts()
+    sync = dataclasses.replace(facts, cpu_overlap=False)
+    overlapped = dataclasses.replace(facts, cpu_overlap=True)
+    gpu = np.array([0.1 * facts.step_overhead_ms, 10.0 * facts.step_overhead_ms])
+    np.testing.assert_allclose(sync.exposed_step_overhead_ms(gpu), facts.step_overhead_ms)
+    np.testing.assert_allclose(overlapped.exposed_step_overhead_ms(gpu),
+                               [0.9 * facts.step_overhead_ms, 0.0])
+    assert facts.for_release("0.12.0").cpu_overlap is False
+    assert facts.for_release("0.19.0").cpu_overlap is True
+    assert facts.for_release("").cpu_overlap is facts.cpu_overlap
