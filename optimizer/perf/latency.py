@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from trilemma.optimizer.catalog import speculation
 from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
-from trilemma.optimizer.perf import memory
+from trilemma.optimizer.perf import dp_lockstep, memory
 from trilemma.optimizer.perf.arrays import BoolArray, FloatArray
 from trilemma.optimizer.perf.steps import StepModel
 
@@ -186,10 +186,19 @@ class _Steps:
     q: float
 
     def step(self, dec: np.ndarray, pf_tokens: npt.ArrayLike = 0.0,
-             pf_seqs: npt.ArrayLike = 0.0, pf_kv: npt.ArrayLike = 0.0) -> FloatArray:
+             pf_seqs: npt.ArrayLike = 0.0, pf_kv: npt.ArrayLike = 0.0,
+             pf_ranks: npt.ArrayLike | None = None) -> FloatArray:
+        # Only a DP-lockstep layout names the ranks carrying a chunk (the simulator's toy
+        # step models take no such argument).
+        extra = {} if pf_ranks is None or not self.lockstep else {"pf_ranks": pf_ranks}
         return self.sm.step(tp=self.tp, dp=self.dp, ep=self.ep, pp=self.pp, dec_seqs=dec,
                             dec_kv=self.ctx, q=self.q, pf_tokens=pf_tokens, pf_seqs=pf_seqs,
-                            pf_kv=pf_kv, cp=self.cp).total
+                            pf_kv=pf_kv, cp=self.cp, **extra).total
+
+    @property
+    def lockstep(self) -> bool:
+        """MoE layers tie the attention-DP ranks together (perf/dp_lockstep.py)."""
+        return self.sm.arch.moe is not None and bool(np.any(self.dp > 1))
 
     def draft_ms(self, dec: np.ndarray) -> FloatArray:
         return _draft_ms(self.sm, self.draft, self.spec, tp=self.tp, dp=self.dp, ep=self.ep,
@@ -222,8 +231,12 @@ def _steady_state(steps: _Steps, load: _Load) -> _Steady:
         pf_seqs = np.maximum(chunk / prefill, 1.0)
         draft = steps.draft_ms(dec_mb)  # the same drafts in either step: priced once
         t_dec = steps.step(dec_mb) + draft
-        t_mix = steps.step(dec_mb, chunk, pf_seqs, load.cached + 0.5 * (prefill + chunk)) + draft
-        tau = share * t_mix + (1.0 - share) * t_dec
+        # The chunk is this rank's: the other DP ranks decode beside it (perf/dp_lockstep.py),
+        # and under MoE lockstep a rank's step is a mixed one whenever any rank's is.
+        t_mix = steps.step(dec_mb, chunk, pf_seqs, load.cached + 0.5 * (prefill + chunk),
+                           pf_ranks=1.0) + draft
+        stretched = dp_lockstep.stretched_share(share, steps.dp, steps.lockstep)
+        tau = stretched * t_mix + (1.0 - stretched) * t_dec
         # A request's own prefill: one step when it fits beside the decodes (possibly
         # shared with other prefills), else full chunks at the room left, then the rest,
         # whose extra cost over a decode step scales with its size. chunk == room then.
@@ -237,7 +250,7 @@ def _steady_state(steps: _Steps, load: _Load) -> _Steady:
         rho = np.minimum(share, _MAX_PREFILL_UTILISATION)
         # An arrival lands in a step in proportion to its length, so the residual wait is
         # E[step^2] / (2 E[step]), not half a mean step.
-        residual = (share * t_mix**2 + (1.0 - share) * t_dec**2) / (2.0 * tau)
+        residual = (stretched * t_mix**2 + (1.0 - stretched) * t_dec**2) / (2.0 * tau)
         in_slot = load.overhead + residual + service + rho / (2.0 * (1.0 - rho)) * service
         decode_ms = decode_steps * tau
         rate = running / (in_slot + decode_ms)

@@ -121,3 +121,19 @@ def test_a_prefill_first_engine_still_reserves_the_full_length():
     r = latency.closed_loop(est.step_model(cfg), tp=2, pp=1, dp=1, ep=False, concurrency=32.0,
                             prompt_tokens=1024, output_tokens=8192)
     assert float(r.running) <= float(r.memory.max_seqs)
+
+
+def test_a_dp_rank_prefills_alone_but_its_decodes_wait_for_every_rank():
+    # vLLM attention DP (perf/dp_lockstep.py): a steady-state prefill chunk is one rank's, so
+    # the MoE layers do not see it dp times; the ranks' MoE lockstep stretches decode steps.
+    cfg = est.resolve(model="MiniMaxAI/MiniMax-M2.5", gpu="h100_sxm", tp=4, dp=4, ep=True,
+                      quant="fp8")
+    sm = est.step_model(cfg)
+    kw = dict(tp=4, dp=4, ep=True, pp=1, dec_seqs=4.0, dec_kv=1536.0, pf_tokens=1024.0,
+              pf_seqs=1.0, pf_kv=1024.0)
+    assert float(sm.step(**kw, pf_ranks=1.0).moe) < 0.6 * float(sm.step(**kw).moe)
+    from trilemma.optimizer.perf import dp_lockstep
+    share = np.array([0.1])
+    assert float(dp_lockstep.stretched_share(share, np.array([4.0]), True)[0]) == \
+        pytest.approx(1 - 0.9**4)
+    assert float(dp_lockstep.stretched_share(share, np.array([4.0]), False)[0]) == 0.1
