@@ -47,6 +47,8 @@ class EngineFacts:
     elementwise_kernels_per_layer: int
     step_overhead_ms: float
     request_overhead_ms: float
+    # The part of a request's overhead that grows with its prompt (tokenization & co).
+    request_overhead_per_prompt_token_us: float
     benchmark_requests_per_concurrency: float
     # True: prefill batches run alone, ahead of the decodes (SGLang); False: prefill chunks
     # ride in the decode steps under the token budget (vLLM's chunked prefill).
@@ -131,6 +133,8 @@ def engine_facts(engine: Engine = Engine.VLLM) -> EngineFacts:
         elementwise_kernels_per_layer=int(_value(raw["elementwise_kernels_per_layer"])),
         step_overhead_ms=float(_value(raw["step_overhead_ms"])),
         request_overhead_ms=float(_value(raw["request_overhead_ms"])),
+        request_overhead_per_prompt_token_us=float(
+            _value(raw["request_overhead_per_prompt_token_us"])),
         benchmark_requests_per_concurrency=float(
             _value(raw["benchmark_requests_per_concurrency"])),
         prefill_first=bool(_value(raw["prefill_first"])),

@@ -104,7 +104,9 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
     running = np.minimum(per_rank, slots)
     load = _Load(per_rank=per_rank, running=running, prefill=np.maximum(isl - cached, 1.0),
                  cached=cached, decode_steps=np.maximum(osl - 1.0, 0.0) / per_step,
-                 budget=budget, mb=np.maximum(pp, 1.0), overhead=facts.request_overhead_ms)
+                 budget=budget, mb=np.maximum(pp, 1.0),
+                 overhead=facts.request_overhead_ms
+                 + facts.request_overhead_per_prompt_token_us * 1e-3 * isl)
     steps = _Steps(sm=sm, draft=draft, spec=spec, tp=tp, dp=dp, ep=ep, pp=pp, cp=cp,
                    ctx=isl + 0.5 * osl, q=1.0 + k)
     if facts.prefill_first:
@@ -167,7 +169,7 @@ class _Load:
     decode_steps: FloatArray  # decode steps per request (after speculation)
     budget: FloatArray        # max_num_batched_tokens
     mb: FloatArray            # micro-batches in flight: PP keeps one per stage
-    overhead: float           # API-server time per request, ms
+    overhead: FloatArray      # API-server time per request (fixed + per prompt token), ms
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -137,3 +137,23 @@ def test_a_dp_rank_prefills_alone_but_its_decodes_wait_for_every_rank():
     assert float(dp_lockstep.stretched_share(share, np.array([4.0]), True)[0]) == \
         pytest.approx(1 - 0.9**4)
     assert float(dp_lockstep.stretched_share(share, np.array([4.0]), False)[0]) == 0.1
+
+
+def test_a_longer_prompt_pays_more_api_server_time_before_its_prefill():
+    # engine.yaml request_overhead_per_prompt_token_us: tokenization and input processing
+    # grow with the prompt; at concurrency 1 TTFT is that overhead plus the prefill.
+    import dataclasses
+    cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=4, quant="fp8")
+    sm = est.step_model(cfg)
+    flat = est.StepModel(cfg.arch, cfg.gpu, cfg.quant, cfg.kv, dataclasses.replace(
+        sm.facts, request_overhead_per_prompt_token_us=0.0))
+    per_token = sm.facts.request_overhead_per_prompt_token_us
+    assert per_token > 0
+
+    def ttft(model, isl):
+        return float(latency.closed_loop(model, tp=4, pp=1, dp=1, ep=False, concurrency=1.0,
+                                         prompt_tokens=isl, output_tokens=64).ttft_ms)
+
+    for isl in (1024.0, 8192.0):
+        assert ttft(sm, isl) - ttft(flat, isl) == pytest.approx(per_token * 1e-3 * isl,
+                                                                rel=0.05)
