@@ -1,12 +1,13 @@
 """Fit the engine constants that no kernel table measures (`trilemma calibrate-engine`).
 
-Three figures in perf/data/engine.yaml are properties of the serving stack and of how a
-closed-loop benchmark is run rather than of any kernel: the fixed cost of an engine step
-(scheduling, input preparation, sampling), the fixed cost a request pays before its prefill
-(HTTP, tokenization, streaming the first token), and how many requests a benchmark sends per
-unit of concurrency (its first wave queues). They are fitted here to measured end-to-end
-runs by minimising the mean absolute log error of TTFT and TPOT together; every other figure
-comes from kernel fits or datasheets. Deterministic: a fixed grid, then coordinate refinement.
+Four figures in perf/data/engine.yaml are properties of the serving stack and of how a
+closed-loop benchmark is run rather than of any kernel: the CPU cost of an engine step
+(scheduling, input preparation, sampling), the cost a request pays before its prefill, fixed
+(HTTP, streaming the first token) and per prompt token (tokenization, input processing), and
+how many requests a benchmark sends per unit of concurrency (its first wave queues). They
+are fitted here to measured end-to-end runs by minimising the mean absolute log error of
+TTFT and TPOT together; every other figure comes from kernel fits or datasheets.
+Deterministic: a fixed grid, then coordinate refinement.
 """
 
 from __future__ import annotations
@@ -26,18 +27,21 @@ import numpy as np
 from trilemma.optimizer import validation
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import releases
-from trilemma.optimizer.perf.engine import Engine, EngineFacts, engine_facts
+from trilemma.optimizer.perf.engine import RELEASE_PATTERN, Engine, EngineFacts, engine_facts
 
-FITTED = ("step_overhead_ms", "request_overhead_ms", "benchmark_requests_per_concurrency")
+FITTED = ("step_overhead_ms", "request_overhead_ms", "request_overhead_per_prompt_token_us",
+          "benchmark_requests_per_concurrency")
 # Search ranges: physically plausible bounds, not tuning knobs.
 _BOUNDS = {
     "step_overhead_ms": (0.0, 5.0),
     "request_overhead_ms": (0.0, 60.0),
+    "request_overhead_per_prompt_token_us": (0.0, 20.0),
     "benchmark_requests_per_concurrency": (2.0, 40.0),
 }
 _GRID = {
     "step_overhead_ms": (0.25, 1.0, 2.0),
     "request_overhead_ms": (5.0, 15.0, 30.0),
+    "request_overhead_per_prompt_token_us": (0.0, 2.0, 5.0),
     "benchmark_requests_per_concurrency": (4.0, 10.0, 20.0),
 }
 
@@ -60,7 +64,7 @@ class Release:
 
 # A released version ("0.5.9", "0.5.8.post1", "1.2.0rc6"): nightly and unnamed builds are not
 # an engine anyone can pin.
-_RELEASE = re.compile(r"^\d+(\.\d+)+((\.post|rc)\d+)*$")
+_RELEASE = RELEASE_PATTERN
 # The image a row names in its provenance ("...; image=lmsysorg/sglang:v0.5.9-cu130; ...").
 _IMAGE = re.compile(r"(?:^|[;=\s])([a-z0-9._-]+/[a-z0-9._-]+:v[A-Za-z0-9._-]+)")
 # Per-architecture tags of one multi-arch image: the plain tag runs on either.
@@ -87,6 +91,7 @@ def with_values(base: EngineFacts, values: Mapping[str, float]) -> EngineFacts:
     return dataclasses.replace(
         base, step_overhead_ms=values["step_overhead_ms"],
         request_overhead_ms=values["request_overhead_ms"],
+        request_overhead_per_prompt_token_us=values["request_overhead_per_prompt_token_us"],
         benchmark_requests_per_concurrency=values["benchmark_requests_per_concurrency"])
 
 
@@ -113,7 +118,9 @@ def fitted_keys(base: EngineFacts) -> tuple[str, ...]:
     """The FITTED constants the engine's scheduler model uses: a prefill-first engine's
     closed loop moves in whole waves, so the first-wave weight has nothing to fit there."""
     if base.prefill_first:
-        return tuple(k for k in FITTED if k != "benchmark_requests_per_concurrency")
+        # Nor is its per-request overhead split by prompt length: SGLang's model keeps one.
+        return tuple(k for k in FITTED if k not in ("benchmark_requests_per_concurrency",
+                                                    "request_overhead_per_prompt_token_us"))
     return FITTED
 
 
@@ -195,7 +202,7 @@ def holdout(csv_path: Path, engine: Engine, system: str) -> tuple[EngineFit, val
     """Fit on every system but `system`, then score `system`'s rows with those constants.
 
     The shipped constants are fitted on all rows, so `trilemma validate` on the same file is
-    in-sample for these three figures; this gives the out-of-sample view.
+    in-sample for these figures; this gives the out-of-sample view.
     """
     rows = engine_rows(validation.read_rows(csv_path), engine)
     train = [r for r in rows if r.get("system") != system]

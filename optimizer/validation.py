@@ -24,7 +24,7 @@ from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.errors import InputError, TrilemmaError
 from trilemma.optimizer.perf import estimate, hybrid_layers, latency
-from trilemma.optimizer.perf.engine import Engine, EngineFacts
+from trilemma.optimizer.perf.engine import Engine, EngineFacts, engine_facts
 from trilemma.optimizer.perf.steps import StepModel
 
 REQUIRED = ("model_path", "system", "backend", "precision", "gemm_quant_mode", "isl", "osl",
@@ -89,6 +89,27 @@ def recipe_for(row: Mapping[str, str], arch: models.ModelArch) -> QuantRecipe:
     raise InputError("precision", row["precision"], "no matching quantization recipe")
 
 
+def kv_dtype_for(row: Mapping[str, str], engine: Engine, arch: models.ModelArch,
+                 recipe: QuantRecipe) -> KvDtype:
+    """The KV-cache dtype a row's deployment ran; the schema has no column for it.
+
+    vLLM rows at fp8 or fp4 precision ran an fp8 KV cache: their measured queueing sets in
+    only where an fp8 cache runs out (B200 MiniMax-M2.5 fp8 TP2 8192/1024 keeps ~105
+    sequences resident at C=128, ~58 GB of fp8 KV against ~56 GB free; a bf16 cache holds
+    half that, and C=64 would already queue for seconds, measured 0.8 s). vLLM itself runs
+    ModelOpt FP8/NVFP4 checkpoints with the fp8 cache their `kv_cache_quant_algo` names
+    (vllm-project/vllm#29980). A checkpoint that keeps its attention in bf16 (gpt-oss's
+    MXFP4, whose sink attention has no fp8-KV scales) keeps a bf16 cache, as do bf16 and int4
+    rows. SGLang rows keep bf16 here: their model is another's to change.
+    """
+    precision = (row.get("precision") or "").strip().lower()
+    keeps_attention = (arch.checkpoint_quant == recipe.value
+                       and "attention" in arch.unquantized_parts)
+    if engine is Engine.VLLM and precision in ("fp8", "fp4") and not keeps_attention:
+        return KvDtype.FP8
+    return KvDtype.BF16
+
+
 def _int(row: Mapping[str, str], key: str, default: int = 1) -> int:
     text = (row.get(key) or "").strip()
     if not text:
@@ -120,6 +141,7 @@ class _Member:
     osl: int
     cfg: estimate.Config
     note: str | None
+    release: str  # the engine release the row names ("" when it names none)
 
     def result(self, ttft_ms: float | None, tpot_ms: float | None,
                skipped: str | None) -> RowResult:
@@ -128,7 +150,7 @@ class _Member:
                          pred_tpot_ms=tpot_ms, skipped=skipped, note=self.note)
 
 
-_BatchKey = tuple[str, str, QuantRecipe, Engine, int, int, int, bool]
+_BatchKey = tuple[str, str, QuantRecipe, KvDtype, Engine, int, int, int, bool, bool]
 
 
 def predict_rows(rows: Iterable[Mapping[str, str]],
@@ -147,16 +169,18 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
             results[i] = planned
             continue
         cfg, par = planned.cfg, planned.cfg.par
-        batches[(cfg.arch.id, cfg.gpu.key, cfg.quant, cfg.engine, par.tp, par.pp, par.dp,
-                 par.ep)].append(planned)
+        overlap = _facts(cfg.engine, facts).for_release(planned.release).cpu_overlap
+        batches[(cfg.arch.id, cfg.gpu.key, cfg.quant, cfg.kv, cfg.engine, par.tp, par.pp, par.dp,
+                 par.ep, overlap)].append(planned)
 
     for members in batches.values():
         cfg = members[0].cfg
         conc = np.array([m.conc for m in members], dtype=np.float64)
         isl = np.array([m.isl for m in members], dtype=np.float64)
         osl = np.array([m.osl for m in members], dtype=np.float64)
-        sm = (StepModel(cfg.arch, cfg.gpu, cfg.quant, cfg.kv, facts[cfg.engine])
-              if facts and cfg.engine in facts else estimate.step_model(cfg))
+        # The release the rows ran decides whether its step overhead overlaps the GPU.
+        run = _facts(cfg.engine, facts).for_release(members[0].release)
+        sm = StepModel(cfg.arch, cfg.gpu, cfg.quant, cfg.kv, run)
         r = latency.closed_loop(sm, tp=cfg.par.tp, pp=cfg.par.pp,
                                 dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc,
                                 prompt_tokens=isl, output_tokens=osl)
@@ -167,6 +191,10 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
                 continue
             results[m.index] = m.result(float(r.ttft_ms[j]), float(r.tpot_ms[j]), None)
     return [results[i] for i in range(len(rows))]
+
+
+def _facts(engine: Engine, facts: Mapping[Engine, EngineFacts] | None) -> EngineFacts:
+    return facts[engine] if facts and engine in facts else engine_facts(engine)
 
 
 def row_result(i: int, row: Mapping[str, str], pred_ttft_ms: float | None,
@@ -200,7 +228,8 @@ def _member(i: int, row: Mapping[str, str], note: str | None) -> _Member | RowRe
         tp, pp = _int(row, "tp_size"), _int(row, "pp_size")
         dp = _int(row, "attention_dp_size")
         ep = _int(row, "moe_ep_size") > 1
-        kv = hybrid_layers.engine_kv_dtype(engine, arch, gpu, KvDtype.BF16)
+        kv = hybrid_layers.engine_kv_dtype(engine, arch, gpu,
+                                           kv_dtype_for(row, engine, arch, recipe))
         cfg = estimate.resolve(model=row["model_path"], gpu=gpu.key, tp=tp, pp=pp, dp=dp,
                                ep=ep, quant=recipe.value, kv_dtype=kv.value,
                                engine=engine.value)
@@ -214,7 +243,7 @@ def _member(i: int, row: Mapping[str, str], note: str | None) -> _Member | RowRe
     return _Member(index=i, rid=base.id, group=base.group,
                    measured_ttft_ms=base.measured_ttft_ms,
                    measured_tpot_ms=base.measured_tpot_ms, conc=conc, isl=isl, osl=osl, cfg=cfg,
-                   note=note)
+                   note=note, release=(row.get("backend_version") or "").strip())
 
 
 class MetricErrors(TypedDict):

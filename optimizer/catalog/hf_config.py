@@ -208,6 +208,7 @@ def build(
         # Llama-4's use_qk_norm is a weightless L2 norm: no parameters to count.
         qk_norm=model_type in _QK_NORM
         or (cfg.get_bool("use_qk_norm", False) and model_type != "llama4_text"),
+        qk_norm_spans_heads=cfg.get("qk_norm_type") == "per_layer",
         attention_sinks=model_type == "gpt_oss",
         attention_output_gate=cfg.get_bool("attn_output_gate", False),
         k_eq_v=k_eq_v,

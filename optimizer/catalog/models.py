@@ -115,6 +115,9 @@ class ModelArch:
     o_proj_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    # MiniMax-M2 (qk_norm_type "per_layer"): q and k are normed over all heads at once, so
+    # a TP-sharded layer all-reduces their variances (vLLM MiniMaxText01RMSNormTP.forward_qk).
+    qk_norm_spans_heads: bool = False
     attention_sinks: bool = False  # gpt-oss: one learned logit per head
     attention_output_gate: bool = False  # Qwen3.5: q_proj also emits a gate per head dim
     k_eq_v: bool = False  # Gemma-4: full-attention layers have no v_proj (V reuses K)

@@ -7,8 +7,9 @@ Loaded from data/engine.yaml, where every figure carries its source; the figures
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 
@@ -20,6 +21,13 @@ from trilemma.optimizer.catalog.engines import Engine as Engine
 from trilemma.optimizer.catalog.gpus import Gpu
 
 GIB = 1024**3
+# A released version ("0.14.0", "0.5.8.post1"); nightlies and unnamed builds are not.
+RELEASE_PATTERN = re.compile(r"^\d+(\.\d+)+((\.post|rc)\d+)*$")
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Sort key of a release name: its numbers in order ("0.5.8.post1" -> (0, 5, 8, 1))."""
+    return tuple(int(n) for n in re.findall(r"\d+", version))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +52,8 @@ class EngineFacts:
     elementwise_kernels_per_layer: int
     step_overhead_ms: float
     request_overhead_ms: float
+    # The part of a request's overhead that grows with its prompt (tokenization & co).
+    request_overhead_per_prompt_token_us: float
     benchmark_requests_per_concurrency: float
     # True: prefill batches run alone, ahead of the decodes (SGLang); False: prefill chunks
     # ride in the decode steps under the token budget (vLLM's chunked prefill).
@@ -54,6 +64,31 @@ class EngineFacts:
     # Hybrid (linear-attention) models: the engine's up-front split of the memory left after
     # weights between recurrent states and KV (state : KV); None where both share one pool.
     state_memory_ratio: float | None = None
+    # The first release that overlaps the step's CPU work with the GPU's previous step
+    # (vLLM's async scheduling, default from 0.14.0); None where the model does not apply it.
+    cpu_overlap_since: str | None = None
+    # Whether these facts describe such a release: the calibrated one unless `for_release`.
+    cpu_overlap: bool = False
+
+    def for_release(self, version: str | None) -> EngineFacts:
+        """These facts for a run on `version` (None, or a build with no release number such
+        as a nightly: the calibrated release)."""
+        if not version or not RELEASE_PATTERN.match(version) or self.cpu_overlap_since is None:
+            return self
+        overlap = version_key(version) >= version_key(self.cpu_overlap_since)
+        return self if overlap == self.cpu_overlap else replace(self, cpu_overlap=overlap)
+
+    def exposed_step_overhead_ms(self, gpu_ms: np.ndarray) -> np.ndarray:
+        """The engine's per-step CPU time (scheduling, input preparation, output
+        processing) that the step's wall time carries on top of `gpu_ms`, its GPU work.
+
+        Synchronous scheduling runs it between GPU steps: all of it shows. Async scheduling
+        (vLLM >= 0.14, vllm/v1/core/sched/async_scheduler.py) prepares step N+1 while step
+        N runs, so a step lasts max(GPU, CPU): only the CPU time beyond the GPU's shows.
+        """
+        if self.cpu_overlap:
+            return np.maximum(self.step_overhead_ms - gpu_ms, 0.0)
+        return np.full(np.shape(gpu_ms), self.step_overhead_ms)
 
     @staticmethod
     def _is_large(gpu: Gpu, min_memory_gib: float) -> bool:
@@ -98,6 +133,8 @@ def engine_facts(engine: Engine = Engine.VLLM) -> EngineFacts:
     raw = {**doc["vllm"], **doc.get(engine.value, {})}
     tokens, vllm_tokens = raw["max_num_batched_tokens"], doc["vllm"]["max_num_batched_tokens"]
     nccl = {int(k): float(v) for k, v in raw["nccl_memory_bytes"].items() if k != "source"}
+    calibrated = str(raw["calibrated_release"]["version"])
+    since = _value(raw["cpu_overlap_since"])
     return EngineFacts(
         engine=engine,
         gpu_memory_utilization=float(_value(raw["gpu_memory_utilization"])),
@@ -122,11 +159,14 @@ def engine_facts(engine: Engine = Engine.VLLM) -> EngineFacts:
         elementwise_kernels_per_layer=int(_value(raw["elementwise_kernels_per_layer"])),
         step_overhead_ms=float(_value(raw["step_overhead_ms"])),
         request_overhead_ms=float(_value(raw["request_overhead_ms"])),
+        request_overhead_per_prompt_token_us=float(
+            _value(raw["request_overhead_per_prompt_token_us"])),
         benchmark_requests_per_concurrency=float(
             _value(raw["benchmark_requests_per_concurrency"])),
         prefill_first=bool(_value(raw["prefill_first"])),
-        calibrated_release=(str(raw["calibrated_release"]["version"]),
-                            raw["calibrated_release"]["image"]),
+        calibrated_release=(calibrated, raw["calibrated_release"]["image"]),
+        cpu_overlap_since=None if since is None else str(since),
+        cpu_overlap=since is not None and version_key(calibrated) >= version_key(str(since)),
         state_memory_ratio=(None if raw.get("state_memory_ratio") is None
                             else float(_value(raw["state_memory_ratio"]))),
     )

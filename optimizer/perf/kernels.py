@@ -17,7 +17,6 @@ Provenance of a (family, kernel) on a GPU:
 - "datasheet": a GPU without calibration; every form runs with the median efficiencies of
   the calibrated GPUs (`datasheet_defaults` in the JSON) times the caller's datasheet rates.
   Inter-node p2p is "datasheet" everywhere: no inter-node table was measured.
-
 Collectives inside an NVLink domain wider than a node (NVL72) keep the NVLink rate.
 """
 
@@ -34,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from trilemma.optimizer.errors import InputError
+from trilemma.optimizer.perf import graph_floor, kernel_rules
 from trilemma.optimizer.perf import kernel_forms as kf
-from trilemma.optimizer.perf import kernel_rules
 from trilemma.optimizer.perf.arrays import FloatArray
 from trilemma.optimizer.perf.kernel_rules import Fit
 
@@ -408,11 +407,13 @@ _HOST_PARAMS = ("host_ms", "host_large_ms")
 
 
 def _to_fit(entry: Mapping[str, Any], provenance: str,
-            params: Mapping[str, float] | None = None, *, cuda_graphs: bool = False) -> Fit:
+            params: Mapping[str, float] | None = None, *, cuda_graphs: bool = False,
+            floor_ms: float = 0.0) -> Fit:
     names = kf.FORM_PARAMS[entry["form"]]
     values = dict(entry["params"] if params is None else params)
-    if cuda_graphs:
+    if cuda_graphs:  # the host floors go; a device floor the fit could not see comes back
         values.update({n: 0.0 for n in _HOST_PARAMS if n in values})
+        values = graph_floor.with_floor(values, entry["form"], floor_ms)
     constants = dict(entry["constants"])
     if "m_switch" in constants and constants["m_switch"] is None:
         constants["m_switch"] = math.inf
@@ -442,6 +443,7 @@ def _extrapolated_fits(base: Mapping[str, Any], sheet: dict[str, Any], exp_ratio
     `exp_ratio` (2x on Blackwell Ultra). A fit of a precision this GPU lacks is dropped: the
     resolution rules fall back as on any GPU."""
     fits: dict[str, Fit] = {}
+    floor = graph_floor.device_floor_ms(base["fits"])
     for key, entry in base["fits"].items():
         params = dict(entry["params"])
         for name in params:
@@ -453,7 +455,8 @@ def _extrapolated_fits(base: Mapping[str, Any], sheet: dict[str, Any], exp_ratio
                 break
             params[name] *= new / old * (exp_ratio if name == "exp_rate" else 1.0)
         else:
-            fits[key] = _to_fit(entry, "extrapolated", params, cuda_graphs=cuda_graphs)
+            fits[key] = _to_fit(entry, "extrapolated", params, cuda_graphs=cuda_graphs,
+                                floor_ms=floor)
     return fits
 
 
@@ -464,11 +467,8 @@ def kernel_model(gpu_key: str, *, datasheet: DatasheetRates | None = None,
                  cuda_graphs: bool = False) -> KernelModel:
     """The kernel model of a GPU: calibrated when the JSON has it (then `datasheet` is not
     needed and not used), else datasheet rooflines from `datasheet`. Cached per key.
-
-    `cuda_graphs=True` prices kernels as a CUDA-graph replay, as vLLM runs its steps: the
-    CPU-side floors the profiles measured in eager mode (60-200 us for block-fp8 GEMMs and
-    MLA modules) vanish, and only device time remains.
-    """
+    `cuda_graphs=True` prices a CUDA-graph replay, as vLLM runs its steps: the eager host
+    floors (60-200 us for block-fp8 GEMMs) vanish, device floors stay (perf/graph_floor.py)."""
     gpus = calibration()["gpus"]
     calibrated = gpu_key in gpus
     sheet_key: tuple[Any, ...] = ()
@@ -481,8 +481,8 @@ def kernel_model(gpu_key: str, *, datasheet: DatasheetRates | None = None,
     model = _MODELS.get(cache_key)
     if model is None:
         if calibrated:
-            entry = gpus[gpu_key]
-            fits = {k: _to_fit(f, "fitted", cuda_graphs=cuda_graphs)
+            entry, floor = gpus[gpu_key], graph_floor.device_floor_ms(gpus[gpu_key]["fits"])
+            fits = {k: _to_fit(f, "fitted", cuda_graphs=cuda_graphs, floor_ms=floor)
                     for k, f in entry["fits"].items()}
             model = KernelModel(gpu_key, calibrated=True, fits=fits, sheet=entry["datasheet"])
         else:

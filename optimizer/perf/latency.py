@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from trilemma.optimizer.catalog import speculation
 from trilemma.optimizer.catalog.speculation import SpecConfig, SpecMethod
-from trilemma.optimizer.perf import memory
+from trilemma.optimizer.perf import dp_lockstep, memory
 from trilemma.optimizer.perf.arrays import BoolArray, FloatArray
 from trilemma.optimizer.perf.steps import StepModel
 
@@ -99,11 +99,14 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
                            seq_len=isl + osl + k, max_batched_tokens=budget,
                            max_num_seqs=seqs_cap, cp=cp)
     per_rank = np.maximum(conc / dp, 1.0)
-    slots = np.maximum(np.minimum(seqs_cap, mem.max_seqs), 1.0)
+    slots = np.maximum(np.minimum(seqs_cap, _kv_slots(sm, mem, tp=tp, pp=pp, cp=cp, isl=isl,
+                                                      osl=osl, k=k)), 1.0)
     running = np.minimum(per_rank, slots)
     load = _Load(per_rank=per_rank, running=running, prefill=np.maximum(isl - cached, 1.0),
                  cached=cached, decode_steps=np.maximum(osl - 1.0, 0.0) / per_step,
-                 budget=budget, mb=np.maximum(pp, 1.0), overhead=facts.request_overhead_ms)
+                 budget=budget, mb=np.maximum(pp, 1.0),
+                 overhead=facts.request_overhead_ms
+                 + facts.request_overhead_per_prompt_token_us * 1e-3 * isl)
     steps = _Steps(sm=sm, draft=draft, spec=spec, tp=tp, dp=dp, ep=ep, pp=pp, cp=cp,
                    ctx=isl + 0.5 * osl, q=1.0 + k)
     if facts.prefill_first:
@@ -136,6 +139,25 @@ def closed_loop(sm: StepModel, *, tp: npt.ArrayLike, pp: npt.ArrayLike, dp: npt.
         tokens_per_step=per_step, memory=mem)
 
 
+def _kv_slots(sm: StepModel, mem: memory.MemoryBreakdown, *, tp: np.ndarray, pp: np.ndarray,
+              cp: np.ndarray, isl: np.ndarray, osl: np.ndarray, k: float) -> FloatArray:
+    """Sequences the KV cache keeps resident in the steady closed loop.
+
+    A prefill-first engine (SGLang) is left at `mem.max_seqs`, sequences at their full
+    length. vLLM's paged cache allocates a block only when a sequence's tokens reach it and
+    admits a request when its prompt's blocks are free (KVCacheManager.allocate_slots), so
+    it holds sequences at their current length: in a steady closed loop the running ones
+    are spread evenly over their decode, isl + osl/2 tokens each on average. Past that
+    capacity the scheduler preempts the newest and queues the rest; capacity at the full
+    length (`max_seqs`) would queue requests that in fact run.
+    """
+    if sm.facts.prefill_first:
+        return mem.max_seqs
+    resident = memory.kv_bytes_per_seq(sm.arch, sm.kv, tp, pp, isl + 0.5 * osl + k,
+                                       sm.facts.block_size, cp)
+    return np.maximum(np.floor(np.maximum(mem.kv_cache, 0.0) / resident), mem.max_seqs)
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Load:
     """What one attention replica (DP rank) carries, broadcast over candidates."""
@@ -147,7 +169,7 @@ class _Load:
     decode_steps: FloatArray  # decode steps per request (after speculation)
     budget: FloatArray        # max_num_batched_tokens
     mb: FloatArray            # micro-batches in flight: PP keeps one per stage
-    overhead: float           # API-server time per request, ms
+    overhead: FloatArray      # API-server time per request (fixed + per prompt token), ms
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,10 +188,19 @@ class _Steps:
     q: float
 
     def step(self, dec: np.ndarray, pf_tokens: npt.ArrayLike = 0.0,
-             pf_seqs: npt.ArrayLike = 0.0, pf_kv: npt.ArrayLike = 0.0) -> FloatArray:
+             pf_seqs: npt.ArrayLike = 0.0, pf_kv: npt.ArrayLike = 0.0,
+             pf_ranks: npt.ArrayLike | None = None) -> FloatArray:
+        # Only a DP-lockstep layout names the ranks carrying a chunk (the simulator's toy
+        # step models take no such argument).
+        extra = {} if pf_ranks is None or not self.lockstep else {"pf_ranks": pf_ranks}
         return self.sm.step(tp=self.tp, dp=self.dp, ep=self.ep, pp=self.pp, dec_seqs=dec,
                             dec_kv=self.ctx, q=self.q, pf_tokens=pf_tokens, pf_seqs=pf_seqs,
-                            pf_kv=pf_kv, cp=self.cp).total
+                            pf_kv=pf_kv, cp=self.cp, **extra).total
+
+    @property
+    def lockstep(self) -> bool:
+        """MoE layers tie the attention-DP ranks together (perf/dp_lockstep.py)."""
+        return self.sm.arch.moe is not None and bool(np.any(self.dp > 1))
 
     def draft_ms(self, dec: np.ndarray) -> FloatArray:
         return _draft_ms(self.sm, self.draft, self.spec, tp=self.tp, dp=self.dp, ep=self.ep,
@@ -202,8 +233,12 @@ def _steady_state(steps: _Steps, load: _Load) -> _Steady:
         pf_seqs = np.maximum(chunk / prefill, 1.0)
         draft = steps.draft_ms(dec_mb)  # the same drafts in either step: priced once
         t_dec = steps.step(dec_mb) + draft
-        t_mix = steps.step(dec_mb, chunk, pf_seqs, load.cached + 0.5 * (prefill + chunk)) + draft
-        tau = share * t_mix + (1.0 - share) * t_dec
+        # The chunk is this rank's: the other DP ranks decode beside it (perf/dp_lockstep.py),
+        # and under MoE lockstep a rank's step is a mixed one whenever any rank's is.
+        t_mix = steps.step(dec_mb, chunk, pf_seqs, load.cached + 0.5 * (prefill + chunk),
+                           pf_ranks=1.0) + draft
+        stretched = dp_lockstep.stretched_share(share, steps.dp, steps.lockstep)
+        tau = stretched * t_mix + (1.0 - stretched) * t_dec
         # A request's own prefill: one step when it fits beside the decodes (possibly
         # shared with other prefills), else full chunks at the room left, then the rest,
         # whose extra cost over a decode step scales with its size. chunk == room then.
@@ -217,7 +252,7 @@ def _steady_state(steps: _Steps, load: _Load) -> _Steady:
         rho = np.minimum(share, _MAX_PREFILL_UTILISATION)
         # An arrival lands in a step in proportion to its length, so the residual wait is
         # E[step^2] / (2 E[step]), not half a mean step.
-        residual = (share * t_mix**2 + (1.0 - share) * t_dec**2) / (2.0 * tau)
+        residual = (stretched * t_mix**2 + (1.0 - stretched) * t_dec**2) / (2.0 * tau)
         in_slot = load.overhead + residual + service + rho / (2.0 * (1.0 - rho)) * service
         decode_ms = decode_steps * tau
         rate = running / (in_slot + decode_ms)

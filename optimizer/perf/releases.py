@@ -16,18 +16,13 @@ plan's latencies were fitted to, so the renderer's default image pins the calibr
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 from trilemma.optimizer.perf.engine import Engine, engine_facts
+from trilemma.optimizer.perf.engine import version_key as version_key
 from trilemma.optimizer.perf.kernels import calibration
 
 VLLM_REPOSITORY = "vllm/vllm-openai"
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    """Sort key of a release name: its numbers in order ("0.5.8.post1" -> (0, 5, 8, 1))."""
-    return tuple(int(n) for n in re.findall(r"\d+", version))
 
 
 def kernel_versions() -> dict[str, tuple[str, ...]]:

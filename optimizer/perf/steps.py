@@ -23,7 +23,14 @@ import numpy.typing as npt
 from trilemma.optimizer.catalog.gpus import Gpu
 from trilemma.optimizer.catalog.models import ModelArch
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
-from trilemma.optimizer.perf import context_parallel, hybrid_layers, kernel_forms, kernels, memory
+from trilemma.optimizer.perf import (
+    context_parallel,
+    dp_lockstep,
+    hybrid_layers,
+    kernel_forms,
+    kernels,
+    memory,
+)
 from trilemma.optimizer.perf.arrays import FloatArray
 from trilemma.optimizer.perf.engine import EngineFacts
 
@@ -121,9 +128,11 @@ class StepModel:
              pp: npt.ArrayLike, dec_seqs: npt.ArrayLike, dec_kv: npt.ArrayLike,
              q: npt.ArrayLike = 1.0, pf_tokens: npt.ArrayLike = 0.0,
              pf_seqs: npt.ArrayLike = 0.0, pf_kv: npt.ArrayLike = 0.0,
-             cp: npt.ArrayLike = 1.0) -> StepTime:
+             cp: npt.ArrayLike = 1.0, pf_ranks: npt.ArrayLike | None = None) -> StepTime:
         """Scalars or arrays in (they broadcast), arrays out. `cp`: decode context parallel
-        ranks within the TP group (perf/context_parallel.py); 1 is none."""
+        ranks within the TP group (perf/context_parallel.py); 1 is none. `pf_ranks`: how
+        many attention-DP ranks carry such a prefill chunk in this step (None: all of them;
+        every rank carries the decode batch)."""
         a = self.arch
         L = self.layers
         f64 = np.float64
@@ -139,6 +148,8 @@ class StepModel:
         pf_kv = np.asarray(pf_kv, dtype=f64)
         cp = np.asarray(cp, dtype=f64)
         tokens = np.maximum(dec_seqs * q + pf_tokens, 1.0)
+        # The tokens every DP rank brings to the MoE layers (perf/dp_lockstep.py).
+        gathered = dp_lockstep.moe_tokens(tokens, dec_seqs * q, pf_tokens, dp, pf_ranks)
         # DCP: the decode attention kernels see the heads of tp/cp ranks over 1/cp of the KV.
         dec_div, dec_kv_rank = context_parallel.decode_split(tp, cp, dec_kv)
         h = a.hidden_size
@@ -157,7 +168,7 @@ class StepModel:
         attn = attn + self._hybrid_core(tp, dec_seqs * q, dec_kv, pf_tokens, pf_seqs, pf_end)
         mlp_dense = self._dense_mlp(tokens, tp, a.intermediate_size, self.mlp_kernel)
         gemm = gemm + mlp_dense * L.dense
-        moe = self._moe_layer(tokens, tp, dp, ep) * L.moe
+        moe = self._moe_layer(tokens, gathered, tp, dp, ep) * L.moe
 
         # Two all-reduces per layer over the TP group (after attention, after the MLP).
         # Collectives are priced only where a layout has them: the hot path skips the rest.
@@ -166,10 +177,14 @@ class StepModel:
         if np.any(tp > 1):
             comm = comm + np.where(tp > 1,
                                    2.0 * a.num_layers * self.km.allreduce_ms(tp, msg), 0.0)
+        if a.qk_norm_spans_heads and np.any(tp > 1):
+            # q/k norms over all heads: one all-reduce of two fp32 variances per token.
+            comm = comm + np.where(tp > 1, a.num_layers * self.km.allreduce_ms(
+                tp, tokens * 2.0 * 4.0), 0.0)
         if L.moe and np.any(dp > 1):
             # Attention DP: each MoE layer gathers every rank's tokens and scatters them back.
             group = tp * dp
-            dp_msg = msg * dp
+            dp_msg = gathered * h * ACT_BYTES
             dp_comm = self.km.allgather_ms(group, dp_msg) + self.km.reduce_scatter_ms(group,
                                                                                      dp_msg)
             comm = comm + np.where(dp > 1, L.moe * dp_comm, 0.0)
@@ -187,7 +202,8 @@ class StepModel:
         lm_head = self.km.gemm_ms("bf16", np.maximum(logits_rows, 1.0), a.vocab_size / tp, h)
         gemm = gemm + lm_head
 
-        other = self._elementwise(tokens, tp) * a.num_layers + self.facts.step_overhead_ms
+        other = self._elementwise(tokens, tp) * a.num_layers
+        other = other + self.facts.exposed_step_overhead_ms(gemm + attn + moe + comm + other)
         return StepTime(gemm=gemm, attention=attn, moe=moe, comm=comm, other=other)
 
     def _attention_gemms(self, tokens: np.ndarray, tp: np.ndarray) -> FloatArray:
@@ -358,8 +374,8 @@ class StepModel:
         return self.km.gemm_ms(kernel, tokens, up, a.hidden_size) + self.km.gemm_ms(
             kernel, tokens, a.hidden_size, width / tp)
 
-    def _moe_layer(self, tokens: np.ndarray, tp: np.ndarray, dp: np.ndarray,
-                   ep: np.ndarray) -> FloatArray:
+    def _moe_layer(self, tokens: np.ndarray, gathered: np.ndarray, tp: np.ndarray,
+                   dp: np.ndarray, ep: np.ndarray) -> FloatArray:
         a = self.arch
         moe = a.moe
         if moe is None:
@@ -368,7 +384,7 @@ class StepModel:
         moe_tp = np.where(ep, 1.0, group)
         moe_ep = np.where(ep, group, 1.0)
         # Every rank's tokens meet in the MoE layer under attention DP.
-        experts = self.km.moe_ms(self.moe_kernel, tokens * dp, a.hidden_size,
+        experts = self.km.moe_ms(self.moe_kernel, gathered, a.hidden_size,
                                  moe.expert_intermediate_size, moe.experts_per_token,
                                  moe.num_experts, moe_tp, moe_ep)
         router = self.km.gemm_ms("bf16", tokens, moe.num_experts, a.hidden_size)

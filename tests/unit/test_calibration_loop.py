@@ -191,7 +191,7 @@ def test_corrected_predictions_scale_latencies_only() -> None:
 
 def test_a_plan_against_the_tightened_slo_meets_the_real_one_once_corrected() -> None:
     request = small_request()
-    cal = biased(2.5, 2.5)  # the endpoint runs 2.5x slower than the model predicts
+    cal = biased(3.0, 3.0)  # the endpoint runs 3x slower than the model predicts
     naive = planning.plan(request, settings=SETTINGS).recommended
     tight = request.model_copy(update={"slo": calibration.apply(request.slo, cal)})
     plan = planning.plan(tight, settings=SETTINGS).recommended

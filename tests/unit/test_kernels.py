@@ -329,3 +329,16 @@ def test_a_collective_takes_the_faster_of_its_two_algorithms():
     t = kernel_forms.collective_ms(x, np.array([1e3, 1e9]))
     assert t[0] == pytest.approx(0.005 + 1e-4, rel=0.05)
     assert t[1] == pytest.approx(0.05 + 1.0, rel=0.05)
+
+
+def test_a_graph_replayed_kernel_keeps_a_device_floor_its_fit_could_not_separate():
+    # B200's block-fp8 GEMM profile is host-bound at small shapes: its fitted launch_ms sits
+    # on the lower bound. Under CUDA graphs it keeps the GPU's identified device floor.
+    from trilemma.optimizer.perf import graph_floor, kernels
+    fits = kernels.calibration()["gpus"]["b200_sxm"]["fits"]
+    floor = graph_floor.device_floor_ms(fits)
+    assert 0.003 < floor < 0.02
+    assert fits["gemm/fp8_block"]["params"]["launch_ms"] <= graph_floor.COLLAPSED_MS
+    km = kernels.kernel_model("b200_sxm", cuda_graphs=True)
+    # (the collapsed fit alone would price it at ~0.1 us plus its bytes)
+    assert float(km.gemm_ms("fp8_block", 1.0, 1024.0, 1024.0)) > 0.8 * floor

@@ -101,3 +101,59 @@ def test_a_prefill_first_tpot_carries_the_stall_of_the_chunks_after_it():
     r = _engine_loop("sglang", 64, [128, 512, 4096])
     assert np.all(np.diff(r.tpot_ms) < 0)
     assert float(r.tpot_ms[-1]) == pytest.approx(float(r.decode_step_ms[-1]), rel=0.1)
+
+
+def test_vllm_keeps_sequences_resident_at_their_current_length():
+    # vLLM's paged cache holds a running sequence at its current length, isl + osl/2 on
+    # average in a closed loop: a load that fits that way does not queue although it would
+    # not fit at the full length (Llama-70B fp8 on two H100s, 1024/8192: ~24 at full length).
+    cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=2, quant="fp8")
+    r = latency.closed_loop(est.step_model(cfg), tp=2, pp=1, dp=1, ep=False,
+                            concurrency=np.array([16.0, 32.0]), prompt_tokens=1024,
+                            output_tokens=8192)
+    assert float(r.memory.max_seqs[1]) < 32
+    assert float(r.running[1]) > float(r.memory.max_seqs[1])
+    assert float(r.ttft_ms[1]) < 3.0 * float(r.ttft_ms[0])
+
+
+def test_a_prefill_first_engine_still_reserves_the_full_length():
+    cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=2, quant="fp8", engine="sglang")
+    r = latency.closed_loop(est.step_model(cfg), tp=2, pp=1, dp=1, ep=False, concurrency=32.0,
+                            prompt_tokens=1024, output_tokens=8192)
+    assert float(r.running) <= float(r.memory.max_seqs)
+
+
+def test_a_dp_rank_prefills_alone_but_its_decodes_wait_for_every_rank():
+    # vLLM attention DP (perf/dp_lockstep.py): a steady-state prefill chunk is one rank's, so
+    # the MoE layers do not see it dp times; the ranks' MoE lockstep stretches decode steps.
+    cfg = est.resolve(model="MiniMaxAI/MiniMax-M2.5", gpu="h100_sxm", tp=4, dp=4, ep=True,
+                      quant="fp8")
+    sm = est.step_model(cfg)
+    kw = dict(tp=4, dp=4, ep=True, pp=1, dec_seqs=4.0, dec_kv=1536.0, pf_tokens=1024.0,
+              pf_seqs=1.0, pf_kv=1024.0)
+    assert float(sm.step(**kw, pf_ranks=1.0).moe) < 0.6 * float(sm.step(**kw).moe)
+    from trilemma.optimizer.perf import dp_lockstep
+    share = np.array([0.1])
+    assert float(dp_lockstep.stretched_share(share, np.array([4.0]), True)[0]) == \
+        pytest.approx(1 - 0.9**4)
+    assert float(dp_lockstep.stretched_share(share, np.array([4.0]), False)[0]) == 0.1
+
+
+def test_a_longer_prompt_pays_more_api_server_time_before_its_prefill():
+    # engine.yaml request_overhead_per_prompt_token_us: tokenization and input processing
+    # grow with the prompt; at concurrency 1 TTFT is that overhead plus the prefill.
+    import dataclasses
+    cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=4, quant="fp8")
+    sm = est.step_model(cfg)
+    flat = est.StepModel(cfg.arch, cfg.gpu, cfg.quant, cfg.kv, dataclasses.replace(
+        sm.facts, request_overhead_per_prompt_token_us=0.0))
+    per_token = sm.facts.request_overhead_per_prompt_token_us
+    assert per_token > 0
+
+    def ttft(model, isl):
+        return float(latency.closed_loop(model, tp=4, pp=1, dp=1, ep=False, concurrency=1.0,
+                                         prompt_tokens=isl, output_tokens=64).ttft_ms)
+
+    for isl in (1024.0, 8192.0):
+        assert ttft(sm, isl) - ttft(flat, isl) == pytest.approx(per_token * 1e-3 * isl,
+                                                                rel=0.05)

@@ -100,3 +100,44 @@ def test_uncalibrated_gpus_are_priced_from_datasheets_and_labelled():
 def test_calibrated_gpus_say_their_kernels_were_fitted():
     cfg = est.resolve(model=LLAMA70, gpu="h100_sxm", tp=2, quant="fp8")
     assert est.provenance(cfg)["gemm"] == "fitted"
+
+
+def test_async_scheduling_hides_the_step_overhead_behind_a_longer_gpu_step():
+    import dataclasses
+
+    import numpy as np
+
+    from trilemma.optimizer.perf.engine import engine_facts
+    facts = engine_facts()
+    sync = dataclasses.replace(facts, cpu_overlap=False)
+    overlapped = dataclasses.replace(facts, cpu_overlap=True)
+    gpu = np.array([0.1 * facts.step_overhead_ms, 10.0 * facts.step_overhead_ms])
+    np.testing.assert_allclose(sync.exposed_step_overhead_ms(gpu), facts.step_overhead_ms)
+    np.testing.assert_allclose(overlapped.exposed_step_overhead_ms(gpu),
+                               [0.9 * facts.step_overhead_ms, 0.0])
+    assert facts.for_release("0.12.0").cpu_overlap is False
+    assert facts.for_release("0.19.0").cpu_overlap is True
+    assert facts.for_release("").cpu_overlap is facts.cpu_overlap
+
+
+def test_minimax_qk_norm_over_all_heads_all_reduces_under_tensor_parallelism():
+    # MiniMax-M2's q/k RMSNorm spans every head (qk_norm_type "per_layer"): a TP-sharded
+    # layer all-reduces the variances, one small collective per layer that Qwen3's per-head
+    # norm does not need.
+    import dataclasses
+
+    from trilemma.optimizer.catalog import models
+    from trilemma.optimizer.perf import estimate
+    from trilemma.optimizer.perf.steps import StepModel
+    arch = models.load_model("MiniMaxAI/MiniMax-M2.5")
+    assert arch.qk_norm_spans_heads
+    assert not models.load_model("Qwen/Qwen3-32B").qk_norm_spans_heads
+    cfg = estimate.resolve(model=arch.id, gpu="b200_sxm", tp=4, quant="fp8")
+    sm = estimate.step_model(cfg)
+    plain = StepModel(dataclasses.replace(arch, qk_norm_spans_heads=False), cfg.gpu, cfg.quant,
+                      cfg.kv, sm.facts)
+    with_norm = sm.step(tp=4, dp=1, ep=False, pp=1, dec_seqs=8.0, dec_kv=2048.0).comm
+    without = plain.step(tp=4, dp=1, ep=False, pp=1, dec_seqs=8.0, dec_kv=2048.0).comm
+    assert float(with_norm) > float(without)
+    one = sm.step(tp=1, dp=1, ep=False, pp=1, dec_seqs=8.0, dec_kv=2048.0).comm
+    assert float(one) == 0.0
