@@ -10,6 +10,9 @@ import asyncio
 import contextlib
 
 import kopf
+
+# Kopf exports no name for the per-object memories that kopf.spawn_tasks(memories=...) takes;
+# `stop` reads the daemons in them (tests and the demo only: the image runs `kopf run`).
 from kopf._core.reactor.inventory import ResourceMemories
 
 from trilemma.operator import handlers
@@ -96,6 +99,6 @@ class Operator:
         object's timer again (Kopf guards against this when pausing, not when exiting). Nothing
         would stop that timer but Kopf's 5 s wait for hung tasks; stop it as the killer would.
         """
-        for memory in self._memories.iter_all_daemon_memories():
-            for daemon in memory.running_daemons.values():
+        for memory in list(self._memories.iter_all_daemon_memories()):
+            for daemon in list(memory.running_daemons.values()):
                 daemon.stopper.set(reason=kopf.DaemonStoppingReason.OPERATOR_EXITING)
