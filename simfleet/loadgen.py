@@ -376,12 +376,18 @@ async def run_load(url: str | Sequence[str], phases: Sequence[LoadStage], *, see
         start = run.t0
         # How long each phase ran: its duration, less when `stop` cut it, 0 when never begun.
         ran = [0.0] * len(phases)
-        for index, phase in enumerate(phases):
-            ran[index] = await run.phase(phase, index, start, stop)
-            if run.stopped:
-                break
-            start += phase.duration_s
-        await run.drain(drain_s)
+        try:
+            for index, phase in enumerate(phases):
+                ran[index] = await run.phase(phase, index, start, stop)
+                if run.stopped:
+                    break
+                start += phase.duration_s
+            await run.drain(drain_s)
+        except asyncio.CancelledError:
+            # The requests in flight end with the run: left running, they would outlive the
+            # session they read from (and the caller, which cancelled the run to be done).
+            await run.drain(0.0)
+            raise
     reports = tuple(
         PhaseReport.build([r for r in run.records if r.phase == i], name=p.label(i), index=i,
                           duration_s=ran[i], parameters=p.to_dict())

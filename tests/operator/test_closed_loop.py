@@ -171,6 +171,8 @@ async def test_the_loop_follows_a_traffic_shift_and_ignores_steady_noise(
     finally:
         if load is not None:
             load.cancel()
+            # Its requests end with it, before the fleet they go to and the operator stop.
+            await asyncio.gather(load, return_exceptions=True)
         prom.stop()
         await fleet.stop()
         del op

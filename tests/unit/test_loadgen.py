@@ -209,6 +209,23 @@ async def test_stop_ends_the_running_phase_and_skips_the_rest():
     assert report.overall.duration_s == first.duration_s
 
 
+async def test_a_cancelled_run_takes_its_requests_in_flight_with_it():
+    # Long answers (slowed servers): requests are in flight when the run is cancelled.
+    phases = [LoadStage(duration_s=30, rate=20, prompt_mean=100, output_mean=500)]
+    async with SimFleet(LLAMA, served_model_name="sim", time_scale=1.0) as fleet:
+        before = asyncio.all_tasks()
+        load = asyncio.create_task(loadgen.run_load(fleet.urls, phases, seed=2, model="sim"))
+        await asyncio.sleep(0.5)
+        # The requests, each its own task (the servers' tasks are not the run's).
+        sending = {t for t in asyncio.all_tasks() - before
+                   if getattr(t.get_coro(), "__qualname__", "") == "_Run.send"}
+        assert sending
+        load.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        assert all(task.done() for task in sending)
+
+
 async def test_unreachable_server_counts_as_failed_requests():
     phases = [LoadStage(duration_s=0.3, rate=20, prompt_mean=10, output_mean=2)]
     report = await loadgen.run_load("http://127.0.0.1:9", phases, seed=0, model="x")
