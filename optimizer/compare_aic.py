@@ -22,6 +22,7 @@ as `validation.recipe_for` does: the table calls every 4-bit float 'nvfp4'.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 from collections import defaultdict
@@ -30,9 +31,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TypedDict
 
-from trilemma.optimizer import errorstats, validation, validation_layout
+from trilemma.optimizer import errorstats, validation, validation_layout, validation_recipes
 from trilemma.optimizer.catalog import models
-from trilemma.optimizer.catalog.quantization import QuantRecipe
+from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.errors import TrilemmaError
 
 # The rows' model names -> the name of the same architecture in AIConfigurator's bundled
@@ -67,9 +68,13 @@ class AicQuery:
     moe_ep_size: int | None
     gemm_quant_mode: str | None
     moe_quant_mode: str | None
+    # The KV dtype the row's benchmark script launched with (validation_recipes); None: the
+    # estimator infers it, as it does for a row with no known script.
+    kvcache_quant_mode: str | None = None
 
     def estimate_kwargs(self, version: str) -> dict[str, object]:
-        return {"model_path": self.model_path, "system_name": self.system, "mode": "agg",
+        kv = {"kvcache_quant_mode": self.kvcache_quant_mode} if self.kvcache_quant_mode else {}
+        return {**kv, "model_path": self.model_path, "system_name": self.system, "mode": "agg",
                 "backend_name": self.backend, "backend_version": version,
                 "isl": self.isl, "osl": self.osl, "batch_size": self.batch_size,
                 "tp_size": self.tp_size, "pp_size": self.pp_size,
@@ -157,6 +162,18 @@ def _aic_bundled() -> Callable[[str], bool]:
     return lambda name: (root / f"{name.replace('/', '--')}_config.json").is_file()
 
 
+def _recipe_kv(rows: Sequence[Mapping[str, str]]) -> list[str | None]:
+    """The KV dtype of each row's benchmark recipe in AIConfigurator's names, as trilemma
+    models it. Its other flags have no counterpart in `cli_estimate`: the batch is given (no
+    admission cap), and free_gpu_memory_fraction is TensorRT-LLM's share of the memory left
+    after weights, not SGLang's static fraction of all of it."""
+    names = {KvDtype.FP8: "fp8", KvDtype.BF16: "bfloat16"}
+    gpus = [validation.launch_gpus(r) for r in rows]
+    concs = [validation.launch_concurrency(r) for r in rows]
+    return [names[r.kv] if r and r.kv else None
+            for r in validation_recipes.recipes_for(rows, gpus, concs)]
+
+
 def predict_aic(rows: Iterable[Mapping[str, str]]) -> AicRun:
     """AIConfigurator's TTFT and TPOT for every row it can estimate (needs the extra)."""
     from aiconfigurator.cli.api import cli_estimate
@@ -167,8 +184,11 @@ def predict_aic(rows: Iterable[Mapping[str, str]]) -> AicRun:
     out: list[validation.RowResult] = []
     with _quiet(["aiconfigurator", "aiconfigurator_core"]):
         # The same layout trilemma models: a row's launch flags over contradicting columns.
-        for i, (row, _) in enumerate(validation_layout.corrected_rows(list(rows))):
+        corrected = [row for row, _ in validation_layout.corrected_rows(list(rows))]
+        for i, (row, kv) in enumerate(zip(corrected, _recipe_kv(corrected), strict=True)):
             query = aic_query(row, bundled)
+            if not isinstance(query, str) and kv:
+                query = dataclasses.replace(query, kvcache_quant_mode=kv)
             if isinstance(query, str):
                 out.append(validation.row_result(i, row, None, None, query))
                 continue

@@ -19,7 +19,7 @@ from typing import TypedDict
 
 import numpy as np
 
-from trilemma.optimizer import errorstats, validation_layout
+from trilemma.optimizer import errorstats, validation_layout, validation_recipes
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.errors import InputError, TrilemmaError
@@ -44,6 +44,8 @@ class RowResult:
     skipped: str | None
     # How the row was read where its columns were not taken as written (validation_layout).
     note: str | None = None
+    # The launch flags of the row's benchmark script it was modelled with (validation_recipes).
+    recipe: str | None = None
 
     def as_json(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -51,6 +53,8 @@ class RowResult:
             "pred_tpot_ms": errorstats.rounded(self.pred_tpot_ms), "skipped": self.skipped}
         if self.note:
             out["note"] = self.note
+        if self.recipe:
+            out["recipe"] = self.recipe
         return out
 
 
@@ -137,20 +141,22 @@ class _Member:
     measured_ttft_ms: float | None
     measured_tpot_ms: float | None
     conc: int
-    isl: int
-    osl: int
+    isl: float                      # mean lengths the benchmark client sent
+    osl: float
     cfg: estimate.Config
     note: str | None
     release: str  # the engine release the row names ("" when it names none)
+    recipe: validation_recipes.LaunchRecipe | None
 
     def result(self, ttft_ms: float | None, tpot_ms: float | None,
                skipped: str | None) -> RowResult:
         return RowResult(id=self.rid, group=self.group, measured_ttft_ms=self.measured_ttft_ms,
                          measured_tpot_ms=self.measured_tpot_ms, pred_ttft_ms=ttft_ms,
-                         pred_tpot_ms=tpot_ms, skipped=skipped, note=self.note)
+                         pred_tpot_ms=tpot_ms, skipped=skipped, note=self.note,
+                         recipe=self.recipe.note() if self.recipe else None)
 
 
-_BatchKey = tuple[str, str, QuantRecipe, KvDtype, Engine, int, int, int, bool, bool]
+_BatchKey = tuple[object, ...]
 
 
 def predict_rows(rows: Iterable[Mapping[str, str]],
@@ -163,27 +169,35 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
     batches: dict[_BatchKey, list[_Member]] = defaultdict(list)
     rows = list(rows)
     # A layout the id's launch flags (or a flagged copy's) contradict is read from the flags.
-    for i, (row, note) in enumerate(validation_layout.corrected_rows(rows)):
-        planned = _member(i, row, note)
+    corrected = validation_layout.corrected_rows(rows)
+    fixed = [row for row, _ in corrected]
+    # The engine flags of the benchmark script each row's provenance names, where it names one.
+    recipes = validation_recipes.recipes_for(
+        fixed, [launch_gpus(r) for r in fixed], [launch_concurrency(r) for r in fixed])
+    for i, ((row, note), launch) in enumerate(zip(corrected, recipes, strict=True)):
+        planned = _member(i, row, note, launch)
         if isinstance(planned, RowResult):
             results[i] = planned
             continue
         cfg, par = planned.cfg, planned.cfg.par
         overlap = _facts(cfg.engine, facts).for_release(planned.release).cpu_overlap
         batches[(cfg.arch.id, cfg.gpu.key, cfg.quant, cfg.kv, cfg.engine, par.tp, par.pp, par.dp,
-                 par.ep, overlap)].append(planned)
+                 par.ep, overlap, launch.key() if launch else None)].append(planned)
 
     for members in batches.values():
-        cfg = members[0].cfg
+        cfg, launch = members[0].cfg, members[0].recipe
         conc = np.array([m.conc for m in members], dtype=np.float64)
         isl = np.array([m.isl for m in members], dtype=np.float64)
         osl = np.array([m.osl for m in members], dtype=np.float64)
         # The release the rows ran decides whether its step overhead overlaps the GPU.
         run = _facts(cfg.engine, facts).for_release(members[0].release)
-        sm = StepModel(cfg.arch, cfg.gpu, cfg.quant, cfg.kv, run)
+        # A benchmark script's static memory fraction replaces the engine's, as a deployment's.
+        sm = StepModel(cfg.arch, cfg.gpu, cfg.quant, cfg.kv, launch.facts(run) if launch else run)
         r = latency.closed_loop(sm, tp=cfg.par.tp, pp=cfg.par.pp,
                                 dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc,
-                                prompt_tokens=isl, output_tokens=osl)
+                                prompt_tokens=isl, output_tokens=osl,
+                                max_batched_tokens=cfg.max_num_batched_tokens,
+                                max_num_seqs=cfg.max_num_seqs)
         for j, m in enumerate(members):
             if not bool(r.fits[j]):
                 reason = "does not fit in GPU memory under the model's memory budget"
@@ -208,7 +222,25 @@ def row_result(i: int, row: Mapping[str, str], pred_ttft_ms: float | None,
                      pred_ttft_ms=pred_ttft_ms, pred_tpot_ms=pred_tpot_ms, skipped=skipped)
 
 
-def _member(i: int, row: Mapping[str, str], note: str | None) -> _Member | RowResult:
+def _size(row: Mapping[str, str], key: str) -> int:
+    try:
+        return _int(row, key)
+    except ValueError:
+        return 1
+
+
+def launch_gpus(row: Mapping[str, str]) -> int:
+    """The run's GPU count (SGLang's --tp: attention TP x DP; x PP), as its script saw it."""
+    return _size(row, "tp_size") * _size(row, "pp_size") * _size(row, "attention_dp_size")
+
+
+def launch_concurrency(row: Mapping[str, str]) -> int:
+    """The run's closed-loop concurrency: `batch_size` is one attention-DP rank's share."""
+    return _size(row, "batch_size") * _size(row, "attention_dp_size")
+
+
+def _member(i: int, row: Mapping[str, str], note: str | None,
+            launch: validation_recipes.LaunchRecipe | None) -> _Member | RowResult:
     """The row resolved onto a configuration, or its skipped result saying why it cannot be."""
     base = row_result(i, row, None, None, None)
 
@@ -228,22 +260,29 @@ def _member(i: int, row: Mapping[str, str], note: str | None) -> _Member | RowRe
         tp, pp = _int(row, "tp_size"), _int(row, "pp_size")
         dp = _int(row, "attention_dp_size")
         ep = _int(row, "moe_ep_size") > 1
-        kv = hybrid_layers.engine_kv_dtype(engine, arch, gpu,
-                                           kv_dtype_for(row, engine, arch, recipe))
+        # The benchmark's launch flags where its script is known, else the engine defaults.
+        # A script's explicit --kv-cache-dtype is what ran; without one, the engine's default.
+        kv = (launch.kv if launch and launch.kv else hybrid_layers.engine_kv_dtype(
+            engine, arch, gpu, kv_dtype_for(row, engine, arch, recipe)))
         cfg = estimate.resolve(model=row["model_path"], gpu=gpu.key, tp=tp, pp=pp, dp=dp,
                                ep=ep, quant=recipe.value, kv_dtype=kv.value,
-                               engine=engine.value)
+                               engine=engine.value,
+                               max_num_batched_tokens=launch and launch.chunked_prefill_size,
+                               max_num_seqs=launch and launch.max_running_requests)
         # AIConfigurator's `batch_size` is the concurrency of ONE attention-DP rank: the run's
         # closed-loop concurrency is batch_size x attention_dp_size (its provenance column
         # `silicon_concurrency=` says so on every DP row). closed_loop takes the total.
         conc = _int(row, "batch_size") * dp
         isl, osl = _int(row, "isl"), _int(row, "osl")
+        mean_isl = launch.mean_length(isl) if launch else float(isl)
+        mean_osl = launch.mean_length(osl) if launch else float(osl)
     except (TrilemmaError, ValueError, KeyError) as exc:
         return skip(str(exc))
     return _Member(index=i, rid=base.id, group=base.group,
                    measured_ttft_ms=base.measured_ttft_ms,
-                   measured_tpot_ms=base.measured_tpot_ms, conc=conc, isl=isl, osl=osl, cfg=cfg,
-                   note=note, release=(row.get("backend_version") or "").strip())
+                   measured_tpot_ms=base.measured_tpot_ms, conc=conc, isl=mean_isl,
+                   osl=mean_osl, cfg=cfg, note=note, recipe=launch,
+                   release=(row.get("backend_version") or "").strip())
 
 
 class MetricErrors(TypedDict):
@@ -265,6 +304,7 @@ class Summary(TypedDict):
     skipped: int
     skip_reasons: dict[str, int]
     launch_flag_layouts: int  # rows modelled by their id's launch flags (validation_layout)
+    launch_recipes: int       # rows modelled with their benchmark script's engine flags
     overall: MetricErrors
     by_backend: dict[str, MetricErrors]
     groups: list[GroupErrors]
@@ -295,6 +335,7 @@ def summarize(results: list[RowResult]) -> Summary:
         "skipped": len(results) - modelled,
         "skip_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "launch_flag_layouts": sum(1 for r in results if r.note and not r.skipped),
+        "launch_recipes": sum(1 for r in results if r.recipe and not r.skipped),
         "overall": {"ttft": errorstats.stats(overall["ttft"]),
                     "tpot": errorstats.stats(overall["tpot"])},
         "by_backend": {b: {"ttft": errorstats.stats(v["ttft"]),
@@ -315,7 +356,10 @@ def summary_lines(summary: Summary) -> list[str]:
              f"{summary['skipped']} skipped"
              + (f" ({summary['launch_flag_layouts']} modelled by the SGLang launch flags of "
                 "their id, or of a byte-identical copy's, which their columns contradict)"
-                if summary["launch_flag_layouts"] else ""),
+                if summary["launch_flag_layouts"] else "")
+             + (f"; {summary['launch_recipes']} modelled with their benchmark recipe's "
+                "launch flags (KV dtype, chunk, memory fraction, running cap)"
+                if summary["launch_recipes"] else ""),
              f"overall  TTFT median APE {ov['ttft']['median_ape']}%  p90 {ov['ttft']['p90_ape']}%"
              f"   TPOT median APE {ov['tpot']['median_ape']}%  p90 {ov['tpot']['p90_ape']}%"]
     for name, block in summary["by_backend"].items():

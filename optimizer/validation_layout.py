@@ -86,7 +86,7 @@ _RUN_COLUMNS = ("backend", "system", "isl", "osl", "batch_size", "silicon_ttft_m
                 "silicon_tpot_ms")
 
 
-def _run_key(row: Mapping[str, str]) -> tuple[str, ...]:
+def run_key(row: Mapping[str, str]) -> tuple[str, ...]:
     """What identifies one measured run: engine, GPU, lengths, load and both measurements
     (two runs do not share a TTFT and a TPOT to the last of 15 digits)."""
     return tuple((row.get(k) or "").strip() for k in _RUN_COLUMNS)
@@ -99,9 +99,9 @@ def corrected_rows(rows: Sequence[Mapping[str, str]]
     flagged: dict[tuple[str, ...], tuple[str, Mapping[str, str]]] = {}
     for row, (fixed, _) in zip(rows, out, strict=True):
         if launch_flags(row) is not None:
-            flagged.setdefault(_run_key(row), (row.get("id") or "", fixed))
+            flagged.setdefault(run_key(row), (row.get("id") or "", fixed))
     for i, row in enumerate(rows):
-        source = flagged.get(_run_key(row)) if launch_flags(row) is None else None
+        source = flagged.get(run_key(row)) if launch_flags(row) is None else None
         if source is None:
             continue
         rid, layout = source
