@@ -47,13 +47,17 @@ class LaunchRecipe:
     mem_fraction_static: float | None
     max_running_requests: int | None
     cuda_graph_max_bs: int | None
+    block_size: int | None             # vLLM --block-size (KV page, tokens)
     random_range_ratio: float
 
     def facts(self, base: EngineFacts) -> EngineFacts:
-        """The engine's facts with the script's static memory fraction."""
-        if self.mem_fraction_static is None:
-            return base
-        return dataclasses.replace(base, gpu_memory_utilization=self.mem_fraction_static)
+        """The engine's facts with the script's memory fraction and KV page size."""
+        out = base
+        if self.mem_fraction_static is not None:
+            out = dataclasses.replace(out, gpu_memory_utilization=self.mem_fraction_static)
+        if self.block_size is not None:
+            out = dataclasses.replace(out, block_size=self.block_size)
+        return out
 
     def mean_length(self, nominal: int) -> float:
         """The mean of the client's uniform draw from [int(ratio x nominal), nominal]."""
@@ -62,14 +66,17 @@ class LaunchRecipe:
     def key(self) -> tuple[object, ...]:
         """What separates two recipes' predictions (rows sharing it share a batch)."""
         return (self.kv, self.chunked_prefill_size, self.mem_fraction_static,
-                self.max_running_requests, self.random_range_ratio)
+                self.max_running_requests, self.block_size, self.random_range_ratio)
 
     def note(self) -> str:
+        """The flags in SGLang's spelling (vLLM's: --max-num-batched-tokens,
+        --gpu-memory-utilization, --max-num-seqs, --max-cudagraph-capture-size)."""
         parts = [f"--kv-cache-dtype {'fp8_e4m3' if self.kv is KvDtype.FP8 else 'auto'}"]
         for flag, value in (("--chunked-prefill-size", self.chunked_prefill_size),
                             ("--mem-fraction-static", self.mem_fraction_static),
                             ("--max-running-requests", self.max_running_requests),
-                            ("--cuda-graph-max-bs", self.cuda_graph_max_bs)):
+                            ("--cuda-graph-max-bs", self.cuda_graph_max_bs),
+                            ("--block-size", self.block_size)):
             if value is not None:
                 parts.append(f"{flag} {value:g}")
         return (f"launch flags of {self.name} ({self.source}): {' '.join(parts)}; "
@@ -121,13 +128,20 @@ def _measured(source: str) -> tuple[datetime, datetime] | None:
     return at, at
 
 
-def _value(raw: object, conc: int) -> int | None:
+def _value(raw: object, conc: int, isl: int) -> int | None:
+    """A flag's value: a number, or what the script computes it from ("conc": the run's
+    concurrency; "2*isl": twice the nominal prompt length)."""
     if raw is None:
         return None
-    return conc if raw == "conc" else int(str(raw))
+    if raw == "conc":
+        return conc
+    if raw == "2*isl":
+        return 2 * isl
+    return int(str(raw))
 
 
-def _resolve(entry: _Entry, ratio: float, gpus: int, conc: int) -> LaunchRecipe | None:
+def _resolve(entry: _Entry, ratio: float, gpus: int, conc: int, isl: int
+             ) -> LaunchRecipe | None:
     for branch in entry.branches:
         when = branch.get("when") or {}
         if "tp" in when and int(when["tp"]) != gpus:
@@ -136,10 +150,11 @@ def _resolve(entry: _Entry, ratio: float, gpus: int, conc: int) -> LaunchRecipe 
         return LaunchRecipe(
             name=entry.name, source=entry.source,
             kv=None if branch["kv_cache_dtype"] == "auto" else KvDtype(branch["kv_cache_dtype"]),
-            chunked_prefill_size=_value(branch.get("chunked_prefill_size"), conc),
+            chunked_prefill_size=_value(branch.get("chunked_prefill_size"), conc, isl),
             mem_fraction_static=None if mem is None else float(mem),
-            max_running_requests=_value(branch.get("max_running_requests"), conc),
-            cuda_graph_max_bs=_value(branch.get("cuda_graph_max_bs"), conc),
+            max_running_requests=_value(branch.get("max_running_requests"), conc, isl),
+            cuda_graph_max_bs=_value(branch.get("cuda_graph_max_bs"), conc, isl),
+            block_size=_value(branch.get("block_size"), conc, isl),
             random_range_ratio=ratio)
     return None  # the script has no branch for this layout: it did not launch this row
 
@@ -155,6 +170,10 @@ def recipe(row: Mapping[str, str], *, gpus: int, conc: int) -> LaunchRecipe | No
     image_match = _IMAGE.search(source)
     image = image_match.group(1) if image_match else None
     ratio, _, entries = _recipes()
+    try:
+        isl = int(float(row.get("isl") or 0))
+    except ValueError:
+        return None
     found: dict[tuple[object, ...], LaunchRecipe] = {}
     for e in entries:
         if (e.engine != (row.get("backend") or "").strip().lower()
@@ -168,7 +187,7 @@ def recipe(row: Mapping[str, str], *, gpus: int, conc: int) -> LaunchRecipe | No
             continue
         if start != end and not (e.start < end and start < e.until):
             continue
-        got = _resolve(e, ratio, gpus, conc)
+        got = _resolve(e, ratio, gpus, conc, isl)
         if got is None:
             return None  # a script that could have run the row has no branch for it
         # Two windows of one script with the same flags are the same launch: one recipe.

@@ -95,3 +95,17 @@ def test_recipe_flags_give_the_kv_room_the_run_had() -> None:
     assert seats(KvDtype.BF16, facts) < 32 <= seats(launch.kv, launch.facts(facts))
     row = validation.predict_rows([_row()])[0]
     assert row.recipe is not None and "--mem-fraction-static 0.95" in row.recipe
+
+
+def test_vllm_script_values_from_the_run() -> None:
+    # minimaxm2.5_fp8_b200.sh in PR #947 (vLLM 0.19): --max-num-batched-tokens $((ISL * 2)),
+    # --block-size 32, --kv-cache-dtype fp8, --gpu-memory-utilization 0.90.
+    row = _row(model="MiniMaxAI/MiniMax-M2.5", tp=2, when="2026-04-03T02:34:55Z",
+               image="vllm/vllm-openai:v0.19.0-cu130")
+    row["backend"] = "vllm"
+    launch = validation_recipes.recipe(row, gpus=2, conc=32)
+    assert launch is not None
+    assert (launch.chunked_prefill_size, launch.block_size, launch.kv,
+            launch.mem_fraction_static) == (2 * 8192, 32, KvDtype.FP8, 0.90)
+    facts = launch.facts(engine_facts(Engine.VLLM))
+    assert (facts.block_size, facts.gpu_memory_utilization) == (32, 0.90)
