@@ -197,7 +197,8 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
                                 dp=cfg.par.dp, ep=cfg.par.ep, concurrency=conc,
                                 prompt_tokens=isl, output_tokens=osl,
                                 max_batched_tokens=cfg.max_num_batched_tokens,
-                                max_num_seqs=cfg.max_num_seqs)
+                                max_num_seqs=cfg.max_num_seqs, spec=cfg.spec,
+                                draft=estimate.draft_step_model(cfg))
         for j, m in enumerate(members):
             if not bool(r.fits[j]):
                 reason = "does not fit in GPU memory under the model's memory budget"
@@ -267,6 +268,7 @@ def _member(i: int, row: Mapping[str, str], note: str | None,
         cfg = estimate.resolve(model=row["model_path"], gpu=gpu.key, tp=tp, pp=pp, dp=dp,
                                ep=ep, quant=recipe.value, kv_dtype=kv.value,
                                engine=engine.value,
+                               spec=launch.speculative if launch else "none",
                                max_num_batched_tokens=launch and launch.chunked_prefill_size,
                                max_num_seqs=launch and launch.max_running_requests)
         # AIConfigurator's `batch_size` is the concurrency of ONE attention-DP rank: the run's

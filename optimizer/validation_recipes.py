@@ -48,6 +48,9 @@ class LaunchRecipe:
     max_running_requests: int | None
     cuda_graph_max_bs: int | None
     block_size: int | None             # vLLM --block-size (KV page, tokens)
+    # Speculative decoding in trilemma's spec syntax ("mtp:3"), "none" where the script runs
+    # none: SGLang's --speculative-algorithm EAGLE on a model's own MTP layers is "mtp".
+    speculative: str
     random_range_ratio: float
 
     def facts(self, base: EngineFacts) -> EngineFacts:
@@ -66,7 +69,8 @@ class LaunchRecipe:
     def key(self) -> tuple[object, ...]:
         """What separates two recipes' predictions (rows sharing it share a batch)."""
         return (self.kv, self.chunked_prefill_size, self.mem_fraction_static,
-                self.max_running_requests, self.block_size, self.random_range_ratio)
+                self.max_running_requests, self.block_size, self.speculative,
+                self.random_range_ratio)
 
     def note(self) -> str:
         """The flags in SGLang's spelling (vLLM's: --max-num-batched-tokens,
@@ -79,6 +83,8 @@ class LaunchRecipe:
                             ("--block-size", self.block_size)):
             if value is not None:
                 parts.append(f"{flag} {value:g}")
+        if self.speculative != "none":
+            parts.append(f"speculative {self.speculative}")
         return (f"launch flags of {self.name} ({self.source}): {' '.join(parts)}; "
                 f"client lengths drawn from [{self.random_range_ratio:g}x, 1x] of isl/osl")
 
@@ -155,6 +161,7 @@ def _resolve(entry: _Entry, ratio: float, gpus: int, conc: int, isl: int
             max_running_requests=_value(branch.get("max_running_requests"), conc, isl),
             cuda_graph_max_bs=_value(branch.get("cuda_graph_max_bs"), conc, isl),
             block_size=_value(branch.get("block_size"), conc, isl),
+            speculative=str(branch.get("speculative", "none")),
             random_range_ratio=ratio)
     return None  # the script has no branch for this layout: it did not launch this row
 

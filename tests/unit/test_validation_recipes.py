@@ -109,3 +109,21 @@ def test_vllm_script_values_from_the_run() -> None:
             launch.mem_fraction_static) == (2 * 8192, 32, KvDtype.FP8, 0.90)
     facts = launch.facts(engine_facts(Engine.VLLM))
     assert (facts.block_size, facts.gpu_memory_utilization) == (32, 0.90)
+
+
+def test_mtp_recipe_models_speculation() -> None:
+    # The 2026-03-20 Qwen3.5 FP8 rows naming v0.5.9-cu130 are qwen3.5_fp8_b200_mtp.sh
+    # (EAGLE on the MTP layer, 3 steps): modelled with it, they predict a faster decode than
+    # the same run under the plain script of 2026-03-24 (same fp8 KV and chunk, no MTP).
+    row = _row(model="Qwen/Qwen3.5-397B-A17B", when="2026-03-20T22:08:19Z", tp=4)
+    row.update(isl="1024", osl="1024")
+    launch = validation_recipes.recipe(row, gpus=4, conc=32)
+    assert launch is not None and launch.speculative == "mtp:3"
+    later = _row(model="Qwen/Qwen3.5-397B-A17B", when="2026-03-24T00:52:21Z", tp=4,
+                 image="lmsysorg/sglang:v0.5.9-cu130-amd64")
+    later.update(isl="1024", osl="1024")
+    spec, plain = validation.predict_rows([row]), validation.predict_rows([later])
+    assert plain[0].recipe and "speculative" not in plain[0].recipe
+    assert spec[0].recipe and "speculative mtp:3" in spec[0].recipe
+    assert spec[0].pred_tpot_ms is not None and plain[0].pred_tpot_ms is not None
+    assert spec[0].pred_tpot_ms < plain[0].pred_tpot_ms
