@@ -127,3 +127,12 @@ def test_mtp_recipe_models_speculation() -> None:
     assert spec[0].recipe and "speculative mtp:3" in spec[0].recipe
     assert spec[0].pred_tpot_ms is not None and plain[0].pred_tpot_ms is not None
     assert spec[0].pred_tpot_ms < plain[0].pred_tpot_ms
+
+
+def test_every_recipe_cites_a_commit_and_a_script() -> None:
+    _, repo, entries = validation_recipes._recipes()
+    assert repo == "SemiAnalysisAI/InferenceX"
+    for e in entries:
+        assert e.start < e.until, e.name
+        path, _, commit = e.source.partition("@")
+        assert path.endswith(".sh") and len(commit) == 12, e.name
