@@ -265,12 +265,13 @@ def _member(i: int, row: Mapping[str, str], note: str | None,
         # A script's explicit --kv-cache-dtype is what ran; without one, the engine's default.
         kv = (launch.kv if launch and launch.kv else hybrid_layers.engine_kv_dtype(
             engine, arch, gpu, kv_dtype_for(row, engine, arch, recipe)))
+        budget, seqs = ((launch.chunked_prefill_size, launch.max_running_requests) if launch
+                        else (None, None))
         cfg = estimate.resolve(model=row["model_path"], gpu=gpu.key, tp=tp, pp=pp, dp=dp,
                                ep=ep, quant=recipe.value, kv_dtype=kv.value,
                                engine=engine.value,
                                spec=launch.speculative if launch else "none",
-                               max_num_batched_tokens=launch and launch.chunked_prefill_size,
-                               max_num_seqs=launch and launch.max_running_requests)
+                               max_num_batched_tokens=budget, max_num_seqs=seqs)
         # AIConfigurator's `batch_size` is the concurrency of ONE attention-DP rank: the run's
         # closed-loop concurrency is batch_size x attention_dp_size (its provenance column
         # `silicon_concurrency=` says so on every DP row). closed_loop takes the total.
