@@ -31,7 +31,8 @@ def moe_tokens(tokens: np.ndarray, dec_tokens: np.ndarray, pf_tokens: np.ndarray
         out: FloatArray = tokens * dp
         return out
     ranks = np.minimum(np.asarray(pf_ranks, dtype=np.float64), dp)
-    return np.maximum(dec_tokens * dp + pf_tokens * ranks, 1.0)
+    gathered: FloatArray = np.maximum(dec_tokens * dp + pf_tokens * ranks, 1.0)
+    return gathered
 
 
 def stretched_share(share: np.ndarray, dp: np.ndarray, lockstep: bool) -> FloatArray:
