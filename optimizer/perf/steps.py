@@ -198,9 +198,8 @@ class StepModel:
             comm = comm + np.where(cp > 1, self._context_parallel_comm(
                 tp, cp, tokens, dec_seqs * q, cached), 0.0)
 
-        logits_rows = dec_seqs * q + pf_seqs
-        lm_head = self.km.gemm_ms("bf16", np.maximum(logits_rows, 1.0), a.vocab_size / tp, h)
-        gemm = gemm + lm_head
+        gemm = gemm + self.km.gemm_ms("bf16", np.maximum(dec_seqs * q + pf_seqs, 1.0),
+                                      a.vocab_size / tp, h)  # the LM head's logits rows
 
         other = self._elementwise(tokens, tp) * a.num_layers
         other = other + self.facts.exposed_step_overhead_ms(gemm + attn + moe + comm + other)
