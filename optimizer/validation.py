@@ -12,14 +12,14 @@ from __future__ import annotations
 import csv
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
 
-from trilemma.optimizer import errorstats, validation_layout
+from trilemma.optimizer import errorstats, validation_layout, validation_sim
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.errors import InputError, TrilemmaError
@@ -120,6 +120,7 @@ class _Member:
     osl: int
     cfg: estimate.Config
     note: str | None
+    client: validation_sim.BenchClient  # how the row's benchmark client ran
 
     def result(self, ttft_ms: float | None, tpot_ms: float | None,
                skipped: str | None) -> RowResult:
@@ -132,10 +133,14 @@ _BatchKey = tuple[str, str, QuantRecipe, Engine, int, int, int, bool]
 
 
 def predict_rows(rows: Iterable[Mapping[str, str]],
-                 facts: Mapping[Engine, EngineFacts] | None = None) -> list[RowResult]:
+                 facts: Mapping[Engine, EngineFacts] | None = None,
+                 simulate: Collection[Engine] = ()) -> list[RowResult]:
     """Predict each row; rows sharing a configuration are evaluated in one vectorized call.
 
     `facts` overrides the shipped engine constants (the engine calibration varies them).
+    Rows of an engine in `simulate` replay their benchmark client through the serving
+    simulator (validation_sim) instead of the closed form's lockstep clients; the closed
+    form still decides whether the layout fits in memory.
     """
     results: dict[int, RowResult] = {}
     batches: dict[_BatchKey, list[_Member]] = defaultdict(list)
@@ -165,8 +170,20 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
                 reason = "does not fit in GPU memory under the model's memory budget"
                 results[m.index] = m.result(None, None, reason)
                 continue
+            if cfg.engine in simulate:
+                results[m.index] = _simulated(m, sm)
+                continue
             results[m.index] = m.result(float(r.ttft_ms[j]), float(r.tpot_ms[j]), None)
     return [results[i] for i in range(len(rows))]
+
+
+def _simulated(m: _Member, sm: StepModel) -> RowResult:
+    try:
+        sim = validation_sim.simulate_row(sm, m.cfg.par, m.client, concurrency=m.conc,
+                                          isl=m.isl, osl=m.osl)
+    except InputError as exc:  # a request the KV cache cannot hold: the engine rejects it
+        return m.result(None, None, f"simulated: {exc}")
+    return m.result(sim.ttft_ms, sim.tpot_ms, None)
 
 
 def row_result(i: int, row: Mapping[str, str], pred_ttft_ms: float | None,
@@ -214,7 +231,7 @@ def _member(i: int, row: Mapping[str, str], note: str | None) -> _Member | RowRe
     return _Member(index=i, rid=base.id, group=base.group,
                    measured_ttft_ms=base.measured_ttft_ms,
                    measured_tpot_ms=base.measured_tpot_ms, conc=conc, isl=isl, osl=osl, cfg=cfg,
-                   note=note)
+                   note=note, client=validation_sim.client_for(row))
 
 
 class MetricErrors(TypedDict):
