@@ -2,6 +2,7 @@
 with its client as it ran (validation_sim, perf/data/bench_clients.yaml)."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def test_the_simulated_path_is_deterministic():
     np.testing.assert_array_equal(a.output_tokens, b.output_tokens)
 
 
-ROW = {"id": "2026_03_25_x_b200_sxm_sglang_fp8_agg_1024x1024_c32", "backend": "sglang",
+ROW = {"id": "r1", "backend": "sglang",
        "silicon_data_source": "source_file=2026-03-25.csv", "model_path": "Qwen/Qwen3-32B",
        "system": "h100_sxm", "precision": "bf16", "gemm_quant_mode": "", "mode": "agg",
        "isl": "1024", "osl": "1024", "batch_size": "32", "tp_size": "2", "pp_size": "1",
@@ -88,3 +89,18 @@ def test_validate_simulates_only_the_engines_asked_for():
     assert other == closed
     assert simulated.skipped is None and simulated.pred_ttft_ms < closed.pred_ttft_ms
     assert validation.predict_rows([ROW], simulate={Engine.SGLANG})[0] == simulated
+
+
+def test_cli_validate_simulate_replays_the_named_engine(capsys, tmp_path):
+    _calibrated_or_skip()
+    from trilemma.optimizer import cli
+    path = tmp_path / "rows.csv"
+    path.write_text(",".join(ROW) + "\n" + ",".join(ROW.values()) + "\n")
+
+    def ttft(*extra):
+        assert cli.main(["validate", str(path), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["rows"][0]["pred_ttft_ms"]
+
+    closed = ttft()
+    assert ttft("--simulate", "vllm") == closed
+    assert ttft("--simulate", "sglang") == ttft("--simulate", "all") < closed
