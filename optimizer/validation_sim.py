@@ -10,6 +10,15 @@ model, runs that benchmark as it ran: the client (perf/data/bench_clients.yaml) 
 requests, how their lengths were drawn and what the reported figure is.
 
 Deterministic: each run's lengths come from a generator seeded with the client's seed.
+
+Not the default path (`trilemma validate --simulate` selects it): on the dev set, with the
+engine constants fitted to the closed form, it predicts TTFT worse for both engines. Where the
+client draws fixed lengths (AIConfigurator's aiperf rows) it agrees with the SGLang waves, as
+the lockstep cross-check says; on InferenceMAX's jittered rows its SGLang TTFT is 0.2-0.45x of
+the measured, the shortfall growing about linearly with C (median 0.19 s at C = 4, 1.3 s at
+C = 128): the measured TTFT lies between the desynchronised simulation and the waves, so some
+per-request cost that grows with the clients in flight is in neither model. Its TPOT is the
+better one for SGLang (the decode batch's drift is real).
 """
 
 from __future__ import annotations
