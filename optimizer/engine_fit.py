@@ -111,10 +111,12 @@ def engine_rows(rows: Sequence[Mapping[str, str]], engine: Engine) -> list[Mappi
             and (r.get("mode") or "").strip() == "agg"]
 
 
-def fitted_keys(base: EngineFacts) -> tuple[str, ...]:
+def fitted_keys(base: EngineFacts, simulate: bool = False) -> tuple[str, ...]:
     """The FITTED constants the engine's scheduler model uses: a prefill-first engine's
-    closed loop moves in whole waves, so the first-wave weight has nothing to fit there."""
-    if base.prefill_first:
+    closed loop moves in whole waves, so the first-wave weight has nothing to fit there; nor
+    has it under `simulate`, where the simulator runs the client's own requests (its count
+    comes from bench_clients.yaml)."""
+    if base.prefill_first or simulate:
         return tuple(k for k in FITTED if k != "benchmark_requests_per_concurrency")
     return FITTED
 
@@ -130,7 +132,7 @@ def fit(rows: Sequence[Mapping[str, str]], engine: Engine = Engine.VLLM,
     def facts_for(values: Mapping[str, float]) -> EngineFacts:
         return with_values(base, values)
 
-    keys = fitted_keys(base)
+    keys = fitted_keys(base, simulate)
     best_values: dict[str, float] = {}
     best = math.inf
     for point in itertools.product(*(_GRID[k] if k in keys else (getattr(base, k),)

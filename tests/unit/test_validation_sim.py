@@ -104,3 +104,17 @@ def test_cli_validate_simulate_replays_the_named_engine(capsys, tmp_path):
     closed = ttft()
     assert ttft("--simulate", "vllm") == closed
     assert ttft("--simulate", "sglang") == ttft("--simulate", "all") < closed
+
+
+def test_the_simulated_fit_leaves_out_the_closed_forms_first_wave_weight():
+    """The simulator sends the client's own requests (bench_clients.yaml), so the closed
+    form's fitted requests-per-concurrency moves no simulated prediction: nothing to fit."""
+    _calibrated_or_skip()
+    from trilemma.optimizer import engine_fit
+    vllm = engine_facts(Engine.VLLM)
+    assert "benchmark_requests_per_concurrency" not in engine_fit.fitted_keys(vllm, True)
+    row = dict(ROW, backend="vllm")
+    facts = [{Engine.VLLM: dataclasses.replace(vllm, benchmark_requests_per_concurrency=w)}
+             for w in (2.0, 20.0)]
+    runs = [validation.predict_rows([row], simulate={Engine.VLLM}, facts=f)[0] for f in facts]
+    assert runs[0] == runs[1] and runs[0].skipped is None
