@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trilemma.optimizer import validation
+from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import estimate as est
 
@@ -119,6 +120,10 @@ def _add_validate_and_calibrate(sub: _Subparsers[argparse.ArgumentParser]) -> No
     p.add_argument("--compare", choices=["aiconfigurator"], default=None,
                    help="also run NVIDIA AIConfigurator on the same rows and compare "
                         "(pip install 'trilemma[compare]')")
+    p.add_argument("--simulate", choices=["vllm", "sglang", "all"], default=None,
+                   help="replay each row's benchmark client through the serving simulator "
+                        "for this engine's rows instead of the closed form (about a minute "
+                        "for the dev set)")
 
     p = sub.add_parser("calibrate", help="refit the kernel calibration from measured profiles")
     p.add_argument("--aic", type=Path, default=Path("../shared/data/aic"),
@@ -135,6 +140,9 @@ def _add_validate_and_calibrate(sub: _Subparsers[argparse.ArgumentParser]) -> No
     p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
     p.add_argument("--holdout-system", default=None,
                    help="fit without this system's rows and score them (writes nothing)")
+    p.add_argument("--simulate", action="store_true",
+                   help="fit to the serving simulator's replay of each row's benchmark "
+                        "instead of the closed form (slow: a minute per pass, dozens of passes)")
 
 
 def _add_optimize_and_simulate(sub: _Subparsers[argparse.ArgumentParser]) -> None:
@@ -278,7 +286,7 @@ def _validate(args: argparse.Namespace) -> int:
                              "compares on silicon-sample rows only, not latency tables")
         return _validate_tables(args)
     rows = validation.read_rows(args.csv)
-    results = validation.predict_rows(rows)
+    results = validation.predict_rows(rows, simulate=_simulated_engines(args.simulate))
     summary = validation.summarize(results)
     if args.compare:
         return _validate_compare(args, rows, results, summary)
@@ -288,6 +296,13 @@ def _validate(args: argparse.Namespace) -> int:
         return 0
     _print_summary(summary)
     return 0
+
+
+def _simulated_engines(choice: str | None) -> frozenset[Engine]:
+    """`validate --simulate`'s engines: those whose rows the simulator replays."""
+    if choice is None:
+        return frozenset()
+    return frozenset(Engine) if choice == "all" else frozenset({Engine(choice)})
 
 
 def _print_summary(summary: validation.Summary) -> None:
@@ -393,7 +408,8 @@ def _calibrate_engine(args: argparse.Namespace) -> int:
     except ValueError:
         raise InputError("engine", args.engine, "must be vllm or sglang") from None
     if args.holdout_system:
-        fitted, summary = engine_fit.holdout(args.csv, engine, args.holdout_system)
+        fitted, summary = engine_fit.holdout(args.csv, engine, args.holdout_system,
+                                             simulate=args.simulate)
         ov = summary["overall"]
         print(f"fitted without {args.holdout_system}: "
               + ", ".join(f"{k}={v}" for k, v in fitted.values.items()))
@@ -401,7 +417,7 @@ def _calibrate_engine(args: argparse.Namespace) -> int:
               f"{ov['ttft']['median_ape']}% (p90 {ov['ttft']['p90_ape']}%), TPOT median APE "
               f"{ov['tpot']['median_ape']}% (p90 {ov['tpot']['p90_ape']}%)")
         return 0
-    fitted, release = engine_fit.main(args.csv, engine)
+    fitted, release = engine_fit.main(args.csv, engine, simulate=args.simulate)
     values = ", ".join(f"{k}={v}" for k, v in fitted.values.items())
     print(f"{engine.value}: {values} (mean |log error| {fitted.loss} over {fitted.rows} rows; "
           f"release {release.version}, image {release.image})")

@@ -95,8 +95,10 @@ def with_values(base: EngineFacts, values: Mapping[str, float]) -> EngineFacts:
         benchmark_requests_per_concurrency=values["benchmark_requests_per_concurrency"])
 
 
-def _loss(rows: Sequence[Mapping[str, str]], facts: EngineFacts) -> float:
-    results = validation.predict_rows(rows, facts={facts.engine: facts})
+def _loss(rows: Sequence[Mapping[str, str]], facts: EngineFacts,
+          simulate: bool = False) -> float:
+    results = validation.predict_rows(rows, facts={facts.engine: facts},
+                                      simulate={facts.engine} if simulate else ())
     errs = []
     for r in results:
         if r.skipped:
@@ -114,31 +116,38 @@ def engine_rows(rows: Sequence[Mapping[str, str]], engine: Engine) -> list[Mappi
             and (r.get("mode") or "").strip() == "agg"]
 
 
-def fitted_keys(base: EngineFacts) -> tuple[str, ...]:
+def fitted_keys(base: EngineFacts, simulate: bool = False) -> tuple[str, ...]:
     """The FITTED constants the engine's scheduler model uses: a prefill-first engine's
-    closed loop moves in whole waves, so the first-wave weight has nothing to fit there."""
+    closed loop moves in whole waves, so the first-wave weight has nothing to fit there; nor
+    has it under `simulate`, where the simulator runs the client's own requests (its count
+    comes from bench_clients.yaml)."""
+    fitted = tuple(k for k in FITTED if k != "benchmark_requests_per_concurrency"
+                   or not (base.prefill_first or simulate))
     if base.prefill_first:
         # Nor is its per-request overhead split by prompt length: SGLang's model keeps one.
-        return tuple(k for k in FITTED if k not in ("benchmark_requests_per_concurrency",
-                                                    "request_overhead_per_prompt_token_us"))
+        return tuple(k for k in fitted if k != "request_overhead_per_prompt_token_us")
+    return fitted
     return FITTED
 
 
-def fit(rows: Sequence[Mapping[str, str]], engine: Engine = Engine.VLLM) -> EngineFit:
-    """Fit FITTED on the aggregated rows of `engine`."""
+def fit(rows: Sequence[Mapping[str, str]], engine: Engine = Engine.VLLM,
+        simulate: bool = False) -> EngineFit:
+    """Fit FITTED on the aggregated rows of `engine`, scoring the closed form's predictions,
+    or with `simulate` the serving simulator's replay of each row's benchmark client
+    (validation_sim: about a minute per pass over the dev set, and a fit makes dozens)."""
     chosen = engine_rows(rows, engine)
     base = engine_facts(engine)
 
     def facts_for(values: Mapping[str, float]) -> EngineFacts:
         return with_values(base, values)
 
-    keys = fitted_keys(base)
+    keys = fitted_keys(base, simulate)
     best_values: dict[str, float] = {}
     best = math.inf
     for point in itertools.product(*(_GRID[k] if k in keys else (getattr(base, k),)
                                      for k in FITTED)):
         values = dict(zip(FITTED, point, strict=True))
-        loss = _loss(chosen, facts_for(values))
+        loss = _loss(chosen, facts_for(values), simulate)
         if loss < best:
             best, best_values = loss, values
     # Coordinate refinement: shrink a step per parameter until it stops helping.
@@ -152,7 +161,7 @@ def fit(rows: Sequence[Mapping[str, str]], engine: Engine = Engine.VLLM) -> Engi
                     trial[key] = min(hi, max(lo, best_values[key] + direction * steps[key]))
                     if trial[key] == best_values[key]:
                         break
-                    loss = _loss(chosen, facts_for(trial))
+                    loss = _loss(chosen, facts_for(trial), simulate)
                     if loss >= best - 1e-9:
                         break
                     best, best_values = loss, trial
@@ -193,12 +202,14 @@ def default_engine_yaml() -> Path:
     return Path(str(resources.files("trilemma.optimizer.perf").joinpath("data/engine.yaml")))
 
 
-def main(csv_path: Path, engine: Engine = Engine.VLLM) -> tuple[EngineFit, Release]:
+def main(csv_path: Path, engine: Engine = Engine.VLLM,
+         simulate: bool = False) -> tuple[EngineFit, Release]:
     rows = validation.read_rows(csv_path)
-    return fit(rows, engine), calibrated_release(rows, engine)
+    return fit(rows, engine, simulate), calibrated_release(rows, engine)
 
 
-def holdout(csv_path: Path, engine: Engine, system: str) -> tuple[EngineFit, validation.Summary]:
+def holdout(csv_path: Path, engine: Engine, system: str,
+            simulate: bool = False) -> tuple[EngineFit, validation.Summary]:
     """Fit on every system but `system`, then score `system`'s rows with those constants.
 
     The shipped constants are fitted on all rows, so `trilemma validate` on the same file is
@@ -209,7 +220,8 @@ def holdout(csv_path: Path, engine: Engine, system: str) -> tuple[EngineFit, val
     test = [r for r in rows if r.get("system") == system]
     if not train or not test:
         raise InputError("holdout_system", system, "needs rows both on and off that system")
-    fitted = fit(train, engine)
+    fitted = fit(train, engine, simulate)
     facts = with_values(engine_facts(engine), fitted.values)
-    summary = validation.summarize(validation.predict_rows(test, facts={engine: facts}))
+    summary = validation.summarize(validation.predict_rows(
+        test, facts={engine: facts}, simulate={engine} if simulate else ()))
     return fitted, summary

@@ -12,14 +12,14 @@ from __future__ import annotations
 import csv
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
 
-from trilemma.optimizer import errorstats, validation_layout, validation_recipes
+from trilemma.optimizer import errorstats, validation_layout, validation_recipes, validation_sim
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.errors import InputError, TrilemmaError
@@ -147,6 +147,8 @@ class _Member:
     note: str | None
     release: str  # the engine release the row names ("" when it names none)
     recipe: validation_recipes.LaunchRecipe | None
+    client: validation_sim.BenchClient  # how the row's benchmark client ran
+    nominal: tuple[int, int]  # the row's isl, osl (isl/osl above: the client's mean draw)
 
     def result(self, ttft_ms: float | None, tpot_ms: float | None,
                skipped: str | None) -> RowResult:
@@ -160,10 +162,14 @@ _BatchKey = tuple[object, ...]
 
 
 def predict_rows(rows: Iterable[Mapping[str, str]],
-                 facts: Mapping[Engine, EngineFacts] | None = None) -> list[RowResult]:
+                 facts: Mapping[Engine, EngineFacts] | None = None,
+                 simulate: Collection[Engine] = ()) -> list[RowResult]:
     """Predict each row; rows sharing a configuration are evaluated in one vectorized call.
 
     `facts` overrides the shipped engine constants (the engine calibration varies them).
+    Rows of an engine in `simulate` replay their benchmark client through the serving
+    simulator (validation_sim) instead of the closed form's lockstep clients; the closed
+    form still decides whether the layout fits in memory.
     """
     results: dict[int, RowResult] = {}
     batches: dict[_BatchKey, list[_Member]] = defaultdict(list)
@@ -204,12 +210,24 @@ def predict_rows(rows: Iterable[Mapping[str, str]],
                 reason = "does not fit in GPU memory under the model's memory budget"
                 results[m.index] = m.result(None, None, reason)
                 continue
+            if cfg.engine in simulate:
+                results[m.index] = _simulated(m, sm)
+                continue
             results[m.index] = m.result(float(r.ttft_ms[j]), float(r.tpot_ms[j]), None)
     return [results[i] for i in range(len(rows))]
 
 
 def _facts(engine: Engine, facts: Mapping[Engine, EngineFacts] | None) -> EngineFacts:
     return facts[engine] if facts and engine in facts else engine_facts(engine)
+
+
+def _simulated(m: _Member, sm: StepModel) -> RowResult:
+    try:
+        sim = validation_sim.simulate_row(sm, m.cfg.par, m.client, concurrency=m.conc,
+                                          isl=m.nominal[0], osl=m.nominal[1])
+    except InputError as exc:  # a request the KV cache cannot hold: the engine rejects it
+        return m.result(None, None, f"simulated: {exc}")
+    return m.result(sim.ttft_ms, sim.tpot_ms, None)
 
 
 def row_result(i: int, row: Mapping[str, str], pred_ttft_ms: float | None,
@@ -277,15 +295,16 @@ def _member(i: int, row: Mapping[str, str], note: str | None,
         # `silicon_concurrency=` says so on every DP row). closed_loop takes the total.
         conc = _int(row, "batch_size") * dp
         isl, osl = _int(row, "isl"), _int(row, "osl")
-        mean_isl = launch.mean_length(isl) if launch else float(isl)
-        mean_osl = launch.mean_length(osl) if launch else float(osl)
+        # The client's length draw sets the mean lengths the engine served (bench_clients).
+        client = validation_sim.client_for(row)
     except (TrilemmaError, ValueError, KeyError) as exc:
         return skip(str(exc))
     return _Member(index=i, rid=base.id, group=base.group,
                    measured_ttft_ms=base.measured_ttft_ms,
-                   measured_tpot_ms=base.measured_tpot_ms, conc=conc, isl=mean_isl,
-                   osl=mean_osl, cfg=cfg, note=note, recipe=launch,
-                   release=(row.get("backend_version") or "").strip())
+                   measured_tpot_ms=base.measured_tpot_ms, conc=conc, isl=client.mean_length(isl),
+                   osl=client.mean_length(osl), cfg=cfg, note=note, recipe=launch,
+                   release=(row.get("backend_version") or "").strip(), client=client,
+                   nominal=(isl, osl))
 
 
 class MetricErrors(TypedDict):

@@ -11,8 +11,7 @@ Where a row's provenance (engine, GPU, model, precision, image, measured time) m
 one launch script, its flags become the deployment's settings: the KV dtype of the Config,
 the token budget and running-sequence cap the closed loop takes, and the engine facts' memory
 fraction, as the optimizer sets them for a deployment it plans. Anything less certain keeps
-the defaults. The benchmark client's length sampling (random_range_ratio) gives the mean
-prompt and output lengths the engine actually served.
+the defaults. The benchmark client's length sampling is the client's (validation_sim.BenchClient).
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ class LaunchRecipe:
     # Speculative decoding in trilemma's spec syntax ("mtp:3"), "none" where the script runs
     # none: SGLang's --speculative-algorithm EAGLE on a model's own MTP layers is "mtp".
     speculative: str
-    random_range_ratio: float
 
     def facts(self, base: EngineFacts) -> EngineFacts:
         """The engine's facts with the script's memory fraction and KV page size."""
@@ -62,15 +60,10 @@ class LaunchRecipe:
             out = dataclasses.replace(out, block_size=self.block_size)
         return out
 
-    def mean_length(self, nominal: int) -> float:
-        """The mean of the client's uniform draw from [int(ratio x nominal), nominal]."""
-        return (int(self.random_range_ratio * nominal) + nominal) / 2.0
-
     def key(self) -> tuple[object, ...]:
         """What separates two recipes' predictions (rows sharing it share a batch)."""
         return (self.kv, self.chunked_prefill_size, self.mem_fraction_static,
-                self.max_running_requests, self.block_size, self.speculative,
-                self.random_range_ratio)
+                self.max_running_requests, self.block_size, self.speculative)
 
     def note(self) -> str:
         """The flags in SGLang's spelling (vLLM's: --max-num-batched-tokens,
@@ -85,8 +78,7 @@ class LaunchRecipe:
                 parts.append(f"{flag} {value:g}")
         if self.speculative != "none":
             parts.append(f"speculative {self.speculative}")
-        return (f"launch flags of {self.name} ({self.source}): {' '.join(parts)}; "
-                f"client lengths drawn from [{self.random_range_ratio:g}x, 1x] of isl/osl")
+        return f"launch flags of {self.name} ({self.source}): {' '.join(parts)}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +100,7 @@ def _time(text: str) -> datetime:
 
 
 @cache
-def _recipes() -> tuple[float, str, tuple[_Entry, ...]]:
+def _recipes() -> tuple[str, tuple[_Entry, ...]]:
     text = resources.files("trilemma.optimizer").joinpath(
         "data/benchmark_recipes.yaml").read_text()
     doc = yaml.safe_load(text)
@@ -120,7 +112,7 @@ def _recipes() -> tuple[float, str, tuple[_Entry, ...]]:
                source=f"{repo}/{e['script']}@{e['commit'][:12]}",
                branches=tuple(e["flags"]))
         for e in doc["recipes"])
-    return float(doc["random_range_ratio"]["value"]), repo, entries
+    return repo, entries
 
 
 def _measured(source: str) -> tuple[datetime, datetime] | None:
@@ -146,7 +138,7 @@ def _value(raw: object, conc: int, isl: int) -> int | None:
     return int(str(raw))
 
 
-def _resolve(entry: _Entry, ratio: float, gpus: int, conc: int, isl: int
+def _resolve(entry: _Entry, gpus: int, conc: int, isl: int
              ) -> LaunchRecipe | None:
     for branch in entry.branches:
         when = branch.get("when") or {}
@@ -161,8 +153,7 @@ def _resolve(entry: _Entry, ratio: float, gpus: int, conc: int, isl: int
             max_running_requests=_value(branch.get("max_running_requests"), conc, isl),
             cuda_graph_max_bs=_value(branch.get("cuda_graph_max_bs"), conc, isl),
             block_size=_value(branch.get("block_size"), conc, isl),
-            speculative=str(branch.get("speculative", "none")),
-            random_range_ratio=ratio)
+            speculative=str(branch.get("speculative", "none")))
     return None  # the script has no branch for this layout: it did not launch this row
 
 
@@ -176,7 +167,7 @@ def recipe(row: Mapping[str, str], *, gpus: int, conc: int) -> LaunchRecipe | No
         return None
     image_match = _IMAGE.search(source)
     image = image_match.group(1) if image_match else None
-    ratio, _, entries = _recipes()
+    _, entries = _recipes()
     try:
         isl = int(float(row.get("isl") or 0))
     except ValueError:
@@ -194,7 +185,7 @@ def recipe(row: Mapping[str, str], *, gpus: int, conc: int) -> LaunchRecipe | No
             continue
         if start != end and not (e.start < end and start < e.until):
             continue
-        got = _resolve(e, ratio, gpus, conc, isl)
+        got = _resolve(e, gpus, conc, isl)
         if got is None:
             return None  # a script that could have run the row has no branch for it
         # Two windows of one script with the same flags are the same launch: one recipe.

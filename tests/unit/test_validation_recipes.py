@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trilemma.optimizer import validation, validation_recipes
+from trilemma.optimizer import validation, validation_recipes, validation_sim
 from trilemma.optimizer.catalog.quantization import KvDtype
 from trilemma.optimizer.perf import estimate, memory
 from trilemma.optimizer.perf.engine import Engine, engine_facts
@@ -71,9 +71,9 @@ def test_copy_takes_the_recipe_of_the_same_run() -> None:
 
 
 def test_mean_lengths_of_the_client_draw() -> None:
-    launch = validation_recipes.recipe(_row(), gpus=4, conc=32)
-    assert launch is not None
-    assert launch.mean_length(1024) == (819 + 1024) / 2  # uniform on [int(0.8 x 1024), 1024]
+    # The recipe's row ran InferenceMAX's client: uniform on [int(0.8 x 1024), 1024].
+    client = validation_sim.client_for(_row())
+    assert client.mean_length(1024) == (819 + 1024) / 2
 
 
 def test_recipe_flags_give_the_kv_room_the_run_had() -> None:
@@ -130,7 +130,7 @@ def test_mtp_recipe_models_speculation() -> None:
 
 
 def test_every_recipe_cites_a_commit_and_a_script() -> None:
-    _, repo, entries = validation_recipes._recipes()
+    repo, entries = validation_recipes._recipes()
     assert repo == "SemiAnalysisAI/InferenceX"
     for e in entries:
         assert e.start < e.until, e.name
