@@ -269,6 +269,12 @@ def engine_config(sm: ModelOnGpu, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
     blocks = math.floor(max(float(mem.kv_cache), 0.0) / per_block)
     if blocks < 1:
         raise InputError("tp", tp, "the weights leave no memory for a KV cache on this layout")
+    if float(mem.state_pool) > 0:
+        # A hybrid model under SGLang: each running request holds one slot of the recurrent-
+        # state pool, so the pool's slots cap the running requests as SGLang caps them.
+        seqs = min(seqs, math.floor(float(mem.max_seqs)))
+        if seqs < 1:
+            raise InputError("tp", tp, "no recurrent-state slot fits on this layout")
     return EngineConfig(kv_blocks=blocks, max_num_seqs=seqs, max_num_batched_tokens=budget,
                         block_size=facts.block_size * cp, tp=tp, pp=pp, dp=dp, ep=ep,
                         speculation=speculation, cp=cp,

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from trilemma.optimizer import serving
 from trilemma.optimizer.catalog import gpus, models
 from trilemma.optimizer.catalog.engines import Engine
 from trilemma.optimizer.catalog.quantization import KvDtype
@@ -170,3 +171,20 @@ def test_linear_layer_prefill_is_linear_in_tokens_and_reads_no_prefix():
     short = linear_layers(8192.0, 8192.0)
     assert linear_layers(8192.0, 65536.0) == short
     assert 1.5 * short < linear_layers(16384.0, 16384.0) < 2.2 * short
+
+
+def test_the_simulator_runs_no_more_requests_than_sglangs_state_slots() -> None:
+    # Qwen3.5 fp8 on 4 B200s: SGLang's state pool holds fewer slots than its default
+    # --max-running-requests, so the simulated engine is capped there, as SGLang caps it.
+    cfg = est.resolve(model=QWEN35, gpu="b200_sxm", tp=4, pp=1, dp=1, ep=False,
+                           quant="fp8", kv_dtype="bf16", engine="sglang")
+    sm = est.step_model(cfg)
+    f = sm.facts
+    engine = serving.engine_config(sm, tp=4)
+    mem = memory.breakdown(sm.arch, sm.gpu, sm.recipe, sm.kv, f, tp=4, pp=1, dp=1,
+                           seq_len=f.block_size,
+                           max_batched_tokens=engine.max_num_batched_tokens,
+                           max_num_seqs=f.default_max_num_seqs(sm.gpu))
+    slots = int(mem.max_seqs)
+    assert slots < f.default_max_num_seqs(sm.gpu)
+    assert engine.max_num_seqs == slots
