@@ -32,7 +32,7 @@ def _nothing_deployed(api) -> None:
     ({"slo": {"ttftMs": {"p90": 1}, "tpotMs": {"p90": 0.5}}}, "Infeasible", "SLOUnreachable",
      ["no configuration meets the SLO", "Nearest:"]),
     ({"workload": {**ENDPOINT["spec"]["workload"],
-                   "arrivals": {"kind": "poisson", "requestsPerSecond": 400}}},
+                   "arrivals": {"kind": "poisson", "requestsPerSecond": 1000}}},
      "Infeasible", "PoolTooSmall",
      ["more GPUs", "Nearest feasible:", "h100_sxm; 8 h100_sxm available"]),
     ({"workload": {**ENDPOINT["spec"]["workload"],
