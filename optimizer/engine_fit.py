@@ -127,7 +127,6 @@ def fitted_keys(base: EngineFacts, simulate: bool = False) -> tuple[str, ...]:
         # Nor is its per-request overhead split by prompt length: SGLang's model keeps one.
         return tuple(k for k in fitted if k != "request_overhead_per_prompt_token_us")
     return fitted
-    return FITTED
 
 
 def fit(rows: Sequence[Mapping[str, str]], engine: Engine = Engine.VLLM,

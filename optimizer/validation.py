@@ -104,7 +104,8 @@ def kv_dtype_for(row: Mapping[str, str], engine: Engine, arch: models.ModelArch,
     ModelOpt FP8/NVFP4 checkpoints with the fp8 cache their `kv_cache_quant_algo` names
     (vllm-project/vllm#29980). A checkpoint that keeps its attention in bf16 (gpt-oss's
     MXFP4, whose sink attention has no fp8-KV scales) keeps a bf16 cache, as do bf16 and int4
-    rows. SGLang rows keep bf16 here: their model is another's to change.
+    rows. SGLang rows keep bf16 here unless their benchmark recipe names another
+    (validation_recipes) or the engine defaults to fp8 (hybrid_layers.engine_kv_dtype).
     """
     precision = (row.get("precision") or "").strip().lower()
     keeps_attention = (arch.checkpoint_quant == recipe.value

@@ -92,7 +92,7 @@ class EngineFacts:
 
     @staticmethod
     def _is_large(gpu: Gpu, min_memory_gib: float) -> bool:
-        # vLLM keys its larger defaults on >= 70 GiB of memory, except on A100 (PR #17885);
+        # vLLM keys its larger defaults on >= 70 GiB of memory, except on A100 (PR #17885).
         return gpu.memory_bytes >= min_memory_gib * GIB and "a100" not in gpu.key
 
     def default_max_num_batched_tokens(self, gpu: Gpu) -> int:
