@@ -128,6 +128,10 @@ def _add_validate_and_calibrate(sub: _Subparsers[argparse.ArgumentParser]) -> No
     p = sub.add_parser("calibrate", help="refit the kernel calibration from measured profiles")
     p.add_argument("--aic", type=Path, default=Path("../shared/data/aic"),
                    help="root of the AIConfigurator data (systems/, profiles/)")
+    p.add_argument("--sglang-tables", type=Path, default=None,
+                   help="SGLang's measured kernel tables, <gpu>/<family>/sglang/<version>/ "
+                        "(default: those of the installed aiconfigurator-core, the [compare] "
+                        "extra)")
     p.add_argument("--out", type=Path, default=None,
                    help="output file (default: the packaged calibration.json)")
 
@@ -394,7 +398,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from trilemma.optimizer.perf import fitting  # needs the [calibrate] extra
 
     out = args.out or fitting.default_output()
-    fitting.write_calibration(args.aic, out)
+    fitting.write_calibration(args.aic, out, args.sglang_tables)
     print(f"wrote {out}")
     return 0
 

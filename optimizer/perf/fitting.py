@@ -1,7 +1,9 @@
 """Calibration: fit the kernel forms to AIConfigurator's measured tables -> calibration.json.
 
-Offline step (`python -m trilemma.optimizer.perf.fitting --aic ../shared/data/aic --out
-optimizer/perf/data/calibration.json`); the runtime (`kernels.py`) only reads the JSON.
+Offline step (`trilemma calibrate`, or the GENERATED_BY line below); the runtime
+(`kernels.py`) only reads the JSON. The shared fits come from the vLLM-measured tables in
+../shared/data/aic; an engine whose own kernels were measured (SGLang) gets its own fits of
+those families under "engines" (`engine_kernels.py` lays them over the shared ones).
 pandas, pyarrow, scipy and PyYAML are imported inside the functions that need them, so the
 optimizer package never requires the calibration extras.
 
@@ -41,7 +43,26 @@ SOURCE = {
               "Apache-2.0, measured kernel profiles",
 }
 GENERATED_BY = ("python -m trilemma.optimizer.perf.fitting --aic ../shared/data/aic "
+                "--sglang-tables <aiconfigurator_core>/systems/data "
                 "--out optimizer/perf/data/calibration.json")
+# SGLang runs its own kernels where vLLM's differ: FlashInfer / TRT-LLM attention, FlashMLA
+# (Hopper) and TRT-LLM MLA (Blackwell), its fused-MoE and GEMM paths. AIConfigurator measured
+# them with SGLang 0.5.14; its 0.12.0 wheel ships the tables (the [compare] extra installs it).
+# Collectives are NCCL's and the same under both engines, so they stay shared.
+ENGINE_TABLES = {"sglang": "0.5.14"}
+# The GPUs SGLang's own fits are made for: those it is validated on and Hopper's H200 (the
+# H100's kernels). L40S's SGLang tables mix Triton and FlashInfer rows a single form fits
+# poorly (p90 error up to 138%), so it keeps the shared fits.
+ENGINE_GPUS = ("b200_sxm", "h100_sxm", "h200_sxm")
+ENGINE_SOURCE = {
+    "sglang": {
+        "name": "NVIDIA AIConfigurator 0.12.0 (PyPI wheel aiconfigurator-core 0.12.0)",
+        "license": "Apache-2.0",
+        "what": "measured SGLang 0.5.14 kernel profiles (aiconfigurator_core/systems/data/"
+                "<gpu>/{gemm,attention,mla,moe}/sglang/0.5.14), latencies in milliseconds",
+        "credit": "NVIDIA AIConfigurator 0.12.0, Apache-2.0, measured SGLang kernel profiles",
+    },
+}
 PARAM_NAMES = kf.FORM_PARAMS
 RESIDUAL_MIN_ROWS = 20  # a residual cell needs this many measured shapes to be trusted
 RATE_HEADROOM = 1.5
@@ -170,9 +191,10 @@ def _stride(n: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, MAX_FIT_ROWS).round().astype(np.int64))
 
 
-def _tables(gpu_dir: Path, family: str, name: str) -> Iterator[tuple[Path, str, str]]:
+def _tables(gpu_dir: Path, family: str, name: str, framework: str = "*",
+            version: str = "*") -> Iterator[tuple[Path, str, str]]:
     """(path, framework, version) of every `name` table of one family, sorted."""
-    for path in sorted(gpu_dir.glob(f"{family}/*/*/{name}")):
+    for path in sorted(gpu_dir.glob(f"{family}/{framework}/{version}/{name}")):
         yield path, path.parent.parent.name, path.parent.name
 
 
@@ -186,22 +208,30 @@ def _read(path: Path) -> Any:
 
 
 def gpu_problems(aic_root: Path, gpu: str) -> Iterator[ft.FitProblem]:
-    root = aic_root / "profiles" / gpu
-    for path, _, version in _tables(root, "gemm", "gemm_perf.parquet"):
-        yield from ft.gemm_problems(_read(path), path, aic_root, version)
-    for phase in ("context", "generation"):
-        for path, _, version in _tables(root, "attention", f"{phase}_attention_perf.parquet"):
-            yield from ft.attention_problems(_read(path), phase, path, aic_root, version)
-        for module, name in ((True, f"mla_{phase}_module_perf.parquet"),
-                             (False, f"{phase}_mla_perf.parquet")):
-            for path, _, version in _tables(root, "mla", name):
-                yield from ft.mla_problems(_read(path), phase, path, aic_root, version,
-                                           module=module)
-    for path, _, version in _tables(root, "moe", "moe_perf.parquet"):
-        yield from ft.moe_problems(_read(path), path, aic_root, version)
-    for path, framework, version in _tables(root, "comm", "*.parquet"):
+    """Every table of one GPU in the shared data (vLLM's kernels and NCCL)."""
+    yield from _problems(aic_root / "profiles" / gpu, aic_root)
+    for path, framework, version in _tables(aic_root / "profiles" / gpu, "comm", "*.parquet"):
         yield from ft.comm_problems(_read(path), path, aic_root, version,
                                     custom=framework != "nccl")
+
+
+def _problems(gpu_dir: Path, root: Path, framework: str = "*",
+              version: str = "*") -> Iterator[ft.FitProblem]:
+    """The compute kernels' tables (GEMM, attention, MLA, MoE) under one GPU's folder."""
+    def tables(family: str, name: str) -> Iterator[tuple[Path, str, str]]:
+        return _tables(gpu_dir, family, name, framework, version)
+
+    for path, _, ver in tables("gemm", "gemm_perf.parquet"):
+        yield from ft.gemm_problems(_read(path), path, root, ver)
+    for phase in ("context", "generation"):
+        for path, _, ver in tables("attention", f"{phase}_attention_perf.parquet"):
+            yield from ft.attention_problems(_read(path), phase, path, root, ver)
+        for module, name in ((True, f"mla_{phase}_module_perf.parquet"),
+                             (False, f"{phase}_mla_perf.parquet")):
+            for path, _, ver in tables("mla", name):
+                yield from ft.mla_problems(_read(path), phase, path, root, ver, module=module)
+    for path, _, ver in tables("moe", "moe_perf.parquet"):
+        yield from ft.moe_problems(_read(path), path, root, ver)
 
 
 def read_datasheet(aic_root: Path, gpu: str) -> dict[str, Any]:
@@ -253,14 +283,47 @@ def datasheet_defaults(gpus: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def fit_all(aic_root: Path) -> dict[str, Any]:
-    """Fit every calibrated GPU found under `aic_root`; the calibration document."""
+def fit_engine(engine: str, tables_root: Path, gpus: dict[str, Any]) -> dict[str, Any]:
+    """One engine's own compute-kernel fits per calibrated GPU (`gpus`: the shared fits, for
+    their datasheets). `tables_root` holds <gpu>/<family>/<engine>/<version>/*.parquet."""
+    version = ENGINE_TABLES[engine]
+    out: dict[str, Any] = {}
+    for gpu, entry in gpus.items():
+        if gpu not in ENGINE_GPUS:
+            continue
+        # Table paths are recorded from the package folder: aiconfigurator_core/systems/...
+        problems = _problems(tables_root / gpu, tables_root.parents[2], engine, version)
+        fits = {p.key: fit_problem(p, entry["datasheet"]) for p in problems}
+        if fits:
+            out[gpu] = {"engine_versions": [version], "fits": dict(sorted(fits.items()))}
+    if not out:
+        raise FileNotFoundError(f"no {engine} {version} kernel tables under {tables_root}")
+    return {"source": ENGINE_SOURCE[engine], "gpus": out}
+
+
+def fit_all(aic_root: Path, engine_tables: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Fit every calibrated GPU found under `aic_root`, then each engine's own kernels from
+    `engine_tables` (engine -> tables root); the calibration document."""
     aic_root = Path(aic_root)
     gpus = {g: fit_gpu(aic_root, g) for g in CALIBRATED_GPUS
             if (aic_root / "profiles" / g).is_dir()}
+    engines = {name: fit_engine(name, Path(root), gpus)
+               for name, root in sorted((engine_tables or {}).items())}
     return {"schema": SCHEMA, "source": SOURCE, "generated_by": GENERATED_BY,
             "units": {"time": "ms", "rates": "FLOP/s and bytes/s", "*_s": "seconds"},
-            "gpus": gpus, "datasheet_defaults": datasheet_defaults(gpus)}
+            "gpus": gpus, "datasheet_defaults": datasheet_defaults(gpus), "engines": engines}
+
+
+def installed_sglang_tables() -> Path:
+    """The measured SGLang tables inside the installed aiconfigurator-core wheel (found, not
+    imported: importing it loads all of AIConfigurator)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("aiconfigurator_core")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SGLang kernel tables: aiconfigurator-core is not installed "
+                                "(pip install 'trilemma[compare]') and no --sglang-tables")
+    return Path(next(iter(spec.submodule_search_locations))) / "systems" / "data"
 
 
 def dumps(doc: dict[str, Any]) -> str:
@@ -275,17 +338,25 @@ def default_output() -> Path:
         "data/calibration.json")))
 
 
-def write_calibration(aic_root: Path, out: Path) -> None:
-    Path(out).write_text(dumps(fit_all(Path(aic_root))))
+def write_calibration(aic_root: Path, out: Path, sglang_tables: Path | None = None, *,
+                      shared_only: bool = False) -> None:
+    """Fit and write the calibration; `shared_only` leaves out the engines' own kernels (a
+    check of the shared fits where the SGLang tables are not installed)."""
+    engines = {} if shared_only else {"sglang": sglang_tables or installed_sglang_tables()}
+    Path(out).write_text(dumps(fit_all(Path(aic_root), engines)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--aic", type=Path, required=True, help="AIConfigurator data root")
+    parser.add_argument("--sglang-tables", type=Path, default=None,
+                        help="SGLang kernel tables (default: the installed aiconfigurator-core's)")
+    parser.add_argument("--shared-only", action="store_true",
+                        help="fit the shared tables only (no engine's own kernels)")
     parser.add_argument("--out", type=Path, required=True, help="calibration.json to write")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    write_calibration(args.aic, args.out)
+    write_calibration(args.aic, args.out, args.sglang_tables, shared_only=args.shared_only)
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from trilemma.optimizer.errors import InputError
-from trilemma.optimizer.perf import graph_floor, kernel_rules
+from trilemma.optimizer.perf import engine_kernels, graph_floor, kernel_rules
 from trilemma.optimizer.perf import kernel_forms as kf
 from trilemma.optimizer.perf.arrays import FloatArray
 from trilemma.optimizer.perf.kernel_rules import Fit
@@ -464,29 +464,26 @@ _MODELS: dict[tuple[Any, ...], KernelModel] = {}
 
 
 def kernel_model(gpu_key: str, *, datasheet: DatasheetRates | None = None,
-                 cuda_graphs: bool = False) -> KernelModel:
+                 cuda_graphs: bool = False, engine: str = "vllm") -> KernelModel:
     """The kernel model of a GPU: calibrated when the JSON has it (then `datasheet` is not
     needed and not used), else datasheet rooflines from `datasheet`. Cached per key.
     `cuda_graphs=True` prices a CUDA-graph replay, as vLLM runs its steps: the eager host
-    floors (60-200 us for block-fp8 GEMMs) vanish, device floors stay (perf/graph_floor.py)."""
-    gpus = calibration()["gpus"]
-    calibrated = gpu_key in gpus
-    sheet_key: tuple[Any, ...] = ()
-    if not calibrated:
-        if datasheet is None:
-            raise InputError("gpu", gpu_key, "no calibration for it and no datasheet rates; "
-                             f"calibrated GPUs: {', '.join(sorted(gpus))}")
-        sheet_key = datasheet.key()
-    cache_key = (gpu_key, cuda_graphs, *sheet_key)
+    floors (60-200 us for block-fp8 GEMMs) vanish, device floors stay (perf/graph_floor.py).
+    `engine`: whose kernels (perf/engine_kernels.py); a sibling-extrapolated GPU inherits
+    the engine's fits of its sibling."""
+    cache_key = (gpu_key, cuda_graphs, engine, datasheet.key() if datasheet else None)
     model = _MODELS.get(cache_key)
     if model is None:
-        if calibrated:
+        gpus = engine_kernels.gpus(calibration(), engine)
+        if gpu_key in gpus:
             entry, floor = gpus[gpu_key], graph_floor.device_floor_ms(gpus[gpu_key]["fits"])
             fits = {k: _to_fit(f, "fitted", cuda_graphs=cuda_graphs, floor_ms=floor)
                     for k, f in entry["fits"].items()}
             model = KernelModel(gpu_key, calibrated=True, fits=fits, sheet=entry["datasheet"])
+        elif datasheet is None:
+            raise InputError("gpu", gpu_key, "no calibration for it and no datasheet rates; "
+                             f"calibrated GPUs: {', '.join(sorted(gpus))}")
         else:
-            assert datasheet is not None
             sheet = datasheet.as_sheet()
             base = gpus.get(datasheet.extrapolate_from or "")
             if base is not None:

@@ -110,9 +110,10 @@ class StepModel:
         self.recipe = recipe
         self.kv = kv
         self.facts = facts
-        # vLLM captures its forward passes in CUDA graphs, so no eager CPU floors apply.
+        # Both engines capture their decode passes in CUDA graphs: no eager CPU floors. Each
+        # runs its own kernels where they were measured (perf/engine_kernels.py).
         self.km = kernels.kernel_model(gpu.key, datasheet=kernels_datasheet(gpu),
-                                       cuda_graphs=True)
+                                       cuda_graphs=True, engine=facts.engine.value)
         self.layers = layer_counts(arch)
         self.hybrid = hybrid_layers.counts(arch)
         self.attn_kernel = gemm_kernel(arch, recipe, gpu, "attention")
