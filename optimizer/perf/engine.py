@@ -64,6 +64,9 @@ class EngineFacts:
     # Hybrid (linear-attention) models: the engine's up-front split of the memory left after
     # weights between recurrent states and KV (state : KV); None where both share one pool.
     state_memory_ratio: float | None = None
+    # Model architectures whose expert-parallel MoE the engine runs over DeepEP's all-to-all
+    # under attention DP (SGLang --moe-a2a-backend deepep; perf/deepep.py); empty: never.
+    deepep_architectures: tuple[str, ...] = ()
     # The first release that overlaps the step's CPU work with the GPU's previous step
     # (vLLM's async scheduling, default from 0.14.0); None where the model does not apply it.
     cpu_overlap_since: str | None = None
@@ -169,4 +172,6 @@ def engine_facts(engine: Engine = Engine.VLLM) -> EngineFacts:
         cpu_overlap=since is not None and version_key(calibrated) >= version_key(str(since)),
         state_memory_ratio=(None if raw.get("state_memory_ratio") is None
                             else float(_value(raw["state_memory_ratio"]))),
+        deepep_architectures=tuple(
+            str(a) for a in raw.get("deepep_architectures", {}).get("value", ())),
     )

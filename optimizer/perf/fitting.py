@@ -50,6 +50,8 @@ GENERATED_BY = ("python -m trilemma.optimizer.perf.fitting --aic ../shared/data/
 # them with SGLang 0.5.14; its 0.12.0 wheel ships the tables (the [compare] extra installs it).
 # Collectives are NCCL's and the same under both engines, so they stay shared.
 ENGINE_TABLES = {"sglang": "0.5.14"}
+# DeepEP (SGLang's --moe-a2a-backend deepep) was last measured with SGLang 0.5.12.
+DEEPEP_VERSION = "0.5.12"
 # The GPUs SGLang's own fits are made for: those it is validated on and Hopper's H200 (the
 # H100's kernels). L40S's SGLang tables mix Triton and FlashInfer rows a single form fits
 # poorly (p90 error up to 138%), so it keeps the shared fits.
@@ -59,7 +61,8 @@ ENGINE_SOURCE = {
         "name": "NVIDIA AIConfigurator 0.12.0 (PyPI wheel aiconfigurator-core 0.12.0)",
         "license": "Apache-2.0",
         "what": "measured SGLang 0.5.14 kernel profiles (aiconfigurator_core/systems/data/"
-                "<gpu>/{gemm,attention,mla,moe}/sglang/0.5.14), latencies in milliseconds",
+                "<gpu>/{gemm,attention,mla,moe}/sglang/0.5.14) and DeepEP's dispatch and "
+                "combine (<gpu>/comm/sglang/0.5.12/wideep_deepep_*), latencies in milliseconds",
         "credit": "NVIDIA AIConfigurator 0.12.0, Apache-2.0, measured SGLang kernel profiles",
     },
 }
@@ -292,13 +295,21 @@ def fit_engine(engine: str, tables_root: Path, gpus: dict[str, Any]) -> dict[str
         if gpu not in ENGINE_GPUS:
             continue
         # Table paths are recorded from the package folder: aiconfigurator_core/systems/...
-        problems = _problems(tables_root / gpu, tables_root.parents[2], engine, version)
+        problems = [*_problems(tables_root / gpu, tables_root.parents[2], engine, version),
+                    *_deepep_problems(tables_root / gpu, tables_root.parents[2], engine)]
         fits = {p.key: fit_problem(p, entry["datasheet"]) for p in problems}
         if fits:
-            out[gpu] = {"engine_versions": [version], "fits": dict(sorted(fits.items()))}
+            out[gpu] = {"engine_versions": sorted({f["version"] for f in fits.values()}),
+                        "fits": dict(sorted(fits.items()))}
     if not out:
         raise FileNotFoundError(f"no {engine} {version} kernel tables under {tables_root}")
     return {"source": ENGINE_SOURCE[engine], "gpus": out}
+
+
+def _deepep_problems(gpu_dir: Path, root: Path, engine: str) -> Iterator[ft.FitProblem]:
+    for mode, name, columns in ft.DEEPEP_TABLES:
+        for path, _, version in _tables(gpu_dir, "comm", name, engine, DEEPEP_VERSION):
+            yield from ft.deepep_problems(_read(path), mode, columns, path, root, version)
 
 
 def fit_all(aic_root: Path, engine_tables: dict[str, Path] | None = None) -> dict[str, Any]:

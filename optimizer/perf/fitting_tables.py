@@ -273,15 +273,49 @@ def comm_problems(df: Any, table: Path, aic_root: Path, version: str,
         df = df.assign(bytes=df["message_size"].to_numpy(dtype=np.float64) * scale)
         domain = "half and int8 rows, message_bytes = elements x dtype bytes"
     for (op, n), d in df.groupby(["op_name", "num_gpus"], sort=True):
-        size, ms = _col(d, "bytes"), _col(d, "latency")
         name = "custom_allreduce" if custom else COMM_OPS[str(op)]
+        yield _line_problem(f"comm/{name}/{int(n)}", _col(d, "bytes"), _col(d, "latency"),
+                            _meta(d, table, aic_root, version, domain))
 
-        def predict(x: Any, size: Any = size) -> np.ndarray:
-            return kf.collective_ms(x, size)
 
-        lat = float(ms.min())
-        bw = float(np.max(size / (ms * 1e-3)))
-        yield FitProblem(
-            key=f"comm/{name}/{int(n)}", form="comm", predict=predict, latency_ms=ms,
-            x0={"alpha_ms": lat, "alg_bw": bw / 4.0, "alpha2_ms": 3.0 * lat, "alg_bw2": bw},
-            meta=_meta(d, table, aic_root, version, domain))
+def _line_problem(key: str, size: np.ndarray, ms: np.ndarray,
+                  meta: dict[str, Any]) -> FitProblem:
+    """Latency against bytes moved in the collectives' form (two latency-bandwidth lines),
+    started from the table's floor and its best achieved rate."""
+    def predict(x: Any, size: Any = size) -> np.ndarray:
+        return kf.collective_ms(x, size)
+
+    lat = float(ms.min())
+    bw = float(np.max(size / (ms * 1e-3)))
+    return FitProblem(
+        key=key, form="comm", predict=predict, latency_ms=ms,
+        x0={"alpha_ms": lat, "alg_bw": bw / 4.0, "alpha2_ms": 3.0 * lat, "alg_bw2": bw},
+        meta=meta)
+
+
+# DeepEP's tables (SGLang's all-to-all for expert parallelism) were measured on one 8-GPU node.
+DEEPEP_RANKS = 8
+# Normal mode reserves SMs for the transfer; DeepEP's Buffer (and SGLang, which keeps it) uses
+# 20, as AIConfigurator's own SGLang model assumes (aiconfigurator_core sdk/config.py `sms`).
+DEEPEP_NORMAL_SMS = 20
+# (mode, table file, (dispatch column, combine column)); latencies in microseconds.
+DEEPEP_TABLES = (
+    ("normal", "wideep_deepep_normal_perf.parquet",
+     ("dispatch_transmit_us", "combine_transmit_us")),
+    ("low_latency", "wideep_deepep_ll_perf.parquet", ("dispatch_avg_t_us", "combine_avg_t_us")),
+)
+
+
+def deepep_problems(df: Any, mode: str, columns: tuple[str, str], table: Path, aic_root: Path,
+                    version: str) -> Iterator[FitProblem]:
+    """DeepEP dispatch and combine latency against the payload, in the collectives' form."""
+    domain = f"node_num 1 ({DEEPEP_RANKS} ranks)"
+    if mode == "normal":
+        df = df[df["dispatch_sms"] == DEEPEP_NORMAL_SMS]
+        domain += f", {DEEPEP_NORMAL_SMS} SMs"
+    df = df[df["node_num"] == 1]
+    payload = kf.deepep_payload_bytes(_col(df, "num_token"), _col(df, "hidden_size"),
+                                      _col(df, "num_topk"), DEEPEP_RANKS)
+    for op, column in zip(("dispatch", "combine"), columns, strict=True):
+        yield _line_problem(f"deepep/{mode}/{op}", payload, _col(df, column) * 1e-3,
+                            _meta(df, table, aic_root, version, domain))

@@ -312,6 +312,17 @@ def collective_ms(x: Params | Sequence[Array], message_bytes: Array) -> Array:
     return 1.0 / np.sqrt(np.sqrt(r1 * r1 + r2 * r2))
 
 
+def deepep_payload_bytes(tokens: Any, hidden: Any, topk: Any, ranks: Any) -> np.ndarray:
+    """Bytes one rank sends in a dispatch (and gets back in the combine): each token goes once
+    to every rank that holds one of its top-k experts, min(topk, ranks) at most and
+    ranks x (1 - (1 - 1/ranks)^topk) under uniform routing, in bf16 (DeepEP's low-latency
+    dispatch sends fp8: its fitted rate is then per bf16-equivalent byte)."""
+    ranks = np.maximum(np.asarray(ranks, dtype=np.float64), 1.0)
+    distinct = ranks * (1.0 - (1.0 - 1.0 / ranks) ** np.asarray(topk, dtype=np.float64))
+    out: np.ndarray = np.asarray(tokens, dtype=np.float64) * hidden * distinct * 2.0
+    return out
+
+
 # --- Shared bookkeeping --------------------------------------------------------------------------
 
 FORM_PARAMS: dict[str, tuple[str, ...]] = {

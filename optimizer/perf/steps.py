@@ -25,6 +25,7 @@ from trilemma.optimizer.catalog.models import ModelArch
 from trilemma.optimizer.catalog.quantization import KvDtype, QuantRecipe
 from trilemma.optimizer.perf import (
     context_parallel,
+    deepep,
     dp_lockstep,
     hybrid_layers,
     kernel_forms,
@@ -123,6 +124,8 @@ class StepModel:
         # The measured MLA modules (projections + attention) have DeepSeek-V3's geometry;
         # other MLA models are priced from generic GEMMs and attention.
         self.mla_module = arch.mla is not None and _has_dsv3_geometry(arch)
+        # SGLang runs DeepSeek/Qwen3 MoE over DeepEP's all-to-all under attention DP.
+        self.deepep = deepep.DeepEP.for_model(self.km, gpu, arch, facts)
 
     # The public entry point of the hot path.
     def step(self, *, tp: npt.ArrayLike, dp: npt.ArrayLike, ep: npt.ArrayLike,
@@ -183,12 +186,8 @@ class StepModel:
             comm = comm + np.where(tp > 1, a.num_layers * self.km.allreduce_ms(
                 tp, tokens * 2.0 * 4.0), 0.0)
         if L.moe and np.any(dp > 1):
-            # Attention DP: each MoE layer gathers every rank's tokens and scatters them back.
-            group = tp * dp
-            dp_msg = gathered * h * ACT_BYTES
-            dp_comm = self.km.allgather_ms(group, dp_msg) + self.km.reduce_scatter_ms(group,
-                                                                                     dp_msg)
-            comm = comm + np.where(dp > 1, L.moe * dp_comm, 0.0)
+            comm = comm + np.where(dp > 1, L.moe * self._dp_moe_comm(
+                tokens, gathered, pf_tokens > 0.0, tp * dp, ep), 0.0)
         if np.any(pp > 1):
             # Pipeline: each stage boundary sends the hidden states of the micro-batch, over
             # NVLink inside the domain (an NVL72 rack spans trays), else the scale-out network.
@@ -205,6 +204,17 @@ class StepModel:
         other = self._elementwise(tokens, tp) * a.num_layers
         other = other + self.facts.exposed_step_overhead_ms(gemm + attn + moe + comm + other)
         return StepTime(gemm=gemm, attention=attn, moe=moe, comm=comm, other=other)
+
+    def _dp_moe_comm(self, tokens: np.ndarray, gathered: np.ndarray, prefill: np.ndarray,
+                     group: np.ndarray, ep: np.ndarray) -> FloatArray:
+        """One MoE layer's traffic under attention DP: every rank's tokens gathered into the
+        layer and scattered back, or (SGLang, DeepEP's models, EP) dispatched only to the
+        ranks holding their experts and combined back (perf/deepep.py)."""
+        msg = gathered * self.arch.hidden_size * ACT_BYTES
+        out: FloatArray = self.km.allgather_ms(group, msg) + self.km.reduce_scatter_ms(group, msg)
+        if self.deepep is not None and np.any(ep):
+            out = np.where(ep, self.deepep.layer_ms(tokens, prefill, group), out)
+        return out
 
     def _attention_gemms(self, tokens: np.ndarray, tp: np.ndarray) -> FloatArray:
         a = self.arch

@@ -8,7 +8,9 @@ the mapping is spelled out next to it.
 from __future__ import annotations
 
 from trilemma.optimizer import catalog
-from trilemma.optimizer.catalog import SpecMethod
+from trilemma.optimizer.catalog import SpecMethod, gpus
+from trilemma.optimizer.perf import deepep
+from trilemma.optimizer.perf.engine import engine_facts
 from trilemma.optimizer.render import choices
 from trilemma.optimizer.render.ir import Arg, Role, Source
 from trilemma.optimizer.search.configs import WorkerConfig
@@ -26,12 +28,14 @@ _SPEC_ALGORITHMS = {
 }
 
 
-def parallel_args(worker: WorkerConfig) -> list[Arg]:
+def parallel_args(model: catalog.ModelArch, worker: WorkerConfig) -> list[Arg]:
     """SGLang's --tp-size is the whole attention+FFN group; DP attention splits it.
 
     The plan's dp counts attention replicas of a tp-way group, tp*dp GPUs per stage. SGLang
     expresses that as --tp-size tp*dp --dp-size dp --enable-dp-attention (attention TP =
-    tp-size / dp-size), and expert parallel as --ep-size equal to --tp-size.
+    tp-size / dp-size), and expert parallel as --ep-size equal to --tp-size. Under DP and EP
+    the models SGLang wires to DeepEP run their MoE over it, as the plan priced them
+    (perf/deepep.py).
     """
     group = worker.tp * worker.dp
     args = [Arg(flag="--tp-size", value=str(group), source=Source.PLAN,
@@ -45,6 +49,11 @@ def parallel_args(worker: WorkerConfig) -> list[Arg]:
                     source=Source.PLAN if dp else Source.ENGINE_DEFAULT, emit=dp))
     args.append(Arg(flag="--ep-size", value=str(group),
                     source=Source.PLAN if worker.ep else Source.ENGINE_DEFAULT, emit=worker.ep))
+    facts = engine_facts(catalog.Engine.SGLANG)
+    a2a = deepep.runs(model, gpus.get_gpu(worker.gpu), facts, worker.dp, worker.ep)
+    args.append(Arg(flag="--moe-a2a-backend", value="deepep" if a2a else "none",
+                    source=Source.PLAN if a2a else Source.ENGINE_DEFAULT, emit=a2a,
+                    note="DeepEP all-to-all under DP attention" if a2a else ""))
     return args
 
 
@@ -123,7 +132,7 @@ def worker_args(model_id: str, model: catalog.ModelArch, worker: WorkerConfig, r
     spec = choices.speculation(model, worker, options)
     return [
         Arg(flag="--model-path", value=model_id, source=Source.PLAN),
-        *parallel_args(worker),
+        *parallel_args(model, worker),
         *memory_args(model, worker),
         *scheduler_args(worker, options),
         *speculative_args(spec),

@@ -38,6 +38,7 @@ ERROR_BOUNDS = (
 # B200, FA3 and Triton attention on Hopper), which one smooth form fits less tightly.
 ENGINE_ERROR_BOUNDS = (
     ("gemm/*", 0.14, 0.40),
+    ("deepep/*", 0.12, 0.30),
     ("moe/*", 0.31, 0.75),
     ("context_attention/*", 0.22, 0.80),
     ("mla_*_core/*", 0.12, 1.20),
