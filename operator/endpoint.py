@@ -190,6 +190,16 @@ class Endpoint:
         self.put(rollout=RolloutStatus.model_validate(
             {**current.model_dump(), **changes}))
 
+    def gpus_of(self, config_hash: str | None) -> dict[str, int]:
+        """The GPUs the configuration `config_hash` holds as last written: the source of a
+        rollout in progress (rollout.fromGpus), else the serving one's (allocatedGpus)."""
+        rollout = self.written.get("rollout") or {}
+        if rollout.get("state") == "Progressing" and rollout.get("fromHash") == config_hash:
+            return dict(rollout.get("fromGpus") or {})
+        if config_hash is not None and self.written.get("servingHash") == config_hash:
+            return dict(self.written.get("allocatedGpus") or {})
+        return {}
+
     def condition(self, kind: ConditionType, ok: bool | None, reason: str,
                   message: str = "") -> None:
         self.put(conditions=status.set_condition(

@@ -165,6 +165,10 @@ class ScalingStatus(SpecModel):
                                         description="RFC 3339 time the count last changed.")
     message: str = Field(default="", max_length=1024,
                          description="Why this count (the reconciler's).")
+    held_back_beside: str | None = Field(
+        default=None, description="The configuration hash the count was held back beside: "
+        "a rollout runs the new configuration next to the serving one, so it starts with what "
+        "fits there and grows once that one is gone.")
     reading: str = Field(default="", max_length=1024,
                          description="owner operator: what the scaler's last check read, or "
                                      "why it could not.")

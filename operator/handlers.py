@@ -31,6 +31,7 @@ from trilemma.operator import (
     naming,
     reconcile,
     rollout,
+    scale,
     scaler,
 )
 from trilemma.operator.apply import is_available
@@ -219,6 +220,8 @@ def register_endpoints(registry: kopf.OperatorRegistry) -> None:
         # on, and nothing a spec holds may raise out of the timer (Kopf would back the whole
         # timer off). Every failure is logged and reported in status; the next tick retries.
         await _timer_step(rt, namespace, name, "resync", rollout.advance, logger)
+        await _timer_step(rt, namespace, name, "regrow",
+                          functools.partial(_regrow, seen=dict(body)), logger)
         # The traffic check is due every retune.intervalSeconds; the policy says when (from
         # the watched body first: a check that is not due costs no read).
         await _timer_step(rt, namespace, name, "retune",
@@ -287,6 +290,14 @@ async def _pool_crd_arrived(rt: Runtime, namespace: str, name: str, *, seen: dic
         await reconcile.reconcile(rt, seen, force=True)
 
 
+async def _regrow(rt: Runtime, namespace: str, name: str, *, seen: dict[str, Any]) -> None:
+    """A rollout that started with the replicas that fit beside the old configuration gets
+    the count it wanted once the old one is gone: nothing else would reconcile it again, its
+    spec being unchanged. Costs no request unless its status says the count was held back."""
+    if scale.held_back(seen):
+        await reconcile.reconcile(rt, copy.deepcopy(seen), force=True)
+
+
 def _retry_waiting(rt: Runtime, pool_name: str) -> None:
     """Endpoints that failed for want of this pool (or its GPUs) try again in the
     background: the pool appeared, grew, or an endpoint released GPUs."""
@@ -302,7 +313,8 @@ def _retry_waiting(rt: Runtime, pool_name: str) -> None:
             reasons = {c.get("reason") for c in (ep.get("status") or {}).get("conditions", [])
                        if c.get("status") == "False"}
             if reasons & {"PoolExhausted", "PoolTooSmall", "PoolContention",
-                          "HardwarePoolNotFound", "InvalidHardwarePool", "SLOUnreachable"}:
+                          "HardwarePoolNotFound", "InvalidHardwarePool", "SLOUnreachable",
+                          "NoRoomBesideServing"}:
                 try:
                     await reconcile.reconcile(rt, ep)
                 except (KubeError, endpoint.RetryLater) as err:

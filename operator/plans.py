@@ -9,6 +9,7 @@ in the ledger, planning again if another endpoint took them meanwhile.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -146,12 +147,16 @@ async def resolve_models(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec)
     return Models(choices=choices, checkpoints=checkpoints)
 
 
-async def availability(rt: Runtime, ep: Endpoint, pool_name: str,
-                        full_pool: HardwarePool) -> pool.Availability:
-    """Called under the ledger's lock."""
+async def availability(rt: Runtime, ep: Endpoint, pool_name: str, full_pool: HardwarePool,
+                       *, beside: dict[str, int] | None = None) -> pool.Availability:
+    """Called under the ledger's lock. `beside`: GPUs of the endpoint's own that stay taken
+    (the configuration serving while a new one rolls out next to it)."""
     if not rt.ledger.seeded:
         rt.ledger.seed(await rt.kube.list(naming.API_VERSION, "OptimizedEndpoint"))
-    return pool.available(full_pool, rt.ledger.others(pool_name, ep.key))
+    held = rt.ledger.others(pool_name, ep.key)
+    if beside:
+        held = {**held, f"{ep.key} (serving)": Counter(beside)}
+    return pool.available(full_pool, held)
 
 
 async def plan_and_reserve(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, models: Models,

@@ -122,7 +122,7 @@ async def deploy(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     live_front = live_services[0]
     serving = children.service_hash(live_front) if live_front else None
     rollout = ep.status.get("rollout") or {}
-    from_gpus = _from_gpus(ep, serving)
+    from_gpus = ep.gpus_of(serving)
 
     if serving is not None and serving != target:
         old = await _workloads(kube, ep, serving)
@@ -184,15 +184,6 @@ async def _track(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec, target:
 
 def _with_note(message: str, note: str) -> str:
     return f"{message}; {note}" if note else message
-
-
-def _from_gpus(ep: Endpoint, serving: str | None) -> dict[str, int]:
-    rollout = ep.written.get("rollout") or {}
-    if rollout.get("state") == "Progressing" and rollout.get("fromHash") == serving:
-        return dict(rollout.get("fromGpus") or {})
-    if ep.written.get("servingHash") == serving:
-        return dict(ep.written.get("allocatedGpus") or {})
-    return {}
 
 
 def _start_rollout(ep: Endpoint, spec: OptimizedEndpointSpec, from_hash: str | None,

@@ -16,10 +16,12 @@ from typing import Any
 import pydantic
 
 from trilemma.operator import plans, pool, replicas, status
-from trilemma.operator.endpoint import Endpoint, Runtime
+from trilemma.operator.endpoint import Endpoint, Outcome, Runtime
 from trilemma.operator.endpoint_status import ScalingStatus
 from trilemma.operator.resources import (
     MAX_REPLICAS,
+    ConditionType,
+    EndpointPhase,
     HardwarePoolSpec,
     OptimizedEndpointSpec,
     ReplicaOwner,
@@ -66,13 +68,21 @@ async def size(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
     want = replicas.decide(policy, plan_replicas=config.replicas, layout_hash=key,
                            capacity=capacity, prior=last)
     name = spec.hardware_pool_ref.name
+    serving, beside = _serving_beside(ep, spec, key)
     async with rt.ledger.lock:
-        avail = await plans.availability(rt, ep, name, full_pool)
-        room = _room(config, avail, ceiling=policy.max_replicas or MAX_REPLICAS)
+        avail = await plans.availability(rt, ep, name, full_pool, beside=beside)
+        room = _room(config, avail, ceiling=policy.max_replicas or MAX_REPLICAS,
+                     floor=not beside)
+        if room == 0:
+            raise _no_room_beside(config, serving, beside, avail)
         count = min(want.replicas, room)
         rt.ledger.reserve(name, ep.key, status.config_gpus(replicas.scaled(config, count)))
-    why = want.why if count == want.replicas else (
-        f"{want.why}; the pool has room for {count} (other endpoints hold the rest)")
+    held_back = bool(beside) and count < want.replicas
+    why = want.why
+    if count < want.replicas:
+        why += (f"; {count} fit beside configuration {serving} while it serves the rollout "
+                "(the count follows once the Service has moved)" if beside else
+                f"; the pool has room for {count} (other endpoints hold the rest)")
     if policy.owner is ReplicaOwner.OPERATOR and policy.count is not None:
         why += (f"; replicas.count={policy.count} is ignored while replicas.owner is "
                 "operator")
@@ -91,19 +101,58 @@ async def size(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
         recommendations=list(kept.recommendations) if operator_owned and kept else [],
         last_scale_time=(status.now_rfc3339() if last is None or last.replicas != count
                          else last.last_scale_time),
-        message=why[:1024])
+        message=why[:1024], held_back_beside=serving if held_back else None)
     return Sized(choice=_scaled_choice(choice, count), scaling=scaling)
 
 
-def _room(config: ServingConfig, avail: pool.Availability, *, ceiling: int) -> int:
-    """The most replicas of `config` the pool has room for, up to `ceiling`: at least the
-    count already reserved for the plan (it fit a moment ago)."""
+def held_back(body: Obj) -> bool:
+    """Whether the endpoint's count was held back beside a configuration that no longer
+    serves (the rollout is done): the next reconcile deploys the count it wanted."""
+    st = body.get("status") or {}
+    beside = (st.get("scaling") or {}).get("heldBackBeside")
+    return beside is not None and st.get("servingHash") not in (None, beside)
+
+
+def _serving_beside(ep: Endpoint, spec: OptimizedEndpointSpec,
+                    key: str) -> tuple[str | None, dict[str, int]]:
+    """The configuration serving now and its GPUs, where deploying `key` rolls out beside it
+    (a new layout: rollout.py keeps the old one serving until the new one is available);
+    else (None, {}). A replica-only change scales in place, and recommend-only deploys
+    nothing, so neither needs room beside anything."""
+    serving = ep.written.get("servingHash")
+    if not spec.rollout.auto_apply or serving in (None, key):
+        return None, {}
+    held = {g: n for g, n in ep.gpus_of(serving).items() if n > 0}
+    return (serving, held) if held else (None, {})
+
+
+def _no_room_beside(config: ServingConfig, serving: str | None, beside: dict[str, int],
+                    avail: pool.Availability) -> Outcome:
+    one = status.config_gpus(replicas.scaled(config, 1))
+    free = avail.pool.gpus if avail.pool is not None else ()
+    return Outcome(
+        EndpointPhase.INFEASIBLE, ConditionType.DEPLOYED, "NoRoomBesideServing",
+        f"one replica of {config.summary()} needs {_gpus(one)}; beside configuration "
+        f"{serving} ({_gpus(beside)}, which keeps serving until the new one is available) "
+        f"the pool has {_gpus({g.gpu: g.count for g in free}) or 'nothing'} free: "
+        "the new configuration is not rolled out until other endpoints free GPUs", retry=True)
+
+
+def _gpus(counts: dict[str, int]) -> str:
+    return " + ".join(f"{n} {g}" for g, n in sorted(counts.items()) if n > 0)
+
+
+def _room(config: ServingConfig, avail: pool.Availability, *, ceiling: int,
+          floor: bool = True) -> int:
+    """The most replicas of `config` the pool has room for, up to `ceiling`. `floor`: at
+    least the count already reserved for the plan (it fit a moment ago); not beside a
+    serving configuration, which the plan did not count."""
     fitting = 0
     for n in range(1, min(max(ceiling, 1), MAX_REPLICAS) + 1):
         if not pool.fits(status.config_gpus(replicas.scaled(config, n)), avail):
             break
         fitting = n
-    return max(fitting, min(config.replicas, ceiling))
+    return max(fitting, min(config.replicas, ceiling)) if floor else fitting
 
 
 def _scaled_choice(choice: Choice, count: int) -> Choice:

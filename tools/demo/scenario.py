@@ -99,11 +99,7 @@ def endpoint_manifest(prometheus_url: str) -> Obj:
             "objective": "min_cost",
             "hardwarePoolRef": {"name": POOL},
             "engine": {"name": "vllm"},
-            # One replica: a rollout runs the new configuration beside the old one on the
-            # demo's 16 GPUs, and the operator plans a re-plan as if its own GPUs were free (a
-            # known gap): unbounded, the re-plan's replicas take the whole pool and never roll out.
-            "bounds": {"allowDisaggregation": False, "maxReplicas": 1},
-            "replicas": {"maxReplicas": 1},
+            "bounds": {"allowDisaggregation": False},
             "retune": {"enabled": True, "intervalSeconds": INTERVAL_S,
                        "windowSeconds": WINDOW_S, "cooldownSeconds": COOLDOWN_S},
             "prometheus": {"url": prometheus_url},
