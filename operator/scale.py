@@ -73,7 +73,7 @@ async def size(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
         avail = await plans.availability(rt, ep, name, full_pool, beside=beside)
         room = _room(config, avail, ceiling=policy.max_replicas or MAX_REPLICAS,
                      floor=not beside)
-        if room == 0:
+        if room == 0 and beside:
             raise _no_room_beside(config, serving, beside, avail)
         count = min(want.replicas, room)
         rt.ledger.reserve(name, ep.key, status.config_gpus(replicas.scaled(config, count)))
@@ -135,7 +135,8 @@ def _no_room_beside(config: ServingConfig, serving: str | None, beside: dict[str
         f"one replica of {config.summary()} needs {_gpus(one)}; beside configuration "
         f"{serving} ({_gpus(beside)}, which keeps serving until the new one is available) "
         f"the pool has {_gpus({g.gpu: g.count for g in free}) or 'nothing'} free: "
-        "the new configuration is not rolled out until other endpoints free GPUs", retry=True)
+        "the new configuration waits until one replica fits beside it (another endpoint "
+        "frees GPUs, or the pool grows)", retry=True)
 
 
 def _gpus(counts: dict[str, int]) -> str:
