@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import fitting_tables as ft
 from trilemma.optimizer.perf import kernel_forms as kf
 
@@ -302,8 +303,14 @@ def fit_engine(engine: str, tables_root: Path, gpus: dict[str, Any]) -> dict[str
             out[gpu] = {"engine_versions": sorted({f["version"] for f in fits.values()}),
                         "fits": dict(sorted(fits.items()))}
     if not out:
-        raise FileNotFoundError(f"no {engine} {version} kernel tables under {tables_root}")
+        raise _no_tables(engine, tables_root)
     return {"source": ENGINE_SOURCE[engine], "gpus": out}
+
+
+def _no_tables(engine: str, tables_root: Path) -> InputError:
+    return InputError(f"{engine}_tables", str(tables_root),
+                      f"no {engine} {ENGINE_TABLES[engine]} kernel tables of "
+                      f"{', '.join(ENGINE_GPUS)} there")
 
 
 def _deepep_problems(gpu_dir: Path, root: Path, engine: str) -> Iterator[ft.FitProblem]:
@@ -332,8 +339,8 @@ def installed_sglang_tables() -> Path:
 
     spec = find_spec("aiconfigurator_core")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SGLang kernel tables: aiconfigurator-core is not installed "
-                                "(pip install 'trilemma[compare]') and no --sglang-tables")
+        raise InputError("sglang_tables", None, "not given, and aiconfigurator-core (which "
+                         "ships them) is not installed: pip install 'trilemma[compare]'")
     return Path(next(iter(spec.submodule_search_locations))) / "systems" / "data"
 
 
@@ -354,6 +361,10 @@ def write_calibration(aic_root: Path, out: Path, sglang_tables: Path | None = No
     """Fit and write the calibration; `shared_only` leaves out the engines' own kernels (a
     check of the shared fits where the SGLang tables are not installed)."""
     engines = {} if shared_only else {"sglang": sglang_tables or installed_sglang_tables()}
+    for engine, root in engines.items():  # refused before minutes of fitting, not after
+        version = ENGINE_TABLES[engine]
+        if not any(Path(root).glob(f"*/*/{engine}/{version}/*.parquet")):
+            raise _no_tables(engine, Path(root))
     Path(out).write_text(dumps(fit_all(Path(aic_root), engines)))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trilemma.optimizer.errors import InputError
 from trilemma.optimizer.perf import kernel_forms, kernels
 
 CALIBRATION = Path(kernels.__file__).parent / "data" / "calibration.json"
@@ -307,7 +308,7 @@ def test_the_sglang_fits_reproduce_from_the_installed_aiconfigurator_tables(tmp_
 
     try:
         tables = fitting.installed_sglang_tables()
-    except FileNotFoundError:
+    except InputError:
         pytest.skip("aiconfigurator-core (the [compare] extra) is not installed")
     shipped = DOC["engines"]["sglang"]["gpus"]
     fresh = fitting.fit_engine("sglang", tables, DOC["gpus"])
@@ -316,3 +317,16 @@ def test_the_sglang_fits_reproduce_from_the_installed_aiconfigurator_tables(tmp_
         assert sorted(fresh["gpus"][gpu]["fits"]) == sorted(entry["fits"])
         for key, fit in entry["fits"].items():
             _assert_fit_matches(fresh["gpus"][gpu]["fits"][key], fit)
+
+
+def test_calibrating_without_the_sglang_tables_says_where_to_get_them(tmp_path):
+    pytest.importorskip("scipy")
+    from trilemma.optimizer.cli import main
+
+    empty = tmp_path / "tables"
+    empty.mkdir()
+    out = tmp_path / "calibration.json"
+    # An empty folder: refused at once, naming the flag and what it lacks; nothing is written.
+    assert main(["calibrate", "--aic", str(AIC), "--sglang-tables", str(empty),
+                 "--out", str(out)]) == 2
+    assert not out.exists()
