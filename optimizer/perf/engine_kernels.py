@@ -1,8 +1,8 @@
 """An engine's own kernel fits, laid over the shared calibration.
 
 The shared fits (calibration.json "gpus") come from kernels measured under vLLM. SGLang runs
-other kernels for the same operations (FlashInfer / TRT-LLM attention, FlashMLA on Hopper and
-TRT-LLM MLA on Blackwell, its own fused MoE and GEMM paths), and AIConfigurator measured them
+other kernels for the same operations (FA3 / TRT-LLM attention, FA3's MLA kernel on Hopper and
+TRT-LLM's on Blackwell, its own fused MoE and GEMM paths), and AIConfigurator measured them
 too: `fitting.fit_engine` fits those under "engines"/<engine>. An engine's fit of a family
 replaces the whole family on that GPU (a measured SGLang MoE is not mixed with a vLLM one), and
 families it did not measure (the collectives: NCCL under both) stay shared.

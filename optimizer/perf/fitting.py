@@ -46,8 +46,8 @@ SOURCE = {
 GENERATED_BY = ("python -m trilemma.optimizer.perf.fitting --aic ../shared/data/aic "
                 "--sglang-tables <aiconfigurator_core>/systems/data "
                 "--out optimizer/perf/data/calibration.json")
-# SGLang runs its own kernels where vLLM's differ: FlashInfer / TRT-LLM attention, FlashMLA
-# (Hopper) and TRT-LLM MLA (Blackwell), its fused-MoE and GEMM paths. AIConfigurator measured
+# SGLang runs its own kernels where vLLM's differ: FA3 / TRT-LLM attention, FA3's MLA kernel
+# (Hopper) and TRT-LLM's (Blackwell), its fused-MoE and GEMM paths. AIConfigurator measured
 # them with SGLang 0.5.14; its 0.12.0 wheel ships the tables (the [compare] extra installs it).
 # Collectives are NCCL's and the same under both engines, so they stay shared.
 ENGINE_TABLES = {"sglang": "0.5.14"}
