@@ -313,8 +313,7 @@ def _retry_waiting(rt: Runtime, pool_name: str) -> None:
             reasons = {c.get("reason") for c in (ep.get("status") or {}).get("conditions", [])
                        if c.get("status") == "False"}
             if reasons & {"PoolExhausted", "PoolTooSmall", "PoolContention",
-                          "HardwarePoolNotFound", "InvalidHardwarePool", "SLOUnreachable",
-                          "NoRoomBesideServing"}:
+                          "HardwarePoolNotFound", "InvalidHardwarePool", "SLOUnreachable"}:
                 try:
                     await reconcile.reconcile(rt, ep)
                 except (KubeError, endpoint.RetryLater) as err:

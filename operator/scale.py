@@ -16,12 +16,10 @@ from typing import Any
 import pydantic
 
 from trilemma.operator import plans, pool, replicas, status
-from trilemma.operator.endpoint import Endpoint, Outcome, Runtime
+from trilemma.operator.endpoint import Endpoint, Runtime
 from trilemma.operator.endpoint_status import ScalingStatus
 from trilemma.operator.resources import (
     MAX_REPLICAS,
-    ConditionType,
-    EndpointPhase,
     HardwarePoolSpec,
     OptimizedEndpointSpec,
     ReplicaOwner,
@@ -73,13 +71,23 @@ async def size(rt: Runtime, ep: Endpoint, spec: OptimizedEndpointSpec,
         avail = await plans.availability(rt, ep, name, full_pool, beside=beside)
         room = _room(config, avail, ceiling=policy.max_replicas or MAX_REPLICAS,
                      floor=not beside)
-        if room == 0 and beside:
-            raise _no_room_beside(config, serving, beside, avail)
+        crowded = room == 0 and bool(beside)
+        if crowded:
+            # Not one replica fits beside: size as if the serving configuration were gone
+            # (a known gap: on a real cluster its pods wait for GPUs the old one holds, and
+            # the rollout is rolled back at its deadline; a replacement that shrinks the old
+            # configuration first is not built).
+            avail = await plans.availability(rt, ep, name, full_pool)
+            room = _room(config, avail, ceiling=policy.max_replicas or MAX_REPLICAS)
         count = min(want.replicas, room)
         rt.ledger.reserve(name, ep.key, status.config_gpus(replicas.scaled(config, count)))
-    held_back = bool(beside) and count < want.replicas
+    held_back = bool(beside) and not crowded and count < want.replicas
     why = want.why
-    if count < want.replicas:
+    if crowded:
+        why += (f"; not one replica fits beside configuration {serving} ({_gpus(beside)}), "
+                "which serves until this one is available: the pool has room for it only "
+                "once that one is gone")
+    elif count < want.replicas:
         why += (f"; {count} fit beside configuration {serving} while it serves the rollout "
                 "(the count follows once the Service has moved)" if beside else
                 f"; the pool has room for {count} (other endpoints hold the rest)")
@@ -124,19 +132,6 @@ def _serving_beside(ep: Endpoint, spec: OptimizedEndpointSpec,
         return None, {}
     held = {g: n for g, n in ep.gpus_of(serving).items() if n > 0}
     return (serving, held) if held else (None, {})
-
-
-def _no_room_beside(config: ServingConfig, serving: str | None, beside: dict[str, int],
-                    avail: pool.Availability) -> Outcome:
-    one = status.config_gpus(replicas.scaled(config, 1))
-    free = avail.pool.gpus if avail.pool is not None else ()
-    return Outcome(
-        EndpointPhase.INFEASIBLE, ConditionType.DEPLOYED, "NoRoomBesideServing",
-        f"one replica of {config.summary()} needs {_gpus(one)}; beside configuration "
-        f"{serving} ({_gpus(beside)}, which keeps serving until the new one is available) "
-        f"the pool has {_gpus({g.gpu: g.count for g in free}) or 'nothing'} free: "
-        "the new configuration waits until one replica fits beside it (another endpoint "
-        "frees GPUs, or the pool grows)", retry=True)
 
 
 def _gpus(counts: dict[str, int]) -> str:

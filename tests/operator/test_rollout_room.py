@@ -95,19 +95,19 @@ async def test_a_rollout_is_sized_to_the_room_beside_the_serving_configuration(
     assert st["servingHash"] == new
 
 
-async def test_no_room_beside_the_serving_configuration_keeps_it_serving(api, operator_factory):
+async def test_with_no_room_beside_it_the_rollout_says_so_and_the_old_one_serves(
+        api, operator_factory):
     await operator_factory()
     old, held = await _serving(api, 40.0, pool=2)
     assert held == 2  # the whole pool
 
     # A lighter load of longer prompts: a new layout that fits the pool but not beside.
     await _shift(api, 5.0)
-    st = await api.wait(lambda: status(api).get("phase") == "Infeasible" and status(api),
-                        what="the rollout refused")
-    deployed = next(c for c in st["conditions"] if c["type"] == "Deployed")
-    assert deployed["reason"] == "NoRoomBesideServing"
-    assert f"beside configuration {old} (2 h100_sxm" in st["message"]
-    assert "nothing free" in st["message"] or "free:" in st["message"]
-    assert [d["metadata"]["name"] for d in deployments(api)] == [f"chat-{old}"]
-    assert _selected(api) == old
-    assert st["servingHash"] == old and st["allocatedGpus"] == {"h100_sxm": 2}
+    rolling = await api.wait(lambda: (status(api).get("rollout") or {}).get("state")
+                             == "Progressing" and status(api), what="a rollout")
+    scaling = rolling["scaling"]
+    # Sized as if the old configuration were gone (nothing fits beside it), said in status;
+    # not "held back", so nothing regrows after it.
+    assert f"not one replica fits beside configuration {old} (2 h100_sxm)" in scaling["message"]
+    assert "heldBackBeside" not in scaling
+    assert _selected(api) == old and rolling["servingHash"] == old
